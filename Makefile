@@ -1,0 +1,72 @@
+# Tunnelplane. `make help` lists the targets. Every target sets up what it needs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+PROTOS := $(shell find proto/tunnelplane -name '*.proto' | sort)
+GRPC_INCLUDE = $(shell $(BIN)/python -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
+
+.PHONY: help install generate check-generated lint typecheck test run migrate bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## Create .venv and install the project with its dev tools (idempotent)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+$(BUF):
+	mkdir -p .tools
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+generate: $(STAMP) ## Regenerate generated/ from proto/ (Python, .pyi, descriptor set)
+	rm -rf generated/tunnelplane generated/tunnelplane.binpb
+	mkdir -p generated
+	$(BIN)/python -m grpc_tools.protoc -I proto -I $(GRPC_INCLUDE) \
+	  --python_out=generated --grpc_python_out=generated \
+	  --mypy_out=generated --mypy_grpc_out=generated \
+	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
+	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+	  --descriptor_set_out=generated/tunnelplane.binpb --include_imports --include_source_info \
+	  $(PROTOS)
+	find generated/tunnelplane -type d -exec touch {}/__init__.py \; -exec touch {}/py.typed \;
+
+check-generated: generate ## Regenerate and fail if generated/ differs from what is committed
+	@git add -N generated >/dev/null 2>&1 || true
+	@if ! git diff --quiet --exit-code -- generated; then \
+	  git diff --stat -- generated; echo "generated/ is stale: run 'make generate' and commit it"; exit 1; fi
+	@echo "generated/ is up to date"
+
+lint: $(STAMP) $(BUF) ## ruff (lint + format check) and buf lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BUF) lint
+
+typecheck: $(STAMP) ## mypy --strict on server/ and gateway/
+	$(BIN)/mypy
+
+test: $(STAMP) ## Run the test suite (PostgreSQL and Redis legs run when reachable; required when CI=true)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+run: $(STAMP) ## Migrate and start the server on embedded defaults (SQLite, in-process state)
+	$(BIN)/python -m server migrate
+	$(BIN)/python -m server serve
+
+migrate: $(STAMP) ## Apply database migrations (TP_DATABASE_URL)
+	$(BIN)/python -m server migrate
+
+bench: $(STAMP) ## Load benchmarks with h2load on loopback; writes bench/results/
+	@command -v h2load >/dev/null || (apt-get install -y -q nghttp2-client >/dev/null || sudo apt-get install -y -q nghttp2-client >/dev/null)
+	$(BIN)/python -m bench.run
+
+clean: ## Remove the virtualenv, tools and local data
+	rm -rf $(VENV) .tools var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""One servicer per proto service: proto in, domain call, proto out. No SQL here."""

@@ -1,0 +1,304 @@
+"""The composition root: builds every part from settings, starts it, and drains it.
+
+Nothing else constructs collaborators; everything is passed in through constructors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from grpc_health.v1 import health
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+)
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from prometheus_client import CollectorRegistry, start_http_server
+from tunnelplane.v1 import auth_pb2, users_pb2
+
+from server import grpc_server, keys
+from server.api.auth import AuthApi
+from server.api.users import UserApi
+from server.domain.apikeys import ApiKeyService
+from server.domain.auth import AccountService, SessionPolicy
+from server.domain.authn import Authenticator, Revocations, SubjectDirectory
+from server.domain.clock import Clock, SystemClock
+from server.domain.listing import Lister, PageTokenCodec
+from server.domain.passwords import PasswordHasher
+from server.domain.throttle import LoginThrottle, ThrottlePolicy
+from server.domain.tiers import TierCatalog
+from server.domain.users import UserPolicy, UserService
+from server.health import HealthMonitor
+from server.interceptors.audit import AuditStage
+from server.interceptors.auth import AuthStage
+from server.interceptors.context import RequestContextStage
+from server.interceptors.deadline import DeadlineStage
+from server.interceptors.errors import ErrorStage
+from server.interceptors.logging import AccessLogStage
+from server.interceptors.metrics import GrpcMetrics, MetricsStage
+from server.interceptors.tracing import TracingStage
+from server.pipeline import Handler, MethodInfo, Pipeline
+from server.policy import load_policies
+from server.settings import Settings
+from server.storage.database import Database
+from server.storage.kv import MemoryStore, RedisStore
+from server.workers.purge import purge_loop
+
+log = logging.getLogger("tunnelplane.server")
+
+#: Every service this server implements, from the contract.
+SERVICES: Sequence[ServiceDescriptor] = (
+    auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
+    users_pb2.DESCRIPTOR.services_by_name["UserService"],
+)
+
+
+def grpc_type(method: MethodDescriptor) -> str:
+    """``unary``, ``client_stream``, ``server_stream`` or ``bidi_stream``."""
+    return {
+        (False, False): "unary",
+        (True, False): "client_stream",
+        (False, True): "server_stream",
+        (True, True): "bidi_stream",
+    }[(method.client_streaming, method.server_streaming)]
+
+
+def method_table(services: Sequence[ServiceDescriptor]) -> list[MethodInfo]:
+    """Every method of ``services`` with its policy; fails if any policy is missing."""
+    descriptors = [m for service in services for m in service.methods]
+    policies = load_policies(descriptors)
+    return [
+        MethodInfo(
+            full_name=f"/{m.containing_service.full_name}/{m.name}",
+            service=m.containing_service.full_name,
+            name=m.name,
+            grpc_type=grpc_type(m),
+            request_type=message_factory.GetMessageClass(m.input_type),
+            response_type=message_factory.GetMessageClass(m.output_type),
+            policy=policies[m.full_name],
+            descriptor=m,
+        )
+        for m in descriptors
+    ]
+
+
+def make_tracer_provider(settings: Settings) -> TracerProvider:
+    """Spans are always made (their trace ids reach the logs); exported only by setting."""
+    resource = Resource.create({"service.name": "tunnelplane"})
+    if settings.otel_exporter == "none":
+        return TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_OFF))
+    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(1.0)))
+    if settings.otel_exporter == "console":
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=settings.otel_endpoint, insecure=True)
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+class App:
+    """The whole server: build with settings, then :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, settings: Settings, *, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        material = keys.load(settings)
+        self.db = Database(
+            settings.effective_database_url,
+            replica_url=settings.database_replica_url,
+            pool_size=settings.database_pool_size,
+            statement_timeout=settings.database_statement_timeout,
+            clock=self.clock,
+        )
+        self.kv: RedisStore | MemoryStore = (
+            RedisStore(settings.redis_url) if settings.redis_url else MemoryStore()
+        )
+        self._build_domain(settings, material)
+        self.registry = CollectorRegistry()
+        self.tracer_provider = make_tracer_provider(settings)
+        self.methods = method_table(SERVICES)
+        self.chains = self._build_chains()
+        self.server: grpc.aio.Server | None = None
+        self.health: HealthMonitor | None = None
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._metrics_server: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _build_domain(self, settings: Settings, material: keys.KeyMaterial) -> None:
+        db, kv, clock = self.db, self.kv, self.clock
+        lister = Lister(
+            PageTokenCodec(material.page_token_secret),
+            settings.default_page_size,
+            settings.max_page_size,
+        )
+        from server.domain.tokens import TokenService
+
+        self.tokens = TokenService(
+            material.jwt_keys,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            ttl=settings.access_token_ttl,
+            clock=clock,
+        )
+        hasher = PasswordHasher(
+            settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism
+        )
+        throttle = LoginThrottle(
+            kv,
+            ThrottlePolicy(
+                window=settings.login_window,
+                slowdown_after=settings.login_slowdown_after,
+                lock_after=settings.login_lock_after,
+                ip_lock_after=settings.login_ip_lock_after,
+                lock_duration=settings.login_lock_duration,
+            ),
+            clock,
+        )
+        revocations = Revocations(kv, clock, settings.access_token_ttl)
+        subjects = SubjectDirectory(db, kv)
+        self.api_keys = ApiKeyService(
+            db,
+            kv,
+            lister,
+            clock,
+            default_overlap=timedelta(seconds=settings.api_key_rotation_overlap),
+        )
+        self.authenticator = Authenticator(self.tokens, subjects, revocations, self.api_keys, kv)
+        self.accounts = AccountService(
+            db,
+            hasher,
+            self.tokens,
+            throttle,
+            revocations,
+            clock,
+            SessionPolicy(
+                absolute_ttl=timedelta(seconds=settings.refresh_token_ttl),
+                idle_ttl=timedelta(seconds=settings.refresh_token_idle_ttl),
+            ),
+        )
+        self.users = UserService(
+            db,
+            subjects,
+            revocations,
+            lister,
+            clock,
+            UserPolicy(
+                soft_delete_retention=timedelta(seconds=settings.soft_delete_retention),
+                avatar_max_bytes=settings.avatar_max_bytes,
+            ),
+        )
+        self.tiers = TierCatalog(settings.tiers)
+
+    def _build_chains(self) -> dict[str, Handler]:
+        servicers: dict[str, object] = {
+            "tunnelplane.v1.AuthService": AuthApi(
+                self.accounts, self.api_keys, self.tokens, self.clock
+            ),
+            "tunnelplane.v1.UserService": UserApi(self.users, self.tiers, self.clock),
+        }
+        pipeline = Pipeline(
+            [
+                RequestContextStage(),
+                AccessLogStage(logging.getLogger("tunnelplane.access")),
+                MetricsStage(GrpcMetrics(self.registry)),
+                TracingStage(self.tracer_provider.get_tracer("tunnelplane.server")),
+                DeadlineStage(self.settings.default_deadline),
+                AuditStage(self.db, self.clock, log),
+                AuthStage(self.authenticator),
+                ErrorStage(log),
+            ]
+        )
+        return {m.full_name: pipeline.build(m, _endpoint(servicers, m)) for m in self.methods}
+
+    async def start(self) -> None:
+        """Bind, probe dependencies once, start serving and the background loops."""
+        settings = self.settings
+        server = grpc.aio.server(options=grpc_server.SERVER_OPTIONS)
+        server.add_generic_rpc_handlers(grpc_server.service_handlers(self.methods, self.chains))
+        health_servicer = grpc_server.add_health(server)
+        names = [s.full_name for s in SERVICES]
+        grpc_server.add_reflection(server, [*names, health.SERVICE_NAME])
+        self.grpc_port = grpc_server.bind(
+            server,
+            f"{settings.grpc_host}:{settings.grpc_port}",
+            settings.tls_cert_file,
+            settings.tls_key_file,
+        )
+        checks = {"database": self.db.ping}
+        if settings.redis_url:
+            checks["redis"] = self.kv.ping
+        needs = {name: frozenset(checks) for name in names}
+        self.health = HealthMonitor(
+            health_servicer, checks, needs, interval=settings.health_interval
+        )
+        await self.health.check_once()
+        await server.start()
+        self.server = server
+        self._start_metrics()
+        self._tasks = [
+            asyncio.create_task(self.health.run(), name="health"),
+            asyncio.create_task(purge_loop(self.users, log), name="purge"),
+        ]
+        log.info(
+            "serving",
+            extra={
+                "grpc_port": self.grpc_port,
+                "metrics_port": self.metrics_port,
+                "mode": settings.mode,
+                "tls": bool(settings.tls_cert_file),
+            },
+        )
+
+    def _start_metrics(self) -> None:
+        if self.settings.metrics_port < 0:
+            return
+        server, _thread = start_http_server(
+            self.settings.metrics_port, self.settings.metrics_host, registry=self.registry
+        )
+        self._metrics_server = server
+        self.metrics_port = server.server_port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, let in-flight calls finish, then close."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        if self.health is not None:
+            await self.health.shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        await self.close()
+
+    async def close(self) -> None:
+        """Release connections (also for an App that was built but never started)."""
+        await self.db.dispose()
+        await self.kv.close()
+        self.tracer_provider.shutdown()
+
+
+def _endpoint(servicers: dict[str, object], method: MethodInfo) -> Handler:
+    servicer = servicers.get(method.service)
+    handler: Callable[..., Any] | None = getattr(servicer, method.name, None)
+    if handler is None:
+        raise RuntimeError(f"{method.full_name} has no implementation; refusing to start")
+    return handler

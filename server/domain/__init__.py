@@ -1,0 +1,1 @@
+"""Business rules per area. Imports neither grpc nor sqlalchemy."""

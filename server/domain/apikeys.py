@@ -1,0 +1,298 @@
+"""API keys: ``tp_`` + 32 random base62 characters + a 6-character CRC32 checksum.
+
+The checksum lets secret scanners recognise a key and lets the server drop a mistyped or
+made-up key without a database read. Only the SHA-256 of a key is stored, with a short
+display prefix. A rotated key keeps working for an overlap window; revocation takes
+effect at once on every replica (the cached lookup is invalidated after commit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import zlib
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from server.domain import audit
+from server.domain.cache import CachedLookup
+from server.domain.clock import Clock
+from server.domain.entities import ApiKey, UserState
+from server.domain.ids import is_id, new_id
+from server.domain.listing import Lister, ListSpec, OrderKey, Page
+from server.domain.names import api_key_name
+from server.domain.ports import ApiKeyRepository, KeyValueStore, UnitOfWorkFactory
+from server.domain.principal import ROLE_PERMISSIONS, Role
+from server.domain.validation import display_name as valid_display_name
+from server.errors import FailedPrecondition, InvalidArgument, NotFound, Violations
+
+PREFIX = "tp_"
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+BODY_LENGTH = 32
+CHECKSUM_LENGTH = 6
+_FORMAT = re.compile(rf"^tp_[0-9A-Za-z]{{{BODY_LENGTH + CHECKSUM_LENGTH}}}$")
+MAX_OVERLAP = timedelta(days=7)
+MAX_SCOPES = 50
+#: How often the last-use time of a key is written at most.
+LAST_USE_RESOLUTION = timedelta(minutes=1)
+
+LIST_SPEC = ListSpec(
+    filter_fields={},
+    order_fields=frozenset({"create_time"}),
+    default_order=(OrderKey("create_time", descending=True),),
+)
+
+
+def _base62(value: int, width: int) -> str:
+    chars = []
+    for _ in range(width):
+        value, digit = divmod(value, 62)
+        chars.append(_BASE62[digit])
+    return "".join(reversed(chars))
+
+
+def _checksum(body: str) -> str:
+    return _base62(zlib.crc32((PREFIX + body).encode()), CHECKSUM_LENGTH)
+
+
+def generate_secret() -> str:
+    """A new key secret."""
+    body = "".join(secrets.choice(_BASE62) for _ in range(BODY_LENGTH))
+    return PREFIX + body + _checksum(body)
+
+
+def looks_like_key(secret: str) -> bool:
+    """Whether ``secret`` has the key format and a valid checksum."""
+    if not _FORMAT.match(secret):
+        return False
+    body = secret[len(PREFIX) : len(PREFIX) + BODY_LENGTH]
+    return secrets.compare_digest(secret[-CHECKSUM_LENGTH:], _checksum(body))
+
+
+def hash_secret(secret: str) -> str:
+    """The stored form of a secret."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def display_prefix(secret: str) -> str:
+    """The part of a secret shown to help people recognise it."""
+    return secret[: len(PREFIX) + 6]
+
+
+def state_of(key: ApiKey, now: datetime) -> str:
+    """``active``, ``expired`` or ``revoked``."""
+    if key.revoke_time is not None:
+        return "revoked"
+    if key.expire_time is not None and key.expire_time <= now:
+        return "expired"
+    return "active"
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKey:
+    """A new key with its one-time secret."""
+
+    key: ApiKey
+    secret: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyIdentity:
+    """What a presented key resolves to."""
+
+    key_id: str
+    user_id: str
+    scopes: frozenset[str]
+    expire_time: float | None
+    last_use_time: float | None
+
+
+def _encode_identity(identity: KeyIdentity) -> bytes:
+    return json.dumps(
+        [
+            identity.key_id,
+            identity.user_id,
+            sorted(identity.scopes),
+            identity.expire_time,
+            identity.last_use_time,
+        ]
+    ).encode()
+
+
+def _decode_identity(raw: bytes) -> KeyIdentity:
+    key_id, user_id, scopes, expire, last_use = json.loads(raw)
+    return KeyIdentity(key_id, user_id, frozenset(scopes), expire, last_use)
+
+
+class ApiKeyService:
+    """Create, list, rotate, revoke and authenticate API keys."""
+
+    def __init__(
+        self,
+        uow: UnitOfWorkFactory,
+        kv: KeyValueStore,
+        lister: Lister,
+        clock: Clock,
+        *,
+        default_overlap: timedelta,
+    ) -> None:
+        self._uow = uow
+        self._lister = lister
+        self._clock = clock
+        self._default_overlap = default_overlap
+        self._lookup: CachedLookup[KeyIdentity] = CachedLookup(
+            kv, "apikey", ttl=300.0, encode=_encode_identity, decode=_decode_identity
+        )
+
+    async def create(
+        self,
+        owner_id: str,
+        display_name: str,
+        scopes: list[str],
+        expire_time: datetime | None,
+    ) -> CreatedKey:
+        """A new key for ``owner_id``; scopes must be a subset of the owner's permissions."""
+        violations = Violations()
+        name = valid_display_name(display_name, "api_key.display_name", violations)
+        now = self._clock.now()
+        if expire_time is not None and expire_time <= now:
+            violations.add("api_key.expire_time", "must be in the future")
+        secret = generate_secret()
+        async with self._uow() as uow:
+            owner = await uow.users.get(owner_id)
+            if owner is None or owner.state != UserState.ACTIVE:
+                raise NotFound("user", f"users/{owner_id}")
+            clean_scopes = _check_scopes(scopes, owner.role, violations)
+            violations.raise_if_any()
+            key = ApiKey(
+                id=new_id("key"),
+                user_id=owner_id,
+                display_name=name,
+                prefix=display_prefix(secret),
+                secret_hash=hash_secret(secret),
+                scopes=clean_scopes,
+                create_time=now,
+                expire_time=expire_time,
+            )
+            await uow.api_keys.add(key)
+            audit.annotate(subject_user_id=owner_id, resource=key.name)
+        return CreatedKey(key, secret)
+
+    async def get(self, user_id: str, key_id: str) -> ApiKey:
+        """One key of ``user_id``."""
+        async with self._uow(readonly=True) as uow:
+            return await self._load(uow.api_keys, user_id, key_id)
+
+    async def list(
+        self, user_id: str, *, page_size: int, page_token: str, show_inactive: bool
+    ) -> Page[ApiKey]:
+        """A page of ``user_id``'s keys, newest first."""
+        query = self._lister.query(
+            LIST_SPEC,
+            page_size=page_size,
+            page_token=page_token,
+            scope=f"{user_id}|{show_inactive}",
+        )
+        async with self._uow(readonly=True) as uow:
+            active_at = None if show_inactive else self._clock.now()
+            rows = await uow.api_keys.list(user_id, query, active_at=active_at)
+        return self._lister.page(query, rows, lambda k: (k.create_time, k.id))
+
+    async def rotate(
+        self, user_id: str, key_id: str, overlap: timedelta | None
+    ) -> tuple[CreatedKey, ApiKey]:
+        """A new key with the old one's name and scopes; the old one expires after ``overlap``."""
+        overlap = self._default_overlap if overlap is None else overlap
+        if overlap < timedelta(0) or overlap > MAX_OVERLAP:
+            raise InvalidArgument.single("overlap", "must be between 0 seconds and 7 days")
+        now = self._clock.now()
+        async with self._uow() as uow:
+            old = await self._load(uow.api_keys, user_id, key_id)
+            if state_of(old, now) != "active":
+                raise FailedPrecondition(f"API key is {state_of(old, now)}", reason="KEY_INACTIVE")
+            secret = generate_secret()
+            new = replace(
+                old,
+                id=new_id("key"),
+                prefix=display_prefix(secret),
+                secret_hash=hash_secret(secret),
+                create_time=now,
+                last_use_time=None,
+                replaced_by="",
+            )
+            end = now + overlap
+            old_end = end if old.expire_time is None else min(old.expire_time, end)
+            await uow.api_keys.add(new)
+            await uow.api_keys.update(old.id, expire_time=old_end, replaced_by=new.id)
+            audit.annotate(subject_user_id=user_id, resource=old.name, replaced_by=new.name)
+            uow.after_commit(lambda: self._lookup.invalidate(old.secret_hash))
+        return CreatedKey(new, secret), replace(old, expire_time=old_end, replaced_by=new.id)
+
+    async def revoke(self, user_id: str, key_id: str) -> ApiKey:
+        """Revoke a key now; revoking twice is a no-op that returns the key."""
+        now = self._clock.now()
+        async with self._uow() as uow:
+            key = await self._load(uow.api_keys, user_id, key_id)
+            if key.revoke_time is None:
+                key = replace(key, revoke_time=now)
+                await uow.api_keys.update(key.id, revoke_time=now)
+                uow.after_commit(lambda: self._lookup.invalidate(key.secret_hash))
+            audit.annotate(subject_user_id=user_id, resource=key.name)
+        return key
+
+    async def identify(self, secret: str) -> KeyIdentity | None:
+        """The key a secret belongs to, if it is active; ``None`` otherwise."""
+        if not looks_like_key(secret):
+            return None
+        secret_hash = hash_secret(secret)
+        identity = await self._lookup.get(secret_hash, lambda: self._load_identity(secret_hash))
+        if identity is None:
+            return None
+        now = self._clock.time()
+        if identity.expire_time is not None and identity.expire_time <= now:
+            return None
+        if identity.last_use_time is None or now - identity.last_use_time > 60:
+            await self._record_use(identity, secret_hash)
+        return identity
+
+    async def _record_use(self, identity: KeyIdentity, secret_hash: str) -> None:
+        now = self._clock.now()
+        async with self._uow() as uow:
+            await uow.api_keys.update(identity.key_id, last_use_time=now)
+        await self._lookup.invalidate(secret_hash)
+
+    async def _load_identity(self, secret_hash: str) -> KeyIdentity | None:
+        async with self._uow(readonly=True) as uow:
+            key = await uow.api_keys.find_by_hash(secret_hash)
+        if key is None or key.revoke_time is not None:
+            return None
+        return KeyIdentity(
+            key.id,
+            key.user_id,
+            frozenset(key.scopes),
+            key.expire_time.timestamp() if key.expire_time else None,
+            key.last_use_time.timestamp() if key.last_use_time else None,
+        )
+
+    @staticmethod
+    async def _load(keys: ApiKeyRepository, user_id: str, key_id: str) -> ApiKey:
+        key = await keys.get(user_id, key_id) if is_id(key_id, "key") else None
+        if key is None:
+            raise NotFound("api key", api_key_name(user_id, key_id))
+        return key
+
+
+def _check_scopes(scopes: list[str], role: Role, violations: Violations) -> tuple[str, ...]:
+    if len(scopes) > MAX_SCOPES:
+        violations.add("api_key.scopes", f"at most {MAX_SCOPES} scopes")
+        return ()
+    granted = ROLE_PERMISSIONS[role]
+    for index, scope in enumerate(scopes):
+        if scope not in granted:
+            violations.add(
+                f"api_key.scopes[{index}]",
+                f"{scope!r} is not a permission of the owner's role ({role.value})",
+            )
+    return tuple(sorted(set(scopes)))

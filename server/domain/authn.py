@@ -1,0 +1,175 @@
+"""Authentication: turn a bearer credential into a :class:`Principal`.
+
+A JWT access token is verified offline (signature and claims, cached), then one batched
+read of the shared store answers three questions at once: was this token revoked
+(logout), was its session revoked (logout, refresh-token reuse), and what are the
+subject's current role, tier and state (cached, invalidated on change). Role and tier
+changes therefore take effect on the next call, on every replica.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from server.domain.apikeys import ApiKeyService
+from server.domain.cache import CachedLookup
+from server.domain.clock import Clock
+from server.domain.entities import UserState
+from server.domain.ports import KeyValueStore, UnitOfWorkFactory
+from server.domain.principal import CredentialKind, Principal, Role, Tier, permissions_for
+from server.domain.tokens import LEEWAY_SECONDS, TokenService
+from server.errors import Unauthenticated
+
+SUBJECT_CACHE_TTL = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class SubjectState:
+    """What authorization needs to know about a user, cached."""
+
+    role: Role
+    tier: Tier
+    active: bool
+
+
+class SubjectDirectory:
+    """Cached role, tier and state of users."""
+
+    def __init__(self, uow: UnitOfWorkFactory, kv: KeyValueStore) -> None:
+        self._uow = uow
+        self._lookup: CachedLookup[SubjectState] = CachedLookup(
+            kv,
+            "subject",
+            ttl=SUBJECT_CACHE_TTL,
+            encode=lambda s: json.dumps([s.role.value, s.tier.value, s.active]).encode(),
+            decode=_decode_state,
+        )
+
+    def key(self, user_id: str) -> str:
+        """The store key of a user's cached state."""
+        return self._lookup.key(user_id)
+
+    async def resolve(self, user_id: str, raw: bytes | None) -> SubjectState | None:
+        """The state of ``user_id`` from a pre-fetched cache value (or storage)."""
+        return await self._lookup.resolve(user_id, raw, lambda: self._load(user_id))
+
+    async def invalidate(self, user_id: str) -> None:
+        """Forget a user's cached state after their role, tier or state changed."""
+        await self._lookup.invalidate(user_id)
+
+    async def _load(self, user_id: str) -> SubjectState | None:
+        async with self._uow(readonly=True) as uow:
+            user = await uow.users.get(user_id)
+        if user is None:
+            return None
+        return SubjectState(user.role, user.tier, user.state == UserState.ACTIVE)
+
+
+def _decode_state(raw: bytes) -> SubjectState:
+    role, tier, active = json.loads(raw)
+    return SubjectState(Role(role), Tier(tier), bool(active))
+
+
+class Revocations:
+    """Revoked access tokens and sessions, kept until their tokens would expire anyway."""
+
+    def __init__(self, kv: KeyValueStore, clock: Clock, access_ttl: float) -> None:
+        self._kv = kv
+        self._clock = clock
+        self._access_ttl = access_ttl
+
+    @staticmethod
+    def token_key(token_id: str) -> str:
+        """Store key of a revoked token id."""
+        return f"revoked:jti:{token_id}"
+
+    @staticmethod
+    def session_key(session_id: str) -> str:
+        """Store key of a revoked session id."""
+        return f"revoked:sid:{session_id}"
+
+    async def revoke_token(self, token_id: str, expires_at: float) -> None:
+        """Refuse this access token from now on."""
+        ttl = max(expires_at - self._clock.time(), 0.0) + LEEWAY_SECONDS
+        await self._kv.set(self.token_key(token_id), b"1", ttl)
+
+    async def revoke_sessions(self, session_ids: list[str]) -> None:
+        """Refuse every access token of these sessions from now on."""
+        for session_id in session_ids:
+            await self._kv.set(
+                self.session_key(session_id), b"1", self._access_ttl + LEEWAY_SECONDS
+            )
+
+
+class Authenticator:
+    """Verifies ``authorization: Bearer ...`` credentials."""
+
+    def __init__(
+        self,
+        tokens: TokenService,
+        subjects: SubjectDirectory,
+        revocations: Revocations,
+        api_keys: ApiKeyService,
+        kv: KeyValueStore,
+    ) -> None:
+        self._tokens = tokens
+        self._subjects = subjects
+        self._revocations = revocations
+        self._api_keys = api_keys
+        self._kv = kv
+
+    async def authenticate(self, authorization: str) -> Principal:
+        """The caller behind an ``authorization`` value; :class:`Unauthenticated` if none."""
+        scheme, _, credential = authorization.strip().partition(" ")
+        credential = credential.strip()
+        if scheme.lower() != "bearer" or not credential:
+            raise Unauthenticated(
+                "send credentials as 'authorization: Bearer <token>'",
+                reason="CREDENTIALS_MALFORMED",
+            )
+        if credential.startswith("tp_"):
+            return await self._api_key(credential)
+        return await self._session(credential)
+
+    async def _session(self, token: str) -> Principal:
+        claims = self._tokens.verify(token)
+        raw_token, raw_session, raw_subject = await self._kv.get_many(
+            [
+                Revocations.token_key(claims.token_id),
+                Revocations.session_key(claims.session_id),
+                self._subjects.key(claims.subject),
+            ]
+        )
+        if raw_token is not None or raw_session is not None:
+            raise Unauthenticated("access token revoked", reason="TOKEN_REVOKED")
+        state = await self._subjects.resolve(claims.subject, raw_subject)
+        if state is None or not state.active:
+            raise Unauthenticated("account is not active", reason="ACCOUNT_INACTIVE")
+        return Principal(
+            user_id=claims.subject,
+            role=state.role,
+            tier=state.tier,
+            credential=CredentialKind.SESSION,
+            permissions=permissions_for(state.role),
+            session_id=claims.session_id,
+            token_id=claims.token_id,
+            token_expires_at=claims.expires_at,
+        )
+
+    async def _api_key(self, secret: str) -> Principal:
+        identity = await self._api_keys.identify(secret)
+        if identity is None:
+            raise Unauthenticated("invalid, expired or revoked API key", reason="API_KEY_INVALID")
+        (raw_subject,) = await self._kv.get_many([self._subjects.key(identity.user_id)])
+        state = await self._subjects.resolve(identity.user_id, raw_subject)
+        if state is None or not state.active:
+            raise Unauthenticated("account is not active", reason="ACCOUNT_INACTIVE")
+        return Principal(
+            user_id=identity.user_id,
+            role=state.role,
+            tier=state.tier,
+            credential=CredentialKind.API_KEY,
+            permissions=permissions_for(state.role, identity.scopes or None),
+            api_key_id=identity.key_id,
+        )

@@ -1,0 +1,136 @@
+"""What the domain needs from storage and shared state, as protocols.
+
+``server/storage`` implements these with SQLAlchemy and Redis (or in-process state); the
+domain sees only these shapes.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from server.domain.entities import (
+    ApiKey,
+    AuditEntry,
+    Avatar,
+    RefreshToken,
+    Session,
+    User,
+    UserCredentials,
+)
+from server.domain.listing import ListQuery
+
+
+class UserRepository(Protocol):
+    """Users."""
+
+    async def get(self, user_id: str) -> User | None: ...
+    async def get_credentials(self, email_normalized: str) -> UserCredentials | None: ...
+    async def add(self, user: User, password_hash: str | None) -> None: ...
+    async def update(self, user_id: str, expected_version: int | None, **values: Any) -> User:
+        """Change ``values`` and bump the version; ``Aborted`` if the version moved on."""
+        ...
+
+    async def touch(self, user_id: str, **values: Any) -> None:
+        """Change bookkeeping columns without bumping the version (last sign-in)."""
+        ...
+
+    async def set_password_hash(self, user_id: str, password_hash: str) -> None: ...
+    async def list(self, query: ListQuery, *, include_deleted: bool) -> builtins.list[User]: ...
+    async def delete(self, user_id: str) -> None: ...
+    async def due_for_purge(self, now: datetime, limit: int) -> builtins.list[str]: ...
+
+
+class AvatarRepository(Protocol):
+    """Avatar images."""
+
+    async def get(self, user_id: str) -> Avatar | None: ...
+    async def put(self, avatar: Avatar) -> None: ...
+    async def delete(self, user_id: str) -> bool: ...
+
+
+class SessionRepository(Protocol):
+    """Sessions and their refresh tokens."""
+
+    async def add_session(self, session: Session) -> None: ...
+    async def get_session(self, session_id: str) -> Session | None: ...
+    async def add_token(self, token: RefreshToken) -> None: ...
+    async def spend_token(self, token_hash: str, now: datetime) -> RefreshToken | None: ...
+    async def find_token(self, token_hash: str) -> RefreshToken | None: ...
+    async def revoke_session(self, session_id: str, now: datetime, reason: str) -> bool: ...
+    async def revoke_user_sessions(
+        self, user_id: str, now: datetime, reason: str
+    ) -> builtins.list[str]: ...
+
+
+class ApiKeyRepository(Protocol):
+    """API keys."""
+
+    async def add(self, key: ApiKey) -> None: ...
+    async def get(self, user_id: str, key_id: str) -> ApiKey | None: ...
+    async def find_by_hash(self, secret_hash: str) -> ApiKey | None: ...
+    async def list(
+        self, user_id: str, query: ListQuery, *, active_at: datetime | None
+    ) -> builtins.list[ApiKey]:
+        """Keys of ``user_id``; only those active at ``active_at`` unless it is ``None``."""
+        ...
+
+    async def update(self, key_id: str, **values: Any) -> None: ...
+
+
+class AuditRepository(Protocol):
+    """The audit log."""
+
+    async def add(self, entry: AuditEntry) -> None: ...
+    async def set_outcome(self, entry_id: str, outcome: str, reason: str) -> None: ...
+    async def list_for_user(self, user_id: str, query: ListQuery) -> builtins.list[AuditEntry]: ...
+    async def erase_user(self, user_id: str) -> None: ...
+
+
+class UnitOfWork(Protocol):
+    """One transaction and the repositories bound to it. Commits on a clean exit."""
+
+    @property
+    def users(self) -> UserRepository: ...
+    @property
+    def avatars(self) -> AvatarRepository: ...
+    @property
+    def sessions(self) -> SessionRepository: ...
+    @property
+    def api_keys(self) -> ApiKeyRepository: ...
+    @property
+    def audit(self) -> AuditRepository: ...
+
+    async def __aenter__(self) -> Self: ...
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+    def after_commit(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` once the transaction has committed (never if it rolls back)."""
+
+
+class UnitOfWorkFactory(Protocol):
+    """Makes units of work; ``readonly`` ones may be served by a read replica."""
+
+    def __call__(self, *, readonly: bool = False) -> UnitOfWork: ...
+
+
+class KeyValueStore(Protocol):
+    """Shared, expiring key/value state: Redis, or in-process when there is no Redis."""
+
+    async def get_many(self, keys: Sequence[str]) -> builtins.list[bytes | None]: ...
+    async def set(
+        self, key: str, value: bytes, ttl: float, *, only_if_absent: bool = False
+    ) -> bool: ...
+    async def delete(self, *keys: str) -> None: ...
+    async def incr(self, key: str, ttl: float) -> int:
+        """Increment a counter; its expiry is set by the first increment."""
+        ...
+
+    async def ping(self) -> None: ...

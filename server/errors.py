@@ -1,0 +1,342 @@
+"""The domain exception hierarchy and the one table that turns an exception into a status.
+
+Domain code raises these; only :func:`to_status` builds the wire status, with
+``google.rpc`` details (``ErrorInfo`` always, plus ``BadRequest``, ``RetryInfo``,
+``QuotaFailure``, ``PreconditionFailure`` or ``ResourceInfo`` where they apply). Every
+transport (gRPC, the in-process HTTP dispatch) sends what this module builds.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+ERROR_DOMAIN = "tunnelplane.dev"
+
+
+class Code(enum.IntEnum):
+    """Canonical status codes (``google.rpc.Code``), without importing grpc."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad request field: its dotted path and what is wrong with it."""
+
+    field: str
+    description: str
+    reason: str = "INVALID"
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaViolation:
+    """One exhausted quota or limit."""
+
+    subject: str
+    description: str
+
+
+@dataclass(frozen=True, slots=True)
+class PreconditionViolation:
+    """One failed precondition: its type (e.g. ``STATE``), subject and why."""
+
+    type: str
+    subject: str
+    description: str
+
+
+class DomainError(Exception):
+    """Base of every error the domain raises on purpose. ``message`` reaches the client."""
+
+    code: ClassVar[Code] = Code.UNKNOWN
+    default_reason: ClassVar[str] = "UNKNOWN"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+
+    def details(self) -> list[object]:
+        """Extra ``google.rpc`` detail messages; ``ErrorInfo`` is added by :func:`to_status`."""
+        return []
+
+
+class InvalidArgument(DomainError):
+    """The request is malformed; ``violations`` name each bad field."""
+
+    code = Code.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(self, violations: Iterable[FieldViolation], message: str = "") -> None:
+        self.violations = list(violations)
+        if not message:
+            message = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+        super().__init__(message or "invalid argument")
+
+    @classmethod
+    def single(cls, field: str, description: str, reason: str = "INVALID") -> InvalidArgument:
+        """One violation."""
+        return cls([FieldViolation(field, description, reason)])
+
+    def details(self) -> list[object]:
+        return [
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description, reason=v.reason
+                    )
+                    for v in self.violations
+                ]
+            )
+        ]
+
+
+class _ResourceError(DomainError):
+    def __init__(
+        self, resource_type: str, resource_name: str, message: str = "", *, reason: str = ""
+    ) -> None:
+        self.resource_type = resource_type
+        self.resource_name = resource_name
+        super().__init__(message or self._message(), reason=reason or None)
+
+    def _message(self) -> str:
+        return f"{self.resource_type} {self.resource_name!r}"
+
+    def details(self) -> list[object]:
+        return [
+            error_details_pb2.ResourceInfo(
+                resource_type=self.resource_type, resource_name=self.resource_name
+            )
+        ]
+
+
+class NotFound(_ResourceError):
+    """The named resource does not exist (or the caller may not know that it does)."""
+
+    code = Code.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+    def _message(self) -> str:
+        return f"{self.resource_type} {self.resource_name!r} not found"
+
+
+class AlreadyExists(_ResourceError):
+    """A resource with that identity exists already."""
+
+    code = Code.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+    def _message(self) -> str:
+        return f"{self.resource_type} {self.resource_name!r} already exists"
+
+
+class FailedPrecondition(DomainError):
+    """The system is not in a state the operation needs."""
+
+    code = Code.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+    def __init__(
+        self,
+        message: str,
+        violations: Iterable[PreconditionViolation] = (),
+        *,
+        reason: str | None = None,
+    ) -> None:
+        self.violations = list(violations)
+        super().__init__(message, reason=reason)
+
+    def details(self) -> list[object]:
+        if not self.violations:
+            return []
+        return [
+            error_details_pb2.PreconditionFailure(
+                violations=[
+                    error_details_pb2.PreconditionFailure.Violation(
+                        type=v.type, subject=v.subject, description=v.description
+                    )
+                    for v in self.violations
+                ]
+            )
+        ]
+
+
+class Aborted(DomainError):
+    """A concurrent change won; retry after re-reading (for example a stale etag)."""
+
+    code = Code.ABORTED
+    default_reason = "ABORTED"
+
+
+class PermissionDenied(DomainError):
+    """The caller is known but may not do this."""
+
+    code = Code.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(DomainError):
+    """No valid credential was presented."""
+
+    code = Code.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class ResourceExhausted(DomainError):
+    """A limit or quota is used up; ``retry_after`` says when to try again."""
+
+    code = Code.RESOURCE_EXHAUSTED
+    default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        violations: Iterable[QuotaViolation] = (),
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        self.retry_after = retry_after
+        self.violations = list(violations)
+        super().__init__(message, reason=reason, metadata=metadata)
+
+    def details(self) -> list[object]:
+        details: list[object] = []
+        if self.retry_after is not None:
+            details.append(_retry_info(self.retry_after))
+        if self.violations:
+            details.append(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(
+                            subject=v.subject, description=v.description
+                        )
+                        for v in self.violations
+                    ]
+                )
+            )
+        return details
+
+
+class Unavailable(DomainError):
+    """A dependency is down or the server is shedding load; retry later."""
+
+    code = Code.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+    def details(self) -> list[object]:
+        return [] if self.retry_after is None else [_retry_info(self.retry_after)]
+
+
+class DeadlineExceeded(DomainError):
+    """The call ran past its deadline."""
+
+    code = Code.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(DomainError):
+    """The caller went away."""
+
+    code = Code.CANCELLED
+    default_reason = "CANCELLED"
+
+
+class Internal(DomainError):
+    """Something unexpected failed. The message is always generic."""
+
+    code = Code.INTERNAL
+    default_reason = "INTERNAL"
+
+    def __init__(self) -> None:
+        super().__init__("internal error")
+
+
+class Unimplemented(DomainError):
+    """The method exists in the contract but this server does not serve it."""
+
+    code = Code.UNIMPLEMENTED
+    default_reason = "UNIMPLEMENTED"
+
+
+def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    seconds = max(seconds, 0.0)
+    whole = int(seconds)
+    return error_details_pb2.RetryInfo(
+        retry_delay=duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+    )
+
+
+def code_of(exc: BaseException) -> Code:
+    """The status code an exception will be reported with."""
+    if isinstance(exc, DomainError):
+        return exc.code
+    return Code.INTERNAL
+
+
+def to_status(error: DomainError) -> status_pb2.Status:
+    """The ``google.rpc.Status`` of a domain error, details included."""
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+    )
+    details = [_pack(info), *(_pack(d) for d in error.details())]
+    return status_pb2.Status(code=int(error.code), message=error.message, details=details)
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+class Violations:
+    """Collects field violations so that one response names every bad field."""
+
+    def __init__(self) -> None:
+        self._items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str, reason: str = "INVALID") -> None:
+        """Record one bad field."""
+        self._items.append(FieldViolation(field, description, reason))
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def raise_if_any(self) -> None:
+        """Raise :class:`InvalidArgument` with everything collected, if anything was."""
+        if self._items:
+            raise InvalidArgument(self._items)

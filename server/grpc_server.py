@@ -1,0 +1,176 @@
+"""The grpc.aio side: the one adapter from a grpc.aio call to the transport-neutral pipeline,
+plus health, reflection (v1 and v1alpha) and TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from server.errors import DomainError, Internal, to_status
+from server.pipeline import Call, Handler, MethodInfo
+
+log = logging.getLogger(__name__)
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+_MB = 1024 * 1024
+SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
+    ("grpc.max_receive_message_length", 4 * _MB),
+    ("grpc.max_send_message_length", 4 * _MB),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.so_reuseport", 0),
+)
+
+
+def peer_address(peer: str) -> str:
+    """The IP address in a grpc peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``)."""
+    kind, _, rest = unquote(peer).partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        return rest[1 : rest.find("]")]
+    if kind in {"ipv4", "ipv6"}:
+        return rest.rpartition(":")[0]
+    return rest or kind
+
+
+def metadata_dict(pairs: Iterable[tuple[str, str | bytes]]) -> dict[str, str]:
+    """Request metadata as a dict; repeated keys are joined (``; `` for cookies)."""
+    result: dict[str, str] = {}
+    for key, value in pairs:
+        if isinstance(value, bytes):
+            continue
+        if key in result:
+            result[key] += ("; " if key == "cookie" else ", ") + value
+        else:
+            result[key] = value
+    return result
+
+
+def unary_handler(method: MethodInfo, chain: Handler) -> grpc.RpcMethodHandler[Any, Any]:
+    """The grpc.aio handler of one unary method: build the call, run the chain, answer."""
+
+    async def handle(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        remaining = context.time_remaining()
+        call = Call(
+            method,
+            metadata_dict(context.invocation_metadata() or ()),
+            peer=peer_address(context.peer()),
+            transport="grpc",
+        )
+        if remaining is not None:
+            call.deadline = asyncio.get_running_loop().time() + remaining
+        try:
+            response = await chain(request, call)
+        except DomainError as exc:
+            await _fail(context, call, exc)
+            return None
+        except Exception:
+            log.exception("error outside the pipeline", extra={"method": method.full_name})
+            await _fail(context, call, Internal())
+            return None
+        if call.response_headers:
+            await context.send_initial_metadata(call.response_headers)
+        if call.trailers:
+            context.set_trailing_metadata(call.trailers)
+        return response
+
+    return grpc.unary_unary_rpc_method_handler(
+        handle,
+        request_deserializer=method.request_type.FromString,
+        response_serializer=method.response_type.SerializeToString,
+    )
+
+
+async def _fail(context: grpc.aio.ServicerContext[Any, Any], call: Call, exc: DomainError) -> None:
+    status = to_status(exc)
+    if call.response_headers:
+        await context.send_initial_metadata(call.response_headers)
+    trailers: list[tuple[str, str | bytes]] = [*call.trailers]
+    trailers.append((STATUS_DETAILS_KEY, status.SerializeToString()))
+    context.set_trailing_metadata(trailers)
+    context.set_code(grpc.StatusCode[exc.code.name])
+    context.set_details(status.message)
+
+
+def service_handlers(
+    methods: Iterable[MethodInfo], chains: Mapping[str, Handler]
+) -> list[grpc.GenericRpcHandler]:
+    """One generic handler per service, dispatching to the compiled chains."""
+    by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
+    for method in methods:
+        if method.grpc_type != "unary":
+            raise NotImplementedError(f"{method.full_name}: only unary methods are served")
+        by_service.setdefault(method.service, {})[method.name] = unary_handler(
+            method, chains[method.full_name]
+        )
+    return [grpc.method_handlers_generic_handler(s, h) for s, h in by_service.items()]
+
+
+def add_health(server: grpc.aio.Server) -> HealthServicer:
+    """Register ``grpc.health.v1.Health`` (Check and Watch)."""
+    servicer = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return servicer
+
+
+def _register_reflection_v1(pool: Any) -> None:
+    """Add ``grpc/reflection/v1/reflection.proto`` to the pool, built from v1alpha.
+
+    The two versions differ only in their package name, so the v1alpha messages serve
+    both on the wire; the descriptor makes ``describe`` work for the v1 service too.
+    """
+    name = "grpc/reflection/v1/reflection.proto"
+    with contextlib.suppress(KeyError):
+        pool.FindFileByName(name)
+        return
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    proto.name, proto.package = name, "grpc.reflection.v1"
+    for message in proto.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):
+                field.type_name = field.type_name.replace(old, new)
+    for method in proto.service[0].method:
+        method.input_type = method.input_type.replace(old, new)
+        method.output_type = method.output_type.replace(old, new)
+    pool.Add(proto)
+
+
+def add_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
+    """Server reflection, v1alpha and v1, listing ``service_names`` and itself."""
+    names = [*service_names, reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = reflection.aio.ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    for service in (reflection.SERVICE_NAME, REFLECTION_V1):
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": handler}),)
+        )
+    _register_reflection_v1(descriptor_pool.Default())
+
+
+def bind(server: grpc.aio.Server, address: str, cert_file: str, key_file: str) -> int:
+    """Listen on ``address``, with TLS when a certificate is configured; returns the port."""
+    if cert_file:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(key_file).read_bytes(), Path(cert_file).read_bytes())]
+        )
+        return server.add_secure_port(address, credentials)
+    return server.add_insecure_port(address)

@@ -1,0 +1,117 @@
+"""Health: probe each dependency on an interval and publish it through ``grpc.health.v1``.
+
+A service is SERVING only while every dependency it needs answers; the overall status
+(service name "") is SERVING only while every dependency answers. During shutdown every
+status is NOT_SERVING for good. :func:`evaluate` is the pure rule; :class:`HealthMonitor`
+applies it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+
+log = logging.getLogger(__name__)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+Check = Callable[[], Awaitable[None]]
+
+
+def evaluate(
+    up: Mapping[str, bool], needs: Mapping[str, frozenset[str]], *, shutting_down: bool
+) -> dict[str, bool]:
+    """Which services (and "" for the whole server) are serving, given dependency states."""
+    if shutting_down:
+        return {"": False, **dict.fromkeys(needs, False)}
+    statuses = {service: all(up.get(dep, False) for dep in deps) for service, deps in needs.items()}
+    statuses[""] = all(up.get(dep, False) for dep in up) and all(statuses.values())
+    return statuses
+
+
+@dataclass(frozen=True, slots=True)
+class DependencyStatus:
+    """The last probe of one dependency."""
+
+    up: bool
+    error: str = ""
+
+
+class HealthMonitor:
+    """Probes dependencies and keeps the health service in step."""
+
+    def __init__(
+        self,
+        servicer: HealthServicer,
+        checks: Mapping[str, Check],
+        needs: Mapping[str, frozenset[str]],
+        *,
+        interval: float,
+        timeout: float = 3.0,
+    ) -> None:
+        self._servicer = servicer
+        self._checks = dict(checks)
+        self._needs = dict(needs)
+        self._interval = interval
+        self._timeout = timeout
+        self._status: dict[str, DependencyStatus] = {
+            name: DependencyStatus(up=False, error="not checked yet") for name in checks
+        }
+        self._shutting_down = False
+
+    @property
+    def dependencies(self) -> dict[str, DependencyStatus]:
+        """The last known state of each dependency."""
+        return dict(self._status)
+
+    def serving(self, service: str = "") -> bool:
+        """Whether ``service`` (or the whole server) is serving now."""
+        return self._statuses().get(service, False)
+
+    async def check_once(self) -> None:
+        """Probe every dependency now and publish the result."""
+        results = await asyncio.gather(*(self._probe(c) for c in self._checks.values()))
+        for name, status in zip(self._checks, results, strict=True):
+            previous = self._status.get(name)
+            if previous is None or previous.up != status.up:
+                log.log(
+                    logging.INFO if status.up else logging.WARNING,
+                    "dependency %s is %s",
+                    name,
+                    "up" if status.up else "down",
+                    extra={"dependency": name, "error": status.error},
+                )
+            self._status[name] = status
+        await self._publish()
+
+    async def run(self) -> None:
+        """Probe forever, every ``interval`` seconds."""
+        while True:
+            await self.check_once()
+            await asyncio.sleep(self._interval)
+
+    async def shutdown(self) -> None:
+        """Report NOT_SERVING everywhere from now on."""
+        self._shutting_down = True
+        await self._publish()
+        await self._servicer.enter_graceful_shutdown()
+
+    def _statuses(self) -> dict[str, bool]:
+        up = {name: status.up for name, status in self._status.items()}
+        return evaluate(up, self._needs, shutting_down=self._shutting_down)
+
+    async def _publish(self) -> None:
+        for service, serving in self._statuses().items():
+            await self._servicer.set(service, SERVING if serving else NOT_SERVING)
+
+    async def _probe(self, check: Check) -> DependencyStatus:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await check()
+        except Exception as exc:  # noqa: BLE001 - any failure means the dependency is down
+            return DependencyStatus(up=False, error=type(exc).__name__)
+        return DependencyStatus(up=True)

@@ -1,0 +1,31 @@
+"""Request context: take or make the request id and send it back in initial metadata."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from google.protobuf.message import Message
+
+from server.logs import request_id_var
+from server.pipeline import Call, Handler, MethodInfo
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+class RequestContextStage:
+    """Binds ``x-request-id`` (a caller's if well-formed, else a new one) to the call."""
+
+    def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
+        async def handle(request: Message, call: Call) -> Message:
+            given = call.header("x-request-id")
+            request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+            call.request_id = request_id
+            call.set_header("x-request-id", request_id)
+            token = request_id_var.set(request_id)
+            try:
+                return await handler(request, call)
+            finally:
+                request_id_var.reset(token)
+
+        return handle

@@ -1,0 +1,32 @@
+"""Deadline: the caller's, or a default one when the caller set none."""
+
+from __future__ import annotations
+
+import asyncio
+
+from google.protobuf.message import Message
+
+from server.errors import DeadlineExceeded
+from server.pipeline import Call, Handler, MethodInfo
+
+
+class DeadlineStage:
+    """Cancels the handler at the deadline and reports ``DEADLINE_EXCEEDED``."""
+
+    def __init__(self, default_seconds: float) -> None:
+        self._default = default_seconds
+
+    def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
+        default = self._default
+
+        async def handle(request: Message, call: Call) -> Message:
+            loop = asyncio.get_running_loop()
+            if call.deadline is None:
+                call.deadline = loop.time() + default
+            try:
+                async with asyncio.timeout_at(call.deadline):
+                    return await handler(request, call)
+            except TimeoutError:
+                raise DeadlineExceeded("deadline exceeded") from None
+
+        return handle

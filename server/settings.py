@@ -1,0 +1,272 @@
+"""One frozen settings object, read once from ``TP_*`` environment variables.
+
+Every setting has a safe default for local use. ``production`` mode refuses to start
+while a secret is missing (see :meth:`Settings.check_production`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args
+
+Mode = Literal["development", "sandbox", "production"]
+OtelExporter = Literal["none", "console", "otlp"]
+LogFormat = Literal["json", "text"]
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A ``TP_*`` variable is missing or does not parse; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class TierLimits:
+    """Limits of one tier; ``-1`` means unlimited."""
+
+    requests_per_minute: int
+    max_tunnels: int
+    max_concurrent_connections: int
+    requests_per_month: int
+    transfer_bytes_per_month: int
+
+
+GIB = 1024**3
+
+DEFAULT_TIERS: Mapping[str, TierLimits] = {
+    "free": TierLimits(100, 3, 5, 10_000, 1 * GIB),
+    "premium": TierLimits(1_000, 50, 100, 1_000_000, 100 * GIB),
+    "enterprise": TierLimits(10_000, -1, -1, -1, -1),
+}
+
+
+def _doc(text: str, env: str = "") -> dict[str, Any]:
+    """Field metadata: its documentation and, if not derived from the name, its variable."""
+    return {"doc": text, "env": env}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """All configuration. Build it with :meth:`from_env`; never mutate it."""
+
+    mode: Mode = field(default="development", metadata=_doc("development, sandbox or production"))
+    grpc_host: str = field(default="127.0.0.1", metadata=_doc("Address the gRPC server binds"))
+    grpc_port: int = field(default=50051, metadata=_doc("gRPC port; 0 picks a free port"))
+    metrics_host: str = field(default="127.0.0.1", metadata=_doc("Address of /metrics"))
+    metrics_port: int = field(
+        default=9464, metadata=_doc("Prometheus /metrics port; 0 picks one, -1 disables")
+    )
+    data_dir: Path = field(
+        default=Path("var"), metadata=_doc("Local state: SQLite file, generated dev keys")
+    )
+    database_url: str = field(
+        default="", metadata=_doc("SQLAlchemy URL; default SQLite in TP_DATA_DIR")
+    )
+    database_replica_url: str = field(
+        default="", metadata=_doc("Read replica URL for lag-tolerant reads (optional)")
+    )
+    database_pool_size: int = field(default=10, metadata=_doc("Connections per pool"))
+    database_statement_timeout: float = field(
+        default=10.0, metadata=_doc("PostgreSQL statement timeout, seconds")
+    )
+    redis_url: str = field(
+        default="", metadata=_doc("Redis URL; empty keeps shared state in-process")
+    )
+    jwt_private_key: str = field(
+        default="", metadata=_doc("PEM Ed25519 or P-256 private key that signs access tokens")
+    )
+    jwt_private_key_file: str = field(default="", metadata=_doc("File holding that PEM key"))
+    jwt_verify_keys_file: str = field(
+        default="", metadata=_doc("PEM public keys of retired signing keys, still accepted")
+    )
+    jwt_issuer: str = field(default="tunnelplane", metadata=_doc("`iss` of access tokens"))
+    jwt_audience: str = field(default="tunnelplane-api", metadata=_doc("`aud` of access tokens"))
+    access_token_ttl: float = field(default=900.0, metadata=_doc("Access token lifetime, s"))
+    refresh_token_ttl: float = field(
+        default=30 * 86400.0, metadata=_doc("Refresh token absolute lifetime, s")
+    )
+    refresh_token_idle_ttl: float = field(
+        default=14 * 86400.0, metadata=_doc("Refresh token inactivity expiry, s")
+    )
+    page_token_secret: str = field(
+        default="", metadata=_doc("HMAC key that makes page tokens tamper-proof")
+    )
+    tls_cert_file: str = field(default="", metadata=_doc("PEM certificate chain for gRPC TLS"))
+    tls_key_file: str = field(default="", metadata=_doc("PEM private key for gRPC TLS"))
+    shutdown_grace: float = field(
+        default=10.0, metadata=_doc("Seconds in-flight calls get to finish on SIGTERM")
+    )
+    default_deadline: float = field(
+        default=30.0, metadata=_doc("Deadline of calls that set none, s")
+    )
+    health_interval: float = field(default=5.0, metadata=_doc("Dependency probe interval, s"))
+    log_level: str = field(default="INFO", metadata=_doc("Python log level"))
+    log_format: LogFormat = field(default="json", metadata=_doc("json or text"))
+    otel_exporter: OtelExporter = field(
+        default="none", metadata=_doc("Trace exporter: none, console or otlp")
+    )
+    otel_endpoint: str = field(default="", metadata=_doc("OTLP gRPC endpoint, host:port"))
+    argon2_time_cost: int = field(default=3, metadata=_doc("Argon2id iterations"))
+    argon2_memory_kib: int = field(default=65536, metadata=_doc("Argon2id memory, KiB"))
+    argon2_parallelism: int = field(default=4, metadata=_doc("Argon2id lanes"))
+    login_window: float = field(
+        default=900.0, metadata=_doc("Window over which login failures count, s")
+    )
+    login_slowdown_after: int = field(
+        default=3, metadata=_doc("Failures per account before attempts are spaced out")
+    )
+    login_lock_after: int = field(default=10, metadata=_doc("Failures per account that lock it"))
+    login_ip_lock_after: int = field(default=50, metadata=_doc("Failures per IP that lock it"))
+    login_lock_duration: float = field(default=900.0, metadata=_doc("How long a lock lasts, s"))
+    api_key_rotation_overlap: float = field(
+        default=86400.0, metadata=_doc("Default overlap of a rotated API key, s")
+    )
+    avatar_max_bytes: int = field(default=1 << 20, metadata=_doc("Largest avatar, bytes"))
+    soft_delete_retention: float = field(
+        default=30 * 86400.0, metadata=_doc("How long soft-deleted users stay restorable, s")
+    )
+    default_page_size: int = field(default=50, metadata=_doc("List page size when unset"))
+    max_page_size: int = field(default=1000, metadata=_doc("Largest list page size"))
+    tiers: Mapping[str, TierLimits] = field(
+        default_factory=lambda: dict(DEFAULT_TIERS),
+        metadata=_doc("TP_TIER_<TIER>_<LIMIT>, for example TP_TIER_FREE_MAX_TUNNELS=5", "-"),
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read every ``TP_*`` variable; raise :class:`SettingsError` naming a bad one."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            name = env_name(f)
+            if name == "-" or name not in env:
+                continue
+            values[f.name] = _parse(name, env[name], f.type)
+        values["tiers"] = _tiers_from_env(env)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    @property
+    def effective_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file in the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'tunnelplane.db').as_posix()}"
+
+    def validate(self) -> None:
+        """Check value ranges that a type alone does not express."""
+        positive = (
+            "access_token_ttl",
+            "refresh_token_ttl",
+            "refresh_token_idle_ttl",
+            "default_deadline",
+            "health_interval",
+            "argon2_time_cost",
+            "argon2_memory_kib",
+            "argon2_parallelism",
+            "database_pool_size",
+            "default_page_size",
+            "max_page_size",
+            "login_window",
+            "login_lock_duration",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{env_name_of(name)} must be greater than zero")
+        if self.shutdown_grace < 0:
+            raise SettingsError("TP_SHUTDOWN_GRACE must not be negative")
+        if self.default_page_size > self.max_page_size:
+            raise SettingsError("TP_DEFAULT_PAGE_SIZE must not exceed TP_MAX_PAGE_SIZE")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise SettingsError("TP_TLS_CERT_FILE and TP_TLS_KEY_FILE must be set together")
+        if self.otel_exporter == "otlp" and not self.otel_endpoint:
+            raise SettingsError("TP_OTEL_ENDPOINT is required when TP_OTEL_EXPORTER=otlp")
+        if self.mode == "production":
+            self.check_production()
+
+    def check_production(self) -> None:
+        """Refuse generated or default secrets; name every missing setting at once."""
+        missing = []
+        if not (self.jwt_private_key or self.jwt_private_key_file):
+            missing.append("TP_JWT_PRIVATE_KEY or TP_JWT_PRIVATE_KEY_FILE")
+        if len(self.page_token_secret) < 32:
+            missing.append("TP_PAGE_TOKEN_SECRET (at least 32 characters)")
+        if missing:
+            raise SettingsError(
+                "production mode refuses generated or default secrets; set " + ", ".join(missing)
+            )
+
+
+def env_name(f: dataclasses.Field[Any]) -> str:
+    """The environment variable of a settings field."""
+    return str(f.metadata.get("env") or env_name_of(f.name))
+
+
+def env_name_of(field_name: str) -> str:
+    """``grpc_port`` -> ``TP_GRPC_PORT``."""
+    return "TP_" + field_name.upper()
+
+
+def documented_settings() -> list[tuple[str, str, str]]:
+    """(variable, default, description) rows, for the README table."""
+    rows = []
+    defaults = Settings()
+    for f in dataclasses.fields(Settings):
+        default = getattr(defaults, f.name)
+        shown = "" if f.name == "tiers" else str(default)
+        rows.append((env_name(f), shown, str(f.metadata.get("doc", ""))))
+    return rows
+
+
+def _parse(name: str, raw: str, annotation: Any) -> Any:
+    kind = str(annotation)
+    parsers: dict[str, Callable[[str], Any]] = {
+        "int": int,
+        "float": float,
+        "str": str,
+        "Path": Path,
+        "bool": _parse_bool,
+    }
+    if kind in parsers:
+        try:
+            return parsers[kind](raw.strip() if kind != "str" else raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a {kind}, got {raw!r}") from None
+    choices = _literal_choices(kind)
+    if raw not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}; got {raw!r}")
+    return raw
+
+
+def _literal_choices(kind: str) -> tuple[str, ...]:
+    aliases: dict[str, Any] = {"Mode": Mode, "OtelExporter": OtelExporter, "LogFormat": LogFormat}
+    return tuple(get_args(aliases[kind]))
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(raw)
+
+
+def _tiers_from_env(env: Mapping[str, str]) -> dict[str, TierLimits]:
+    tiers = {}
+    for tier, limits in DEFAULT_TIERS.items():
+        changes = {}
+        for f in dataclasses.fields(TierLimits):
+            name = f"TP_TIER_{tier.upper()}_{f.name.upper()}"
+            if name in env:
+                value = _parse(name, env[name], "int")
+                if value < -1:
+                    raise SettingsError(f"{name} must be -1 (unlimited) or more")
+                changes[f.name] = value
+        tiers[tier] = dataclasses.replace(limits, **changes)
+    return tiers

@@ -1,0 +1,206 @@
+"""Engines (primary and optional read replica) and the unit of work.
+
+SQLite is the embedded default: WAL, foreign keys on, and write transactions opened
+with ``BEGIN IMMEDIATE`` so that two writers queue instead of failing half-way with
+"database is locked". PostgreSQL runs through psycopg 3 with a statement timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from server.domain import audit
+from server.domain.clock import Clock
+from server.errors import Unavailable
+from server.storage.audit import SqlAuditRepository
+from server.storage.credentials import SqlApiKeyRepository, SqlSessionRepository
+from server.storage.users import SqlAvatarRepository, SqlUserRepository
+
+log = logging.getLogger(__name__)
+CONNECT_TIMEOUT = 5.0
+
+
+def normalize_url(url: str) -> str:
+    """Pick the async driver: ``postgresql://`` -> psycopg, ``sqlite://`` -> aiosqlite."""
+    for plain, driver in (
+        ("postgresql://", "postgresql+psycopg://"),
+        ("postgres://", "postgresql+psycopg://"),
+        ("sqlite://", "sqlite+aiosqlite://"),
+    ):
+        if url.startswith(plain):
+            return driver + url[len(plain) :]
+    return url
+
+
+def make_engine(url: str, *, pool_size: int, statement_timeout: float) -> AsyncEngine:
+    """An async engine configured for its backend."""
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+        _configure_sqlite(engine)
+        return engine
+    return create_async_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        connect_args={
+            "connect_timeout": int(CONNECT_TIMEOUT),
+            "options": f"-c statement_timeout={int(statement_timeout * 1000)}",
+            "application_name": "tunnelplane",
+        },
+    )
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control from the driver so that BEGIN is ours (see _begin).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in (
+            "journal_mode=WAL",
+            "foreign_keys=ON",
+            "busy_timeout=10000",
+            "synchronous=NORMAL",
+        ):
+            cursor.execute(f"PRAGMA {pragma}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        immediate = conn.get_execution_options().get("tp_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+class Database:
+    """The engines and the factory of units of work."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        replica_url: str = "",
+        pool_size: int = 10,
+        statement_timeout: float = 10.0,
+        clock: Clock,
+    ) -> None:
+        self.engine = make_engine(url, pool_size=pool_size, statement_timeout=statement_timeout)
+        self.replica = (
+            make_engine(replica_url, pool_size=pool_size, statement_timeout=statement_timeout)
+            if replica_url
+            else self.engine
+        )
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self._clock = clock
+
+    def __call__(self, *, readonly: bool = False) -> SqlUnitOfWork:
+        """A unit of work; read-only ones go to the replica when there is one."""
+        return SqlUnitOfWork(
+            self.replica if readonly else self.engine, write=not readonly, clock=self._clock
+        )
+
+    async def ping(self) -> None:
+        """Raise unless the primary answers ``SELECT 1`` within the connect timeout."""
+        async with asyncio.timeout(CONNECT_TIMEOUT), self.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()
+        if self.replica is not self.engine:
+            await self.replica.dispose()
+
+
+_UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, OSError, TimeoutError)
+
+
+class SqlUnitOfWork:
+    """One transaction and its repositories. Commits on a clean exit, else rolls back.
+
+    A write unit of work that commits during an audited call also writes that call's
+    audit entry, in the same transaction (see :mod:`server.domain.audit`).
+    """
+
+    users: SqlUserRepository
+    avatars: SqlAvatarRepository
+    sessions: SqlSessionRepository
+    api_keys: SqlApiKeyRepository
+    audit: SqlAuditRepository
+
+    def __init__(self, engine: AsyncEngine, *, write: bool, clock: Clock) -> None:
+        self._engine = engine
+        self._write = write
+        self._clock = clock
+        self._conn: AsyncConnection | None = None
+        self._callbacks: list[Callable[[], Awaitable[None]]] = []
+
+    async def __aenter__(self) -> Self:
+        try:
+            conn = await self._engine.connect()
+        except _UNAVAILABLE as exc:
+            raise Unavailable("the database is unavailable", retry_after=1.0) from exc
+        self._conn = conn
+        if self._write:
+            await conn.execution_options(tp_write=True)
+        await conn.begin()
+        self.users = SqlUserRepository(conn)
+        self.avatars = SqlAvatarRepository(conn)
+        self.sessions = SqlSessionRepository(conn)
+        self.api_keys = SqlApiKeyRepository(conn)
+        self.audit = SqlAuditRepository(conn)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            if exc is None and self._write:
+                recorded = await self._record_audit()
+                await conn.commit()
+                if recorded and (scope := audit.current()) is not None:
+                    scope.recorded_id = recorded
+            else:
+                await conn.rollback()
+        except _UNAVAILABLE as failure:
+            raise Unavailable("the database is unavailable", retry_after=1.0) from failure
+        finally:
+            await conn.close()
+        if isinstance(exc, _UNAVAILABLE):
+            raise Unavailable("the database is unavailable", retry_after=1.0) from exc
+        if exc is None:
+            await self._run_callbacks()
+
+    def after_commit(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run ``callback`` after a successful commit."""
+        self._callbacks.append(callback)
+
+    async def _record_audit(self) -> str:
+        scope = audit.current()
+        if scope is None or scope.recorded_id:
+            return ""
+        entry = scope.entry(self._clock.now(), "OK")
+        await self.audit.add(entry)
+        return entry.id
+
+    async def _run_callbacks(self) -> None:
+        for callback in self._callbacks:
+            try:
+                await callback()
+            except Exception:
+                # The change is committed; a failed cache invalidation must not turn it into
+                # an error. The cached entry expires on its own TTL.
+                log.exception("after-commit callback failed")

@@ -1,0 +1,164 @@
+"""SQLAlchemy table definitions: the single description of the schema.
+
+Alembic migrations must agree with this metadata; a test compares them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+metadata = sa.MetaData(naming_convention=NAMING)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:  # noqa: ARG002
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
+        return value.astimezone(UTC)  # type: ignore[no-any-return]
+
+
+def _id(name: str = "id") -> sa.Column[str]:
+    return sa.Column(name, sa.String(40), primary_key=True)
+
+
+def _user_fk(nullable: bool = False) -> sa.Column[str]:
+    return sa.Column(
+        "user_id",
+        sa.String(40),
+        sa.ForeignKey("users.id", ondelete="CASCADE"),
+        nullable=nullable,
+    )
+
+
+users = sa.Table(
+    "users",
+    metadata,
+    _id(),
+    sa.Column("email", sa.String(254), nullable=False),
+    sa.Column("display_name", sa.String(100), nullable=False),
+    sa.Column("password_hash", sa.String(255), nullable=True),
+    sa.Column("role", sa.String(20), nullable=False),
+    sa.Column("tier", sa.String(20), nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("preferences", sa.JSON(), nullable=False),
+    sa.Column("has_avatar", sa.Boolean(), nullable=False, server_default=sa.false()),
+    sa.Column("version", sa.Integer(), nullable=False),
+    sa.Column("create_time", UTCDateTime(), nullable=False),
+    sa.Column("update_time", UTCDateTime(), nullable=False),
+    sa.Column("delete_time", UTCDateTime(), nullable=True),
+    sa.Column("purge_time", UTCDateTime(), nullable=True),
+    sa.Column("last_login_time", UTCDateTime(), nullable=True),
+    sa.UniqueConstraint("email"),
+    sa.Index(None, "create_time", "id"),
+    sa.Index(None, "purge_time"),
+)
+
+avatars = sa.Table(
+    "avatars",
+    metadata,
+    sa.Column(
+        "user_id", sa.String(40), sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    ),
+    sa.Column("content_type", sa.String(50), nullable=False),
+    sa.Column("data", sa.LargeBinary(), nullable=False),
+    sa.Column("update_time", UTCDateTime(), nullable=False),
+)
+
+sessions = sa.Table(
+    "sessions",
+    metadata,
+    _id(),
+    _user_fk(),
+    sa.Column("create_time", UTCDateTime(), nullable=False),
+    sa.Column("expire_time", UTCDateTime(), nullable=False),
+    sa.Column("revoke_time", UTCDateTime(), nullable=True),
+    sa.Column("revoke_reason", sa.String(40), nullable=False, server_default=""),
+    sa.Column("ip_address", sa.String(64), nullable=False, server_default=""),
+    sa.Column("user_agent", sa.String(512), nullable=False, server_default=""),
+    sa.Index(None, "user_id"),
+)
+
+refresh_tokens = sa.Table(
+    "refresh_tokens",
+    metadata,
+    _id(),
+    sa.Column(
+        "session_id",
+        sa.String(40),
+        sa.ForeignKey("sessions.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    _user_fk(),
+    sa.Column("token_hash", sa.String(64), nullable=False),
+    sa.Column("create_time", UTCDateTime(), nullable=False),
+    sa.Column("expire_time", UTCDateTime(), nullable=False),
+    sa.Column("used_time", UTCDateTime(), nullable=True),
+    sa.UniqueConstraint("token_hash"),
+    sa.Index(None, "session_id"),
+    sa.Index(None, "user_id"),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    _id(),
+    _user_fk(),
+    sa.Column("display_name", sa.String(100), nullable=False),
+    sa.Column("prefix", sa.String(16), nullable=False),
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("scopes", sa.JSON(), nullable=False),
+    sa.Column("create_time", UTCDateTime(), nullable=False),
+    sa.Column("expire_time", UTCDateTime(), nullable=True),
+    sa.Column("revoke_time", UTCDateTime(), nullable=True),
+    sa.Column("last_use_time", UTCDateTime(), nullable=True),
+    sa.Column("replaced_by", sa.String(40), nullable=False, server_default=""),
+    sa.UniqueConstraint("secret_hash"),
+    sa.Index(None, "user_id", "create_time"),
+)
+
+audit_log = sa.Table(
+    "audit_log",
+    metadata,
+    _id(),
+    sa.Column("time", UTCDateTime(), nullable=False),
+    sa.Column("request_id", sa.String(64), nullable=False, server_default=""),
+    sa.Column("method", sa.String(200), nullable=False),
+    sa.Column("action", sa.String(100), nullable=False),
+    sa.Column("outcome", sa.String(40), nullable=False),
+    sa.Column("reason", sa.String(100), nullable=False, server_default=""),
+    sa.Column("actor_user_id", sa.String(40), nullable=False, server_default=""),
+    sa.Column("api_key_id", sa.String(40), nullable=False, server_default=""),
+    sa.Column("subject_user_id", sa.String(40), nullable=False, server_default=""),
+    sa.Column("resource", sa.String(300), nullable=False, server_default=""),
+    sa.Column("ip_address", sa.String(64), nullable=False, server_default=""),
+    sa.Column("user_agent", sa.String(512), nullable=False, server_default=""),
+    sa.Column("details", sa.JSON(), nullable=False),
+    sa.Index(None, "subject_user_id", "time"),
+    sa.Index(None, "time"),
+)
