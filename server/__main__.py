@@ -14,7 +14,7 @@ from server import logs
 from server.app import App
 from server.domain.audit import AuditScope, close_scope, open_scope
 from server.domain.principal import Role
-from server.errors import AlreadyExists, DomainError
+from server.errors import DomainError, NotFound
 from server.settings import Settings, SettingsError
 from server.storage.database import make_engine
 from server.storage.migrate import upgrade
@@ -59,16 +59,15 @@ async def create_admin(settings: Settings, email: str, password: str | None) -> 
     scope = AuditScope(method="cli/create-admin", action="users.create_admin", ip_address="local")
     token = open_scope(scope)
     try:
-        generated = password is None
-        password = password or secrets.token_urlsafe(18)
         try:
-            user = await app.accounts.register(email, password, "", role=Role.SUPER_ADMIN)
-            print(f"created {user.name} ({user.email}) as super_admin")
-            if generated:
-                print(f"password (shown once): {password}")
-        except AlreadyExists:
             user = await app.users.promote(email, Role.SUPER_ADMIN)
-            print(f"{user.name} ({user.email}) is now super_admin")
+            print(f"{user.name} ({user.email}) is now super_admin; password unchanged")
+        except NotFound:
+            chosen = password or secrets.token_urlsafe(18)
+            user = await app.accounts.register(email, chosen, "", role=Role.SUPER_ADMIN)
+            print(f"created {user.name} ({user.email}) as super_admin")
+            if password is None:
+                print(f"password (shown once): {chosen}")
     except DomainError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 2

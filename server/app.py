@@ -124,7 +124,9 @@ class App:
             clock=self.clock,
         )
         self.kv: RedisStore | MemoryStore = (
-            RedisStore(settings.redis_url) if settings.redis_url else MemoryStore()
+            RedisStore(settings.redis_url, settings.redis_prefix)
+            if settings.redis_url
+            else MemoryStore()
         )
         self._build_domain(settings, material)
         self.registry = CollectorRegistry()

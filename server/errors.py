@@ -17,6 +17,19 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "tunnelplane.dev"
+#: Messages and details often quote the request (a resource name, a mask path). Bounded,
+#: a hostile value cannot push the status past the peer's metadata limit (8 KiB by
+#: default in gRPC), which would reach the client as a broken stream instead.
+MAX_TEXT_BYTES = 400
+MAX_VIOLATION_BYTES = 2048
+
+
+def clip(text: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8, marked with an ellipsis if cut."""
+    encoded = text.encode()
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[: max_bytes - 3].decode(errors="ignore") + "..."
 
 
 class Code(enum.IntEnum):
@@ -108,16 +121,17 @@ class InvalidArgument(DomainError):
         return cls([FieldViolation(field, description, reason)])
 
     def details(self) -> list[object]:
-        return [
-            error_details_pb2.BadRequest(
-                field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description, reason=v.reason
-                    )
-                    for v in self.violations
-                ]
+        kept: list[error_details_pb2.BadRequest.FieldViolation] = []
+        size = 0
+        for v in self.violations:
+            item = error_details_pb2.BadRequest.FieldViolation(
+                field=v.field, description=clip(v.description), reason=v.reason
             )
-        ]
+            size += item.ByteSize()
+            if kept and size > MAX_VIOLATION_BYTES:
+                break
+            kept.append(item)
+        return [error_details_pb2.BadRequest(field_violations=kept)]
 
 
 class _ResourceError(DomainError):
@@ -134,7 +148,7 @@ class _ResourceError(DomainError):
     def details(self) -> list[object]:
         return [
             error_details_pb2.ResourceInfo(
-                resource_type=self.resource_type, resource_name=self.resource_name
+                resource_type=self.resource_type, resource_name=clip(self.resource_name)
             )
         ]
 
@@ -314,7 +328,7 @@ def to_status(error: DomainError) -> status_pb2.Status:
         reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
     )
     details = [_pack(info), *(_pack(d) for d in error.details())]
-    return status_pb2.Status(code=int(error.code), message=error.message, details=details)
+    return status_pb2.Status(code=int(error.code), message=clip(error.message), details=details)
 
 
 def _pack(message: object) -> any_pb2.Any:

@@ -13,12 +13,12 @@ from urllib.parse import unquote
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from server.errors import DomainError, Internal, to_status
+from server.errors import DomainError, Internal, InvalidArgument, to_status
 from server.pipeline import Call, Handler, MethodInfo
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,24 @@ def metadata_dict(pairs: Iterable[tuple[str, str | bytes]]) -> dict[str, str]:
     return result
 
 
+def _parser(message_type: type[Message]) -> Any:
+    """A request deserializer that yields ``None`` for bytes that are not a valid message
+    (bad UTF-8 in a string, truncated fields), so that the caller gets INVALID_ARGUMENT
+    instead of grpc's UNKNOWN quoting the parser's exception."""
+
+    def parse(data: bytes) -> Message | None:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return None
+
+    return parse
+
+
 def unary_handler(method: MethodInfo, chain: Handler) -> grpc.RpcMethodHandler[Any, Any]:
     """The grpc.aio handler of one unary method: build the call, run the chain, answer."""
 
-    async def handle(request: Message, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def handle(request: Message | None, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         remaining = context.time_remaining()
         call = Call(
             method,
@@ -70,6 +84,9 @@ def unary_handler(method: MethodInfo, chain: Handler) -> grpc.RpcMethodHandler[A
             peer=peer_address(context.peer()),
             transport="grpc",
         )
+        if request is None:
+            await _fail(context, call, InvalidArgument([], "the request is not a valid message"))
+            return None
         if remaining is not None:
             call.deadline = asyncio.get_running_loop().time() + remaining
         try:
@@ -89,7 +106,7 @@ def unary_handler(method: MethodInfo, chain: Handler) -> grpc.RpcMethodHandler[A
 
     return grpc.unary_unary_rpc_method_handler(
         handle,
-        request_deserializer=method.request_type.FromString,
+        request_deserializer=_parser(method.request_type),
         response_serializer=method.response_type.SerializeToString,
     )
 
@@ -150,10 +167,22 @@ def _register_reflection_v1(pool: Any) -> None:
     pool.Add(proto)
 
 
+class _Reflection(reflection.aio.ReflectionServicer):
+    """Also resolves method names (``pkg.Service.Method``, as ``grpcurl describe`` sends
+    them), which the protobuf pool's symbol lookup does not."""
+
+    def _file_containing_symbol(self, request: Any, fully_qualified_name: str) -> Any:
+        with contextlib.suppress(KeyError):
+            method = descriptor_pool.Default().FindMethodByName(fully_qualified_name)
+            fully_qualified_name = method.containing_service.full_name
+        # A private hook of grpcio-reflection, absent from its type stubs.
+        return super()._file_containing_symbol(request, fully_qualified_name)  # type: ignore[misc]
+
+
 def add_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
     """Server reflection, v1alpha and v1, listing ``service_names`` and itself."""
     names = [*service_names, reflection.SERVICE_NAME, REFLECTION_V1]
-    servicer = reflection.aio.ReflectionServicer(names)
+    servicer = _Reflection(names)
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,

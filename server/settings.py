@@ -7,6 +7,7 @@ while a secret is missing (see :meth:`Settings.check_production`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class Settings:
     redis_url: str = field(
         default="", metadata=_doc("Redis URL; empty keeps shared state in-process")
     )
+    redis_prefix: str = field(default="tp:", metadata=_doc("Prefix of every Redis key"))
     jwt_private_key: str = field(
         default="", metadata=_doc("PEM Ed25519 or P-256 private key that signs access tokens")
     )
@@ -93,7 +95,7 @@ class Settings:
         default=14 * 86400.0, metadata=_doc("Refresh token inactivity expiry, s")
     )
     page_token_secret: str = field(
-        default="", metadata=_doc("HMAC key that makes page tokens tamper-proof")
+        default="", metadata=_doc("Secret that encrypts and authenticates page tokens")
     )
     tls_cert_file: str = field(default="", metadata=_doc("PEM certificate chain for gRPC TLS"))
     tls_key_file: str = field(default="", metadata=_doc("PEM private key for gRPC TLS"))
@@ -133,7 +135,7 @@ class Settings:
     max_page_size: int = field(default=1000, metadata=_doc("Largest list page size"))
     tiers: Mapping[str, TierLimits] = field(
         default_factory=lambda: dict(DEFAULT_TIERS),
-        metadata=_doc("TP_TIER_<TIER>_<LIMIT>, for example TP_TIER_FREE_MAX_TUNNELS=5", "-"),
+        metadata=_doc("Tier limits, for example TP_TIER_FREE_MAX_TUNNELS=5 (-1: unlimited)", "-"),
     )
 
     @classmethod
@@ -219,7 +221,8 @@ def documented_settings() -> list[tuple[str, str, str]]:
     for f in dataclasses.fields(Settings):
         default = getattr(defaults, f.name)
         shown = "" if f.name == "tiers" else str(default)
-        rows.append((env_name(f), shown, str(f.metadata.get("doc", ""))))
+        name = "TP_TIER_<TIER>_<LIMIT>" if f.name == "tiers" else env_name(f)
+        rows.append((name, shown, str(f.metadata.get("doc", ""))))
     return rows
 
 
@@ -227,7 +230,7 @@ def _parse(name: str, raw: str, annotation: Any) -> Any:
     kind = str(annotation)
     parsers: dict[str, Callable[[str], Any]] = {
         "int": int,
-        "float": float,
+        "float": _parse_float,
         "str": str,
         "Path": Path,
         "bool": _parse_bool,
@@ -248,6 +251,13 @@ def _literal_choices(kind: str) -> tuple[str, ...]:
     return tuple(get_args(aliases[kind]))
 
 
+def _parse_float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):  # float() accepts "nan" and "inf"; no setting means them
+        raise ValueError(raw)
+    return value
+
+
 def _parse_bool(raw: str) -> bool:
     lowered = raw.lower()
     if lowered in {"1", "true", "yes", "on"}:
@@ -258,6 +268,14 @@ def _parse_bool(raw: str) -> bool:
 
 
 def _tiers_from_env(env: Mapping[str, str]) -> dict[str, TierLimits]:
+    known = {
+        f"TP_TIER_{tier.upper()}_{f.name.upper()}"
+        for tier in DEFAULT_TIERS
+        for f in dataclasses.fields(TierLimits)
+    }
+    unknown = sorted(name for name in env if name.startswith("TP_TIER_") and name not in known)
+    if unknown:
+        raise SettingsError(f"unknown tier setting {unknown[0]}; known: {', '.join(sorted(known))}")
     tiers = {}
     for tier, limits in DEFAULT_TIERS.items():
         changes = {}

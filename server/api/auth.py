@@ -56,8 +56,8 @@ class AuthApi:
         return auth_pb2.RegisterResponse(user=convert.user(user))
 
     async def Login(self, request: auth_pb2.LoginRequest, call: Call) -> auth_pb2.LoginResponse:
+        cookie = convert.cookie_delivery(request.refresh_token_delivery)
         user, tokens = await self._accounts.login(request.email, request.password, call.client)
-        cookie = request.refresh_token_delivery == auth_pb2.REFRESH_TOKEN_DELIVERY_COOKIE
         return auth_pb2.LoginResponse(
             tokens=self._tokens_message(tokens, call, cookie=cookie), user=convert.user(user)
         )

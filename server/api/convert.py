@@ -34,6 +34,9 @@ from server.errors import InvalidArgument
 K = TypeVar("K")
 V = TypeVar("V")
 
+#: The range of ``google.protobuf.Duration``: about 10,000 years either way.
+MAX_DURATION_SECONDS = 315_576_000_000
+
 ROLES: Mapping[int, Role] = {
     common_pb2.ROLE_USER: Role.USER,
     common_pb2.ROLE_SUPER_ADMIN: Role.SUPER_ADMIN,
@@ -56,6 +59,11 @@ THEMES: Mapping[int, Theme] = {
 USER_STATES: Mapping[UserState, int] = {
     UserState.ACTIVE: users_pb2.User.STATE_ACTIVE,
     UserState.DELETED: users_pb2.User.STATE_DELETED,
+}
+COOKIE_DELIVERY: Mapping[int, bool] = {
+    auth_pb2.REFRESH_TOKEN_DELIVERY_UNSPECIFIED: False,
+    auth_pb2.REFRESH_TOKEN_DELIVERY_BODY: False,
+    auth_pb2.REFRESH_TOKEN_DELIVERY_COOKIE: True,
 }
 KEY_STATES: Mapping[str, int] = {
     "active": auth_pb2.ApiKey.STATE_ACTIVE,
@@ -81,6 +89,14 @@ def enum_in(mapping: Mapping[int, V], number: int, field: str) -> V:
     return value
 
 
+def cookie_delivery(number: int) -> bool:
+    """Whether ``refresh_token_delivery`` asks for the refresh token in a cookie."""
+    cookie = COOKIE_DELIVERY.get(number)
+    if cookie is None:
+        raise InvalidArgument.single("refresh_token_delivery", "is not a defined delivery")
+    return cookie
+
+
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     """A protobuf Timestamp, or ``None`` to leave the field unset."""
     if value is None:
@@ -100,7 +116,8 @@ def from_timestamp(ts: timestamp_pb2.Timestamp, field: str) -> datetime:
 def from_duration(value: duration_pb2.Duration, field: str) -> timedelta:
     """A timedelta from a Duration, refusing malformed values."""
     if (
-        abs(value.nanos) >= 1_000_000_000
+        abs(value.seconds) > MAX_DURATION_SECONDS
+        or abs(value.nanos) >= 1_000_000_000
         or (value.seconds > 0 > value.nanos)
         or (value.seconds < 0 < value.nanos)
     ):

@@ -20,7 +20,7 @@ from server.domain import audit
 from server.domain.cache import CachedLookup
 from server.domain.clock import Clock
 from server.domain.entities import ApiKey, UserState
-from server.domain.ids import is_id, new_id
+from server.domain.ids import new_id
 from server.domain.listing import Lister, ListSpec, OrderKey, Page
 from server.domain.names import api_key_name
 from server.domain.ports import ApiKeyRepository, KeyValueStore, UnitOfWorkFactory
@@ -278,7 +278,7 @@ class ApiKeyService:
 
     @staticmethod
     async def _load(keys: ApiKeyRepository, user_id: str, key_id: str) -> ApiKey:
-        key = await keys.get(user_id, key_id) if is_id(key_id, "key") else None
+        key = await keys.get(user_id, key_id)
         if key is None:
             raise NotFound("api key", api_key_name(user_id, key_id))
         return key

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import NoReturn
 
@@ -43,6 +43,7 @@ class SessionTokens:
     access: IssuedToken
     refresh_token: str
     refresh_expire_time: datetime
+    issue_time: datetime
 
 
 _INVALID_REFRESH = "REFRESH_TOKEN_INVALID"
@@ -90,9 +91,10 @@ class AccountService:
         violations = Violations()
         normalized = validation.email(email, "email", violations)
         validation.password(password, email, "password", violations)
-        name = validation.display_name(
-            display_name or email.partition("@")[0], "display_name", violations
-        )
+        if display_name or normalized:
+            # Defaults to the part before the @, which is only known for a valid address.
+            fallback = normalized.partition("@")[0]
+            name = validation.display_name(display_name or fallback, "display_name", violations)
         violations.raise_if_any()
         password_hash = await self._hasher.hash(password)
         now = self._clock.now()
@@ -124,6 +126,8 @@ class AccountService:
             violations.add("password", "is required", "REQUIRED")
         if len(email) > validation.MAX_EMAIL or len(password) > 4 * validation.MAX_PASSWORD:
             violations.add("email" if len(email) > validation.MAX_EMAIL else "password", "too long")
+        if "\x00" in email:  # no address contains one, and PostgreSQL text cannot hold it
+            violations.add("email", "must not contain NUL characters")
         violations.raise_if_any()
         normalized = email.strip().lower()
         audit.annotate(email=normalized)
@@ -144,7 +148,7 @@ class AccountService:
         assert stored is not None
         rehash = await self._hasher.hash(password) if self._hasher.needs_rehash(stored) else None
         tokens = await self._start_session(user, client, rehash)
-        return user, tokens
+        return replace(user, last_login_time=tokens.issue_time), tokens
 
     async def _start_session(
         self, user: User, client: ClientInfo, rehash: str | None
@@ -166,7 +170,7 @@ class AccountService:
             if rehash is not None:
                 await uow.users.set_password_hash(user.id, rehash)
         access = self._tokens.issue(user.id, session.id)
-        return SessionTokens(access, secret, token.expire_time)
+        return SessionTokens(access, secret, token.expire_time, now)
 
     def _new_refresh_token(self, session: Session, now: datetime) -> tuple[str, RefreshToken]:
         secret = secrets.token_urlsafe(32)
@@ -196,7 +200,7 @@ class AccountService:
         if spent is None:
             await self._refused_refresh(token_hash, now)
         access = self._tokens.issue(spent.user_id, spent.session_id)
-        return SessionTokens(access, new_secret, new_token.expire_time)
+        return SessionTokens(access, new_secret, new_token.expire_time, now)
 
     async def _renew(
         self, uow: UnitOfWork, spent: RefreshToken, now: datetime

@@ -17,10 +17,13 @@ T = TypeVar("T")
 
 def check_paths(paths: Iterable[str], allowed: frozenset[str]) -> tuple[str, ...]:
     """Validate mask paths against the updatable ones; ``*`` means every top-level one."""
+    paths = list(paths)
+    if "*" in paths:
+        if len(paths) > 1:
+            raise InvalidArgument.single("update_mask", "'*' must be the only path")
+        return tuple(sorted(p for p in allowed if "." not in p))
     result: list[str] = []
     for path in paths:
-        if path == "*":
-            return tuple(sorted(p for p in allowed if "." not in p))
         if path not in allowed:
             updatable = ", ".join(sorted(allowed))
             raise InvalidArgument.single(

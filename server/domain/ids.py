@@ -30,5 +30,5 @@ def new_id(prefix: str, now: float | None = None) -> str:
 
 def is_id(value: str, prefix: str) -> bool:
     """Whether ``value`` is a well-formed id with ``prefix``."""
-    match = _ID.match(value)
+    match = _ID.fullmatch(value)
     return bool(match) and match.group(1) == prefix  # type: ignore[union-attr]

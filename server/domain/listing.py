@@ -258,6 +258,8 @@ def _typed_value(name: str, spec: FilterField, op: str, tok: _Tok) -> Any:
 def _as_string(name: str, raw: str) -> str:
     if len(raw) > 256:
         raise _filter_error(f"value for {name!r} is longer than 256 characters")
+    if "\x00" in raw:  # PostgreSQL text cannot hold NUL; no stored value contains one
+        raise _filter_error(f"value for {name!r} must not contain NUL characters")
     return raw
 
 
@@ -285,14 +287,20 @@ def _as_timestamp(name: str, raw: str) -> datetime:
         raise _filter_error(f"{name!r} needs an RFC 3339 timestamp, got {raw!r}") from None
     if value.tzinfo is None:
         raise _filter_error(f"{name!r} timestamp needs a time zone offset, e.g. Z")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 is before year 1 in UTC
+        raise _filter_error(f"{name!r} needs an RFC 3339 timestamp, got {raw!r}") from None
+
+
+_INT = re.compile(r"-?[0-9]{1,19}")
 
 
 def _as_int(name: str, raw: str) -> int:
-    try:
-        return int(raw)
-    except ValueError:
-        raise _filter_error(f"{name!r} needs an integer, got {raw!r}") from None
+    value = int(raw) if _INT.fullmatch(raw) else None
+    if value is None or not -(2**63) <= value < 2**63:
+        raise _filter_error(f"{name!r} needs an integer (64-bit), got {raw!r}")
+    return value
 
 
 def _unquote(text: str) -> str:

@@ -29,7 +29,10 @@ def api_key_parts(name: str, field: str, caller_id: str | None) -> tuple[str, st
     parts = name.split("/")
     if len(parts) != 4 or parts[2] != "apiKeys" or not parts[3]:
         raise InvalidArgument.single(field, "must look like users/{user}/apiKeys/{api_key}")
-    return user_id_of("/".join(parts[:2]), field, caller_id), parts[3]
+    user_id = user_id_of("/".join(parts[:2]), field, caller_id)
+    if not is_id(parts[3], "key"):
+        raise InvalidArgument.single(field, "is not a valid API key id")
+    return user_id, parts[3]
 
 
 def owner_of(name: str, caller_id: str | None) -> str | None:

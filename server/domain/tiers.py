@@ -52,7 +52,7 @@ class TierCatalog:
     def get(self, name: str) -> TierInfo:
         """A tier by resource name, ``tiers/{tier}``."""
         prefix, _, value = name.partition("/")
-        if prefix != "tiers" or not value:
+        if prefix != "tiers" or not value or "/" in value:
             raise InvalidArgument.single("name", "must look like tiers/{tier}")
         try:
             return self._tiers[Tier(value)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -225,15 +226,17 @@ class TokenService:
                 algorithms=[key.alg],
                 audience=self._audience,
                 issuer=self._issuer,
-                leeway=LEEWAY_SECONDS,
-                options={"require": ["exp", "iat", "nbf", "iss", "aud", "sub", "jti", "sid"]},
+                options={
+                    "require": ["exp", "iat", "nbf", "iss", "aud", "sub", "jti", "sid"],
+                    # PyJWT reads the wall clock; times are judged by self._clock below.
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
             )
-        except jwt.ExpiredSignatureError:
-            raise Unauthenticated("access token expired", reason="TOKEN_EXPIRED") from None
         except jwt.PyJWTError:
             raise _invalid("token verification failed") from None
-        if float(payload["iat"]) > now + LEEWAY_SECONDS:
-            raise _invalid("token issued in the future")
+        _check_times(payload, now)
         if not all(isinstance(payload[k], str) for k in ("sub", "sid", "jti")):
             raise _invalid("malformed claims")
         return AccessClaims(
@@ -243,6 +246,18 @@ class TokenService:
             float(payload["iat"]),
             float(payload["exp"]),
         )
+
+
+def _check_times(payload: dict[str, Any], now: float) -> None:
+    """``iat``, ``nbf`` and ``exp`` against ``now``, with :data:`LEEWAY_SECONDS` either way."""
+    times = [payload[k] for k in ("iat", "nbf", "exp")]
+    if not all(type(t) is int or (type(t) is float and math.isfinite(t)) for t in times):
+        raise _invalid("malformed claims")
+    issued_at, not_before, expires_at = times
+    if expires_at <= now - LEEWAY_SECONDS:
+        raise Unauthenticated("access token expired", reason="TOKEN_EXPIRED")
+    if max(issued_at, not_before) > now + LEEWAY_SECONDS:
+        raise _invalid("token not valid yet")
 
 
 def _invalid(message: str) -> Unauthenticated:

@@ -18,6 +18,8 @@ _EMAIL_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
 _DOMAIN_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8}){0,4}$")
 # Bidirectional overrides and isolates: used to disguise text (trojan-source, spoofing).
+# Zero-width (non-)joiners are format characters that Persian, Indic scripts and emoji need.
+_JOINERS = frozenset("\u200c\u200d")
 _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
@@ -33,12 +35,12 @@ def email(value: str, field: str, violations: Violations) -> str:
     labels = domain.split(".")
     if (
         not at
-        or not _EMAIL_LOCAL.match(local)
+        or not _EMAIL_LOCAL.fullmatch(local)
         or local.startswith(".")
         or local.endswith(".")
         or ".." in local
         or len(labels) < 2
-        or not all(_DOMAIN_LABEL.match(label) for label in labels)
+        or not all(_DOMAIN_LABEL.fullmatch(label) for label in labels)
         or labels[-1].isdigit()
     ):
         violations.add(field, "is not a valid email address")
@@ -73,12 +75,14 @@ def display_name(value: str, field: str, violations: Violations) -> str:
 
 
 def _bad_text_char(c: str) -> bool:
+    if c in _JOINERS:
+        return False
     return c in "<>" or c in _BIDI or unicodedata.category(c) in {"Cc", "Cf", "Cs", "Co", "Cn"}
 
 
 def language(value: str, field: str, violations: Violations) -> str:
     """A BCP 47 language tag such as ``en`` or ``pt-BR``."""
-    if len(value) > 35 or not _LANGUAGE.match(value):
+    if len(value) > 35 or not _LANGUAGE.fullmatch(value):
         violations.add(field, "must be a BCP 47 language tag such as en or pt-BR")
     return value
 

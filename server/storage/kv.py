@@ -1,7 +1,7 @@
 """Shared key/value state: Redis when configured, otherwise an in-process store.
 
 Both implement :class:`server.domain.ports.KeyValueStore` with the same semantics, so the
-domain cannot tell them apart. Keys are namespaced with ``tp:``.
+domain cannot tell them apart. Keys are namespaced with a prefix (``TP_REDIS_PREFIX``).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
-
-PREFIX = "tp:"
 
 
 class MemoryStore:
@@ -74,31 +72,32 @@ class MemoryStore:
 class RedisStore:
     """The same store on Redis, shared by every replica."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, prefix: str = "tp:") -> None:
+        self._prefix = prefix
         self._redis = aioredis.Redis.from_url(
             url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=15
         )
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        values = await self._redis.mget([PREFIX + key for key in keys])
+        values = await self._redis.mget([self._prefix + key for key in keys])
         return [v.encode() if isinstance(v, str) else v for v in values]
 
     async def set(
         self, key: str, value: bytes, ttl: float, *, only_if_absent: bool = False
     ) -> bool:
         result = await self._redis.set(
-            PREFIX + key, value, px=max(int(ttl * 1000), 1), nx=only_if_absent
+            self._prefix + key, value, px=max(int(ttl * 1000), 1), nx=only_if_absent
         )
         return bool(result)
 
     async def delete(self, *keys: str) -> None:
         if keys:
-            await self._redis.delete(*(PREFIX + key for key in keys))
+            await self._redis.delete(*(self._prefix + key for key in keys))
 
     async def incr(self, key: str, ttl: float) -> int:
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(PREFIX + key)
-            pipe.pexpire(PREFIX + key, max(int(ttl * 1000), 1), nx=True)
+            pipe.incr(self._prefix + key)
+            pipe.pexpire(self._prefix + key, max(int(ttl * 1000), 1), nx=True)
             value, _ = await pipe.execute()
         return int(value)
 
