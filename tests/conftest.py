@@ -1,0 +1,175 @@
+"""Shared fixtures: real backends (SQLite, PostgreSQL + Redis), an in-process server on
+port 0, and gRPC clients.
+
+Every test that touches storage runs once per backend. The PostgreSQL/Redis leg runs
+whenever both are reachable; with ``CI=true`` an unreachable one fails the run instead
+of skipping it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import grpc
+import psycopg
+import pytest
+import pytest_asyncio
+
+from server.app import App
+from server.settings import Settings
+from server.storage.database import make_engine
+from server.storage.migrate import upgrade
+from tests.helpers import Client
+
+CI = os.environ.get("CI", "").lower() == "true"
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("TP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+#: Cheap Argon2 parameters so that registering hundreds of test users stays fast.
+FAST_HASHING = {"argon2_time_cost": 1, "argon2_memory_kib": 1024, "argon2_parallelism": 1}
+
+
+def reachable(url: str, default_port: int) -> bool:
+    """Whether a TCP connection to the URL's host and port succeeds."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), 1
+        ):
+            return True
+    except OSError:
+        return False
+
+
+def require(service: str, available: bool) -> None:
+    """Skip without ``service``, or fail when CI demands it."""
+    if available:
+        return
+    if CI:
+        pytest.fail(f"{service} is required when CI=true but is not reachable", pytrace=False)
+    pytest.skip(f"{service} is not reachable")
+
+
+def require_postgres() -> None:
+    """Skip (or fail on CI) without PostgreSQL."""
+    require("PostgreSQL", reachable(POSTGRES_ADMIN_URL, 5432))
+
+
+def require_redis() -> None:
+    """Skip (or fail on CI) without Redis."""
+    require("Redis", reachable(REDIS_URL, 6379))
+
+
+def make_settings(data_dir: Path, **overrides: object) -> Settings:
+    """Settings for an in-process test server."""
+    values: dict[str, object] = {
+        "grpc_port": 0,
+        "metrics_port": -1,
+        "data_dir": data_dir,
+        "log_level": "WARNING",
+        "login_ip_lock_after": 100_000,
+        "health_interval": 0.2,
+        **FAST_HASHING,
+    }
+    values.update(overrides)
+    settings = Settings(**values)  # type: ignore[arg-type]
+    settings.validate()
+    return settings
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a test server keeps its state."""
+
+    name: str
+    database_url: str
+    redis_url: str = ""
+    redis_prefix: str = "tp:"
+
+    def settings(self, data_dir: Path, **overrides: object) -> Settings:
+        """Settings pointing at this backend."""
+        return make_settings(
+            data_dir,
+            database_url=self.database_url,
+            redis_url=self.redis_url,
+            redis_prefix=self.redis_prefix,
+            **overrides,
+        )
+
+
+def create_postgres_database() -> str:
+    """A fresh, empty database; returns its URL."""
+    name = f"tp_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+def drop_postgres_database(url: str) -> None:
+    """Drop a database made by :func:`create_postgres_database`."""
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def migrate(url: str) -> None:
+    """Bring a database to the latest migration."""
+    engine = make_engine(url, pool_size=1, statement_timeout=60)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """One migrated-later PostgreSQL database for the session."""
+    require_postgres()
+    url = create_postgres_database()
+    yield url
+    drop_postgres_database(url)
+
+
+@pytest_asyncio.fixture(scope="session", params=["sqlite", "postgres"])
+async def backend(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Backend]:
+    """SQLite with in-process state, or PostgreSQL with Redis; migrated."""
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("sqlite") / "tunnelplane.db"
+        chosen = Backend("sqlite", f"sqlite+aiosqlite:///{path}")
+    else:
+        require_redis()
+        url = request.getfixturevalue("postgres_database")
+        chosen = Backend("postgres", url, REDIS_URL, f"tptest:{uuid.uuid4().hex[:8]}:")
+    await migrate(chosen.database_url)
+    yield chosen
+
+
+@pytest_asyncio.fixture(scope="session")
+async def app(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
+    """A started server on port 0, shared by the tests of one backend."""
+    server = App(backend.settings(tmp_path_factory.mktemp("data")))
+    await server.start()
+    yield server
+    await server.stop(grace=0)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def channel(app: App) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the shared server."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as ch:
+        yield ch
+
+
+@pytest.fixture
+def client(app: App, channel: grpc.aio.Channel) -> Client:
+    """Stubs plus helpers to make users, against the shared server."""
+    return Client(app, channel)

@@ -1,0 +1,763 @@
+"""Hostile and malformed input for every RPC: refused with INVALID_ARGUMENT naming the bad
+field, and nothing written.
+
+Each row of :data:`BAD_REQUESTS` is one bad request. The snapshot taken around each call
+covers every table a request could write except ``audit_log``, where failed audited calls
+are recorded on purpose. :func:`test_every_rpc_is_covered` keeps the table complete: a new
+RPC without rows (or an explicit exemption with a reason) fails it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+import sqlalchemy as sa
+from google.api import httpbody_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
+from google.protobuf.message import Message
+from tunnelplane.v1 import auth_pb2, common_pb2, users_pb2
+
+from server.app import SERVICES, App
+from server.domain.principal import Role
+from server.storage import tables
+from tests.helpers import PASSWORD, Client, TestUser, fails, unique_email, violations
+
+#: Tables a refused request must leave exactly as they were.
+WATCHED = (tables.users, tables.sessions, tables.refresh_tokens, tables.api_keys, tables.avatars)
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 24
+DAY = 86_400
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What the requests of the table refer to, made once per backend."""
+
+    user: TestUser
+    admin: TestUser
+    key_name: str
+    keys_page_token: str
+    users_page_token: str
+
+    @property
+    def uid(self) -> str:
+        """The ordinary user's id."""
+        return self.user.id
+
+
+Build = Callable[[Ctx], Message]
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One bad request: ``Service.Method``, how to build it, the field it must name, and
+    who calls (``user``, ``admin`` (super admin) or ``anon``)."""
+
+    method: str
+    build: Build
+    field: str
+    caller: str = "user"
+
+
+def rows(method: str, caller: str = "user", **cases: tuple[str, Build]) -> list[Any]:
+    """Parametrize rows for ``method``: ``id=(field, build)``."""
+    return [
+        pytest.param(Bad(method, build, field, caller), id=f"{method}-{case_id}")
+        for case_id, (field, build) in cases.items()
+    ]
+
+
+# --- request builders -------------------------------------------------------------------
+
+
+def register(password: str = PASSWORD, display_name: str = "") -> Build:
+    """A Register request with a fresh valid email."""
+    return lambda c: auth_pb2.RegisterRequest(
+        email=unique_email("bad"), password=password, display_name=display_name
+    )
+
+
+def register_email(email: str) -> Build:
+    """A Register request with exactly this (bad) email."""
+    return lambda c: auth_pb2.RegisterRequest(email=email, password=PASSWORD, display_name="X")
+
+
+def ts(seconds: int, nanos: int = 0) -> timestamp_pb2.Timestamp:
+    """A raw Timestamp, range unchecked."""
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+
+
+def dur(seconds: int, nanos: int = 0) -> duration_pb2.Duration:
+    """A raw Duration, range unchecked."""
+    return duration_pb2.Duration(seconds=seconds, nanos=nanos)
+
+
+def new_key(
+    display_name: str = "key",
+    scopes: tuple[str, ...] = (),
+    expire: timestamp_pb2.Timestamp | None = None,
+    parent: str = "users/me",
+) -> Build:
+    """A CreateApiKey request."""
+
+    def build(c: Ctx) -> Message:
+        key = auth_pb2.ApiKey(display_name=display_name, scopes=list(scopes))
+        if expire is not None:
+            key.expire_time.CopyFrom(expire)
+        return auth_pb2.CreateApiKeyRequest(parent=parent.format(uid=c.uid), api_key=key)
+
+    return build
+
+
+def rotate(name: str = "", overlap: duration_pb2.Duration | None = None) -> Build:
+    """A RotateApiKey request; an empty name is the context's key."""
+
+    def build(c: Ctx) -> Message:
+        request = auth_pb2.RotateApiKeyRequest(name=name.format(uid=c.uid) or c.key_name)
+        if overlap is not None:
+            request.overlap.CopyFrom(overlap)
+        return request
+
+    return build
+
+
+def past() -> timestamp_pb2.Timestamp:
+    """An hour ago."""
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
+    return stamp
+
+
+def named(message: type[Message], name: str, field: str = "name") -> Build:
+    """``message(field=name)`` with ``{uid}`` and ``{key}`` filled in."""
+    return lambda c: message(**{field: name.format(uid=c.uid, key=c.key_name)})
+
+
+def update(*paths: str, name: str = "users/me", unset: bool = False, **fields: Any) -> Build:
+    """An UpdateUser request; ``fields`` are User fields, ``preferences`` a dict."""
+
+    def build(c: Ctx) -> Message:
+        mask = field_mask_pb2.FieldMask(paths=paths)
+        if unset:
+            return users_pb2.UpdateUserRequest(update_mask=mask)
+        values = dict(fields)
+        if "preferences" in values:
+            values["preferences"] = users_pb2.Preferences(**values["preferences"])
+        user = users_pb2.User(name=name.format(uid=c.uid), **values)
+        return users_pb2.UpdateUserRequest(user=user, update_mask=mask)
+
+    return build
+
+
+def avatar(content_type: str, data: bytes, name: str = "users/me/avatar") -> Build:
+    """An UploadAvatar request."""
+    return lambda c: users_pb2.UploadAvatarRequest(
+        name=name.format(uid=c.uid),
+        avatar=httpbody_pb2.HttpBody(content_type=content_type, data=data),
+    )
+
+
+def list_users(**fields: Any) -> Build:
+    """A ListUsers request; a ``page_token`` of ``"<users>"`` is a real one from the context."""
+
+    def build(c: Ctx) -> Message:
+        values = dict(fields)
+        if values.get("page_token") == "<users>":
+            values["page_token"] = c.users_page_token
+        return users_pb2.ListUsersRequest(**values)
+
+    return build
+
+
+def list_keys(**fields: Any) -> Build:
+    """A ListApiKeys request of the user; ``"<keys>"`` is a real page token."""
+
+    def build(c: Ctx) -> Message:
+        values = {"parent": "users/me", **fields}
+        if values.get("page_token") == "<keys>":
+            values["page_token"] = c.keys_page_token
+        return auth_pb2.ListApiKeysRequest(**values)
+
+    return build
+
+
+def activity(parent: str = "users/me", **fields: Any) -> Build:
+    """A ListActivity request of the user."""
+    return lambda c: users_pb2.ListActivityRequest(parent=parent.format(uid=c.uid), **fields)
+
+
+def flip_last(token: str) -> str:
+    """``token`` with one character changed (still base64url)."""
+    return token[:-3] + ("B" if token[-3] != "B" else "C") + token[-2:]
+
+
+# --- the table ----------------------------------------------------------------------------
+
+A = "AuthService"
+U = "UserService"
+NEST = "(" * 10 + 'email : "a"' + ")" * 10
+MANY_TERMS = " AND ".join(['email : "a"'] * 31)
+
+BAD_REQUESTS = [
+    *rows(
+        f"{A}.Register",
+        "anon",
+        empty_email=("email", register_email("")),
+        no_at=("email", register_email("nobody.example.com")),
+        no_dot=("email", register_email("a@localhost")),
+        double_dot=("email", register_email("a..b@example.com")),
+        dash_label=("email", register_email("a@-example.com")),
+        numeric_tld=("email", register_email("a@example.123")),
+        non_ascii=("email", register_email("ünï@example.com")),
+        nul=("email", register_email("a\x00b@example.com")),
+        newline=("email", register_email("victim@example.com\n")),
+        space=("email", register_email("a b@example.com")),
+        markup=("email", register_email("<script>@example.com")),
+        too_long=("email", register_email("x" * 243 + "@example.com")),
+        empty_password=("password", register(password="")),
+        short_password=("password", register(password="short")),
+        long_password=("password", register(password="p4ssw0rd" * 17)),
+        nul_password=("password", register(password="correct horse\x00battery")),
+        repetitive_password=("password", register(password="aaaaaaaaaaaaaaaa")),
+        password_is_email=(
+            "password",
+            lambda c: auth_pb2.RegisterRequest(
+                email="same-as-pw@example.com", password="Same-As-PW@example.com"
+            ),
+        ),
+        markup_name=("display_name", register(display_name="<b>bold</b>")),
+        nul_name=("display_name", register(display_name="a\x00b")),
+        bidi_name=("display_name", register(display_name="user\u202egnp.exe")),
+        zero_width_name=("display_name", register(display_name="ad\u200bmin")),
+        newline_name=("display_name", register(display_name="line\nbreak")),
+        blank_name=("display_name", register(display_name="   ")),
+        long_name=("display_name", register(display_name="x" * 101)),
+    ),
+    *rows(
+        f"{A}.Login",
+        "anon",
+        empty_email=("email", lambda c: auth_pb2.LoginRequest(password=PASSWORD)),
+        empty_password=("password", lambda c: auth_pb2.LoginRequest(email=c.user.email)),
+        long_email=("email", lambda c: auth_pb2.LoginRequest(email="x" * 255, password="p")),
+        long_password=(
+            "password",
+            lambda c: auth_pb2.LoginRequest(email=c.user.email, password="x" * 513),
+        ),
+        nul_email=(
+            "email",
+            lambda c: auth_pb2.LoginRequest(email=c.user.email + "\x00", password=PASSWORD),
+        ),
+        # Valid credentials: refused before a session is made.
+        undefined_delivery=(
+            "refresh_token_delivery",
+            lambda c: auth_pb2.LoginRequest(
+                email=c.user.email, password=PASSWORD, refresh_token_delivery=99
+            ),
+        ),
+    ),
+    *rows(
+        f"{A}.CreateApiKey",
+        empty_parent=("parent", new_key(parent="")),
+        short_parent=("parent", new_key(parent="users/")),
+        parent_extra=("parent", new_key(parent="users/me/extra")),
+        parent_tiers=("parent", new_key(parent="tiers")),
+        empty_name=("api_key.display_name", new_key(display_name="")),
+        long_name=("api_key.display_name", new_key(display_name="k" * 101)),
+        markup_name=("api_key.display_name", new_key(display_name="<img src=x onerror=1>")),
+        bell_name=("api_key.display_name", new_key(display_name="ding\x07")),
+        ungranted_scope=("api_key.scopes[0]", new_key(scopes=("users.admin",))),
+        unknown_scope=("api_key.scopes[1]", new_key(scopes=("profile.read", "root"))),
+        nul_scope=("api_key.scopes[0]", new_key(scopes=("profile.read\x00",))),
+        too_many_scopes=("api_key.scopes", new_key(scopes=("profile.read",) * 51)),
+        expired=("api_key.expire_time", new_key(expire=past())),
+        nanos_over=("api_key.expire_time", new_key(expire=ts(4_000_000_000, 1_000_000_000))),
+        nanos_negative=("api_key.expire_time", new_key(expire=ts(4_000_000_000, -1))),
+        year_10000=("api_key.expire_time", new_key(expire=ts(253_402_300_800))),
+        before_year_1=("api_key.expire_time", new_key(expire=ts(-62_135_596_801))),
+    ),
+    *rows(
+        f"{A}.CreateApiKey",
+        "admin",
+        dot_dot_parent=("parent", new_key(parent="users/../x")),
+    ),
+    *rows(
+        f"{A}.ListApiKeys",
+        empty_parent=("parent", list_keys(parent="")),
+        parent_slashes=("parent", list_keys(parent="users//")),
+        parent_collection=("parent", list_keys(parent="users/me/apiKeys")),
+        negative_size=("page_size", list_keys(page_size=-1)),
+        min_int_size=("page_size", list_keys(page_size=-(2**31))),
+        garbage_token=("page_token", list_keys(page_token="garbage")),
+        non_ascii_token=("page_token", list_keys(page_token="tökén")),
+        other_query_token=("page_token", list_keys(page_token="<keys>", show_inactive=True)),
+        tampered_token=(
+            "page_token",
+            lambda c: auth_pb2.ListApiKeysRequest(
+                parent="users/me", page_token=flip_last(c.keys_page_token)
+            ),
+        ),
+    ),
+    *rows(
+        f"{A}.GetApiKey",
+        empty=("name", named(auth_pb2.GetApiKeyRequest, "")),
+        collection=("name", named(auth_pb2.GetApiKeyRequest, "users/me/apiKeys")),
+        empty_key=("name", named(auth_pb2.GetApiKeyRequest, "users/me/apiKeys/")),
+        wrong_collection=("name", named(auth_pb2.GetApiKeyRequest, "users/me/keys/x")),
+        extra=("name", named(auth_pb2.GetApiKeyRequest, "{key}/extra")),
+        dot_dot_key=("name", named(auth_pb2.GetApiKeyRequest, "users/me/apiKeys/../x")),
+    ),
+    *rows(
+        f"{A}.GetApiKey",
+        "admin",
+        dot_dot_user=("name", named(auth_pb2.GetApiKeyRequest, "users/../apiKeys/x")),
+    ),
+    *rows(
+        f"{A}.RotateApiKey",
+        eight_days=("overlap", rotate(overlap=dur(8 * DAY))),
+        negative=("overlap", rotate(overlap=dur(-1))),
+        nanos_over=("overlap", rotate(overlap=dur(60, 1_000_000_000))),
+        mixed_signs=("overlap", rotate(overlap=dur(1, -1))),
+        huge=("overlap", rotate(overlap=dur(2**62))),
+        huge_negative=("overlap", rotate(overlap=dur(-(2**62)))),
+        empty_name=("name", named(auth_pb2.RotateApiKeyRequest, "")),
+        collection=("name", named(auth_pb2.RotateApiKeyRequest, "users/me/apiKeys")),
+    ),
+    *rows(
+        f"{A}.RevokeApiKey",
+        empty=("name", named(auth_pb2.RevokeApiKeyRequest, "")),
+        user_only=("name", named(auth_pb2.RevokeApiKeyRequest, "users/me")),
+        extra=("name", named(auth_pb2.RevokeApiKeyRequest, "{key}/x")),
+        nul=("name", named(auth_pb2.RevokeApiKeyRequest, "users/me/apiKeys/\x00/x")),
+    ),
+    *rows(
+        f"{U}.GetUser",
+        empty=("name", named(users_pb2.GetUserRequest, "")),
+        no_id=("name", named(users_pb2.GetUserRequest, "users/")),
+        me_slash=("name", named(users_pb2.GetUserRequest, "users/me/")),
+        extra=("name", named(users_pb2.GetUserRequest, "users/{uid}/extra")),
+        collection=("name", named(users_pb2.GetUserRequest, "users")),
+        tiers=("name", named(users_pb2.GetUserRequest, "tiers")),
+        leading_slash=("name", named(users_pb2.GetUserRequest, "/users/me")),
+    ),
+    *rows(
+        f"{U}.GetUser",
+        "admin",
+        dot_dot=("name", named(users_pb2.GetUserRequest, "users/../x")),
+        other_extra=("name", named(users_pb2.GetUserRequest, "users/usr_x/extra")),
+        not_an_id=("name", named(users_pb2.GetUserRequest, "users/not-an-id")),
+        upper_case=("name", lambda c: users_pb2.GetUserRequest(name=f"users/{c.uid.upper()}")),
+        newline=("name", named(users_pb2.GetUserRequest, "users/{uid}\n")),
+        nul=("name", named(users_pb2.GetUserRequest, "users/me\x00")),
+        huge=("name", named(users_pb2.GetUserRequest, "users/" + "x" * 20_000)),
+    ),
+    *rows(
+        f"{U}.ListUsers",
+        "admin",
+        negative_size=("page_size", list_users(page_size=-1)),
+        min_int_size=("page_size", list_users(page_size=-(2**31))),
+        garbage_token=("page_token", list_users(page_token="garbage!")),
+        non_ascii_token=("page_token", list_users(page_token="tökén")),
+        other_filter_token=("page_token", list_users(page_token="<users>", filter='tier = "free"')),
+        tampered_token=(
+            "page_token",
+            lambda c: users_pb2.ListUsersRequest(
+                filter='email : "@"', page_token=flip_last(c.users_page_token)
+            ),
+        ),
+        no_operator=("filter", list_users(filter="email")),
+        no_value=("filter", list_users(filter="email =")),
+        unknown_field=("filter", list_users(filter='password_hash = "x"')),
+        unknown_enum=("filter", list_users(filter='tier = "platinum"')),
+        enum_ordering=("filter", list_users(filter='tier > "free"')),
+        bad_time=("filter", list_users(filter='create_time > "yesterday"')),
+        naive_time=("filter", list_users(filter='create_time > "2024-01-01T00:00:00"')),
+        time_before_year_1=(
+            "filter",
+            list_users(filter='create_time > "0001-01-01T00:00:00+01:00"'),
+        ),
+        time_after_year_9999=(
+            "filter",
+            list_users(filter='create_time < "9999-12-31T23:59:59-01:00"'),
+        ),
+        too_deep=("filter", list_users(filter=NEST)),
+        dangling_and=("filter", list_users(filter='email : "a" AND')),
+        value_first=("filter", list_users(filter='"x" = email')),
+        long_value=("filter", list_users(filter='email : "' + "a" * 300 + '"')),
+        too_long=("filter", list_users(filter="x" * 2001)),
+        too_many_terms=("filter", list_users(filter=MANY_TERMS)),
+        nul_value=("filter", list_users(filter='email : "a\x00b"')),
+        statement=("filter", list_users(filter='email : "a"; DROP TABLE users')),
+        tautology=("filter", list_users(filter='email = "a" OR 1=1')),
+        comment=("filter", list_users(filter='email = "a" -- x')),
+        unclosed=("filter", list_users(filter='email = "a')),
+        order_unknown=("order_by", list_users(order_by="password_hash")),
+        order_direction=("order_by", list_users(order_by="email sideways")),
+        order_twice=("order_by", list_users(order_by="email, email")),
+        order_words=("order_by", list_users(order_by="email desc desc")),
+        order_empty_part=("order_by", list_users(order_by="email,")),
+        order_statement=("order_by", list_users(order_by="email; DROP TABLE users")),
+    ),
+    *rows(
+        f"{U}.UpdateUser",
+        no_user=("user.name", update("display_name", unset=True)),
+        no_id=("user.name", update("display_name", name="users/", display_name="X")),
+        extra=("user.name", update("display_name", name="users/{uid}/extra", display_name="X")),
+        mask_email=("update_mask", update("email", email="new@example.com")),
+        mask_role=("update_mask", update("role", role=common_pb2.ROLE_SUPER_ADMIN)),
+        mask_tier=("update_mask", update("tier", tier=common_pb2.TIER_ENTERPRISE)),
+        mask_mixed=("update_mask", update("display_name", "state", display_name="X")),
+        mask_empty_path=("update_mask", update("", display_name="X")),
+        mask_double_dot=("update_mask", update("preferences..theme")),
+        mask_huge_path=("update_mask", update("p" * 20_000)),
+        markup_name=(
+            "user.display_name",
+            update("display_name", display_name="<script>alert(1)</script>"),
+        ),
+        empty_name=("user.display_name", update("display_name", display_name="")),
+        nul_name=("user.display_name", update("display_name", display_name="a\x00b")),
+        long_name=("user.display_name", update("display_name", display_name="n" * 101)),
+        bidi_name=("user.display_name", update("display_name", display_name="\u202eabc")),
+        implied_markup=("user.display_name", update(display_name="<b>x</b>")),
+        empty_language=(
+            "user.preferences.language",
+            update("preferences.language", preferences={"language": ""}),
+        ),
+        word_language=(
+            "user.preferences.language",
+            update("preferences.language", preferences={"language": "english"}),
+        ),
+        underscore_language=(
+            "user.preferences.language",
+            update("preferences.language", preferences={"language": "en_US"}),
+        ),
+        newline_language=(
+            "user.preferences.language",
+            update("preferences.language", preferences={"language": "en\n"}),
+        ),
+        long_language=(
+            "user.preferences.language",
+            update("preferences.language", preferences={"language": "en" + "-abcdefgh" * 4}),
+        ),
+        unknown_zone=(
+            "user.preferences.time_zone",
+            update("preferences.time_zone", preferences={"time_zone": "Mars/Olympus_Mons"}),
+        ),
+        path_zone=(
+            "user.preferences.time_zone",
+            update("preferences.time_zone", preferences={"time_zone": "../../etc/passwd"}),
+        ),
+        nul_zone=(
+            "user.preferences.time_zone",
+            update("preferences.time_zone", preferences={"time_zone": "Europe/Lisbon\x00"}),
+        ),
+        lower_zone=(
+            "user.preferences.time_zone",
+            update("preferences.time_zone", preferences={"time_zone": "europe/lisbon"}),
+        ),
+        undefined_theme=(
+            "user.preferences.theme",
+            update("preferences.theme", preferences={"theme": 99}),
+        ),
+        negative_theme=(
+            "user.preferences.theme",
+            update("preferences.theme", preferences={"theme": -1}),
+        ),
+    ),
+    *rows(
+        f"{U}.UpdateUser",
+        "admin",
+        dot_dot=("user.name", update("display_name", name="users/../x", display_name="X")),
+    ),
+    *rows(
+        f"{U}.DeleteUser",
+        empty=("name", named(users_pb2.DeleteUserRequest, "")),
+        no_id=("name", named(users_pb2.DeleteUserRequest, "users/")),
+        extra=("name", named(users_pb2.DeleteUserRequest, "users/{uid}/x")),
+    ),
+    *rows(
+        f"{U}.DeleteUser",
+        "admin",
+        dot_dot=("name", named(users_pb2.DeleteUserRequest, "users/../x")),
+    ),
+    *rows(
+        f"{U}.UndeleteUser",
+        "admin",
+        empty=("name", named(users_pb2.UndeleteUserRequest, "")),
+        no_id=("name", named(users_pb2.UndeleteUserRequest, "users/")),
+        dot_dot=("name", named(users_pb2.UndeleteUserRequest, "users/../x")),
+        avatar=("name", named(users_pb2.UndeleteUserRequest, "users/{uid}/avatar")),
+        tier=("name", named(users_pb2.UndeleteUserRequest, "tiers/free")),
+    ),
+    *rows(
+        f"{U}.SetUserRole",
+        "admin",
+        unspecified=("role", lambda c: users_pb2.SetUserRoleRequest(name=c.user.name)),
+        undefined=("role", lambda c: users_pb2.SetUserRoleRequest(name=c.user.name, role=99)),
+        negative=("role", lambda c: users_pb2.SetUserRoleRequest(name=c.user.name, role=-5)),
+        empty_name=("name", lambda c: users_pb2.SetUserRoleRequest(role=common_pb2.ROLE_USER)),
+        extra=(
+            "name",
+            lambda c: users_pb2.SetUserRoleRequest(
+                name=c.user.name + "/x", role=common_pb2.ROLE_USER
+            ),
+        ),
+    ),
+    *rows(
+        f"{U}.GetTier",
+        "anon",
+        empty=("name", named(users_pb2.GetTierRequest, "")),
+        bogus=("name", named(users_pb2.GetTierRequest, "bogus")),
+        collection=("name", named(users_pb2.GetTierRequest, "tiers")),
+        no_id=("name", named(users_pb2.GetTierRequest, "tiers/")),
+        extra=("name", named(users_pb2.GetTierRequest, "tiers/free/extra")),
+        leading_slash=("name", named(users_pb2.GetTierRequest, "/tiers/free")),
+    ),
+    *rows(
+        f"{U}.ChangeTier",
+        unspecified=("tier", lambda c: users_pb2.ChangeTierRequest(name="users/me")),
+        undefined=("tier", lambda c: users_pb2.ChangeTierRequest(name="users/me", tier=99)),
+        empty_name=("name", lambda c: users_pb2.ChangeTierRequest(tier=common_pb2.TIER_PREMIUM)),
+        extra=(
+            "name",
+            lambda c: users_pb2.ChangeTierRequest(
+                name="users/me/tier", tier=common_pb2.TIER_PREMIUM
+            ),
+        ),
+    ),
+    *rows(
+        f"{U}.ListActivity",
+        empty_parent=("parent", activity(parent="")),
+        no_id=("parent", activity(parent="users/")),
+        collection=("parent", activity(parent="users/{uid}/activity")),
+        negative_size=("page_size", activity(page_size=-1)),
+        garbage_token=("page_token", activity(page_token="garbage")),
+        unknown_field=("filter", activity(filter='actor = "x"')),
+        no_operator=("filter", activity(filter="outcome")),
+        bad_time=("filter", activity(filter='create_time < "soon"')),
+        nul_value=("filter", activity(filter='outcome = "OK\x00"')),
+        order_words=("filter", activity(filter="ORDER BY time")),
+    ),
+    *rows(
+        f"{U}.UploadAvatar",
+        user_name=("name", avatar("image/png", PNG, name="users/me")),
+        extra=("name", avatar("image/png", PNG, name="users/me/avatar/x")),
+        other_collection=("name", avatar("image/png", PNG, name="users/me/photo")),
+        empty_name=("name", avatar("image/png", PNG, name="")),
+        no_body=(
+            "avatar.content_type",
+            lambda c: users_pb2.UploadAvatarRequest(name="users/me/avatar"),
+        ),
+        html=("avatar.content_type", avatar("text/html", b"<script>alert(1)</script>")),
+        svg=("avatar.content_type", avatar("image/svg+xml", b"<svg/>")),
+        nul_type=("avatar.content_type", avatar("image/png\x00", PNG)),
+        empty_data=("avatar.data", avatar("image/png", b"")),
+        wrong_magic=("avatar.data", avatar("image/png", b"\xff\xd8\xff\xe0" + b"\x00" * 32)),
+        riff_not_webp=("avatar.data", avatar("image/webp", b"RIFF\x00\x00\x00\x00WAVEfmt ")),
+        too_large=("avatar.data", avatar("image/png", PNG + b"\x00" * (1 << 20))),
+    ),
+    *rows(
+        f"{U}.GetAvatar",
+        user_name=("name", named(users_pb2.GetAvatarRequest, "users/me")),
+        extra=("name", named(users_pb2.GetAvatarRequest, "users/me/avatar/x")),
+        plural=("name", named(users_pb2.GetAvatarRequest, "users/me/avatars")),
+        empty=("name", named(users_pb2.GetAvatarRequest, "")),
+    ),
+    *rows(
+        f"{U}.DeleteAvatar",
+        user_name=("name", named(users_pb2.DeleteAvatarRequest, "users/me")),
+        extra=("name", named(users_pb2.DeleteAvatarRequest, "users/me/avatar/x")),
+        empty=("name", named(users_pb2.DeleteAvatarRequest, "")),
+    ),
+]
+
+#: Methods whose only input is a credential: a bad one is UNAUTHENTICATED by design (it
+#: must not say more), and writes nothing either.
+BAD_CREDENTIALS = {
+    f"{A}.RefreshToken": [
+        auth_pb2.RefreshTokenRequest(),
+        auth_pb2.RefreshTokenRequest(refresh_token="not-a-token"),
+        auth_pb2.RefreshTokenRequest(refresh_token="x" * 10_000),
+        auth_pb2.RefreshTokenRequest(refresh_token="\x00"),
+        auth_pb2.RefreshTokenRequest(refresh_token="' OR 1=1 --"),
+    ],
+}
+
+#: Methods with nothing a caller could get wrong, and why.
+EXEMPT = {
+    f"{A}.GetJwks": "takes no input",
+    f"{U}.ListTiers": "takes no input",
+    f"{A}.Logout": "its only field is a bool; the session comes from the credential",
+}
+
+
+# --- fixtures and helpers ---------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(scope="module")
+async def ctx(app: App, channel: grpc.aio.Channel) -> Ctx:
+    """An ordinary user with two API keys, a super admin, and real page tokens."""
+    client = Client(app, channel)
+    user = await client.new_user(tag="badinput")
+    admin = await client.new_user(role=Role.SUPER_ADMIN, tag="badadmin")
+    await client.api_key(user)
+    await client.api_key(user)
+    keys = await client.auth.ListApiKeys(
+        auth_pb2.ListApiKeysRequest(parent="users/me", page_size=1), metadata=user.metadata
+    )
+    users = await client.users.ListUsers(
+        users_pb2.ListUsersRequest(filter='email : "@"', page_size=1), metadata=admin.metadata
+    )
+    assert keys.next_page_token
+    assert users.next_page_token
+    return Ctx(user, admin, keys.api_keys[0].name, keys.next_page_token, users.next_page_token)
+
+
+def stub_method(client: Client, method: str) -> Callable[..., Any]:
+    """The stub callable of ``Service.Method``."""
+    service, name = method.split(".")
+    stub = client.auth if service == A else client.users
+    return getattr(stub, name)  # type: ignore[no-any-return]
+
+
+def metadata_for(ctx: Ctx, caller: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata of ``caller``."""
+    return {"user": ctx.user.metadata, "admin": ctx.admin.metadata, "anon": ()}[caller]
+
+
+async def snapshot(app: App) -> dict[str, tuple[int, str]]:
+    """Row count and a digest of the contents of every watched table."""
+    result: dict[str, tuple[int, str]] = {}
+    async with app.db.engine.connect() as conn:
+        for table in WATCHED:
+            columns = [
+                sa.func.length(c) if isinstance(c.type, sa.LargeBinary) else c for c in table.c
+            ]
+            stmt = sa.select(*columns).order_by(*table.primary_key.columns)
+            found = (await conn.execute(stmt)).all()
+            result[table.name] = (len(found), hashlib.sha256(repr(found).encode()).hexdigest())
+    return result
+
+
+# --- tests ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", BAD_REQUESTS)
+async def test_bad_request_is_refused_and_writes_nothing(
+    client: Client, ctx: Ctx, bad: Bad
+) -> None:
+    request = bad.build(ctx)
+    before = await snapshot(client.app)
+    error = await fails(
+        stub_method(client, bad.method)(request, metadata=metadata_for(ctx, bad.caller)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert bad.field in violations(error), violations(error)
+    assert len(error.details() or "") <= 1000, "the message must not echo unbounded input"
+    assert await snapshot(client.app) == before
+
+
+@pytest.mark.parametrize(
+    ("method", "request_message"),
+    [(m, r) for m, requests in BAD_CREDENTIALS.items() for r in requests],
+)
+async def test_bad_credentials_are_refused_and_write_nothing(
+    client: Client, method: str, request_message: Message
+) -> None:
+    before = await snapshot(client.app)
+    await fails(stub_method(client, method)(request_message), grpc.StatusCode.UNAUTHENTICATED)
+    assert await snapshot(client.app) == before
+
+
+def test_every_rpc_is_covered() -> None:
+    methods = {f"{s.name}.{m.name}" for s in SERVICES for m in s.methods}
+    tabled = {row.values[0].method for row in BAD_REQUESTS}
+    covered = tabled | set(BAD_CREDENTIALS) | set(EXEMPT)
+    assert methods - covered == set(), "every RPC needs bad-input rows or an exemption"
+    assert covered - methods == set(), "rows or exemptions for RPCs that do not exist"
+    assert not tabled & set(EXEMPT), "an exempt method has rows; drop the exemption"
+    assert all(EXEMPT.values())
+
+
+async def test_unparseable_request_bytes_are_invalid_argument(client: Client) -> None:
+    before = await snapshot(client.app)
+    raw = client.channel.unary_unary(
+        "/tunnelplane.v1.AuthService/Register",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )
+    # Field 1 (email) holding bytes that are not UTF-8, then a valid password.
+    body = b"\x0a\x04\xff\xfe\xfd\xfc\x12\x14" + PASSWORD.encode()[:20]
+    error = await fails(raw(body), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "DecodeError" not in (error.details() or "")
+    truncated = b"\x0a\x7f" + b"a@example.com"
+    await fails(raw(truncated), grpc.StatusCode.INVALID_ARGUMENT)
+    assert await snapshot(client.app) == before
+    # The server is fine afterwards.
+    await client.users.ListTiers(users_pb2.ListTiersRequest())
+
+
+async def test_filter_injection_matches_nothing_and_does_no_harm(client: Client, ctx: Ctx) -> None:
+    marker = f"inj{ctx.uid[-10:]}"
+    made = [await client.register(f"{marker}-{i}@example.com") for i in range(2)]
+    before = await snapshot(client.app)
+    scoped = f'email : "{marker}"'
+    for flt in (
+        'email = "x\' OR 1=1 --"',
+        'email = "x\\" OR 1=1 --"',
+        'display_name = "\'; DROP TABLE users; --"',
+        'email : "%"',
+        'email : "_"',
+        'email : "\\\\"',
+    ):
+        page = await client.users.ListUsers(
+            users_pb2.ListUsersRequest(filter=f"{scoped} AND {flt}"), metadata=ctx.admin.metadata
+        )
+        assert list(page.users) == [], flt
+    everyone = await client.users.ListUsers(
+        users_pb2.ListUsersRequest(filter=scoped), metadata=ctx.admin.metadata
+    )
+    assert [u.name for u in everyone.users] == [u.name for u in made]
+    assert await snapshot(client.app) == before
+
+
+async def test_sql_metacharacters_in_display_names_are_stored_verbatim(
+    client: Client, ctx: Ctx
+) -> None:
+    names = [
+        "Robert'); DROP TABLE users;--",
+        "' OR '1'='1",
+        '100% "real" \\ name_with_%wildcards%',
+        "Ünïcödé ☃ 名前 — ok",
+    ]
+    email = unique_email("verbatim")
+    registered = await client.auth.Register(
+        auth_pb2.RegisterRequest(email=email, password=PASSWORD, display_name=names[0])
+    )
+    assert registered.user.display_name == names[0]
+    user = await client.login(email)
+    token = (("authorization", f"Bearer {user.tokens.access_token}"),)
+    for name in names:
+        updated = await client.users.UpdateUser(
+            users_pb2.UpdateUserRequest(
+                user=users_pb2.User(name="users/me", display_name=name),
+                update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+            ),
+            metadata=token,
+        )
+        assert updated.display_name == name
+        fetched = await client.users.GetUser(
+            users_pb2.GetUserRequest(name="users/me"), metadata=token
+        )
+        assert fetched.display_name == name
+        quoted = name.replace("\\", "\\\\").replace('"', '\\"')
+        found = await client.users.ListUsers(
+            users_pb2.ListUsersRequest(filter=f'email = "{email}" AND display_name = "{quoted}"'),
+            metadata=ctx.admin.metadata,
+        )
+        assert [u.name for u in found.users] == [registered.user.name], name

@@ -1,0 +1,94 @@
+"""Two server processes on one PostgreSQL and one Redis behave as one service: what one
+replica revokes or changes, the other honours at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from tunnelplane.v1 import auth_pb2, common_pb2, users_pb2
+
+from server.app import App
+from server.settings import Settings
+from tests.conftest import REDIS_URL, migrate, require_redis
+from tests.helpers import Client, bearer, fails, unique_email
+from tests.processes import child_env, serving
+
+pytestmark = pytest.mark.slow
+ME = users_pb2.GetUserRequest(name="users/me")
+
+
+async def test_revocation_and_changes_cross_replicas(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    require_redis()
+    await migrate(postgres_database)
+    # Both replicas must sign and verify with the same key: a shared key file.
+    from server.domain.tokens import generate_private_key_pem
+
+    key = tmp_path / "jwt.pem"
+    key.write_bytes(generate_private_key_pem())
+    shared = {
+        "TP_DATABASE_URL": postgres_database,
+        "TP_REDIS_URL": REDIS_URL,
+        "TP_REDIS_PREFIX": f"tptest:{tmp_path.name}:",
+        "TP_JWT_PRIVATE_KEY_FILE": str(key),
+        "TP_PAGE_TOKEN_SECRET": "p" * 40,
+    }
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    env_a = child_env(tmp_path / "a", **shared)
+    env_b = child_env(tmp_path / "b", **shared)
+    async with serving(env_a) as a, serving(env_b) as b:
+        channel_a = grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}")
+        channel_b = grpc.aio.insecure_channel(f"127.0.0.1:{b.grpc_port}")
+        app = App(Settings.from_env(env_a))  # only for the client's role helpers; not started
+        try:
+            on_a, on_b = Client(app, channel_a), Client(app, channel_b)
+            user = await on_a.new_user()
+            # A token issued by A works on B, and is cached there once verified.
+            await on_b.users.GetUser(ME, metadata=user.metadata)
+
+            # Tier change on B is effective on A for the same token (shared subject cache).
+            await on_b.users.ChangeTier(
+                users_pb2.ChangeTierRequest(name="users/me", tier=common_pb2.TIER_PREMIUM),
+                metadata=user.metadata,
+            )
+            seen = await on_a.users.GetUser(ME, metadata=user.metadata)
+            assert seen.tier == common_pb2.TIER_PREMIUM
+
+            # An API key revoked on A stops working on B at once (cache invalidated in Redis).
+            secret = await on_a.api_key(user)
+            await on_b.users.GetUser(ME, metadata=bearer(secret))
+            keys = await on_a.auth.ListApiKeys(
+                auth_pb2.ListApiKeysRequest(parent="users/me"), metadata=user.metadata
+            )
+            await on_a.auth.RevokeApiKey(
+                auth_pb2.RevokeApiKeyRequest(name=keys.api_keys[0].name), metadata=user.metadata
+            )
+            await fails(
+                on_b.users.GetUser(ME, metadata=bearer(secret)), grpc.StatusCode.UNAUTHENTICATED
+            )
+
+            # Logout on B revokes the token everywhere, including A's verified-token cache.
+            await on_b.auth.Logout(auth_pb2.LogoutRequest(), metadata=user.metadata)
+            await fails(
+                on_a.users.GetUser(ME, metadata=user.metadata), grpc.StatusCode.UNAUTHENTICATED
+            )
+
+            # Refresh-token reuse detected on one replica ends the session on the other.
+            email = unique_email()
+            await on_a.register(email)
+            login = await on_a.login(email)
+            request = auth_pb2.RefreshTokenRequest(refresh_token=login.tokens.refresh_token)
+            await on_a.auth.RefreshToken(request)
+            await fails(on_b.auth.RefreshToken(request), grpc.StatusCode.UNAUTHENTICATED)
+            await fails(
+                on_a.users.GetUser(ME, metadata=bearer(login.tokens.access_token)),
+                grpc.StatusCode.UNAUTHENTICATED,
+            )
+        finally:
+            await channel_a.close()
+            await channel_b.close()
+            await app.close()

@@ -1,0 +1,97 @@
+"""Child processes running the real server and CLI, for tests that need them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from tests.conftest import FAST_HASHING
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
+    env.update(
+        TP_DATA_DIR=str(data_dir),
+        TP_GRPC_PORT="0",
+        TP_METRICS_PORT="0",
+        TP_LOG_LEVEL="INFO",
+        **{f"TP_{k.upper()}": str(v) for k, v in FAST_HASHING.items()},
+    )
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        env=env,
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+class ServerProcess:
+    """``python -m server serve`` in a child process, with its ports read from its log."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self.log: list[dict[str, object]] = []
+
+    async def wait_until_serving(self) -> None:
+        async with asyncio.timeout(30):
+            while True:
+                entry = await self.next_log_entry()
+                if entry.get("message") == "serving":
+                    self.grpc_port = int(entry["grpc_port"])  # type: ignore[call-overload]
+                    self.metrics_port = int(entry["metrics_port"])  # type: ignore[call-overload]
+                    return
+
+    async def next_log_entry(self) -> dict[str, object]:
+        assert self.process.stderr is not None
+        line = await self.process.stderr.readline()
+        if not line:
+            raise AssertionError(f"server exited: {self.log}")
+        entry: dict[str, object] = json.loads(line)
+        self.log.append(entry)
+        return entry
+
+    async def drain_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in (await self.process.stderr.read()).splitlines():
+            self.log.append(json.loads(line))
+
+
+@asynccontextmanager
+async def serving(env: dict[str, str]) -> AsyncIterator[ServerProcess]:
+    """``python -m server serve`` with ``env``, killed on exit if still running."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server",
+        "serve",
+        env=env,
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    server = ServerProcess(process)
+    try:
+        await server.wait_until_serving()
+        yield server
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
