@@ -1,0 +1,1 @@
+"""Load benchmarks run with h2load over loopback (``make bench``); see ``bench/README.md``."""
