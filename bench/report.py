@@ -89,9 +89,17 @@ class Report:
 
     @property
     def ratio(self) -> float:
-        """Median full-pipeline throughput over median bare throughput."""
-        full, bare = self.medians_of("full"), self.medians_of("bare")
-        return full.requests_per_second / bare.requests_per_second
+        """The median of the per-round full/bare ratios.
+
+        Each round runs the two servers back to back, so a round's ratio cancels most of
+        the machine's drift; the median of those paired ratios is steadier than a ratio of
+        two independent medians (which mixes rounds that saw different noise).
+        """
+        ratios = sorted(self.round_ratios)
+        middle = len(ratios) // 2
+        if len(ratios) % 2:
+            return ratios[middle]
+        return (ratios[middle - 1] + ratios[middle]) / 2
 
     @property
     def round_ratios(self) -> list[float]:

@@ -31,6 +31,7 @@ from server.api.users import UserApi
 from server.app import App
 from server.domain.principal import CredentialKind, Principal, permissions_for
 from server.pipeline import Call, MethodInfo
+from server.runtime import tune_gc
 from server.settings import Settings
 
 SERVICE = "tunnelplane.v1.UserService"
@@ -62,6 +63,7 @@ async def serve_full(settings: Settings) -> None:
     app = App(settings)
     try:
         await app.start()
+        tune_gc()
         announce(app.grpc_port)
         await until_stopped()
     finally:
@@ -109,6 +111,7 @@ async def serve_bare(settings: Settings, user_id: str) -> None:
         server.add_generic_rpc_handlers([handler])
         port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
         await server.start()
+        tune_gc()  # the same process tuning as the full server
         announce(port)
         await until_stopped()
         await server.stop(0)

@@ -15,6 +15,7 @@ from server.app import App
 from server.domain.audit import AuditScope, close_scope, open_scope
 from server.domain.principal import Role
 from server.errors import DomainError, NotFound
+from server.runtime import tune_gc
 from server.settings import Settings, SettingsError
 from server.storage.database import make_engine
 from server.storage.migrate import upgrade
@@ -34,6 +35,7 @@ async def serve(settings: Settings) -> int:
     except BaseException:
         await app.close()
         raise
+    tune_gc()
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_grace})
     await app.stop()

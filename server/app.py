@@ -48,6 +48,7 @@ from server.interceptors.errors import ErrorStage
 from server.interceptors.logging import AccessLogStage
 from server.interceptors.metrics import GrpcMetrics, MetricsStage
 from server.interceptors.tracing import TracingStage
+from server.logs import AccessLog
 from server.pipeline import Handler, MethodInfo, Pipeline
 from server.policy import load_policies
 from server.settings import Settings
@@ -215,9 +216,17 @@ class App:
         pipeline = Pipeline(
             [
                 RequestContextStage(),
-                AccessLogStage(logging.getLogger("tunnelplane.access")),
+                AccessLogStage(
+                    AccessLog(
+                        logging.getLogger("tunnelplane.access"),
+                        json_lines=self.settings.log_format == "json",
+                    )
+                ),
                 MetricsStage(GrpcMetrics(self.registry)),
-                TracingStage(self.tracer_provider.get_tracer("tunnelplane.server")),
+                TracingStage(
+                    self.tracer_provider.get_tracer("tunnelplane.server"),
+                    enabled=self.settings.otel_exporter != "none",
+                ),
                 DeadlineStage(self.settings.default_deadline),
                 AuditStage(self.db, self.clock, log),
                 AuthStage(self.authenticator),

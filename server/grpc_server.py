@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +37,7 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def peer_address(peer: str) -> str:
     """The IP address in a grpc peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``)."""
     kind, _, rest = unquote(peer).partition(":")

@@ -14,14 +14,22 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
 class RequestContextStage:
-    """Binds ``x-request-id`` (a caller's if well-formed, else a new one) to the call."""
+    """Binds ``x-request-id`` (a caller's if well-formed, else a new one) to the call.
+
+    A request id the server made is returned in the initial metadata. One the caller sent
+    is not echoed: the caller has it, and on grpc.aio initial metadata costs a separate
+    batch operation per call (measured: about a tenth of a GetUser's throughput).
+    """
 
     def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
         async def handle(request: Message, call: Call) -> Message:
             given = call.header("x-request-id")
-            request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+            if _SAFE_ID.match(given):
+                request_id = given
+            else:
+                request_id = uuid.uuid4().hex
+                call.set_header("x-request-id", request_id)
             call.request_id = request_id
-            call.set_header("x-request-id", request_id)
             token = request_id_var.set(request_id)
             try:
                 return await handler(request, call)

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
 from google.protobuf.message import Message
 
 from server.errors import Code
+from server.logs import AccessLog
 from server.pipeline import Call, Handler, MethodInfo, outcome_of
 
 
 class AccessLogStage:
     """Logs each call once, when it ends."""
 
-    def __init__(self, logger: logging.Logger) -> None:
-        self._log = logger
+    def __init__(self, log: AccessLog) -> None:
+        self._log = log
 
     def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
         log = self._log
@@ -30,18 +30,17 @@ class AccessLogStage:
                 code = outcome_of(exc)
                 raise
             finally:
-                if log.isEnabledFor(logging.INFO):
+                if log.enabled():
                     principal = call.principal
-                    log.info(
-                        "call",
-                        extra={
+                    log.write(
+                        {
                             "method": name,
                             "code": code.name,
                             "duration_ms": round((time.perf_counter() - start) * 1000, 3),
                             "user_id": principal.user_id if principal else "",
                             "peer": call.peer,
                             "transport": call.transport,
-                        },
+                        }
                     )
 
         return handle

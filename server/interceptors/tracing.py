@@ -13,13 +13,20 @@ from server.pipeline import Call, Handler, MethodInfo, outcome_of
 
 
 class TracingStage:
-    """One SERVER span per call, with the RPC semantic-convention attributes."""
+    """One SERVER span per call, with the RPC semantic-convention attributes.
 
-    def __init__(self, tracer: trace.Tracer) -> None:
+    With no exporter configured nothing would ever see a span, so none is made; a caller's
+    ``traceparent`` still puts its trace id into the logs.
+    """
+
+    def __init__(self, tracer: trace.Tracer, *, enabled: bool) -> None:
         self._tracer = tracer
+        self._enabled = enabled
         self._propagator = TraceContextTextMapPropagator()
 
     def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
+        if not self._enabled:
+            return self._ids_only(handler)
         tracer, propagator = self._tracer, self._propagator
         span_name = f"{method.service}/{method.name}"
         attributes = {
@@ -51,5 +58,20 @@ class TracingStage:
                         span.set_attribute("rpc.grpc.status_code", int(code))
                         if code is not Code.OK:
                             span.set_status(Status(StatusCode.ERROR, code.name))
+
+        return handle
+
+    def _ids_only(self, handler: Handler) -> Handler:
+        propagator = self._propagator
+
+        async def handle(request: Message, call: Call) -> Message:
+            if "traceparent" not in call.metadata:
+                return await handler(request, call)
+            context = trace.get_current_span(propagator.extract(call.metadata)).get_span_context()
+            token = trace_id_var.set(format(context.trace_id, "032x") if context.is_valid else "")
+            try:
+                return await handler(request, call)
+            finally:
+                trace_id_var.reset(token)
 
         return handle

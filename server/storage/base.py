@@ -16,8 +16,10 @@ class Repository:
     def __init__(self, conn: AsyncConnection) -> None:
         self._conn = conn
 
-    async def _one(self, stmt: sa.Executable) -> sa.RowMapping | None:
-        result = await self._conn.execute(stmt)
+    async def _one(
+        self, stmt: sa.Executable, params: dict[str, Any] | None = None
+    ) -> sa.RowMapping | None:
+        result = await self._conn.execute(stmt, params)
         return result.mappings().first()
 
     async def _all(self, stmt: sa.Executable) -> list[sa.RowMapping]:

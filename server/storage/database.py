@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from server.domain import audit
 from server.domain.clock import Clock
 from server.errors import Unavailable
+from server.storage import sqlite_inline
 from server.storage.audit import SqlAuditRepository
 from server.storage.credentials import SqlApiKeyRepository, SqlSessionRepository
 from server.storage.users import SqlAvatarRepository, SqlUserRepository
@@ -44,7 +45,13 @@ def make_engine(url: str, *, pool_size: int, statement_timeout: float) -> AsyncE
     """An async engine configured for its backend."""
     url = normalize_url(url)
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size)
+        path = sa.engine.make_url(url).database or ":memory:"
+        engine = create_async_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            async_creator=sqlite_inline.creator(path),
+        )
         _configure_sqlite(engine)
         return engine
     return create_async_engine(
@@ -69,7 +76,9 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         for pragma in (
             "journal_mode=WAL",
             "foreign_keys=ON",
-            "busy_timeout=10000",
+            # Only another process (the CLI) can hold the lock; this process queues its
+            # own writers on an asyncio lock, so a wait here is short and rare.
+            "busy_timeout=2000",
             "synchronous=NORMAL",
         ):
             cursor.execute(f"PRAGMA {pragma}")
@@ -77,8 +86,11 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(conn: sa.Connection) -> None:
-        immediate = conn.get_execution_options().get("tp_write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        # Writes take the write lock up front. Reads run without an explicit transaction:
+        # each statement sees a consistent WAL snapshot, which is all a read path needs,
+        # and it saves a statement per unit of work.
+        if conn.get_execution_options().get("tp_write", False):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class Database:
@@ -101,11 +113,15 @@ class Database:
         )
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._clock = clock
+        # SQLite runs on the loop thread and allows one writer: writers queue here.
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
     def __call__(self, *, readonly: bool = False) -> SqlUnitOfWork:
         """A unit of work; read-only ones go to the replica when there is one."""
+        if readonly:
+            return SqlUnitOfWork(self.replica, write=False, clock=self._clock)
         return SqlUnitOfWork(
-            self.replica if readonly else self.engine, write=not readonly, clock=self._clock
+            self.engine, write=True, clock=self._clock, write_lock=self._write_lock
         )
 
     async def ping(self) -> None:
@@ -136,22 +152,43 @@ class SqlUnitOfWork:
     api_keys: SqlApiKeyRepository
     audit: SqlAuditRepository
 
-    def __init__(self, engine: AsyncEngine, *, write: bool, clock: Clock) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        write: bool,
+        clock: Clock,
+        write_lock: asyncio.Lock | None = None,
+    ) -> None:
         self._engine = engine
         self._write = write
         self._clock = clock
+        self._lock = write_lock
         self._conn: AsyncConnection | None = None
         self._callbacks: list[Callable[[], Awaitable[None]]] = []
 
     async def __aenter__(self) -> Self:
+        if self._lock is not None:
+            await self._lock.acquire()
         try:
             conn = await self._engine.connect()
         except _UNAVAILABLE as exc:
+            self._release()
             raise Unavailable("the database is unavailable", retry_after=1.0) from exc
+        except BaseException:
+            self._release()
+            raise
         self._conn = conn
-        if self._write:
-            await conn.execution_options(tp_write=True)
-        await conn.begin()
+        try:
+            if self._write:
+                await conn.execution_options(tp_write=True)
+            await conn.begin()
+        except BaseException as exc:
+            await conn.close()
+            self._release()
+            if isinstance(exc, _UNAVAILABLE):
+                raise Unavailable("the database is unavailable", retry_after=1.0) from exc
+            raise
         self.users = SqlUserRepository(conn)
         self.avatars = SqlAvatarRepository(conn)
         self.sessions = SqlSessionRepository(conn)
@@ -178,11 +215,19 @@ class SqlUnitOfWork:
         except _UNAVAILABLE as failure:
             raise Unavailable("the database is unavailable", retry_after=1.0) from failure
         finally:
-            await conn.close()
+            try:
+                await conn.close()
+            finally:
+                self._release()
         if isinstance(exc, _UNAVAILABLE):
             raise Unavailable("the database is unavailable", retry_after=1.0) from exc
         if exc is None:
             await self._run_callbacks()
+
+    def _release(self) -> None:
+        if self._lock is not None and self._lock.locked():
+            self._lock.release()
+            self._lock = None
 
     def after_commit(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` after a successful commit."""

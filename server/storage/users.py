@@ -35,6 +35,8 @@ USER_COLUMNS = {
     "update_time": _c.update_time,
 }
 _PUBLIC = [c for c in users.c if c.name != "password_hash"]
+#: Built once: the hottest read (every GetUser) skips statement construction.
+_GET_BY_ID = sa.select(*_PUBLIC).where(_c.id == sa.bindparam("user_id"))
 
 
 def preferences_to_json(prefs: Preferences) -> dict[str, Any]:
@@ -100,7 +102,7 @@ class SqlUserRepository(Repository):
     """Users in SQL."""
 
     async def get(self, user_id: str) -> User | None:
-        row = await self._one(sa.select(*_PUBLIC).where(_c.id == user_id))
+        row = await self._one(_GET_BY_ID, {"user_id": user_id})
         return None if row is None else _user(row)
 
     async def get_credentials(self, email_normalized: str) -> UserCredentials | None:
