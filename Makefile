@@ -30,13 +30,13 @@ $(BUF):
 
 generate: $(STAMP) ## Regenerate generated/ from proto/ (Python, .pyi, descriptor set)
 	rm -rf generated/tunnelplane generated/tunnelplane.binpb
-	mkdir -p generated
+	mkdir -p generated/tunnelplane
 	$(BIN)/python -m grpc_tools.protoc -I proto -I $(GRPC_INCLUDE) \
 	  --python_out=generated --grpc_python_out=generated \
 	  --mypy_out=generated --mypy_grpc_out=generated \
 	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy \
 	  --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
-	  --descriptor_set_out=generated/tunnelplane.binpb --include_imports --include_source_info \
+	  --descriptor_set_out=generated/tunnelplane/descriptors.binpb --include_imports --include_source_info \
 	  $(PROTOS)
 	find generated/tunnelplane -type d -exec touch {}/__init__.py \; -exec touch {}/py.typed \;
 

@@ -339,7 +339,7 @@ class JsonWebKey(_message.Message):
     x: _builtins.str
     """Public key, base64url."""
     y: _builtins.str
-    """Second coordinate for `EC` keys, base64url."""
+    """Second coordinate, for `EC` keys only (absent for `OKP`), base64url."""
     kid: _builtins.str
     """Key id; matches the `kid` header of the tokens it signed."""
     use: _builtins.str
@@ -352,16 +352,18 @@ class JsonWebKey(_message.Message):
         kty: _builtins.str = ...,
         crv: _builtins.str = ...,
         x: _builtins.str = ...,
-        y: _builtins.str = ...,
+        y: _builtins.str | None = ...,
         kid: _builtins.str = ...,
         use: _builtins.str = ...,
         alg: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_y", b"_y", "y", b"y"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alg", b"alg", "crv", b"crv", "kid", b"kid", "kty", b"kty", "use", b"use", "x", b"x", "y", b"y"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_y", b"_y", "alg", b"alg", "crv", b"crv", "kid", b"kid", "kty", b"kty", "use", b"use", "x", b"x", "y", b"y"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__y: _TypeAlias = _typing.Literal["y"]  # noqa: Y015
+    _WhichOneofArgType__y: _TypeAlias = _typing.Literal["_y", b"_y"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__y) -> _WhichOneofReturnType__y | None: ...
 
 Global___JsonWebKey: _TypeAlias = JsonWebKey  # noqa: Y015
 

@@ -118,6 +118,7 @@ class Policy(_message.Message):
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
     AUDITED_FIELD_NUMBER: _builtins.int
     CRITICAL_FIELD_NUMBER: _builtins.int
+    REQUIRE_TLS_FIELD_NUMBER: _builtins.int
     access: Global___Access.ValueType
     """Who may call."""
     permission: _builtins.str
@@ -137,6 +138,11 @@ class Policy(_message.Message):
     """When true every call, successful or not, is written to the audit log."""
     critical: _builtins.bool
     """Critical calls are shed last when the server is overloaded."""
+    require_tls: _builtins.bool
+    """In production mode the call is refused over plain HTTP (the gateway must see TLS or
+    a trusted `X-Forwarded-Proto: https`): it carries a password or a token, or returns a
+    secret.
+    """
     @_builtins.property
     def credentials(self) -> _containers.RepeatedScalarFieldContainer[Global___CredentialKind.ValueType]:
         """Credentials accepted. Empty means sessions and API keys."""
@@ -157,10 +163,11 @@ class Policy(_message.Message):
         rate_limit: Global___RateLimitPolicy | None = ...,
         audited: _builtins.bool = ...,
         critical: _builtins.bool = ...,
+        require_tls: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "admin_permission", b"admin_permission", "audited", b"audited", "credentials", b"credentials", "critical", b"critical", "min_tier", b"min_tier", "owner_field", b"owner_field", "permission", b"permission", "rate_limit", b"rate_limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "admin_permission", b"admin_permission", "audited", b"audited", "credentials", b"credentials", "critical", b"critical", "min_tier", b"min_tier", "owner_field", b"owner_field", "permission", b"permission", "rate_limit", b"rate_limit", "require_tls", b"require_tls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
