@@ -33,7 +33,7 @@ async def serve(settings: Settings) -> int:
     try:
         await app.start()
     except BaseException:
-        await app.close()
+        await app.stop(grace=0)
         raise
     tune_gc()
     await stop.wait()

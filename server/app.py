@@ -27,6 +27,8 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRat
 from prometheus_client import CollectorRegistry, start_http_server
 from tunnelplane.v1 import auth_pb2, users_pb2
 
+from gateway.app import Gateway
+from gateway.serve import HttpServer
 from server import grpc_server, keys
 from server.api.auth import AuthApi
 from server.api.users import UserApi
@@ -40,6 +42,7 @@ from server.domain.throttle import LoginThrottle, ThrottlePolicy
 from server.domain.tiers import TierCatalog
 from server.domain.users import UserPolicy, UserService
 from server.health import HealthMonitor
+from server.http import build_gateway
 from server.interceptors.audit import AuditStage
 from server.interceptors.auth import AuthStage
 from server.interceptors.context import RequestContextStage
@@ -137,7 +140,10 @@ class App:
         self.server: grpc.aio.Server | None = None
         self.health: HealthMonitor | None = None
         self.grpc_port = 0
+        self.http_port = 0
         self.metrics_port = 0
+        self.gateway: Gateway | None = None
+        self.http: HttpServer | None = None
         self._metrics_server: Any = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -229,7 +235,7 @@ class App:
                 ),
                 DeadlineStage(self.settings.default_deadline),
                 AuditStage(self.db, self.clock, log),
-                AuthStage(self.authenticator),
+                AuthStage(self.authenticator, tls_required=self.settings.mode == "production"),
                 ErrorStage(log),
             ]
         )
@@ -239,7 +245,10 @@ class App:
         """Bind, probe dependencies once, start serving and the background loops."""
         settings = self.settings
         server = grpc.aio.server(options=grpc_server.SERVER_OPTIONS)
-        server.add_generic_rpc_handlers(grpc_server.service_handlers(self.methods, self.chains))
+        secure = bool(settings.tls_cert_file)
+        server.add_generic_rpc_handlers(
+            grpc_server.service_handlers(self.methods, self.chains, secure=secure)
+        )
         health_servicer = grpc_server.add_health(server)
         names = [s.full_name for s in SERVICES]
         grpc_server.add_reflection(server, [*names, health.SERVICE_NAME])
@@ -260,6 +269,7 @@ class App:
         await server.start()
         self.server = server
         self._start_metrics()
+        await self._start_http()
         self._tasks = [
             asyncio.create_task(self.health.run(), name="health"),
             asyncio.create_task(purge_loop(self.users, log), name="purge"),
@@ -268,11 +278,32 @@ class App:
             "serving",
             extra={
                 "grpc_port": self.grpc_port,
+                "http_port": self.http_port,
                 "metrics_port": self.metrics_port,
                 "mode": settings.mode,
                 "tls": bool(settings.tls_cert_file),
             },
         )
+
+    async def _start_http(self) -> None:
+        settings = self.settings
+        if settings.http_port < 0:
+            return
+        health = self.health
+        assert health is not None
+        self.gateway = build_gateway(
+            settings, self.methods, self.chains, health.serving, self.registry
+        )
+        self.http = HttpServer(
+            self.gateway,
+            settings.http_host,
+            settings.http_port,
+            certfile=settings.tls_cert_file,
+            keyfile=settings.tls_key_file,
+            graceful_seconds=settings.shutdown_grace,
+        )
+        await self.http.start()
+        self.http_port = self.http.port
 
     def _start_metrics(self) -> None:
         if self.settings.metrics_port < 0:
@@ -288,8 +319,12 @@ class App:
         grace = self.settings.shutdown_grace if grace is None else grace
         if self.health is not None:
             await self.health.shutdown()
+        stopping = []
         if self.server is not None:
-            await self.server.stop(grace)
+            stopping.append(self.server.stop(grace))
+        if self.http is not None:
+            stopping.append(self.http.stop())
+        await asyncio.gather(*stopping)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -75,7 +75,9 @@ def _parser(message_type: type[Message]) -> Any:
     return parse
 
 
-def unary_handler(method: MethodInfo, chain: Handler) -> grpc.RpcMethodHandler[Any, Any]:
+def unary_handler(
+    method: MethodInfo, chain: Handler, *, secure: bool = False
+) -> grpc.RpcMethodHandler[Any, Any]:
     """The grpc.aio handler of one unary method: build the call, run the chain, answer."""
 
     async def handle(request: Message | None, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
@@ -86,6 +88,7 @@ def unary_handler(method: MethodInfo, chain: Handler) -> grpc.RpcMethodHandler[A
             peer=peer_address(context.peer()),
             transport="grpc",
         )
+        call.secure = secure
         if request is None:
             await _fail(context, call, InvalidArgument([], "the request is not a valid message"))
             return None
@@ -125,7 +128,7 @@ async def _fail(context: grpc.aio.ServicerContext[Any, Any], call: Call, exc: Do
 
 
 def service_handlers(
-    methods: Iterable[MethodInfo], chains: Mapping[str, Handler]
+    methods: Iterable[MethodInfo], chains: Mapping[str, Handler], *, secure: bool = False
 ) -> list[grpc.GenericRpcHandler]:
     """One generic handler per service, dispatching to the compiled chains."""
     by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
@@ -133,7 +136,7 @@ def service_handlers(
         if method.grpc_type != "unary":
             raise NotImplementedError(f"{method.full_name}: only unary methods are served")
         by_service.setdefault(method.service, {})[method.name] = unary_handler(
-            method, chains[method.full_name]
+            method, chains[method.full_name], secure=secure
         )
     return [grpc.method_handlers_generic_handler(s, h) for s, h in by_service.items()]
 

@@ -48,6 +48,7 @@ class Call:
         "principal",
         "request_id",
         "response_headers",
+        "secure",
         "trailers",
         "transport",
     )
@@ -68,6 +69,8 @@ class Call:
         #: Absolute deadline on the event loop's clock, if any.
         self.deadline = deadline
         self.request_id = ""
+        #: Whether the call arrived over TLS (or through a trusted TLS-terminating proxy).
+        self.secure = False
         self.principal: Principal | None = None
         #: Initial metadata to send (HTTP response headers through the gateway).
         self.response_headers: list[tuple[str, str]] = []

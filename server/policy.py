@@ -39,6 +39,7 @@ class MethodPolicy:
     critical: bool = False
     rate_cost: int = 1
     rate_exempt: bool = False
+    require_tls: bool = False
 
 
 def policy_of(method: MethodDescriptor) -> MethodPolicy:
@@ -72,6 +73,7 @@ def policy_of(method: MethodDescriptor) -> MethodPolicy:
         critical=raw.critical,
         rate_cost=raw.rate_limit.cost or 1,
         rate_exempt=raw.rate_limit.exempt,
+        require_tls=raw.require_tls,
     )
 
 

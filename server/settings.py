@@ -57,6 +57,26 @@ class Settings:
     mode: Mode = field(default="development", metadata=_doc("development, sandbox or production"))
     grpc_host: str = field(default="127.0.0.1", metadata=_doc("Address the gRPC server binds"))
     grpc_port: int = field(default=50051, metadata=_doc("gRPC port; 0 picks a free port"))
+    http_host: str = field(default="127.0.0.1", metadata=_doc("Address the HTTP gateway binds"))
+    http_port: int = field(
+        default=8080, metadata=_doc("HTTP/JSON gateway port; 0 picks one, -1 disables")
+    )
+    http_max_body_bytes: int = field(
+        default=2 * 1024 * 1024, metadata=_doc("Largest HTTP request body (413 above)")
+    )
+    http_strict: bool = field(
+        default=False, metadata=_doc("Reject unknown query parameters and body fields")
+    )
+    http_emit_defaults: bool = field(
+        default=True, metadata=_doc("Include zero values in JSON responses")
+    )
+    http_cors_origins: str = field(
+        default="", metadata=_doc("Comma-separated CORS origins (* for any)")
+    )
+    http_trust_forwarded_proto: bool = field(
+        default=False, metadata=_doc("Believe X-Forwarded-Proto (behind a TLS proxy)")
+    )
+    http_docs: bool = field(default=True, metadata=_doc("Serve /api/docs (Swagger UI)"))
     metrics_host: str = field(default="127.0.0.1", metadata=_doc("Address of /metrics"))
     metrics_port: int = field(
         default=9464, metadata=_doc("Prometheus /metrics port; 0 picks one, -1 disables")

@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
+import httpx
 import psycopg
 import pytest
 import pytest_asyncio
@@ -71,6 +72,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
     """Settings for an in-process test server."""
     values: dict[str, object] = {
         "grpc_port": 0,
+        "http_port": 0,
         "metrics_port": -1,
         "data_dir": data_dir,
         "log_level": "WARNING",
@@ -95,13 +97,13 @@ class Backend:
 
     def settings(self, data_dir: Path, **overrides: object) -> Settings:
         """Settings pointing at this backend."""
-        return make_settings(
-            data_dir,
-            database_url=self.database_url,
-            redis_url=self.redis_url,
-            redis_prefix=self.redis_prefix,
-            **overrides,
-        )
+        values: dict[str, object] = {
+            "database_url": self.database_url,
+            "redis_url": self.redis_url,
+            "redis_prefix": self.redis_prefix,
+        }
+        values.update(overrides)
+        return make_settings(data_dir, **values)
 
 
 def create_postgres_database() -> str:
@@ -173,3 +175,10 @@ async def channel(app: App) -> AsyncIterator[grpc.aio.Channel]:
 def client(app: App, channel: grpc.aio.Channel) -> Client:
     """Stubs plus helpers to make users, against the shared server."""
     return Client(app, channel)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def http(app: App) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the shared server's embedded gateway."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}") as client:
+        yield client

@@ -21,6 +21,7 @@ def child_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env.update(
         TP_DATA_DIR=str(data_dir),
         TP_GRPC_PORT="0",
+        TP_HTTP_PORT="0",
         TP_METRICS_PORT="0",
         TP_LOG_LEVEL="INFO",
         **{f"TP_{k.upper()}": str(v) for k, v in FAST_HASHING.items()},

@@ -13,7 +13,7 @@ from server.domain import audit
 from server.domain.authn import Authenticator
 from server.domain.names import owner_of
 from server.domain.principal import authorize
-from server.errors import InvalidArgument
+from server.errors import InvalidArgument, PermissionDenied
 from server.pipeline import Call, Handler, MethodInfo
 
 
@@ -26,17 +26,27 @@ def field_value(message: Message, path: list[str]) -> str:
 
 
 class AuthStage:
-    """Sets ``call.principal`` and enforces the policy's rule."""
+    """Sets ``call.principal`` and enforces the policy's rule.
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    ``require_tls`` methods are refused over plain HTTP when ``tls_required`` (production
+    mode): they carry passwords or tokens, or return secrets.
+    """
+
+    def __init__(self, authenticator: Authenticator, *, tls_required: bool = False) -> None:
         self._authenticator = authenticator
+        self._tls_required = tls_required
 
     def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
         authenticator = self._authenticator
         rule = method.policy.rule
         owner_path = rule.owner_field.split(".") if rule.owner_field else []
+        needs_tls = self._tls_required and method.policy.require_tls
 
         async def handle(request: Message, call: Call) -> Message:
+            if needs_tls and call.transport == "http" and not call.secure:
+                raise PermissionDenied(
+                    "this method is only served over HTTPS", reason="TLS_REQUIRED"
+                )
             authorization = call.header("authorization")
             principal = await authenticator.authenticate(authorization) if authorization else None
             call.principal = principal

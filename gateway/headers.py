@@ -1,0 +1,178 @@
+"""HTTP headers <-> gRPC metadata (grpc-gateway's rules, TRANSCODING.md "Headers").
+
+Request: ``Authorization`` -> ``authorization``; ``Grpc-Metadata-<k>`` -> ``<k>`` (``-Bin``:
+base64 value); other permanent HTTP headers -> ``grpcgateway-<name>``; hop-by-hop headers
+never; ``X-Forwarded-For`` gets the client address appended and ``X-Forwarded-Host`` is
+set; ``X-Request-Id`` is passed through or created. Response: initial metadata ->
+``Grpc-Metadata-<k>``, trailers -> ``Grpc-Trailer-<k>`` (only for ``TE: trailers``), and an
+allowlist also goes out as plain headers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from gateway.errors import GatewayError
+
+#: IANA permanent message headers that reach the server as ``grpcgateway-<name>``.
+PERMANENT = frozenset(
+    {
+        "accept", "accept-charset", "accept-encoding", "accept-language", "accept-ranges",
+        "age", "allow", "alt-svc", "cache-control", "content-disposition", "content-encoding",
+        "content-language", "content-length", "content-location", "content-md5",
+        "content-range", "content-type", "cookie", "date", "etag", "expect", "expires",
+        "from", "host", "if-match", "if-modified-since", "if-none-match", "if-range",
+        "if-unmodified-since", "last-modified", "link", "location", "max-forwards", "origin",
+        "pragma", "proxy-authenticate", "proxy-authorization", "range", "referer",
+        "retry-after", "server", "set-cookie", "strict-transport-security", "user-agent",
+        "vary", "via", "warning", "www-authenticate",
+    }
+)  # fmt: skip
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te",
+     "trailer", "http2-settings"}
+)  # fmt: skip
+#: Metadata keys that are also sent as plain HTTP headers.
+PLAIN_RESPONSE_HEADERS = frozenset(
+    {
+        "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit-policy",
+        "ratelimit", "retry-after", "set-cookie", "location", "etag", "deprecation", "sunset",
+        "link", "x-request-id", "cache-control",
+    }
+)  # fmt: skip
+_METADATA_PREFIX = "grpc-metadata-"
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_TIMEOUT = re.compile(r"^([0-9]{1,8})([HMSmun])$")
+_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_KEY = re.compile(r"^[0-9a-z_.-]+$")
+
+Metadata = list[tuple[str, str | bytes]]
+
+
+@dataclass(slots=True)
+class Inbound:
+    """What the request headers say, ready for the upstream call."""
+
+    metadata: Metadata
+    request_id: str
+    timeout: float | None
+    trailers_wanted: bool
+    content_type: str
+    accept: str
+    accept_encoding: str
+    origin: str
+
+
+def request_id_from(given: str) -> str:
+    """The caller's request id if well-formed, else a new one."""
+    return given if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+def parse_timeout(value: str) -> float:
+    """``Grpc-Timeout`` (``5S``, ``200m``) in seconds; 400 if malformed."""
+    match = _TIMEOUT.match(value.strip())
+    if not match:
+        raise GatewayError.invalid_argument([("Grpc-Timeout", "use <digits><H|M|S|m|u|n>")])
+    return int(match.group(1)) * _UNITS[match.group(2)]
+
+
+#: Permanent headers the gateway also reads itself, by the Inbound field they fill.
+_READ = {"content-type": "content_type", "accept": "accept",
+         "accept-encoding": "accept_encoding", "origin": "origin"}  # fmt: skip
+
+
+def inbound(headers: Sequence[tuple[bytes, bytes]], client_host: str) -> Inbound:
+    """Map request headers to metadata and pick out what the gateway itself needs."""
+    result = Inbound([], "", None, trailers_wanted=False, content_type="", accept="",
+                     accept_encoding="", origin="")  # fmt: skip
+    forwarded_for = host = ""
+    for raw_key, raw_value in headers:
+        key = raw_key.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        if key == "x-forwarded-for":
+            forwarded_for = value
+        elif key == "host":
+            host = value
+            result.metadata.append(("grpcgateway-host", value))
+        else:
+            _one(result, key, value)
+    chain = f"{forwarded_for}, {client_host}" if forwarded_for else client_host
+    result.metadata.append(("x-forwarded-for", chain))
+    if host:
+        result.metadata.append(("x-forwarded-host", host))
+    result.request_id = request_id_from(result.request_id)
+    result.metadata.append(("x-request-id", result.request_id))
+    return result
+
+
+def _one(result: Inbound, key: str, value: str) -> None:
+    if key == "authorization":
+        result.metadata.append(("authorization", value))
+    elif key.startswith(_METADATA_PREFIX):
+        result.metadata.append(_grpc_metadata(key[len(_METADATA_PREFIX) :], value))
+    elif key == "x-request-id":
+        result.request_id = value
+    elif key == "grpc-timeout":
+        result.timeout = parse_timeout(value)
+    elif key == "te":
+        result.trailers_wanted = "trailers" in value.lower()
+    elif key in PERMANENT and key not in HOP_BY_HOP:
+        if key in _READ:
+            setattr(result, _READ[key], value)
+        result.metadata.append((f"grpcgateway-{key}", value))
+
+
+def _grpc_metadata(key: str, value: str) -> tuple[str, str | bytes]:
+    if not _KEY.match(key) or key.startswith("grpc-"):
+        raise GatewayError.invalid_argument([(f"Grpc-Metadata-{key}", "is not a valid key")])
+    if key.endswith("-bin"):
+        try:
+            return key, base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+        except binascii.Error:
+            raise GatewayError.invalid_argument(
+                [(f"Grpc-Metadata-{key}", "-Bin values must be base64")]
+            ) from None
+    return key, value
+
+
+def outbound(
+    initial: Iterable[tuple[str, str | bytes]],
+    trailing: Iterable[tuple[str, str | bytes]],
+    *,
+    trailers_wanted: bool,
+) -> list[tuple[bytes, bytes]]:
+    """Response headers from the upstream's metadata."""
+    headers: list[tuple[bytes, bytes]] = []
+    plain: set[str] = set()
+    for key, value in initial:
+        _out(headers, plain, "Grpc-Metadata-", key, value, forward=True)
+    for key, value in trailing:
+        # An error is often trailers-only: its allowlisted metadata still becomes headers.
+        if key != "grpc-status-details-bin":
+            _out(headers, plain, "Grpc-Trailer-", key, value, forward=trailers_wanted)
+    return headers
+
+
+def _out(
+    headers: list[tuple[bytes, bytes]],
+    plain: set[str],
+    prefix: str,
+    key: str,
+    value: str | bytes,
+    *,
+    forward: bool,
+) -> None:
+    text = base64.b64encode(value).decode() if isinstance(value, bytes) else value
+    if "\r" in text or "\n" in text:
+        return
+    encoded = text.encode("latin-1", errors="replace")
+    if forward:
+        headers.append(((prefix + key).encode(), encoded))
+    if key in PLAIN_RESPONSE_HEADERS and (key == "set-cookie" or key not in plain):
+        plain.add(key)
+        headers.append((key.encode(), encoded))

@@ -1,0 +1,152 @@
+"""The embedded HTTP/JSON gateway: transcoded calls go straight into the same compiled
+pipeline chains that serve gRPC, in the same process and event loop (no loopback hop).
+
+The gateway itself is generic (``gateway/``); this module supplies what only Tunnelplane
+knows: the in-process dispatcher and the policy-derived OpenAPI additions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from google.protobuf import descriptor_pool
+from google.protobuf.descriptor import MethodDescriptor
+from google.rpc import status_pb2
+from tunnelplane.v1 import options_pb2
+
+from gateway.app import Gateway, GatewayOptions
+from gateway.bindings import Catalog, load_descriptor_set
+from gateway.forward import Outgoing, Reply, StreamReply
+from gateway.openapi import OpenApiExtension
+from server.domain.principal import CredentialKind
+from server.errors import DomainError, Internal, to_status
+from server.grpc_server import metadata_dict
+from server.pipeline import Call, Handler, MethodInfo
+from server.policy import policy_of
+from server.settings import Settings
+
+DESCRIPTORS = "descriptors.binpb"
+BEARER = "bearer"
+
+
+class InProcessDispatcher:
+    """Runs a transcoded call through the method's pipeline chain, as gRPC would."""
+
+    def __init__(
+        self,
+        methods: Mapping[str, MethodInfo],
+        chains: Mapping[str, Handler],
+        health: Callable[[str], bool],
+    ) -> None:
+        self._methods = methods
+        self._chains = chains
+        self._health = health
+
+    async def unary(self, out: Outgoing) -> Reply:
+        """The reply, or the status the pipeline ended with."""
+        method = self._methods[out.binding.full_method]
+        call = Call(method, metadata_dict(out.metadata), peer=out.peer, transport="http")
+        call.secure = out.secure
+        if out.timeout is not None:
+            call.deadline = asyncio.get_running_loop().time() + out.timeout
+        try:
+            response = await self._chains[method.full_name](out.request, call)
+        except DomainError as exc:
+            return Reply(None, to_status(exc), call.response_headers, call.trailers)
+        except Exception:  # noqa: BLE001 - the pipeline's error stage logged it already
+            return Reply(None, to_status(Internal()), call.response_headers, call.trailers)
+        return Reply(response, None, call.response_headers, call.trailers)
+
+    async def server_stream(self, out: Outgoing) -> StreamReply | Reply:  # noqa: ARG002
+        """No Tunnelplane method streams yet."""
+        status = status_pb2.Status(code=12, message="streaming is not served in-process yet")
+        return Reply(None, status)
+
+    async def health(self, service: str) -> bool:
+        """The health monitor's view."""
+        return self._health(service)
+
+
+def policy_extension() -> OpenApiExtension:
+    """Security requirements and the policy of each operation, from the policy option."""
+
+    def operation(method: MethodDescriptor) -> dict[str, Any]:
+        options = method.GetOptions()
+        if not options.HasExtension(options_pb2.policy):
+            return {}
+        policy = policy_of(method)
+        rule = policy.rule
+        described: dict[str, Any] = {
+            "access": "public" if rule.public else "authenticated",
+            "audited": policy.audited,
+        }
+        if rule.permission:
+            described["permission"] = rule.permission
+        if rule.owner_field:
+            described["ownerField"] = rule.owner_field
+            described["adminPermission"] = rule.admin_permission
+        if rule.min_tier is not None:
+            described["minTier"] = rule.min_tier.value
+        if policy.require_tls:
+            described["requireTls"] = True
+        if rule.credentials != frozenset(CredentialKind):
+            described["credentials"] = sorted(c.value for c in rule.credentials)
+        return {
+            "security": [] if rule.public else [{BEARER: []}],
+            "x-tunnelplane-policy": described,
+        }
+
+    return OpenApiExtension(
+        operation,
+        {
+            BEARER: {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "An access token from Login or RefreshToken (a JWT), or an "
+                "API key (`tp_...`).",
+            },
+            "refreshCookie": {
+                "type": "apiKey",
+                "in": "cookie",
+                "name": "tp_refresh",
+                "description": "The refresh token, for RefreshToken, when delivered by cookie.",
+            },
+        },
+    )
+
+
+def descriptor_set() -> Any:
+    """The contract's descriptor set (with comments), shipped in ``generated/``."""
+    resource = importlib.resources.files("tunnelplane") / DESCRIPTORS
+    return load_descriptor_set(str(resource))
+
+
+def build_gateway(
+    settings: Settings,
+    methods: list[MethodInfo],
+    chains: Mapping[str, Handler],
+    health: Callable[[str], bool],
+    registry: Any,
+) -> Gateway:
+    """The embedded gateway over every served service."""
+    services = sorted({m.service for m in methods})
+    catalog = Catalog.build(descriptor_set(), descriptor_pool.Default(), services)
+    origins = frozenset(o.strip() for o in settings.http_cors_origins.split(",") if o.strip())
+    options = GatewayOptions(
+        strict=settings.http_strict,
+        max_body_bytes=settings.http_max_body_bytes,
+        emit_defaults=settings.http_emit_defaults,
+        cors_origins=origins,
+        docs=settings.http_docs,
+        title="Tunnelplane API",
+        version="v1",
+        tls=bool(settings.tls_cert_file),
+        trust_forwarded_proto=settings.http_trust_forwarded_proto,
+    )
+    dispatcher = InProcessDispatcher({m.full_name: m for m in methods}, chains, health)
+    return Gateway(
+        catalog, dispatcher, options, registry=registry, operation_extension=policy_extension()
+    )
