@@ -93,8 +93,8 @@ class HttpMetrics:
         )
         self._seconds = Histogram(
             "http_request_duration_seconds",
-            "Time to answer an HTTP request, by method and route template.",
-            ["method", "route"],
+            "Time to answer an HTTP request, by method, route template and status.",
+            ["method", "route", "status"],
             buckets=BUCKETS,
             registry=registry,
         )
@@ -107,7 +107,7 @@ class HttpMetrics:
         if pair is None:
             pair = (
                 self._requests.labels(method, route, str(status)),
-                self._seconds.labels(method, route),
+                self._seconds.labels(method, route, str(status)),
             )
             self._children[key] = pair
         pair[0].inc()

@@ -241,3 +241,20 @@ async def test_production_refuses_auth_methods_over_plain_http(tmp_path: object)
             assert hsts is None  # this listener itself has no TLS
     finally:
         await server.stop(grace=0)
+
+
+async def test_http_metrics_are_labelled_by_route_template_never_raw_path(
+    app: App, http: httpx.AsyncClient
+) -> None:
+    from prometheus_client import generate_latest
+
+    await http.get("/v1/users/usr_01aaaaaaaaaaaaaaaaaaaaaaaa")
+    await http.get("/v1/definitely/not/a/route/usr_01bbbbbbbbbbbbbbbbbbbbbbbb")
+    text = generate_latest(app.registry).decode()
+    lines = [line for line in text.splitlines() if line.startswith("http_request")]
+    assert any('route="/v1/{name=users/*}"' in line for line in lines)
+    assert any(
+        'http_request_duration_seconds_count{method="GET",route="unmatched",status="404"}' in line
+        for line in lines
+    )
+    assert not any("usr_01" in line or "definitely" in line for line in lines)
