@@ -31,6 +31,18 @@ class _Clock:
         return f"{self._stamp}.{int((created - second) * 1000):03d}+00:00"
 
 
+def _entry(stamp: str, level: str, logger: str, message: str) -> dict[str, Any]:
+    """The fields every JSON line starts with, including the ids bound to this call."""
+    entry: dict[str, Any] = {"time": stamp, "level": level, "logger": logger, "message": message}
+    request_id = request_id_var.get()
+    if request_id:
+        entry["request_id"] = request_id
+    trace_id = trace_id_var.get()
+    if trace_id:
+        entry["trace_id"] = trace_id
+    return entry
+
+
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON line; fields passed with ``extra`` are kept."""
 
@@ -39,18 +51,12 @@ class JsonFormatter(logging.Formatter):
         self._clock = _Clock()
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": self._clock.stamp(record.created),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        request_id = request_id_var.get()
-        if request_id:
-            entry["request_id"] = request_id
-        trace_id = trace_id_var.get()
-        if trace_id:
-            entry["trace_id"] = trace_id
+        entry = _entry(
+            self._clock.stamp(record.created),
+            record.levelname.lower(),
+            record.name,
+            record.getMessage(),
+        )
         fields = record.__dict__
         for key in fields.keys() - _STANDARD:
             if not key.startswith("_"):
@@ -84,18 +90,7 @@ class AccessLog:
         if not self._json:
             self._logger.info("call", extra=fields)
             return
-        entry: dict[str, Any] = {
-            "time": self._clock.stamp(time.time()),
-            "level": "info",
-            "logger": self._logger.name,
-            "message": "call",
-        }
-        request_id = request_id_var.get()
-        if request_id:
-            entry["request_id"] = request_id
-        trace_id = trace_id_var.get()
-        if trace_id:
-            entry["trace_id"] = trace_id
+        entry = _entry(self._clock.stamp(time.time()), "info", self._logger.name, "call")
         entry.update(fields)
         # stderr is line-buffered (Python 3.9+), so each line leaves in one write.
         self._stream.write(orjson.dumps(entry).decode() + "\n")
