@@ -11,7 +11,6 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
-from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 from prometheus_client import (
@@ -26,6 +25,7 @@ from gateway import docs, headers, streaming, transcode
 from gateway.bindings import Binding, Catalog
 from gateway.errors import GatewayError, error_body
 from gateway.forward import Dispatcher, Outgoing, Reply
+from gateway.jsonenc import JsonEncoder
 from gateway.openapi import OperationExtension, build_document
 from gateway.routes import Match
 
@@ -131,6 +131,9 @@ class Gateway:
         self.options = options or GatewayOptions()
         self.registry = registry or CollectorRegistry()
         self._metrics = HttpMetrics(self.registry)
+        self._json = JsonEncoder(emit_defaults=self.options.emit_defaults, pool=catalog.pool)
+        # response_body picks one field of the reply; it is sent even when it is a default.
+        self._full_json = JsonEncoder(emit_defaults=True, pool=catalog.pool)
         self._openapi = orjson.dumps(
             build_document(catalog, self.options.title, self.options.version, operation_extension)
         )
@@ -273,14 +276,9 @@ class Gateway:
             body: Any = getattr(message, target.name) if target is not None else message
             content_type = str(body.content_type or "application/octet-stream")
             return content_type.encode("latin-1"), bytes(body.data)
-        pool = self.catalog.pool
         if target is None:
-            return JSON, transcode.to_json_bytes(
-                message, emit_defaults=self.options.emit_defaults, pool=pool
-            )
-        document = json_format.MessageToDict(
-            message, always_print_fields_with_no_presence=True, descriptor_pool=pool
-        )
+            return JSON, orjson.dumps(self._json.encode(message))
+        document = self._full_json.encode(message)
         return JSON, orjson.dumps(document.get(target.json_name))
 
     async def _stream(self, outgoing: Outgoing, inbound: headers.Inbound) -> Response:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -70,7 +70,7 @@ class Inbound:
 
 def request_id_from(given: str) -> str:
     """The caller's request id if well-formed, else a new one."""
-    return given if _SAFE_REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if _SAFE_REQUEST_ID.match(given) else os.urandom(16).hex()
 
 
 def parse_timeout(value: str) -> float:

@@ -16,7 +16,6 @@ that verb; otherwise the colon is part of the data.
 
 from __future__ import annotations
 
-import heapq
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -196,11 +195,13 @@ class Router(Generic[T]):
     _verbs: set[str] = field(default_factory=set)
     _by_shape: dict[tuple[int, str], list[_Entry[T]]] = field(default_factory=dict)
     _deep: list[_Entry[T]] = field(default_factory=list)
+    _merged: dict[tuple[int, str], list[_Entry[T]]] = field(default_factory=dict)
 
     def add(self, method: str, template: Template, route: T) -> None:
         """Register ``route`` for ``method`` (upper case; ``*`` for any) and ``template``."""
         entry = _Entry(method, template, route, len(self._entries))
         self._entries.append(entry)
+        self._merged.clear()
         if template.verb:
             self._verbs.add(template.verb)
         if template.deep:
@@ -232,10 +233,17 @@ class Router(Generic[T]):
                 yield [*parts[:-1], head], verb
         yield parts, ""
 
-    def _entries_for(self, count: int, verb: str) -> Iterable[_Entry[T]]:
+    def _entries_for(self, count: int, verb: str) -> list[_Entry[T]]:
         # Fixed-length and ``**`` routes interleaved as declared: the first declared wins.
-        deep = (entry for entry in self._deep if entry.template.verb == verb)
-        return heapq.merge(self._by_shape.get((count, verb), ()), deep, key=lambda e: e.order)
+        # The merged list per shape is made once; a path longer than any route gets none.
+        key = (count, verb)
+        found = self._merged.get(key)
+        if found is None:
+            deep = [e for e in self._deep if e.template.verb == verb]
+            found = sorted([*self._by_shape.get(key, ()), *deep], key=lambda e: e.order)
+            if len(self._merged) < 4096:  # bounded: a client picks the counts
+                self._merged[key] = found
+        return found
 
     def __iter__(self) -> Iterable[tuple[str, Template, T]]:
         for entry in self._entries:

@@ -344,18 +344,6 @@ def apply_path(message: Message, shape: RequestShape, values: Mapping[str, str])
         set_from_text(message, setter.fields, values[setter.name], setter.name)
 
 
-def to_json_bytes(
-    message: Message, *, emit_defaults: bool, pool: descriptor_pool.DescriptorPool
-) -> bytes:
-    """Proto3 JSON (lowerCamelCase names, int64 as strings, enums by name)."""
-    document = json_format.MessageToDict(
-        message,
-        always_print_fields_with_no_presence=emit_defaults,
-        descriptor_pool=pool,
-    )
-    return orjson.dumps(document)
-
-
 def infer_mask(document: Any, message: Descriptor | None, prefix: str = "") -> list[str]:
     """Dotted proto paths of the keys present in a JSON body (PATCH without a mask)."""
     if not isinstance(document, dict) or message is None:

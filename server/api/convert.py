@@ -34,6 +34,7 @@ from server.errors import InvalidArgument
 K = TypeVar("K")
 V = TypeVar("V")
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: The range of ``google.protobuf.Duration``: about 10,000 years either way.
 MAX_DURATION_SECONDS = 315_576_000_000
 
@@ -101,9 +102,12 @@ def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     """A protobuf Timestamp, or ``None`` to leave the field unset."""
     if value is None:
         return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    # Arithmetic on the datetime instead of Timestamp.FromDatetime: the same result, a
+    # fraction of the cost on the hot path (every User has several timestamps).
+    delta = value - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
 
 
 def from_timestamp(ts: timestamp_pb2.Timestamp, field: str) -> datetime:

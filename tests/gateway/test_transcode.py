@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import orjson
 import pytest
 from google.protobuf import json_format
 
 from gateway import transcode
+from gateway.jsonenc import JsonEncoder
 from tests.gateway.conftest import Running
 from tests.gateway.echo_proto import echo_pb2
 from tests.gateway.upstream import PNG
@@ -617,10 +617,10 @@ def test_scalar_parser_nan() -> None:
     assert _parser("float_value")("Infinity") == math.inf
 
 
-def test_to_json_bytes_emits_defaults_only_when_asked() -> None:
+def test_json_encoder_emits_defaults_only_when_asked() -> None:
     message = echo_pb2.Everything(int64_value=-1, bytes_value=b"\x00")
     pool = message.DESCRIPTOR.file.pool
-    lean = orjson.loads(transcode.to_json_bytes(message, emit_defaults=False, pool=pool))
+    lean = JsonEncoder(emit_defaults=False, pool=pool).encode(message)
     assert lean == {"int64Value": "-1", "bytesValue": "AA=="}
-    full = orjson.loads(transcode.to_json_bytes(message, emit_defaults=True, pool=pool))
+    full = JsonEncoder(emit_defaults=True, pool=pool).encode(message)
     assert full == {**DEFAULTS, **lean}
