@@ -18,13 +18,11 @@ from pathlib import Path
 
 from google.protobuf.message import Message
 
+from bench.errors import LoadError
+
 EXECUTABLE = "h2load"
 #: Shown instead of the bearer token in recorded command lines.
 REDACTED = "$TOKEN"
-
-
-class LoadError(RuntimeError):
-    """h2load failed, or its output does not show every call succeeding."""
 
 
 def grpc_frame(message: Message) -> bytes:

@@ -1,5 +1,5 @@
-"""Results of a benchmark run: medians, the full/bare ratio, targets, and where they go
-(the printed table, ``bench/results/`` and the results section of ``bench/README.md``)."""
+"""Results of a benchmark run: medians, paired ratios, targets, and where they go (the
+printed tables, ``bench/results/`` and the two results sections of ``bench/README.md``)."""
 
 from __future__ import annotations
 
@@ -11,35 +11,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-README_START = "<!-- results:start -->"
-README_END = "<!-- results:end -->"
-SERVERS = ("full", "bare")
+#: The gRPC comparison, its README section and the server that carries the h2load command.
+GRPC_SERVERS = ("full", "bare")
+#: The HTTP comparison (``full`` is the gRPC path of the same server).
+HTTP_SERVERS = ("embedded", "full", "standalone", "fastapi")
+SERVERS = ("full", "bare", "embedded", "standalone", "fastapi")
+LABELS = {
+    "full": "gRPC, full pipeline (h2load)",
+    "bare": "gRPC, bare grpc.aio (h2load)",
+    "embedded": "embedded gateway, full pipeline (wrk)",
+    "standalone": "standalone gateway -> gRPC (wrk)",
+    "fastapi": "FastAPI baseline (wrk)",
+}
 
 
 @dataclass(frozen=True, slots=True)
 class Measurement:
-    """One measured h2load run against one server."""
+    """One measured load run against one server (h2load for gRPC, wrk for HTTP)."""
 
     server: str
     round: int
+    tool: str
     requests: int
     seconds: float
     requests_per_second: float
     mean_ms: float
     p50_ms: float
-    p95_ms: float
+    p90_ms: float
+    #: None for wrk, which prints 50/75/90/99% only.
+    p95_ms: float | None
     p99_ms: float
     max_ms: float
+    #: CPU time of the serving processes over the run, as a share of one CPU; and per request.
+    server_cpu_percent: float
+    cpu_us_per_request: float
     command: str
-    h2load_output: str = field(repr=False)
+    output: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Targets:
-    """What the issue asks of the full pipeline."""
+    """What the issues ask: of the pipeline over gRPC, and of the embedded gateway."""
 
-    min_ratio: float
-    max_p99_ms: float
+    full_over_bare: float = 0.85
+    embedded_over_fastapi: float = 2.0
+    embedded_over_grpc: float = 1.5
+    max_p99_ms: float = 25.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +65,16 @@ class Medians:
 
     requests_per_second: float
     p50_ms: float
-    p95_ms: float
+    p90_ms: float
+    p95_ms: float | None
     p99_ms: float
+    server_cpu_percent: float
+    cpu_us_per_request: float
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
 
 
 def medians(runs: Sequence[Measurement]) -> Medians:
@@ -57,9 +82,35 @@ def medians(runs: Sequence[Measurement]) -> Medians:
     return Medians(
         requests_per_second=statistics.median(r.requests_per_second for r in runs),
         p50_ms=statistics.median(r.p50_ms for r in runs),
-        p95_ms=statistics.median(r.p95_ms for r in runs),
+        p90_ms=statistics.median(r.p90_ms for r in runs),
+        p95_ms=_median([r.p95_ms for r in runs]),
         p99_ms=statistics.median(r.p99_ms for r in runs),
+        server_cpu_percent=statistics.median(r.server_cpu_percent for r in runs),
+        cpu_us_per_request=statistics.median(r.cpu_us_per_request for r in runs),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Ratio:
+    """A throughput ratio: the median of the per-round ratios, and those ratios.
+
+    The servers of a round run close together, so a round's ratio cancels most of the
+    machine's drift; the median of the paired ratios is steadier than a ratio of two
+    independent medians (which mixes rounds that saw different noise).
+    """
+
+    median: float
+    per_round: list[float]
+
+
+@dataclass(frozen=True, slots=True)
+class TargetResult:
+    """One target: what is wanted, what was measured, whether it was met."""
+
+    label: str
+    wanted: str
+    measured: str
+    met: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +123,7 @@ class Report:
     load: Mapping[str, Any]
     targets: Targets
     runs: Sequence[Measurement]
-    access_log_codes: Mapping[str, int]
+    log_checks: Mapping[str, Any]
 
     def runs_of(self, server: str) -> list[Measurement]:
         """The measured runs of one server, in round order."""
@@ -80,130 +131,160 @@ class Report:
 
     @property
     def commands(self) -> dict[str, str]:
-        """The h2load command line of each server's first measured run."""
+        """The load command line of each server's first measured run."""
         return {s: self.runs_of(s)[0].command for s in SERVERS}
 
     def medians_of(self, server: str) -> Medians:
         """Medians over the rounds of one server."""
         return medians(self.runs_of(server))
 
-    @property
-    def ratio(self) -> float:
-        """The median of the per-round full/bare ratios.
+    def ratio(self, numerator: str, denominator: str) -> Ratio:
+        """Throughput of ``numerator`` over ``denominator``, paired by round."""
+        pairs = zip(self.runs_of(numerator), self.runs_of(denominator), strict=True)
+        per_round = [a.requests_per_second / b.requests_per_second for a, b in pairs]
+        return Ratio(statistics.median(per_round), per_round)
 
-        Each round runs the two servers back to back, so a round's ratio cancels most of
-        the machine's drift; the median of those paired ratios is steadier than a ratio of
-        two independent medians (which mixes rounds that saw different noise).
-        """
-        ratios = sorted(self.round_ratios)
-        middle = len(ratios) // 2
-        if len(ratios) % 2:
-            return ratios[middle]
-        return (ratios[middle - 1] + ratios[middle]) / 2
+    def grpc_targets(self) -> list[TargetResult]:
+        """The pipeline's cost over gRPC: full/bare throughput and full's p99."""
+        return [
+            self._ratio_target("full/bare throughput", "full", "bare", self.targets.full_over_bare),
+            self._p99_target("full"),
+        ]
 
-    @property
-    def round_ratios(self) -> list[float]:
-        """full/bare throughput of each round (the two ran back to back)."""
-        pairs = zip(self.runs_of("full"), self.runs_of("bare"), strict=True)
-        return [f.requests_per_second / b.requests_per_second for f, b in pairs]
+    def http_targets(self) -> list[TargetResult]:
+        """The embedded gateway against FastAPI and against the gRPC path, and its p99."""
+        t = self.targets
+        return [
+            self._ratio_target(
+                "embedded/FastAPI throughput", "embedded", "fastapi", t.embedded_over_fastapi
+            ),
+            self._ratio_target(
+                "embedded/gRPC throughput", "embedded", "full", t.embedded_over_grpc
+            ),
+            self._p99_target("embedded"),
+        ]
 
-    @property
-    def ratio_met(self) -> bool:
-        """Whether the full pipeline keeps enough of the bare throughput."""
-        return self.ratio >= self.targets.min_ratio
+    def _ratio_target(
+        self, label: str, numerator: str, denominator: str, wanted: float
+    ) -> TargetResult:
+        ratio = self.ratio(numerator, denominator)
+        per_round = ", ".join(f"{r:.3f}" for r in ratio.per_round)
+        measured = f"{ratio.median:.3f} (per round: {per_round})"
+        return TargetResult(label, f">= {wanted:.2f}", measured, ratio.median >= wanted)
 
-    @property
-    def p99_met(self) -> bool:
-        """Whether the full pipeline's median p99 is under the target."""
-        return self.medians_of("full").p99_ms < self.targets.max_p99_ms
+    def _p99_target(self, server: str) -> TargetResult:
+        p99 = self.medians_of(server).p99_ms
+        return TargetResult(
+            f"{server} p99 at c={self.load['clients']}",
+            f"< {self.targets.max_p99_ms:.0f} ms",
+            f"{p99:.1f} ms",
+            p99 < self.targets.max_p99_ms,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The report as JSON-ready data, raw runs included."""
+        informative = self.ratio("standalone", "embedded")
         return {
-            "benchmark": "tunnelplane.v1.UserService/GetUser, full pipeline vs bare grpc.aio",
+            "benchmark": "tunnelplane.v1.UserService/GetUser (GET /v1/users/me): gRPC full "
+            "pipeline vs bare grpc.aio; embedded gateway vs gRPC, standalone gateway, FastAPI",
             "date": self.date,
             "machine": dict(self.machine),
             "server_settings": dict(self.server_settings),
             "load": dict(self.load),
-            "h2load_commands": dict(self.commands),
+            "commands": self.commands,
             "targets": dataclasses.asdict(self.targets),
             "medians": {s: dataclasses.asdict(self.medians_of(s)) for s in SERVERS},
-            "ratio_full_over_bare": round(self.ratio, 4),
-            "round_ratios": [round(r, 4) for r in self.round_ratios],
-            "ratio_met": self.ratio_met,
-            "p99_met": self.p99_met,
-            "full_access_log_getuser_codes": dict(self.access_log_codes),
+            "grpc_targets": [dataclasses.asdict(t) for t in self.grpc_targets()],
+            "http_targets": [dataclasses.asdict(t) for t in self.http_targets()],
+            "ratio_standalone_over_embedded": dataclasses.asdict(informative),
+            "log_checks": dict(self.log_checks),
             "runs": [
-                {k: v for k, v in dataclasses.asdict(r).items() if k != "h2load_output"}
-                for r in self.runs
+                {k: v for k, v in dataclasses.asdict(r).items() if k != "output"} for r in self.runs
             ],
         }
 
 
-def _target_row(target: str, wanted: str, measured: str, met: bool) -> str:
-    return f"| {target} | {wanted} | {measured} | {'met' if met else '**missed**'} |"
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
-def render_table(report: Report) -> str:
-    """The results as Markdown tables (read as well in a terminal as in the README)."""
-    columns = "req/s (median) | p50 ms | p95 ms | p99 ms | req/s per round"
-    lines = [f"| server | {columns} |", "|---|---:|---:|---:|---:|---|"]
-    for server in SERVERS:
+def _server_rows(report: Report, servers: Sequence[str], latencies: Sequence[str]) -> list[str]:
+    """One row per server; ``latencies`` name :class:`Medians` fields (``p50_ms``)."""
+    header = " | ".join(name.replace("_", " ") for name in latencies)
+    lines = [
+        f"| server | req/s (median) | {header} | server CPU % | CPU µs/req | req/s per round |",
+        "|---|---:|" + "---:|" * (len(latencies) + 2) + "---|",
+    ]
+    for server in servers:
         m = report.medians_of(server)
         rounds = " / ".join(f"{r.requests_per_second:.0f}" for r in report.runs_of(server))
+        values = " | ".join(_ms(getattr(m, name)) for name in latencies)
         lines.append(
-            f"| {server} | {m.requests_per_second:.0f} | {m.p50_ms:.1f} | {m.p95_ms:.1f} "
-            f"| {m.p99_ms:.1f} | {rounds} |"
+            f"| {server} | {m.requests_per_second:.0f} | {values} | {m.server_cpu_percent:.0f} "
+            f"| {m.cpu_us_per_request:.0f} | {rounds} |"
         )
-    targets, full = report.targets, report.medians_of("full")
-    per_round = ", ".join(f"{r:.3f}" for r in report.round_ratios)
-    lines += [
-        "",
-        "| target | wanted | measured | |",
-        "|---|---:|---:|---|",
-        _target_row(
-            "full/bare throughput",
-            f">= {targets.min_ratio:.2f}",
-            f"{report.ratio:.3f} (per round: {per_round})",
-            report.ratio_met,
-        ),
-        _target_row(
-            f"full p99 at c={report.load['clients']}",
-            f"< {targets.max_p99_ms:.0f} ms",
-            f"{full.p99_ms:.1f} ms",
-            report.p99_met,
-        ),
+    return lines
+
+
+def _target_rows(targets: Sequence[TargetResult]) -> list[str]:
+    header = ["| target | wanted | measured | |", "|---|---:|---:|---|"]
+    return header + [
+        f"| {t.label} | {t.wanted} | {t.measured} | {'met' if t.met else '**missed**'} |"
+        for t in targets
     ]
-    return "\n".join(lines)
 
 
-def render_readme_block(report: Report, json_name: str) -> str:
-    """The generated results section of ``bench/README.md``."""
-    machine, load = report.machine, report.load
-    where = (
-        f"Latest run: {report.date}, {machine['cpus']} CPUs ({machine['cpu_model']}), "
-        f"Python {machine['python']}, grpcio {machine['grpcio']}, {machine['h2load']}."
+def render_grpc_table(report: Report) -> str:
+    """The gRPC results as Markdown tables (read as well in a terminal as in the README)."""
+    rows = _server_rows(report, GRPC_SERVERS, ("p50_ms", "p95_ms", "p99_ms"))
+    return "\n".join([*rows, "", *_target_rows(report.grpc_targets())])
+
+
+def render_http_table(report: Report) -> str:
+    """The HTTP results: the four ways to serve ``GET /v1/users/me``, and the targets."""
+    rows = _server_rows(report, HTTP_SERVERS, ("p50_ms", "p90_ms", "p99_ms"))
+    informative = report.ratio("standalone", "embedded")
+    legend = ", ".join(f"`{s}`: {LABELS[s]}" for s in HTTP_SERVERS)
+    return "\n".join(
+        [
+            *rows,
+            "",
+            f"({legend}.)",
+            "",
+            *_target_rows(report.http_targets()),
+            "",
+            f"Standalone/embedded throughput (no target): {informative.median:.3f}.",
+        ]
     )
+
+
+def _where(report: Report) -> str:
+    machine, load = report.machine, report.load
     pinned = (
-        f" Servers pinned to CPU {load['server_cpu']}, h2load to CPU {load['h2load_cpu']}."
+        f" Servers pinned to CPU {load['server_cpu']}, the load tool to CPU {load['load_cpu']}."
         if load.get("server_cpu") is not None
         else " Not pinned to CPUs."
     )
-    how = (
-        f"{load['requests']} requests per run, {load['clients']} clients with one stream "
-        f"each, {load['rounds']} rounds, medians; access log at INFO to a file.{pinned} "
-        f"Raw numbers: `results/{json_name}`."
+    return (
+        f"Latest run: {report.date}, {machine['cpus']} CPUs ({machine['cpu_model']}), "
+        f"Python {machine['python']}, grpcio {machine['grpcio']}, {machine['h2load']}, "
+        f"{machine['wrk']}. {load['rounds']} rounds, medians; access logs at INFO to a "
+        f"file.{pinned}"
     )
-    note = (
-        "(`bare` ran the same command against its own port and log file; "
-        "`$TOKEN` is the bench user's.)"
+
+
+def render_grpc_block(report: Report, json_name: str) -> str:
+    """The generated gRPC results section of ``bench/README.md``."""
+    load = report.load
+    how = (
+        f"{load['requests']} requests per h2load run, {load['clients']} clients with one "
+        f"stream each. Raw numbers: `results/{json_name}`."
     )
     return "\n".join(
         [
-            README_START,
-            f"{where} {how}",
+            f"{_where(report)} {how}",
             "",
-            render_table(report),
+            render_grpc_table(report),
             "",
             "Made by `make bench`; the first measured run of `full` was:",
             "",
@@ -211,29 +292,65 @@ def render_readme_block(report: Report, json_name: str) -> str:
             report.commands["full"],
             "```",
             "",
-            note,
-            README_END,
+            (
+                "(`bare` ran the same command against its own port and log file; "
+                "`$TOKEN` is the bench user's.)"
+            ),
         ]
     )
 
 
-def update_readme(readme: Path, block: str) -> None:
-    """Replace the text between the results markers of ``readme`` with ``block``."""
+def render_http_block(report: Report, json_name: str) -> str:
+    """The generated HTTP results section of ``bench/README.md``."""
+    load = report.load
+    how = (
+        f"wrk: {load['wrk_seconds']} s per run, {load['clients']} keep-alive connections, "
+        f"one thread; the gRPC row is the h2load run above. Raw numbers: `results/{json_name}`."
+    )
+    commands = [f"{s}: {report.commands[s]}" for s in ("embedded", "standalone", "fastapi")]
+    return "\n".join(
+        [
+            f"{_where(report)} {how}",
+            "",
+            render_http_table(report),
+            "",
+            "The first measured wrk runs were (`$TOKEN` is the bench user's access token):",
+            "",
+            "```",
+            *commands,
+            "```",
+        ]
+    )
+
+
+def update_readme(readme: Path, blocks: Mapping[str, str]) -> None:
+    """Replace the text between each pair of ``<!-- NAME:start/end -->`` markers."""
     text = readme.read_text()
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        raise ValueError(f"{readme} lacks the {README_START} ... {README_END} markers")
-    readme.write_text(text[:start] + block + text[end + len(README_END) :])
+    for name, block in blocks.items():
+        start_marker, end_marker = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        start, end = text.find(start_marker), text.find(end_marker)
+        if start < 0 or end < start:
+            raise ValueError(f"{readme} lacks the {start_marker} ... {end_marker} markers")
+        text = text[: start + len(start_marker)] + "\n" + block + "\n" + text[end:]
+    readme.write_text(text)
+
+
+def readme_blocks(report: Report, json_name: str) -> dict[str, str]:
+    """The README sections this run rewrites, by marker name."""
+    return {
+        "results": render_grpc_block(report, json_name),
+        "http-results": render_http_block(report, json_name),
+    }
 
 
 def write_results(report: Report, directory: Path, stem: str) -> tuple[Path, Path]:
-    """``<stem>.json`` (the data) and ``<stem>.txt`` (table and raw h2load output)."""
+    """``<stem>.json`` (the data) and ``<stem>.txt`` (tables and the tools' raw output)."""
     directory.mkdir(parents=True, exist_ok=True)
     json_path, text_path = directory / f"{stem}.json", directory / f"{stem}.txt"
     json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    sections = [render_table(report), "", "h2load commands:"]
+    sections = [render_grpc_table(report), "", render_http_table(report), "", "commands:"]
     sections += [f"  {server}: {command}" for server, command in report.commands.items()]
     for run in report.runs:
-        sections += ["", f"--- round {run.round}, {run.server} ---", run.h2load_output.strip()]
+        sections += ["", f"--- round {run.round}, {run.server} ---", run.output.strip()]
     text_path.write_text("\n".join(sections) + "\n")
     return json_path, text_path

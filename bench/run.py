@@ -1,8 +1,10 @@
-"""``make bench``: GetUser over gRPC, the full pipeline against a bare grpc.aio server.
+"""``make bench``: GetUser over gRPC (the full pipeline against a bare grpc.aio server, with
+h2load) and ``GET /v1/users/me`` over HTTP (the embedded gateway, the standalone gateway
+and a FastAPI baseline, with wrk), all in one run.
 
-Both servers run in child processes of their own (``python -m bench.server``) on one
-migrated SQLite database in a temporary directory; h2load loads them over loopback in
-alternating order, and the medians of the measured rounds are compared. See
+Every server runs in a child process of its own (``python -m bench.server``) on one
+migrated SQLite database in a temporary directory; the load tools load them over loopback
+in alternating order, and the medians of the measured rounds are compared. See
 ``bench/README.md``.
 """
 
@@ -10,74 +12,56 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
-import secrets
-import select
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-from collections import Counter
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Self
+from typing import Any
 
 import grpc
-from tunnelplane.v1 import auth_pb2, auth_pb2_grpc, users_pb2, users_pb2_grpc
+from tunnelplane.v1 import users_pb2
 
-from bench import h2load, report
-from bench.h2load import Load, LoadError
+from bench import h2load, probes, report, wrk
+from bench.errors import LoadError
+from bench.probes import Caller, Expected
+from bench.processes import SERVER_SETTINGS, ServerProcess, cpu_seconds, migrate, server_env
 from bench.report import Measurement, Report, Targets
-from bench.server import GET_USER
+from bench.server import GET_USER, HTTP_GET_ME
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 README = BENCH_DIR / "README.md"
-
-TARGETS = Targets(min_ratio=0.85, max_p99_ms=25.0)
-STARTUP_TIMEOUT = 60.0
-CALL_TIMEOUT = 30.0
-EMAIL = "bench@example.com"
-
-#: Embedded defaults; logs at INFO (the access log is part of the pipeline), to a file.
-#: Argon2 is cheap only to make the setup quick: GetUser never hashes.
-SERVER_SETTINGS: Mapping[str, str] = {
-    "TP_GRPC_HOST": "127.0.0.1",
-    "TP_GRPC_PORT": "0",
-    "TP_METRICS_PORT": "-1",
-    "TP_LOG_LEVEL": "INFO",
-    "TP_LOG_FORMAT": "json",
-    "TP_OTEL_EXPORTER": "none",
-    "TP_ARGON2_TIME_COST": "1",
-    "TP_ARGON2_MEMORY_KIB": "1024",
-    "TP_ARGON2_PARALLELISM": "1",
-    "TP_ACCESS_TOKEN_TTL": "3600",
-}
+TARGETS = Targets()
+#: Order of a round (odd rounds; even rounds run it backwards): each compared pair is
+#: measured back to back (full-bare, full-embedded, embedded-fastapi).
+ORDER = ("bare", "full", "embedded", "fastapi", "standalone")
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """How much load. The default run takes 5-10 s per measured run on 2 CPUs."""
+    """How much load. The default run takes about two and a half minutes on 2 CPUs."""
 
     requests: int = 6000
     warmup_requests: int = 1500
+    wrk_seconds: int = 8
+    wrk_warmup_seconds: int = 2
     clients: int = 50
     rounds: int = 3
-    #: CPUs for the servers and for h2load (and this process); None: not pinned.
+    #: CPUs for the servers and for the load tools (and this process); None: not pinned.
     server_cpu: int | None = None
     load_cpu: int | None = None
 
     @classmethod
     def on_this_machine(cls, **sizes: int) -> Plan:
-        """A plan that gives the servers one CPU and h2load another, when there are two."""
+        """A plan that gives the servers one CPU and the load tools another, if there are two."""
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
             return cls(**sizes)
@@ -87,158 +71,56 @@ class Plan:
         """The ``bench.server`` arguments that pin a server."""
         return [] if self.server_cpu is None else ["--cpu", str(self.server_cpu)]
 
-    @property
-    def calls_per_server(self) -> int:
-        """GetUser calls each server gets: the stub check, the warm-up and the rounds."""
-        return 1 + self.warmup_requests + self.rounds * self.requests
-
     def as_dict(self) -> dict[str, int | None]:
-        """The plan, with h2load's fixed settings, for the report."""
+        """The plan, with the load tools' fixed settings, for the report."""
         return {
             "requests": self.requests,
             "warmup_requests": self.warmup_requests,
+            "wrk_seconds": self.wrk_seconds,
+            "wrk_warmup_seconds": self.wrk_warmup_seconds,
             "clients": self.clients,
-            "max_concurrent_streams": 1,
+            "h2load_max_concurrent_streams": 1,
             "threads": 1,
             "rounds": self.rounds,
             "server_cpu": self.server_cpu,
-            "h2load_cpu": self.load_cpu,
+            "load_cpu": self.load_cpu,
         }
 
 
-class ServerProcess:
-    """A server under test in a child process, stopped (SIGTERM) on leaving the block."""
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """One thing under load: its name, the tool that loads it (h2load or wrk), its URL,
+    and the processes that serve it (whose CPU time a run measures)."""
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
-        self.args = [sys.executable, "-m", "bench.server", *args]
-        self.env = env
-        self.log_path = log_path
-        self.port = 0
-        self._process: subprocess.Popen[str] | None = None
+    name: str
+    tool: str
+    url: str
+    pids: tuple[int, ...]
 
-    def __enter__(self) -> Self:
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                self.args,
-                cwd=ROOT,
-                env=dict(self.env),
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-            )
-        self.port = self._wait_ready(self._process)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
-
-    def _wait_ready(self, process: subprocess.Popen[str]) -> int:
-        assert process.stdout is not None
-        ready, _, _ = select.select([process.stdout], [], [], STARTUP_TIMEOUT)
-        line = process.stdout.readline() if ready else ""
-        if not line.startswith("READY "):
-            process.kill()
-            process.wait()
-            tail = self.log_path.read_text()[-2000:]
-            raise RuntimeError(f"{' '.join(self.args)} did not start:\n{tail}")
-        return int(line.split()[1])
-
-    @property
-    def url(self) -> str:
-        """The URL h2load posts GetUser to."""
-        return f"http://127.0.0.1:{self.port}{GET_USER}"
-
-
-def server_env(data_dir: Path) -> dict[str, str]:
-    """This environment without any ``TP_*`` variable, plus the bench settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
-    return env | dict(SERVER_SETTINGS) | {"TP_DATA_DIR": str(data_dir)}
-
-
-def migrate(env: Mapping[str, str], log_path: Path) -> None:
-    """Create the SQLite database with ``python -m server migrate``."""
-    with log_path.open("ab") as log:
-        subprocess.run(
-            [sys.executable, "-m", "server", "migrate"],
-            cwd=ROOT,
-            env=dict(env),
-            stdout=log,
-            stderr=log,
-            check=True,
-        )
+    def cpu_seconds(self) -> float:
+        """CPU time the serving processes have used so far."""
+        return sum(cpu_seconds(pid) for pid in self.pids)
 
 
 @dataclass(frozen=True, slots=True)
-class Caller:
-    """The bench user and its access token."""
+class Usage:
+    """The serving processes' CPU time over one run, and the run's wall time."""
 
-    user_id: str
-    access_token: str
+    cpu_seconds: float
+    wall_seconds: float
 
-    @property
-    def metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        """The call metadata that authenticates as this user."""
-        return (("authorization", f"Bearer {self.access_token}"),)
+    def percent(self) -> float:
+        """CPU time as a share of wall time (100 = one CPU busy throughout)."""
+        return round(100 * self.cpu_seconds / self.wall_seconds, 1)
 
-
-def sign_up(port: int) -> Caller:
-    """Register the bench user and log in, over gRPC, through the full pipeline."""
-    password = secrets.token_urlsafe(18)
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        auth = auth_pb2_grpc.AuthServiceStub(channel)
-        registered = auth.Register(
-            auth_pb2.RegisterRequest(email=EMAIL, password=password), timeout=CALL_TIMEOUT
-        )
-        login = auth.Login(
-            auth_pb2.LoginRequest(email=EMAIL, password=password), timeout=CALL_TIMEOUT
-        )
-    user_id = registered.user.name.removeprefix("users/")
-    return Caller(user_id, login.tokens.access_token)
-
-
-def get_me(port: int, caller: Caller) -> users_pb2.User:
-    """One real GetUser call; fails unless it returns the caller."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        user = users_pb2_grpc.UserServiceStub(channel).GetUser(
-            users_pb2.GetUserRequest(name="users/me"),
-            metadata=caller.metadata,
-            timeout=CALL_TIMEOUT,
-        )
-    if user.name != f"users/{caller.user_id}":
-        raise LoadError(f"GetUser on port {port} returned {user.name}, not the caller")
-    return user
-
-
-def access_log_codes(log_path: Path) -> Counter[str]:
-    """Status codes of the GetUser lines in a full server's access log."""
-    codes: Counter[str] = Counter()
-    for line in log_path.read_text().splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            entry = json.loads(line)
-            if entry.get("logger") == "tunnelplane.access" and entry.get("method") == GET_USER:
-                codes[entry["code"]] += 1
-    return codes
+    def per_request_us(self, requests: int) -> float:
+        """CPU microseconds per request."""
+        return round(1e6 * self.cpu_seconds / requests, 1)
 
 
 @dataclass(frozen=True, slots=True)
 class Bench:
-    """What every run shares: the plan, the caller, the request body, the answer size."""
+    """What every run shares: the plan, the caller, the gRPC request and answer size."""
 
     plan: Plan
     caller: Caller
@@ -246,67 +128,109 @@ class Bench:
     response_frame_size: int
     work_dir: Path
 
-    def load(self, server: ServerProcess, requests: int, name: str) -> Load:
-        """The h2load run of ``requests`` GetUser calls against ``server``."""
-        return Load(
-            url=server.url,
+    def run(self, subject: Subject, round_number: int) -> Measurement:
+        """One checked run; round 0 is the (shorter) warm-up."""
+        if subject.tool == "h2load":
+            return self._h2load(subject, round_number)
+        return self._wrk(subject, round_number)
+
+    @contextlib.contextmanager
+    def _usage(self, subject: Subject) -> Iterator[list[Usage]]:
+        """Measure the CPU time ``subject``'s processes use in the block."""
+        found: list[Usage] = []
+        cpu, wall = subject.cpu_seconds(), time.monotonic()
+        yield found
+        found.append(Usage(subject.cpu_seconds() - cpu, time.monotonic() - wall))
+
+    def _h2load(self, subject: Subject, round_number: int) -> Measurement:
+        plan = self.plan
+        load = h2load.Load(
+            url=subject.url,
             token=self.caller.access_token,
             body_file=self.body_file,
-            requests=requests,
-            clients=self.plan.clients,
-            log_file=self.work_dir / f"{name}.h2load.log",
+            requests=plan.requests if round_number else plan.warmup_requests,
+            clients=plan.clients,
+            log_file=self.work_dir / f"{subject.name}-{round_number}.h2load.log",
         )
-
-    def warm_up(self, server: ServerProcess, name: str) -> None:
-        """A short, unrecorded run (connection pools, caches, code paths)."""
-        load = self.load(server, self.plan.warmup_requests, f"{name}-warmup")
-        h2load.check(
-            h2load.parse_summary(h2load.run(load)), load.requests, self.response_frame_size
-        )
-
-    def measure(self, server: ServerProcess, name: str, round_number: int) -> Measurement:
-        """One measured, checked run."""
-        load = self.load(server, self.plan.requests, f"{name}-{round_number}")
-        output = h2load.run(load)
+        with self._usage(subject) as usage:
+            output = h2load.run(load)
         summary = h2load.parse_summary(output)
         h2load.check(summary, load.requests, self.response_frame_size)
         latencies = h2load.latencies_ms(load.log_file)
         return Measurement(
-            server=name,
+            server=subject.name,
             round=round_number,
+            tool="h2load",
             requests=summary.total,
             seconds=summary.seconds,
             requests_per_second=summary.requests_per_second,
             mean_ms=round(sum(latencies) / len(latencies), 3),
             p50_ms=h2load.percentile(latencies, 0.50),
+            p90_ms=h2load.percentile(latencies, 0.90),
             p95_ms=h2load.percentile(latencies, 0.95),
             p99_ms=h2load.percentile(latencies, 0.99),
             max_ms=latencies[-1],
+            server_cpu_percent=usage[0].percent(),
+            cpu_us_per_request=usage[0].per_request_us(summary.total),
             command=shlex.join(load.command(redact=True)),
-            h2load_output=h2load.trimmed(output),
+            output=h2load.trimmed(output),
+        )
+
+    def _wrk(self, subject: Subject, round_number: int) -> Measurement:
+        plan = self.plan
+        seconds = plan.wrk_seconds if round_number else plan.wrk_warmup_seconds
+        load = wrk.Load(subject.url, self.caller.access_token, seconds, plan.clients)
+        with self._usage(subject) as usage:
+            output = wrk.run(load)
+        summary = wrk.parse_summary(output)
+        wrk.check(summary)
+        return Measurement(
+            server=subject.name,
+            round=round_number,
+            tool="wrk",
+            requests=summary.requests,
+            seconds=summary.seconds,
+            requests_per_second=summary.requests_per_second,
+            mean_ms=summary.mean_ms,
+            p50_ms=summary.p50_ms,
+            p90_ms=summary.p90_ms,
+            p95_ms=None,
+            p99_ms=summary.p99_ms,
+            max_ms=summary.max_ms,
+            server_cpu_percent=usage[0].percent(),
+            cpu_us_per_request=usage[0].per_request_us(summary.requests),
+            command=shlex.join(load.command(redact=True)),
+            output=output.strip(),
         )
 
 
-def round_order(round_number: int) -> tuple[str, str]:
-    """Alternate which server goes first, so drift does not favour one of them."""
-    return ("full", "bare") if round_number % 2 else ("bare", "full")
+def round_order(round_number: int) -> Sequence[str]:
+    """Alternate the direction, so drift does not favour one server."""
+    return ORDER if round_number % 2 else ORDER[::-1]
 
 
-def measure_all(bench: Bench, servers: Mapping[str, ServerProcess]) -> list[Measurement]:
-    """Warm both servers up, then the measured rounds."""
-    for name, server in servers.items():
-        print(f"warm-up {name}: {bench.plan.warmup_requests} requests")
-        bench.warm_up(server, name)
+def _say(run: Measurement) -> None:
+    what = "warm-up" if run.round == 0 else f"round {run.round}"
+    print(
+        f"{what} {run.server}: {run.requests_per_second:.0f} req/s, "
+        f"p50 {run.p50_ms:.1f} ms, p99 {run.p99_ms:.1f} ms ({run.seconds:.1f} s)",
+        flush=True,
+    )
+
+
+def measure_all(
+    bench: Bench, subjects: Mapping[str, Subject]
+) -> tuple[list[Measurement], list[Measurement]]:
+    """Warm every server up, then the measured rounds: (warm-ups, measured runs)."""
+    warmups = [bench.run(subjects[name], 0) for name in ORDER]
+    for run in warmups:
+        _say(run)
     runs = []
     for round_number in range(1, bench.plan.rounds + 1):
         for name in round_order(round_number):
-            run = bench.measure(servers[name], name, round_number)
-            print(
-                f"round {round_number} {name}: {run.requests_per_second:.0f} req/s, "
-                f"p50 {run.p50_ms:.1f} ms, p99 {run.p99_ms:.1f} ms ({run.seconds:.1f} s)"
-            )
-            runs.append(run)
-    return runs
+            runs.append(bench.run(subjects[name], round_number))
+            _say(runs[-1])
+    return warmups, runs
 
 
 def cpu_model() -> str:
@@ -327,45 +251,110 @@ def machine_info() -> dict[str, object]:
         "platform": platform.platform(),
         "grpcio": grpc.__version__,
         "h2load": h2load.version(),
+        "wrk": wrk.version(),
         "load_average_before": os.getloadavg(),
     }
 
 
-@contextlib.contextmanager
-def servers_under_test(
-    plan: Plan, work_dir: Path
-) -> Iterator[tuple[Bench, dict[str, ServerProcess]]]:
-    """A migrated database, the full server, the bench user, then the bare server."""
+def start_servers(
+    plan: Plan, work_dir: Path, stack: contextlib.ExitStack
+) -> tuple[Caller, dict[str, ServerProcess]]:
+    """Migrate, start the full server, sign the bench user up, then start the others."""
     env = server_env(work_dir / "data")
     migrate(env, work_dir / "migrate.log")
+
+    def start(name: str, *args: str) -> ServerProcess:
+        process = ServerProcess([*args, *plan.server_args()], env, work_dir / f"{name}.log")
+        return stack.enter_context(process)
+
+    full = start("full", "--mode", "full")
+    caller = probes.sign_up(full.ports["grpc"])
+    upstream = f"127.0.0.1:{full.ports['grpc']}"
+    jwks = full.url("http", "/.well-known/jwks.json")
+    return caller, {
+        "full": full,
+        "bare": start("bare", "--mode", "bare", "--user-id", caller.user_id),
+        "standalone": start("standalone", "--mode", "gateway", "--upstream", upstream),
+        "fastapi": start("fastapi", "--mode", "fastapi", "--jwks-url", jwks),
+    }
+
+
+def subjects_of(servers: Mapping[str, ServerProcess]) -> dict[str, Subject]:
+    """What the load tools load: gRPC on full and bare, HTTP on the other three."""
+    full, bare = servers["full"], servers["bare"]
+    standalone, fastapi = servers["standalone"], servers["fastapi"]
+    return {
+        "full": Subject("full", "h2load", full.url("grpc", GET_USER), (full.pid,)),
+        "bare": Subject("bare", "h2load", bare.url("grpc", GET_USER), (bare.pid,)),
+        "embedded": Subject("embedded", "wrk", full.url("http", HTTP_GET_ME), (full.pid,)),
+        # The standalone gateway's calls are served by full: both processes do the work.
+        "standalone": Subject(
+            "standalone", "wrk", standalone.url("http", HTTP_GET_ME), (standalone.pid, full.pid)
+        ),
+        "fastapi": Subject("fastapi", "wrk", fastapi.url("http", HTTP_GET_ME), (fastapi.pid,)),
+    }
+
+
+def check_answers(servers: Mapping[str, ServerProcess], caller: Caller) -> users_pb2.User:
+    """One real call to every server before any load: all return the same user."""
+    expected = probes.get_me(servers["full"].ports["grpc"], caller)
+    if probes.get_me(servers["bare"].ports["grpc"], caller) != expected:
+        raise LoadError("the bare server answers GetUser differently from the full one")
+    http_ports = {
+        "embedded": servers["full"].ports["http"],
+        "standalone": servers["standalone"].ports["http"],
+        "fastapi": servers["fastapi"].ports["http"],
+    }
+    documents = {name: probes.http_get_me(name, port, caller) for name, port in http_ports.items()}
+    probes.check_same_user(documents, expected)
+    return expected
+
+
+@contextlib.contextmanager
+def servers_under_test(plan: Plan, work_dir: Path) -> Iterator[tuple[Bench, dict[str, Subject]]]:
+    """Every server started and checked, and the bench that loads them."""
     with contextlib.ExitStack() as stack:
-        pinned = plan.server_args()
-        full = stack.enter_context(
-            ServerProcess(["--mode", "full", *pinned], env, work_dir / "full.log")
-        )
-        caller = sign_up(full.port)
-        bare_args = ["--mode", "bare", "--user-id", caller.user_id, *pinned]
-        bare = stack.enter_context(ServerProcess(bare_args, env, work_dir / "bare.log"))
-        expected = get_me(full.port, caller)
-        if get_me(bare.port, caller) != expected:
-            raise LoadError("the bare server answers GetUser differently from the full one")
+        caller, servers = start_servers(plan, work_dir, stack)
+        expected = check_answers(servers, caller)
         body_file = work_dir / "get-user-request.bin"
         body_file.write_bytes(h2load.grpc_frame(users_pb2.GetUserRequest(name="users/me")))
         bench = Bench(plan, caller, body_file, len(h2load.grpc_frame(expected)), work_dir)
-        yield bench, {"full": full, "bare": bare}
+        yield bench, subjects_of(servers)
 
 
-def check_access_log(plan: Plan, work_dir: Path) -> Counter[str]:
-    """Every GetUser the full server served (checks, warm-up, rounds) was logged as OK."""
-    codes = access_log_codes(work_dir / "full.log")
-    expected = plan.calls_per_server
-    if codes != Counter({"OK": expected}):
-        raise LoadError(f"full server access log: {dict(codes)}, expected {expected} OK")
-    return codes
+def sent(runs: Sequence[Measurement], server: str, clients: int) -> Expected:
+    """The calls the load tools sent to ``server`` (exact for h2load, a range for wrk)."""
+    mine = [r for r in runs if r.server == server]
+    total = sum(r.requests for r in mine)
+    if all(r.tool == "h2load" for r in mine):
+        return Expected(exact=total)
+    return Expected(at_least=total, in_flight=clients * len(mine))
+
+
+def check_logs(plan: Plan, work_dir: Path, runs: Sequence[Measurement]) -> dict[str, Any]:
+    """Every call the servers logged succeeded, except the forged-token probes, and the
+    counts fit what was sent (the probes of :func:`check_answers` included)."""
+    probe = Expected(exact=1)
+    # full's gRPC port got h2load, the standalone gateway, and one probe from each of them;
+    # its HTTP port got wrk and one probe. Each HTTP server also refused one forged token.
+    grpc_calls = sent(runs, "full", plan.clients) + sent(runs, "standalone", plan.clients)
+    grpc_calls += probe + probe
+    http_calls = sent(runs, "embedded", plan.clients) + probe
+    fastapi_calls = sent(runs, "fastapi", plan.clients) + probe
+    codes = probes.access_log_codes(work_dir / "full.log")
+    fastapi = probes.uvicorn_statuses(work_dir / "fastapi.log")
+    refused = {"UNAUTHENTICATED": 1}
+    probes.check_codes("full server, gRPC", codes["grpc"], "OK", grpc_calls, refused)
+    probes.check_codes("full server, HTTP", codes["http"], "OK", http_calls, refused)
+    probes.check_codes("FastAPI", fastapi, "200", fastapi_calls, {"401": 1})
+    return {
+        "full_getuser_codes": {transport: dict(c) for transport, c in codes.items()},
+        "fastapi_statuses": dict(fastapi),
+    }
 
 
 def build_report(
-    plan: Plan, machine: dict[str, object], runs: list[Measurement], codes: Counter[str]
+    plan: Plan, machine: dict[str, object], runs: list[Measurement], logs: dict[str, Any]
 ) -> Report:
     """The report of this run."""
     return Report(
@@ -375,17 +364,16 @@ def build_report(
         load=plan.as_dict(),
         targets=TARGETS,
         runs=runs,
-        access_log_codes=dict(codes),
+        log_checks=logs,
     )
 
 
 def publish(result: Report) -> None:
-    """Print the table, write ``bench/results/`` and the README results section."""
+    """Print the tables, write ``bench/results/`` and the README results sections."""
     stem = f"getuser-{result.date[:10]}"
     json_path, text_path = report.write_results(result, RESULTS_DIR, stem)
-    report.update_readme(README, report.render_readme_block(result, json_path.name))
-    print()
-    print(report.render_table(result))
+    report.update_readme(README, report.readme_blocks(result, json_path.name))
+    print(f"\n{report.render_grpc_table(result)}\n\n{report.render_http_table(result)}")
     print(
         f"\nwrote {json_path.relative_to(ROOT)}, {text_path.relative_to(ROOT)}, "
         f"{README.relative_to(ROOT)}"
@@ -398,6 +386,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--requests", type=int, default=default.requests)
     parser.add_argument("--warmup-requests", type=int, default=default.warmup_requests)
+    parser.add_argument("--wrk-seconds", type=int, default=default.wrk_seconds)
     parser.add_argument("--rounds", type=int, default=default.rounds)
     parser.add_argument(
         "--no-publish", action="store_true", help="print only; leave results/ and README alone"
@@ -406,25 +395,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def measure(plan: Plan, work_dir: Path) -> Report:
+    """Start, check, load and stop every server; check their logs; the report."""
+    machine = machine_info()
+    with servers_under_test(plan, work_dir) as (bench, subjects):
+        warmups, runs = measure_all(bench, subjects)
+    logs = check_logs(plan, work_dir, [*warmups, *runs])
+    return build_report(plan, machine, runs, logs)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when it ran (targets met or not), 1 when a check failed."""
     args = parse_args(argv)
     plan = Plan.on_this_machine(
-        requests=args.requests, warmup_requests=args.warmup_requests, rounds=args.rounds
+        requests=args.requests,
+        warmup_requests=args.warmup_requests,
+        wrk_seconds=args.wrk_seconds,
+        rounds=args.rounds,
     )
     if plan.load_cpu is not None:
-        os.sched_setaffinity(0, {plan.load_cpu})  # h2load inherits it
+        os.sched_setaffinity(0, {plan.load_cpu})  # h2load and wrk inherit it
     work_dir = Path(tempfile.mkdtemp(prefix="tunnelplane-bench-"))
     try:
-        machine = machine_info()
-        with servers_under_test(plan, work_dir) as (bench, servers):
-            runs = measure_all(bench, servers)
-        result = build_report(plan, machine, runs, check_access_log(plan, work_dir))
+        result = measure(plan, work_dir)
     except (LoadError, RuntimeError, grpc.RpcError) as exc:
         print(f"bench failed: {exc}\n(work directory kept: {work_dir})", file=sys.stderr)
         return 1
     if args.no_publish:
-        print("\n" + report.render_table(result))
+        print(f"\n{report.render_grpc_table(result)}\n\n{report.render_http_table(result)}")
     else:
         publish(result)
     if args.keep:

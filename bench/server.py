@@ -1,7 +1,8 @@
-"""One server under test, in a process of its own: ``python -m bench.server --mode full|bare``.
+"""One server under test, in a process of its own: ``python -m bench.server --mode MODE``.
 
-``full`` is the real :class:`server.app.App`: the grpc.aio adapter and every stage of the
-pipeline (request context, access log, metrics, tracing, deadline, audit, auth, errors).
+``full`` is the real :class:`server.app.App`, as ``python -m server serve`` runs it: the
+grpc.aio adapter, the embedded HTTP gateway, and every stage of the pipeline (request
+context, access log, metrics, tracing, deadline, audit, auth, errors).
 
 ``bare`` is a plain ``grpc.aio`` server with the same server options and one generic
 handler for GetUser. The handler calls the same servicer method,
@@ -9,14 +10,22 @@ handler for GetUser. The handler calls the same servicer method,
 (never started), with the caller preset on a minimal :class:`~server.pipeline.Call`: same
 storage path, no adapter, no stages.
 
+``gateway`` is the standalone gateway, ``python -m gateway`` (its own ``main``), in front
+of ``--upstream``.
+
+``fastapi`` is the baseline app of ``bench/fastapi_app.py`` under uvicorn, configured the
+way ``uvicorn --workers 1 --http httptools --loop asyncio`` would run it.
+
 Settings come from ``TP_*`` variables as for ``python -m server serve``. Once serving, the
-process prints ``READY <port>`` on stdout; it stops on SIGTERM or SIGINT.
+process prints ``READY name=port ...`` on stdout (``grpc=`` and/or ``http=``), then sends
+anything else it writes to stdout to its log (stderr); it stops on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -24,8 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import uvicorn
 from tunnelplane.v1 import users_pb2
 
+from bench.fastapi_app import AppConfig, create_app
+from gateway import __main__ as gateway_cli
 from server import grpc_server, logs
 from server.api.users import UserApi
 from server.app import App
@@ -36,6 +48,9 @@ from server.settings import Settings
 
 SERVICE = "tunnelplane.v1.UserService"
 GET_USER = f"/{SERVICE}/GetUser"
+HTTP_GET_ME = "/v1/users/me"
+ROOT = Path(__file__).resolve().parent.parent
+DESCRIPTORS = ROOT / "generated" / "tunnelplane" / "descriptors.binpb"
 
 
 def pin(cpu: int) -> None:
@@ -44,9 +59,14 @@ def pin(cpu: int) -> None:
         os.sched_setaffinity(int(task.name), {cpu})
 
 
-def announce(port: int) -> None:
-    """Tell the parent process where this server listens."""
-    print(f"READY {port}", flush=True)
+def announce(**ports: int) -> None:
+    """Tell the parent process where this server listens, then stop using the pipe.
+
+    The parent reads only this line; whatever is written to stdout later (uvicorn's access
+    log goes there) must not fill a pipe nobody reads, so stdout becomes the log.
+    """
+    print("READY " + " ".join(f"{name}={port}" for name, port in ports.items()), flush=True)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
 
 async def until_stopped() -> None:
@@ -64,7 +84,7 @@ async def serve_full(settings: Settings) -> None:
     try:
         await app.start()
         tune_gc()
-        announce(app.grpc_port)
+        announce(grpc=app.grpc_port, http=app.http_port)
         await until_stopped()
     finally:
         await app.stop(grace=0)
@@ -112,25 +132,86 @@ async def serve_bare(settings: Settings, user_id: str) -> None:
         port = server.add_insecure_port(f"{settings.grpc_host}:{settings.grpc_port}")
         await server.start()
         tune_gc()  # the same process tuning as the full server
-        announce(port)
+        announce(grpc=port)
         await until_stopped()
         await server.stop(0)
     finally:
         await app.close()
 
 
+class _Announcer(logging.Handler):
+    """Announces the port of the standalone gateway's "gateway listening" record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        port = getattr(record, "port", None)
+        if isinstance(port, int):
+            announce(http=port)
+
+
+def serve_gateway(upstream: str) -> int:
+    """Run ``python -m gateway`` in front of ``upstream`` on a free port."""
+    logging.getLogger("gateway").addHandler(_Announcer())
+    args = ["--descriptor-set", str(DESCRIPTORS), "--upstream", upstream, "--port", "0"]
+    return gateway_cli.main(args)
+
+
+class _Uvicorn(uvicorn.Server):
+    """A uvicorn server that says when it listens."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.listening = asyncio.Event()
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        self.listening.set()
+
+
+async def serve_fastapi(settings: Settings, jwks_url: str) -> None:
+    """The FastAPI baseline under uvicorn, on a free port, over the same database."""
+    app = create_app(
+        AppConfig(
+            database_url=settings.effective_database_url,
+            jwks_url=jwks_url,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
+    )
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, workers=1, http="httptools", loop="asyncio"
+    )
+    server = _Uvicorn(config)
+    serving = asyncio.create_task(server.serve())
+    listening = asyncio.create_task(server.listening.wait())
+    await asyncio.wait({serving, listening}, return_when=asyncio.FIRST_COMPLETED)
+    if serving.done():
+        listening.cancel()
+        serving.result()
+        raise RuntimeError("uvicorn stopped during start-up")
+    announce(http=server.servers[0].sockets[0].getsockname()[1])
+    await serving
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, configure logging as the real server does, and serve."""
     parser = argparse.ArgumentParser(prog="python -m bench.server", description=__doc__)
-    parser.add_argument("--mode", choices=("full", "bare"), required=True)
-    parser.add_argument("--user-id", default="", help="the caller of every call (bare only)")
+    parser.add_argument("--mode", choices=("full", "bare", "gateway", "fastapi"), required=True)
+    parser.add_argument("--user-id", default="", help="the caller of every call (bare)")
+    parser.add_argument("--upstream", default="", help="the gRPC server, HOST:PORT (gateway)")
+    parser.add_argument("--jwks-url", default="", help="where the token keys are (fastapi)")
     parser.add_argument("--cpu", type=int, help="run on this CPU only")
     args = parser.parse_args(argv)
-    if args.mode == "bare" and not args.user_id:
-        parser.error("--mode bare needs --user-id")
+    needed = {"bare": "user_id", "gateway": "upstream", "fastapi": "jwks_url"}.get(args.mode)
+    if needed and not getattr(args, needed):
+        parser.error(f"--mode {args.mode} needs --{needed.replace('_', '-')}")
     if args.cpu is not None:
         pin(args.cpu)
+    if args.mode == "gateway":
+        return serve_gateway(args.upstream)
     settings = Settings.from_env()
+    if args.mode == "fastapi":
+        asyncio.run(serve_fastapi(settings, args.jwks_url))
+        return 0
     logs.configure(settings.log_level, settings.log_format)
     if args.mode == "full":
         asyncio.run(serve_full(settings))
