@@ -459,6 +459,7 @@ class TierDetails(_message.Message):
     TRANSFER_BYTES_PER_MONTH_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
     SELF_SERVICE_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, for example `tiers/free`."""
     tier: _common_pb2.Tier.ValueType
@@ -477,6 +478,8 @@ class TierDetails(_message.Message):
     """Bytes transferred per calendar month; -1 means unlimited."""
     self_service: _builtins.bool
     """Whether users may move themselves to this tier."""
+    burst: _builtins.int
+    """Calls allowed at once above the steady per-minute rate."""
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Features this tier unlocks, for example `endpoint_failover`."""
@@ -494,10 +497,11 @@ class TierDetails(_message.Message):
         transfer_bytes_per_month: _builtins.int = ...,
         features: _abc.Iterable[_builtins.str] | None = ...,
         self_service: _builtins.bool = ...,
+        burst: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "features", b"features", "max_concurrent_connections", b"max_concurrent_connections", "max_tunnels", b"max_tunnels", "name", b"name", "requests_per_minute", b"requests_per_minute", "requests_per_month", b"requests_per_month", "self_service", b"self_service", "tier", b"tier", "transfer_bytes_per_month", b"transfer_bytes_per_month"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "display_name", b"display_name", "features", b"features", "max_concurrent_connections", b"max_concurrent_connections", "max_tunnels", b"max_tunnels", "name", b"name", "requests_per_minute", b"requests_per_minute", "requests_per_month", b"requests_per_month", "self_service", b"self_service", "tier", b"tier", "transfer_bytes_per_month", b"transfer_bytes_per_month"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -797,3 +801,99 @@ class DeleteAvatarRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteAvatarRequest: _TypeAlias = DeleteAvatarRequest  # noqa: Y015
+
+@_typing.final
+class QuotaUsage(_message.Message):
+    """A user's use of one monthly quota."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METRIC_FIELD_NUMBER: _builtins.int
+    USED_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    metric: _builtins.str
+    """`requests`, `transfer_bytes`, `tunnels` or `concurrent_connections`."""
+    used: _builtins.int
+    """Used so far this period (or now, for tunnels and connections)."""
+    limit: _builtins.int
+    """The tier's limit; -1 means unlimited."""
+    def __init__(
+        self,
+        *,
+        metric: _builtins.str = ...,
+        used: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "metric", b"metric", "used", b"used"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuotaUsage: _TypeAlias = QuotaUsage  # noqa: Y015
+
+@_typing.final
+class Usage(_message.Message):
+    """A user's usage against their tier's quotas."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    PERIOD_END_FIELD_NUMBER: _builtins.int
+    QUOTAS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `users/{user}/usage`."""
+    tier: _common_pb2.Tier.ValueType
+    """The tier the limits come from."""
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """The start of the current calendar month (UTC)."""
+
+    @_builtins.property
+    def period_end(self) -> _timestamp_pb2.Timestamp:
+        """The start of the next one, when monthly counters reset."""
+
+    @_builtins.property
+    def quotas(self) -> _containers.RepeatedCompositeFieldContainer[Global___QuotaUsage]:
+        """Each quota."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        tier: _common_pb2.Tier.ValueType = ...,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        period_end: _timestamp_pb2.Timestamp | None = ...,
+        quotas: _abc.Iterable[Global___QuotaUsage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end", b"period_end", "period_start", b"period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "period_end", b"period_end", "period_start", b"period_start", "quotas", b"quotas", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Usage: _TypeAlias = Usage  # noqa: Y015
+
+@_typing.final
+class GetUsageRequest(_message.Message):
+    """Request for GetUsage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The usage, `users/{user}/usage` or `users/me/usage`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetUsageRequest: _TypeAlias = GetUsageRequest  # noqa: Y015

@@ -101,6 +101,11 @@ class UserServiceStub:
                 request_serializer=tunnelplane_dot_v1_dot_users__pb2.GetAvatarRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/tunnelplane.v1.UserService/GetUsage',
+                request_serializer=tunnelplane_dot_v1_dot_users__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_users__pb2.Usage.FromString,
+                _registered_method=True)
         self.DeleteAvatar = channel.unary_unary(
                 '/tunnelplane.v1.UserService/DeleteAvatar',
                 request_serializer=tunnelplane_dot_v1_dot_users__pb2.DeleteAvatarRequest.SerializeToString,
@@ -212,6 +217,13 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """A user's usage against their tier's monthly quotas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteAvatar(self, request, context):
         """Removes a user's avatar.
         """
@@ -281,6 +293,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.GetAvatar,
                     request_deserializer=tunnelplane_dot_v1_dot_users__pb2.GetAvatarRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=tunnelplane_dot_v1_dot_users__pb2.GetUsageRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_users__pb2.Usage.SerializeToString,
             ),
             'DeleteAvatar': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteAvatar,
@@ -617,6 +634,33 @@ class UserService:
             '/tunnelplane.v1.UserService/GetAvatar',
             tunnelplane_dot_v1_dot_users__pb2.GetAvatarRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.UserService/GetUsage',
+            tunnelplane_dot_v1_dot_users__pb2.GetUsageRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_users__pb2.Usage.FromString,
             options,
             channel_credentials,
             insecure,

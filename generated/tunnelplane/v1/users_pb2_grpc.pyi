@@ -82,6 +82,8 @@ class UserServiceStub:
     """
     GetAvatar: _grpc.UnaryUnaryMultiCallable[_users_pb2.GetAvatarRequest, _httpbody_pb2.HttpBody]
     """Downloads a user's avatar as raw bytes with their content type."""
+    GetUsage: _grpc.UnaryUnaryMultiCallable[_users_pb2.GetUsageRequest, _users_pb2.Usage]
+    """A user's usage against their tier's monthly quotas."""
     DeleteAvatar: _grpc.UnaryUnaryMultiCallable[_users_pb2.DeleteAvatarRequest, _empty_pb2.Empty]
     """Removes a user's avatar."""
 
@@ -137,6 +139,8 @@ class UserServiceAsyncStub(UserServiceStub):
     """
     GetAvatar: _aio.UnaryUnaryMultiCallable[_users_pb2.GetAvatarRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """Downloads a user's avatar as raw bytes with their content type."""
+    GetUsage: _aio.UnaryUnaryMultiCallable[_users_pb2.GetUsageRequest, _users_pb2.Usage]  # type: ignore[assignment]
+    """A user's usage against their tier's monthly quotas."""
     DeleteAvatar: _aio.UnaryUnaryMultiCallable[_users_pb2.DeleteAvatarRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Removes a user's avatar."""
 
@@ -261,6 +265,14 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """Downloads a user's avatar as raw bytes with their content type."""
+
+    @_abc_1.abstractmethod
+    def GetUsage(
+        self,
+        request: _users_pb2.GetUsageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_users_pb2.Usage, _abc.Awaitable[_users_pb2.Usage]]:
+        """A user's usage against their tier's monthly quotas."""
 
     @_abc_1.abstractmethod
     def DeleteAvatar(
