@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -25,11 +26,12 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 from prometheus_client import CollectorRegistry, start_http_server
-from tunnelplane.v1 import auth_pb2, users_pb2
+from tunnelplane.v1 import admin_pb2, auth_pb2, users_pb2
 
 from gateway.app import Gateway
 from gateway.serve import HttpServer
 from server import grpc_server, keys
+from server.api.admin import AdminApi
 from server.api.auth import AuthApi
 from server.api.users import UserApi
 from server.domain.apikeys import ApiKeyService
@@ -38,25 +40,32 @@ from server.domain.authn import Authenticator, Revocations, SubjectDirectory
 from server.domain.clock import Clock, SystemClock
 from server.domain.listing import Lister, PageTokenCodec
 from server.domain.passwords import PasswordHasher
+from server.domain.principal import Role, Tier
+from server.domain.quota import QuotaService
+from server.domain.ratelimit import BlockPolicy, Bucket
 from server.domain.throttle import LoginThrottle, ThrottlePolicy
 from server.domain.tiers import TierCatalog
 from server.domain.users import UserPolicy, UserService
-from server.health import HealthMonitor
+from server.domain.violations import ViolationLog
+from server.health import HealthMonitor, Listener
 from server.http import build_gateway
 from server.interceptors.audit import AuditStage
-from server.interceptors.auth import AuthStage
+from server.interceptors.auth import AuthenticateStage, AuthorizeStage
 from server.interceptors.context import RequestContextStage
 from server.interceptors.deadline import DeadlineStage
 from server.interceptors.errors import ErrorStage
 from server.interceptors.logging import AccessLogStage
 from server.interceptors.metrics import GrpcMetrics, MetricsStage
+from server.interceptors.ratelimit import LimiterMetrics, RateLimitStage, RatePolicy
 from server.interceptors.tracing import TracingStage
+from server.load import LoadMonitor
 from server.logs import AccessLog
 from server.pipeline import Handler, MethodInfo, Pipeline
 from server.policy import load_policies
-from server.settings import Settings
+from server.settings import Settings, networks
 from server.storage.database import Database
-from server.storage.kv import MemoryStore, RedisStore
+from server.storage.kv import MemoryStore, RedisStore, ResilientStore, redis_client
+from server.storage.limiter import FallbackLimiter, MemoryLimiter, RedisLimiter
 from server.workers.purge import purge_loop
 
 log = logging.getLogger("tunnelplane.server")
@@ -65,6 +74,7 @@ log = logging.getLogger("tunnelplane.server")
 SERVICES: Sequence[ServiceDescriptor] = (
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
     users_pb2.DESCRIPTOR.services_by_name["UserService"],
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
 )
 
 
@@ -127,13 +137,26 @@ class App:
             statement_timeout=settings.database_statement_timeout,
             clock=self.clock,
         )
-        self.kv: RedisStore | MemoryStore = (
-            RedisStore(settings.redis_url, settings.redis_prefix)
-            if settings.redis_url
+        self.redis = redis_client(settings.redis_url) if settings.redis_url else None
+        self.kv: ResilientStore | MemoryStore = (
+            ResilientStore(RedisStore(self.redis, settings.redis_prefix), MemoryStore())
+            if self.redis is not None
             else MemoryStore()
         )
-        self._build_domain(settings, material)
         self.registry = CollectorRegistry()
+        self.limiter_metrics = LimiterMetrics(self.registry)
+        self.limiter = FallbackLimiter(
+            RedisLimiter(self.redis, settings.redis_prefix) if self.redis is not None else None,
+            MemoryLimiter(),
+            on_switch=lambda backend: self.limiter_metrics.use_backend(backend, switched=True),
+        )
+        self.limiter_metrics.use_backend(self.limiter.backend, switched=False)
+        self.load = LoadMonitor(
+            lag_threshold=settings.load_lag_threshold,
+            inflight_threshold=settings.load_inflight_threshold,
+            enabled=settings.adaptive_limits,
+        )
+        self._build_domain(settings, material)
         self.tracer_provider = make_tracer_provider(settings)
         self.methods = method_table(SERVICES)
         self.chains = self._build_chains()
@@ -186,7 +209,9 @@ class App:
             clock,
             default_overlap=timedelta(seconds=settings.api_key_rotation_overlap),
         )
-        self.authenticator = Authenticator(self.tokens, subjects, revocations, self.api_keys, kv)
+        self.authenticator = Authenticator(
+            self.tokens, subjects, revocations, self.api_keys, kv, db
+        )
         self.accounts = AccountService(
             db,
             hasher,
@@ -211,17 +236,65 @@ class App:
             ),
         )
         self.tiers = TierCatalog(settings.tiers)
+        self.lister = lister
+        self.quotas = QuotaService(self.limiter, self.tiers, clock)
+        self.violations = ViolationLog(
+            db, lister, clock, logging.getLogger("tunnelplane.ratelimit")
+        )
+
+    def _rate_limit_stage(self) -> RateLimitStage | None:
+        settings = self.settings
+        if not settings.rate_limit_enabled:
+            return None
+        policy = RatePolicy(
+            tiers=settings.tiers,
+            ip_bucket=Bucket(settings.ip_rate_per_minute, settings.ip_burst),
+            block=BlockPolicy(
+                settings.ip_block_after,
+                settings.ip_block_window * 1000,
+                settings.ip_block_duration * 1000,
+            ),
+            max_wait_ms=settings.rate_queue_max_wait * 1000,
+            queue_limit=settings.rate_queue_limit,
+            exempt_roles=frozenset(
+                Role(r.strip()) for r in settings.rate_exempt_roles.split(",") if r.strip()
+            ),
+            exempt_networks=networks(settings.rate_exempt_ips),
+        )
+        for tier in Tier:
+            self.limiter_metrics.factor.labels(tier.value).set_function(
+                functools.partial(self.load.factor, tier)
+            )
+        self.limiter_metrics.load.set_function(lambda: self.load.level)
+        return RateLimitStage(
+            self.limiter,
+            policy,
+            self.load,
+            self.violations,
+            self.limiter_metrics,
+            self.clock,
+            logging.getLogger("tunnelplane.ratelimit"),
+        )
 
     def _build_chains(self) -> dict[str, Handler]:
+        self.rate_limit_stage = self._rate_limit_stage()
         servicers: dict[str, object] = {
             "tunnelplane.v1.AuthService": AuthApi(
                 self.accounts, self.api_keys, self.tokens, self.clock
             ),
-            "tunnelplane.v1.UserService": UserApi(self.users, self.tiers, self.clock),
+            "tunnelplane.v1.UserService": UserApi(self.users, self.tiers, self.quotas, self.clock),
+            "tunnelplane.v1.AdminService": AdminApi(
+                lambda: self.health,
+                self.limiter,
+                self.load,
+                self.rate_limit_stage,
+                self.violations,
+                self.lister,
+            ),
         }
         pipeline = Pipeline(
             [
-                RequestContextStage(),
+                RequestContextStage(networks(self.settings.trusted_proxies)),
                 AccessLogStage(
                     AccessLog(
                         logging.getLogger("tunnelplane.access"),
@@ -235,7 +308,9 @@ class App:
                 ),
                 DeadlineStage(self.settings.default_deadline),
                 AuditStage(self.db, self.clock, log),
-                AuthStage(self.authenticator, tls_required=self.settings.mode == "production"),
+                AuthenticateStage(self.authenticator),
+                *([self.rate_limit_stage] if self.rate_limit_stage is not None else []),
+                AuthorizeStage(tls_required=self.settings.mode == "production"),
                 ErrorStage(log),
             ]
         )
@@ -259,11 +334,19 @@ class App:
             settings.tls_key_file,
         )
         checks = {"database": self.db.ping}
-        if settings.redis_url:
+        listeners: dict[str, list[Listener]] = {}
+        if isinstance(self.kv, ResilientStore):
+            # Redis is optional: without it, shared state and limits fall back in-process.
             checks["redis"] = self.kv.ping
+            listeners["redis"] = [self.kv.set_available, self.limiter.set_available]
         needs = {name: frozenset(checks) for name in names}
         self.health = HealthMonitor(
-            health_servicer, checks, needs, interval=settings.health_interval
+            health_servicer,
+            checks,
+            needs,
+            interval=settings.health_interval,
+            optional=frozenset({"redis"}),
+            listeners=listeners,
         )
         await self.health.check_once()
         await server.start()
@@ -273,6 +356,10 @@ class App:
         self._tasks = [
             asyncio.create_task(self.health.run(), name="health"),
             asyncio.create_task(purge_loop(self.users, log), name="purge"),
+            asyncio.create_task(self.load.run(), name="load"),
+            asyncio.create_task(
+                self.violations.run(settings.violation_flush_interval), name="violations"
+            ),
         ]
         log.info(
             "serving",
@@ -337,6 +424,8 @@ class App:
 
     async def close(self) -> None:
         """Release connections (also for an App that was built but never started)."""
+        with contextlib.suppress(Exception):
+            await self.violations.flush()  # the last few seconds of refusals
         await self.db.dispose()
         await self.kv.close()
         self.tracer_provider.shutdown()

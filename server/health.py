@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from grpc_health.v1 import health_pb2
@@ -20,16 +20,30 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 Check = Callable[[], Awaitable[None]]
+#: Told after each probe whether a dependency is up (Redis fallbacks switch on this).
+Listener = Callable[[bool], Awaitable[None] | None]
 
 
 def evaluate(
-    up: Mapping[str, bool], needs: Mapping[str, frozenset[str]], *, shutting_down: bool
+    up: Mapping[str, bool],
+    needs: Mapping[str, frozenset[str]],
+    *,
+    shutting_down: bool,
+    optional: frozenset[str] = frozenset(),
 ) -> dict[str, bool]:
-    """Which services (and "" for the whole server) are serving, given dependency states."""
+    """Which services (and "" for the whole server) are serving, given dependency states.
+
+    An ``optional`` dependency being down degrades the server (it keeps serving from a
+    fallback) without making it NOT_SERVING.
+    """
     if shutting_down:
         return {"": False, **dict.fromkeys(needs, False)}
-    statuses = {service: all(up.get(dep, False) for dep in deps) for service, deps in needs.items()}
-    statuses[""] = all(up.get(dep, False) for dep in up) and all(statuses.values())
+    statuses = {
+        service: all(up.get(dep, False) for dep in deps if dep not in optional)
+        for service, deps in needs.items()
+    }
+    required = [dep for dep in up if dep not in optional]
+    statuses[""] = all(up.get(dep, False) for dep in required) and all(statuses.values())
     return statuses
 
 
@@ -52,7 +66,11 @@ class HealthMonitor:
         *,
         interval: float,
         timeout: float = 3.0,
+        optional: frozenset[str] = frozenset(),
+        listeners: Mapping[str, Sequence[Listener]] | None = None,
     ) -> None:
+        self.optional = optional
+        self._listeners = dict(listeners or {})
         self._servicer = servicer
         self._checks = dict(checks)
         self._needs = dict(needs)
@@ -62,6 +80,7 @@ class HealthMonitor:
             name: DependencyStatus(up=False, error="not checked yet") for name in checks
         }
         self._shutting_down = False
+        self._changed = asyncio.Condition()
 
     @property
     def dependencies(self) -> dict[str, DependencyStatus]:
@@ -71,6 +90,11 @@ class HealthMonitor:
     def serving(self, service: str = "") -> bool:
         """Whether ``service`` (or the whole server) is serving now."""
         return self._statuses().get(service, False)
+
+    async def wait_for(self, dependency: str, up: bool) -> None:
+        """Return once ``dependency`` was last seen ``up`` (or down)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._status[dependency].up == up)
 
     async def check_once(self) -> None:
         """Probe every dependency now and publish the result."""
@@ -86,7 +110,13 @@ class HealthMonitor:
                     extra={"dependency": name, "error": status.error},
                 )
             self._status[name] = status
+            for listener in self._listeners.get(name, ()):
+                result = listener(status.up)
+                if result is not None:
+                    await result
         await self._publish()
+        async with self._changed:
+            self._changed.notify_all()
 
     async def run(self) -> None:
         """Probe forever, every ``interval`` seconds."""
@@ -102,7 +132,7 @@ class HealthMonitor:
 
     def _statuses(self) -> dict[str, bool]:
         up = {name: status.up for name, status in self._status.items()}
-        return evaluate(up, self._needs, shutting_down=self._shutting_down)
+        return evaluate(up, self._needs, shutting_down=self._shutting_down, optional=self.optional)
 
     async def _publish(self) -> None:
         for service, serving in self._statuses().items():

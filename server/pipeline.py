@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 
 from server.domain.auth import ClientInfo
 from server.domain.principal import Principal
-from server.errors import Cancelled, Code, code_of
+from server.errors import Cancelled, Code, Unauthenticated, code_of
 from server.policy import MethodPolicy
 
 
@@ -41,6 +41,8 @@ class Call:
     """What a stage or servicer knows about the call being served."""
 
     __slots__ = (
+        "auth_error",
+        "client_ip",
         "deadline",
         "metadata",
         "method",
@@ -72,6 +74,10 @@ class Call:
         #: Whether the call arrived over TLS (or through a trusted TLS-terminating proxy).
         self.secure = False
         self.principal: Principal | None = None
+        #: A credential that failed verification, raised by the authorize stage.
+        self.auth_error: Unauthenticated | None = None
+        #: The caller's address (the peer, or what a trusted proxy forwarded).
+        self.client_ip = peer
         #: Initial metadata to send (HTTP response headers through the gateway).
         self.response_headers: list[tuple[str, str]] = []
         self.trailers: list[tuple[str, str]] = []
@@ -88,7 +94,7 @@ class Call:
     def client(self) -> ClientInfo:
         """The caller's address and user agent."""
         agent = self.metadata.get("grpcgateway-user-agent") or self.metadata.get("user-agent", "")
-        return ClientInfo(self.peer, agent)
+        return ClientInfo(self.client_ip, agent)
 
     @property
     def time_remaining(self) -> float | None:

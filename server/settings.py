@@ -7,6 +7,7 @@ while a secret is missing (see :meth:`Settings.check_production`).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -34,14 +35,16 @@ class TierLimits:
     max_concurrent_connections: int
     requests_per_month: int
     transfer_bytes_per_month: int
+    #: Calls allowed at once above the steady rate (the GCRA burst).
+    burst: int
 
 
 GIB = 1024**3
 
 DEFAULT_TIERS: Mapping[str, TierLimits] = {
-    "free": TierLimits(100, 3, 5, 10_000, 1 * GIB),
-    "premium": TierLimits(1_000, 50, 100, 1_000_000, 100 * GIB),
-    "enterprise": TierLimits(10_000, -1, -1, -1, -1),
+    "free": TierLimits(100, 3, 5, 10_000, 1 * GIB, 20),
+    "premium": TierLimits(1_000, 50, 100, 1_000_000, 100 * GIB, 200),
+    "enterprise": TierLimits(10_000, -1, -1, -1, -1, 2_000),
 }
 
 
@@ -151,6 +154,39 @@ class Settings:
     soft_delete_retention: float = field(
         default=30 * 86400.0, metadata=_doc("How long soft-deleted users stay restorable, s")
     )
+    rate_limit_enabled: bool = field(
+        default=True, metadata=_doc("Enforce rate limits, quotas and load shedding")
+    )
+    rate_queue_max_wait: float = field(
+        default=0.5, metadata=_doc("Longest a call waits for its slot instead of a refusal, s")
+    )
+    rate_queue_limit: int = field(default=20, metadata=_doc("Calls one subject may have waiting"))
+    ip_rate_per_minute: int = field(default=1200, metadata=_doc("Calls per minute per address"))
+    ip_burst: int = field(default=200, metadata=_doc("Burst per address"))
+    ip_block_after: int = field(
+        default=100, metadata=_doc("Refusals within TP_IP_BLOCK_WINDOW that block an address")
+    )
+    ip_block_window: float = field(default=60.0, metadata=_doc("Window for those refusals, s"))
+    ip_block_duration: float = field(default=900.0, metadata=_doc("How long a block lasts, s"))
+    trusted_proxies: str = field(
+        default="", metadata=_doc("CIDRs of proxies whose X-Forwarded-For is believed")
+    )
+    rate_exempt_roles: str = field(
+        default="", metadata=_doc("Comma-separated roles never rate limited")
+    )
+    rate_exempt_ips: str = field(default="", metadata=_doc("CIDRs never rate limited"))
+    adaptive_limits: bool = field(
+        default=True, metadata=_doc("Tighten limits and shed load when overloaded")
+    )
+    load_lag_threshold: float = field(
+        default=0.1, metadata=_doc("Event-loop lag that counts as full load, s")
+    )
+    load_inflight_threshold: int = field(
+        default=1000, metadata=_doc("Calls in flight that count as full load")
+    )
+    violation_flush_interval: float = field(
+        default=5.0, metadata=_doc("How often aggregated violations are written, s")
+    )
     default_page_size: int = field(default=50, metadata=_doc("List page size when unset"))
     max_page_size: int = field(default=1000, metadata=_doc("Largest list page size"))
     tiers: Mapping[str, TierLimits] = field(
@@ -196,6 +232,15 @@ class Settings:
             "max_page_size",
             "login_window",
             "login_lock_duration",
+            "rate_queue_limit",
+            "ip_rate_per_minute",
+            "ip_burst",
+            "ip_block_after",
+            "ip_block_window",
+            "ip_block_duration",
+            "load_lag_threshold",
+            "load_inflight_threshold",
+            "violation_flush_interval",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -206,6 +251,11 @@ class Settings:
             raise SettingsError("TP_DEFAULT_PAGE_SIZE must not exceed TP_MAX_PAGE_SIZE")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise SettingsError("TP_TLS_CERT_FILE and TP_TLS_KEY_FILE must be set together")
+        for name in ("trusted_proxies", "rate_exempt_ips"):
+            try:
+                networks(getattr(self, name))
+            except ValueError as exc:
+                raise SettingsError(f"{env_name_of(name)}: {exc}") from None
         if self.otel_exporter == "otlp" and not self.otel_endpoint:
             raise SettingsError("TP_OTEL_ENDPOINT is required when TP_OTEL_EXPORTER=otlp")
         if self.mode == "production":
@@ -222,6 +272,13 @@ class Settings:
             raise SettingsError(
                 "production mode refuses generated or default secrets; set " + ", ".join(missing)
             )
+
+
+def networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """Parse a comma-separated CIDR list (a bare address is a /32 or /128)."""
+    return tuple(
+        ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()
+    )
 
 
 def env_name(f: dataclasses.Field[Any]) -> str:

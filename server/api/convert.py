@@ -27,6 +27,7 @@ from server.domain.entities import (
     UserState,
 )
 from server.domain.principal import Role, Tier
+from server.domain.quota import Usage
 from server.domain.tiers import TierInfo
 from server.domain.users import etag_of
 from server.errors import InvalidArgument
@@ -218,6 +219,20 @@ def tier_details(info: TierInfo) -> users_pb2.TierDetails:
         transfer_bytes_per_month=limits.transfer_bytes_per_month,
         features=list(info.features),
         self_service=info.self_service,
+        burst=limits.burst,
+    )
+
+
+def usage(value: Usage) -> users_pb2.Usage:
+    """The API form of a user's quota usage."""
+    return users_pb2.Usage(
+        name=f"users/{value.user_id}/usage",
+        tier=_TIER_NUMBERS[value.tier],  # type: ignore[arg-type]
+        period_start=timestamp(value.period_start),
+        period_end=timestamp(value.period_end),
+        quotas=[
+            users_pb2.QuotaUsage(metric=q.metric, used=q.used, limit=q.limit) for q in value.quotas
+        ],
     )
 
 

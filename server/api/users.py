@@ -9,6 +9,7 @@ from tunnelplane.v1 import users_pb2
 from server.api import convert
 from server.domain.clock import Clock
 from server.domain.names import user_id_of
+from server.domain.quota import QuotaService
 from server.domain.tiers import TierCatalog
 from server.domain.users import UPDATABLE_PATHS, UserService
 from server.pipeline import Call
@@ -22,9 +23,12 @@ def caller_id(call: Call) -> str | None:
 class UserApi:
     """Serves ``tunnelplane.v1.UserService``."""
 
-    def __init__(self, users: UserService, tiers: TierCatalog, clock: Clock) -> None:
+    def __init__(
+        self, users: UserService, tiers: TierCatalog, quotas: QuotaService, clock: Clock
+    ) -> None:
         self._users = users
         self._tiers = tiers
+        self._quotas = quotas
         self._clock = clock
 
     async def GetUser(self, request: users_pb2.GetUserRequest, call: Call) -> users_pb2.User:
@@ -122,6 +126,11 @@ class UserApi:
         avatar = await self._users.get_avatar(user_id)
         call.set_header("cache-control", "private, max-age=300")
         return httpbody_pb2.HttpBody(content_type=avatar.content_type, data=avatar.data)
+
+    async def GetUsage(self, request: users_pb2.GetUsageRequest, call: Call) -> users_pb2.Usage:
+        user_id = user_id_of(request.name, "name", caller_id(call), suffix="/usage")
+        user = await self._users.get(user_id)
+        return convert.usage(await self._quotas.usage(user.id, user.tier))
 
     async def DeleteAvatar(
         self, request: users_pb2.DeleteAvatarRequest, call: Call

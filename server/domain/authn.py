@@ -112,7 +112,9 @@ class Authenticator:
         revocations: Revocations,
         api_keys: ApiKeyService,
         kv: KeyValueStore,
+        uow: UnitOfWorkFactory,
     ) -> None:
+        self._uow = uow
         self._tokens = tokens
         self._subjects = subjects
         self._revocations = revocations
@@ -143,6 +145,10 @@ class Authenticator:
         )
         if raw_token is not None or raw_session is not None:
             raise Unauthenticated("access token revoked", reason="TOKEN_REVOKED")
+        if self._kv.degraded and not await self._session_live(claims.session_id):
+            # Revocation markers made before the outage are in Redis, out of reach now;
+            # the session table is the source of truth for them.
+            raise Unauthenticated("access token revoked", reason="TOKEN_REVOKED")
         state = await self._subjects.resolve(claims.subject, raw_subject)
         if state is None or not state.active:
             raise Unauthenticated("account is not active", reason="ACCOUNT_INACTIVE")
@@ -156,6 +162,11 @@ class Authenticator:
             token_id=claims.token_id,
             token_expires_at=claims.expires_at,
         )
+
+    async def _session_live(self, session_id: str) -> bool:
+        async with self._uow(readonly=True) as uow:
+            session = await uow.sessions.get_session(session_id)
+        return session is not None and session.revoke_time is None
 
     async def _api_key(self, secret: str) -> Principal:
         identity = await self._api_keys.identify(secret)

@@ -10,7 +10,7 @@ import builtins
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 from server.domain.entities import (
     ApiKey,
@@ -22,6 +22,9 @@ from server.domain.entities import (
     UserCredentials,
 )
 from server.domain.listing import ListQuery
+
+if TYPE_CHECKING:
+    from server.domain.violations import ViolationRecord
 
 
 class UserRepository(Protocol):
@@ -90,6 +93,18 @@ class AuditRepository(Protocol):
     async def erase_user(self, user_id: str) -> None: ...
 
 
+class ViolationRepository(Protocol):
+    """Aggregated rate-limit refusals."""
+
+    async def add_counts(self, records: builtins.list[ViolationRecord]) -> None: ...
+    async def list(self, query: ListQuery) -> builtins.list[ViolationRecord]: ...
+    async def total(self, since: datetime) -> int: ...
+    async def top(
+        self, group: str, since: datetime, limit: int
+    ) -> builtins.list[tuple[str, int]]: ...
+    async def delete_before(self, cutoff: datetime) -> None: ...
+
+
 class UnitOfWork(Protocol):
     """One transaction and the repositories bound to it. Commits on a clean exit."""
 
@@ -103,6 +118,8 @@ class UnitOfWork(Protocol):
     def api_keys(self) -> ApiKeyRepository: ...
     @property
     def audit(self) -> AuditRepository: ...
+    @property
+    def violations(self) -> ViolationRepository: ...
 
     async def __aenter__(self) -> Self: ...
     async def __aexit__(
@@ -134,3 +151,7 @@ class KeyValueStore(Protocol):
         ...
 
     async def ping(self) -> None: ...
+    @property
+    def degraded(self) -> bool:
+        """Whether shared state is served by a stand-in (Redis unreachable)."""
+        ...

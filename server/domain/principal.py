@@ -57,6 +57,7 @@ ADMIN_PERMISSIONS = frozenset(
         "billing.write",
         "audit.read",
         "config.write",
+        "system.read",
     }
 )
 AGENT_PERMISSIONS = frozenset({"agent.connect"})
@@ -64,7 +65,8 @@ ALL_PERMISSIONS = SELF_PERMISSIONS | ADMIN_PERMISSIONS | AGENT_PERMISSIONS
 
 ROLE_PERMISSIONS: Mapping[Role, frozenset[str]] = {
     Role.USER: SELF_PERMISSIONS,
-    Role.SUPPORT_ADMIN: SELF_PERMISSIONS | {"users.read", "users.write", "audit.read"},
+    Role.SUPPORT_ADMIN: SELF_PERMISSIONS
+    | {"users.read", "users.write", "audit.read", "system.read"},
     Role.FINANCE_ADMIN: SELF_PERMISSIONS | {"users.read", "billing.read", "billing.write"},
     Role.SUPER_ADMIN: ALL_PERMISSIONS,
     Role.SERVICE: SELF_PERMISSIONS | {"users.read", "billing.read"},

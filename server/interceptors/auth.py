@@ -1,7 +1,8 @@
 """Authentication and authorization, driven by each method's declared policy.
 
-The credential (if any) is verified first; then :func:`server.domain.principal.authorize`
-decides with the method's rule and the owner of the resource the request names. Every
+The credential (if any) is verified first (:class:`AuthenticateStage`); rate limits then
+count the call; then :func:`server.domain.principal.authorize` decides with the method's
+rule and the owner of the resource the request names (:class:`AuthorizeStage`). Every
 check happens before the servicer runs, so a refused call has no side effect.
 """
 
@@ -13,7 +14,7 @@ from server.domain import audit
 from server.domain.authn import Authenticator
 from server.domain.names import owner_of
 from server.domain.principal import authorize
-from server.errors import InvalidArgument, PermissionDenied
+from server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from server.pipeline import Call, Handler, MethodInfo
 
 
@@ -25,19 +26,46 @@ def field_value(message: Message, path: list[str]) -> str:
     return value if isinstance(value, str) else ""
 
 
-class AuthStage:
-    """Sets ``call.principal`` and enforces the policy's rule.
+class AuthenticateStage:
+    """Verifies the credential, if any, and sets ``call.principal``.
+
+    A bad credential is kept on the call rather than raised, so that the rate-limit
+    stage can count the call against its address before :class:`AuthorizeStage`
+    refuses it: floods of bad tokens are limited like any other traffic.
+    """
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._authenticator = authenticator
+
+    def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
+        authenticator = self._authenticator
+
+        async def handle(request: Message, call: Call) -> Message:
+            authorization = call.header("authorization")
+            if authorization:
+                try:
+                    principal = await authenticator.authenticate(authorization)
+                except Unauthenticated as error:
+                    call.auth_error = error
+                else:
+                    call.principal = principal
+                    audit.set_actor(principal.user_id, principal.api_key_id)
+            return await handler(request, call)
+
+        return handle
+
+
+class AuthorizeStage:
+    """Enforces the method's rule with the caller and the owner of the named resource.
 
     ``require_tls`` methods are refused over plain HTTP when ``tls_required`` (production
     mode): they carry passwords or tokens, or return secrets.
     """
 
-    def __init__(self, authenticator: Authenticator, *, tls_required: bool = False) -> None:
-        self._authenticator = authenticator
+    def __init__(self, *, tls_required: bool = False) -> None:
         self._tls_required = tls_required
 
     def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
-        authenticator = self._authenticator
         rule = method.policy.rule
         owner_path = rule.owner_field.split(".") if rule.owner_field else []
         needs_tls = self._tls_required and method.policy.require_tls
@@ -47,18 +75,14 @@ class AuthStage:
                 raise PermissionDenied(
                     "this method is only served over HTTPS", reason="TLS_REQUIRED"
                 )
-            authorization = call.header("authorization")
-            principal = await authenticator.authenticate(authorization) if authorization else None
-            call.principal = principal
+            if call.auth_error is not None:
+                raise call.auth_error
+            principal = call.principal
             owner = None
-            if principal is not None:
-                audit.set_actor(principal.user_id, principal.api_key_id)
-                if owner_path:
-                    owner = owner_of(field_value(request, owner_path), principal.user_id)
-                    if owner is None:
-                        raise InvalidArgument.single(
-                            rule.owner_field, "must name a user's resource"
-                        )
+            if principal is not None and owner_path:
+                owner = owner_of(field_value(request, owner_path), principal.user_id)
+                if owner is None:
+                    raise InvalidArgument.single(rule.owner_field, "must name a user's resource")
             authorize(rule, principal, owner)
             return await handler(request, call)
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
 
 from google.protobuf.message import Message
 
+from server.domain.ratelimit import Network, client_address
 from server.logs import request_id_var
 from server.pipeline import Call, Handler, MethodInfo
 
@@ -14,15 +16,23 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
 class RequestContextStage:
-    """Binds ``x-request-id`` (a caller's if well-formed, else a new one) to the call.
+    """Binds ``x-request-id`` (a caller's if well-formed, else a new one) and the client
+    address (the peer, or the ``X-Forwarded-For`` hop a trusted proxy vouches for).
 
     A request id the server made is returned in the initial metadata. One the caller sent
     is not echoed: the caller has it, and on grpc.aio initial metadata costs a separate
     batch operation per call (measured: about a tenth of a GetUser's throughput).
     """
 
+    def __init__(self, trusted_proxies: Sequence[Network] = ()) -> None:
+        self._trusted = tuple(trusted_proxies)
+
     def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
+        trusted = self._trusted
+
         async def handle(request: Message, call: Call) -> Message:
+            if trusted:
+                call.client_ip = client_address(call.peer, call.header("x-forwarded-for"), trusted)
             given = call.header("x-request-id")
             if _SAFE_ID.match(given):
                 request_id = given

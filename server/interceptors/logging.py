@@ -39,6 +39,7 @@ class AccessLogStage:
                             "duration_ms": round((time.perf_counter() - start) * 1000, 3),
                             "user_id": principal.user_id if principal else "",
                             "peer": call.peer,
+                            "client_ip": call.client_ip,
                             "transport": call.transport,
                         }
                     )

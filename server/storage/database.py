@@ -24,6 +24,7 @@ from server.storage import sqlite_inline
 from server.storage.audit import SqlAuditRepository
 from server.storage.credentials import SqlApiKeyRepository, SqlSessionRepository
 from server.storage.users import SqlAvatarRepository, SqlUserRepository
+from server.storage.violations import SqlViolationRepository
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
@@ -151,6 +152,7 @@ class SqlUnitOfWork:
     sessions: SqlSessionRepository
     api_keys: SqlApiKeyRepository
     audit: SqlAuditRepository
+    violations: SqlViolationRepository
 
     def __init__(
         self,
@@ -194,6 +196,7 @@ class SqlUnitOfWork:
         self.sessions = SqlSessionRepository(conn)
         self.api_keys = SqlApiKeyRepository(conn)
         self.audit = SqlAuditRepository(conn)
+        self.violations = SqlViolationRepository(conn)
         return self
 
     async def __aexit__(

@@ -6,11 +6,15 @@ domain cannot tell them apart. Keys are namespaced with a prefix (``TP_REDIS_PRE
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
 
 
 class MemoryStore:
@@ -62,6 +66,17 @@ class MemoryStore:
         self._data[key] = (str(value).encode(), self._data[key][1])
         return value
 
+    @property
+    def degraded(self) -> bool:
+        """Never: there is nothing to fall back from."""
+        return False
+
+    def entry(self, key: str) -> tuple[bytes, float] | None:
+        """A live key's value and remaining TTL in seconds."""
+        now = time.monotonic()
+        value = self._live(key, now)
+        return None if value is None else (value, self._data[key][1] - now)
+
     async def ping(self) -> None:
         return None
 
@@ -69,14 +84,24 @@ class MemoryStore:
         self._data.clear()
 
 
+def redis_client(url: str) -> aioredis.Redis:
+    """A Redis client whose calls fail fast when Redis is unreachable."""
+    return aioredis.Redis.from_url(
+        url, socket_timeout=1.0, socket_connect_timeout=1.0, health_check_interval=15
+    )
+
+
 class RedisStore:
     """The same store on Redis, shared by every replica."""
 
-    def __init__(self, url: str, prefix: str = "tp:") -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str = "tp:") -> None:
         self._prefix = prefix
-        self._redis = aioredis.Redis.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0, health_check_interval=15
-        )
+        self._redis = client
+
+    @classmethod
+    def connect(cls, url: str, prefix: str = "tp:") -> RedisStore:
+        """A store with its own connection pool."""
+        return cls(redis_client(url), prefix)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         values = await self._redis.mget([self._prefix + key for key in keys])
@@ -104,5 +129,132 @@ class RedisStore:
     async def ping(self) -> None:
         await self._redis.ping()
 
+    @property
+    def degraded(self) -> bool:
+        """Never on its own; :class:`ResilientStore` reports outages."""
+        return False
+
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+#: While degraded, refilled cache entries live this long at most: other replicas cannot
+#: invalidate this process's copy then.
+DEGRADED_CACHE_TTL = 5.0
+JOURNAL_LIMIT = 50_000
+
+
+class ResilientStore:
+    """Redis while it answers; this process's store while it does not.
+
+    Callers see no errors when Redis goes away: reads and writes move to the in-process
+    store (cache misses fall through to the database, the source of truth). Writes made
+    meanwhile (revocations, tombstones, counters) are journalled and written to Redis
+    when it returns, before Redis is used again.
+    """
+
+    def __init__(self, redis: RedisStore, local: MemoryStore) -> None:
+        self._redis = redis
+        self._local = local
+        self._up = True
+        self._journal: OrderedDict[str, None] = OrderedDict()
+        self._lost = False
+
+    @property
+    def degraded(self) -> bool:
+        """Whether the in-process store is standing in for Redis."""
+        return not self._up
+
+    def _down(self) -> None:
+        if self._up:
+            self._up = False
+            log.warning("shared state moved in-process: Redis is unreachable")
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if self._up:
+            try:
+                return await self._redis.get_many(keys)
+            except _REDIS_DOWN:
+                self._down()
+        return await self._local.get_many(keys)
+
+    async def set(
+        self, key: str, value: bytes, ttl: float, *, only_if_absent: bool = False
+    ) -> bool:
+        if self._up:
+            try:
+                return await self._redis.set(key, value, ttl, only_if_absent=only_if_absent)
+            except _REDIS_DOWN:
+                self._down()
+        if only_if_absent:
+            # A cache refill: keep it short, since no other replica can invalidate it.
+            return await self._local.set(
+                key, value, min(ttl, DEGRADED_CACHE_TTL), only_if_absent=True
+            )
+        self._note(key)
+        return await self._local.set(key, value, ttl)
+
+    async def delete(self, *keys: str) -> None:
+        if self._up:
+            try:
+                await self._redis.delete(*keys)
+            except _REDIS_DOWN:
+                self._down()
+            else:
+                return
+        for key in keys:
+            self._note(key)
+        await self._local.delete(*keys)
+
+    async def incr(self, key: str, ttl: float) -> int:
+        if self._up:
+            try:
+                return await self._redis.incr(key, ttl)
+            except _REDIS_DOWN:
+                self._down()
+        self._note(key)
+        return await self._local.incr(key, ttl)
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def set_available(self, up: bool) -> None:
+        """Told by the health monitor; on recovery, replay the journal first."""
+        if not up:
+            self._down()
+            return
+        if self._up:
+            return
+        try:
+            await self._replay()
+        except _REDIS_DOWN:
+            return
+        self._up = True
+        log.warning("shared state is back in Redis")
+
+    def _note(self, key: str) -> None:
+        self._journal[key] = None
+        self._journal.move_to_end(key)
+        if len(self._journal) > JOURNAL_LIMIT:
+            self._journal.popitem(last=False)
+            self._lost = True
+
+    async def _replay(self) -> None:
+        for key in list(self._journal):
+            entry = self._local.entry(key)
+            if entry is None:
+                await self._redis.delete(key)
+            else:
+                value, ttl = entry
+                await self._redis.set(key, value, ttl)
+            self._journal.pop(key, None)
+        if self._lost:
+            log.error("journal overflowed during the Redis outage; some writes were not replayed")
+            self._lost = False
+
+    async def close(self) -> None:
+        await self._redis.close()
+        await self._local.close()
+
+
+_REDIS_DOWN = (RedisError, OSError, TimeoutError)

@@ -162,3 +162,17 @@ audit_log = sa.Table(
     sa.Index(None, "subject_user_id", "time"),
     sa.Index(None, "time"),
 )
+
+#: Rate-limit refusals, aggregated per minute, subject, address, method and policy.
+rate_limit_violations = sa.Table(
+    "rate_limit_violations",
+    metadata,
+    _id(),
+    sa.Column("window_start", UTCDateTime(), nullable=False),
+    sa.Column("subject", sa.String(200), nullable=False),
+    sa.Column("ip_address", sa.String(64), nullable=False),
+    sa.Column("method", sa.String(200), nullable=False),
+    sa.Column("policy", sa.String(40), nullable=False),
+    sa.Column("count", sa.Integer(), nullable=False),
+    sa.Index(None, "window_start", "id"),
+)

@@ -1,0 +1,162 @@
+"""AdminService."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf import empty_pb2
+from tunnelplane.v1 import admin_pb2
+
+from server.api import convert
+from server.domain.listing import Lister, ListSpec, OrderKey
+from server.domain.ratelimit import Limiter
+from server.domain.violations import ViolationLog
+from server.errors import InvalidArgument, NotFound
+from server.health import HealthMonitor
+from server.interceptors.ratelimit import RateLimitStage
+from server.load import LoadMonitor
+from server.pipeline import Call
+
+MAX_WINDOW = timedelta(days=30)
+BLOCKS_SPEC = ListSpec({}, frozenset({"create_time"}), (OrderKey("create_time", descending=True),))
+
+
+def _time(ms: float) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+class AdminApi:
+    """Serves ``tunnelplane.v1.AdminService``."""
+
+    def __init__(
+        self,
+        health: Callable[[], HealthMonitor | None],
+        limiter: Limiter,
+        load: LoadMonitor,
+        stage: RateLimitStage | None,
+        violations: ViolationLog,
+        lister: Lister,
+    ) -> None:
+        self._health = health
+        self._limiter = limiter
+        self._load = load
+        self._stage = stage
+        self._violations = violations
+        self._lister = lister
+
+    async def GetSystemStatus(
+        self, request: admin_pb2.GetSystemStatusRequest, call: Call
+    ) -> admin_pb2.SystemStatus:
+        monitor = self._health()
+        dependencies = monitor.dependencies if monitor is not None else {}
+        optional = monitor.optional if monitor is not None else frozenset()
+        state = "SERVING"
+        if monitor is None or not monitor.serving():
+            state = "NOT_SERVING"
+        elif any(not s.up for s in dependencies.values()):
+            state = "DEGRADED"
+        queues = self._stage.queues() if self._stage is not None else []
+        load = self._load
+        return admin_pb2.SystemStatus(
+            state=state,
+            dependencies=[
+                admin_pb2.DependencyStatus(
+                    name=name, up=status.up, optional=name in optional, error=status.error
+                )
+                for name, status in sorted(dependencies.items())
+            ],
+            limiter_backend=self._limiter.backend,
+            load=admin_pb2.LoadStatus(
+                in_flight=load.in_flight,
+                loop_lag_ms=round(load.lag * 1000, 3),
+                level=round(load.level, 3),
+                tier_factors=load.factors(),
+                shedding=load.shedding,
+            ),
+            queued_calls=sum(n for _, n in queues),
+            queues=[admin_pb2.QueueDepth(subject=s, waiting=n) for s, n in queues],
+        )
+
+    async def ListRateLimitViolations(
+        self, request: admin_pb2.ListRateLimitViolationsRequest, call: Call
+    ) -> admin_pb2.ListRateLimitViolationsResponse:
+        page = await self._violations.list(
+            page_size=request.page_size, page_token=request.page_token, filter=request.filter
+        )
+        return admin_pb2.ListRateLimitViolationsResponse(
+            violations=[
+                admin_pb2.RateLimitViolation(
+                    window_start=convert.timestamp(v.window_start),
+                    subject=v.subject,
+                    ip_address=v.ip_address,
+                    method=v.method,
+                    policy=v.policy,
+                    count=v.count,
+                )
+                for v in page.items
+            ],
+            next_page_token=page.next_page_token,
+        )
+
+    async def SummarizeRateLimitViolations(
+        self, request: admin_pb2.SummarizeRateLimitViolationsRequest, call: Call
+    ) -> admin_pb2.SummarizeRateLimitViolationsResponse:
+        window = timedelta(hours=1)
+        if request.HasField("window"):
+            window = convert.from_duration(request.window, "window")
+            if not timedelta(0) < window <= MAX_WINDOW:
+                raise InvalidArgument.single("window", "must be more than 0 and at most 30 days")
+        if not 0 <= request.top <= 100:
+            raise InvalidArgument.single("top", "must be between 0 and 100")
+        summary = await self._violations.summarize(window, request.top or 10)
+
+        def counts(pairs: list[tuple[str, int]]) -> list[admin_pb2.ViolationCount]:
+            return [admin_pb2.ViolationCount(key=k, count=n) for k, n in pairs]
+
+        return admin_pb2.SummarizeRateLimitViolationsResponse(
+            total=summary.total,
+            top_subjects=counts(summary.subjects),
+            top_methods=counts(summary.methods),
+            top_addresses=counts(summary.addresses),
+        )
+
+    async def ListIpBlocks(
+        self, request: admin_pb2.ListIpBlocksRequest, call: Call
+    ) -> admin_pb2.ListIpBlocksResponse:
+        query = self._lister.query(
+            BLOCKS_SPEC, page_size=request.page_size, page_token=request.page_token
+        )
+        blocks = sorted(await self._limiter.blocks(), key=lambda b: (-b.since_ms, b.ip))
+        if query.after is not None:
+            since, ip = query.after
+            blocks = [b for b in blocks if (-b.since_ms, b.ip) > (-since, ip)]
+        page = self._lister.page(query, blocks[: query.limit + 1], lambda b: (b.since_ms, b.ip))
+        return admin_pb2.ListIpBlocksResponse(
+            ip_blocks=[
+                admin_pb2.IpBlock(
+                    name=f"ipBlocks/{b.ip}",
+                    ip_address=b.ip,
+                    reason="repeated rate-limit refusals",
+                    create_time=convert.timestamp(_time(b.since_ms)),
+                    expire_time=convert.timestamp(_time(b.until_ms)),
+                )
+                for b in page.items
+            ],
+            next_page_token=page.next_page_token,
+        )
+
+    async def DeleteIpBlock(
+        self, request: admin_pb2.DeleteIpBlockRequest, call: Call
+    ) -> empty_pb2.Empty:
+        prefix, _, raw = request.name.partition("/")
+        try:
+            ip = str(ipaddress.ip_address(raw))
+        except ValueError:
+            ip = ""
+        if prefix != "ipBlocks" or not ip:
+            raise InvalidArgument.single("name", "must look like ipBlocks/{address}")
+        if not await self._limiter.lift(ip):
+            raise NotFound("ip block", request.name)
+        return empty_pb2.Empty()

@@ -1,0 +1,294 @@
+"""Rate limits, quotas and load shedding: one stage, the same for gRPC and HTTP callers.
+
+Per call: shed non-critical work when the server is overloaded (lowest tier first); then
+one limiter decision covers the address block, the address's limit, the subject's limit
+(tier rate, tightened by load, with a short wait near the limit instead of a refusal)
+and the monthly request quota. The limit fields go back as metadata (trailers, which
+cost grpc.aio nothing extra; the gateway turns them into headers), and refusals carry
+``RetryInfo`` and ``QuotaFailure``. Exempt calls are evaluated without being counted, and
+logged when they would have been refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from google.protobuf.message import Message
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import Counter as PromCounter
+
+from server.domain.clock import Clock
+from server.domain.principal import CredentialKind, Principal, Role, Tier
+from server.domain.ratelimit import (
+    BlockPolicy,
+    Bucket,
+    Check,
+    Decision,
+    Limiter,
+    Network,
+    Outcome,
+    in_networks,
+    month_bounds,
+    quota_key,
+    rate_headers,
+)
+from server.domain.violations import ViolationLog
+from server.errors import QuotaViolation, ResourceExhausted, Unavailable
+from server.load import LoadMonitor
+from server.pipeline import Call, Handler, MethodInfo
+from server.settings import TierLimits
+
+_MESSAGES = {
+    Outcome.IP_BLOCKED: "this address is blocked for repeated violations",
+    Outcome.IP_LIMITED: "too many calls from this address",
+    Outcome.SUBJECT_LIMITED: "rate limit exceeded",
+    Outcome.QUOTA_EXCEEDED: "monthly request quota exhausted",
+}
+_REASONS = {
+    Outcome.IP_BLOCKED: "IP_BLOCKED",
+    Outcome.IP_LIMITED: "IP_RATE_LIMITED",
+    Outcome.SUBJECT_LIMITED: "RATE_LIMITED",
+    Outcome.QUOTA_EXCEEDED: "QUOTA_EXCEEDED",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RatePolicy:
+    """The limits, from settings."""
+
+    tiers: Mapping[str, TierLimits]
+    ip_bucket: Bucket
+    block: BlockPolicy
+    max_wait_ms: float
+    queue_limit: int
+    exempt_roles: frozenset[Role]
+    exempt_networks: tuple[Network, ...]
+
+    def bucket(self, tier: Tier) -> Bucket:
+        """A tier's steady rate and burst."""
+        limits = self.tiers[tier.value]
+        return Bucket(limits.requests_per_minute, limits.burst)
+
+    def monthly_requests(self, tier: Tier) -> int:
+        """A tier's monthly request quota (-1: unlimited)."""
+        return self.tiers[tier.value].requests_per_month
+
+
+class LimiterMetrics:
+    """Decisions, waits, queue depth, adaptive factors and the backend in use."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.decisions = PromCounter(
+            "tunnelplane_ratelimit_decisions_total",
+            "Rate-limit decisions by policy and result.",
+            ["policy", "result"],
+            registry=registry,
+        )
+        self.wait = Histogram(
+            "tunnelplane_ratelimit_queue_wait_seconds",
+            "Time calls waited for their slot near the limit.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+            registry=registry,
+        )
+        self.queued = Gauge(
+            "tunnelplane_ratelimit_queued_calls", "Calls waiting for a slot.", registry=registry
+        )
+        self.factor = Gauge(
+            "tunnelplane_adaptive_limit_factor",
+            "Share of each tier's normal rate limit allowed under the current load.",
+            ["tier"],
+            registry=registry,
+        )
+        self.load = Gauge("tunnelplane_load_level", "Load from 0 to 1.", registry=registry)
+        self.backend = Gauge(
+            "tunnelplane_ratelimit_backend",
+            "1 for the limiter backend in use.",
+            ["backend"],
+            registry=registry,
+        )
+        self.switches = PromCounter(
+            "tunnelplane_ratelimit_backend_switches_total",
+            "Switches between Redis and the in-process limiter.",
+            ["to"],
+            registry=registry,
+        )
+
+    def use_backend(self, backend: str, *, switched: bool) -> None:
+        """Record the backend in use."""
+        for name in ("redis", "memory"):
+            self.backend.labels(name).set(1 if name == backend else 0)
+        if switched:
+            self.switches.labels(backend).inc()
+
+
+def subject_of(principal: Principal | None, ip: str) -> str:
+    """Who a limit counts: the API key, the user, or the address of anonymous callers."""
+    if principal is None:
+        return f"ip/{ip}"
+    if principal.credential == CredentialKind.API_KEY:
+        return f"apiKeys/{principal.api_key_id}"
+    return f"users/{principal.user_id}"
+
+
+class RateLimitStage:
+    """Applies :class:`RatePolicy` to every call, after authentication."""
+
+    def __init__(
+        self,
+        limiter: Limiter,
+        policy: RatePolicy,
+        load: LoadMonitor,
+        violations: ViolationLog,
+        metrics: LimiterMetrics,
+        clock: Clock,
+        logger: logging.Logger,
+    ) -> None:
+        self._limiter = limiter
+        self._policy = policy
+        self._load = load
+        self._violations = violations
+        self._metrics = metrics
+        self._clock = clock
+        self._log = logger
+        self.waiting: Counter[str] = Counter()
+
+    def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
+        cost = method.policy.rate_cost
+        critical = method.policy.critical
+        exempt_by_policy = method.policy.rate_exempt
+        name = method.full_name
+
+        async def handle(request: Message, call: Call) -> Message:
+            self._load.enter()
+            try:
+                await self._admit(call, name, cost, critical=critical, exempt=exempt_by_policy)
+                return await handler(request, call)
+            finally:
+                self._load.leave()
+
+        return handle
+
+    async def _admit(
+        self, call: Call, method: str, cost: int, *, critical: bool, exempt: bool
+    ) -> None:
+        principal, ip = call.principal, call.client_ip
+        tier = principal.tier if principal is not None else Tier.FREE
+        subject = subject_of(principal, ip)
+        policy = self._policy
+        exempt = exempt or self._exempt(principal, ip)
+        if not exempt and self._load.sheds(tier, critical=critical):
+            self._refuse_shed(subject, ip, method, tier)
+        bucket = policy.bucket(tier).scaled(self._load.factor(tier))
+        check = self._check(call, principal, subject, bucket, cost, exempt=exempt)
+        decision = await self._limiter.decide(check)
+        call.trailers.extend(rate_headers(decision, bucket))
+        if exempt:
+            self._exempted(decision, subject, ip, method)
+            return
+        if not decision.allowed:
+            self._refuse(decision, subject, ip, method, bucket)
+        self._metrics.decisions.labels("subject", "allowed").inc()
+        if decision.wait_ms:
+            await self._wait(subject, decision.wait_ms)
+
+    def _check(
+        self,
+        call: Call,
+        principal: Principal | None,
+        subject: str,
+        bucket: Bucket,
+        cost: int,
+        *,
+        exempt: bool,
+    ) -> Check:
+        policy = self._policy
+        queue_full = self.waiting[subject] >= policy.queue_limit
+        quota_limit, key, reset_ms = -1, "", 0.0
+        if principal is not None:
+            now = self._clock.now()
+            quota_limit = policy.monthly_requests(principal.tier)
+            key = quota_key(principal.user_id, "requests", now)
+            reset_ms = (month_bounds(now)[1] - now).total_seconds() * 1000
+        given = call.header("x-request-id")
+        return Check(
+            subject=subject,
+            ip=call.client_ip,
+            subject_bucket=bucket,
+            ip_bucket=policy.ip_bucket,
+            cost=cost,
+            max_wait_ms=0.0 if queue_full or exempt else policy.max_wait_ms,
+            quota_key=key,
+            quota_limit=quota_limit,
+            quota_reset_ms=reset_ms,
+            dedupe=f"{subject}:{given}" if given and given == call.request_id else "",
+            dry_run=exempt,
+            block=policy.block,
+        )
+
+    def _exempt(self, principal: Principal | None, ip: str) -> bool:
+        if principal is not None and principal.role in self._policy.exempt_roles:
+            return True
+        return bool(self._policy.exempt_networks) and in_networks(ip, self._policy.exempt_networks)
+
+    def _exempted(self, decision: Decision, subject: str, ip: str, method: str) -> None:
+        result = "exempt" if decision.allowed else "exempt_would_refuse"
+        self._metrics.decisions.labels(decision.outcome.policy or "subject", result).inc()
+        if not decision.allowed:
+            self._log.info(
+                "exempt call would have been rate limited",
+                extra={"subject": subject, "client_ip": ip, "method": method,
+                       "policy": decision.outcome.policy},
+            )  # fmt: skip
+
+    def _refuse(
+        self, decision: Decision, subject: str, ip: str, method: str, bucket: Bucket
+    ) -> None:
+        outcome = decision.outcome
+        self._metrics.decisions.labels(outcome.policy, "refused").inc()
+        self._violations.record(subject, ip, method, outcome.policy)
+        if decision.blocked_now:
+            self._log.warning("address blocked", extra={"client_ip": ip, "method": method})
+        retry = decision.retry_after_ms / 1000
+        violation = self._violation(outcome, subject, ip, bucket)
+        raise ResourceExhausted(
+            _MESSAGES[outcome],
+            retry_after=retry,
+            violations=[violation],
+            reason=_REASONS[outcome],
+            metadata={"subject": subject},
+        )
+
+    def _violation(self, outcome: Outcome, subject: str, ip: str, bucket: Bucket) -> QuotaViolation:
+        if outcome == Outcome.QUOTA_EXCEEDED:
+            return QuotaViolation(subject, "requests per month of the caller's tier")
+        if outcome in {Outcome.IP_BLOCKED, Outcome.IP_LIMITED}:
+            limit = self._policy.ip_bucket.limit
+            return QuotaViolation(f"ip/{ip}", f"{limit} requests per minute per address")
+        return QuotaViolation(subject, f"{bucket.limit} requests per minute (burst {bucket.burst})")
+
+    def _refuse_shed(self, subject: str, ip: str, method: str, tier: Tier) -> None:
+        self._metrics.decisions.labels("shed", tier.value).inc()
+        self._violations.record(subject, ip, method, "shed")
+        raise Unavailable("the server is overloaded; retry shortly", retry_after=1.0)
+
+    async def _wait(self, subject: str, wait_ms: int) -> None:
+        self.waiting[subject] += 1
+        self._metrics.queued.inc()
+        started = time.perf_counter()
+        try:
+            await asyncio.sleep(wait_ms / 1000)
+        finally:
+            self.waiting[subject] -= 1
+            if not self.waiting[subject]:
+                del self.waiting[subject]
+            self._metrics.queued.dec()
+            self._metrics.wait.observe(time.perf_counter() - started)
+
+    def queues(self, top: int = 10) -> Sequence[tuple[str, int]]:
+        """The longest waiting queues."""
+        return self.waiting.most_common(top)
