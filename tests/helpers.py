@@ -9,7 +9,13 @@ from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
-from tunnelplane.v1 import auth_pb2, auth_pb2_grpc, users_pb2, users_pb2_grpc
+from tunnelplane.v1 import (
+    admin_pb2_grpc,
+    auth_pb2,
+    auth_pb2_grpc,
+    users_pb2,
+    users_pb2_grpc,
+)
 
 from server.app import App
 from server.domain.principal import Role, Tier
@@ -101,6 +107,7 @@ class Client:
         self.channel = channel
         self.auth = auth_pb2_grpc.AuthServiceStub(channel)
         self.users = users_pb2_grpc.UserServiceStub(channel)
+        self.admin = admin_pb2_grpc.AdminServiceStub(channel)
 
     async def register(self, email: str | None = None, password: str = PASSWORD) -> users_pb2.User:
         """Register a user and return it."""

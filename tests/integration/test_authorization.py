@@ -18,7 +18,7 @@ import pytest
 from google.api import httpbody_pb2
 from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
-from tunnelplane.v1 import auth_pb2, common_pb2, options_pb2, users_pb2
+from tunnelplane.v1 import admin_pb2, auth_pb2, common_pb2, options_pb2, users_pb2
 
 from server.app import SERVICES
 from server.domain.principal import ROLE_PERMISSIONS, SELF_PERMISSIONS, Role
@@ -90,6 +90,16 @@ BUILDERS: dict[str, Builder] = {
     "UserService/GetAvatar": lambda t: users_pb2.GetAvatarRequest(name=f"{t.user.name}/avatar"),
     "UserService/DeleteAvatar": lambda t: users_pb2.DeleteAvatarRequest(
         name=f"{t.user.name}/avatar"
+    ),
+    "UserService/GetUsage": lambda t: users_pb2.GetUsageRequest(name=f"{t.user.name}/usage"),
+    "AdminService/GetSystemStatus": lambda t: admin_pb2.GetSystemStatusRequest(),
+    "AdminService/ListRateLimitViolations": lambda t: admin_pb2.ListRateLimitViolationsRequest(),
+    "AdminService/SummarizeRateLimitViolations": lambda t: (
+        admin_pb2.SummarizeRateLimitViolationsRequest()
+    ),
+    "AdminService/ListIpBlocks": lambda t: admin_pb2.ListIpBlocksRequest(),
+    "AdminService/DeleteIpBlock": lambda t: admin_pb2.DeleteIpBlockRequest(
+        name="ipBlocks/10.9.9.9"
     ),
 }
 
@@ -171,7 +181,9 @@ async def test_authorization_matrix(
     metadata = await credentials_for(
         caller, client, target, policy, {"admin": admin, "other_user": other_user}
     )
-    stub = client.auth if service == "AuthService" else client.users
+    stub = {"AuthService": client.auth, "UserService": client.users, "AdminService": client.admin}[
+        service
+    ]
     rpc = getattr(stub, descriptor.name)  # type: ignore[attr-defined]
     try:
         await rpc(BUILDERS[name](target), metadata=metadata)

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from google.api import httpbody_pb2
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from google.protobuf.message import Message
-from tunnelplane.v1 import auth_pb2, common_pb2, users_pb2
+from tunnelplane.v1 import admin_pb2, auth_pb2, common_pb2, users_pb2
 
 from server.app import SERVICES, App
 from server.domain.principal import Role
@@ -201,6 +201,7 @@ def flip_last(token: str) -> str:
 
 A = "AuthService"
 U = "UserService"
+AD = "AdminService"
 NEST = "(" * 10 + 'email : "a"' + ")" * 10
 MANY_TERMS = " AND ".join(['email : "a"'] * 31)
 
@@ -574,6 +575,68 @@ BAD_REQUESTS = [
         extra=("name", named(users_pb2.DeleteAvatarRequest, "users/me/avatar/x")),
         empty=("name", named(users_pb2.DeleteAvatarRequest, "")),
     ),
+    *rows(
+        f"{U}.GetUsage",
+        user_name=("name", named(users_pb2.GetUsageRequest, "users/me")),
+        wrong_leaf=("name", named(users_pb2.GetUsageRequest, "users/me/usages")),
+        empty=("name", named(users_pb2.GetUsageRequest, "")),
+    ),
+    *rows(
+        f"{AD}.ListRateLimitViolations",
+        "admin",
+        negative_size=(
+            "page_size",
+            lambda c: admin_pb2.ListRateLimitViolationsRequest(page_size=-1),
+        ),
+        bad_token=(
+            "page_token",
+            lambda c: admin_pb2.ListRateLimitViolationsRequest(page_token="nope"),
+        ),
+        bad_filter=(
+            "filter",
+            lambda c: admin_pb2.ListRateLimitViolationsRequest(filter="count > 1"),
+        ),
+        injection=(
+            "filter",
+            lambda c: admin_pb2.ListRateLimitViolationsRequest(filter="subject = '; DROP"),
+        ),
+    ),
+    *rows(
+        f"{AD}.SummarizeRateLimitViolations",
+        "admin",
+        zero_window=(
+            "window",
+            lambda c: admin_pb2.SummarizeRateLimitViolationsRequest(window=dur(0)),
+        ),
+        negative=(
+            "window",
+            lambda c: admin_pb2.SummarizeRateLimitViolationsRequest(window=dur(-5)),
+        ),
+        too_long=(
+            "window",
+            lambda c: admin_pb2.SummarizeRateLimitViolationsRequest(window=dur(31 * 86400)),
+        ),
+        malformed=(
+            "window",
+            lambda c: admin_pb2.SummarizeRateLimitViolationsRequest(window=dur(1, -5)),
+        ),
+        top_negative=("top", lambda c: admin_pb2.SummarizeRateLimitViolationsRequest(top=-1)),
+        top_huge=("top", lambda c: admin_pb2.SummarizeRateLimitViolationsRequest(top=101)),
+    ),
+    *rows(
+        f"{AD}.ListIpBlocks",
+        "admin",
+        negative_size=("page_size", lambda c: admin_pb2.ListIpBlocksRequest(page_size=-1)),
+        bad_token=("page_token", lambda c: admin_pb2.ListIpBlocksRequest(page_token="x")),
+    ),
+    *rows(
+        f"{AD}.DeleteIpBlock",
+        "admin",
+        not_an_address=("name", named(admin_pb2.DeleteIpBlockRequest, "ipBlocks/nope")),
+        wrong_collection=("name", named(admin_pb2.DeleteIpBlockRequest, "users/10.0.0.1")),
+        empty=("name", named(admin_pb2.DeleteIpBlockRequest, "")),
+        extra=("name", named(admin_pb2.DeleteIpBlockRequest, "ipBlocks/10.0.0.1/x")),
+    ),
 ]
 
 #: Methods whose only input is a credential: a bad one is UNAUTHENTICATED by design (it
@@ -591,6 +654,7 @@ BAD_CREDENTIALS = {
 #: Methods with nothing a caller could get wrong, and why.
 EXEMPT = {
     f"{A}.GetJwks": "takes no input",
+    f"{AD}.GetSystemStatus": "takes no input",
     f"{U}.ListTiers": "takes no input",
     f"{A}.Logout": "its only field is a bool; the session comes from the credential",
 }
@@ -621,7 +685,7 @@ async def ctx(app: App, channel: grpc.aio.Channel) -> Ctx:
 def stub_method(client: Client, method: str) -> Callable[..., Any]:
     """The stub callable of ``Service.Method``."""
     service, name = method.split(".")
-    stub = client.auth if service == A else client.users
+    stub = {A: client.auth, U: client.users, AD: client.admin}[service]
     return getattr(stub, name)  # type: ignore[no-any-return]
 
 

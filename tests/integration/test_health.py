@@ -10,16 +10,22 @@ from urllib.parse import urlsplit
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tunnelplane.v1 import users_pb2
+from tunnelplane.v1 import admin_pb2, users_pb2
 
 from server.app import App
+from server.domain.principal import Role
 from tests.conftest import REDIS_URL, make_settings
 from tests.helpers import Client, fails
 from tests.tcpproxy import TcpProxy
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-SERVICES = ["", "tunnelplane.v1.AuthService", "tunnelplane.v1.UserService"]
+SERVICES = [
+    "",
+    "tunnelplane.v1.AuthService",
+    "tunnelplane.v1.UserService",
+    "tunnelplane.v1.AdminService",
+]
 
 
 async def status(channel: grpc.aio.Channel, service: str) -> int:
@@ -97,7 +103,11 @@ async def test_database_outage_turns_health_not_serving_and_back(
         watch.cancel()
 
 
-async def test_redis_outage_is_reported_too(postgres_database: str, tmp_path: Path) -> None:
+async def test_redis_outage_degrades_without_refusing_calls(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    """Redis is optional: while it is away the server keeps serving from in-process
+    fallbacks and reports itself degraded; when it returns, Redis is used again."""
     from tests.conftest import migrate, require_redis
 
     require_redis()
@@ -114,18 +124,35 @@ async def test_redis_outage_is_reported_too(postgres_database: str, tmp_path: Pa
         )
     )
     await server.start()
+    monitor = server.health
+    assert monitor is not None
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
-            await next_status(watch, SERVING)
+            client = Client(server, channel)
+            admin = await client.new_user(role=Role.SUPER_ADMIN, tag="admin")
+            status_request = admin_pb2.GetSystemStatusRequest()
+            await monitor.wait_for("redis", up=True)
+            before = await client.admin.GetSystemStatus(status_request, metadata=admin.metadata)
+            assert (before.state, before.limiter_backend) == ("SERVING", "redis")
+
             await proxy.cut()
-            await next_status(watch, NOT_SERVING)
-            assert not server.health.dependencies["redis"].up  # type: ignore[union-attr]
+            await monitor.wait_for("redis", up=False)
+            during = await client.admin.GetSystemStatus(status_request, metadata=admin.metadata)
+            assert (during.state, during.limiter_backend) == ("DEGRADED", "memory")
+            assert [(d.name, d.up, d.optional) for d in during.dependencies] == [
+                ("database", True, False),
+                ("redis", False, True),
+            ]
+            for service in SERVICES:
+                assert await status(channel, service) == SERVING
+            assert (await client.register()).name.startswith("users/")
+
             await proxy.start()
-            await next_status(watch, SERVING)
-            watch.cancel()
+            await monitor.wait_for("redis", up=True)
+            after = await client.admin.GetSystemStatus(status_request, metadata=admin.metadata)
+            assert (after.state, after.limiter_backend) == ("SERVING", "redis")
             me = users_pb2.GetUserRequest(name="users/me")
-            await fails(Client(server, channel).users.GetUser(me), grpc.StatusCode.UNAUTHENTICATED)
+            await fails(client.users.GetUser(me), grpc.StatusCode.UNAUTHENTICATED)
     finally:
         await server.stop(grace=0)
         await proxy.cut()

@@ -154,4 +154,5 @@ async def test_health_and_readiness_follow_the_grpc_health_service(
     assert ready["services"] == {
         "tunnelplane.v1.AuthService": "SERVING",
         "tunnelplane.v1.UserService": "SERVING",
+        "tunnelplane.v1.AdminService": "SERVING",
     }

@@ -19,7 +19,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[MemoryStore | R
         kv: MemoryStore | RedisStore = MemoryStore()
     else:
         require_redis()
-        kv = RedisStore(REDIS_URL, f"tptest:{uuid.uuid4().hex[:8]}:")
+        kv = RedisStore.connect(REDIS_URL, f"tptest:{uuid.uuid4().hex[:8]}:")
     yield kv
     await kv.close()
 

@@ -12,6 +12,7 @@ from server.app import App
 EXPECTED = {
     "tunnelplane.v1.AuthService",
     "tunnelplane.v1.UserService",
+    "tunnelplane.v1.AdminService",
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",
     "grpc.reflection.v1.ServerReflection",

@@ -50,7 +50,7 @@ async def throttle(
         kv: MemoryStore | RedisStore = MemoryStore()
     else:
         require_redis()
-        kv = RedisStore(REDIS_URL, f"tptest:{uuid.uuid4().hex[:8]}:")
+        kv = RedisStore.connect(REDIS_URL, f"tptest:{uuid.uuid4().hex[:8]}:")
     yield LoginThrottle(kv, POLICY, clock), clock
     await kv.close()
 
