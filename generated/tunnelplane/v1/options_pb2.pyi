@@ -82,19 +82,25 @@ class RateLimitPolicy(_message.Message):
 
     COST_FIELD_NUMBER: _builtins.int
     EXEMPT_FIELD_NUMBER: _builtins.int
+    QUOTA_FREE_FIELD_NUMBER: _builtins.int
     cost: _builtins.int
     """Units one call consumes. Zero means the default of 1."""
     exempt: _builtins.bool
     """When true the call is never rate limited (the exemption is logged)."""
+    quota_free: _builtins.bool
+    """When true the call neither counts against nor is refused by the monthly request
+    quota (it is still rate limited): reading one's usage must work when it is spent.
+    """
     def __init__(
         self,
         *,
         cost: _builtins.int = ...,
         exempt: _builtins.bool = ...,
+        quota_free: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "exempt", b"exempt"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "exempt", b"exempt", "quota_free", b"quota_free"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
