@@ -149,6 +149,7 @@ class App:
             RedisLimiter(self.redis, settings.redis_prefix) if self.redis is not None else None,
             MemoryLimiter(),
             on_switch=lambda backend: self.limiter_metrics.use_backend(backend, switched=True),
+            on_error=self.limiter_metrics.errors.inc,
         )
         self.limiter_metrics.use_backend(self.limiter.backend, switched=False)
         self.load = LoadMonitor(
@@ -276,6 +277,13 @@ class App:
             logging.getLogger("tunnelplane.ratelimit"),
         )
 
+    async def _fresh_redis_connections(self, up: bool, _probed_at: float) -> None:
+        """When Redis is back, drop the pool's connections to the Redis that went away
+        before the fallbacks switch back to it (each would fail once)."""
+        degraded = isinstance(self.kv, ResilientStore) and self.kv.degraded
+        if up and self.redis is not None and (degraded or self.limiter.backend == "memory"):
+            await self.redis.connection_pool.disconnect()
+
     def _build_chains(self) -> dict[str, Handler]:
         self.rate_limit_stage = self._rate_limit_stage()
         servicers: dict[str, object] = {
@@ -338,7 +346,11 @@ class App:
         if isinstance(self.kv, ResilientStore):
             # Redis is optional: without it, shared state and limits fall back in-process.
             checks["redis"] = self.kv.ping
-            listeners["redis"] = [self.kv.set_available, self.limiter.set_available]
+            listeners["redis"] = [
+                self._fresh_redis_connections,
+                self.kv.set_available,
+                self.limiter.set_available,
+            ]
         needs = {name: frozenset(checks) for name in names}
         self.health = HealthMonitor(
             health_servicer,

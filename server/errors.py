@@ -69,6 +69,12 @@ class QuotaViolation:
 
     subject: str
     description: str
+    #: Which quota or limit (``QuotaFailure.Violation.quota_id``), e.g. ``RequestsPerMonth``.
+    quota_id: str = ""
+    #: What it counts (``quota_metric``), e.g. ``tunnelplane.v1/requests``.
+    quota_metric: str = ""
+    #: Its value for this caller (``quota_value``); 0 when not applicable.
+    quota_value: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +259,11 @@ class ResourceExhausted(DomainError):
                 error_details_pb2.QuotaFailure(
                     violations=[
                         error_details_pb2.QuotaFailure.Violation(
-                            subject=v.subject, description=v.description
+                            subject=v.subject,
+                            description=v.description,
+                            quota_id=v.quota_id,
+                            quota_metric=v.quota_metric,
+                            quota_value=v.quota_value,
                         )
                         for v in self.violations
                     ]

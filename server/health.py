@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,8 +21,9 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 Check = Callable[[], Awaitable[None]]
-#: Told after each probe whether a dependency is up (Redis fallbacks switch on this).
-Listener = Callable[[bool], Awaitable[None] | None]
+#: Told after each probe whether a dependency is up, and when (``time.monotonic()``) the
+#: probe started: a fallback that saw a failure after that ignores an older "up".
+Listener = Callable[[bool, float], Awaitable[None] | None]
 
 
 def evaluate(
@@ -98,6 +100,7 @@ class HealthMonitor:
 
     async def check_once(self) -> None:
         """Probe every dependency now and publish the result."""
+        started = time.monotonic()
         results = await asyncio.gather(*(self._probe(c) for c in self._checks.values()))
         for name, status in zip(self._checks, results, strict=True):
             previous = self._status.get(name)
@@ -111,7 +114,7 @@ class HealthMonitor:
                 )
             self._status[name] = status
             for listener in self._listeners.get(name, ()):
-                result = listener(status.up)
+                result = listener(status.up, started)
                 if result is not None:
                     await result
         await self._publish()

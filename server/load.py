@@ -43,6 +43,7 @@ class LoadMonitor:
         self.in_flight = 0
         self.lag = 0.0
         self._level = 0.0
+        self._waiters: list[asyncio.Future[None]] = []
 
     @property
     def level(self) -> float:
@@ -83,18 +84,28 @@ class LoadMonitor:
         """Whether any non-critical calls are being shed."""
         return self.level >= min(SHED_FROM.values())
 
+    def observe(self, lag: float) -> None:
+        """Fold one event-loop lag sample (s) and the calls in flight into the level."""
+        self.lag += SMOOTHING * (lag - self.lag)
+        measured = max(self.lag / self._lag_threshold, self.in_flight / self._inflight_threshold)
+        self._level += SMOOTHING * (min(1.0, measured) - self._level)
+        if math.isclose(self._level, 0.0, abs_tol=1e-4):
+            self._level = 0.0
+
+    async def sampled(self) -> None:
+        """Return after the next measurement of :meth:`run`."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
     async def run(self) -> None:
         """Measure event-loop lag forever and keep the smoothed level current."""
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
             await asyncio.sleep(self._interval)
-            lag = max(0.0, loop.time() - started - self._interval)
-            self.lag += SMOOTHING * (lag - self.lag)
-            measured = max(
-                self.lag / self._lag_threshold, self.in_flight / self._inflight_threshold
-            )
-            target = min(1.0, measured)
-            self._level += SMOOTHING * (target - self._level)
-            if math.isclose(self._level, 0.0, abs_tol=1e-4):
-                self._level = 0.0
+            self.observe(max(0.0, loop.time() - started - self._interval))
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)

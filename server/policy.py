@@ -39,6 +39,8 @@ class MethodPolicy:
     critical: bool = False
     rate_cost: int = 1
     rate_exempt: bool = False
+    #: Not counted against (nor refused by) the monthly request quota.
+    quota_free: bool = False
     require_tls: bool = False
 
 
@@ -73,6 +75,7 @@ def policy_of(method: MethodDescriptor) -> MethodPolicy:
         critical=raw.critical,
         rate_cost=raw.rate_limit.cost or 1,
         rate_exempt=raw.rate_limit.exempt,
+        quota_free=raw.rate_limit.quota_free,
         require_tls=raw.require_tls,
     )
 

@@ -25,9 +25,16 @@ MINUTE_MS = 60_000.0
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+#: Differences below this many milliseconds count as equal: timestamps near 1.7e12 ms
+#: carry float error around 2e-4 ms, and a caller exactly at the rate must never be refused
+#: for it.
+TOLERANCE_MS = 0.01
+
+
 def stored(tat: float) -> float:
-    """The TAT as kept in the store: three decimals, exactly as the Lua script writes it."""
-    return float(f"{tat:.3f}")
+    """The TAT as kept in the store, rounded down to a microsecond exactly as the Lua script
+    does it (down, so that rounding never makes a caller wait)."""
+    return math.floor(tat * 1000) / 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +77,9 @@ def gcra(
     new_tat = tat + interval * cost
     allow_at = new_tat - interval * bucket.burst
     diff = now - allow_at
-    if diff >= 0 or -diff <= max_wait:
-        wait = 0 if diff >= 0 else math.ceil(-diff)
-        remaining = max(0, math.floor(diff / interval)) if diff >= 0 else 0
+    if diff >= -TOLERANCE_MS or -diff <= max_wait:
+        wait = 0 if diff >= -TOLERANCE_MS else math.ceil(-diff)
+        remaining = math.floor((max(diff, 0) + TOLERANCE_MS) / interval) if not wait else 0
         reset = math.ceil(new_tat - now)
         return GcraResult(
             allowed=True, tat=stored(new_tat), wait_ms=wait, retry_after_ms=0,
@@ -104,6 +111,18 @@ class Outcome(enum.IntEnum):
         }.get(self, "")
 
 
+class Enforcement(enum.IntEnum):
+    """How a decision is applied; the numbers are shared with the Lua script."""
+
+    #: Count the call; refuse it over a limit; refusals count towards an address block.
+    ENFORCE = 0
+    #: Count nothing (methods exempt by policy must not spend the caller's budget).
+    DRY_RUN = 1
+    #: Count the call, but the caller is exempt (role, address): a refusal is only
+    #: reported, and never counts towards a block.
+    COUNT_ONLY = 2
+
+
 @dataclass(frozen=True, slots=True)
 class BlockPolicy:
     """When repeated refusals block an address."""
@@ -131,8 +150,8 @@ class Check:
     quota_reset_ms: float = 0.0
     #: A request id: a retry with the same id is not counted twice against the quota.
     dedupe: str = ""
-    #: Evaluate without counting (exempt calls: logged if they would have been refused).
-    dry_run: bool = False
+    #: Whether the call is counted and whether a refusal is meant.
+    enforcement: Enforcement = Enforcement.ENFORCE
     block: BlockPolicy = BlockPolicy(100, 60_000.0, 900_000.0)
     #: The time, ms since the epoch; ``None``: the limiter's own clock.
     now_ms: float | None = None

@@ -29,6 +29,7 @@ from server.domain.ratelimit import (
     Bucket,
     Check,
     Decision,
+    Enforcement,
     Limiter,
     Network,
     Outcome,
@@ -49,6 +50,7 @@ _MESSAGES = {
     Outcome.SUBJECT_LIMITED: "rate limit exceeded",
     Outcome.QUOTA_EXCEEDED: "monthly request quota exhausted",
 }
+REQUESTS_METRIC = "tunnelplane.v1/requests"
 _REASONS = {
     Outcome.IP_BLOCKED: "IP_BLOCKED",
     Outcome.IP_LIMITED: "IP_RATE_LIMITED",
@@ -111,6 +113,11 @@ class LimiterMetrics:
             ["backend"],
             registry=registry,
         )
+        self.errors = PromCounter(
+            "tunnelplane_ratelimit_errors_total",
+            "Limiter decisions Redis answered with an error (decided in-process instead).",
+            registry=registry,
+        )
         self.switches = PromCounter(
             "tunnelplane_ratelimit_backend_switches_total",
             "Switches between Redis and the in-process limiter.",
@@ -161,12 +168,15 @@ class RateLimitStage:
         cost = method.policy.rate_cost
         critical = method.policy.critical
         exempt_by_policy = method.policy.rate_exempt
+        counted = not method.policy.quota_free
         name = method.full_name
 
         async def handle(request: Message, call: Call) -> Message:
             self._load.enter()
             try:
-                await self._admit(call, name, cost, critical=critical, exempt=exempt_by_policy)
+                await self._admit(
+                    call, name, cost, critical=critical, exempt=exempt_by_policy, counted=counted
+                )
                 return await handler(request, call)
             finally:
                 self._load.leave()
@@ -174,24 +184,38 @@ class RateLimitStage:
         return handle
 
     async def _admit(
-        self, call: Call, method: str, cost: int, *, critical: bool, exempt: bool
+        self, call: Call, method: str, cost: int, *, critical: bool, exempt: bool, counted: bool
     ) -> None:
         principal, ip = call.principal, call.client_ip
         tier = principal.tier if principal is not None else Tier.FREE
         subject = subject_of(principal, ip)
         policy = self._policy
-        exempt = exempt or self._exempt(principal, ip)
+        if exempt:  # by policy: the call must not spend the caller's budget
+            enforcement = Enforcement.DRY_RUN
+        elif self._exempt(principal, ip):  # by role or address: counted, never refused
+            enforcement = Enforcement.COUNT_ONLY
+        else:
+            enforcement = Enforcement.ENFORCE
+        exempt = enforcement != Enforcement.ENFORCE
         if not exempt and self._load.sheds(tier, critical=critical):
             self._refuse_shed(subject, ip, method, tier)
         bucket = policy.bucket(tier).scaled(self._load.factor(tier))
-        check = self._check(call, principal, subject, bucket, cost, exempt=exempt)
+        check = self._check(
+            call, principal if counted else None, subject, bucket, cost, enforcement
+        )
         decision = await self._limiter.decide(check)
         call.trailers.extend(rate_headers(decision, bucket))
         if exempt:
             self._exempted(decision, subject, ip, method)
             return
+        if decision.wait_ms and self.waiting[subject] >= self._policy.queue_limit:
+            # Concurrent calls were decided together; the queue filled meanwhile. The slot
+            # stays reserved (spent), which errs on the side of the limit.
+            decision = Decision(
+                Outcome.SUBJECT_LIMITED, retry_after_ms=decision.wait_ms, reset_ms=decision.reset_ms
+            )
         if not decision.allowed:
-            self._refuse(decision, subject, ip, method, bucket)
+            self._refuse(decision, subject, ip, method, bucket, tier)
         self._metrics.decisions.labels("subject", "allowed").inc()
         if decision.wait_ms:
             await self._wait(subject, decision.wait_ms)
@@ -199,20 +223,19 @@ class RateLimitStage:
     def _check(
         self,
         call: Call,
-        principal: Principal | None,
+        quota_payer: Principal | None,
         subject: str,
         bucket: Bucket,
         cost: int,
-        *,
-        exempt: bool,
+        enforcement: Enforcement,
     ) -> Check:
         policy = self._policy
         queue_full = self.waiting[subject] >= policy.queue_limit
         quota_limit, key, reset_ms = -1, "", 0.0
-        if principal is not None:
+        if quota_payer is not None:
             now = self._clock.now()
-            quota_limit = policy.monthly_requests(principal.tier)
-            key = quota_key(principal.user_id, "requests", now)
+            quota_limit = policy.monthly_requests(quota_payer.tier)
+            key = quota_key(quota_payer.user_id, "requests", now)
             reset_ms = (month_bounds(now)[1] - now).total_seconds() * 1000
         given = call.header("x-request-id")
         return Check(
@@ -221,12 +244,14 @@ class RateLimitStage:
             subject_bucket=bucket,
             ip_bucket=policy.ip_bucket,
             cost=cost,
-            max_wait_ms=0.0 if queue_full or exempt else policy.max_wait_ms,
+            max_wait_ms=policy.max_wait_ms
+            if enforcement == Enforcement.ENFORCE and not queue_full
+            else 0.0,
             quota_key=key,
             quota_limit=quota_limit,
             quota_reset_ms=reset_ms,
             dedupe=f"{subject}:{given}" if given and given == call.request_id else "",
-            dry_run=exempt,
+            enforcement=enforcement,
             block=policy.block,
         )
 
@@ -246,7 +271,7 @@ class RateLimitStage:
             )  # fmt: skip
 
     def _refuse(
-        self, decision: Decision, subject: str, ip: str, method: str, bucket: Bucket
+        self, decision: Decision, subject: str, ip: str, method: str, bucket: Bucket, tier: Tier
     ) -> None:
         outcome = decision.outcome
         self._metrics.decisions.labels(outcome.policy, "refused").inc()
@@ -254,7 +279,7 @@ class RateLimitStage:
         if decision.blocked_now:
             self._log.warning("address blocked", extra={"client_ip": ip, "method": method})
         retry = decision.retry_after_ms / 1000
-        violation = self._violation(outcome, subject, ip, bucket)
+        violation = self._violation(outcome, subject, ip, bucket, tier)
         raise ResourceExhausted(
             _MESSAGES[outcome],
             retry_after=retry,
@@ -263,13 +288,25 @@ class RateLimitStage:
             metadata={"subject": subject},
         )
 
-    def _violation(self, outcome: Outcome, subject: str, ip: str, bucket: Bucket) -> QuotaViolation:
+    def _violation(
+        self, outcome: Outcome, subject: str, ip: str, bucket: Bucket, tier: Tier
+    ) -> QuotaViolation:
         if outcome == Outcome.QUOTA_EXCEEDED:
-            return QuotaViolation(subject, "requests per month of the caller's tier")
+            monthly = self._policy.monthly_requests(tier)
+            return QuotaViolation(
+                subject, f"{monthly} requests per month ({tier.value} tier)",
+                "RequestsPerMonth", REQUESTS_METRIC, monthly,
+            )  # fmt: skip
         if outcome in {Outcome.IP_BLOCKED, Outcome.IP_LIMITED}:
             limit = self._policy.ip_bucket.limit
-            return QuotaViolation(f"ip/{ip}", f"{limit} requests per minute per address")
-        return QuotaViolation(subject, f"{bucket.limit} requests per minute (burst {bucket.burst})")
+            return QuotaViolation(
+                f"ip/{ip}", f"{limit} requests per minute per address",
+                "RequestsPerMinutePerAddress", REQUESTS_METRIC, limit,
+            )  # fmt: skip
+        described = f"{bucket.limit} requests per minute, burst {bucket.burst} ({tier.value} tier)"
+        return QuotaViolation(
+            subject, described, "RequestsPerMinute", REQUESTS_METRIC, bucket.limit
+        )
 
     def _refuse_shed(self, subject: str, ip: str, method: str, tier: Tier) -> None:
         self._metrics.decisions.labels("shed", tier.value).inc()

@@ -7,6 +7,7 @@ domain cannot tell them apart. Keys are namespaced with a prefix (``TP_REDIS_PRE
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -159,6 +160,7 @@ class ResilientStore:
         self._up = True
         self._journal: OrderedDict[str, None] = OrderedDict()
         self._lost = False
+        self._failed_at = -math.inf
 
     @property
     def degraded(self) -> bool:
@@ -166,6 +168,7 @@ class ResilientStore:
         return not self._up
 
     def _down(self) -> None:
+        self._failed_at = time.monotonic()
         if self._up:
             self._up = False
             log.warning("shared state moved in-process: Redis is unreachable")
@@ -218,12 +221,13 @@ class ResilientStore:
     async def ping(self) -> None:
         await self._redis.ping()
 
-    async def set_available(self, up: bool) -> None:
-        """Told by the health monitor; on recovery, replay the journal first."""
+    async def set_available(self, up: bool, probed_at: float = math.inf) -> None:
+        """Told by the health monitor; on recovery, replay the journal first. An "up" from
+        a probe that started before the last failure seen here is stale, and ignored."""
         if not up:
             self._down()
             return
-        if self._up:
+        if self._up or probed_at < self._failed_at:
             return
         try:
             await self._replay()

@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from server.domain.ratelimit import (
+    TOLERANCE_MS,
     Check,
     Decision,
+    Enforcement,
     GcraResult,
     IpBlock,
     Outcome,
@@ -38,6 +42,8 @@ REDIS_TIMEOUT = 0.25
 
 LUA = """
 local function num(x) return tonumber(x) end
+local TOLERANCE = __TOLERANCE__
+local function to_micros(x) return math.floor(x * 1000) / 1000 end
 local now
 if ARGV[1] == '' then
   local t = redis.call('TIME')
@@ -53,41 +59,47 @@ local function gcra(key, interval, burst, cost, max_wait)
   local new_tat = tat + interval * cost
   local allow_at = new_tat - interval * burst
   local diff = now - allow_at
-  if diff >= 0 or -diff <= max_wait then
+  if diff >= -TOLERANCE or -diff <= max_wait then
     local wait = 0
     local remaining = 0
-    if diff >= 0 then remaining = math.floor(diff / interval) else wait = math.ceil(-diff) end
-    return 1, new_tat, wait, 0, remaining, math.ceil(new_tat - now)
+    if diff >= -TOLERANCE then
+      remaining = math.floor((math.max(diff, 0) + TOLERANCE) / interval)
+    else
+      wait = math.ceil(-diff)
+    end
+    return 1, to_micros(new_tat), wait, 0, remaining, math.ceil(new_tat - now)
   end
   return 0, tat, 0, math.ceil(-diff), 0, math.ceil(tat - now)
 end
 
 local dry = ARGV[11] == '1'
+local enforce = ARGV[11] == '0'
 local block_ttl = redis.call('PTTL', KEYS[1])
 if block_ttl > 0 then
   return {1, 0, block_ttl, 0, block_ttl, -1, 0}
 end
 
+-- A refusal of an enforced call counts towards blocking its address.
+local function violation()
+  if not enforce then return 0 end
+  local count = redis.call('INCR', KEYS[3])
+  if count == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[13]) end
+  if count < num(ARGV[12]) then return 0 end
+  local until_ms = now + num(ARGV[14])
+  redis.call('SET', KEYS[1], string.format('%.0f:%.0f', now, until_ms), 'PX', ARGV[14])
+  redis.call('DEL', KEYS[3])
+  return 1
+end
+
 local ip_ok, ip_tat, _, ip_retry, _, ip_reset = gcra(KEYS[2], num(ARGV[2]), num(ARGV[3]), 1, 0)
 if ip_ok == 0 then
-  local blocked = 0
-  if not dry then
-    local count = redis.call('INCR', KEYS[3])
-    if count == 1 then redis.call('PEXPIRE', KEYS[3], ARGV[13]) end
-    if count >= num(ARGV[12]) then
-      local until_ms = now + num(ARGV[14])
-      redis.call('SET', KEYS[1], string.format('%.0f:%.0f', now, until_ms), 'PX', ARGV[14])
-      redis.call('DEL', KEYS[3])
-      blocked = 1
-    end
-  end
-  return {2, 0, ip_retry, 0, ip_reset, -1, blocked}
+  return {2, 0, ip_retry, 0, ip_reset, -1, violation()}
 end
 
 local ok, tat, wait, retry, remaining, reset = gcra(
   KEYS[4], num(ARGV[4]), num(ARGV[5]), num(ARGV[6]), num(ARGV[7]))
 if ok == 0 then
-  return {3, 0, retry, 0, reset, -1, 0}
+  return {3, 0, retry, 0, reset, -1, violation()}
 end
 
 local quota_limit = num(ARGV[8])
@@ -112,7 +124,13 @@ if not dry then
   end
 end
 return {0, wait, 0, remaining, reset, used, 0}
-""".replace("__MARGIN__", str(KEY_MARGIN_MS)).replace("__DEDUPE__", str(DEDUPE_MS))
+"""
+for _name, _value in (
+    ("__MARGIN__", KEY_MARGIN_MS),
+    ("__DEDUPE__", DEDUPE_MS),
+    ("__TOLERANCE__", TOLERANCE_MS),
+):
+    LUA = LUA.replace(_name, repr(_value))
 
 
 def keys_of(check: Check, prefix: str = "") -> list[str]:
@@ -140,7 +158,7 @@ def args_of(check: Check) -> list[Any]:
         check.quota_limit if check.quota_key else -1,
         repr(float(check.quota_reset_ms)),
         check.dedupe,
-        "1" if check.dry_run else "0",
+        str(int(check.enforcement)),
         check.block.after,
         int(check.block.window_ms),
         int(check.block.duration_ms),
@@ -202,10 +220,17 @@ class RedisLimiter:
         if not self._sha:
             self._sha = await self._redis.script_load(LUA)
         for attempt in (1, 2):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for check in checks:
-                    pipe.evalsha(self._sha, 6, *keys_of(check, self._prefix), *args_of(check))
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for check in checks:
+                        pipe.evalsha(self._sha, 6, *keys_of(check, self._prefix), *args_of(check))
+                    replies: list[Any] = await pipe.execute(raise_on_error=False)
+            except RedisConnectionError:
+                if attempt == 2:
+                    raise
+                # A pooled connection from before a Redis restart: the pool drops it, and
+                # the batch goes again on a fresh one (the script never ran on the old one).
+                continue
             if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
                 self._sha = await self._redis.script_load(LUA)  # Redis restarted
                 continue
@@ -279,13 +304,16 @@ class MemoryLimiter:
         if not ip.allowed:
             return Decision(
                 Outcome.IP_LIMITED, 0, ip.retry_after_ms, 0, ip.reset_ms, -1,
-                self._count_violation(check, keys, now),
+                self._violation(check, keys, now),
             )  # fmt: skip
         subject = gcra(
             self._get(keys[3], now), now, check.subject_bucket, check.cost, check.max_wait_ms
         )
         if not subject.allowed:
-            return Decision(Outcome.SUBJECT_LIMITED, 0, subject.retry_after_ms, 0, subject.reset_ms)
+            return Decision(
+                Outcome.SUBJECT_LIMITED, 0, subject.retry_after_ms, 0, subject.reset_ms, -1,
+                self._violation(check, keys, now),
+            )  # fmt: skip
         used, count_it = -1, False
         if check.quota_key and check.quota_limit >= 0:
             used = int(self._get(keys[4], now) or 0)
@@ -293,14 +321,15 @@ class MemoryLimiter:
             if count_it and used + 1 > check.quota_limit:
                 reset = int(-(-check.quota_reset_ms // 1))
                 return Decision(Outcome.QUOTA_EXCEEDED, 0, reset, 0, reset, used)
-        if not check.dry_run:
+        if check.enforcement != Enforcement.DRY_RUN:
             used = self._commit(check, keys, now, ip, subject, used, count_it)
         return Decision(
             Outcome.ALLOWED, subject.wait_ms, 0, subject.remaining, subject.reset_ms, used
         )
 
-    def _count_violation(self, check: Check, keys: list[str], now: float) -> bool:
-        if check.dry_run:
+    def _violation(self, check: Check, keys: list[str], now: float) -> bool:
+        """Count a refusal towards blocking the address; whether it is blocked now."""
+        if check.enforcement != Enforcement.ENFORCE:
             return False
         count = (self._get(keys[2], now) or 0) + 1
         expires = self._data[keys[2]][1] if count > 1 else now + check.block.window_ms
@@ -358,7 +387,10 @@ class FallbackLimiter:
         primary: RedisLimiter | None,
         local: MemoryLimiter,
         on_switch: Callable[[str], None] = lambda _backend: None,
+        on_error: Callable[[], None] = lambda: None,
     ) -> None:
+        self._on_error = on_error
+        self._failed_at = -math.inf
         self._primary = primary
         self._local = local
         self._up = primary is not None
@@ -369,12 +401,19 @@ class FallbackLimiter:
         """The backend deciding now."""
         return "redis" if self._up else "memory"
 
-    def set_available(self, up: bool) -> None:
-        """Told by the health monitor whether Redis answers its probes."""
-        if self._primary is None or up == self._up:
+    def set_available(self, up: bool, probed_at: float = math.inf, error: str = "") -> None:
+        """Told by the health monitor whether Redis answers its probes (an "up" from a
+        probe that started before the last failure here is stale, and ignored)."""
+        if not up:
+            self._failed_at = time.monotonic()
+        if self._primary is None or up == self._up or (up and probed_at < self._failed_at):
             return
         self._up = up
-        log.warning("rate limiter now uses %s", self.backend, extra={"backend": self.backend})
+        log.warning(
+            "rate limiter now uses %s",
+            self.backend,
+            extra={"backend": self.backend, "error": error},
+        )
         self._on_switch(self.backend)
 
     async def decide(self, check: Check) -> Decision:
@@ -382,8 +421,13 @@ class FallbackLimiter:
         if self._primary is not None and self._up:
             try:
                 return await self._primary.decide(check)
-            except (RedisError, OSError, TimeoutError):
-                self.set_available(False)
+            except ResponseError as exc:
+                # Redis answered: not an outage but a bug or a refusal (e.g. out of memory).
+                # Loud, decided locally, and Redis stays in use for the next call.
+                log.exception("rate limiter script failed", extra={"error": str(exc)})
+                self._on_error()
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.set_available(False, error=repr(exc))
         return await self._local.decide(check)
 
     async def blocks(self) -> list[IpBlock]:
@@ -397,8 +441,8 @@ class FallbackLimiter:
         if self._primary is not None and self._up:
             try:
                 return await self._primary.counter(key)
-            except (RedisError, OSError, TimeoutError):
-                self.set_available(False)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self.set_available(False, error=repr(exc))
         return await self._local.counter(key)
 
     async def lift(self, ip: str) -> bool:
