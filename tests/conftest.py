@@ -78,8 +78,8 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "log_level": "WARNING",
         "login_ip_lock_after": 100_000,
         # Every test client is on loopback: exempt it, so that shared test servers do not
-        # refuse each other's calls. Exempt calls still run through the limiter (without
-        # being counted); the rate-limit tests turn this off.
+        # refuse each other's calls. Exempt calls are still counted by the limiter, just
+        # never refused; the rate-limit tests turn this off.
         "rate_exempt_ips": "127.0.0.0/8,::1",
         "health_interval": 0.2,
         **FAST_HASHING,

@@ -102,9 +102,13 @@ def bearer(secret: str) -> tuple[tuple[str, str], ...]:
 class Client:
     """Stubs for the shared server plus shortcuts."""
 
-    def __init__(self, app: App, channel: grpc.aio.Channel) -> None:
+    def __init__(
+        self, app: App, channel: grpc.aio.Channel, setup_metadata: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         self.app = app
         self.channel = channel
+        #: Sent with the set-up calls (register, login, API keys) of these helpers.
+        self.setup_metadata = setup_metadata
         self.auth = auth_pb2_grpc.AuthServiceStub(channel)
         self.users = users_pb2_grpc.UserServiceStub(channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(channel)
@@ -112,13 +116,16 @@ class Client:
     async def register(self, email: str | None = None, password: str = PASSWORD) -> users_pb2.User:
         """Register a user and return it."""
         response = await self.auth.Register(
-            auth_pb2.RegisterRequest(email=email or unique_email(), password=password)
+            auth_pb2.RegisterRequest(email=email or unique_email(), password=password),
+            metadata=self.setup_metadata,
         )
         return response.user
 
     async def login(self, email: str, password: str = PASSWORD) -> auth_pb2.LoginResponse:
         """Sign in."""
-        return await self.auth.Login(auth_pb2.LoginRequest(email=email, password=password))
+        return await self.auth.Login(
+            auth_pb2.LoginRequest(email=email, password=password), metadata=self.setup_metadata
+        )
 
     async def new_user(
         self, *, role: Role | None = None, tier: Tier | None = None, tag: str = "user"
@@ -143,7 +150,7 @@ class Client:
                 parent=owner.name,
                 api_key=auth_pb2.ApiKey(display_name="test key", scopes=scopes or []),
             ),
-            metadata=owner.metadata,
+            metadata=owner.metadata + self.setup_metadata,
         )
         return response.secret
 
