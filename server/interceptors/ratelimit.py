@@ -198,6 +198,7 @@ class RateLimitStage:
             enforcement = Enforcement.ENFORCE
         exempt = enforcement != Enforcement.ENFORCE
         if not exempt and self._load.sheds(tier, critical=critical):
+            call.trailers.append(("retry-after", "1"))
             self._refuse_shed(subject, ip, method, tier)
         bucket = policy.bucket(tier).scaled(self._load.factor(tier))
         check = self._check(

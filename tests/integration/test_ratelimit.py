@@ -453,6 +453,10 @@ async def test_overload_tightens_limits_and_sheds_the_lowest_tier_first(
         code, _, error = await outcome(rc.users.GetUser(ME, metadata=as_from(ip, free)))
         assert code == grpc.StatusCode.UNAVAILABLE
         assert details(error)["RetryInfo"].retry_delay.seconds == 1
+        headers = {"authorization": free.metadata[0][1], "x-forwarded-for": ip}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{limited.http_port}") as http:
+            shed = await http.get("/v1/users/me", headers=headers)
+        assert (shed.status_code, shed.headers["retry-after"]) == (503, "1")
         # Critical work still passes for the same caller.
         refresh = auth_pb2.RefreshTokenRequest(refresh_token=free.refresh_token)
         await rc.auth.RefreshToken(refresh, metadata=as_from(ip))
