@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 60.0
 
 #: Embedded defaults; logs at INFO (the access log is part of the pipeline), to a file.
-#: Argon2 is cheap only to make the setup quick: GetUser never hashes.
+#: Argon2 is cheap only to make the setup quick: GetUser never hashes. The rate limiter is
+#: off: these servers measure what they measured before it existed (the ``limiter_*``
+#: servers of ``bench/limiter.py`` measure it, with settings of their own on top of these).
 SERVER_SETTINGS: Mapping[str, str] = {
     "TP_GRPC_HOST": "127.0.0.1",
     "TP_GRPC_PORT": "0",
@@ -32,13 +34,15 @@ SERVER_SETTINGS: Mapping[str, str] = {
     "TP_ARGON2_MEMORY_KIB": "1024",
     "TP_ARGON2_PARALLELISM": "1",
     "TP_ACCESS_TOKEN_TTL": "3600",
+    "TP_RATE_LIMIT_ENABLED": "false",
 }
 
 
-def server_env(data_dir: Path) -> dict[str, str]:
-    """This environment without any ``TP_*`` variable, plus the bench settings."""
+def server_env(data_dir: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment without any ``TP_*`` variable, plus the bench settings (and
+    ``extra``, which override them)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
-    return env | dict(SERVER_SETTINGS) | {"TP_DATA_DIR": str(data_dir)}
+    return env | dict(SERVER_SETTINGS) | {"TP_DATA_DIR": str(data_dir)} | dict(extra or {})
 
 
 def migrate(env: Mapping[str, str], log_path: Path) -> None:

@@ -15,13 +15,31 @@ from typing import Any
 GRPC_SERVERS = ("full", "bare")
 #: The HTTP comparison (``full`` is the gRPC path of the same server).
 HTTP_SERVERS = ("embedded", "full", "standalone", "fastapi")
-SERVERS = ("full", "bare", "embedded", "standalone", "fastapi")
+#: The rate limiter's cost over gRPC: in Redis against off, and (for information) in process
+#: against the same ``full`` server loaded the same way (no request id).
+LIMITER_SERVERS = ("limiter_off", "limiter_redis", "full_no_id", "limiter_memory")
+SERVERS = (
+    "full",
+    "bare",
+    "embedded",
+    "standalone",
+    "fastapi",
+    "limiter_off",
+    "limiter_redis",
+    "full_no_id",
+    "limiter_memory",
+)
 LABELS = {
-    "full": "gRPC, full pipeline (h2load)",
+    "full": "gRPC, full pipeline, limiter off, no Redis (h2load)",
     "bare": "gRPC, bare grpc.aio (h2load)",
     "embedded": "embedded gateway, full pipeline (wrk)",
     "standalone": "standalone gateway -> gRPC (wrk)",
     "fastapi": "FastAPI baseline (wrk)",
+    "limiter_off": "gRPC, full pipeline, Redis, limiter off (h2load, no request id)",
+    "limiter_redis": "gRPC, full pipeline, Redis, limiter on in Redis (h2load, no request id)",
+    "full_no_id": "the `full` server, no request id (h2load)",
+    "limiter_memory": "gRPC, full pipeline, no Redis, limiter on in process (h2load, "
+    "no request id)",
 }
 
 
@@ -54,6 +72,7 @@ class Targets:
     """What the issues ask: of the pipeline over gRPC, and of the embedded gateway."""
 
     full_over_bare: float = 0.85
+    limiter_redis_over_off: float = 0.9
     embedded_over_fastapi: float = 2.0
     embedded_over_grpc: float = 1.5
     max_p99_ms: float = 25.0
@@ -124,6 +143,10 @@ class Report:
     targets: Targets
     runs: Sequence[Measurement]
     log_checks: Mapping[str, Any]
+    #: The limiter servers' settings on top of ``server_settings``.
+    limiter_settings: Mapping[str, Mapping[str, str]]
+    #: What showed that the limiter decided (and counted) every call where it should.
+    limiter_checks: Mapping[str, Any]
 
     def runs_of(self, server: str) -> list[Measurement]:
         """The measured runs of one server, in round order."""
@@ -164,6 +187,36 @@ class Report:
             self._p99_target("embedded"),
         ]
 
+    def limiter_targets(self) -> list[TargetResult]:
+        """The limiter in Redis against the same server with it off."""
+        return [
+            self._ratio_target(
+                "limiter_redis/limiter_off throughput",
+                "limiter_redis",
+                "limiter_off",
+                self.targets.limiter_redis_over_off,
+            )
+        ]
+
+    def limiter_informative(self) -> dict[str, Any]:
+        """Ratios and costs without a target: the in-process limiter, Redis as the
+        shared store, and the CPU each limiter adds per call."""
+
+        def cpu(server: str) -> float:
+            return self.medians_of(server).cpu_us_per_request
+
+        return {
+            "limiter_memory_over_full_no_id": dataclasses.asdict(
+                self.ratio("limiter_memory", "full_no_id")
+            ),
+            "limiter_off_over_full_no_id": dataclasses.asdict(
+                self.ratio("limiter_off", "full_no_id")
+            ),
+            "full_no_id_over_full": dataclasses.asdict(self.ratio("full_no_id", "full")),
+            "added_cpu_us_per_request_redis": round(cpu("limiter_redis") - cpu("limiter_off"), 1),
+            "added_cpu_us_per_request_memory": round(cpu("limiter_memory") - cpu("full_no_id"), 1),
+        }
+
     def _ratio_target(
         self, label: str, numerator: str, denominator: str, wanted: float
     ) -> TargetResult:
@@ -186,18 +239,23 @@ class Report:
         informative = self.ratio("standalone", "embedded")
         return {
             "benchmark": "tunnelplane.v1.UserService/GetUser (GET /v1/users/me): gRPC full "
-            "pipeline vs bare grpc.aio; embedded gateway vs gRPC, standalone gateway, FastAPI",
+            "pipeline vs bare grpc.aio; rate limiter in Redis vs off; embedded gateway vs gRPC, "
+            "standalone gateway, FastAPI",
             "date": self.date,
             "machine": dict(self.machine),
             "server_settings": dict(self.server_settings),
+            "limiter_settings": {s: dict(v) for s, v in self.limiter_settings.items()},
             "load": dict(self.load),
             "commands": self.commands,
             "targets": dataclasses.asdict(self.targets),
             "medians": {s: dataclasses.asdict(self.medians_of(s)) for s in SERVERS},
             "grpc_targets": [dataclasses.asdict(t) for t in self.grpc_targets()],
             "http_targets": [dataclasses.asdict(t) for t in self.http_targets()],
+            "limiter_targets": [dataclasses.asdict(t) for t in self.limiter_targets()],
             "ratio_standalone_over_embedded": dataclasses.asdict(informative),
+            "limiter_informative": self.limiter_informative(),
             "log_checks": dict(self.log_checks),
+            "limiter_checks": dict(self.limiter_checks),
             "runs": [
                 {k: v for k, v in dataclasses.asdict(r).items() if k != "output"} for r in self.runs
             ],
@@ -258,6 +316,58 @@ def render_http_table(report: Report) -> str:
     )
 
 
+def render_limiter_table(report: Report) -> str:
+    """The rate limiter's results: limiter in Redis, off, in process, and the target."""
+    rows = _server_rows(report, LIMITER_SERVERS, ("p50_ms", "p95_ms", "p99_ms"))
+    legend = ", ".join(f"`{s}`: {LABELS[s]}" for s in LIMITER_SERVERS)
+    info = report.limiter_informative()
+    checks = report.limiter_checks
+    no_target = (
+        "No target: limiter_memory/full_no_id throughput (the in-process limiter) "
+        f"{info['limiter_memory_over_full_no_id']['median']:.3f}; limiter_off/full_no_id "
+        f"(Redis as the shared store, limiter off) "
+        f"{info['limiter_off_over_full_no_id']['median']:.3f}; full_no_id/full (no request "
+        f"id from the caller) {info['full_no_id_over_full']['median']:.3f}. CPU the "
+        "limiter adds per call (difference of the medians): in Redis "
+        f"{info['added_cpu_us_per_request_redis']:+.0f} µs (the server process only; Redis's "
+        f"own CPU is not counted), in process {info['added_cpu_us_per_request_memory']:+.0f} µs."
+    )
+    itself = (
+        " and the GetUsage call itself"
+        if checks.get("limiter_memory_getusage_counts_itself")
+        else ""
+    )
+    ran = (
+        "The limiter ran: `limiter_redis`'s monthly request counter in Redis is "
+        f"{checks.get('limiter_redis_quota_counter')}, the number of GetUser calls sent to it "
+        f"({checks.get('limiter_redis_getuser_calls')}); `limiter_memory`'s, read by GetUsage, "
+        f"{checks.get('limiter_memory_getusage_requests')} (its "
+        f"{checks.get('limiter_memory_getuser_calls')} GetUser calls{itself}); `limiter_off` "
+        "left no limiter key in Redis."
+    )
+    legend_line = f"({legend}.)"
+    return "\n".join(
+        [
+            *rows,
+            "",
+            legend_line,
+            "",
+            *_target_rows(report.limiter_targets()),
+            "",
+            no_target,
+            "",
+            ran,
+        ]
+    )
+
+
+def render_all_tables(report: Report) -> str:
+    """The three results tables, one after the other."""
+    return "\n\n".join(
+        [render_grpc_table(report), render_limiter_table(report), render_http_table(report)]
+    )
+
+
 def _where(report: Report) -> str:
     machine, load = report.machine, report.load
     pinned = (
@@ -265,11 +375,16 @@ def _where(report: Report) -> str:
         if load.get("server_cpu") is not None
         else " Not pinned to CPUs."
     )
+    source = machine.get("source", {})
+    dirty = source.get("uncommitted") or []
+    code = f" Server code: commit {str(source.get('commit', 'unknown'))[:12]}" + (
+        f", with uncommitted changes to {', '.join(dirty)}." if dirty else " (clean)."
+    )
     return (
         f"Latest run: {report.date}, {machine['cpus']} CPUs ({machine['cpu_model']}), "
         f"Python {machine['python']}, grpcio {machine['grpcio']}, {machine['h2load']}, "
         f"{machine['wrk']}. {load['rounds']} rounds, medians; access logs at INFO to a "
-        f"file.{pinned}"
+        f"file.{pinned}{code}"
     )
 
 
@@ -323,6 +438,33 @@ def render_http_block(report: Report, json_name: str) -> str:
     )
 
 
+def render_limiter_block(report: Report, json_name: str) -> str:
+    """The generated rate limiter results section of ``bench/README.md``."""
+    load = report.load
+    how = (
+        f"{load['requests']} requests per h2load run, {load['clients']} clients with one "
+        f"stream each, no request id. Raw numbers: `results/{json_name}`."
+    )
+    return "\n".join(
+        [
+            f"{_where(report)} {how}",
+            "",
+            render_limiter_table(report),
+            "",
+            "Made by `make bench`; the first measured run of `limiter_redis` was:",
+            "",
+            "```",
+            report.commands["limiter_redis"],
+            "```",
+            "",
+            (
+                "(`limiter_off` and `limiter_memory` ran the same command against their own "
+                "ports and log files; `$TOKEN` is the bench user's.)"
+            ),
+        ]
+    )
+
+
 def update_readme(readme: Path, blocks: Mapping[str, str]) -> None:
     """Replace the text between each pair of ``<!-- NAME:start/end -->`` markers."""
     text = readme.read_text()
@@ -339,6 +481,7 @@ def readme_blocks(report: Report, json_name: str) -> dict[str, str]:
     """The README sections this run rewrites, by marker name."""
     return {
         "results": render_grpc_block(report, json_name),
+        "limiter-results": render_limiter_block(report, json_name),
         "http-results": render_http_block(report, json_name),
     }
 
@@ -348,7 +491,7 @@ def write_results(report: Report, directory: Path, stem: str) -> tuple[Path, Pat
     directory.mkdir(parents=True, exist_ok=True)
     json_path, text_path = directory / f"{stem}.json", directory / f"{stem}.txt"
     json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    sections = [render_grpc_table(report), "", render_http_table(report), "", "commands:"]
+    sections = [render_all_tables(report), "", "commands:"]
     sections += [f"  {server}: {command}" for server, command in report.commands.items()]
     for run in report.runs:
         sections += ["", f"--- round {run.round}, {run.server} ---", run.output.strip()]

@@ -1,4 +1,5 @@
-"""``make bench``: GetUser over gRPC (the full pipeline against a bare grpc.aio server, with
+"""``make bench``: GetUser over gRPC (the full pipeline against a bare grpc.aio server, and
+the full server with the rate limiter on, in Redis or in process, against off, with
 h2load) and ``GET /v1/users/me`` over HTTP (the embedded gateway, the standalone gateway
 and a FastAPI baseline, with wrk), all in one run.
 
@@ -16,6 +17,7 @@ import os
 import platform
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +30,7 @@ from typing import Any
 import grpc
 from tunnelplane.v1 import users_pb2
 
-from bench import h2load, probes, report, wrk
+from bench import h2load, limiter, probes, report, wrk
 from bench.errors import LoadError
 from bench.probes import Caller, Expected
 from bench.processes import SERVER_SETTINGS, ServerProcess, cpu_seconds, migrate, server_env
@@ -41,13 +43,24 @@ RESULTS_DIR = BENCH_DIR / "results"
 README = BENCH_DIR / "README.md"
 TARGETS = Targets()
 #: Order of a round (odd rounds; even rounds run it backwards): each compared pair is
-#: measured back to back (full-bare, full-embedded, embedded-fastapi).
-ORDER = ("bare", "full", "embedded", "fastapi", "standalone")
+#: measured back to back (limiter_redis-limiter_off, full_no_id-limiter_memory, bare-full,
+#: full-embedded, embedded-fastapi).
+ORDER = (
+    "limiter_redis",
+    "limiter_off",
+    "full_no_id",
+    "limiter_memory",
+    "bare",
+    "full",
+    "embedded",
+    "fastapi",
+    "standalone",
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """How much load. The default run takes about two and a half minutes on 2 CPUs."""
+    """How much load. The default run takes under three minutes on 2 CPUs."""
 
     requests: int = 6000
     warmup_requests: int = 1500
@@ -96,6 +109,8 @@ class Subject:
     tool: str
     url: str
     pids: tuple[int, ...]
+    #: h2load only: the request id every call sends (None: none).
+    request_id: str | None = h2load.REQUEST_ID
 
     def cpu_seconds(self) -> float:
         """CPU time the serving processes have used so far."""
@@ -151,6 +166,7 @@ class Bench:
             requests=plan.requests if round_number else plan.warmup_requests,
             clients=plan.clients,
             log_file=self.work_dir / f"{subject.name}-{round_number}.h2load.log",
+            request_id=subject.request_id,
         )
         with self._usage(subject) as usage:
             output = h2load.run(load)
@@ -253,30 +269,59 @@ def machine_info() -> dict[str, object]:
         "h2load": h2load.version(),
         "wrk": wrk.version(),
         "load_average_before": os.getloadavg(),
+        "source": source_info(),
+    }
+
+
+#: What the servers run: a change here, uncommitted, makes the numbers someone else's.
+SOURCE_PATHS = ("server", "gateway", "generated", "proto", "migrations", "pyproject.toml")
+
+
+def _git(*args: str) -> str:
+    result = subprocess.run(
+        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
+    )
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def source_info() -> dict[str, object]:
+    """The commit measured, and any uncommitted change to what the servers run."""
+    changed = _git("status", "--porcelain", "--", *SOURCE_PATHS)
+    return {
+        "commit": _git("rev-parse", "HEAD") or "unknown",
+        "uncommitted": [line[3:] for line in changed.splitlines()],
     }
 
 
 def start_servers(
-    plan: Plan, work_dir: Path, stack: contextlib.ExitStack
+    plan: Plan, work_dir: Path, setup: limiter.Setup, stack: contextlib.ExitStack
 ) -> tuple[Caller, dict[str, ServerProcess]]:
     """Migrate, start the full server, sign the bench user up, then start the others."""
-    env = server_env(work_dir / "data")
+    data_dir = work_dir / "data"
+    env = server_env(data_dir)
     migrate(env, work_dir / "migrate.log")
 
-    def start(name: str, *args: str) -> ServerProcess:
-        process = ServerProcess([*args, *plan.server_args()], env, work_dir / f"{name}.log")
+    def start(name: str, *args: str, settings: Mapping[str, str] | None = None) -> ServerProcess:
+        process = ServerProcess(
+            [*args, *plan.server_args()],
+            env if settings is None else server_env(data_dir, settings),
+            work_dir / f"{name}.log",
+        )
         return stack.enter_context(process)
 
     full = start("full", "--mode", "full")
     caller = probes.sign_up(full.ports["grpc"])
     upstream = f"127.0.0.1:{full.ports['grpc']}"
     jwks = full.url("http", "/.well-known/jwks.json")
-    return caller, {
+    servers = {
         "full": full,
         "bare": start("bare", "--mode", "bare", "--user-id", caller.user_id),
         "standalone": start("standalone", "--mode", "gateway", "--upstream", upstream),
         "fastapi": start("fastapi", "--mode", "fastapi", "--jwks-url", jwks),
     }
+    for name in limiter.SERVERS:
+        servers[name] = start(name, "--mode", "full", settings=setup.settings(name))
+    return caller, servers
 
 
 def subjects_of(servers: Mapping[str, ServerProcess]) -> dict[str, Subject]:
@@ -292,6 +337,19 @@ def subjects_of(servers: Mapping[str, ServerProcess]) -> dict[str, Subject]:
             "standalone", "wrk", standalone.url("http", HTTP_GET_ME), (standalone.pid, full.pid)
         ),
         "fastapi": Subject("fastapi", "wrk", fastapi.url("http", HTTP_GET_ME), (fastapi.pid,)),
+        # The limiter runs send no request id: the limiter would take a repeated one for
+        # retries of one call, and count only the first against the monthly quota. So that
+        # limiter_memory has a baseline that differs only in the limiter, full is also
+        # loaded without one.
+        "full_no_id": Subject(
+            "full_no_id", "h2load", full.url("grpc", GET_USER), (full.pid,), None
+        ),
+        **{
+            name: Subject(
+                name, "h2load", servers[name].url("grpc", GET_USER), (servers[name].pid,), None
+            )
+            for name in limiter.SERVERS
+        },
     }
 
 
@@ -307,19 +365,41 @@ def check_answers(servers: Mapping[str, ServerProcess], caller: Caller) -> users
     }
     documents = {name: probes.http_get_me(name, port, caller) for name, port in http_ports.items()}
     probes.check_same_user(documents, expected)
+    for name in limiter.SERVERS:
+        user, trailers = limiter.get_me_trailers(servers[name].ports["grpc"], caller)
+        if user != expected:
+            raise LoadError(f"{name} answers GetUser differently from full")
+        limiter.check_trailers(name, trailers)
     return expected
 
 
+@dataclass(frozen=True, slots=True)
+class UnderTest:
+    """The started and checked servers, what loads them, and the bench."""
+
+    bench: Bench
+    subjects: dict[str, Subject]
+    servers: dict[str, ServerProcess]
+
+
+def _clean_up(setup: limiter.Setup) -> None:
+    with contextlib.suppress(Exception):
+        print(f"deleted {setup.clean_up()} Redis keys under {setup.run_prefix}", flush=True)
+
+
 @contextlib.contextmanager
-def servers_under_test(plan: Plan, work_dir: Path) -> Iterator[tuple[Bench, dict[str, Subject]]]:
-    """Every server started and checked, and the bench that loads them."""
+def servers_under_test(plan: Plan, work_dir: Path, setup: limiter.Setup) -> Iterator[UnderTest]:
+    """Every server started and checked, and the bench that loads them; afterwards, the
+    servers stopped and their Redis keys deleted."""
+    setup.require_redis()
     with contextlib.ExitStack() as stack:
-        caller, servers = start_servers(plan, work_dir, stack)
+        stack.callback(_clean_up, setup)  # runs last, once every server has stopped
+        caller, servers = start_servers(plan, work_dir, setup, stack)
         expected = check_answers(servers, caller)
         body_file = work_dir / "get-user-request.bin"
         body_file.write_bytes(h2load.grpc_frame(users_pb2.GetUserRequest(name="users/me")))
         bench = Bench(plan, caller, body_file, len(h2load.grpc_frame(expected)), work_dir)
-        yield bench, subjects_of(servers)
+        yield UnderTest(bench, subjects_of(servers), servers)
 
 
 def sent(runs: Sequence[Measurement], server: str, clients: int) -> Expected:
@@ -335,9 +415,11 @@ def check_logs(plan: Plan, work_dir: Path, runs: Sequence[Measurement]) -> dict[
     """Every call the servers logged succeeded, except the forged-token probes, and the
     counts fit what was sent (the probes of :func:`check_answers` included)."""
     probe = Expected(exact=1)
-    # full's gRPC port got h2load, the standalone gateway, and one probe from each of them;
-    # its HTTP port got wrk and one probe. Each HTTP server also refused one forged token.
-    grpc_calls = sent(runs, "full", plan.clients) + sent(runs, "standalone", plan.clients)
+    # full's gRPC port got h2load (with and without a request id), the standalone gateway,
+    # and one probe from each of them; its HTTP port got wrk and one probe. Each HTTP server
+    # also refused one forged token.
+    grpc_calls = sent(runs, "full", plan.clients) + sent(runs, "full_no_id", plan.clients)
+    grpc_calls += sent(runs, "standalone", plan.clients)
     grpc_calls += probe + probe
     http_calls = sent(runs, "embedded", plan.clients) + probe
     fastapi_calls = sent(runs, "fastapi", plan.clients) + probe
@@ -347,14 +429,32 @@ def check_logs(plan: Plan, work_dir: Path, runs: Sequence[Measurement]) -> dict[
     probes.check_codes("full server, gRPC", codes["grpc"], "OK", grpc_calls, refused)
     probes.check_codes("full server, HTTP", codes["http"], "OK", http_calls, refused)
     probes.check_codes("FastAPI", fastapi, "200", fastapi_calls, {"401": 1})
-    return {
+    found: dict[str, Any] = {
         "full_getuser_codes": {transport: dict(c) for transport, c in codes.items()},
         "fastapi_statuses": dict(fastapi),
     }
+    # Each limiter server got h2load and one probe, over gRPC only.
+    for name in limiter.SERVERS:
+        theirs = probes.access_log_codes(work_dir / f"{name}.log")
+        calls = sent(runs, name, plan.clients) + probe
+        probes.check_codes(f"{name}, gRPC", theirs["grpc"], "OK", calls, {})
+        probes.check_codes(f"{name}, HTTP", theirs["http"], "OK", Expected(), {})
+        found[f"{name}_getuser_codes"] = dict(theirs["grpc"])
+    return found
+
+
+def limiter_calls(runs: Sequence[Measurement]) -> dict[str, int]:
+    """The GetUser calls each limiter server got: h2load's and the probe's."""
+    return {name: sent(runs, name, 0).exact + 1 for name in limiter.SERVERS}
 
 
 def build_report(
-    plan: Plan, machine: dict[str, object], runs: list[Measurement], logs: dict[str, Any]
+    plan: Plan,
+    machine: dict[str, object],
+    runs: list[Measurement],
+    logs: dict[str, Any],
+    setup: limiter.Setup,
+    limiter_checks: dict[str, Any],
 ) -> Report:
     """The report of this run."""
     return Report(
@@ -365,6 +465,8 @@ def build_report(
         targets=TARGETS,
         runs=runs,
         log_checks=logs,
+        limiter_settings=setup.all_settings(),
+        limiter_checks=limiter_checks,
     )
 
 
@@ -373,7 +475,7 @@ def publish(result: Report) -> None:
     stem = f"getuser-{result.date[:10]}"
     json_path, text_path = report.write_results(result, RESULTS_DIR, stem)
     report.update_readme(README, report.readme_blocks(result, json_path.name))
-    print(f"\n{report.render_grpc_table(result)}\n\n{report.render_http_table(result)}")
+    print(f"\n{report.render_all_tables(result)}")
     print(
         f"\nwrote {json_path.relative_to(ROOT)}, {text_path.relative_to(ROOT)}, "
         f"{README.relative_to(ROOT)}"
@@ -392,16 +494,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-publish", action="store_true", help="print only; leave results/ and README alone"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--redis-url",
+        default=limiter.DEFAULT_REDIS_URL,
+        help="the Redis database of the limiter runs (keys under a fresh prefix, deleted after)",
+    )
     return parser.parse_args(argv)
 
 
-def measure(plan: Plan, work_dir: Path) -> Report:
-    """Start, check, load and stop every server; check their logs; the report."""
+def measure(plan: Plan, work_dir: Path, redis_url: str) -> Report:
+    """Start, check, load and stop every server; check their logs and the limiter's
+    counts; the report."""
     machine = machine_info()
-    with servers_under_test(plan, work_dir) as (bench, subjects):
-        warmups, runs = measure_all(bench, subjects)
+    setup = limiter.Setup.new(redis_url)
+    with servers_under_test(plan, work_dir, setup) as under_test:
+        warmups, runs = measure_all(under_test.bench, under_test.subjects)
+        limiter_checks = limiter.check_counts(
+            setup,
+            under_test.bench.caller,
+            limiter_calls([*warmups, *runs]),
+            under_test.servers["limiter_memory"].ports["grpc"],
+        )
     logs = check_logs(plan, work_dir, [*warmups, *runs])
-    return build_report(plan, machine, runs, logs)
+    return build_report(plan, machine, runs, logs, setup, limiter_checks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,12 +532,12 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {plan.load_cpu})  # h2load and wrk inherit it
     work_dir = Path(tempfile.mkdtemp(prefix="tunnelplane-bench-"))
     try:
-        result = measure(plan, work_dir)
+        result = measure(plan, work_dir, args.redis_url)
     except (LoadError, RuntimeError, grpc.RpcError) as exc:
         print(f"bench failed: {exc}\n(work directory kept: {work_dir})", file=sys.stderr)
         return 1
     if args.no_publish:
-        print(f"\n{report.render_grpc_table(result)}\n\n{report.render_http_table(result)}")
+        print(f"\n{report.render_all_tables(result)}")
     else:
         publish(result)
     if args.keep:
