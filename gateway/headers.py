@@ -105,8 +105,12 @@ def inbound(headers: Sequence[tuple[bytes, bytes]], client_host: str) -> Inbound
     result.metadata.append(("x-forwarded-for", chain))
     if host:
         result.metadata.append(("x-forwarded-host", host))
-    result.request_id = request_id_from(result.request_id)
+    given = result.request_id
+    result.request_id = request_id_from(given)
     result.metadata.append(("x-request-id", result.request_id))
+    if result.request_id != given:
+        # The upstream may treat a caller's id as an idempotency key; not one made up here.
+        result.metadata.append(("x-request-id-generated", "1"))
     return result
 
 

@@ -66,6 +66,7 @@ from server.settings import Settings, networks
 from server.storage.database import Database
 from server.storage.kv import MemoryStore, RedisStore, ResilientStore, redis_client
 from server.storage.limiter import FallbackLimiter, MemoryLimiter, RedisLimiter
+from server.storage.resp import Address, RespConnection
 from server.workers.purge import purge_loop
 
 log = logging.getLogger("tunnelplane.server")
@@ -146,7 +147,11 @@ class App:
         self.registry = CollectorRegistry()
         self.limiter_metrics = LimiterMetrics(self.registry)
         self.limiter = FallbackLimiter(
-            RedisLimiter(self.redis, settings.redis_prefix) if self.redis is not None else None,
+            RedisLimiter(
+                self.redis, settings.redis_prefix, RespConnection(Address.parse(settings.redis_url))
+            )
+            if self.redis is not None
+            else None,
             MemoryLimiter(),
             on_switch=lambda backend: self.limiter_metrics.use_backend(backend, switched=True),
             on_error=self.limiter_metrics.errors.inc,
@@ -440,6 +445,7 @@ class App:
             await self.violations.flush()  # the last few seconds of refusals
         await self.db.dispose()
         await self.kv.close()
+        await self.limiter.close()
         self.tracer_provider.shutdown()
 
 

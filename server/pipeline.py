@@ -49,6 +49,7 @@ class Call:
         "peer",
         "principal",
         "request_id",
+        "request_id_given",
         "response_headers",
         "secure",
         "trailers",
@@ -71,6 +72,9 @@ class Call:
         #: Absolute deadline on the event loop's clock, if any.
         self.deadline = deadline
         self.request_id = ""
+        #: Whether the caller chose the request id (a retry may send it again), rather
+        #: than the server or the HTTP gateway making one up.
+        self.request_id_given = False
         #: Whether the call arrived over TLS (or through a trusted TLS-terminating proxy).
         self.secure = False
         self.principal: Principal | None = None

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from server.domain.clock import Clock
 from server.domain.principal import Tier
-from server.domain.ratelimit import Limiter, month_bounds, quota_key
+from server.domain.ratelimit import Limiter, month_bounds, month_tag, quota_key
 from server.domain.tiers import TierCatalog
 
 
@@ -49,7 +49,7 @@ class QuotaService:
         now = self._clock.now()
         start, end = month_bounds(now)
         limits = self._tiers.get(f"tiers/{tier.value}").limits
-        requests = await self._limiter.counter(quota_key(user_id, "requests", now))
+        requests = await self._limiter.counter(quota_key(user_id, "requests", month_tag(now)))
         quotas = [
             QuotaUse("requests", requests, limits.requests_per_month),
             QuotaUse("transfer_bytes", 0, limits.transfer_bytes_per_month),

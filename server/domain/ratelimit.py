@@ -14,6 +14,7 @@ the bounded queue near the limit.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import math
 from collections.abc import Sequence
@@ -210,16 +211,25 @@ class Limiter(Protocol):
         ...
 
 
+@functools.lru_cache(maxsize=256)
+def _policy_headers(bucket: Bucket) -> tuple[tuple[str, str], tuple[str, str]]:
+    return (
+        ("x-ratelimit-limit", str(bucket.limit)),
+        ("ratelimit-policy", f'"default";q={bucket.limit};w=60;burst={bucket.burst}'),
+    )
+
+
 def rate_headers(decision: Decision, bucket: Bucket) -> list[tuple[str, str]]:
     """``X-RateLimit-*``, the IETF ``RateLimit-Policy``/``RateLimit`` fields and, on a
     refusal, ``Retry-After``, all in seconds."""
     reset = max(0, math.ceil(decision.reset_ms / 1000))
     remaining = decision.remaining
+    limit, policy = _policy_headers(bucket)
     headers = [
-        ("x-ratelimit-limit", str(bucket.limit)),
+        limit,
         ("x-ratelimit-remaining", str(remaining)),
         ("x-ratelimit-reset", str(reset)),
-        ("ratelimit-policy", f'"default";q={bucket.limit};w=60;burst={bucket.burst}'),
+        policy,
         ("ratelimit", f'"default";r={remaining};t={reset}'),
     ]
     if not decision.allowed:
@@ -255,8 +265,9 @@ def _is_trusted(address: str, trusted: Sequence[Network]) -> bool:
     return any(ip in network for network in trusted)
 
 
-def in_networks(address: str, networks: Sequence[Network]) -> bool:
-    """Whether ``address`` falls in any of ``networks``."""
+@functools.lru_cache(maxsize=4096)
+def in_networks(address: str, networks: tuple[Network, ...]) -> bool:
+    """Whether ``address`` falls in any of ``networks`` (remembered per address)."""
     return _is_trusted(address, networks)
 
 
@@ -271,6 +282,11 @@ def month_bounds(now: datetime) -> tuple[datetime, datetime]:
     return start, end
 
 
-def quota_key(user_id: str, metric: str, now: datetime) -> str:
-    """The store key of a user's counter for this month."""
-    return f"quota:{metric}:{user_id}:{now.astimezone(UTC):%Y%m}"
+def month_tag(now: datetime) -> str:
+    """The calendar month (UTC) as quota keys name it, ``YYYYMM``."""
+    return f"{now.astimezone(UTC):%Y%m}"
+
+
+def quota_key(user_id: str, metric: str, month: str) -> str:
+    """The store key of a user's counter for the month tagged ``month``."""
+    return f"quota:{metric}:{user_id}:{month}"

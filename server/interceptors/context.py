@@ -12,6 +12,8 @@ from server.domain.ratelimit import Network, client_address
 from server.logs import request_id_var
 from server.pipeline import Call, Handler, MethodInfo
 
+#: Set by the HTTP gateway when it made the request id up (the client sent none).
+GENERATED_MARK = "x-request-id-generated"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
@@ -36,6 +38,7 @@ class RequestContextStage:
             given = call.header("x-request-id")
             if _SAFE_ID.match(given):
                 request_id = given
+                call.request_id_given = call.header(GENERATED_MARK) != "1"
             else:
                 request_id = uuid.uuid4().hex
                 call.set_header("x-request-id", request_id)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,7 @@ from server.domain.ratelimit import (
     Outcome,
     in_networks,
     month_bounds,
+    month_tag,
     quota_key,
     rate_headers,
 )
@@ -163,6 +165,9 @@ class RateLimitStage:
         self._clock = clock
         self._log = logger
         self.waiting: Counter[str] = Counter()
+        self._allowed = metrics.decisions.labels("subject", "allowed")
+        self._month_end = -math.inf  # when the cached month tag goes stale (epoch seconds)
+        self._month = ""
 
     def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
         cost = method.policy.rate_cost
@@ -217,7 +222,7 @@ class RateLimitStage:
             )
         if not decision.allowed:
             self._refuse(decision, subject, ip, method, bucket, tier)
-        self._metrics.decisions.labels("subject", "allowed").inc()
+        self._allowed.inc()
         if decision.wait_ms:
             await self._wait(subject, decision.wait_ms)
 
@@ -234,11 +239,13 @@ class RateLimitStage:
         queue_full = self.waiting[subject] >= policy.queue_limit
         quota_limit, key, reset_ms = -1, "", 0.0
         if quota_payer is not None:
-            now = self._clock.now()
+            now = self._clock.time()
+            if now >= self._month_end:
+                today = self._clock.now()
+                self._month, self._month_end = month_tag(today), month_bounds(today)[1].timestamp()
             quota_limit = policy.monthly_requests(quota_payer.tier)
-            key = quota_key(quota_payer.user_id, "requests", now)
-            reset_ms = (month_bounds(now)[1] - now).total_seconds() * 1000
-        given = call.header("x-request-id")
+            key = quota_key(quota_payer.user_id, "requests", self._month)
+            reset_ms = (self._month_end - now) * 1000
         return Check(
             subject=subject,
             ip=call.client_ip,
@@ -251,7 +258,7 @@ class RateLimitStage:
             quota_key=key,
             quota_limit=quota_limit,
             quota_reset_ms=reset_ms,
-            dedupe=f"{subject}:{given}" if given and given == call.request_id else "",
+            dedupe=f"{subject}:{call.request_id}" if call.request_id_given else "",
             enforcement=enforcement,
             block=policy.block,
         )

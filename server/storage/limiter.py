@@ -2,8 +2,8 @@
 
 One decision is one Lua script run (``EVALSHA``): the address block, the address's
 bucket, the subject's bucket (with its queue reservation), the monthly quota and its
-retry de-duplication, checked and committed atomically. Concurrent decisions are sent
-together in one pipeline (measured: a third of the client CPU of one round trip each).
+retry de-duplication, checked and committed atomically. Each script run is written at
+once on a dedicated connection and its reply matched in order (:mod:`server.storage.resp`).
 The in-process limiter runs the same steps with the same arithmetic
 (:func:`server.domain.ratelimit.gcra`); :class:`FallbackLimiter` switches to it while
 Redis is unreachable and back when it returns.
@@ -33,11 +33,13 @@ from server.domain.ratelimit import (
     Outcome,
     gcra,
 )
+from server.storage.resp import RespConnection
 
 log = logging.getLogger(__name__)
 #: Keys outlive their TAT by this much, so a slow clock never expires one early.
 KEY_MARGIN_MS = 60_000
-DEDUPE_MS = 24 * 3_600_000
+#: How long a caller's request id is remembered, so that a retry is not counted twice.
+DEDUPE_MS = 15 * 60_000
 REDIS_TIMEOUT = 0.25
 
 LUA = """
@@ -172,70 +174,42 @@ def decision_of(reply: list[Any]) -> Decision:
 
 
 class RedisLimiter:
-    """Decisions in Redis, batched per event-loop turn."""
+    """Decisions in Redis: each one ``EVALSHA`` written at once on a dedicated connection
+    (:mod:`server.storage.resp`); the admin reads go through redis-py."""
 
     backend = "redis"
 
-    def __init__(self, client: aioredis.Redis, prefix: str) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str, connection: RespConnection) -> None:
         self._redis = client
         self._prefix = prefix
-        self._sha = ""
-        self._pending: list[tuple[Check, asyncio.Future[Decision]]] = []
-        self._scheduled = False
+        self._connection = connection
+        self._sha = b""
 
     async def decide(self, check: Check) -> Decision:
-        """Queue ``check`` for the next batch and await its answer."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Decision] = loop.create_future()
-        self._pending.append((check, future))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        return await future
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        batch, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._run(batch))
-        task.add_done_callback(_consume)
-
-    async def _run(self, batch: list[tuple[Check, asyncio.Future[Decision]]]) -> None:
+        """One script run, within :data:`REDIS_TIMEOUT`."""
         try:
             async with asyncio.timeout(REDIS_TIMEOUT):
-                replies = await self._evaluate([check for check, _ in batch])
-        except (RedisError, OSError, TimeoutError) as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, future), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(decision_of(reply))
+                reply = await self._evaluate(keys_of(check, self._prefix), args_of(check))
+        except TimeoutError:
+            self._connection.reset()  # a hung connection must not hold later calls
+            raise
+        return decision_of(reply)
 
-    async def _evaluate(self, checks: list[Check]) -> list[Any]:
+    async def _evaluate(self, keys: list[str], args: list[Any]) -> Any:
+        connection = self._connection
         if not self._sha:
-            self._sha = await self._redis.script_load(LUA)
-        for attempt in (1, 2):
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for check in checks:
-                        pipe.evalsha(self._sha, 6, *keys_of(check, self._prefix), *args_of(check))
-                    replies: list[Any] = await pipe.execute(raise_on_error=False)
-            except RedisConnectionError:
-                if attempt == 2:
-                    raise
-                # A pooled connection from before a Redis restart: the pool drops it, and
-                # the batch goes again on a fresh one (the script never ran on the old one).
-                continue
-            if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
-                self._sha = await self._redis.script_load(LUA)  # Redis restarted
-                continue
-            return replies
-        return replies
+            self._sha = await connection.execute("SCRIPT", "LOAD", LUA)  # type: ignore[assignment]
+        try:
+            return await connection.execute(b"EVALSHA", self._sha, 6, *keys, *args)
+        except NoScriptError:
+            self._sha = await connection.execute("SCRIPT", "LOAD", LUA)  # type: ignore[assignment]
+        except RedisConnectionError:
+            pass  # a connection from before a Redis restart: once more, on a fresh one
+        return await connection.execute(b"EVALSHA", self._sha, 6, *keys, *args)
+
+    async def close(self) -> None:
+        """Close the dedicated connection."""
+        await self._connection.close()
 
     async def blocks(self) -> list[IpBlock]:
         """Every address blocked now (one SCAN)."""
@@ -263,11 +237,6 @@ class RedisLimiter:
             f"{self._prefix}ipblock:{ip}", f"{self._prefix}ipviol:{ip}"
         )
         return bool(removed)
-
-
-def _consume(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("rate limiter batch failed", exc_info=task.exception())
 
 
 class MemoryLimiter:
@@ -444,6 +413,11 @@ class FallbackLimiter:
             except (RedisError, OSError, TimeoutError) as exc:
                 self.set_available(False, error=repr(exc))
         return await self._local.counter(key)
+
+    async def close(self) -> None:
+        """Close Redis connections."""
+        if self._primary is not None:
+            await self._primary.close()
 
     async def lift(self, ip: str) -> bool:
         """Lift a block everywhere it may be."""

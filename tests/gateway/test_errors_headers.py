@@ -266,7 +266,10 @@ async def test_request_id_passed_through_or_created(gw: Running, given: str, kep
     sent = {"X-Request-Id": given} if given else {}
     response = await gw.http.post("/v1/headers", json={}, headers=sent)
     request_id = response.headers["x-request-id"]
-    assert response.json()["received"]["x-request-id"] == request_id
+    received = response.json()["received"]
+    assert received["x-request-id"] == request_id
+    # The upstream can tell a caller's id (an idempotency key) from one made up here.
+    assert received.get("x-request-id-generated") == (None if kept else "1")
     if kept:
         assert request_id == given
     else:

@@ -22,6 +22,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from tunnelplane.v1 import admin_pb2, users_pb2, users_pb2_grpc
 
 from server.app import App
@@ -30,6 +32,7 @@ from server.domain.ratelimit import BlockPolicy, Bucket, Check, Decision, Enforc
 from server.settings import DEFAULT_TIERS
 from server.storage.kv import redis_client
 from server.storage.limiter import MemoryLimiter, RedisLimiter
+from server.storage.resp import Address, RespConnection
 from tests.conftest import REDIS_URL, make_settings, migrate, require_redis
 from tests.helpers import Client
 from tests.processes import ServerProcess, child_env, run_cli, serving
@@ -85,7 +88,8 @@ def test_redis_and_in_process_limiters_agree(
     async def run() -> None:
         client = redis_client(REDIS_URL)
         prefix = f"tptest:agree:{uuid.uuid4().hex[:8]}:"
-        redis, memory = RedisLimiter(client, prefix), MemoryLimiter()
+        connection = RespConnection(Address.parse(REDIS_URL))
+        redis, memory = RedisLimiter(client, prefix, connection), MemoryLimiter()
         now = EPOCH
         try:
             for i, s in enumerate(steps):
@@ -108,6 +112,7 @@ def test_redis_and_in_process_limiters_agree(
             if keys:
                 await client.delete(*keys)
             await client.aclose()
+            await connection.close()
 
     asyncio.run(run())
 
@@ -192,11 +197,11 @@ def _spare_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def redis_server(port: int) -> AsyncIterator[asyncio.subprocess.Process]:
+async def redis_server(port: int, *extra: str) -> AsyncIterator[asyncio.subprocess.Process]:
     """A throwaway ``redis-server`` on ``port``, ready when entered."""
     process = await asyncio.create_subprocess_exec(
         "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-        "--appendonly", "no", "--loglevel", "notice",
+        "--appendonly", "no", "--loglevel", "notice", *extra,
         stdout=asyncio.subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     assert process.stdout is not None
@@ -306,3 +311,32 @@ async def _outage(settings_: object, first: asyncio.subprocess.Process, port: in
         stop.set()
         await server.stop(grace=0)
     assert errors == [], errors[:5]
+
+
+async def test_the_lean_connection_signs_in_selects_and_recovers() -> None:
+    require_redis()
+    port = _spare_port()
+    async with redis_server(port, "--requirepass", "s3cret") as process:
+        good = RespConnection(Address.parse(f"redis://:s3cret@127.0.0.1:{port}/2"))
+        bad = RespConnection(Address.parse(f"redis://:wrong@127.0.0.1:{port}/0"))
+        try:
+            assert await good.execute("SET", "k", "v") == b"OK"
+            replies = await asyncio.gather(*(good.execute("INCR", "n") for _ in range(50)))
+            assert replies == list(range(1, 51)), "replies are matched to commands in order"
+            probe = redis_client(f"redis://:s3cret@127.0.0.1:{port}/2")
+            try:
+                assert await probe.get("k") == b"v"  # in database 2
+            finally:
+                await probe.aclose()
+            with pytest.raises(ResponseError):
+                await good.execute("NOSUCHCOMMAND")
+            assert await good.execute("GET", "k") == b"v", "an error reply keeps the connection"
+            with pytest.raises(RedisConnectionError, match="handshake"):
+                await bad.execute("PING")
+            process.kill()
+            await process.wait()
+            with pytest.raises(RedisConnectionError):
+                await good.execute("GET", "k")
+        finally:
+            await good.close()
+            await bad.close()

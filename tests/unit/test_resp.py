@@ -1,0 +1,74 @@
+"""The lean Redis protocol client: URLs, encoding and parsing replies however they are cut."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+from server.storage.resp import Address, _Incomplete, encode, parse
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:6379/0", Address()),
+        ("redis://localhost", Address(host="localhost")),
+        ("redis://h:6380/3", Address(host="h", port=6380, db=3)),
+        ("redis://h/?db=4", Address(host="h", db=4)),
+        (
+            "rediss://us%40er:p%3Ass@h:6390/2",
+            Address(host="h", port=6390, tls=True, username="us@er", password="p:ss", db=2),
+        ),
+        ("redis://:secret@h", Address(host="h", password="secret")),
+        ("unix:///run/redis.sock?db=5", Address(path="/run/redis.sock", db=5)),
+    ],
+)
+def test_urls(url: str, expected: Address) -> None:
+    assert Address.parse(url) == expected
+
+
+def test_encode() -> None:
+    assert encode((b"EVALSHA", "ab", 6, 1.5)) == (
+        b"*4\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n6\r\n$3\r\n1.5\r\n"
+    )
+
+
+SCRIPT_REPLY = b"*7\r\n:0\r\n:12\r\n:0\r\n:-1\r\n:500\r\n:3\r\n:0\r\n"
+
+
+def test_parse_the_kinds_of_reply() -> None:
+    assert parse(SCRIPT_REPLY, 0) == ([0, 12, 0, -1, 500, 3, 0], len(SCRIPT_REPLY))
+    assert parse(b"$3\r\nabc\r\n", 0) == (b"abc", 9)
+    assert parse(b"$-1\r\n", 0) == (None, 5)
+    assert parse(b"+OK\r\n", 0) == (b"OK", 5)
+    error, _ = parse(b"-NOSCRIPT No matching script\r\n", 0)
+    assert isinstance(error, NoScriptError)
+    error, _ = parse(b"-ERR wrong\r\n", 0)
+    assert type(error) is ResponseError
+    with pytest.raises(RedisConnectionError):
+        parse(b"?what\r\n", 0)
+
+
+@given(st.lists(st.integers(0, len(SCRIPT_REPLY) * 3), max_size=4))
+def test_replies_cut_anywhere_parse_the_same(cuts: list[int]) -> None:
+    """Bytes arrive in arbitrary pieces: only complete replies are taken, in order."""
+    stream = SCRIPT_REPLY + b"$5\r\nhello\r\n" + SCRIPT_REPLY
+    buffer, replies = bytearray(), []
+    edges = sorted({0, *cuts, len(stream)})
+    for start, end in itertools.pairwise(edges):
+        buffer += stream[start:end]
+        pos = 0
+        try:
+            while pos < len(buffer):
+                reply, pos = parse(buffer, pos)
+                replies.append(reply)
+        except _Incomplete:
+            pass
+        del buffer[:pos]
+    assert replies == [[0, 12, 0, -1, 500, 3, 0], b"hello", [0, 12, 0, -1, 500, 3, 0]]
+    assert not buffer
