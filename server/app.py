@@ -65,7 +65,7 @@ from server.policy import load_policies
 from server.settings import Settings, networks
 from server.storage.database import Database
 from server.storage.kv import MemoryStore, RedisStore, ResilientStore, redis_client
-from server.storage.limiter import FallbackLimiter, MemoryLimiter, RedisLimiter
+from server.storage.limiter import REDIS_TIMEOUT, FallbackLimiter, MemoryLimiter, RedisLimiter
 from server.storage.resp import Address, RespConnection
 from server.workers.purge import purge_loop
 
@@ -148,7 +148,9 @@ class App:
         self.limiter_metrics = LimiterMetrics(self.registry)
         self.limiter = FallbackLimiter(
             RedisLimiter(
-                self.redis, settings.redis_prefix, RespConnection(Address.parse(settings.redis_url))
+                self.redis,
+                settings.redis_prefix,
+                RespConnection(Address.parse(settings.redis_url), REDIS_TIMEOUT),
             )
             if self.redis is not None
             else None,

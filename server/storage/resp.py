@@ -107,11 +107,42 @@ def parse(buffer: bytes | bytearray, pos: int) -> tuple[Reply, int]:  # noqa: PL
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, timeout: float) -> None:
         self.transport: asyncio.Transport | None = None
         self.pending: deque[asyncio.Future[Reply]] = deque()
+        self.sent_at: deque[float] = deque()
         self.buffer = bytearray()
         self.lost: Exception | None = None
+        self.timeout = timeout
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def send(self, command: bytes) -> asyncio.Future[Reply]:
+        """Write a command; the future gets its reply, or fails with the connection (or
+        with :class:`TimeoutError` when no reply came within the timeout)."""
+        assert self.transport is not None
+        future: asyncio.Future[Reply] = self._loop.create_future()
+        self.pending.append(future)
+        self.sent_at.append(self._loop.time())
+        self.transport.write(command)
+        if self._watchdog is None:
+            # One timer per connection, not one per command.
+            self._watchdog = self._loop.call_later(self.timeout, self._check)
+        return future
+
+    def _check(self) -> None:
+        self._watchdog = None
+        if not self.sent_at:
+            return
+        overdue = self.sent_at[0] + self.timeout - self._loop.time()
+        if overdue > 0:
+            self._watchdog = self._loop.call_later(overdue, self._check)
+            return
+        # The oldest command got no reply in time: this connection is stuck. Fail what it
+        # holds and drop it; the next command opens a fresh one.
+        self._fail(TimeoutError(f"no reply from Redis within {self.timeout} s"))
+        if self.transport is not None:
+            self.transport.abort()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -124,6 +155,7 @@ class _Protocol(asyncio.Protocol):
             while pos < len(buffer):
                 reply, pos = parse(buffer, pos)
                 future = self.pending.popleft()
+                self.sent_at.popleft()
                 if not future.done():  # its caller may have timed out
                     future.set_result(reply)
         except _Incomplete:
@@ -140,6 +172,10 @@ class _Protocol(asyncio.Protocol):
 
     def _fail(self, error: Exception) -> None:
         self.lost = error
+        self.sent_at.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         while self.pending:
             future = self.pending.popleft()
             if not future.done():
@@ -149,9 +185,11 @@ class _Protocol(asyncio.Protocol):
 class RespConnection:
     """One connection, (re)opened on first use after a failure."""
 
-    def __init__(self, address: Address, connect_timeout: float = 1.0) -> None:
+    def __init__(self, address: Address, timeout: float = 1.0) -> None:
         self._address = address
-        self._connect_timeout = connect_timeout
+        #: For connecting, and for each reply: a command unanswered this long fails with
+        #: :class:`TimeoutError` and the connection is dropped.
+        self._timeout = timeout
         self._protocol: _Protocol | None = None
         self._opening: asyncio.Task[_Protocol] | None = None
 
@@ -160,11 +198,7 @@ class RespConnection:
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             protocol = await self._open()
-        assert protocol.transport is not None
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        protocol.pending.append(future)
-        protocol.transport.write(encode(args))
-        reply = await future
+        reply = await protocol.send(encode(args))
         if isinstance(reply, ResponseError):
             raise reply
         return reply
@@ -190,13 +224,17 @@ class RespConnection:
 
     async def _connect(self) -> _Protocol:
         address, loop = self._address, asyncio.get_running_loop()
-        async with asyncio.timeout(self._connect_timeout):
+
+        def factory() -> _Protocol:
+            return _Protocol(self._timeout)
+
+        async with asyncio.timeout(self._timeout):
             if address.path:
-                _, protocol = await loop.create_unix_connection(_Protocol, address.path)
+                _, protocol = await loop.create_unix_connection(factory, address.path)
             else:
                 context = ssl.create_default_context() if address.tls else None
                 _, protocol = await loop.create_connection(
-                    _Protocol, address.host, address.port, ssl=context
+                    factory, address.host, address.port, ssl=context
                 )
             self._protocol = protocol
             try:

@@ -72,3 +72,38 @@ def test_replies_cut_anywhere_parse_the_same(cuts: list[int]) -> None:
         del buffer[:pos]
     assert replies == [[0, 12, 0, -1, 500, 3, 0], b"hello", [0, 12, 0, -1, 500, 3, 0]]
     assert not buffer
+
+
+async def test_a_silent_redis_times_out_and_the_connection_is_replaced() -> None:
+    """A Redis that accepts and never answers: commands fail after the timeout, and the
+    next one opens a new connection instead of queueing behind the stuck one."""
+    import asyncio
+
+    from server.storage.resp import RespConnection
+
+    accepted = 0
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    connection = RespConnection(Address(port=port), timeout=0.05)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        results = await asyncio.gather(
+            *(connection.execute("PING") for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(r, TimeoutError) for r in results), results
+        assert loop.time() - started < 1.0
+        with pytest.raises(TimeoutError):
+            await connection.execute("PING")
+        assert accepted == 2
+    finally:
+        await connection.close()
+        server.close()
+        await server.wait_closed()
