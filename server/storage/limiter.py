@@ -11,6 +11,7 @@ Redis is unreachable and back when it returns.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -24,6 +25,8 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from server.domain.ratelimit import (
     TOLERANCE_MS,
+    BlockPolicy,
+    Bucket,
     Check,
     Decision,
     Enforcement,
@@ -32,7 +35,7 @@ from server.domain.ratelimit import (
     Outcome,
     gcra,
 )
-from server.storage.resp import RespConnection
+from server.storage.resp import RespConnection, bulk
 
 log = logging.getLogger(__name__)
 #: Keys outlive their TAT by this much, so a slow clock never expires one early.
@@ -157,13 +160,61 @@ def args_of(check: Check) -> list[Any]:
         check.cost,
         repr(float(check.max_wait_ms)),
         check.quota_limit if check.quota_key else -1,
-        repr(float(check.quota_reset_ms)),
+        math.ceil(check.quota_reset_ms),
         check.dedupe,
         str(int(check.enforcement)),
         check.block.after,
         int(check.block.window_ms),
         int(check.block.duration_ms),
     ]
+
+
+_EMPTY = b"$0\r\n\r\n"
+#: Encoded arguments that repeat from call to call (keys of active callers, limits).
+_repeated = functools.lru_cache(maxsize=16_384)(bulk)
+
+
+@functools.lru_cache(maxsize=1024)
+def _bucket_args(bucket: Bucket) -> bytes:
+    return bulk(repr(bucket.interval_ms)) + bulk(str(bucket.burst))
+
+
+@functools.lru_cache(maxsize=64)
+def _block_args(block: BlockPolicy) -> bytes:
+    return b"".join(
+        bulk(str(v)) for v in (block.after, int(block.window_ms), int(block.duration_ms))
+    )
+
+
+def evalsha_of(check: Check, prefix: str, sha: bytes) -> bytes:
+    """``EVALSHA sha 6 keys... args...`` in RESP, as :func:`keys_of` and :func:`args_of`
+    say, built mostly from cached pieces (a third of the cost of encoding it afresh)."""
+    ip = check.ip
+    return b"".join(
+        (
+            b"*23\r\n$7\r\nEVALSHA\r\n",
+            bulk(sha.decode()),
+            b"$1\r\n6\r\n",
+            _repeated(f"{prefix}ipblock:{ip}"),
+            _repeated(f"{prefix}rl:ip:{ip}"),
+            _repeated(f"{prefix}ipviol:{ip}"),
+            _repeated(f"{prefix}rl:{check.subject}"),
+            _repeated(f"{prefix}{check.quota_key or 'quota:none'}"),
+            bulk(f"{prefix}dedupe:{check.dedupe}")
+            if check.dedupe
+            else _repeated(f"{prefix}dedupe:none"),
+            _EMPTY if check.now_ms is None else bulk(repr(float(check.now_ms))),
+            _bucket_args(check.ip_bucket),
+            _bucket_args(check.subject_bucket),
+            _repeated(str(check.cost)),
+            _repeated(repr(float(check.max_wait_ms))),
+            _repeated(str(check.quota_limit if check.quota_key else -1)),
+            bulk(str(math.ceil(check.quota_reset_ms))),
+            bulk(check.dedupe) if check.dedupe else _EMPTY,
+            _repeated(str(int(check.enforcement))),
+            _block_args(check.block),
+        )
+    )
 
 
 def decision_of(reply: list[Any]) -> Decision:
@@ -186,19 +237,18 @@ class RedisLimiter:
 
     async def decide(self, check: Check) -> Decision:
         """One script run (the connection fails it after :data:`REDIS_TIMEOUT`)."""
-        return decision_of(await self._evaluate(keys_of(check, self._prefix), args_of(check)))
-
-    async def _evaluate(self, keys: list[str], args: list[Any]) -> Any:
         connection = self._connection
         if not self._sha:
             self._sha = await connection.execute("SCRIPT", "LOAD", LUA)  # type: ignore[assignment]
         try:
-            return await connection.execute(b"EVALSHA", self._sha, 6, *keys, *args)
+            reply = await connection.execute_encoded(evalsha_of(check, self._prefix, self._sha))
         except NoScriptError:
             self._sha = await connection.execute("SCRIPT", "LOAD", LUA)  # type: ignore[assignment]
+            reply = await connection.execute_encoded(evalsha_of(check, self._prefix, self._sha))
         except RedisConnectionError:
-            pass  # a connection from before a Redis restart: once more, on a fresh one
-        return await connection.execute(b"EVALSHA", self._sha, 6, *keys, *args)
+            # A connection from before a Redis restart: once more, on a fresh one.
+            reply = await connection.execute_encoded(evalsha_of(check, self._prefix, self._sha))
+        return decision_of(reply)  # type: ignore[arg-type]
 
     async def close(self) -> None:
         """Close the dedicated connection."""

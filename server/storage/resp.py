@@ -60,6 +60,12 @@ class Address:
         )
 
 
+def bulk(text: str) -> bytes:
+    """One RESP bulk string."""
+    data = text.encode()
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
 def encode(args: tuple[bytes | str | int | float, ...]) -> bytes:
     """A command in RESP."""
     out = [b"*%d\r\n" % len(args)]
@@ -195,10 +201,14 @@ class RespConnection:
 
     async def execute(self, *args: bytes | str | int | float) -> Reply:
         """Send a command now and await its reply (an error reply is raised)."""
+        return await self.execute_encoded(encode(args))
+
+    async def execute_encoded(self, command: bytes) -> Reply:
+        """:meth:`execute` for a command already in RESP."""
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             protocol = await self._open()
-        reply = await protocol.send(encode(args))
+        reply = await protocol.send(command)
         if isinstance(reply, ResponseError):
             raise reply
         return reply

@@ -107,3 +107,20 @@ async def test_a_silent_redis_times_out_and_the_connection_is_replaced() -> None
         await connection.close()
         server.close()
         await server.wait_closed()
+
+
+def test_the_limiter_command_is_the_generic_encoding_of_its_keys_and_args() -> None:
+    from server.domain.ratelimit import Bucket, Check, Enforcement
+    from server.storage.limiter import args_of, evalsha_of, keys_of
+
+    for check in (
+        Check("users/u", "10.0.0.1", Bucket(60, 3), Bucket(600, 20)),
+        Check(
+            "apiKeys/k", "::1", Bucket(7, 1), Bucket(1200, 200), cost=3, max_wait_ms=500.0,
+            quota_key="quota:requests:u:202611", quota_limit=10, quota_reset_ms=1234.5,
+            dedupe="apiKeys/k:r-1", enforcement=Enforcement.COUNT_ONLY, now_ms=1.5e12,
+        ),
+    ):  # fmt: skip
+        sha = b"f" * 40
+        generic = encode((b"EVALSHA", sha, 6, *keys_of(check, "tp:"), *args_of(check)))
+        assert evalsha_of(check, "tp:", sha) == generic
