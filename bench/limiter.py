@@ -18,8 +18,12 @@ finite monthly request quota, so every call takes the same path as a free-tier u
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from collections.abc import Mapping
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +40,8 @@ SERVERS = ("limiter_off", "limiter_redis", "limiter_memory")
 HUGE = 1_000_000_000
 #: The monthly request quota: finite, so that every call is counted, and out of reach.
 MONTHLY = 1_000_000_000_000
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/3"
+#: ``--redis-url`` default: a redis-server the bench starts (:func:`private_redis`).
+DEFAULT_REDIS_URL = "private"
 LIMIT_TRAILER = "x-ratelimit-limit"
 LOOPBACK = "127.0.0.1"
 TIERS = ("free", "premium", "enterprise")
@@ -129,6 +134,43 @@ class Setup:
             for start in range(0, len(keys), 500):
                 client.delete(*keys[start : start + 500])
         return len(keys)
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[str]:
+    """A ``redis-server`` of the bench's own on a spare port, in memory only; its URL.
+
+    It is started by this process, so it runs on the load tools' CPU (pinned in
+    ``run.main``), as Redis runs on a machine of its own in production: on a shared CPU its
+    script runs would be counted against the server under test.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    try:
+        process = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+    except FileNotFoundError as exc:
+        raise LoadError("redis-server is not installed; pass --redis-url") from exc
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with redis.Redis.from_url(url, socket_timeout=1) as client:
+                    client.ping()
+                break
+            except (redis.RedisError, OSError):
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise LoadError(f"the bench's redis-server did not start on {port}") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
 
 
 def get_me_trailers(port: int, caller: Caller) -> tuple[users_pb2.User, dict[str, str]]:

@@ -497,7 +497,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--redis-url",
         default=limiter.DEFAULT_REDIS_URL,
-        help="the Redis database of the limiter runs (keys under a fresh prefix, deleted after)",
+        help="the Redis of the limiter runs (keys under a fresh prefix, deleted after); "
+        "default: a redis-server of the bench's own, on the load tools' CPU",
     )
     return parser.parse_args(argv)
 
@@ -532,7 +533,11 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {plan.load_cpu})  # h2load and wrk inherit it
     work_dir = Path(tempfile.mkdtemp(prefix="tunnelplane-bench-"))
     try:
-        result = measure(plan, work_dir, args.redis_url)
+        with contextlib.ExitStack() as stack:
+            redis_url = args.redis_url
+            if redis_url == "private":
+                redis_url = stack.enter_context(limiter.private_redis())
+            result = measure(plan, work_dir, redis_url)
     except (LoadError, RuntimeError, grpc.RpcError) as exc:
         print(f"bench failed: {exc}\n(work directory kept: {work_dir})", file=sys.stderr)
         return 1
