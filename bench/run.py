@@ -67,7 +67,7 @@ class Plan:
     wrk_seconds: int = 8
     wrk_warmup_seconds: int = 2
     clients: int = 50
-    rounds: int = 3
+    rounds: int = 5
     #: CPUs for the servers and for the load tools (and this process); None: not pinned.
     server_cpu: int | None = None
     load_cpu: int | None = None
