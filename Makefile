@@ -66,6 +66,7 @@ migrate: $(STAMP) ## Apply database migrations (TP_DATABASE_URL)
 
 bench: $(STAMP) ## Load benchmarks with h2load on loopback; writes bench/results/
 	@command -v h2load >/dev/null || (apt-get install -y -q nghttp2-client >/dev/null || sudo apt-get install -y -q nghttp2-client >/dev/null)
+	@command -v wrk >/dev/null || (apt-get install -y -q wrk >/dev/null || sudo apt-get install -y -q wrk >/dev/null)
 	$(BIN)/python -m bench.run
 
 clean: ## Remove the virtualenv, tools and local data

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from tunnelplane.v1 import common_pb2, options_pb2
 
-from server.domain.principal import ALL_PERMISSIONS, CredentialKind, Rule, Tier
+from server.domain.principal import ALL_PERMISSIONS, CredentialKind, Rule, ShareRole, Tier
 
 _TIERS = {
     common_pb2.TIER_FREE: Tier.FREE,
@@ -60,6 +60,8 @@ def policy_of(method: MethodDescriptor) -> MethodPolicy:
         _check_owner_field(name, method.input_type, raw.owner_field)
     if raw.access == options_pb2.ACCESS_PUBLIC and (raw.permission or raw.owner_field):
         raise PolicyError(f"{name}: a public method cannot require a permission or an owner")
+    if raw.share_role and not raw.owner_field:
+        raise PolicyError(f"{name}: share_role needs an owner_field naming the shared resource")
     credentials = frozenset(_CREDENTIALS[c] for c in raw.credentials) or frozenset(CredentialKind)
     rule = Rule(
         public=raw.access == options_pb2.ACCESS_PUBLIC,
@@ -68,6 +70,7 @@ def policy_of(method: MethodDescriptor) -> MethodPolicy:
         admin_permission=raw.admin_permission,
         min_tier=_TIERS.get(raw.min_tier),
         credentials=credentials,
+        share_role=ShareRole(raw.share_role),
     )
     return MethodPolicy(
         rule=rule,

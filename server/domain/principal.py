@@ -46,13 +46,23 @@ class CredentialKind(enum.StrEnum):
 
 
 #: What a user may do to their own resources.
-SELF_PERMISSIONS = frozenset({"profile.read", "profile.write", "apikeys.read", "apikeys.write"})
+SELF_PERMISSIONS = frozenset(
+    {
+        "profile.read",
+        "profile.write",
+        "apikeys.read",
+        "apikeys.write",
+        "tunnels.read",
+        "tunnels.write",
+    }
+)
 #: Permissions over other users' resources and the system.
 ADMIN_PERMISSIONS = frozenset(
     {
         "users.read",
         "users.write",
         "users.admin",
+        "tunnels.admin",
         "billing.read",
         "billing.write",
         "audit.read",
@@ -60,13 +70,15 @@ ADMIN_PERMISSIONS = frozenset(
         "system.read",
     }
 )
-AGENT_PERMISSIONS = frozenset({"agent.connect"})
+#: The scope of an agent key: an API key that can do nothing but carry its owner's tunnels.
+AGENT_SCOPE = "agent.connect"
+AGENT_PERMISSIONS = frozenset({AGENT_SCOPE})
 ALL_PERMISSIONS = SELF_PERMISSIONS | ADMIN_PERMISSIONS | AGENT_PERMISSIONS
 
 ROLE_PERMISSIONS: Mapping[Role, frozenset[str]] = {
     Role.USER: SELF_PERMISSIONS,
     Role.SUPPORT_ADMIN: SELF_PERMISSIONS
-    | {"users.read", "users.write", "audit.read", "system.read"},
+    | {"users.read", "users.write", "tunnels.admin", "audit.read", "system.read"},
     Role.FINANCE_ADMIN: SELF_PERMISSIONS | {"users.read", "billing.read", "billing.write"},
     Role.SUPER_ADMIN: ALL_PERMISSIONS,
     Role.SERVICE: SELF_PERMISSIONS | {"users.read", "billing.read"},
@@ -77,8 +89,19 @@ ROLE_PERMISSIONS: Mapping[Role, frozenset[str]] = {
 KEY_ONLY_ROLES = frozenset({Role.SERVICE, Role.AGENT})
 
 
+def is_agent_key(scopes: frozenset[str] | None) -> bool:
+    """Whether an API key's scopes make it an agent key (the agent role, nothing else)."""
+    return scopes == AGENT_PERMISSIONS
+
+
 def permissions_for(role: Role, scopes: frozenset[str] | None = None) -> frozenset[str]:
-    """The permissions of a role, narrowed to ``scopes`` when given (an API key)."""
+    """The permissions of a role, narrowed to ``scopes`` when given (an API key).
+
+    An agent key (scoped to ``agent.connect`` alone) acts with the agent role whatever its
+    owner's role: it may only carry the owner's tunnels.
+    """
+    if is_agent_key(scopes):
+        return AGENT_PERMISSIONS
     granted = ROLE_PERMISSIONS[role]
     return granted if not scopes else granted & scopes
 
@@ -107,6 +130,15 @@ class Principal:
         return f"users/{self.user_id}"
 
 
+class ShareRole(enum.IntEnum):
+    """What a share grants on someone else's resource; each includes those below it."""
+
+    NONE = 0
+    READ = 1
+    WRITE = 2
+    ADMIN = 3
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     """The authorization part of a method's policy, in domain terms."""
@@ -117,13 +149,30 @@ class Rule:
     admin_permission: str = ""
     min_tier: Tier | None = None
     credentials: frozenset[CredentialKind] = frozenset(CredentialKind)
+    #: The share role that lets a non-owner without the admin permission call anyway.
+    share_role: ShareRole = ShareRole.NONE
 
 
-def authorize(rule: Rule, principal: Principal | None, owner_id: str | None) -> None:
+def needs_share_lookup(rule: Rule, principal: Principal | None, owner_id: str | None) -> bool:
+    """Whether only a share could let ``principal`` act on the resource (so look one up)."""
+    return (
+        principal is not None
+        and rule.share_role is not ShareRole.NONE
+        and owner_id != principal.user_id
+        and not principal.has(rule.admin_permission)
+    )
+
+
+def authorize(
+    rule: Rule,
+    principal: Principal | None,
+    owner_id: str | None,
+    share: ShareRole = ShareRole.NONE,
+) -> None:
     """Allow or refuse a call; raise :class:`Unauthenticated` or :class:`PermissionDenied`.
 
     ``owner_id`` is the owner of the resource named by ``rule.owner_field`` (``None`` when
-    the method names no resource).
+    the method names no resource); ``share`` is the caller's share role on that resource.
     """
     if principal is None:
         if rule.public:
@@ -141,8 +190,11 @@ def authorize(rule: Rule, principal: Principal | None, owner_id: str | None) -> 
             metadata={"permission": rule.permission},
         )
     acting_for_other = bool(rule.owner_field) and owner_id != principal.user_id
+    shared = rule.share_role is not ShareRole.NONE and share >= rule.share_role
     if acting_for_other:
         needed = rule.admin_permission
+        if shared:
+            return
         if not needed or not principal.has(needed):
             raise PermissionDenied(
                 "the resource belongs to someone else",

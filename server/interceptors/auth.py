@@ -8,12 +8,14 @@ check happens before the servicer runs, so a refused call has no side effect.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from google.protobuf.message import Message
 
 from server.domain import audit
 from server.domain.authn import Authenticator
 from server.domain.names import owner_of
-from server.domain.principal import authorize
+from server.domain.principal import ShareRole, authorize, needs_share_lookup
 from server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from server.pipeline import Call, Handler, MethodInfo
 
@@ -55,6 +57,14 @@ class AuthenticateStage:
         return handle
 
 
+class ShareResolver(Protocol):
+    """Finds the caller's share of a resource someone else owns."""
+
+    async def share_role(self, resource: str, user_id: str) -> ShareRole:
+        """The unexpired share role of ``user_id`` on ``resource`` (NONE if none)."""
+        ...
+
+
 class AuthorizeStage:
     """Enforces the method's rule with the caller and the owner of the named resource.
 
@@ -62,13 +72,15 @@ class AuthorizeStage:
     mode): they carry passwords or tokens, or return secrets.
     """
 
-    def __init__(self, *, tls_required: bool = False) -> None:
+    def __init__(self, *, tls_required: bool = False, shares: ShareResolver | None = None) -> None:
         self._tls_required = tls_required
+        self._shares = shares
 
     def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
         rule = method.policy.rule
         owner_path = rule.owner_field.split(".") if rule.owner_field else []
         needs_tls = self._tls_required and method.policy.require_tls
+        shares = self._shares
 
         async def handle(request: Message, call: Call) -> Message:
             if needs_tls and call.transport == "http" and not call.secure:
@@ -79,11 +91,15 @@ class AuthorizeStage:
                 raise call.auth_error
             principal = call.principal
             owner = None
+            share = ShareRole.NONE
             if principal is not None and owner_path:
-                owner = owner_of(field_value(request, owner_path), principal.user_id)
+                resource = field_value(request, owner_path)
+                owner = owner_of(resource, principal.user_id)
                 if owner is None:
                     raise InvalidArgument.single(rule.owner_field, "must name a user's resource")
-            authorize(rule, principal, owner)
+                if shares is not None and needs_share_lookup(rule, principal, owner):
+                    share = await shares.share_role(resource, principal.user_id)
+            authorize(rule, principal, owner, share)
             return await handler(request, call)
 
         return handle

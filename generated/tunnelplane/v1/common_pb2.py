@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btunnelplane/v1/common.proto\x12\x0etunnelplane.v1*R\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_FREE\x10\x01\x12\x10\n\x0cTIER_PREMIUM\x10\x02\x12\x13\n\x0fTIER_ENTERPRISE\x10\x03*\x93\x01\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x14\n\x10ROLE_SUPER_ADMIN\x10\x02\x12\x16\n\x12ROLE_SUPPORT_ADMIN\x10\x03\x12\x16\n\x12ROLE_FINANCE_ADMIN\x10\x04\x12\x10\n\x0cROLE_SERVICE\x10\x05\x12\x0e\n\nROLE_AGENT\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btunnelplane/v1/common.proto\x12\x0etunnelplane.v1*R\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_FREE\x10\x01\x12\x10\n\x0cTIER_PREMIUM\x10\x02\x12\x13\n\x0fTIER_ENTERPRISE\x10\x03*\x93\x01\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x14\n\x10ROLE_SUPER_ADMIN\x10\x02\x12\x16\n\x12ROLE_SUPPORT_ADMIN\x10\x03\x12\x16\n\x12ROLE_FINANCE_ADMIN\x10\x04\x12\x10\n\x0cROLE_SERVICE\x10\x05\x12\x0e\n\nROLE_AGENT\x10\x06*h\n\tShareRole\x12\x1a\n\x16SHARE_ROLE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSHARE_ROLE_READ\x10\x01\x12\x14\n\x10SHARE_ROLE_WRITE\x10\x02\x12\x14\n\x10SHARE_ROLE_ADMIN\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,4 +35,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIER']._serialized_end=129
   _globals['_ROLE']._serialized_start=132
   _globals['_ROLE']._serialized_end=279
+  _globals['_SHAREROLE']._serialized_start=281
+  _globals['_SHAREROLE']._serialized_end=385
 # @@protoc_insertion_point(module_scope)

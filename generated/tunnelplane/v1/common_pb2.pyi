@@ -83,3 +83,33 @@ ROLE_SERVICE: Role.ValueType  # 5
 ROLE_AGENT: Role.ValueType  # 6
 """A tunnel or proxy agent, which authenticates with API keys only."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
+
+class _ShareRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ShareRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShareRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SHARE_ROLE_UNSPECIFIED: _ShareRole.ValueType  # 0
+    """Not set."""
+    SHARE_ROLE_READ: _ShareRole.ValueType  # 1
+    """Read the resource, its metrics and usage, and watch it."""
+    SHARE_ROLE_WRITE: _ShareRole.ValueType  # 2
+    """Also change it, start and stop it, and fail it over."""
+    SHARE_ROLE_ADMIN: _ShareRole.ValueType  # 3
+    """Also manage its shares and share links, and delete it."""
+
+class ShareRole(_ShareRole, metaclass=_ShareRoleEnumTypeWrapper):
+    """What a share grants on a resource someone else owns. Each role includes the
+    ones before it.
+    """
+
+SHARE_ROLE_UNSPECIFIED: ShareRole.ValueType  # 0
+"""Not set."""
+SHARE_ROLE_READ: ShareRole.ValueType  # 1
+"""Read the resource, its metrics and usage, and watch it."""
+SHARE_ROLE_WRITE: ShareRole.ValueType  # 2
+"""Also change it, start and stop it, and fail it over."""
+SHARE_ROLE_ADMIN: ShareRole.ValueType  # 3
+"""Also manage its shares and share links, and delete it."""
+Global___ShareRole: _TypeAlias = ShareRole  # noqa: Y015

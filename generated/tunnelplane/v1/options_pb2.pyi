@@ -125,6 +125,7 @@ class Policy(_message.Message):
     AUDITED_FIELD_NUMBER: _builtins.int
     CRITICAL_FIELD_NUMBER: _builtins.int
     REQUIRE_TLS_FIELD_NUMBER: _builtins.int
+    SHARE_ROLE_FIELD_NUMBER: _builtins.int
     access: Global___Access.ValueType
     """Who may call."""
     permission: _builtins.str
@@ -149,6 +150,11 @@ class Policy(_message.Message):
     a trusted `X-Forwarded-Proto: https`): it carries a password or a token, or returns a
     secret.
     """
+    share_role: _common_pb2.ShareRole.ValueType
+    """The share role on the resource named by `owner_field` that lets a caller
+    who neither owns it nor holds `admin_permission` make the call anyway.
+    Unspecified: shares grant nothing on this method.
+    """
     @_builtins.property
     def credentials(self) -> _containers.RepeatedScalarFieldContainer[Global___CredentialKind.ValueType]:
         """Credentials accepted. Empty means sessions and API keys."""
@@ -170,10 +176,11 @@ class Policy(_message.Message):
         audited: _builtins.bool = ...,
         critical: _builtins.bool = ...,
         require_tls: _builtins.bool = ...,
+        share_role: _common_pb2.ShareRole.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "admin_permission", b"admin_permission", "audited", b"audited", "credentials", b"credentials", "critical", b"critical", "min_tier", b"min_tier", "owner_field", b"owner_field", "permission", b"permission", "rate_limit", b"rate_limit", "require_tls", b"require_tls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "admin_permission", b"admin_permission", "audited", b"audited", "credentials", b"credentials", "critical", b"critical", "min_tier", b"min_tier", "owner_field", b"owner_field", "permission", b"permission", "rate_limit", b"rate_limit", "require_tls", b"require_tls", "share_role", b"share_role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
