@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -176,7 +177,7 @@ class Gateway:
             # A header the gateway refused (say Grpc-Timeout) still keeps the caller's id.
             request_id = request_id or headers.request_id_from(_header(scope, b"x-request-id"))
             response = self._error(error.status, request_id, error.http, error.headers)
-        await self._send(send, response, request_id, origin, accept_encoding)
+        await self._send(send, receive, response, request_id, origin, accept_encoding)
         self._metrics.observe(method, response.route, response.status, time.perf_counter() - start)
 
     async def _route(
@@ -384,7 +385,13 @@ class Gateway:
         return Response(200, self._openapi)
 
     async def _send(
-        self, send: Send, response: Response, request_id: str, origin: str, accept_encoding: str
+        self,
+        send: Send,
+        receive: Receive,
+        response: Response,
+        request_id: str,
+        origin: str,
+        accept_encoding: str,
     ) -> None:
         out = [(b"content-type", response.content_type), *response.headers, *self._common]
         if all(key != b"x-request-id" for key, _ in response.headers):  # else the upstream's
@@ -397,7 +404,7 @@ class Gateway:
                 (b"vary", b"Origin"),
             ]
         if response.stream is not None:
-            await _send_stream(send, response, out)
+            await _send_stream(send, receive, response, out)
             return
         body = response.body
         if (
@@ -413,13 +420,47 @@ class Gateway:
         await send({"type": "http.response.body", "body": body})
 
 
-async def _send_stream(send: Send, response: Response, out: list[tuple[bytes, bytes]]) -> None:
-    assert response.stream is not None
+async def _send_stream(
+    send: Send, receive: Receive, response: Response, out: list[tuple[bytes, bytes]]
+) -> None:
+    """Send a stream as it comes; stop it (the upstream call is cancelled) when the client
+    goes away, which the server reports on ``receive``, not by failing ``send``."""
+    stream = response.stream
+    assert stream is not None
     out.append((b"cache-control", b"no-cache"))
     await send({"type": "http.response.start", "status": response.status, "headers": out})
-    async for chunk in response.stream:
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
+
+    async def pump() -> None:
+        async for chunk in stream:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    pumping = asyncio.create_task(pump())
+    watching = asyncio.create_task(_disconnected(receive))
+    try:
+        await asyncio.wait({pumping, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (pumping, watching):
+            task.cancel()
+        await asyncio.gather(pumping, watching, return_exceptions=True)
+        if hasattr(stream, "aclose"):
+            await stream.aclose()
+    if pumping.done() and not pumping.cancelled():
+        pumping.result()  # a failure while sending is the caller's to see
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return when the client goes away. After the request body, ``receive`` blocks until
+    then; a server whose ``receive`` keeps answering instead cannot tell us, so stop asking."""
+    finished = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        if not message.get("more_body"):
+            finished += 1
+            if finished > 1:
+                await asyncio.Future()  # never: the stream's own end decides
 
 
 def _http_status(code: int) -> int:

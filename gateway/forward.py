@@ -167,3 +167,5 @@ async def _rest(rpc: Any, first: Any, reply: StreamReply) -> AsyncIterator[Messa
     except grpc.aio.AioRpcError as error:
         failed = _failed(error)
         reply.status, reply.trailing = failed.status, list(failed.trailing)
+    finally:
+        rpc.cancel()  # the HTTP client went away mid-stream: so does the upstream call

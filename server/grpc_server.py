@@ -75,51 +75,118 @@ def _parser(message_type: type[Message]) -> Any:
     return parse
 
 
-def unary_handler(
+class _GrpcStream:
+    """A streaming call's messages over grpc.aio (see :class:`server.pipeline.CallStream`)."""
+
+    __slots__ = ("_call", "_context", "headers_sent")
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], call: Call) -> None:
+        self._context = context
+        self._call = call
+        self.headers_sent = False
+
+    async def send_headers(self) -> None:
+        """Send the call's response headers, once, before anything else."""
+        if not self.headers_sent:
+            self.headers_sent = True
+            if self._call.response_headers:
+                await self._context.send_initial_metadata(self._call.response_headers)
+
+    async def send(self, message: Message) -> None:
+        await self.send_headers()
+        await self._context.write(message)
+
+    async def receive(self) -> Message | None:
+        message = await self._context.read()
+        if message is grpc.aio.EOF:
+            return None
+        if message is None:
+            raise InvalidArgument([], "a request message is not a valid message")
+        return message  # type: ignore[no-any-return]
+
+
+async def _serve(
+    method: MethodInfo,
+    chain: Handler,
+    request: Message | None,
+    context: grpc.aio.ServicerContext[Any, Any],
+    *,
+    secure: bool,
+) -> Message | None:
+    """Build the call, run the chain, answer (or fail with the status and its details)."""
+    remaining = context.time_remaining()
+    call = Call(
+        method,
+        metadata_dict(context.invocation_metadata() or ()),
+        peer=peer_address(context.peer()),
+        transport="grpc",
+    )
+    call.secure = secure
+    stream = _GrpcStream(context, call)
+    if method.grpc_type != "unary":
+        call.stream = stream
+    if request is None:
+        invalid = InvalidArgument([], "the request is not a valid message")
+        await _fail(context, call, invalid, stream)
+        return None
+    if remaining is not None:
+        call.deadline = asyncio.get_running_loop().time() + remaining
+    try:
+        response = await chain(request, call)
+    except DomainError as exc:
+        await _fail(context, call, exc, stream)
+        return None
+    except Exception:
+        log.exception("error outside the pipeline", extra={"method": method.full_name})
+        await _fail(context, call, Internal(), stream)
+        return None
+    await stream.send_headers()
+    if call.trailers:
+        context.set_trailing_metadata(call.trailers)
+    return response
+
+
+def method_handler(
     method: MethodInfo, chain: Handler, *, secure: bool = False
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """The grpc.aio handler of one unary method: build the call, run the chain, answer."""
+    """The grpc.aio handler of one method, unary or streaming, running its chain.
+
+    A streaming method's endpoint writes through the call; a client-streaming one gets an
+    empty request message and reads the client's messages through the call.
+    """
+    parse = _parser(method.request_type)
+    serialize = method.response_type.SerializeToString
 
     async def handle(request: Message | None, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        remaining = context.time_remaining()
-        call = Call(
-            method,
-            metadata_dict(context.invocation_metadata() or ()),
-            peer=peer_address(context.peer()),
-            transport="grpc",
+        return await _serve(method, chain, request, context, secure=secure)
+
+    async def handle_stream(request: Message | None, context: Any) -> None:
+        await _serve(method, chain, request, context, secure=secure)
+
+    async def handle_client_stream(_requests: Any, context: Any) -> None:
+        await _serve(method, chain, method.request_type(), context, secure=secure)
+
+    kind = method.grpc_type
+    if kind == "unary":
+        return grpc.unary_unary_rpc_method_handler(
+            handle, request_deserializer=parse, response_serializer=serialize
         )
-        call.secure = secure
-        if request is None:
-            await _fail(context, call, InvalidArgument([], "the request is not a valid message"))
-            return None
-        if remaining is not None:
-            call.deadline = asyncio.get_running_loop().time() + remaining
-        try:
-            response = await chain(request, call)
-        except DomainError as exc:
-            await _fail(context, call, exc)
-            return None
-        except Exception:
-            log.exception("error outside the pipeline", extra={"method": method.full_name})
-            await _fail(context, call, Internal())
-            return None
-        if call.response_headers:
-            await context.send_initial_metadata(call.response_headers)
-        if call.trailers:
-            context.set_trailing_metadata(call.trailers)
-        return response
-
-    return grpc.unary_unary_rpc_method_handler(
-        handle,
-        request_deserializer=_parser(method.request_type),
-        response_serializer=method.response_type.SerializeToString,
-    )
+    if kind == "server_stream":
+        return grpc.unary_stream_rpc_method_handler(
+            handle_stream, request_deserializer=parse, response_serializer=serialize
+        )
+    if kind == "bidi_stream":
+        return grpc.stream_stream_rpc_method_handler(
+            handle_client_stream, request_deserializer=parse, response_serializer=serialize
+        )
+    raise NotImplementedError(f"{method.full_name}: client-streaming methods are not served")
 
 
-async def _fail(context: grpc.aio.ServicerContext[Any, Any], call: Call, exc: DomainError) -> None:
+async def _fail(
+    context: grpc.aio.ServicerContext[Any, Any], call: Call, exc: DomainError, stream: _GrpcStream
+) -> None:
     status = to_status(exc)
-    if call.response_headers:
-        await context.send_initial_metadata(call.response_headers)
+    await stream.send_headers()
     trailers: list[tuple[str, str | bytes]] = [*call.trailers]
     trailers.append((STATUS_DETAILS_KEY, status.SerializeToString()))
     context.set_trailing_metadata(trailers)
@@ -133,9 +200,7 @@ def service_handlers(
     """One generic handler per service, dispatching to the compiled chains."""
     by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
     for method in methods:
-        if method.grpc_type != "unary":
-            raise NotImplementedError(f"{method.full_name}: only unary methods are served")
-        by_service.setdefault(method.service, {})[method.name] = unary_handler(
+        by_service.setdefault(method.service, {})[method.name] = method_handler(
             method, chains[method.full_name], secure=secure
         )
     return [grpc.method_handlers_generic_handler(s, h) for s, h in by_service.items()]

@@ -8,12 +8,15 @@ knows: the in-process dispatcher and the policy-derived OpenAPI additions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import descriptor_pool
 from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import Message
 from google.rpc import status_pb2
 from tunnelplane.v1 import options_pb2
 
@@ -30,6 +33,8 @@ from server.settings import Settings
 
 DESCRIPTORS = "descriptors.binpb"
 BEARER = "bearer"
+#: Messages a server stream may run ahead of its HTTP client.
+STREAM_BUFFER = 16
 
 
 class InProcessDispatcher:
@@ -45,29 +50,111 @@ class InProcessDispatcher:
         self._chains = chains
         self._health = health
 
-    async def unary(self, out: Outgoing) -> Reply:
-        """The reply, or the status the pipeline ended with."""
+    def _call(self, out: Outgoing) -> tuple[Call, Handler]:
         method = self._methods[out.binding.full_method]
         call = Call(method, metadata_dict(out.metadata), peer=out.peer, transport="http")
         call.secure = out.secure
         if out.timeout is not None:
             call.deadline = asyncio.get_running_loop().time() + out.timeout
+        return call, self._chains[method.full_name]
+
+    async def unary(self, out: Outgoing) -> Reply:
+        """The reply, or the status the pipeline ended with."""
+        call, chain = self._call(out)
         try:
-            response = await self._chains[method.full_name](out.request, call)
+            response = await chain(out.request, call)
         except DomainError as exc:
             return Reply(None, to_status(exc), call.response_headers, call.trailers)
         except Exception:  # noqa: BLE001 - the pipeline's error stage logged it already
             return Reply(None, to_status(Internal()), call.response_headers, call.trailers)
         return Reply(response, None, call.response_headers, call.trailers)
 
-    async def server_stream(self, out: Outgoing) -> StreamReply | Reply:  # noqa: ARG002
-        """No Tunnelplane method streams yet."""
-        status = status_pb2.Status(code=12, message="streaming is not served in-process yet")
-        return Reply(None, status)
+    async def server_stream(self, out: Outgoing) -> StreamReply | Reply:
+        """Run the chain in a task whose messages come through a small queue (the HTTP
+        client's pace holds the stream back); a failure before the first message is a
+        :class:`Reply`. When the client goes away the task is cancelled."""
+        call, chain = self._call(out)
+        queue: asyncio.Queue[Message | _End] = asyncio.Queue(STREAM_BUFFER)
+        call.stream = _QueueStream(queue)
+
+        async def run() -> None:
+            status: status_pb2.Status | None = None
+            try:
+                await chain(out.request, call)
+            except DomainError as exc:
+                status = to_status(exc)
+            except Exception:  # noqa: BLE001 - the pipeline's error stage logged it already
+                status = to_status(Internal())
+            await queue.put(_End(status))
+
+        task = asyncio.create_task(run(), name=f"stream {out.binding.full_method}")
+        first = await _first(queue, task)
+        if isinstance(first, _End):
+            status = first.status or status_pb2.Status()
+            return Reply(None, status, call.response_headers, call.trailers)
+        reply = StreamReply(_nothing(), list(call.response_headers))
+        reply.messages = _drain(queue, task, first, call, reply)
+        return reply
 
     async def health(self, service: str) -> bool:
         """The health monitor's view."""
         return self._health(service)
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    """The end of an in-process stream, with its failure if it failed."""
+
+    status: status_pb2.Status | None
+
+
+class _QueueStream:
+    """A server stream's messages, handed to the HTTP side through a bounded queue."""
+
+    __slots__ = ("_queue",)
+
+    def __init__(self, queue: asyncio.Queue[Message | _End]) -> None:
+        self._queue = queue
+
+    async def send(self, message: Message) -> None:
+        await self._queue.put(message)
+
+    async def receive(self) -> Message | None:
+        return None  # HTTP transcoding carries no client streams
+
+
+async def _first(queue: asyncio.Queue[Message | _End], task: asyncio.Task[None]) -> Message | _End:
+    try:
+        return await queue.get()
+    except BaseException:
+        task.cancel()
+        raise
+
+
+async def _nothing() -> AsyncIterator[Message]:
+    return
+    yield  # pragma: no cover - makes this an async generator
+
+
+async def _drain(
+    queue: asyncio.Queue[Message | _End],
+    task: asyncio.Task[None],
+    first: Message,
+    call: Call,
+    reply: StreamReply,
+) -> AsyncIterator[Message]:
+    """The stream's messages; its status and trailers land on the reply at the end."""
+    item: Message | _End = first
+    try:
+        while not isinstance(item, _End):
+            yield item
+            item = await queue.get()
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    reply.status, reply.trailing = item.status, list(call.trailers)
 
 
 def policy_extension() -> OpenApiExtension:

@@ -52,6 +52,7 @@ class Call:
         "request_id_given",
         "response_headers",
         "secure",
+        "stream",
         "trailers",
         "transport",
     )
@@ -85,6 +86,8 @@ class Call:
         #: Initial metadata to send (HTTP response headers through the gateway).
         self.response_headers: list[tuple[str, str]] = []
         self.trailers: list[tuple[str, str]] = []
+        #: The message channel of a streaming call (None for a unary one).
+        self.stream: CallStream | None = None
 
     def header(self, name: str) -> str:
         """A request metadata value ('' if absent). Names are lower case."""
@@ -93,6 +96,23 @@ class Call:
     def set_header(self, name: str, value: str) -> None:
         """Add response metadata, sent before the response."""
         self.response_headers.append((name, value))
+
+    async def send(self, message: Message) -> None:
+        """Send one message of a server stream (response headers go first)."""
+        if self.stream is None:
+            raise RuntimeError(f"{self.method.full_name} does not stream responses")
+        await self.stream.send(message)
+
+    async def receive(self) -> Message | None:
+        """The next message of a client stream; ``None`` once the client is done."""
+        if self.stream is None:
+            raise RuntimeError(f"{self.method.full_name} does not stream requests")
+        return await self.stream.receive()
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the method streams (its call lasts as long as the stream)."""
+        return self.method.grpc_type != "unary"
 
     @property
     def client(self) -> ClientInfo:
@@ -106,6 +126,24 @@ class Call:
         if self.deadline is None:
             return None
         return self.deadline - asyncio.get_running_loop().time()
+
+
+class CallStream(Protocol):
+    """How a streaming call's endpoint talks to its transport.
+
+    A streaming method runs through the same chain as a unary one: its endpoint sends
+    messages through the call (:meth:`Call.send`), reads the client's (:meth:`Call.receive`)
+    and returns an empty response when the stream is done, so every stage sees the whole
+    stream as one call with one outcome.
+    """
+
+    async def send(self, message: Message) -> None:
+        """Send one response message."""
+        ...
+
+    async def receive(self) -> Message | None:
+        """The next request message, or ``None`` at the end of the client's stream."""
+        ...
 
 
 Handler = Callable[[Message, Call], Awaitable[Message]]

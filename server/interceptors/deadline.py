@@ -17,12 +17,15 @@ class DeadlineStage:
         self._default = default_seconds
 
     def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
-        default = self._default
+        # A stream lasts as long as its caller wants (a watch, an agent's session): only a
+        # deadline the caller set applies to it.
+        default = None if method.grpc_type != "unary" else self._default
 
         async def handle(request: Message, call: Call) -> Message:
-            loop = asyncio.get_running_loop()
             if call.deadline is None:
-                call.deadline = loop.time() + default
+                if default is None:
+                    return await handler(request, call)
+                call.deadline = asyncio.get_running_loop().time() + default
             try:
                 async with asyncio.timeout_at(call.deadline):
                     return await handler(request, call)

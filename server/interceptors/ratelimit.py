@@ -176,6 +176,21 @@ class RateLimitStage:
         counted = not method.policy.quota_free
         name = method.full_name
 
+        async def admit_stream(request: Message, call: Call) -> Message:
+            # A stream is admitted like a call, but its life is not load: in-flight counts
+            # only while it is being admitted.
+            self._load.enter()
+            try:
+                await self._admit(
+                    call, name, cost, critical=critical, exempt=exempt_by_policy, counted=counted
+                )
+            finally:
+                self._load.leave()
+            return await handler(request, call)
+
+        if method.grpc_type != "unary":
+            return admit_stream
+
         async def handle(request: Message, call: Call) -> Message:
             self._load.enter()
             try:
