@@ -26,13 +26,16 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 from prometheus_client import CollectorRegistry, start_http_server
-from tunnelplane.v1 import admin_pb2, auth_pb2, users_pb2
+from tunnelplane.v1 import admin_pb2, agents_pb2, auth_pb2, events_pb2, tunnels_pb2, users_pb2
 
 from gateway.app import Gateway
 from gateway.serve import HttpServer
 from server import grpc_server, keys
 from server.api.admin import AdminApi
+from server.api.agents import AgentApi
 from server.api.auth import AuthApi
+from server.api.events import EventApi
+from server.api.tunnels import TunnelApi
 from server.api.users import UserApi
 from server.domain.apikeys import ApiKeyService
 from server.domain.auth import AccountService, SessionPolicy
@@ -67,6 +70,7 @@ from server.storage.database import Database
 from server.storage.kv import MemoryStore, RedisStore, ResilientStore, redis_client
 from server.storage.limiter import REDIS_TIMEOUT, FallbackLimiter, MemoryLimiter, RedisLimiter
 from server.storage.resp import Address, RespConnection
+from server.wiring import build_tunnels
 from server.workers.purge import purge_loop
 
 log = logging.getLogger("tunnelplane.server")
@@ -76,6 +80,9 @@ SERVICES: Sequence[ServiceDescriptor] = (
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
     users_pb2.DESCRIPTOR.services_by_name["UserService"],
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
+    tunnels_pb2.DESCRIPTOR.services_by_name["TunnelService"],
+    agents_pb2.DESCRIPTOR.services_by_name["AgentService"],
+    events_pb2.DESCRIPTOR.services_by_name["EventService"],
 )
 
 
@@ -249,6 +256,8 @@ class App:
         self.violations = ViolationLog(
             db, lister, clock, logging.getLogger("tunnelplane.ratelimit")
         )
+        self.tunnel_parts = build_tunnels(settings, db, self.redis, lister, self.tiers, clock)
+        self.stopping = False
 
     def _rate_limit_stage(self) -> RateLimitStage | None:
         settings = self.settings
@@ -298,6 +307,17 @@ class App:
                 self.accounts, self.api_keys, self.tokens, self.clock
             ),
             "tunnelplane.v1.UserService": UserApi(self.users, self.tiers, self.quotas, self.clock),
+            "tunnelplane.v1.TunnelService": TunnelApi(
+                self.tunnel_parts.tunnels,
+                self.tunnel_parts.shares,
+                self.tunnel_parts.agents,
+                self.users,
+                self.clock,
+            ),
+            "tunnelplane.v1.AgentService": AgentApi(
+                self.tunnel_parts.agents, self.tunnel_parts.tunnels, lambda: self.stopping
+            ),
+            "tunnelplane.v1.EventService": EventApi(self.tunnel_parts.events),
             "tunnelplane.v1.AdminService": AdminApi(
                 lambda: self.health,
                 self.limiter,
@@ -325,7 +345,10 @@ class App:
                 AuditStage(self.db, self.clock, log),
                 AuthenticateStage(self.authenticator),
                 *([self.rate_limit_stage] if self.rate_limit_stage is not None else []),
-                AuthorizeStage(tls_required=self.settings.mode == "production"),
+                AuthorizeStage(
+                    tls_required=self.settings.mode == "production",
+                    shares=self.tunnel_parts.shares,
+                ),
                 ErrorStage(log),
             ]
         )
@@ -379,6 +402,7 @@ class App:
             asyncio.create_task(
                 self.violations.run(settings.violation_flush_interval), name="violations"
             ),
+            *self.tunnel_parts.loops(settings),
         ]
         log.info(
             "serving",
@@ -423,8 +447,10 @@ class App:
     async def stop(self, grace: float | None = None) -> None:
         """Report NOT_SERVING, refuse new calls, let in-flight calls finish, then close."""
         grace = self.settings.shutdown_grace if grace is None else grace
+        self.stopping = True
         if self.health is not None:
             await self.health.shutdown()
+        self.tunnel_parts.end_streams()  # watchers re-watch, agents reconnect: elsewhere
         stopping = []
         if self.server is not None:
             stopping.append(self.server.stop(grace))
@@ -448,6 +474,7 @@ class App:
         await self.db.dispose()
         await self.kv.close()
         await self.limiter.close()
+        await self.tunnel_parts.close()
         self.tracer_provider.shutdown()
 
 

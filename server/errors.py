@@ -191,9 +191,10 @@ class FailedPrecondition(DomainError):
         violations: Iterable[PreconditionViolation] = (),
         *,
         reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         self.violations = list(violations)
-        super().__init__(message, reason=reason)
+        super().__init__(message, reason=reason, metadata=metadata)
 
     def details(self) -> list[object]:
         if not self.violations:
@@ -359,6 +360,10 @@ class Violations:
 
     def __bool__(self) -> bool:
         return bool(self._items)
+
+    def extend(self, items: Iterable[FieldViolation]) -> None:
+        """Record several bad fields (from a validator that raised)."""
+        self._items.extend(items)
 
     def raise_if_any(self) -> None:
         """Raise :class:`InvalidArgument` with everything collected, if anything was."""

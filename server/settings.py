@@ -187,6 +187,28 @@ class Settings:
     violation_flush_interval: float = field(
         default=5.0, metadata=_doc("How often aggregated violations are written, s")
     )
+    tunnel_listen_host: str = field(
+        default="127.0.0.1", metadata=_doc("Host tunnels' agents are told to listen on")
+    )
+    tunnel_port_min: int = field(default=20000, metadata=_doc("Lowest port assigned to a tunnel"))
+    tunnel_port_max: int = field(default=29999, metadata=_doc("Highest port assigned to a tunnel"))
+    agent_heartbeat_interval: float = field(
+        default=15.0, metadata=_doc("How often agents are asked to send heartbeats, s")
+    )
+    agent_heartbeat_timeout: float = field(
+        default=90.0, metadata=_doc("Silence after which an agent counts as disconnected, s")
+    )
+    agent_forget_after: float = field(
+        default=600.0, metadata=_doc("How long a lost agent still degrades its tunnel, s")
+    )
+    probe_interval: float = field(default=30.0, metadata=_doc("Endpoint probe interval, s"))
+    probe_timeout: float = field(default=5.0, metadata=_doc("Endpoint probe timeout, s"))
+    probe_unhealthy_after: int = field(
+        default=3, metadata=_doc("Failed probes in a row that make an endpoint unhealthy")
+    )
+    probe_healthy_after: int = field(
+        default=2, metadata=_doc("Good probes in a row that make an endpoint healthy again")
+    )
     default_page_size: int = field(default=50, metadata=_doc("List page size when unset"))
     max_page_size: int = field(default=1000, metadata=_doc("Largest list page size"))
     tiers: Mapping[str, TierLimits] = field(
@@ -241,12 +263,24 @@ class Settings:
             "load_lag_threshold",
             "load_inflight_threshold",
             "violation_flush_interval",
+            "tunnel_port_min",
+            "agent_heartbeat_interval",
+            "agent_heartbeat_timeout",
+            "agent_forget_after",
+            "probe_interval",
+            "probe_timeout",
+            "probe_unhealthy_after",
+            "probe_healthy_after",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{env_name_of(name)} must be greater than zero")
         if self.shutdown_grace < 0:
             raise SettingsError("TP_SHUTDOWN_GRACE must not be negative")
+        if not self.tunnel_port_min <= self.tunnel_port_max <= 65535:
+            raise SettingsError("TP_TUNNEL_PORT_MIN..TP_TUNNEL_PORT_MAX must be a port range")
+        if self.probe_timeout >= self.probe_interval:
+            raise SettingsError("TP_PROBE_TIMEOUT must be shorter than TP_PROBE_INTERVAL")
         if self.default_page_size > self.max_page_size:
             raise SettingsError("TP_DEFAULT_PAGE_SIZE must not exceed TP_MAX_PAGE_SIZE")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

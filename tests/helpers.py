@@ -11,8 +11,12 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from tunnelplane.v1 import (
     admin_pb2_grpc,
+    agents_pb2_grpc,
     auth_pb2,
     auth_pb2_grpc,
+    events_pb2_grpc,
+    tunnels_pb2,
+    tunnels_pb2_grpc,
     users_pb2,
     users_pb2_grpc,
 )
@@ -112,6 +116,9 @@ class Client:
         self.auth = auth_pb2_grpc.AuthServiceStub(channel)
         self.users = users_pb2_grpc.UserServiceStub(channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(channel)
+        self.tunnels = tunnels_pb2_grpc.TunnelServiceStub(channel)
+        self.agents = agents_pb2_grpc.AgentServiceStub(channel)
+        self.events = events_pb2_grpc.EventServiceStub(channel)
 
     async def register(self, email: str | None = None, password: str = PASSWORD) -> users_pb2.User:
         """Register a user and return it."""
@@ -153,6 +160,18 @@ class Client:
             metadata=owner.metadata + self.setup_metadata,
         )
         return response.secret
+
+    async def tunnel(self, owner: TestUser, name: str = "", **fields: Any) -> tunnels_pb2.Tunnel:
+        """A new tunnel of ``owner``."""
+        return await self.tunnels.CreateTunnel(
+            tunnels_pb2.CreateTunnelRequest(
+                parent=owner.name,
+                tunnel=tunnels_pb2.Tunnel(
+                    display_name=name or f"t-{uuid.uuid4().hex[:8]}", **fields
+                ),
+            ),
+            metadata=owner.metadata,
+        )
 
 
 def _billing_admin() -> Any:

@@ -197,7 +197,10 @@ def populated_paths(message: Message, prefix: str = "") -> list[str]:
     for field, value in message.ListFields():
         path = prefix + field.name
         singular = not field.is_repeated
-        if singular and field.message_type is not None and isinstance(value, Message):
+        composite = field.message_type is not None and not field.message_type.full_name.startswith(
+            "google.protobuf."
+        )  # a Duration or Timestamp is one value, not a message of fields
+        if singular and composite and isinstance(value, Message):
             nested = populated_paths(value, path + ".")
             paths.extend(nested or [path])
         else:

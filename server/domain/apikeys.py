@@ -24,7 +24,7 @@ from server.domain.ids import new_id
 from server.domain.listing import Lister, ListSpec, OrderKey, Page
 from server.domain.names import api_key_name
 from server.domain.ports import ApiKeyRepository, KeyValueStore, UnitOfWorkFactory
-from server.domain.principal import ROLE_PERMISSIONS, Role
+from server.domain.principal import AGENT_PERMISSIONS, AGENT_SCOPE, ROLE_PERMISSIONS, Role
 from server.domain.validation import display_name as valid_display_name
 from server.errors import FailedPrecondition, InvalidArgument, NotFound, Violations
 
@@ -288,7 +288,9 @@ def _check_scopes(scopes: list[str], role: Role, violations: Violations) -> tupl
     if len(scopes) > MAX_SCOPES:
         violations.add("api_key.scopes", f"at most {MAX_SCOPES} scopes")
         return ()
-    granted = ROLE_PERMISSIONS[role]
+    granted = ROLE_PERMISSIONS[role] | AGENT_PERMISSIONS  # anyone may mint an agent key
+    if AGENT_SCOPE in scopes and len(set(scopes)) > 1:
+        violations.add("api_key.scopes", f"{AGENT_SCOPE} must be the only scope of an agent key")
     for index, scope in enumerate(scopes):
         if scope not in granted:
             violations.add(

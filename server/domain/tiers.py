@@ -49,6 +49,14 @@ class TierCatalog:
         """Every tier, lowest first."""
         return list(self._tiers.values())
 
+    def limits(self, tier: Tier) -> TierLimits:
+        """The limits of ``tier``."""
+        return self._tiers[tier].limits
+
+    def features(self, tier: Tier) -> tuple[str, ...]:
+        """The features ``tier`` unlocks."""
+        return self._tiers[tier].features
+
     def get(self, name: str) -> TierInfo:
         """A tier by resource name, ``tiers/{tier}``."""
         prefix, _, value = name.partition("/")

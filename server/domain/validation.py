@@ -62,15 +62,27 @@ def password(value: str, email_value: str, field: str, violations: Violations) -
         violations.add(field, "is too repetitive")
 
 
-def display_name(value: str, field: str, violations: Violations) -> str:
+def display_name(
+    value: str, field: str, violations: Violations, max_length: int = MAX_DISPLAY_NAME
+) -> str:
     """A name for people to read: trimmed, 1-100 characters, no markup or control characters."""
     cleaned = unicodedata.normalize("NFC", value).strip()
     if not cleaned:
         violations.add(field, "is required", "REQUIRED")
-    elif len(cleaned) > MAX_DISPLAY_NAME:
-        violations.add(field, f"must be at most {MAX_DISPLAY_NAME} characters")
+    elif len(cleaned) > max_length:
+        violations.add(field, f"must be at most {max_length} characters")
     elif any(_bad_text_char(c) for c in cleaned):
         violations.add(field, "must not contain control, formatting or markup characters")
+    return cleaned
+
+
+def free_text(value: str, field: str, violations: Violations, max_length: int) -> str:
+    """Optional text for people to read (line breaks allowed), at most ``max_length``."""
+    cleaned = unicodedata.normalize("NFC", value).strip()
+    if len(cleaned) > max_length:
+        violations.add(field, f"must be at most {max_length} characters")
+    elif any(c not in "\n\t" and _bad_text_char(c) for c in cleaned):
+        violations.add(field, "must not contain control or formatting characters")
     return cleaned
 
 

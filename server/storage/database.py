@@ -21,8 +21,11 @@ from server.domain import audit
 from server.domain.clock import Clock
 from server.errors import Unavailable
 from server.storage import sqlite_inline
+from server.storage.agents import SqlAgentRepository
 from server.storage.audit import SqlAuditRepository
 from server.storage.credentials import SqlApiKeyRepository, SqlSessionRepository
+from server.storage.sharing import SqlShareRepository
+from server.storage.tunnels import SqlEventRepository, SqlTunnelRepository
 from server.storage.users import SqlAvatarRepository, SqlUserRepository
 from server.storage.violations import SqlViolationRepository
 
@@ -153,6 +156,10 @@ class SqlUnitOfWork:
     api_keys: SqlApiKeyRepository
     audit: SqlAuditRepository
     violations: SqlViolationRepository
+    tunnels: SqlTunnelRepository
+    events: SqlEventRepository
+    shares: SqlShareRepository
+    agents: SqlAgentRepository
 
     def __init__(
         self,
@@ -197,6 +204,10 @@ class SqlUnitOfWork:
         self.api_keys = SqlApiKeyRepository(conn)
         self.audit = SqlAuditRepository(conn)
         self.violations = SqlViolationRepository(conn)
+        self.tunnels = SqlTunnelRepository(conn)
+        self.events = SqlEventRepository(conn)
+        self.shares = SqlShareRepository(conn)
+        self.agents = SqlAgentRepository(conn)
         return self
 
     async def __aexit__(

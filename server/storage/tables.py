@@ -176,3 +176,168 @@ rate_limit_violations = sa.Table(
     sa.Column("count", sa.Integer(), nullable=False),
     sa.Index(None, "window_start", "id"),
 )
+
+#: The event log (outbox): written in the transaction of the change it describes.
+events = sa.Table(
+    "events",
+    metadata,
+    _id(),
+    sa.Column("type", sa.String(100), nullable=False),
+    sa.Column("subject", sa.String(300), nullable=False),
+    _user_fk(),
+    sa.Column("actor", sa.String(100), nullable=False, default=""),
+    sa.Column("time", UTCDateTime(), nullable=False),
+    sa.Column("payload", sa.JSON(), nullable=False),
+    sa.Index(None, "user_id", "id"),
+)
+
+tunnels = sa.Table(
+    "tunnels",
+    metadata,
+    _id(),
+    _user_fk(),
+    sa.Column("display_name", sa.String(255), nullable=False),
+    sa.Column("description", sa.String(1000), nullable=False, default=""),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("state_reason", sa.String(300), nullable=False, default=""),
+    sa.Column("running", sa.Boolean(), nullable=False),
+    sa.Column("health", sa.String(20), nullable=False),
+    sa.Column("config", sa.JSON(), nullable=False),
+    sa.Column("active_endpoint", sa.String(2048), nullable=False, default=""),
+    sa.Column("listen_port", sa.Integer(), nullable=False),
+    sa.Column("connected_agents", sa.Integer(), nullable=False, default=0),
+    sa.Column("lost_agents", sa.Integer(), nullable=False, default=0),
+    sa.Column("request_id", sa.String(64), nullable=True),
+    sa.Column("version", sa.Integer(), nullable=False),
+    sa.Column("create_time", UTCDateTime(), nullable=False),
+    sa.Column("update_time", UTCDateTime(), nullable=False),
+    sa.Column("state_time", UTCDateTime(), nullable=False),
+    sa.UniqueConstraint("user_id", "display_name"),
+    sa.UniqueConstraint("user_id", "request_id"),
+    sa.UniqueConstraint("listen_port"),
+    sa.Index(None, "user_id", "create_time", "id"),
+)
+
+tunnel_endpoints = sa.Table(
+    "tunnel_endpoints",
+    metadata,
+    sa.Column(
+        "tunnel_id",
+        sa.String(40),
+        sa.ForeignKey("tunnels.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("position", sa.Integer(), primary_key=True),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("priority", sa.Integer(), nullable=False),
+    sa.Column("weight", sa.Integer(), nullable=False),
+    sa.Column("health", sa.String(20), nullable=False),
+    sa.Column("failures", sa.Integer(), nullable=False, default=0),
+    sa.Column("successes", sa.Integer(), nullable=False, default=0),
+    sa.Column("last_probe_time", UTCDateTime(), nullable=True),
+    sa.Column("last_error", sa.String(200), nullable=False, default=""),
+    sa.Column("next_probe_time", UTCDateTime(), nullable=False),
+    sa.Index(None, "next_probe_time"),
+)
+
+tunnel_shares = sa.Table(
+    "tunnel_shares",
+    metadata,
+    sa.Column(
+        "tunnel_id",
+        sa.String(40),
+        sa.ForeignKey("tunnels.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column(
+        "grantee_id",
+        sa.String(40),
+        sa.ForeignKey("users.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("role", sa.Integer(), nullable=False),
+    sa.Column("expire_time", UTCDateTime(), nullable=True),
+    sa.Column("create_time", UTCDateTime(), nullable=False),
+    sa.Column("creator_id", sa.String(40), nullable=False),
+    sa.Index(None, "grantee_id", "create_time"),
+)
+
+share_links = sa.Table(
+    "share_links",
+    metadata,
+    _id(),
+    sa.Column(
+        "tunnel_id", sa.String(40), sa.ForeignKey("tunnels.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("token_hash", sa.String(64), nullable=False),
+    sa.Column("role", sa.Integer(), nullable=False),
+    sa.Column("max_uses", sa.Integer(), nullable=False),
+    sa.Column("use_count", sa.Integer(), nullable=False, default=0),
+    sa.Column("expire_time", UTCDateTime(), nullable=False),
+    sa.Column("share_ttl", sa.Integer(), nullable=True),
+    sa.Column("create_time", UTCDateTime(), nullable=False),
+    sa.Column("revoke_time", UTCDateTime(), nullable=True),
+    sa.UniqueConstraint("token_hash"),
+    sa.Index(None, "tunnel_id", "create_time"),
+)
+
+#: Agent sessions: one row per agent id of a tunnel, kept across reconnects.
+agent_sessions = sa.Table(
+    "agent_sessions",
+    metadata,
+    sa.Column(
+        "tunnel_id",
+        sa.String(40),
+        sa.ForeignKey("tunnels.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("agent_id", sa.String(64), primary_key=True),
+    sa.Column("api_key_id", sa.String(40), nullable=False, default=""),
+    sa.Column("version", sa.String(64), nullable=False, default=""),
+    sa.Column("hostname", sa.String(255), nullable=False, default=""),
+    sa.Column("os", sa.String(255), nullable=False, default=""),
+    sa.Column("connected", sa.Boolean(), nullable=False),
+    sa.Column("active_connections", sa.BigInteger(), nullable=False, default=0),
+    sa.Column("connect_time", UTCDateTime(), nullable=False),
+    sa.Column("last_seen_time", UTCDateTime(), nullable=False),
+    sa.Column("last_report_time", UTCDateTime(), nullable=True),
+    sa.Index(None, "connected", "last_seen_time"),
+)
+
+#: Reports already counted, so that a re-sent report is not counted twice.
+agent_reports = sa.Table(
+    "agent_reports",
+    metadata,
+    sa.Column(
+        "tunnel_id",
+        sa.String(40),
+        sa.ForeignKey("tunnels.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("agent_id", sa.String(64), primary_key=True),
+    sa.Column("sequence", sa.BigInteger(), primary_key=True),
+    sa.Column("receive_time", UTCDateTime(), nullable=False),
+)
+
+LATENCY_COLUMNS = [f"latency_{i}" for i in range(14)]
+
+#: Traffic and usage per tunnel and UTC day. Outlives the tunnel (billing needs it).
+tunnel_usage = sa.Table(
+    "tunnel_usage",
+    metadata,
+    sa.Column("tunnel_id", sa.String(40), primary_key=True),
+    sa.Column("day", sa.Date(), primary_key=True),
+    _user_fk(),
+    sa.Column("tunnel_name", sa.String(300), nullable=False),
+    sa.Column("tier", sa.String(20), nullable=False),
+    sa.Column("connections", sa.BigInteger(), nullable=False),
+    sa.Column("bytes_in", sa.BigInteger(), nullable=False),
+    sa.Column("bytes_out", sa.BigInteger(), nullable=False),
+    sa.Column("peak_concurrency", sa.BigInteger(), nullable=False),
+    sa.Column("request_count", sa.BigInteger(), nullable=False),
+    sa.Column("success_count", sa.BigInteger(), nullable=False),
+    sa.Column("error_count", sa.BigInteger(), nullable=False),
+    *(sa.Column(name, sa.BigInteger(), nullable=False) for name in LATENCY_COLUMNS),
+    sa.Index(None, "user_id", "day"),
+    sa.Index(None, "day"),
+)

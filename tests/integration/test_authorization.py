@@ -12,16 +12,26 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
 from google.api import httpbody_pb2
 from google.protobuf import field_mask_pb2
 from google.protobuf.message import Message
-from tunnelplane.v1 import admin_pb2, auth_pb2, common_pb2, options_pb2, users_pb2
+from tunnelplane.v1 import (
+    admin_pb2,
+    agents_pb2,
+    auth_pb2,
+    common_pb2,
+    events_pb2,
+    options_pb2,
+    tunnels_pb2,
+    users_pb2,
+)
 
 from server.app import SERVICES
-from server.domain.principal import ROLE_PERMISSIONS, SELF_PERMISSIONS, Role
+from server.domain.principal import ROLE_PERMISSIONS, SELF_PERMISSIONS, Role, ShareRole
 from tests.helpers import PASSWORD, Client, TestUser, bearer, unique_email
 
 
@@ -45,6 +55,7 @@ class Target:
 
     user: TestUser
     key_name: str
+    tunnel: str = ""
 
 
 Builder = Callable[[Target], Message]
@@ -98,33 +109,109 @@ BUILDERS: dict[str, Builder] = {
         admin_pb2.SummarizeRateLimitViolationsRequest()
     ),
     "AdminService/ListIpBlocks": lambda t: admin_pb2.ListIpBlocksRequest(),
+    "TunnelService/CreateTunnel": lambda t: tunnels_pb2.CreateTunnelRequest(
+        parent=t.user.name, tunnel=tunnels_pb2.Tunnel(display_name="matrix")
+    ),
+    "TunnelService/GetTunnel": lambda t: tunnels_pb2.GetTunnelRequest(name=t.tunnel),
+    "TunnelService/ListTunnels": lambda t: tunnels_pb2.ListTunnelsRequest(parent=t.user.name),
+    "TunnelService/UpdateTunnel": lambda t: tunnels_pb2.UpdateTunnelRequest(
+        tunnel=tunnels_pb2.Tunnel(name=t.tunnel, description="changed"),
+        update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+    ),
+    "TunnelService/DeleteTunnel": lambda t: tunnels_pb2.DeleteTunnelRequest(name=t.tunnel),
+    "TunnelService/StartTunnel": lambda t: tunnels_pb2.StartTunnelRequest(name=t.tunnel),
+    "TunnelService/StopTunnel": lambda t: tunnels_pb2.StopTunnelRequest(name=t.tunnel),
+    "TunnelService/FailoverTunnel": lambda t: tunnels_pb2.FailoverTunnelRequest(name=t.tunnel),
+    "TunnelService/GetTunnelMetrics": lambda t: tunnels_pb2.GetTunnelMetricsRequest(
+        name=f"{t.tunnel}/metrics"
+    ),
+    "TunnelService/GetTunnelUsage": lambda t: tunnels_pb2.GetTunnelUsageRequest(
+        name=f"{t.tunnel}/usage"
+    ),
+    "TunnelService/GetUsageReport": lambda t: tunnels_pb2.GetUsageReportRequest(
+        name=f"{t.user.name}/usageReport"
+    ),
+    "TunnelService/SummarizeUsage": lambda t: tunnels_pb2.SummarizeUsageRequest(),
+    "TunnelService/CreateTunnelShare": lambda t: tunnels_pb2.CreateTunnelShareRequest(
+        parent=t.tunnel,
+        share=tunnels_pb2.TunnelShare(grantee=t.user.name, role=common_pb2.SHARE_ROLE_READ),
+    ),
+    "TunnelService/ListTunnelShares": lambda t: tunnels_pb2.ListTunnelSharesRequest(
+        parent=t.tunnel
+    ),
+    "TunnelService/DeleteTunnelShare": lambda t: tunnels_pb2.DeleteTunnelShareRequest(
+        name=f"{t.tunnel}/shares/{t.user.id}"
+    ),
+    "TunnelService/CreateShareLink": lambda t: tunnels_pb2.CreateShareLinkRequest(
+        parent=t.tunnel,
+        share_link=tunnels_pb2.ShareLink(role=common_pb2.SHARE_ROLE_READ, max_uses=1),
+    ),
+    "TunnelService/ListShareLinks": lambda t: tunnels_pb2.ListShareLinksRequest(parent=t.tunnel),
+    "TunnelService/DeleteShareLink": lambda t: tunnels_pb2.DeleteShareLinkRequest(
+        name=f"{t.tunnel}/shareLinks/lnk_01jd3k0000000000000000000a"
+    ),
+    "TunnelService/AcceptShareLink": lambda t: tunnels_pb2.AcceptShareLinkRequest(
+        token="tpl_" + "x" * 32
+    ),
+    "TunnelService/ListSharedWithMe": lambda t: tunnels_pb2.ListSharedWithMeRequest(
+        parent=t.user.name
+    ),
+    "TunnelService/WatchTunnels": lambda t: tunnels_pb2.WatchTunnelsRequest(name=t.tunnel),
+    "AgentService/Connect": lambda t: agents_pb2.ConnectRequest(
+        hello=agents_pb2.AgentHello(tunnel=t.tunnel, agent_id="matrix")
+    ),
+    "EventService/ListEvents": lambda t: events_pb2.ListEventsRequest(parent=t.user.name),
     "AdminService/DeleteIpBlock": lambda t: admin_pb2.DeleteIpBlockRequest(
         name="ipBlocks/10.9.9.9"
     ),
 }
 
 METHODS = [(s.name, m) for s in SERVICES for m in s.methods]
-CALLERS = ["anonymous", "owner", "other_user", "admin", "key_without_scope", "key_with_scope"]
+CALLERS = [
+    "anonymous",
+    "owner",
+    "other_user",
+    "admin",
+    "key_without_scope",
+    "key_with_scope",
+    "agent_key",
+]
+#: Other users with a share of the owner's tunnel, and the share role each holds.
+SHARED = {"shared_read": 1, "shared_write": 2, "shared_admin": 3}
+#: Every (service, method, caller) cell; shared callers only where shares can matter.
+CASES = [
+    (service, method, caller)
+    for service, method in METHODS
+    for caller in CALLERS + (list(SHARED) if service == "TunnelService" else [])
+]
 ALLOWED, UNAUTHENTICATED, DENIED = "allowed", "unauthenticated", "denied"
+SESSION, API_KEY = options_pb2.CREDENTIAL_KIND_SESSION, options_pb2.CREDENTIAL_KIND_API_KEY
 
 
 def expected(policy: options_pb2.Policy, caller: str) -> str:
-    """What the declared policy says a caller gets (owner and other user have role user)."""
+    """What the declared policy says a caller gets (owner and other users have role user
+    and the free tier)."""
     if policy.access == options_pb2.ACCESS_PUBLIC:
         return ALLOWED
     if caller == "anonymous":
         return UNAUTHENTICATED
+    credentials = list(policy.credentials)
+    key_caller = caller in {"key_without_scope", "key_with_scope", "agent_key"}
+    if credentials and (API_KEY if key_caller else SESSION) not in credentials:
+        return DENIED
+    if caller == "agent_key":
+        return ALLOWED if policy.permission == "agent.connect" else DENIED
     if caller == "admin":
         return ALLOWED
-    user_perms = ROLE_PERMISSIONS[Role.USER]
     if caller == "key_without_scope":
         return DENIED
-    if caller == "key_with_scope":
-        sessions_only = list(policy.credentials) == [options_pb2.CREDENTIAL_KIND_SESSION]
-        if sessions_only:
-            return DENIED
-    has_permission = not policy.permission or policy.permission in user_perms
+    has_permission = not policy.permission or policy.permission in ROLE_PERMISSIONS[Role.USER]
+    if caller in SHARED and policy.owner_field:
+        shared = policy.share_role and SHARED[caller] >= policy.share_role
+        return ALLOWED if shared and has_permission else DENIED
     if caller == "other_user" and policy.owner_field:
+        return DENIED
+    if caller in {"owner", "key_with_scope"} and policy.min_tier > common_pb2.TIER_FREE:
         return DENIED
     return ALLOWED if has_permission else DENIED
 
@@ -134,14 +221,13 @@ def test_every_rpc_has_a_builder() -> None:
     assert names == set(BUILDERS), "add the new RPC to BUILDERS (and think about who may call it)"
 
 
-@pytest.fixture
-async def admin(client: Client) -> TestUser:
-    return await client.new_user(role=Role.SUPER_ADMIN, tag="admin")
-
-
-@pytest.fixture
-async def other_user(client: Client) -> TestUser:
-    return await client.new_user(tag="other")
+async def others(client: Client, caller: str) -> dict[str, TestUser]:
+    """The admin or other user a cell needs (made only when it needs one)."""
+    if caller == "admin":
+        return {"admin": await client.new_user(role=Role.SUPER_ADMIN, tag="admin")}
+    if caller == "other_user":
+        return {"other_user": await client.new_user(tag="other")}
+    return {}
 
 
 async def credentials_for(
@@ -157,47 +243,89 @@ async def credentials_for(
         return target.user.metadata
     if caller in others:
         return others[caller].metadata
-    if caller == "key_without_scope":
+    if caller in SHARED:
+        return (await shared_user(client, target, ShareRole(SHARED[caller]))).metadata
+    if caller == "agent_key":
+        scopes = ["agent.connect"]
+    elif caller == "key_without_scope":
         scopes = sorted(SELF_PERMISSIONS - {policy.permission})
     else:
         scopes = [policy.permission] if policy.permission in SELF_PERMISSIONS else []
     return bearer(await client.api_key(target.user, scopes))
 
 
-@pytest.mark.parametrize("caller", CALLERS)
-@pytest.mark.parametrize(("service", "method"), METHODS, ids=lambda v: getattr(v, "name", v))
-async def test_authorization_matrix(
-    client: Client, admin: TestUser, other_user: TestUser, service: str, method: object, caller: str
-) -> None:
-    descriptor = method
-    name = f"{service}/{descriptor.name}"  # type: ignore[attr-defined]
-    policy = descriptor.GetOptions().Extensions[options_pb2.policy]  # type: ignore[attr-defined]
+async def shared_user(client: Client, target: Target, role: ShareRole) -> TestUser:
+    """A new user holding a ``role`` share of the target's tunnel."""
+    user = await client.new_user(tag="shared")
+    parts = client.app.tunnel_parts
+    owner_id, tunnel_id = target.user.id, target.tunnel.rsplit("/", 1)[1]
+    tunnel = await parts.tunnels.get(owner_id, tunnel_id)
+    await parts.shares.grant(tunnel, user.id, role, None, creator_id=owner_id)
+    return user
+
+
+async def make_target(client: Client) -> Target:
+    """A fresh owner with an API key and a tunnel."""
     owner = await client.new_user(tag="owner")
     key = await client.auth.CreateApiKey(
         auth_pb2.CreateApiKeyRequest(parent=owner.name, api_key=auth_pb2.ApiKey(display_name="k")),
         metadata=owner.metadata,
     )
-    target = Target(owner, key.api_key.name)
-    metadata = await credentials_for(
-        caller, client, target, policy, {"admin": admin, "other_user": other_user}
-    )
-    stub = {"AuthService": client.auth, "UserService": client.users, "AdminService": client.admin}[
-        service
-    ]
-    rpc = getattr(stub, descriptor.name)  # type: ignore[attr-defined]
+    tunnel = await client.tunnel(owner, "matrix-target")
+    return Target(owner, key.api_key.name, tunnel.name)
+
+
+async def call_rpc(
+    client: Client, service: str, method: Any, request: Message, metadata: Any
+) -> tuple[grpc.StatusCode, str]:
+    """Make the call: its status (a stream is OK once its first message arrives)."""
+    stub = {
+        "AuthService": client.auth,
+        "UserService": client.users,
+        "AdminService": client.admin,
+        "TunnelService": client.tunnels,
+        "AgentService": client.agents,
+        "EventService": client.events,
+    }[service]
+    rpc = getattr(stub, method.name)
     try:
-        await rpc(BUILDERS[name](target), metadata=metadata)
-        outcome = ALLOWED
+        if not method.server_streaming:
+            await rpc(request, metadata=metadata)
+            return grpc.StatusCode.OK, ""
+        stream = (
+            rpc(metadata=metadata) if method.client_streaming else rpc(request, metadata=metadata)
+        )
+        try:
+            if method.client_streaming:
+                await stream.write(request)
+            if await stream.read() is grpc.aio.EOF:
+                return await stream.code(), await stream.details() or ""
+            return grpc.StatusCode.OK, ""
+        finally:
+            stream.cancel()
     except grpc.aio.AioRpcError as error:
-        outcome = {
-            grpc.StatusCode.UNAUTHENTICATED: UNAUTHENTICATED,
-            grpc.StatusCode.PERMISSION_DENIED: DENIED,
-        }.get(error.code(), ALLOWED)
-        if outcome == ALLOWED:
-            # Refused for another reason, after authorization let it through.
-            assert error.code() in {
-                grpc.StatusCode.NOT_FOUND,
-                grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.INVALID_ARGUMENT,
-            }, f"{name} as {caller}: {error.code()} {error.details()}"
-    assert outcome == expected(policy, caller), f"{name} as {caller}"
+        return error.code(), error.details() or ""
+
+
+@pytest.mark.parametrize(
+    ("service", "method", "caller"), CASES, ids=lambda v: getattr(v, "name", v)
+)
+async def test_authorization_matrix(client: Client, service: str, method: Any, caller: str) -> None:
+    name = f"{service}/{method.name}"
+    policy = method.GetOptions().Extensions[options_pb2.policy]
+    target = await make_target(client)
+    metadata = await credentials_for(caller, client, target, policy, await others(client, caller))
+    code, details = await call_rpc(client, service, method, BUILDERS[name](target), metadata)
+    outcome = {
+        grpc.StatusCode.UNAUTHENTICATED: UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED: DENIED,
+    }.get(code, ALLOWED)
+    if outcome == ALLOWED:
+        # Let through; it may still be refused for another reason after authorization.
+        assert code in {
+            grpc.StatusCode.OK,
+            grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.INVALID_ARGUMENT,
+        }, f"{name} as {caller}: {code} {details}"
+    assert outcome == expected(policy, caller), f"{name} as {caller}: {details}"

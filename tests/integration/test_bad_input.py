@@ -22,7 +22,8 @@ import sqlalchemy as sa
 from google.api import httpbody_pb2
 from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from google.protobuf.message import Message
-from tunnelplane.v1 import admin_pb2, auth_pb2, common_pb2, users_pb2
+from google.type import date_pb2
+from tunnelplane.v1 import admin_pb2, auth_pb2, common_pb2, events_pb2, tunnels_pb2, users_pb2
 
 from server.app import SERVICES, App
 from server.domain.principal import Role
@@ -30,7 +31,21 @@ from server.storage import tables
 from tests.helpers import PASSWORD, Client, TestUser, fails, unique_email, violations
 
 #: Tables a refused request must leave exactly as they were.
-WATCHED = (tables.users, tables.sessions, tables.refresh_tokens, tables.api_keys, tables.avatars)
+WATCHED = (
+    tables.users,
+    tables.sessions,
+    tables.refresh_tokens,
+    tables.api_keys,
+    tables.avatars,
+    tables.tunnels,
+    tables.tunnel_endpoints,
+    tables.tunnel_shares,
+    tables.share_links,
+    tables.agent_sessions,
+    tables.agent_reports,
+    tables.tunnel_usage,
+    tables.events,
+)
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 24
 DAY = 86_400
 
@@ -44,6 +59,7 @@ class Ctx:
     key_name: str
     keys_page_token: str
     users_page_token: str
+    tunnel: str = ""
 
     @property
     def uid(self) -> str:
@@ -135,8 +151,60 @@ def past() -> timestamp_pb2.Timestamp:
 
 
 def named(message: type[Message], name: str, field: str = "name") -> Build:
-    """``message(field=name)`` with ``{uid}`` and ``{key}`` filled in."""
-    return lambda c: message(**{field: name.format(uid=c.uid, key=c.key_name)})
+    """``message(field=name)`` with ``{uid}``, ``{key}`` and ``{tunnel}`` filled in."""
+    return lambda c: message(**{field: name.format(uid=c.uid, key=c.key_name, tunnel=c.tunnel)})
+
+
+def tunnel(**fields: Any) -> Build:
+    """A CreateTunnel request for the context's user with these tunnel fields."""
+    fields.setdefault("display_name", "bad-input")
+    return lambda c: tunnels_pb2.CreateTunnelRequest(
+        parent="users/me", tunnel=tunnels_pb2.Tunnel(**fields)
+    )
+
+
+def endpoint(**fields: Any) -> Build:
+    """A CreateTunnel request with one endpoint."""
+    fields.setdefault("url", "http://127.0.0.1:8080/")
+    return tunnel(endpoints=[tunnels_pb2.TunnelEndpoint(**fields)])
+
+
+def on_tunnel(message: type[Message], suffix: str = "", **fields: Any) -> Build:
+    """A request naming the context's tunnel (plus ``suffix``) in ``name``."""
+    return lambda c: message(name=c.tunnel + suffix, **fields)
+
+
+def under_tunnel(message: type[Message], **fields: Any) -> Build:
+    """A request whose ``parent`` is the context's tunnel."""
+    return lambda c: message(parent=c.tunnel, **fields)
+
+
+def day(year: int, month: int, day_: int) -> date_pb2.Date:
+    """A raw Date, range unchecked."""
+    return date_pb2.Date(year=year, month=month, day=day_)
+
+
+def usage(**fields: Any) -> Build:
+    """A GetTunnelUsage request for the context's tunnel."""
+    return on_tunnel(tunnels_pb2.GetTunnelUsageRequest, "/usage", **fields)
+
+
+def share(**fields: Any) -> Build:
+    """A CreateTunnelShare request on the context's tunnel (made by an admin: no tier gate)."""
+    fields.setdefault("grantee", "users/me")
+    fields.setdefault("role", common_pb2.SHARE_ROLE_READ)
+    return under_tunnel(
+        tunnels_pb2.CreateTunnelShareRequest, share=tunnels_pb2.TunnelShare(**fields)
+    )
+
+
+def link(**fields: Any) -> Build:
+    """A CreateShareLink request on the context's tunnel."""
+    fields.setdefault("role", common_pb2.SHARE_ROLE_READ)
+    fields.setdefault("max_uses", 1)
+    return under_tunnel(
+        tunnels_pb2.CreateShareLinkRequest, share_link=tunnels_pb2.ShareLink(**fields)
+    )
 
 
 def update(*paths: str, name: str = "users/me", unset: bool = False, **fields: Any) -> Build:
@@ -202,6 +270,11 @@ def flip_last(token: str) -> str:
 A = "AuthService"
 U = "UserService"
 AD = "AdminService"
+T = "TunnelService"
+EV = "EventService"
+AG = "AgentService"
+P = tunnels_pb2
+PAST, FAR = ts(1_000_000_000), ts(4_000_000_000)
 NEST = "(" * 10 + 'email : "a"' + ")" * 10
 MANY_TERMS = " AND ".join(['email : "a"'] * 31)
 
@@ -637,6 +710,205 @@ BAD_REQUESTS = [
         empty=("name", named(admin_pb2.DeleteIpBlockRequest, "")),
         extra=("name", named(admin_pb2.DeleteIpBlockRequest, "ipBlocks/10.0.0.1/x")),
     ),
+    *rows(
+        f"{T}.CreateTunnel",
+        bad_parent=("parent", lambda c: P.CreateTunnelRequest(parent="tunnels/x")),
+        no_name=("tunnel.display_name", tunnel(display_name="  ")),
+        long_name=("tunnel.display_name", tunnel(display_name="n" * 256)),
+        control=("tunnel.display_name", tunnel(display_name="a\x00b")),
+        markup=("tunnel.display_name", tunnel(display_name="<script>")),
+        long_description=("tunnel.description", tunnel(description="d" * 1001)),
+        negative_connections=(
+            "tunnel.config.max_connections",
+            tunnel(config=P.TunnelConfig(max_connections=-1)),
+        ),
+        over_tier=(
+            "tunnel.config.max_connections",
+            tunnel(config=P.TunnelConfig(max_connections=10_000)),
+        ),
+        short_timeout=(
+            "tunnel.config.idle_timeout",
+            tunnel(config=P.TunnelConfig(idle_timeout=dur(0, 5))),
+        ),
+        malformed_timeout=(
+            "tunnel.config.idle_timeout",
+            tunnel(config=P.TunnelConfig(idle_timeout=dur(1, -5))),
+        ),
+        scheme=("tunnel.endpoints[0].url", endpoint(url="file:///etc/passwd")),
+        no_host=("tunnel.endpoints[0].url", endpoint(url="http://:80/")),
+        credentials=("tunnel.endpoints[0].url", endpoint(url="http://u:p@host:80/")),
+        tcp_without_port=("tunnel.endpoints[0].url", endpoint(url="tcp://host")),
+        priority=("tunnel.endpoints[0].priority", endpoint(priority=101)),
+        weight=("tunnel.endpoints[0].weight", endpoint(weight=1001)),
+        negative_weight=("tunnel.endpoints[0].weight", endpoint(weight=-1)),
+        request_id=(
+            "request_id",
+            lambda c: P.CreateTunnelRequest(
+                parent="users/me", tunnel=P.Tunnel(display_name="x"), request_id="r" * 65
+            ),
+        ),
+    ),
+    *rows(
+        f"{T}.GetTunnel",
+        wrong_collection=("name", named(P.GetTunnelRequest, "users/{uid}/things/tun_x")),
+        bad_id=("name", named(P.GetTunnelRequest, "users/{uid}/tunnels/nope")),
+        empty=("name", named(P.GetTunnelRequest, "")),
+    ),
+    *rows(
+        f"{T}.ListTunnels",
+        negative_size=(
+            "page_size",
+            lambda c: P.ListTunnelsRequest(parent="users/me", page_size=-1),
+        ),
+        bad_token=("page_token", lambda c: P.ListTunnelsRequest(parent="users/me", page_token="x")),
+        bad_filter=("filter", lambda c: P.ListTunnelsRequest(parent="users/me", filter="state ==")),
+        unknown_field=(
+            "filter",
+            lambda c: P.ListTunnelsRequest(parent="users/me", filter='owner = "x"'),
+        ),
+        bad_state=(
+            "filter",
+            lambda c: P.ListTunnelsRequest(parent="users/me", filter='state = "x"'),
+        ),
+        bad_order=("order_by", lambda c: P.ListTunnelsRequest(parent="users/me", order_by="etag")),
+        bad_parent=("parent", lambda c: P.ListTunnelsRequest(parent="users/")),
+    ),
+    *rows(
+        f"{T}.UpdateTunnel",
+        bad_mask=(
+            "update_mask",
+            lambda c: P.UpdateTunnelRequest(
+                tunnel=P.Tunnel(name=c.tunnel),
+                update_mask=field_mask_pb2.FieldMask(paths=["state"]),
+            ),
+        ),
+        bad_name=(
+            "tunnel.name",
+            lambda c: P.UpdateTunnelRequest(tunnel=P.Tunnel(name="users/me/tunnels/x")),
+        ),
+        empty_display_name=(
+            "tunnel.display_name",
+            lambda c: P.UpdateTunnelRequest(
+                tunnel=P.Tunnel(name=c.tunnel, display_name=""),
+                update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+            ),
+        ),
+        bad_endpoint=(
+            "tunnel.endpoints[0].url",
+            lambda c: P.UpdateTunnelRequest(
+                tunnel=P.Tunnel(name=c.tunnel, endpoints=[P.TunnelEndpoint(url="gopher://x")])
+            ),
+        ),
+    ),
+    *rows(f"{T}.DeleteTunnel", bad_name=("name", named(P.DeleteTunnelRequest, "tun_x"))),
+    *rows(f"{T}.StartTunnel", bad_name=("name", named(P.StartTunnelRequest, "users/{uid}"))),
+    *rows(f"{T}.StopTunnel", bad_name=("name", named(P.StopTunnelRequest, "users/{uid}/tunnels"))),
+    *rows(
+        f"{T}.FailoverTunnel",
+        unknown_endpoint=(
+            "endpoint",
+            on_tunnel(P.FailoverTunnelRequest, endpoint="http://not-one-of-them:1/"),
+        ),
+        bad_name=("name", named(P.FailoverTunnelRequest, "users/{uid}/tunnels/x")),
+    ),
+    *rows(
+        f"{T}.GetTunnelMetrics",
+        no_suffix=("name", on_tunnel(P.GetTunnelMetricsRequest)),
+        wrong_suffix=("name", on_tunnel(P.GetTunnelMetricsRequest, "/usage")),
+    ),
+    *rows(
+        f"{T}.GetTunnelUsage",
+        no_such_day=("start_date", usage(start_date=day(2026, 2, 30))),
+        month=("end_date", usage(end_date=day(2026, 13, 1))),
+        partial=("start_date", usage(start_date=day(2026, 0, 0))),
+        reversed=("start_date", usage(start_date=day(2026, 5, 1), end_date=day(2026, 4, 1))),
+        too_long=("end_date", usage(start_date=day(2020, 1, 1), end_date=day(2026, 1, 1))),
+        no_suffix=("name", on_tunnel(P.GetTunnelUsageRequest)),
+    ),
+    *rows(
+        f"{T}.GetUsageReport",
+        no_suffix=("name", named(P.GetUsageReportRequest, "users/{uid}")),
+        bad_day=(
+            "end_date",
+            lambda c: P.GetUsageReportRequest(name="users/me/usageReport", end_date=day(0, 1, 1)),
+        ),
+    ),
+    *rows(
+        f"{T}.SummarizeUsage",
+        "admin",
+        bad_day=("start_date", lambda c: P.SummarizeUsageRequest(start_date=day(2026, 4, 31))),
+    ),
+    *rows(
+        f"{T}.CreateTunnelShare",
+        "admin",
+        no_role=("share.role", share(role=common_pb2.SHARE_ROLE_UNSPECIFIED)),
+        unknown_role=("share.role", share(role=9)),
+        bad_grantee=("share.grantee", share(grantee="people/1")),
+        past=("share.expire_time", share(expire_time=PAST)),
+        far=("share.expire_time", share(expire_time=FAR)),
+        bad_parent=("parent", named(P.CreateTunnelShareRequest, "users/{uid}", "parent")),
+    ),
+    *rows(
+        f"{T}.ListTunnelShares",
+        negative_size=("page_size", under_tunnel(P.ListTunnelSharesRequest, page_size=-1)),
+        bad_token=("page_token", under_tunnel(P.ListTunnelSharesRequest, page_token="x")),
+    ),
+    *rows(
+        f"{T}.DeleteTunnelShare",
+        not_a_user=("name", on_tunnel(P.DeleteTunnelShareRequest, "/shares/bob")),
+        no_share=("name", on_tunnel(P.DeleteTunnelShareRequest)),
+    ),
+    *rows(
+        f"{T}.CreateShareLink",
+        "admin",
+        no_uses=("share_link.max_uses", link(max_uses=0)),
+        many_uses=("share_link.max_uses", link(max_uses=1001)),
+        no_role=("share_link.role", link(role=0)),
+        past=("share_link.expire_time", link(expire_time=PAST)),
+        short_ttl=("share_link.share_ttl", link(share_ttl=dur(1))),
+        malformed_ttl=("share_link.share_ttl", link(share_ttl=dur(1, -5))),
+    ),
+    *rows(
+        f"{T}.ListShareLinks",
+        negative_size=("page_size", under_tunnel(P.ListShareLinksRequest, page_size=-1)),
+    ),
+    *rows(
+        f"{T}.DeleteShareLink",
+        not_a_link=("name", on_tunnel(P.DeleteShareLinkRequest, "/shareLinks/key_x")),
+    ),
+    *rows(
+        f"{T}.AcceptShareLink",
+        not_a_token=("token", lambda c: P.AcceptShareLinkRequest(token="hello")),
+        long=("token", lambda c: P.AcceptShareLinkRequest(token="tpl_" + "x" * 200)),
+    ),
+    *rows(
+        f"{T}.ListSharedWithMe",
+        negative_size=(
+            "page_size",
+            lambda c: P.ListSharedWithMeRequest(parent="users/me", page_size=-1),
+        ),
+        bad_parent=("parent", lambda c: P.ListSharedWithMeRequest(parent="me")),
+    ),
+    *rows(
+        f"{T}.WatchTunnels",
+        bad_name=("name", named(P.WatchTunnelsRequest, "users/{uid}/tunnels/nope")),
+        wrong_collection=("name", named(P.WatchTunnelsRequest, "users/{uid}/shares/x")),
+    ),
+    *rows(
+        f"{EV}.ListEvents",
+        negative_size=(
+            "page_size",
+            lambda c: events_pb2.ListEventsRequest(parent="users/me", page_size=-1),
+        ),
+        bad_filter=(
+            "filter",
+            lambda c: events_pb2.ListEventsRequest(parent="users/me", filter="type ="),
+        ),
+        bad_token=(
+            "page_token",
+            lambda c: events_pb2.ListEventsRequest(parent="users/me", page_token="x"),
+        ),
+    ),
 ]
 
 #: Methods whose only input is a credential: a bad one is UNAUTHENTICATED by design (it
@@ -657,6 +929,8 @@ EXEMPT = {
     f"{AD}.GetSystemStatus": "takes no input",
     f"{U}.ListTiers": "takes no input",
     f"{A}.Logout": "its only field is a bool; the session comes from the credential",
+    f"{AG}.Connect": "a bidirectional stream: its bad hellos and reports are refused in "
+    "tests/integration/test_agents.py",
 }
 
 
@@ -679,14 +953,34 @@ async def ctx(app: App, channel: grpc.aio.Channel) -> Ctx:
     )
     assert keys.next_page_token
     assert users.next_page_token
-    return Ctx(user, admin, keys.api_keys[0].name, keys.next_page_token, users.next_page_token)
+    made = await client.tunnel(user, "bad-input-target")
+    return Ctx(
+        user, admin, keys.api_keys[0].name, keys.next_page_token, users.next_page_token, made.name
+    )
 
 
 def stub_method(client: Client, method: str) -> Callable[..., Any]:
     """The stub callable of ``Service.Method``."""
     service, name = method.split(".")
-    stub = {A: client.auth, U: client.users, AD: client.admin}[service]
-    return getattr(stub, name)  # type: ignore[no-any-return]
+    stub = {
+        A: client.auth,
+        U: client.users,
+        AD: client.admin,
+        T: client.tunnels,
+        EV: client.events,
+    }[service]
+    rpc = getattr(stub, name)
+    if name != "WatchTunnels":
+        return rpc  # type: ignore[no-any-return]
+
+    async def first_message(request: Message, **kwargs: Any) -> Any:
+        stream = rpc(request, **kwargs)
+        try:
+            return await stream.read()
+        finally:
+            stream.cancel()
+
+    return first_message
 
 
 def metadata_for(ctx: Ctx, caller: str) -> tuple[tuple[str, str], ...]:

@@ -1,0 +1,203 @@
+"""Agent sessions, their reports, and the tunnel traffic and usage read from them.
+
+An agent holds one Connect stream. Its session row survives reconnects (same agent id), so
+a reconnect resumes: the control plane tells it the last report sequence it counted.
+Reports are counted once each (the (tunnel, agent, sequence) key is stored with the usage
+it adds, in one transaction). An agent whose heartbeats stop for the timeout counts as
+gone; the tunnel's state and health follow the number of agents connected.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+
+from server.domain.clock import Clock
+from server.domain.ports import UnitOfWorkFactory
+from server.domain.principal import Principal, Tier
+from server.domain.traffic import DailyUsage, DateRange, Report, Totals
+from server.domain.tunnel_service import TunnelService
+from server.domain.tunnels import Tunnel, tunnel_parts
+from server.errors import NotFound, PermissionDenied, Violations
+
+AGENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """Timing of agent sessions."""
+
+    heartbeat_interval: float = 15.0
+    #: Silent this long, an agent counts as disconnected.
+    heartbeat_timeout: float = 90.0
+    #: A disconnected agent is forgotten (no longer degrades health) after this long.
+    forget_after: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """What an agent says first."""
+
+    tunnel: str
+    agent_id: str
+    version: str = ""
+    hostname: str = ""
+    os: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSession:
+    """An agent of a tunnel, connected now or recently."""
+
+    tunnel_id: str
+    agent_id: str
+    api_key_id: str
+    version: str
+    hostname: str
+    os: str
+    connected: bool
+    active_connections: int
+    connect_time: datetime
+    last_seen_time: datetime
+    last_report_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelTraffic:
+    """A tunnel's traffic totals and what its agents last said."""
+
+    totals: Totals
+    active_connections: int
+    last_report_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRow:
+    """Usage of one tunnel on one day, as stored."""
+
+    tunnel_id: str
+    tunnel_name: str
+    user_id: str
+    tier: Tier
+    usage: DailyUsage
+
+
+class AgentSessions:
+    """What happens on agents' streams, and what is read from their reports."""
+
+    def __init__(
+        self,
+        uow: UnitOfWorkFactory,
+        tunnels: TunnelService,
+        clock: Clock,
+        settings: AgentSettings,
+    ) -> None:
+        self._uow = uow
+        self._tunnels = tunnels
+        self._clock = clock
+        self.settings = settings
+
+    async def hello(self, principal: Principal, hello: Hello) -> tuple[Tunnel, int]:
+        """Open (or resume) the agent's session; the tunnel and the last counted sequence."""
+        owner_id, tunnel_id = tunnel_parts(hello.tunnel, "hello.tunnel", principal.user_id)
+        _check_hello(hello)
+        if owner_id != principal.user_id:
+            raise PermissionDenied(
+                "an agent key carries its owner's tunnels only", reason="NOT_OWNER"
+            )
+        now = self._clock.now()
+        async with self._uow() as uow:
+            tunnel = await uow.tunnels.get(tunnel_id)
+            if tunnel is None or tunnel.user_id != owner_id:
+                raise NotFound("tunnel", hello.tunnel)
+            session = AgentSession(
+                tunnel_id=tunnel_id,
+                agent_id=hello.agent_id,
+                api_key_id=principal.api_key_id,
+                version=hello.version,
+                hostname=hello.hostname,
+                os=hello.os,
+                connected=True,
+                active_connections=0,
+                connect_time=now,
+                last_seen_time=now,
+            )
+            await uow.agents.open(session)
+            last = await uow.agents.last_sequence(tunnel_id, hello.agent_id)
+        return await self._recount(tunnel_id) or tunnel, last
+
+    def now(self) -> datetime:
+        """The current time (reports are checked against it)."""
+        return self._clock.now()
+
+    async def heartbeat(self, tunnel_id: str, agent_id: str, active: int) -> None:
+        """The agent is alive."""
+        async with self._uow() as uow:
+            await uow.agents.seen(tunnel_id, agent_id, self._clock.now(), max(0, active))
+
+    async def report(self, tunnel: Tunnel, agent_id: str, report: Report, tier: Tier) -> bool:
+        """Count a report once; False when it had been counted already."""
+        now = self._clock.now()
+        async with self._uow() as uow:
+            counted = await uow.agents.add_report(tunnel, agent_id, report, tier, now)
+            await uow.agents.seen(tunnel.id, agent_id, now, report.active_connections)
+        return counted
+
+    async def goodbye(self, tunnel_id: str, agent_id: str) -> None:
+        """The agent's stream ended."""
+        async with self._uow() as uow:
+            await uow.agents.close(tunnel_id, agent_id)
+        await self._recount(tunnel_id)
+
+    async def sweep(self) -> int:
+        """Mark silent agents disconnected and forget old ones; returns tunnels changed."""
+        now = self._clock.now()
+        silent = now - timedelta(seconds=self.settings.heartbeat_timeout)
+        forgotten = now - timedelta(seconds=self.settings.forget_after)
+        async with self._uow() as uow:
+            changed = await uow.agents.expire(silent, forgotten)
+        for tunnel_id in changed:
+            await self._recount(tunnel_id)
+        return len(changed)
+
+    async def traffic(self, tunnel: Tunnel) -> TunnelTraffic:
+        """Totals over the tunnel's life, and its agents' current connections."""
+        async with self._uow(readonly=True) as uow:
+            totals = await uow.agents.totals(tunnel.id)
+            sessions = await uow.agents.sessions(tunnel.id)
+        active = sum(s.active_connections for s in sessions if s.connected)
+        reported = [s.last_report_time for s in sessions if s.last_report_time is not None]
+        return TunnelTraffic(totals, active, max(reported, default=totals.last_report_time))
+
+    async def usage(
+        self, *, user_id: str | None, tunnel_id: str | None, days: DateRange
+    ) -> list[UsageRow]:
+        """Stored usage rows in ``days`` of a user, a tunnel, or everyone."""
+        async with self._uow(readonly=True) as uow:
+            return await uow.agents.usage(user_id, tunnel_id, days.start, days.end)
+
+    async def _recount(self, tunnel_id: str) -> Tunnel | None:
+        async with self._uow(readonly=True) as uow:
+            sessions = await uow.agents.sessions(tunnel_id)
+        connected = sum(1 for s in sessions if s.connected)
+        return await self._tunnels.agents_changed(tunnel_id, connected, len(sessions) - connected)
+
+
+def today(clock: Clock) -> date:
+    """The current UTC day."""
+    return clock.now().date()
+
+
+def _check_hello(hello: Hello) -> None:
+    violations = Violations()
+    if not AGENT_ID.fullmatch(hello.agent_id):
+        violations.add("hello.agent_id", "1-64 characters of letters, digits, '.', '_' or '-'")
+    for field, value in (
+        ("version", hello.version),
+        ("hostname", hello.hostname),
+        ("os", hello.os),
+    ):
+        if len(value) > 255 or any(ord(c) < 0x20 for c in value):
+            violations.add(f"hello.{field}", "at most 255 printable characters")
+    violations.raise_if_any()

@@ -1,0 +1,500 @@
+"""Tunnel operations, once authorization has allowed them.
+
+Every change is one unit of work that also appends its event (outbox), so a change and its
+event exist together or not at all; watchers hear about it once it has committed.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from server.domain import audit, fieldmask
+from server.domain.clock import Clock
+from server.domain.endpoints import (
+    EndpointHealth,
+    EndpointSpec,
+    choose_active,
+    next_best,
+    validate_endpoints,
+)
+from server.domain.events import EventBus, record
+from server.domain.ids import new_id
+from server.domain.listing import FilterField, Lister, ListSpec, OrderKey, Page
+from server.domain.ports import UnitOfWork, UnitOfWorkFactory
+from server.domain.principal import Tier
+from server.domain.tiers import TierCatalog
+from server.domain.tunnels import (
+    Endpoint,
+    Status,
+    Transition,
+    Tunnel,
+    TunnelConfig,
+    TunnelHealth,
+    TunnelState,
+    check_config,
+    check_text,
+    health_of,
+    transition,
+)
+from server.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    PreconditionViolation,
+    QuotaViolation,
+    ResourceExhausted,
+    Violations,
+)
+
+UPDATABLE_PATHS = frozenset(
+    {
+        "display_name",
+        "description",
+        "config",
+        "config.max_connections",
+        "config.idle_timeout",
+        "config.compression",
+        "endpoints",
+    }
+)
+
+TUNNEL_LIST_SPEC = ListSpec(
+    filter_fields={
+        "display_name": FilterField("string"),
+        "state": FilterField("enum", frozenset(s.value for s in TunnelState)),
+        "health": FilterField("enum", frozenset(h.value for h in TunnelHealth)),
+        "create_time": FilterField("timestamp"),
+        "update_time": FilterField("timestamp"),
+    },
+    order_fields=frozenset({"display_name", "create_time", "update_time"}),
+    default_order=(OrderKey("create_time"),),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelDraft:
+    """The writable part of a tunnel, as a caller sent it."""
+
+    display_name: str = ""
+    description: str = ""
+    config: TunnelConfig = field(default_factory=TunnelConfig)
+    endpoints: tuple[EndpointSpec, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSettings:
+    """Tunnel settings."""
+
+    listen_host: str = "127.0.0.1"
+    port_min: int = 20000
+    port_max: int = 29999
+    max_endpoints: int = 10
+
+
+def draft_of(tunnel: Tunnel) -> TunnelDraft:
+    """The writable part of a stored tunnel."""
+    return TunnelDraft(
+        tunnel.display_name,
+        tunnel.description,
+        tunnel.config,
+        tuple(e.spec for e in tunnel.endpoints),
+    )
+
+
+def snapshot(tunnel: Tunnel) -> dict[str, Any]:
+    """What an event says about a tunnel."""
+    return {
+        "name": tunnel.name,
+        "display_name": tunnel.display_name,
+        "state": tunnel.state.value,
+        "health": tunnel.health.value,
+        "active_endpoint": tunnel.active_endpoint,
+    }
+
+
+class TunnelService:
+    """Every tunnel operation after authorization has allowed it."""
+
+    def __init__(
+        self,
+        uow: UnitOfWorkFactory,
+        bus: EventBus,
+        lister: Lister,
+        tiers: TierCatalog,
+        clock: Clock,
+        settings: TunnelSettings,
+    ) -> None:
+        self._uow = uow
+        self.bus = bus
+        self._lister = lister
+        self._tiers = tiers
+        self._clock = clock
+        self.settings = settings
+
+    def listen_address(self, tunnel: Tunnel) -> str:
+        """Where the tunnel's agents listen."""
+        return f"{self.settings.listen_host}:{tunnel.listen_port}"
+
+    async def get(self, owner_id: str, tunnel_id: str) -> Tunnel:
+        """A tunnel of ``owner_id``."""
+        async with self._uow(readonly=True) as uow:
+            return await _load(uow, owner_id, tunnel_id)
+
+    async def list(
+        self,
+        owner_id: str,
+        *,
+        page_size: int,
+        page_token: str,
+        filter: str,  # noqa: A002 - the AIP field is called filter
+        order_by: str,
+    ) -> Page[Tunnel]:
+        """A page of the owner's tunnels."""
+        query = self._lister.query(
+            TUNNEL_LIST_SPEC,
+            page_size=page_size,
+            page_token=page_token,
+            filter=filter,
+            order_by=order_by,
+            scope=f"owner={owner_id}",
+        )
+        async with self._uow(readonly=True) as uow:
+            rows = await uow.tunnels.list(owner_id, query)
+        return self._lister.page(
+            query, rows, lambda t: (*(getattr(t, k.field) for k in query.order), t.id)
+        )
+
+    async def create(
+        self, owner_id: str, tier: Tier, draft: TunnelDraft, *, request_id: str, actor: str
+    ) -> Tunnel:
+        """A new tunnel in the ``created`` state, within the tier's tunnel quota."""
+        if len(request_id) > 64:
+            raise InvalidArgument.single("request_id", "at most 64 characters")
+        clean = self._validated(draft, tier)
+        now = self._clock.now()
+        async with self._uow() as uow:
+            if request_id and (done := await uow.tunnels.find_by_request(owner_id, request_id)):
+                return done
+            await uow.tunnels.lock_owner(owner_id)
+            await self._check_quota(uow, owner_id, tier)
+            if await uow.tunnels.name_taken(owner_id, clean.display_name):
+                raise AlreadyExists("tunnel", clean.display_name)
+            tunnel = Tunnel(
+                id=new_id("tun", now.timestamp()),
+                user_id=owner_id,
+                display_name=clean.display_name,
+                description=clean.description,
+                status=Status(TunnelState.CREATED, running=False),
+                health=TunnelHealth.UNKNOWN,
+                config=clean.config,
+                endpoints=tuple(Endpoint(spec) for spec in clean.endpoints),
+                active_endpoint="",
+                listen_port=await self._free_port(uow),
+                connected_agents=0,
+                lost_agents=0,
+                version=1,
+                create_time=now,
+                update_time=now,
+                state_time=now,
+                request_id=request_id or None,
+            )
+            tunnel = replace(tunnel, active_endpoint=_active(tunnel))
+            await uow.tunnels.add(tunnel)
+            audit.annotate(subject_user_id=owner_id, resource=tunnel.name)
+            await record(
+                uow, self.bus, self._clock, "tunnel.created",
+                subject=tunnel.name, user_id=owner_id, actor=actor, payload=snapshot(tunnel),
+            )  # fmt: skip
+        return tunnel
+
+    async def update(
+        self,
+        owner_id: str,
+        tunnel_id: str,
+        tier: Tier,
+        requested: TunnelDraft,
+        paths: tuple[str, ...],
+        *,
+        etag: str,
+        actor: str,
+    ) -> Tunnel:
+        """Apply the masked paths of ``requested``; validated as a whole."""
+        paths = fieldmask.check_paths(paths, UPDATABLE_PATHS)
+        async with self._uow() as uow:
+            tunnel = await _load(uow, owner_id, tunnel_id, lock=True)
+            _check_etag(tunnel, etag, "tunnel.etag")
+            merged = fieldmask.merge(draft_of(tunnel), requested, paths)
+            clean = self._validated(merged, tier)
+            if clean == draft_of(tunnel):
+                return tunnel
+            if clean.display_name != tunnel.display_name and await uow.tunnels.name_taken(
+                owner_id, clean.display_name, tunnel.id
+            ):
+                raise AlreadyExists("tunnel", clean.display_name)
+            kept = {e.spec.url: e for e in tunnel.endpoints}
+            endpoints = tuple(
+                replace(kept[s.url], spec=s) if s.url in kept else Endpoint(s)
+                for s in clean.endpoints
+            )
+            changed = replace(
+                tunnel,
+                display_name=clean.display_name,
+                description=clean.description,
+                config=clean.config,
+                endpoints=endpoints,
+                update_time=self._clock.now(),
+            )
+            changed = self._refreshed(changed)
+            audit.annotate(subject_user_id=owner_id, resource=tunnel.name, paths=list(paths))
+            saved = await uow.tunnels.save(changed, tunnel.version)
+            await self._emit_changes(uow, tunnel, saved, actor, "tunnel.updated")
+        return saved
+
+    async def delete(
+        self, owner_id: str, tunnel_id: str, *, force: bool, etag: str, actor: str
+    ) -> Tunnel:
+        """Delete; refused while connected unless ``force``."""
+        async with self._uow() as uow:
+            tunnel = await _load(uow, owner_id, tunnel_id, lock=True)
+            _check_etag(tunnel, etag, "etag")
+            if tunnel.state is TunnelState.CONNECTED and not force:
+                raise FailedPrecondition(
+                    "the tunnel is connected; stop it first or delete with force",
+                    [PreconditionViolation("STATE", "tunnel", "the tunnel is connected")],
+                    reason="TUNNEL_CONNECTED",
+                    metadata={"state": tunnel.state.value},
+                )
+            await uow.tunnels.delete(tunnel_id)
+            audit.annotate(subject_user_id=owner_id, resource=tunnel.name, force=force)
+            await record(
+                uow, self.bus, self._clock, "tunnel.deleted",
+                subject=tunnel.name, user_id=owner_id, actor=actor, payload=snapshot(tunnel),
+            )  # fmt: skip
+        return tunnel
+
+    async def start(self, owner_id: str, tunnel_id: str, *, actor: str) -> Tunnel:
+        """``created``/``disconnected``/``error`` → ``connecting`` (or ``connected``)."""
+        return await self._move(owner_id, tunnel_id, Transition.START, actor=actor)
+
+    async def stop(self, owner_id: str, tunnel_id: str, *, actor: str) -> Tunnel:
+        """A started tunnel → ``disconnected``; its agents are told to stop."""
+        return await self._move(owner_id, tunnel_id, Transition.STOP, actor=actor)
+
+    async def fail(self, owner_id: str, tunnel_id: str, reason: str) -> Tunnel:
+        """Any state → ``error`` with ``reason`` (the system noticed something wrong)."""
+        return await self._move(owner_id, tunnel_id, Transition.FAIL, actor="", reason=reason)
+
+    async def failover(
+        self, owner_id: str, tunnel_id: str, url: str, *, force: bool, actor: str
+    ) -> Tunnel:
+        """Switch traffic to ``url`` (or the next best endpoint) now."""
+        async with self._uow() as uow:
+            tunnel = await _load(uow, owner_id, tunnel_id, lock=True)
+            target = self._failover_target(tunnel, url, force=force)
+            changed = replace(tunnel, active_endpoint=target, update_time=self._clock.now())
+            saved = await uow.tunnels.save(changed, tunnel.version)
+            await record(
+                uow, self.bus, self._clock, "tunnel.failover", subject=tunnel.name,
+                user_id=owner_id, actor=actor,
+                payload=snapshot(saved) | {"from": tunnel.active_endpoint, "to": target,
+                                           "reason": "manual"},
+            )  # fmt: skip
+        return saved
+
+    async def agents_changed(self, tunnel_id: str, connected: int, lost: int) -> Tunnel | None:
+        """Agents came or went: move the state and health, with their events."""
+        async with self._uow() as uow:
+            tunnel = await uow.tunnels.get(tunnel_id, lock=True)
+            if tunnel is None:
+                return None
+            event = Transition.AGENT_UP if connected else Transition.AGENT_DOWN
+            status = transition(tunnel.status, event, agents=connected)
+            changed = replace(tunnel, connected_agents=connected, lost_agents=lost)
+            changed = self._refreshed(self._with_status(changed, status))
+            if changed == tunnel:
+                return tunnel
+            saved = await uow.tunnels.save(changed, tunnel.version)
+            await self._emit_changes(uow, tunnel, saved, "", None)
+        return saved
+
+    async def probed(
+        self, tunnel_id: str, url: str, apply: Any, next_probe: datetime
+    ) -> Tunnel | None:
+        """Record a probe of one endpoint (``apply`` maps the old endpoint to the new);
+        fail over or back when the choice of endpoint changes."""
+        async with self._uow() as uow:
+            tunnel = await uow.tunnels.get(tunnel_id, lock=True)
+            if tunnel is None or all(e.spec.url != url for e in tunnel.endpoints):
+                return None
+            endpoints = tuple(
+                replace(apply(e), next_probe_time=next_probe) if e.spec.url == url else e
+                for e in tunnel.endpoints
+            )
+            changed = self._refreshed(replace(tunnel, endpoints=endpoints))
+            saved = await uow.tunnels.save(changed, tunnel.version)
+            await self._emit_changes(uow, tunnel, saved, "", None)
+        return saved
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _move(
+        self, owner_id: str, tunnel_id: str, event: Transition, *, actor: str, reason: str = ""
+    ) -> Tunnel:
+        async with self._uow() as uow:
+            tunnel = await _load(uow, owner_id, tunnel_id, lock=True)
+            status = transition(tunnel.status, event, agents=tunnel.connected_agents, reason=reason)
+            changed = self._refreshed(self._with_status(tunnel, status))
+            audit.annotate(subject_user_id=owner_id, resource=tunnel.name)
+            saved = await uow.tunnels.save(changed, tunnel.version)
+            await self._emit_changes(uow, tunnel, saved, actor, None)
+        return saved
+
+    def _with_status(self, tunnel: Tunnel, status: Status) -> Tunnel:
+        if status == tunnel.status:
+            return tunnel
+        now = self._clock.now()
+        moved = status.state is not tunnel.state
+        return replace(
+            tunnel, status=status, update_time=now, state_time=now if moved else tunnel.state_time
+        )
+
+    def _refreshed(self, tunnel: Tunnel) -> Tunnel:
+        """Health and active endpoint recomputed from agents and endpoint health."""
+        health = health_of(
+            tunnel.status.running,
+            tunnel.connected_agents,
+            tunnel.lost_agents,
+            [e.health for e in tunnel.endpoints],
+        )
+        return replace(tunnel, health=health, active_endpoint=_active(tunnel))
+
+    async def _emit_changes(
+        self, uow: UnitOfWork, before: Tunnel, after: Tunnel, actor: str, other: str | None
+    ) -> None:
+        """``tunnel.status_changed``, ``tunnel.failover``, ``tunnel.health_changed`` as they
+        apply, else ``other`` (if given)."""
+        emit = functools.partial(
+            record, uow, self.bus, self._clock, subject=after.name, user_id=after.user_id,
+            actor=actor,
+        )  # fmt: skip
+        emitted = False
+        if before.state is not after.state:
+            change = {"from": before.state.value, "to": after.state.value}
+            reason = {"reason": after.status.reason}
+            await emit("tunnel.status_changed", payload=snapshot(after) | change | reason)
+            emitted = True
+        if before.active_endpoint != after.active_endpoint and before.active_endpoint:
+            change = {"from": before.active_endpoint, "to": after.active_endpoint}
+            await emit("tunnel.failover", payload=snapshot(after) | change | {"reason": "health"})
+            emitted = True
+        if before.health is not after.health:
+            change = {"from": before.health.value, "to": after.health.value}
+            await emit("tunnel.health_changed", payload=snapshot(after) | change)
+            emitted = True
+        if not emitted and other is not None:
+            await emit(other, payload=snapshot(after))
+
+    def _validated(self, draft: TunnelDraft, tier: Tier) -> TunnelDraft:
+        violations = Violations()
+        name, description = check_text(draft.display_name, draft.description, violations)
+        check_config(draft.config, self._tiers.limits(tier), violations)
+        endpoints: list[EndpointSpec] = []
+        try:
+            endpoints = validate_endpoints(
+                list(draft.endpoints), max_endpoints=self.settings.max_endpoints
+            )
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
+        violations.raise_if_any()
+        if len(endpoints) > 1 and "endpoint_failover" not in self._tiers.features(tier):
+            raise PermissionDenied(
+                "several endpoints (failover) need the premium tier or higher",
+                reason="TIER_TOO_LOW",
+                metadata={"feature": "endpoint_failover", "tier": tier.value},
+            )
+        return TunnelDraft(name, description, draft.config, tuple(endpoints))
+
+    async def _check_quota(self, uow: UnitOfWork, owner_id: str, tier: Tier) -> None:
+        limit = self._tiers.limits(tier).max_tunnels
+        if limit >= 0 and await uow.tunnels.count(owner_id) >= limit:
+            raise ResourceExhausted(
+                f"the {tier.value} tier allows {limit} tunnels",
+                violations=[
+                    QuotaViolation(
+                        f"users/{owner_id}",
+                        f"at most {limit} tunnels on the {tier.value} tier",
+                        quota_id="Tunnels",
+                        quota_metric="tunnelplane.v1/tunnels",
+                        quota_value=limit,
+                    )
+                ],
+                reason="TUNNEL_QUOTA_EXCEEDED",
+            )
+
+    async def _free_port(self, uow: UnitOfWork) -> int:
+        low, high = self.settings.port_min, self.settings.port_max
+        for _ in range(32):
+            port = random.randint(low, high)  # noqa: S311 - not a secret
+            if not await uow.tunnels.port_taken(port):
+                return port
+        raise ResourceExhausted("no listen port is free; try again", retry_after=1.0)
+
+    def _failover_target(self, tunnel: Tunnel, url: str, *, force: bool) -> str:
+        pairs = [(e.spec, e.health) for e in tunnel.endpoints]
+        if url:
+            found = next((e for e in tunnel.endpoints if e.spec.url == url), None)
+            if found is None:
+                raise InvalidArgument.single("endpoint", "is not one of the tunnel's endpoints")
+            if found.health is EndpointHealth.UNHEALTHY and not force:
+                raise _no_endpoint("the endpoint is unhealthy; use force to switch anyway")
+            return url
+        chosen = next_best(pairs, tunnel.id, tunnel.active_endpoint)
+        if chosen is None:
+            raise _no_endpoint("no other endpoint is healthy")
+        return chosen.url
+
+
+def _no_endpoint(message: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        message,
+        [PreconditionViolation("HEALTH", "endpoint", message)],
+        reason="NO_HEALTHY_ENDPOINT",
+    )
+
+
+def _active(tunnel: Tunnel) -> str:
+    chosen = choose_active([(e.spec, e.health) for e in tunnel.endpoints], tunnel.id)
+    if chosen is None:
+        return ""
+    current = next((e for e in tunnel.endpoints if e.spec.url == tunnel.active_endpoint), None)
+    # A manual choice sticks while its endpoint stays healthy and of the best priority.
+    if (
+        current is not None
+        and current.health is not EndpointHealth.UNHEALTHY
+        and current.spec.priority <= chosen.priority
+    ):
+        return current.spec.url
+    return chosen.url
+
+
+async def _load(uow: UnitOfWork, owner_id: str, tunnel_id: str, *, lock: bool = False) -> Tunnel:
+    tunnel = await uow.tunnels.get(tunnel_id, lock=lock)
+    if tunnel is None or tunnel.user_id != owner_id:
+        raise NotFound("tunnel", f"users/{owner_id}/tunnels/{tunnel_id}")
+    return tunnel
+
+
+def _check_etag(tunnel: Tunnel, etag: str, field: str) -> None:
+    if etag and etag != tunnel.etag:
+        raise Aborted(
+            "the tunnel changed since it was read; read it again",
+            reason="ETAG_MISMATCH",
+            metadata={"field": field},
+        )

@@ -1,0 +1,115 @@
+"""The tunnel half of the composition root (``server/app.py`` calls it): tunnels, shares,
+agents, the event log and bus, and their background loops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from server.domain.agents import AgentSessions, AgentSettings
+from server.domain.clock import Clock
+from server.domain.endpoints import ProbeThresholds
+from server.domain.events import EventLog, MemoryBus
+from server.domain.listing import Lister
+from server.domain.ports import UnitOfWorkFactory
+from server.domain.sharing import ShareService
+from server.domain.tiers import TierCatalog
+from server.domain.tunnel_service import TunnelService, TunnelSettings
+from server.settings import Settings
+from server.storage.bus import RedisBus
+from server.workers.prober import EndpointProber
+from server.workers.tunnels import ProbeStore, sweep_loop
+
+log = logging.getLogger("tunnelplane.tunnels")
+
+
+@dataclass
+class TunnelParts:
+    """Everything tunnels need, built once."""
+
+    local_bus: MemoryBus
+    bus: MemoryBus | RedisBus
+    tunnels: TunnelService
+    shares: ShareService
+    agents: AgentSessions
+    events: EventLog
+    prober: EndpointProber
+
+    def loops(self, settings: Settings) -> list[asyncio.Task[None]]:
+        """The background loops, started."""
+        tasks = [
+            asyncio.create_task(
+                sweep_loop(self.agents, max(1.0, settings.agent_heartbeat_timeout / 6)),
+                name="agent-sweep",
+            ),
+            asyncio.create_task(
+                self.prober.run(min(1.0, settings.probe_interval / 4)), name="prober"
+            ),
+        ]
+        if isinstance(self.bus, RedisBus):
+            tasks.append(asyncio.create_task(self.bus.run(), name="event-bus"))
+        return tasks
+
+    def end_streams(self) -> None:
+        """End every watch stream of this process (the server is stopping)."""
+        self.local_bus.end_all()
+
+    async def close(self) -> None:
+        """Release the bus's connections."""
+        if isinstance(self.bus, RedisBus):
+            await self.bus.close()
+
+
+def build_tunnels(
+    settings: Settings,
+    db: UnitOfWorkFactory,
+    redis: Redis | None,
+    lister: Lister,
+    tiers: TierCatalog,
+    clock: Clock,
+) -> TunnelParts:
+    """Tunnels, shares, agents and events over ``db`` (and Redis for the bus, if any)."""
+    local = MemoryBus()
+    bus: MemoryBus | RedisBus = (
+        RedisBus(redis, settings.redis_prefix, local) if redis is not None else local
+    )
+    tunnels = TunnelService(
+        db,
+        bus,
+        lister,
+        tiers,
+        clock,
+        TunnelSettings(
+            listen_host=settings.tunnel_listen_host,
+            port_min=settings.tunnel_port_min,
+            port_max=settings.tunnel_port_max,
+        ),
+    )
+    agents = AgentSessions(
+        db,
+        tunnels,
+        clock,
+        AgentSettings(
+            heartbeat_interval=settings.agent_heartbeat_interval,
+            heartbeat_timeout=settings.agent_heartbeat_timeout,
+            forget_after=settings.agent_forget_after,
+        ),
+    )
+    thresholds = ProbeThresholds(
+        unhealthy_after=settings.probe_unhealthy_after,
+        healthy_after=settings.probe_healthy_after,
+        interval=settings.probe_interval,
+        timeout=settings.probe_timeout,
+    )
+    prober = EndpointProber(
+        ProbeStore(db, tunnels, clock, thresholds),
+        log=log,
+        thresholds=thresholds,
+        now=clock.time,
+    )
+    return TunnelParts(
+        local, bus, tunnels, ShareService(db, lister, clock), agents, EventLog(db, lister), prober
+    )

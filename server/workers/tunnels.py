@@ -1,0 +1,100 @@
+"""Background work for tunnels: endpoint probes (failover), and silent-agent sweeps.
+
+Both are safe on any number of replicas: a probe is claimed by moving its endpoint's next
+probe time with a conditional update (one replica wins), and a sweep's updates are
+idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+from server.domain.agents import AgentSessions
+from server.domain.clock import Clock
+from server.domain.endpoints import (
+    EndpointStatus,
+    ProbeThresholds,
+    apply_probe,
+    parse_endpoint_url,
+)
+from server.domain.ports import UnitOfWorkFactory
+from server.domain.tunnel_service import TunnelService
+from server.domain.tunnels import Endpoint
+from server.errors import DomainError
+from server.workers.prober import ProbeResult, ProbeTarget
+
+log = logging.getLogger("tunnelplane.workers")
+
+
+class ProbeStore:
+    """The prober's view of storage: due endpoints, claimed, and their results."""
+
+    def __init__(
+        self,
+        uow: UnitOfWorkFactory,
+        tunnels: TunnelService,
+        clock: Clock,
+        thresholds: ProbeThresholds,
+    ) -> None:
+        self._uow = uow
+        self._tunnels = tunnels
+        self._clock = clock
+        self._thresholds = thresholds
+
+    async def due(self, now: float, limit: int) -> list[ProbeTarget]:
+        """Endpoints whose probe is due, claimed for this replica until the next interval."""
+        at = datetime.fromtimestamp(now, UTC)
+        until = at + timedelta(seconds=self._thresholds.interval)
+        targets: list[ProbeTarget] = []
+        async with self._uow() as uow:
+            for tunnel_id, url in await uow.tunnels.due_probes(at, limit):
+                if not await uow.tunnels.claim_probe(tunnel_id, url, at, until):
+                    continue
+                try:
+                    address = parse_endpoint_url(url, "url")
+                except DomainError:
+                    continue
+                targets.append(ProbeTarget(tunnel_id, url, address))
+        return targets
+
+    async def record(self, target: ProbeTarget, result: ProbeResult, at: float) -> None:
+        """Apply one result; the tunnel fails over or back if its choice changes."""
+        thresholds = self._thresholds
+        probed_at = datetime.fromtimestamp(at, UTC)
+
+        def apply(endpoint: Endpoint) -> Endpoint:
+            before = EndpointStatus(
+                endpoint.health,
+                endpoint.failures,
+                endpoint.successes,
+                None if endpoint.last_probe_time is None else endpoint.last_probe_time.timestamp(),
+                endpoint.last_error,
+            )
+            after = apply_probe(before, result.ok, result.error, at, thresholds)
+            return replace(
+                endpoint,
+                health=after.health,
+                failures=after.failures,
+                successes=after.successes,
+                last_probe_time=probed_at,
+                last_error=after.last_error,
+            )
+
+        next_probe = probed_at + timedelta(seconds=thresholds.interval)
+        await self._tunnels.probed(target.tunnel_id, target.url, apply, next_probe)
+
+
+async def sweep_loop(agents: AgentSessions, interval: float) -> None:
+    """Mark silent agents disconnected, every ``interval`` seconds, until cancelled."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            changed = await agents.sweep()
+        except Exception:
+            log.exception("agent sweep failed")
+            continue
+        if changed:
+            log.info("agents swept", extra={"tunnels": changed})

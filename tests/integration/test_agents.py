@@ -1,0 +1,315 @@
+"""AgentService.Connect against the real server on both backends: the session protocol,
+state and health following the agents, idempotent reports, metrics and usage."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from google.protobuf import timestamp_pb2
+from google.type import date_pb2
+from tunnelplane.v1 import agents_pb2, agents_pb2_grpc, tunnels_pb2
+
+from server.app import App
+from server.domain.principal import Role
+from tests.conftest import Backend
+from tests.helpers import Client, TestUser, bearer, fails, reason, violations
+
+A = agents_pb2
+P = tunnels_pb2
+D = A.DesiredState
+
+
+class Agent:
+    """A test agent speaking the Connect protocol over a real stream."""
+
+    def __init__(self, stub: Any, key: str, tunnel: str, agent_id: str = "agent-1") -> None:
+        self.stream = stub.Connect(metadata=bearer(key))
+        self.tunnel = tunnel
+        self.agent_id = agent_id
+
+    async def hello(self) -> A.AgentWelcome:
+        await self.stream.write(
+            A.ConnectRequest(
+                hello=A.AgentHello(
+                    tunnel=self.tunnel, agent_id=self.agent_id, version="t", hostname="h", os="o"
+                )
+            )
+        )
+        return (await self.next()).welcome
+
+    async def next(self) -> A.ConnectResponse:
+        message = await asyncio.wait_for(self.stream.read(), 10)
+        assert message is not grpc.aio.EOF
+        return message  # type: ignore[no-any-return]
+
+    async def desired(self) -> A.DesiredState:
+        message = await self.next()
+        assert message.WhichOneof("kind") == "desired_state", message
+        return message.desired_state
+
+    async def report(self, sequence: int, **counts: Any) -> A.ReportAck:
+        now = timestamp_pb2.Timestamp()
+        now.FromDatetime(datetime.now(UTC))
+        await self.stream.write(
+            A.ConnectRequest(report=A.AgentReport(sequence=sequence, time=now, **counts))
+        )
+        while True:
+            message = await self.next()
+            if message.WhichOneof("kind") == "ack":
+                return message.ack
+
+    async def leave(self) -> None:
+        await self.stream.done_writing()
+        while await asyncio.wait_for(self.stream.read(), 10) is not grpc.aio.EOF:
+            pass
+
+
+async def agent_key(client: Client, owner: TestUser) -> str:
+    return await client.api_key(owner, ["agent.connect"])
+
+
+async def wait_for_state(client: Client, owner: TestUser, name: str, **want: Any) -> P.Tunnel:
+    """Poll until the tunnel has ``want`` (state changes land after the stream's calls)."""
+    found = None
+    for _ in range(200):
+        found = await client.tunnels.GetTunnel(
+            P.GetTunnelRequest(name=name), metadata=owner.metadata
+        )
+        if all(getattr(found, k) == v for k, v in want.items()):
+            return found
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name} never reached {want}: {found}")
+
+
+async def test_session_follows_the_desired_state_and_moves_the_tunnel(client: Client) -> None:
+    owner = await client.new_user()
+    made = await client.tunnel(owner, endpoints=[P.TunnelEndpoint(url="tcp://127.0.0.1:7")])
+    agent = Agent(client.agents, await agent_key(client, owner), made.name)
+    welcome = await agent.hello()
+    assert welcome.session == f"{made.name}/agents/agent-1"
+    assert welcome.heartbeat_interval.seconds == 15
+    assert welcome.last_sequence == 0
+    first = await agent.desired()
+    assert (first.run, first.listen_address) == (D.RUN_STOPPED, made.listen_address)
+    assert first.target == "127.0.0.1:7"
+
+    await client.tunnels.StartTunnel(P.StartTunnelRequest(name=made.name), metadata=owner.metadata)
+    started = await agent.desired()
+    assert started.run == D.RUN_STARTED
+    assert started.version > first.version
+    connected = await wait_for_state(client, owner, made.name, state=P.Tunnel.STATE_CONNECTED)
+    assert (connected.connected_agents, connected.health) == (1, P.Tunnel.HEALTH_UNKNOWN)
+
+    refused = client.tunnels.DeleteTunnel(
+        P.DeleteTunnelRequest(name=made.name), metadata=owner.metadata
+    )
+    assert reason(await fails(refused, grpc.StatusCode.FAILED_PRECONDITION)) == "TUNNEL_CONNECTED"
+
+    await agent.leave()
+    gone = await wait_for_state(client, owner, made.name, state=P.Tunnel.STATE_DISCONNECTED)
+    assert (gone.connected_agents, gone.lost_agents, gone.health) == (0, 1, P.Tunnel.HEALTH_DOWN)
+
+    again = Agent(client.agents, await agent_key(client, owner), made.name)
+    await again.hello()
+    assert (await again.desired()).run == D.RUN_STARTED
+    await wait_for_state(client, owner, made.name, state=P.Tunnel.STATE_CONNECTED)
+    forced = await client.tunnels.DeleteTunnel(
+        P.DeleteTunnelRequest(name=made.name, force=True), metadata=owner.metadata
+    )
+    assert forced.name == made.name
+    assert (await again.desired()).run == D.RUN_STOPPED  # the tunnel is gone
+    again.stream.cancel()
+
+
+async def test_reports_count_once_and_feed_metrics_and_usage(client: Client) -> None:
+    owner = await client.new_user()
+    made = await client.tunnel(owner)
+    agent = Agent(client.agents, await agent_key(client, owner), made.name)
+    await agent.hello()
+    await agent.desired()
+    counts = {
+        "request_count": 10,
+        "success_count": 9,
+        "error_count": 1,
+        "latency_buckets": [0, 0, 0, 5, 5],  # five ≤ 10 ms, five ≤ 20 ms
+        "connections": 10,
+        "bytes_in": 1000,
+        "bytes_out": 5000,
+        "peak_concurrency": 4,
+        "active_connections": 2,
+    }
+    assert (await agent.report(1, **counts)).counted
+    assert not (await agent.report(1, **counts)).counted  # a re-sent report
+    assert (await agent.report(2, **counts)).counted
+
+    metrics = await client.tunnels.GetTunnelMetrics(
+        P.GetTunnelMetricsRequest(name=f"{made.name}/metrics"), metadata=owner.metadata
+    )
+    assert (metrics.request_count, metrics.success_count, metrics.error_count) == (20, 18, 2)
+    assert metrics.success_rate == pytest.approx(0.9)
+    assert 5_000_000 <= metrics.latency_p50.ToNanoseconds() <= 10_000_000
+    assert 10_000_000 <= metrics.latency_p95.ToNanoseconds() <= 20_000_000
+    assert (metrics.bytes_in, metrics.bytes_out, metrics.connection_count) == (2000, 10000, 20)
+    assert metrics.active_connections == 2
+
+    today = datetime.now(UTC).date()
+    usage = await client.tunnels.GetTunnelUsage(
+        P.GetTunnelUsageRequest(name=f"{made.name}/usage"), metadata=owner.metadata
+    )
+    assert [(d.date.year, d.date.month, d.date.day) for d in usage.days] == [
+        (today.year, today.month, today.day)
+    ]
+    assert (usage.total.connections, usage.total.bytes_in, usage.total.peak_concurrency) == (
+        20,
+        2000,
+        4,
+    )
+    report = await client.tunnels.GetUsageReport(
+        P.GetUsageReportRequest(name="users/me/usageReport"), metadata=owner.metadata
+    )
+    assert [t.tunnel for t in report.tunnels] == [made.name]
+    assert report.total.bytes_out == 10000
+
+    welcome = await Agent(client.agents, await agent_key(client, owner), made.name).hello()
+    assert welcome.last_sequence == 2  # a reconnect resumes after the last counted report
+    agent.stream.cancel()
+
+
+async def test_usage_dates_are_validated(client: Client) -> None:
+    owner = await client.new_user()
+    made = await client.tunnel(owner)
+    bad = P.GetTunnelUsageRequest(
+        name=f"{made.name}/usage", start_date=date_pb2.Date(year=2026, month=2, day=30)
+    )
+    error = await fails(
+        client.tunnels.GetTunnelUsage(bad, metadata=owner.metadata),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert "start_date" in violations(error)
+
+
+async def test_billing_admins_see_usage_per_tier(client: Client) -> None:
+    owner = await client.new_user()
+    made = await client.tunnel(owner)
+    agent = Agent(client.agents, await agent_key(client, owner), made.name)
+    await agent.hello()
+    await agent.report(1, connections=3, bytes_in=30, bytes_out=60, peak_concurrency=1)
+    admin = await client.new_user(role=Role.FINANCE_ADMIN)
+    summary = await client.tunnels.SummarizeUsage(
+        P.SummarizeUsageRequest(), metadata=admin.metadata
+    )
+    free = next(t for t in summary.tiers if t.tier == 1)
+    assert free.users >= 1
+    assert free.total.connections >= 3
+    agent.stream.cancel()
+
+
+async def test_agent_keys_serve_only_their_owner_and_do_nothing_else(client: Client) -> None:
+    owner, stranger = await client.new_user(), await client.new_user()
+    made = await client.tunnel(owner)
+    foreign = Agent(client.agents, await agent_key(client, stranger), made.name)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await foreign.hello()
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    key = await agent_key(client, owner)
+    error = await fails(
+        client.tunnels.GetTunnel(P.GetTunnelRequest(name=made.name), metadata=bearer(key)),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    assert reason(error) == "PERMISSION_MISSING"
+    full_key = await client.api_key(owner)  # the owner's own permissions: not an agent
+    with pytest.raises(grpc.aio.AioRpcError) as not_agent:
+        await Agent(client.agents, full_key, made.name).hello()
+    assert not_agent.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.parametrize(
+    ("first", "field"),
+    [
+        (A.ConnectRequest(heartbeat=A.AgentHeartbeat()), "hello"),
+        (
+            A.ConnectRequest(hello=A.AgentHello(tunnel="users/me/tunnels/x", agent_id="a")),
+            "hello.tunnel",
+        ),
+    ],
+)
+async def test_a_bad_hello_is_refused_naming_the_field(
+    client: Client, first: A.ConnectRequest, field: str
+) -> None:
+    owner = await client.new_user()
+    stream = client.agents.Connect(metadata=bearer(await agent_key(client, owner)))
+    await stream.write(first)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stream.read()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in violations(refused.value)
+
+
+async def test_a_bad_agent_id_and_a_bad_report_are_refused(client: Client) -> None:
+    owner = await client.new_user()
+    made = await client.tunnel(owner)
+    key = await agent_key(client, owner)
+    with pytest.raises(grpc.aio.AioRpcError) as bad_id:
+        await Agent(client.agents, key, made.name, agent_id="no spaces/please").hello()
+    assert "hello.agent_id" in violations(bad_id.value)
+    agent = Agent(client.agents, key, made.name)
+    await agent.hello()
+    with pytest.raises(grpc.aio.AioRpcError) as bad_report:
+        await agent.report(1, request_count=1, success_count=5)
+    assert bad_report.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "report.request_count" in violations(bad_report.value)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def impatient(
+    backend: Backend, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[App]:
+    """A server that gives up on silent agents after half a second."""
+    server = App(
+        backend.settings(tmp_path_factory.mktemp("impatient"), agent_heartbeat_timeout=0.5)
+    )
+    await server.start()
+    yield server
+    await server.stop(grace=0)
+
+
+async def test_a_silent_agent_counts_as_gone_and_several_agents_share_a_tunnel(
+    impatient: App,
+) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{impatient.grpc_port}") as channel:
+        client = Client(impatient, channel)
+        owner = await client.new_user()
+        made = await client.tunnel(owner)
+        await client.tunnels.StartTunnel(
+            P.StartTunnelRequest(name=made.name), metadata=owner.metadata
+        )
+        key = await agent_key(client, owner)
+        stub = agents_pb2_grpc.AgentServiceStub(channel)
+        chatty, silent = (
+            Agent(stub, key, made.name, "chatty"),
+            Agent(stub, key, made.name, "silent"),
+        )
+        await chatty.hello()
+        await silent.hello()
+        both = await wait_for_state(client, owner, made.name, connected_agents=2)
+        assert both.health == P.Tunnel.HEALTH_HEALTHY
+
+        async def heartbeats() -> None:
+            while True:
+                await chatty.stream.write(A.ConnectRequest(heartbeat=A.AgentHeartbeat()))
+                await asyncio.sleep(0.1)
+
+        beating = asyncio.create_task(heartbeats())
+        try:
+            one = await wait_for_state(client, owner, made.name, connected_agents=1)
+            assert (one.state, one.health) == (P.Tunnel.STATE_CONNECTED, P.Tunnel.HEALTH_DEGRADED)
+        finally:
+            beating.cancel()
+        none = await wait_for_state(client, owner, made.name, connected_agents=0)
+        assert none.state == P.Tunnel.STATE_DISCONNECTED
