@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar, get_args
 Mode = Literal["development", "sandbox", "production"]
 OtelExporter = Literal["none", "console", "otlp"]
 LogFormat = Literal["json", "text"]
+ProbeAddresses = Literal["auto", "any", "public"]
 
 T = TypeVar("T")
 
@@ -206,6 +207,13 @@ class Settings:
     probe_unhealthy_after: int = field(
         default=3, metadata=_doc("Failed probes in a row that make an endpoint unhealthy")
     )
+    probe_addresses: ProbeAddresses = field(
+        default="auto",
+        metadata=_doc(
+            "Endpoint addresses probed: any, or public only (no loopback, private or "
+            "link-local); auto is public in production, any otherwise"
+        ),
+    )
     probe_healthy_after: int = field(
         default=2, metadata=_doc("Good probes in a row that make an endpoint healthy again")
     )
@@ -230,6 +238,13 @@ class Settings:
         settings = cls(**values)
         settings.validate()
         return settings
+
+    @property
+    def probe_public_only(self) -> bool:
+        """Whether endpoint probes may dial only global addresses."""
+        if self.probe_addresses == "auto":
+            return self.mode == "production"
+        return self.probe_addresses == "public"
 
     @property
     def effective_database_url(self) -> str:

@@ -20,7 +20,7 @@ from server.domain.tiers import TierCatalog
 from server.domain.tunnel_service import TunnelService, TunnelSettings
 from server.settings import Settings
 from server.storage.bus import RedisBus
-from server.workers.prober import EndpointProber
+from server.workers.prober import EndpointProber, public_only
 from server.workers.tunnels import ProbeStore, sweep_loop
 
 log = logging.getLogger("tunnelplane.tunnels")
@@ -53,6 +53,17 @@ class TunnelParts:
             tasks.append(asyncio.create_task(self.bus.run(), name="event-bus"))
         return tasks
 
+    async def bus_ready(self, within: float) -> None:
+        """Wait (a little) for the Redis subscription, so that a replica that says it is
+        serving also hears the other replicas' events; without Redis there is nothing to
+        wait for, and a Redis that is down does not hold the start up."""
+        if isinstance(self.bus, RedisBus):
+            try:
+                async with asyncio.timeout(within):
+                    await self.bus.wait_connected()
+            except TimeoutError:
+                log.warning("event bus not subscribed yet; watchers hear this replica only")
+
     def end_streams(self) -> None:
         """End every watch stream of this process (the server is stopping)."""
         self.local_bus.end_all()
@@ -63,19 +74,24 @@ class TunnelParts:
             await self.bus.close()
 
 
+def build_bus(settings: Settings, redis: Redis | None) -> tuple[MemoryBus, MemoryBus | RedisBus]:
+    """This process's bus, and the bus to publish on (Redis when there is one)."""
+    local = MemoryBus()
+    if redis is None:
+        return local, local
+    return local, RedisBus(redis, settings.redis_prefix, local)
+
+
 def build_tunnels(
     settings: Settings,
     db: UnitOfWorkFactory,
-    redis: Redis | None,
+    buses: tuple[MemoryBus, MemoryBus | RedisBus],
     lister: Lister,
     tiers: TierCatalog,
     clock: Clock,
 ) -> TunnelParts:
-    """Tunnels, shares, agents and events over ``db`` (and Redis for the bus, if any)."""
-    local = MemoryBus()
-    bus: MemoryBus | RedisBus = (
-        RedisBus(redis, settings.redis_prefix, local) if redis is not None else local
-    )
+    """Tunnels, shares, agents and events over ``db``, publishing on ``buses``."""
+    local, bus = buses
     tunnels = TunnelService(
         db,
         bus,
@@ -109,6 +125,9 @@ def build_tunnels(
         log=log,
         thresholds=thresholds,
         now=clock.time,
+        # Endpoints are URLs users type: in production the control plane must not become
+        # their way into its own network (SSRF), so only global addresses are probed.
+        allow=public_only if settings.probe_public_only else None,
     )
     return TunnelParts(
         local, bus, tunnels, ShareService(db, lister, clock), agents, EventLog(db, lister), prober

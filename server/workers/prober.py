@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import re
 import socket
@@ -45,24 +46,38 @@ async def probe(
     timeout: float,  # noqa: ASYNC109 - the probe's whole budget: connect, TLS and read
     *,
     ssl_context: ssl.SSLContext | None = None,
+    allow: AddressRule | None = None,
 ) -> ProbeResult:
     """Probe ``address`` once, within ``timeout`` seconds in all.
 
     ``tcp``: connect and close. ``http``/``https``: ``GET`` the path over HTTP/1.1 (TLS
     with certificate verification, by ``ssl_context`` or the system's defaults) and read
     the status line only; 2xx and 3xx pass. Network failures become a failed result.
+    With ``allow``, the host is resolved first and only an address it allows is dialled
+    (the same address: no second lookup that could answer differently).
     """
     started = time.perf_counter()
-    error = await _attempt(address, timeout, ssl_context)
+    error = await _attempt(address, timeout, ssl_context, allow)
     return ProbeResult(not error, error, time.perf_counter() - started)
 
 
-async def _attempt(address: EndpointAddress, budget: float, context: ssl.SSLContext | None) -> str:
+async def _attempt(
+    address: EndpointAddress,
+    budget: float,
+    context: ssl.SSLContext | None,
+    allow: AddressRule | None,
+) -> str:
     try:
         async with asyncio.timeout(budget):
+            dial = address.host
+            if allow is not None:
+                allowed = await _allowed_address(address, allow)
+                if allowed is None:
+                    return "address not allowed (loopback, private or link-local)"
+                dial = allowed
             if address.scheme == "tcp":
-                return await _connect(address)
-            return await _get(address, _tls(address, context))
+                return await _connect(dial, address.port)
+            return await _get(address, dial, _tls(address, context))
     except TimeoutError:
         return f"timed out after {budget:g} s"
     except (OSError, ValueError) as exc:
@@ -75,17 +90,40 @@ def _tls(address: EndpointAddress, context: ssl.SSLContext | None) -> ssl.SSLCon
     return context or ssl.create_default_context()
 
 
-async def _connect(address: EndpointAddress) -> str:
-    _, writer = await asyncio.open_connection(address.host, address.port)
+AddressRule = Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]
+
+
+def public_only(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` is a global address (not loopback, private, link-local, ...)."""
+    return ip.is_global and not ip.is_multicast
+
+
+async def _allowed_address(address: EndpointAddress, allow: AddressRule) -> str | None:
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        address.host, address.port, type=socket.SOCK_STREAM
+    )
+    for *_, sockaddr in infos:
+        ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        if allow(ip):
+            return str(ip)
+    return None
+
+
+async def _connect(host: str, port: int) -> str:
+    _, writer = await asyncio.open_connection(host, port)
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
     return ""
 
 
-async def _get(address: EndpointAddress, context: ssl.SSLContext | None) -> str:
+async def _get(address: EndpointAddress, dial: str, context: ssl.SSLContext | None) -> str:
     reader, writer = await asyncio.open_connection(
-        address.host, address.port, ssl=context, limit=MAX_STATUS_LINE
+        dial,
+        address.port,
+        ssl=context,
+        server_hostname=address.host if context is not None else None,
+        limit=MAX_STATUS_LINE,
     )
     try:
         writer.write(_request(address))
@@ -179,6 +217,7 @@ class EndpointProber:
         concurrency: int = CONCURRENCY,
         batch: int = BATCH,
         ssl_context: ssl.SSLContext | None = None,
+        allow: AddressRule | None = None,
     ) -> None:
         if concurrency < 1 or batch < 1:
             raise ValueError("concurrency and batch must be at least 1")
@@ -189,6 +228,8 @@ class EndpointProber:
         self._batch = batch
         self._slots = asyncio.Semaphore(concurrency)
         self._ssl = ssl_context or ssl.create_default_context()
+        #: Which resolved addresses may be dialled (None: any).
+        self._allow = allow
 
     async def run_once(self) -> int:
         """Probe every due target (at most ``batch``) concurrently, at most ``concurrency``
@@ -218,7 +259,9 @@ class EndpointProber:
     async def _probe_and_record(self, target: ProbeTarget) -> bool:
         try:
             async with self._slots:
-                result = await probe(target.address, self._timeout, ssl_context=self._ssl)
+                result = await probe(
+                    target.address, self._timeout, ssl_context=self._ssl, allow=self._allow
+                )
             await self._targets.record(target, result, self._now())
         except Exception:  # noqa: BLE001 - logged; one target must not sink the others
             # The URL stays out of the log: its query string may carry a secret.

@@ -23,7 +23,7 @@ from server.domain.endpoints import (
     apply_probe,
     parse_endpoint_url,
 )
-from server.workers.prober import EndpointProber, ProbeResult, ProbeTarget, probe
+from server.workers.prober import EndpointProber, ProbeResult, ProbeTarget, probe, public_only
 from tests.integration.test_tls import self_signed
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -219,6 +219,26 @@ async def test_tcp_connects_and_hangs_up(servers: Servers) -> None:
     result = await probe(at(f"tcp://127.0.0.1:{port}").address, TIMEOUT)
     assert (result.ok, result.error) == (True, "")
     assert await accepted.get() == b""  # connected, sent nothing, closed
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "[::1]"])
+async def test_public_only_refuses_to_dial_local_addresses(servers: Servers, host: str) -> None:
+    dialled: asyncio.Queue[str] = asyncio.Queue()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dialled.put_nowait("dialled")
+        await finish(writer)
+
+    port = await servers.start(handle)
+    address = at(f"tcp://{host}:{port}").address
+    refused = await probe(address, TIMEOUT, allow=public_only)
+    assert (refused.ok, refused.error) == (
+        False,
+        "address not allowed (loopback, private or link-local)",
+    )
+    assert dialled.empty()
+    if host != "[::1]":  # the test server listens on IPv4 only
+        assert (await probe(address, TIMEOUT)).ok  # by default (development) it is probed
 
 
 @pytest.mark.parametrize("scheme", ["http", "https", "tcp"])
