@@ -70,7 +70,7 @@ from server.storage.database import Database
 from server.storage.kv import MemoryStore, RedisStore, ResilientStore, redis_client
 from server.storage.limiter import REDIS_TIMEOUT, FallbackLimiter, MemoryLimiter, RedisLimiter
 from server.storage.resp import Address, RespConnection
-from server.wiring import build_tunnels
+from server.wiring import build_bus, build_tunnels
 from server.workers.purge import purge_loop
 
 log = logging.getLogger("tunnelplane.server")
@@ -216,6 +216,7 @@ class App:
             clock,
         )
         revocations = Revocations(kv, clock, settings.access_token_ttl)
+        self.buses = build_bus(settings, self.redis)
         subjects = SubjectDirectory(db, kv)
         self.api_keys = ApiKeyService(
             db,
@@ -238,6 +239,7 @@ class App:
                 absolute_ttl=timedelta(seconds=settings.refresh_token_ttl),
                 idle_ttl=timedelta(seconds=settings.refresh_token_idle_ttl),
             ),
+            self.buses[1],
         )
         self.users = UserService(
             db,
@@ -249,14 +251,15 @@ class App:
                 soft_delete_retention=timedelta(seconds=settings.soft_delete_retention),
                 avatar_max_bytes=settings.avatar_max_bytes,
             ),
+            self.buses[1],
         )
         self.tiers = TierCatalog(settings.tiers)
         self.lister = lister
-        self.quotas = QuotaService(self.limiter, self.tiers, clock)
+        self.quotas = QuotaService(self.limiter, self.tiers, clock, db)
         self.violations = ViolationLog(
             db, lister, clock, logging.getLogger("tunnelplane.ratelimit")
         )
-        self.tunnel_parts = build_tunnels(settings, db, self.redis, lister, self.tiers, clock)
+        self.tunnel_parts = build_tunnels(settings, db, self.buses, lister, self.tiers, clock)
         self.stopping = False
 
     def _rate_limit_stage(self) -> RateLimitStage | None:
@@ -404,6 +407,7 @@ class App:
             ),
             *self.tunnel_parts.loops(settings),
         ]
+        await self.tunnel_parts.bus_ready(within=2.0)
         log.info(
             "serving",
             extra={

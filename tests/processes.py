@@ -30,6 +30,26 @@ def child_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def replica_envs(database_url: str, redis_url: str, tmp_path: Path) -> tuple[dict[str, str], ...]:
+    """Environments of two replicas sharing one database, one Redis and the same keys."""
+    from server.domain.tokens import generate_private_key_pem
+
+    key = tmp_path / "jwt.pem"
+    key.write_bytes(generate_private_key_pem())
+    shared = {
+        "TP_DATABASE_URL": database_url,
+        "TP_REDIS_URL": redis_url,
+        "TP_REDIS_PREFIX": f"tptest:{tmp_path.name}:",
+        "TP_JWT_PRIVATE_KEY_FILE": str(key),
+        "TP_PAGE_TOKEN_SECRET": "p" * 40,
+    }
+    envs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        envs.append(child_env(tmp_path / name, **shared))
+    return tuple(envs)
+
+
 def run_cli(*args: str, env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "server", *args],

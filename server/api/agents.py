@@ -15,10 +15,10 @@ from server.api import tunnel_convert as tc
 from server.domain.agents import AgentSessions, Hello
 from server.domain.endpoints import parse_endpoint_url
 from server.domain.events import Event
-from server.domain.principal import Principal
+from server.domain.principal import Principal, Tier
 from server.domain.traffic import Report
 from server.domain.tunnel_service import TunnelService
-from server.domain.tunnels import Tunnel
+from server.domain.tunnels import Tunnel, TunnelState
 from server.errors import DomainError, InvalidArgument
 from server.pipeline import Call
 
@@ -39,6 +39,10 @@ class AgentApi:
         self._agents = agents
         self._tunnels = tunnels
         self._stopping = stopping
+
+    def tier_connections(self, tier: Tier) -> int:
+        """The tier's concurrent connection limit (-1: unlimited)."""
+        return self._tunnels.tier_limits(tier).max_concurrent_connections
 
     async def Connect(self, request: Message, call: Call) -> Message:
         """One agent's session, until it goes away or falls silent."""
@@ -75,6 +79,7 @@ class _Session:
         self._agent_id = agent_id
         self._lock = asyncio.Lock()
         self._version = -1
+        self._sent: A.DesiredState | None = None
 
     async def send(self, message: A.ConnectResponse) -> None:
         async with self._lock:  # the two halves must not write at once
@@ -113,13 +118,21 @@ class _Session:
         target = ""
         if tunnel.active_endpoint:
             target = parse_endpoint_url(tunnel.active_endpoint, "endpoint").target
+        carrying = tunnel.status.running and tunnel.state is not TunnelState.ERROR
+        config = tc.config(tunnel.config)
+        if not config.max_connections:  # the tier's limit (unlimited: 0)
+            config.max_connections = max(0, self._api.tier_connections(self._principal.tier))
         state = A.DesiredState(
-            run=A.DesiredState.RUN_STARTED if tunnel.status.running else A.DesiredState.RUN_STOPPED,
+            run=A.DesiredState.RUN_STARTED if carrying else A.DesiredState.RUN_STOPPED,
             listen_address=self._api._tunnels.listen_address(tunnel),
             target=target,
-            config=tc.config(tunnel.config),
-            version=tunnel.version,
+            config=config,
         )
+        if state == self._sent:
+            return  # the tunnel changed, but not what its agents must do
+        self._sent = A.DesiredState()
+        self._sent.CopyFrom(state)
+        state.version = tunnel.version
         await self.send(A.ConnectResponse(desired_state=state))
 
     async def _read(self, silence: float) -> None:

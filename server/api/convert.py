@@ -184,10 +184,15 @@ def profile(message: users_pb2.User) -> Profile:
     )
 
 
+#: Fields that say which resource and which version an update is for, never what changes:
+#: a mask the gateway inferred from a PATCH body names them, and they are skipped.
+SELECTORS = frozenset({"name", "etag"})
+
+
 def mask_paths(mask: FieldMask, message: Message, updatable: frozenset[str]) -> tuple[str, ...]:
     """The paths an update names: the mask's, or (no mask) every populated updatable field."""
     if mask.paths:
-        return tuple(mask.paths)
+        return tuple(p for p in mask.paths if p not in SELECTORS)
     return tuple(p for p in populated_paths(message) if p in updatable)
 
 

@@ -121,7 +121,8 @@ class TunnelApi:
 
     async def StartTunnel(self, request: P.StartTunnelRequest, call: Call) -> P.Tunnel:
         owner, tunnel_id = tunnel_parts(request.name, "name", caller(call))
-        return self._out(await self._tunnels.start(owner, tunnel_id, actor=actor(call)))
+        tier = await self._tier(owner, call)
+        return self._out(await self._tunnels.start(owner, tunnel_id, tier, actor=actor(call)))
 
     async def StopTunnel(self, request: P.StopTunnelRequest, call: Call) -> P.Tunnel:
         owner, tunnel_id = tunnel_parts(request.name, "name", caller(call))

@@ -18,8 +18,8 @@ from server.domain.ports import UnitOfWorkFactory
 from server.domain.principal import Principal, Tier
 from server.domain.traffic import DailyUsage, DateRange, Report, Totals
 from server.domain.tunnel_service import TunnelService
-from server.domain.tunnels import Tunnel, tunnel_parts
-from server.errors import NotFound, PermissionDenied, Violations
+from server.domain.tunnels import Tunnel, TunnelState, tunnel_parts
+from server.errors import NotFound, PermissionDenied, ResourceExhausted, Violations
 
 AGENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -142,7 +142,22 @@ class AgentSessions:
         async with self._uow() as uow:
             counted = await uow.agents.add_report(tunnel, agent_id, report, tier, now)
             await uow.agents.seen(tunnel.id, agent_id, now, report.active_connections)
+        if counted and (report.bytes_in or report.bytes_out):
+            await self._enforce_transfer(tunnel, tier)
         return counted
+
+    async def _enforce_transfer(self, tunnel: Tunnel, tier: Tier) -> None:
+        """A tunnel whose owner used up the month's transfer goes to ``error`` (its agents
+        stop carrying traffic) until the owner starts it again with quota to spare."""
+        try:
+            async with self._uow(readonly=True) as uow:
+                await self._tunnels.check_transfer(uow, tunnel.user_id, tier)
+        except ResourceExhausted:
+            current = await self._tunnels.get(tunnel.user_id, tunnel.id)
+            if current.status.running and current.state is not TunnelState.ERROR:
+                await self._tunnels.fail(
+                    tunnel.user_id, tunnel.id, "the monthly transfer quota is used up"
+                )
 
     async def goodbye(self, tunnel_id: str, agent_id: str) -> None:
         """The agent's stream ended."""

@@ -15,10 +15,11 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import NoReturn
 
-from server.domain import audit, validation
+from server.domain import audit, events, validation
 from server.domain.authn import Revocations
 from server.domain.clock import Clock
 from server.domain.entities import Preferences, RefreshToken, Session, User, UserState
+from server.domain.events import EventBus
 from server.domain.ids import new_id
 from server.domain.passwords import PasswordHasher
 from server.domain.ports import UnitOfWork, UnitOfWorkFactory
@@ -75,7 +76,9 @@ class AccountService:
         revocations: Revocations,
         clock: Clock,
         policy: SessionPolicy,
+        bus: EventBus,
     ) -> None:
+        self._bus = bus
         self._uow = uow
         self._hasher = hasher
         self._tokens = tokens
@@ -112,6 +115,16 @@ class AccountService:
         async with self._uow() as uow:
             await uow.users.add(user, password_hash)
             audit.annotate(subject_user_id=user.id, resource=user.name)
+            await events.record(
+                uow,
+                self._bus,
+                self._clock,
+                "user.created",
+                subject=user.name,
+                user_id=user.id,
+                actor=user.name,
+                payload={"name": user.name, "tier": user.tier.value, "role": user.role.value},
+            )
         return user
 
     async def login(

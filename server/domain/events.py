@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from server.domain import audit
 from server.domain.clock import Clock
 from server.domain.ids import new_id
 from server.domain.listing import FilterField, Lister, ListSpec, OrderKey, Page
@@ -109,6 +110,12 @@ async def record(
 
     uow.after_commit(publish)
     return event
+
+
+def current_actor() -> str:
+    """The caller of the audited call being served, as an event's actor ("" if unknown)."""
+    scope = audit.current()
+    return f"users/{scope.actor_user_id}" if scope is not None and scope.actor_user_id else ""
 
 
 class EventLog:

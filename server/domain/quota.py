@@ -1,16 +1,17 @@
 """Monthly quotas: a user's use of each, against their tier's limits.
 
 Requests are counted by the rate limiter, in the same decision that admits a call.
-Transfer, tunnels and concurrent connections are counted by the tunnel features; until
-a user has tunnels they are zero.
+Transfer comes from the tunnels' agents' reports (per-day usage), tunnels from the tunnels
+a user has, concurrent connections from what their connected agents last reported.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from server.domain.clock import Clock
+from server.domain.ports import UnitOfWorkFactory
 from server.domain.principal import Tier
 from server.domain.ratelimit import Limiter, month_bounds, month_tag, quota_key
 from server.domain.tiers import TierCatalog
@@ -39,7 +40,10 @@ class Usage:
 class QuotaService:
     """Reads usage against quota."""
 
-    def __init__(self, limiter: Limiter, tiers: TierCatalog, clock: Clock) -> None:
+    def __init__(
+        self, limiter: Limiter, tiers: TierCatalog, clock: Clock, uow: UnitOfWorkFactory
+    ) -> None:
+        self._uow = uow
         self._limiter = limiter
         self._tiers = tiers
         self._clock = clock
@@ -50,10 +54,14 @@ class QuotaService:
         start, end = month_bounds(now)
         limits = self._tiers.get(f"tiers/{tier.value}").limits
         requests = await self._limiter.counter(quota_key(user_id, "requests", month_tag(now)))
+        async with self._uow(readonly=True) as uow:
+            tunnels = await uow.tunnels.count(user_id)
+            last_day = (end - timedelta(days=1)).date()
+            transfer, active = await uow.agents.user_traffic(user_id, start.date(), last_day)
         quotas = [
             QuotaUse("requests", requests, limits.requests_per_month),
-            QuotaUse("transfer_bytes", 0, limits.transfer_bytes_per_month),
-            QuotaUse("tunnels", 0, limits.max_tunnels),
-            QuotaUse("concurrent_connections", 0, limits.max_concurrent_connections),
+            QuotaUse("transfer_bytes", transfer, limits.transfer_bytes_per_month),
+            QuotaUse("tunnels", tunnels, limits.max_tunnels),
+            QuotaUse("concurrent_connections", active, limits.max_concurrent_connections),
         ]
         return Usage(user_id, tier, start, end, quotas)

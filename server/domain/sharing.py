@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 from server.domain.clock import Clock
 from server.domain.ids import new_id
-from server.domain.listing import Lister, ListSpec, OrderKey, Page
+from server.domain.listing import Lister, ListQuery, ListSpec, OrderKey, Page
 from server.domain.ports import UnitOfWork, UnitOfWorkFactory
 from server.domain.principal import ShareRole
 from server.domain.tunnels import Tunnel, tunnel_name
@@ -143,13 +143,21 @@ class ShareService:
 
     async def list(self, tunnel: Tunnel, *, page_size: int, page_token: str) -> Page[Share]:
         """The tunnel's shares, oldest first."""
-        query = self._lister.query(
-            SHARE_LIST_SPEC, page_size=page_size, page_token=page_token, filter="",
-            order_by="", scope=f"shares={tunnel.id}",
-        )  # fmt: skip
+        query = self._query(page_size, page_token, f"shares={tunnel.id}")
         async with self._uow(readonly=True) as uow:
             rows = await uow.shares.list(tunnel.id, query)
         return self._lister.page(query, rows, lambda s: (s.create_time, s.grantee_id))
+
+    def _query(self, page_size: int, page_token: str, scope: str) -> ListQuery:
+        """A page of shares or links: oldest first, no filter."""
+        return self._lister.query(
+            SHARE_LIST_SPEC,
+            page_size=page_size,
+            page_token=page_token,
+            filter="",
+            order_by="",
+            scope=scope,
+        )
 
     async def revoke(self, tunnel: Tunnel, grantee_id: str) -> Share:
         """Remove a share at once."""
@@ -181,9 +189,16 @@ class ShareService:
         violations.raise_if_any()
         token = LINK_PREFIX + secrets.token_urlsafe(24)
         link = ShareLink(
-            new_id("lnk", now.timestamp()), tunnel.id, tunnel.user_id, role, max_uses, 0,
-            expire_time or now + DEFAULT_LINK_TTL, share_ttl, now,
-        )  # fmt: skip
+            new_id("lnk", now.timestamp()),
+            tunnel.id,
+            tunnel.user_id,
+            role,
+            max_uses,
+            0,
+            expire_time or now + DEFAULT_LINK_TTL,
+            share_ttl,
+            now,
+        )
         async with self._uow() as uow:
             await uow.shares.add_link(link, token_hash(token))
         return link, token
@@ -192,10 +207,7 @@ class ShareService:
         self, tunnel: Tunnel, *, page_size: int, page_token: str
     ) -> Page[ShareLink]:
         """The tunnel's links, oldest first."""
-        query = self._lister.query(
-            SHARE_LIST_SPEC, page_size=page_size, page_token=page_token, filter="",
-            order_by="", scope=f"links={tunnel.id}",
-        )  # fmt: skip
+        query = self._query(page_size, page_token, f"links={tunnel.id}")
         async with self._uow(readonly=True) as uow:
             rows = await uow.shares.list_links(tunnel.id, query)
         return self._lister.page(query, rows, lambda link: (link.create_time, link.id))
@@ -237,10 +249,7 @@ class ShareService:
         self, user_id: str, *, page_size: int, page_token: str
     ) -> Page[SharedTunnel]:
         """Tunnels shared with ``user_id`` by unexpired shares."""
-        query = self._lister.query(
-            SHARE_LIST_SPEC, page_size=page_size, page_token=page_token, filter="",
-            order_by="", scope=f"grantee={user_id}",
-        )  # fmt: skip
+        query = self._query(page_size, page_token, f"grantee={user_id}")
         async with self._uow(readonly=True) as uow:
             rows = await uow.shares.shared_with(user_id, self._clock.now(), query)
         return self._lister.page(query, rows, lambda s: (s.create_time, s.tunnel.id))

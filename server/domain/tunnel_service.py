@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import random
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from server.domain import audit, fieldmask
@@ -26,6 +26,7 @@ from server.domain.ids import new_id
 from server.domain.listing import FilterField, Lister, ListSpec, OrderKey, Page
 from server.domain.ports import UnitOfWork, UnitOfWorkFactory
 from server.domain.principal import Tier
+from server.domain.ratelimit import month_bounds
 from server.domain.tiers import TierCatalog
 from server.domain.tunnels import (
     Endpoint,
@@ -52,6 +53,7 @@ from server.errors import (
     ResourceExhausted,
     Violations,
 )
+from server.settings import TierLimits
 
 UPDATABLE_PATHS = frozenset(
     {
@@ -116,6 +118,7 @@ def snapshot(tunnel: Tunnel) -> dict[str, Any]:
         "state": tunnel.state.value,
         "health": tunnel.health.value,
         "active_endpoint": tunnel.active_endpoint,
+        "endpoints": [{"url": e.spec.url, "health": e.health.value} for e in tunnel.endpoints],
     }
 
 
@@ -137,6 +140,10 @@ class TunnelService:
         self._tiers = tiers
         self._clock = clock
         self.settings = settings
+
+    def tier_limits(self, tier: Tier) -> TierLimits:
+        """The limits of ``tier``."""
+        return self._tiers.limits(tier)
 
     def listen_address(self, tunnel: Tunnel) -> str:
         """Where the tunnel's agents listen."""
@@ -209,9 +216,15 @@ class TunnelService:
             await uow.tunnels.add(tunnel)
             audit.annotate(subject_user_id=owner_id, resource=tunnel.name)
             await record(
-                uow, self.bus, self._clock, "tunnel.created",
-                subject=tunnel.name, user_id=owner_id, actor=actor, payload=snapshot(tunnel),
-            )  # fmt: skip
+                uow,
+                self.bus,
+                self._clock,
+                "tunnel.created",
+                subject=tunnel.name,
+                user_id=owner_id,
+                actor=actor,
+                payload=snapshot(tunnel),
+            )
         return tunnel
 
     async def update(
@@ -274,14 +287,51 @@ class TunnelService:
             await uow.tunnels.delete(tunnel_id)
             audit.annotate(subject_user_id=owner_id, resource=tunnel.name, force=force)
             await record(
-                uow, self.bus, self._clock, "tunnel.deleted",
-                subject=tunnel.name, user_id=owner_id, actor=actor, payload=snapshot(tunnel),
-            )  # fmt: skip
+                uow,
+                self.bus,
+                self._clock,
+                "tunnel.deleted",
+                subject=tunnel.name,
+                user_id=owner_id,
+                actor=actor,
+                payload=snapshot(tunnel),
+            )
         return tunnel
 
-    async def start(self, owner_id: str, tunnel_id: str, *, actor: str) -> Tunnel:
-        """``created``/``disconnected``/``error`` → ``connecting`` (or ``connected``)."""
+    async def start(self, owner_id: str, tunnel_id: str, tier: Tier, *, actor: str) -> Tunnel:
+        """``created``/``disconnected``/``error`` → ``connecting`` (or ``connected``);
+        refused while the owner's monthly transfer quota is used up."""
+        async with self._uow(readonly=True) as uow:
+            await self.check_transfer(uow, owner_id, tier)
         return await self._move(owner_id, tunnel_id, Transition.START, actor=actor)
+
+    async def transfer_used(self, uow: UnitOfWork, owner_id: str) -> int:
+        """Bytes the owner's tunnels carried this month."""
+        start, end = month_bounds(self._clock.now())
+        last = (end - timedelta(days=1)).date()
+        used, _ = await uow.agents.user_traffic(owner_id, start.date(), last)
+        return used
+
+    async def check_transfer(self, uow: UnitOfWork, owner_id: str, tier: Tier) -> None:
+        """``ResourceExhausted`` naming the quota if the month's transfer is used up."""
+        limit = self._tiers.limits(tier).transfer_bytes_per_month
+        if limit < 0 or await self.transfer_used(uow, owner_id) < limit:
+            return
+        now = self._clock.now()
+        raise ResourceExhausted(
+            "the monthly transfer quota is used up",
+            retry_after=(month_bounds(now)[1] - now).total_seconds(),
+            violations=[
+                QuotaViolation(
+                    f"users/{owner_id}",
+                    f"{limit} bytes per month on the {tier.value} tier",
+                    quota_id="TransferPerMonth",
+                    quota_metric="tunnelplane.v1/transfer_bytes",
+                    quota_value=limit,
+                )
+            ],
+            reason="TRANSFER_QUOTA_EXCEEDED",
+        )
 
     async def stop(self, owner_id: str, tunnel_id: str, *, actor: str) -> Tunnel:
         """A started tunnel → ``disconnected``; its agents are told to stop."""
@@ -301,11 +351,16 @@ class TunnelService:
             changed = replace(tunnel, active_endpoint=target, update_time=self._clock.now())
             saved = await uow.tunnels.save(changed, tunnel.version)
             await record(
-                uow, self.bus, self._clock, "tunnel.failover", subject=tunnel.name,
-                user_id=owner_id, actor=actor,
-                payload=snapshot(saved) | {"from": tunnel.active_endpoint, "to": target,
-                                           "reason": "manual"},
-            )  # fmt: skip
+                uow,
+                self.bus,
+                self._clock,
+                "tunnel.failover",
+                subject=tunnel.name,
+                user_id=owner_id,
+                actor=actor,
+                payload=snapshot(saved)
+                | {"from": tunnel.active_endpoint, "to": target, "reason": "manual"},
+            )
         return saved
 
     async def agents_changed(self, tunnel_id: str, connected: int, lost: int) -> Tunnel | None:
@@ -333,13 +388,22 @@ class TunnelService:
             tunnel = await uow.tunnels.get(tunnel_id, lock=True)
             if tunnel is None or all(e.spec.url != url for e in tunnel.endpoints):
                 return None
-            endpoints = tuple(
-                replace(apply(e), next_probe_time=next_probe) if e.spec.url == url else e
-                for e in tunnel.endpoints
-            )
+            before = next(e for e in tunnel.endpoints if e.spec.url == url)
+            after = replace(apply(before), next_probe_time=next_probe)
+            endpoints = tuple(after if e.spec.url == url else e for e in tunnel.endpoints)
             changed = self._refreshed(replace(tunnel, endpoints=endpoints))
+            moved = after.health is not before.health
+            if not moved and (changed.health, changed.active_endpoint) == (
+                tunnel.health,
+                tunnel.active_endpoint,
+            ):
+                # Probe bookkeeping only: the tunnel did not change (nor does its etag).
+                await uow.tunnels.save_endpoint(tunnel.id, after)
+                return changed
             saved = await uow.tunnels.save(changed, tunnel.version)
-            await self._emit_changes(uow, tunnel, saved, "", None)
+            await self._emit_changes(
+                uow, tunnel, saved, "", "tunnel.health_changed" if moved else None
+            )
         return saved
 
     # -- helpers ---------------------------------------------------------------------------
@@ -381,9 +445,14 @@ class TunnelService:
         """``tunnel.status_changed``, ``tunnel.failover``, ``tunnel.health_changed`` as they
         apply, else ``other`` (if given)."""
         emit = functools.partial(
-            record, uow, self.bus, self._clock, subject=after.name, user_id=after.user_id,
+            record,
+            uow,
+            self.bus,
+            self._clock,
+            subject=after.name,
+            user_id=after.user_id,
             actor=actor,
-        )  # fmt: skip
+        )
         emitted = False
         if before.state is not after.state:
             change = {"from": before.state.value, "to": after.state.value}

@@ -6,10 +6,11 @@ import hashlib
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
-from server.domain import audit, fieldmask, validation
+from server.domain import audit, events, fieldmask, validation
 from server.domain.authn import Revocations, SubjectDirectory
 from server.domain.clock import Clock
 from server.domain.entities import AuditEntry, Avatar, Profile, User, UserState
+from server.domain.events import EventBus
 from server.domain.listing import FilterField, Lister, ListSpec, OrderKey, Page
 from server.domain.ports import UnitOfWork, UnitOfWorkFactory
 from server.domain.principal import Principal, Role, Tier
@@ -103,7 +104,9 @@ class UserService:
         lister: Lister,
         clock: Clock,
         policy: UserPolicy,
+        bus: EventBus,
     ) -> None:
+        self._bus = bus
         self._uow = uow
         self._subjects = subjects
         self._revocations = revocations
@@ -179,6 +182,20 @@ class UserService:
                     delete_time=now,
                     purge_time=now + self._policy.soft_delete_retention,
                     update_time=now,
+                )
+                # A purged user's events go with them; a soft-deleted one's stay.
+                await events.record(
+                    uow,
+                    self._bus,
+                    self._clock,
+                    "user.deleted",
+                    subject=user.name,
+                    user_id=user_id,
+                    actor=events.current_actor(),
+                    payload={
+                        "name": user.name,
+                        "purge_time": result.purge_time.isoformat() if result.purge_time else "",
+                    },
                 )
             self._after_identity_change(uow, user_id)
         await self._revocations.revoke_sessions(sessions)
@@ -266,6 +283,16 @@ class UserService:
                 user_id, user.version, tier=tier, update_time=self._clock.now()
             )
             self._after_identity_change(uow, user_id)
+            await events.record(
+                uow,
+                self._bus,
+                self._clock,
+                "user.tier_changed",
+                subject=user.name,
+                user_id=user_id,
+                actor=f"users/{actor.user_id}",
+                payload={"name": user.name, "from": user.tier.value, "to": tier.value},
+            )
         return updated
 
     async def list_activity(

@@ -14,7 +14,13 @@ from server.domain.principal import Tier
 from server.domain.traffic import DailyUsage, Report, Totals
 from server.domain.tunnels import Tunnel
 from server.storage.base import Repository
-from server.storage.tables import LATENCY_COLUMNS, agent_reports, agent_sessions, tunnel_usage
+from server.storage.tables import (
+    LATENCY_COLUMNS,
+    agent_reports,
+    agent_sessions,
+    tunnel_usage,
+    tunnels,
+)
 
 _a = agent_sessions.c
 _r = agent_reports.c
@@ -172,6 +178,19 @@ class SqlAgentRepository(Repository):
             bytes_in=values["bytes_in"],
             bytes_out=values["bytes_out"],
         )
+
+    async def user_traffic(self, user_id: str, start: date, end: date) -> tuple[int, int]:
+        """(bytes in + out over ``start``..``end``, connections open now) of a user."""
+        transfer = sa.select(sa.func.coalesce(sa.func.sum(_u.bytes_in + _u.bytes_out), 0)).where(
+            _u.user_id == user_id, _u.day >= start, _u.day <= end
+        )
+        active = (
+            sa.select(sa.func.coalesce(sa.func.sum(_a.active_connections), 0))
+            .join(tunnels, tunnels.c.id == _a.tunnel_id)
+            .where(tunnels.c.user_id == user_id, _a.connected.is_(True))
+        )
+        used = int((await self._conn.execute(transfer)).scalar_one())
+        return used, int((await self._conn.execute(active)).scalar_one())
 
     async def usage(
         self, user_id: str | None, tunnel_id: str | None, start: date, end: date

@@ -56,6 +56,16 @@ def _user_fk(nullable: bool = False) -> sa.Column[str]:
     )
 
 
+def _tunnel_fk(*, primary_key: bool = False) -> sa.Column[str]:
+    return sa.Column(
+        "tunnel_id",
+        sa.String(40),
+        sa.ForeignKey("tunnels.id", ondelete="CASCADE"),
+        primary_key=primary_key,
+        nullable=False,
+    )
+
+
 users = sa.Table(
     "users",
     metadata,
@@ -221,12 +231,7 @@ tunnels = sa.Table(
 tunnel_endpoints = sa.Table(
     "tunnel_endpoints",
     metadata,
-    sa.Column(
-        "tunnel_id",
-        sa.String(40),
-        sa.ForeignKey("tunnels.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _tunnel_fk(primary_key=True),
     sa.Column("position", sa.Integer(), primary_key=True),
     sa.Column("url", sa.String(2048), nullable=False),
     sa.Column("priority", sa.Integer(), nullable=False),
@@ -243,12 +248,7 @@ tunnel_endpoints = sa.Table(
 tunnel_shares = sa.Table(
     "tunnel_shares",
     metadata,
-    sa.Column(
-        "tunnel_id",
-        sa.String(40),
-        sa.ForeignKey("tunnels.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _tunnel_fk(primary_key=True),
     sa.Column(
         "grantee_id",
         sa.String(40),
@@ -266,9 +266,7 @@ share_links = sa.Table(
     "share_links",
     metadata,
     _id(),
-    sa.Column(
-        "tunnel_id", sa.String(40), sa.ForeignKey("tunnels.id", ondelete="CASCADE"), nullable=False
-    ),
+    _tunnel_fk(),
     sa.Column("token_hash", sa.String(64), nullable=False),
     sa.Column("role", sa.Integer(), nullable=False),
     sa.Column("max_uses", sa.Integer(), nullable=False),
@@ -285,12 +283,7 @@ share_links = sa.Table(
 agent_sessions = sa.Table(
     "agent_sessions",
     metadata,
-    sa.Column(
-        "tunnel_id",
-        sa.String(40),
-        sa.ForeignKey("tunnels.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _tunnel_fk(primary_key=True),
     sa.Column("agent_id", sa.String(64), primary_key=True),
     sa.Column("api_key_id", sa.String(40), nullable=False, default=""),
     sa.Column("version", sa.String(64), nullable=False, default=""),
@@ -308,12 +301,7 @@ agent_sessions = sa.Table(
 agent_reports = sa.Table(
     "agent_reports",
     metadata,
-    sa.Column(
-        "tunnel_id",
-        sa.String(40),
-        sa.ForeignKey("tunnels.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
+    _tunnel_fk(primary_key=True),
     sa.Column("agent_id", sa.String(64), primary_key=True),
     sa.Column("sequence", sa.BigInteger(), primary_key=True),
     sa.Column("receive_time", UTCDateTime(), nullable=False),

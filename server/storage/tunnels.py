@@ -173,6 +173,21 @@ class SqlTunnelRepository(Repository):
         assert saved is not None
         return saved
 
+    async def save_endpoint(self, tunnel_id: str, endpoint: Endpoint) -> None:
+        """Write one endpoint's probe bookkeeping (the tunnel's version stays)."""
+        await self._conn.execute(
+            sa.update(tunnel_endpoints)
+            .where(_e.tunnel_id == tunnel_id, _e.url == endpoint.spec.url)
+            .values(
+                health=endpoint.health.value,
+                failures=endpoint.failures,
+                successes=endpoint.successes,
+                last_probe_time=endpoint.last_probe_time,
+                last_error=endpoint.last_error,
+                next_probe_time=endpoint.next_probe_time,
+            )
+        )
+
     async def delete(self, tunnel_id: str) -> None:
         await self._conn.execute(sa.delete(tunnels).where(_t.id == tunnel_id))
 

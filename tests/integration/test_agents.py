@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,13 +13,15 @@ import grpc
 import pytest
 import pytest_asyncio
 from google.protobuf import timestamp_pb2
+from google.rpc import error_details_pb2
 from google.type import date_pb2
-from tunnelplane.v1 import agents_pb2, agents_pb2_grpc, tunnels_pb2
+from tunnelplane.v1 import agents_pb2, agents_pb2_grpc, tunnels_pb2, users_pb2
 
 from server.app import App
 from server.domain.principal import Role
+from server.settings import DEFAULT_TIERS
 from tests.conftest import Backend
-from tests.helpers import Client, TestUser, bearer, fails, reason, violations
+from tests.helpers import Client, TestUser, bearer, detail, fails, reason, violations
 
 A = agents_pb2
 P = tunnels_pb2
@@ -313,3 +316,48 @@ async def test_a_silent_agent_counts_as_gone_and_several_agents_share_a_tunnel(
             beating.cancel()
         none = await wait_for_state(client, owner, made.name, connected_agents=0)
         assert none.state == P.Tunnel.STATE_DISCONNECTED
+
+
+@pytest_asyncio.fixture(scope="module")
+async def metered(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
+    """A server whose free tier may move 1000 bytes a month."""
+    tiers = dict(DEFAULT_TIERS)
+    tiers["free"] = replace(DEFAULT_TIERS["free"], transfer_bytes_per_month=1000)
+    server = App(backend.settings(tmp_path_factory.mktemp("metered"), tiers=tiers))
+    await server.start()
+    yield server
+    await server.stop(grace=0)
+
+
+async def test_the_transfer_quota_stops_the_tunnel_and_is_reported(metered: App) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{metered.grpc_port}") as channel:
+        client = Client(metered, channel)
+        owner = await client.new_user()
+        made = await client.tunnel(owner)
+        started = P.StartTunnelRequest(name=made.name)
+        await client.tunnels.StartTunnel(started, metadata=owner.metadata)
+        agent = Agent(
+            agents_pb2_grpc.AgentServiceStub(channel), await agent_key(client, owner), made.name
+        )
+        await agent.hello()
+        running = await agent.desired()
+        assert running.run == D.RUN_STARTED
+        assert running.config.max_connections == 5  # the free tier's limit, made explicit
+        await agent.report(1, connections=1, bytes_in=600, bytes_out=600, peak_concurrency=1)
+        assert (await agent.desired()).run == D.RUN_STOPPED
+        failed = await wait_for_state(client, owner, made.name, state=P.Tunnel.STATE_ERROR)
+        assert "transfer" in failed.state_reason
+        error = await fails(
+            client.tunnels.StartTunnel(started, metadata=owner.metadata),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+        assert detail(error, error_details_pb2.QuotaFailure).violations[0].quota_id == (
+            "TransferPerMonth"
+        )
+        usage = await client.users.GetUsage(
+            users_pb2.GetUsageRequest(name="users/me/usage"), metadata=owner.metadata
+        )
+        quotas = {q.metric: (q.used, q.limit) for q in usage.quotas}
+        assert quotas["transfer_bytes"] == (1200, 1000)
+        assert quotas["tunnels"] == (1, 3)
+        agent.stream.cancel()

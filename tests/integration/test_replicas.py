@@ -13,7 +13,7 @@ from server.app import App
 from server.settings import Settings
 from tests.conftest import REDIS_URL, migrate, require_redis
 from tests.helpers import Client, bearer, fails, unique_email
-from tests.processes import child_env, serving
+from tests.processes import replica_envs, serving
 
 pytestmark = pytest.mark.slow
 ME = users_pb2.GetUserRequest(name="users/me")
@@ -25,21 +25,7 @@ async def test_revocation_and_changes_cross_replicas(
     require_redis()
     await migrate(postgres_database)
     # Both replicas must sign and verify with the same key: a shared key file.
-    from server.domain.tokens import generate_private_key_pem
-
-    key = tmp_path / "jwt.pem"
-    key.write_bytes(generate_private_key_pem())
-    shared = {
-        "TP_DATABASE_URL": postgres_database,
-        "TP_REDIS_URL": REDIS_URL,
-        "TP_REDIS_PREFIX": f"tptest:{tmp_path.name}:",
-        "TP_JWT_PRIVATE_KEY_FILE": str(key),
-        "TP_PAGE_TOKEN_SECRET": "p" * 40,
-    }
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    env_a = child_env(tmp_path / "a", **shared)
-    env_b = child_env(tmp_path / "b", **shared)
+    env_a, env_b = replica_envs(postgres_database, REDIS_URL, tmp_path)
     async with serving(env_a) as a, serving(env_b) as b:
         channel_a = grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}")
         channel_b = grpc.aio.insecure_channel(f"127.0.0.1:{b.grpc_port}")

@@ -231,3 +231,60 @@ async def test_watch_over_http_is_ndjson_and_stops_when_the_client_leaves(
             break
         await asyncio.sleep(0.05)
     assert bus.subscriber_count == before
+
+
+async def test_tunnels_over_http(client: Client, http: Any) -> None:
+    owner = await client.new_user()
+    auth = {"authorization": f"Bearer {owner.access_token}"}
+    created = await http.post(
+        "/v1/users/me/tunnels",
+        json={"displayName": "web", "config": {"idleTimeout": "45s", "maxConnections": 2}},
+        headers=auth,
+    )
+    assert created.status_code == 200, created.text
+    body = created.json()
+    assert body["state"] == "STATE_CREATED"
+    assert body["config"]["idleTimeout"] == "45s"
+    patched = await http.patch(
+        f"/v1/{body['name']}",
+        json={"description": "from the web", "etag": body["etag"]},
+        headers=auth,
+    )
+    assert patched.status_code == 200, patched.text
+    assert patched.json()["description"] == "from the web"
+    assert patched.json()["displayName"] == "web"  # the mask was inferred from the body
+    started = await http.post(f"/v1/{body['name']}:start", json={}, headers=auth)
+    assert started.json()["state"] == "STATE_CONNECTING"
+    again = await http.post(f"/v1/{body['name']}:start", json={}, headers=auth)
+    assert again.status_code == 400  # FAILED_PRECONDITION
+    assert again.json()["details"][0]["metadata"]["state"] == "connecting"
+    bad = await http.post("/v1/users/me/tunnels", json={"displayName": ""}, headers=auth)
+    assert bad.status_code == 400
+    assert bad.json()["details"][1]["fieldViolations"][0]["field"] == "tunnel.display_name"
+    for name in ("b", "c"):
+        await http.post("/v1/users/me/tunnels", json={"displayName": name}, headers=auth)
+    over = await http.post("/v1/users/me/tunnels", json={"displayName": "d"}, headers=auth)
+    assert over.status_code == 429
+    quota = next(d for d in over.json()["details"] if d["@type"].endswith("QuotaFailure"))
+    assert quota["violations"][0]["quotaId"] == "Tunnels"
+
+
+async def test_watch_over_http_as_server_sent_events(client: Client, http: Any) -> None:
+    owner = await client.new_user()
+    made = await client.tunnel(owner)
+    headers = {"authorization": f"Bearer {owner.access_token}", "accept": "text/event-stream"}
+    async with http.stream("GET", "/v1/users/me/tunnels:watch", headers=headers) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = response.aiter_lines()
+        data = [line async for line in _take_data(lines, 2)]
+        assert orjson.loads(data[0])["result"]["tunnel"]["name"] == made.name
+        assert orjson.loads(data[1])["result"]["kind"] == "KIND_SYNCED"
+
+
+async def _take_data(lines: Any, count: int) -> Any:
+    taken = 0
+    while taken < count:
+        line = await asyncio.wait_for(anext(lines), 10)
+        if line.startswith("data:"):
+            taken += 1
+            yield line.removeprefix("data:").strip()
