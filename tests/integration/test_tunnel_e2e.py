@@ -205,9 +205,9 @@ async def relay_connection(host: str, port: int) -> tuple[Any, Any]:
 
 @pytest_asyncio.fixture(scope="module")
 async def probing(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
-    """A server probing endpoints every 0.2 s."""
+    """A server probing endpoints every 0.5 s (a probe may take 0.4 s on a busy machine)."""
     server = App(
-        backend.settings(tmp_path_factory.mktemp("probing"), probe_interval=0.2, probe_timeout=0.15)
+        backend.settings(tmp_path_factory.mktemp("probing"), probe_interval=0.5, probe_timeout=0.4)
     )
     await server.start()
     yield server
