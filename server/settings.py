@@ -373,7 +373,12 @@ def _parse(name: str, raw: str, annotation: Any) -> Any:
 
 
 def _literal_choices(kind: str) -> tuple[str, ...]:
-    aliases: dict[str, Any] = {"Mode": Mode, "OtelExporter": OtelExporter, "LogFormat": LogFormat}
+    aliases: dict[str, Any] = {
+        "Mode": Mode,
+        "OtelExporter": OtelExporter,
+        "LogFormat": LogFormat,
+        "ProbeAddresses": ProbeAddresses,
+    }
     return tuple(get_args(aliases[kind]))
 
 

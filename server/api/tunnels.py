@@ -21,7 +21,7 @@ from server.domain.traffic import DailyUsage, date_range, total
 from server.domain.tunnel_service import UPDATABLE_PATHS, TunnelService
 from server.domain.tunnels import Tunnel, tunnel_parts
 from server.domain.users import UserService
-from server.errors import Aborted, InvalidArgument, NotFound
+from server.errors import Aborted, InvalidArgument, NotFound, PermissionDenied
 from server.pipeline import Call
 
 P = tunnels_pb2
@@ -312,6 +312,10 @@ class TunnelApi:
             owner, tunnel_id = tunnel_parts(request.name, "name", caller(call))
         else:
             owner, tunnel_id = user_id_of(request.name, "name", caller(call)), ""
+        principal = call.principal
+        assert principal is not None
+        # Someone watching through a share keeps seeing changes only while the share lasts.
+        by_share = owner != principal.user_id and not principal.has("tunnels.admin")
         subscription = self._tunnels.bus.subscribe(owner)  # before reading: miss nothing
         try:
             await self._send_current(call, owner, tunnel_id)
@@ -320,6 +324,8 @@ class TunnelApi:
                     continue
                 if single and event.subject != request.name:
                     continue
+                if by_share and not await self._shares.share_role(request.name, principal.user_id):
+                    raise PermissionDenied("the share has ended", reason="SHARE_ENDED")
                 if not await self._send_change(call, owner, event) and single:
                     break
         except SubscriptionOverflowError:

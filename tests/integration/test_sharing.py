@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import timestamp_pb2
 from tunnelplane.v1 import common_pb2, events_pb2, tunnels_pb2, users_pb2
 
@@ -205,3 +206,22 @@ async def test_user_events_are_in_the_log(client: Client) -> None:
         metadata=admin.metadata,
     )
     assert [e.subject for e in after.events] == [user.name]
+
+
+async def test_a_watch_through_a_share_ends_when_the_share_does(client: Client) -> None:
+    owner, guest = await client.new_user(tier=Tier.PREMIUM), await client.new_user()
+    made = await client.tunnel(owner)
+    granted = await share(client, owner, made.name, guest, READ)
+    stream = client.tunnels.WatchTunnels(
+        P.WatchTunnelsRequest(name=made.name), metadata=guest.metadata
+    )
+    assert (await asyncio.wait_for(stream.read(), 10)).tunnel.name == made.name
+    await asyncio.wait_for(stream.read(), 10)  # synced
+    await client.tunnels.DeleteTunnelShare(
+        P.DeleteTunnelShareRequest(name=granted.name), metadata=owner.metadata
+    )
+    await client.tunnels.StartTunnel(P.StartTunnelRequest(name=made.name), metadata=owner.metadata)
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await asyncio.wait_for(stream.read(), 10)
+    assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert reason(ended.value) == "SHARE_ENDED"
