@@ -98,7 +98,9 @@ class AuthApi:
             if spec.HasField("expire_time")
             else None
         )
-        created = await self._keys.create(owner, spec.display_name, list(spec.scopes), expire)
+        created = await self._keys.create(
+            owner, spec.display_name, list(spec.scopes), expire, tunnel=spec.tunnel
+        )
         return auth_pb2.CreateApiKeyResponse(
             api_key=convert.api_key(created.key, self._now()), secret=created.secret
         )

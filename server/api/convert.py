@@ -257,6 +257,7 @@ def api_key(key: ApiKey, now: datetime) -> auth_pb2.ApiKey:
         revoke_time=timestamp(key.revoke_time),
         last_use_time=timestamp(key.last_use_time),
         replaced_by=f"users/{key.user_id}/apiKeys/{key.replaced_by}" if key.replaced_by else "",
+        tunnel=f"users/{key.user_id}/tunnels/{key.tunnel_id}" if key.tunnel_id else "",
     )
 
 

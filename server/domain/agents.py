@@ -106,6 +106,10 @@ class AgentSessions:
             raise PermissionDenied(
                 "an agent key carries its owner's tunnels only", reason="NOT_OWNER"
             )
+        if principal.bound_tunnel and principal.bound_tunnel != tunnel_id:
+            raise PermissionDenied(
+                "this agent key is bound to another tunnel", reason="KEY_BOUND_TO_ANOTHER_TUNNEL"
+            )
         now = self._clock.now()
         async with self._uow() as uow:
             tunnel = await uow.tunnels.get(tunnel_id)

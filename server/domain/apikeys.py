@@ -20,11 +20,17 @@ from server.domain import audit
 from server.domain.cache import CachedLookup
 from server.domain.clock import Clock
 from server.domain.entities import ApiKey, UserState
-from server.domain.ids import new_id
+from server.domain.ids import is_id, new_id
 from server.domain.listing import Lister, ListSpec, OrderKey, Page
 from server.domain.names import api_key_name
-from server.domain.ports import ApiKeyRepository, KeyValueStore, UnitOfWorkFactory
-from server.domain.principal import AGENT_PERMISSIONS, AGENT_SCOPE, ROLE_PERMISSIONS, Role
+from server.domain.ports import ApiKeyRepository, KeyValueStore, UnitOfWork, UnitOfWorkFactory
+from server.domain.principal import (
+    AGENT_PERMISSIONS,
+    AGENT_SCOPE,
+    ROLE_PERMISSIONS,
+    Role,
+    is_agent_key,
+)
 from server.domain.validation import display_name as valid_display_name
 from server.errors import FailedPrecondition, InvalidArgument, NotFound, Violations
 
@@ -107,6 +113,7 @@ class KeyIdentity:
     scopes: frozenset[str]
     expire_time: float | None
     last_use_time: float | None
+    tunnel_id: str = ""
 
 
 def _encode_identity(identity: KeyIdentity) -> bytes:
@@ -117,13 +124,15 @@ def _encode_identity(identity: KeyIdentity) -> bytes:
             sorted(identity.scopes),
             identity.expire_time,
             identity.last_use_time,
+            identity.tunnel_id,
         ]
     ).encode()
 
 
 def _decode_identity(raw: bytes) -> KeyIdentity:
-    key_id, user_id, scopes, expire, last_use = json.loads(raw)
-    return KeyIdentity(key_id, user_id, frozenset(scopes), expire, last_use)
+    key_id, user_id, scopes, expire, last_use, *rest = json.loads(raw)
+    tunnel_id = rest[0] if rest else ""  # entries cached before keys had a tunnel
+    return KeyIdentity(key_id, user_id, frozenset(scopes), expire, last_use, tunnel_id)
 
 
 class ApiKeyService:
@@ -152,8 +161,10 @@ class ApiKeyService:
         display_name: str,
         scopes: list[str],
         expire_time: datetime | None,
+        tunnel: str = "",
     ) -> CreatedKey:
-        """A new key for ``owner_id``; scopes must be a subset of the owner's permissions."""
+        """A new key for ``owner_id``; scopes must be a subset of the owner's permissions.
+        An agent key may be bound to one of the owner's tunnels (``tunnel``, its name)."""
         violations = Violations()
         name = valid_display_name(display_name, "api_key.display_name", violations)
         now = self._clock.now()
@@ -165,6 +176,7 @@ class ApiKeyService:
             if owner is None or owner.state != UserState.ACTIVE:
                 raise NotFound("user", f"users/{owner_id}")
             clean_scopes = _check_scopes(scopes, owner.role, violations)
+            tunnel_id = await _check_tunnel(uow, tunnel, owner_id, clean_scopes, violations)
             violations.raise_if_any()
             key = ApiKey(
                 id=new_id("key"),
@@ -175,6 +187,7 @@ class ApiKeyService:
                 scopes=clean_scopes,
                 create_time=now,
                 expire_time=expire_time,
+                tunnel_id=tunnel_id,
             )
             await uow.api_keys.add(key)
             audit.annotate(subject_user_id=owner_id, resource=key.name)
@@ -274,6 +287,7 @@ class ApiKeyService:
             frozenset(key.scopes),
             key.expire_time.timestamp() if key.expire_time else None,
             key.last_use_time.timestamp() if key.last_use_time else None,
+            key.tunnel_id,
         )
 
     @staticmethod
@@ -282,6 +296,32 @@ class ApiKeyService:
         if key is None:
             raise NotFound("api key", api_key_name(user_id, key_id))
         return key
+
+
+async def _check_tunnel(
+    uow: UnitOfWork, tunnel: str, owner_id: str, scopes: tuple[str, ...], violations: Violations
+) -> str:
+    """The id of the tunnel an agent key is bound to ('' for none)."""
+    if not tunnel:
+        return ""
+    field = "api_key.tunnel"
+    if not is_agent_key(frozenset(scopes)):
+        violations.add(field, f"only an agent key (scopes exactly {AGENT_SCOPE}) has a tunnel")
+        return ""
+    parts = tunnel.split("/")
+    if (
+        len(parts) != 4
+        or parts[0] != "users"
+        or parts[2] != "tunnels"
+        or not is_id(parts[3], "tun")
+    ):
+        violations.add(field, "must look like users/{user}/tunnels/{tunnel}")
+        return ""
+    found = await uow.tunnels.get(parts[3])
+    if found is None or found.user_id != owner_id or parts[1] not in {owner_id, "me"}:
+        violations.add(field, "must be one of the owner's tunnels")
+        return ""
+    return found.id
 
 
 def _check_scopes(scopes: list[str], role: Role, violations: Violations) -> tuple[str, ...]:

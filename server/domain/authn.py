@@ -183,4 +183,5 @@ class Authenticator:
             credential=CredentialKind.API_KEY,
             permissions=permissions_for(state.role, identity.scopes or None),
             api_key_id=identity.key_id,
+            bound_tunnel=identity.tunnel_id,
         )

@@ -138,6 +138,8 @@ class ApiKey:
     revoke_time: datetime | None = None
     last_use_time: datetime | None = None
     replaced_by: str = ""
+    #: An agent key's one tunnel ("" for any of the owner's).
+    tunnel_id: str = ""
 
     @property
     def name(self) -> str:

@@ -119,6 +119,8 @@ class Principal:
     token_id: str = ""
     token_expires_at: float = 0.0
     api_key_id: str = ""
+    #: The one tunnel an agent key may serve ("" for any of its owner's).
+    bound_tunnel: str = ""
 
     def has(self, permission: str) -> bool:
         """Whether the caller holds ``permission``."""

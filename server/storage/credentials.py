@@ -132,6 +132,7 @@ def _key(row: sa.RowMapping) -> ApiKey:
         revoke_time=row["revoke_time"],
         last_use_time=row["last_use_time"],
         replaced_by=row["replaced_by"],
+        tunnel_id=row["tunnel_id"] or "",
     )
 
 
@@ -152,6 +153,7 @@ class SqlApiKeyRepository(Repository):
                 "expire_time": key.expire_time,
                 "revoke_time": key.revoke_time,
                 "replaced_by": key.replaced_by,
+                "tunnel_id": key.tunnel_id or None,
             },
             "api key",
             key.name,

@@ -148,6 +148,9 @@ api_keys = sa.Table(
     sa.Column("revoke_time", UTCDateTime(), nullable=True),
     sa.Column("last_use_time", UTCDateTime(), nullable=True),
     sa.Column("replaced_by", sa.String(40), nullable=False, default=""),
+    #: An agent key's one tunnel (no foreign key: a deleted tunnel leaves the key useless,
+    #: not rebound to "any tunnel").
+    sa.Column("tunnel_id", sa.String(40), nullable=True),
     sa.UniqueConstraint("secret_hash"),
     sa.Index(None, "user_id", "create_time"),
 )

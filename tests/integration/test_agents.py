@@ -15,7 +15,7 @@ import pytest_asyncio
 from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from google.type import date_pb2
-from tunnelplane.v1 import agents_pb2, agents_pb2_grpc, tunnels_pb2, users_pb2
+from tunnelplane.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, tunnels_pb2, users_pb2
 
 from server.app import App
 from server.domain.principal import Role
@@ -361,3 +361,28 @@ async def test_the_transfer_quota_stops_the_tunnel_and_is_reported(metered: App)
         assert quotas["transfer_bytes"] == (1200, 1000)
         assert quotas["tunnels"] == (1, 3)
         agent.stream.cancel()
+
+
+async def test_an_agent_key_bound_to_a_tunnel_serves_that_tunnel_only(client: Client) -> None:
+    owner = await client.new_user()
+    mine, other = await client.tunnel(owner), await client.tunnel(owner)
+    created = await client.auth.CreateApiKey(
+        auth_pb2.CreateApiKeyRequest(
+            parent="users/me",
+            api_key=auth_pb2.ApiKey(
+                display_name="laptop", scopes=["agent.connect"], tunnel=mine.name
+            ),
+        ),
+        metadata=owner.metadata,
+    )
+    assert created.api_key.tunnel == mine.name
+    welcome = await Agent(client.agents, created.secret, mine.name).hello()
+    assert welcome.session.startswith(mine.name)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await Agent(client.agents, created.secret, other.name).hello()
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert reason(refused.value) == "KEY_BOUND_TO_ANOTHER_TUNNEL"
+    rotated = await client.auth.RotateApiKey(
+        auth_pb2.RotateApiKeyRequest(name=created.api_key.name), metadata=owner.metadata
+    )
+    assert rotated.api_key.tunnel == mine.name  # rotation keeps the binding

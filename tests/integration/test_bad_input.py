@@ -131,6 +131,16 @@ def new_key(
     return build
 
 
+def bound_key(scopes: tuple[str, ...] = ("agent.connect",), tunnel: str = "") -> Build:
+    """A CreateApiKey request for a key bound to a tunnel (the context's, by default)."""
+    return lambda c: auth_pb2.CreateApiKeyRequest(
+        parent="users/me",
+        api_key=auth_pb2.ApiKey(
+            display_name="agent", scopes=list(scopes), tunnel=tunnel or c.tunnel
+        ),
+    )
+
+
 def rotate(name: str = "", overlap: duration_pb2.Duration | None = None) -> Build:
     """A RotateApiKey request; an empty name is the context's key."""
 
@@ -337,6 +347,18 @@ BAD_REQUESTS = [
     ),
     *rows(
         f"{A}.CreateApiKey",
+        tunnel_on_a_full_key=("api_key.tunnel", bound_key(scopes=())),
+        tunnel_malformed=("api_key.tunnel", bound_key(tunnel="tunnels/x")),
+        tunnel_not_owned=(
+            "api_key.tunnel",
+            bound_key(
+                tunnel="users/usr_01jd3k0000000000000000000a/tunnels/tun_01jd3k0000000000000000000a"
+            ),
+        ),
+        agent_scope_and_more=(
+            "api_key.scopes",
+            bound_key(scopes=("agent.connect", "profile.read")),
+        ),
         empty_parent=("parent", new_key(parent="")),
         short_parent=("parent", new_key(parent="users/")),
         parent_extra=("parent", new_key(parent="users/me/extra")),

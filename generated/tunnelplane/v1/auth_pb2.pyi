@@ -412,6 +412,7 @@ class ApiKey(_message.Message):
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
     LAST_USE_TIME_FIELD_NUMBER: _builtins.int
     REPLACED_BY_FIELD_NUMBER: _builtins.int
+    TUNNEL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `users/{user}/apiKeys/{api_key}`."""
     display_name: _builtins.str
@@ -424,6 +425,11 @@ class ApiKey(_message.Message):
     """State."""
     replaced_by: _builtins.str
     """The key that replaced this one by rotation, if any."""
+    tunnel: _builtins.str
+    """For an agent key (scopes exactly `agent.connect`): the one tunnel it may
+    serve, `users/{user}/tunnels/{tunnel}`, one of the owner's. Empty: any of
+    the owner's tunnels. Set at creation only; rotation keeps it.
+    """
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Permissions the key may use, a subset of its owner's. Empty: every
@@ -459,10 +465,11 @@ class ApiKey(_message.Message):
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
         last_use_time: _timestamp_pb2.Timestamp | None = ...,
         replaced_by: _builtins.str = ...,
+        tunnel: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_use_time", b"last_use_time", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "expire_time", b"expire_time", "last_use_time", b"last_use_time", "name", b"name", "prefix", b"prefix", "replaced_by", b"replaced_by", "revoke_time", b"revoke_time", "scopes", b"scopes", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "expire_time", b"expire_time", "last_use_time", b"last_use_time", "name", b"name", "prefix", b"prefix", "replaced_by", b"replaced_by", "revoke_time", b"revoke_time", "scopes", b"scopes", "state", b"state", "tunnel", b"tunnel"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -480,7 +487,9 @@ class CreateApiKeyRequest(_message.Message):
     """The owner, `users/{user}` or `users/me`."""
     @_builtins.property
     def api_key(self) -> Global___ApiKey:
-        """The key to create: `display_name`, `scopes`, `expire_time`."""
+        """The key to create: `display_name`, `scopes`, `expire_time`, and `tunnel`
+        for an agent key bound to one tunnel.
+        """
 
     def __init__(
         self,
