@@ -63,7 +63,7 @@ from server.interceptors.ratelimit import LimiterMetrics, RateLimitStage, RatePo
 from server.interceptors.tracing import TracingStage
 from server.load import LoadMonitor
 from server.logs import AccessLog
-from server.pipeline import Handler, MethodInfo, Pipeline
+from server.pipeline import Call, Handler, MethodInfo, Pipeline
 from server.policy import load_policies
 from server.settings import Settings, networks
 from server.storage.database import Database
@@ -296,6 +296,10 @@ class App:
             logging.getLogger("tunnelplane.ratelimit"),
         )
 
+    async def _recheck(self, call: Call) -> object:
+        """Verify a long stream's credential again: revocation and expiry end streams too."""
+        return await self.authenticator.authenticate(call.header("authorization"))
+
     async def _fresh_redis_connections(self, up: bool, _probed_at: float) -> None:
         """When Redis is back, drop the pool's connections to the Redis that went away
         before the fallbacks switch back to it (each would fail once)."""
@@ -316,9 +320,13 @@ class App:
                 self.tunnel_parts.agents,
                 self.users,
                 self.clock,
+                self._recheck,
             ),
             "tunnelplane.v1.AgentService": AgentApi(
-                self.tunnel_parts.agents, self.tunnel_parts.tunnels, lambda: self.stopping
+                self.tunnel_parts.agents,
+                self.tunnel_parts.tunnels,
+                lambda: self.stopping,
+                self._recheck,
             ),
             "tunnelplane.v1.EventService": EventApi(self.tunnel_parts.events),
             "tunnelplane.v1.AdminService": AdminApi(

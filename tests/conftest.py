@@ -8,11 +8,12 @@ of skipping it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -132,6 +133,23 @@ async def migrate(url: str) -> None:
         await upgrade(engine)
     finally:
         await engine.dispose()
+
+
+@contextlib.asynccontextmanager
+async def own_database(backend: Backend, directory: Path) -> AsyncIterator[Backend]:
+    """The same kind of backend with a database of its own (migrated), for a server whose
+    background workers must not meet the shared server's (they claim the same rows)."""
+    if backend.name == "sqlite":
+        isolated = replace(backend, database_url=f"sqlite+aiosqlite:///{directory / 'own.db'}")
+        await migrate(isolated.database_url)
+        yield isolated
+        return
+    url = create_postgres_database()
+    try:
+        await migrate(url)
+        yield replace(backend, database_url=url)
+    finally:
+        drop_postgres_database(url)
 
 
 @pytest.fixture(scope="session")

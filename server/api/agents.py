@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from google.protobuf.message import Message
 from tunnelplane.v1 import agents_pb2
@@ -35,10 +35,13 @@ class AgentApi:
         agents: AgentSessions,
         tunnels: TunnelService,
         stopping: Callable[[], bool],
+        recheck: Callable[[Call], Awaitable[object]],
     ) -> None:
         self._agents = agents
         self._tunnels = tunnels
         self._stopping = stopping
+        #: Verifies the call's credential again (a revoked key ends the stream).
+        self.recheck = recheck
 
     def tier_connections(self, tier: Tier) -> int:
         """The tier's concurrent connection limit (-1: unlimited)."""
@@ -153,6 +156,7 @@ class _Session:
         kind = message.WhichOneof("kind")
         agents = self._api._agents
         if kind == "heartbeat":
+            await self._api.recheck(self._call)  # a key revoked mid-session ends it
             active = message.heartbeat.active_connections
             await agents.heartbeat(self._tunnel.id, self._agent_id, active)
         elif kind == "report":

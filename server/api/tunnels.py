@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from google.protobuf.message import Message
@@ -49,7 +50,10 @@ class TunnelApi:
         agents: AgentSessions,
         users: UserService,
         clock: Clock,
+        recheck: Callable[[Call], Awaitable[object]],
     ) -> None:
+        #: Verifies the call's credential again (a watch ends when it is revoked or expires).
+        self._recheck = recheck
         self._tunnels = tunnels
         self._shares = shares
         self._agents = agents
@@ -324,6 +328,7 @@ class TunnelApi:
                     continue
                 if single and event.subject != request.name:
                     continue
+                await self._recheck(call)
                 if by_share and not await self._shares.share_role(request.name, principal.user_id):
                     raise PermissionDenied("the share has ended", reason="SHARE_ENDED")
                 if not await self._send_change(call, owner, event) and single:

@@ -20,7 +20,7 @@ from tunnelplane.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, tunnels_pb2, u
 from server.app import App
 from server.domain.principal import Role
 from server.settings import DEFAULT_TIERS
-from tests.conftest import Backend
+from tests.conftest import Backend, own_database
 from tests.helpers import Client, TestUser, bearer, detail, fails, reason, violations
 
 A = agents_pb2
@@ -273,13 +273,14 @@ async def test_a_bad_agent_id_and_a_bad_report_are_refused(client: Client) -> No
 async def impatient(
     backend: Backend, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[App]:
-    """A server that gives up on silent agents after half a second."""
-    server = App(
-        backend.settings(tmp_path_factory.mktemp("impatient"), agent_heartbeat_timeout=0.5)
-    )
-    await server.start()
-    yield server
-    await server.stop(grace=0)
+    """A server that gives up on silent agents after half a second, on a database of its own
+    (its sweeper would otherwise disconnect the shared server's quiet agents)."""
+    directory = tmp_path_factory.mktemp("impatient")
+    async with own_database(backend, directory) as isolated:
+        server = App(isolated.settings(directory, agent_heartbeat_timeout=0.5))
+        await server.start()
+        yield server
+        await server.stop(grace=0)
 
 
 async def test_a_silent_agent_counts_as_gone_and_several_agents_share_a_tunnel(
@@ -323,10 +324,12 @@ async def metered(backend: Backend, tmp_path_factory: pytest.TempPathFactory) ->
     """A server whose free tier may move 1000 bytes a month."""
     tiers = dict(DEFAULT_TIERS)
     tiers["free"] = replace(DEFAULT_TIERS["free"], transfer_bytes_per_month=1000)
-    server = App(backend.settings(tmp_path_factory.mktemp("metered"), tiers=tiers))
-    await server.start()
-    yield server
-    await server.stop(grace=0)
+    directory = tmp_path_factory.mktemp("metered")
+    async with own_database(backend, directory) as isolated:
+        server = App(isolated.settings(directory, tiers=tiers))
+        await server.start()
+        yield server
+        await server.stop(grace=0)
 
 
 async def test_the_transfer_quota_stops_the_tunnel_and_is_reported(metered: App) -> None:
@@ -386,3 +389,25 @@ async def test_an_agent_key_bound_to_a_tunnel_serves_that_tunnel_only(client: Cl
         auth_pb2.RotateApiKeyRequest(name=created.api_key.name), metadata=owner.metadata
     )
     assert rotated.api_key.tunnel == mine.name  # rotation keeps the binding
+
+
+async def test_revoking_the_agent_key_ends_its_session(client: Client) -> None:
+    owner = await client.new_user()
+    made = await client.tunnel(owner)
+    created = await client.auth.CreateApiKey(
+        auth_pb2.CreateApiKeyRequest(
+            parent="users/me", api_key=auth_pb2.ApiKey(display_name="a", scopes=["agent.connect"])
+        ),
+        metadata=owner.metadata,
+    )
+    agent = Agent(client.agents, created.secret, made.name)
+    await agent.hello()
+    await agent.desired()
+    await client.auth.RevokeApiKey(
+        auth_pb2.RevokeApiKeyRequest(name=created.api_key.name), metadata=owner.metadata
+    )
+    await agent.stream.write(A.ConnectRequest(heartbeat=A.AgentHeartbeat()))
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await agent.next()
+    assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await wait_for_state(client, owner, made.name, connected_agents=0)

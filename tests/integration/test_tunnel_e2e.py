@@ -21,7 +21,7 @@ from tunnelplane.v1 import agents_pb2, tunnels_pb2
 from server.app import App
 from server.domain.principal import Tier
 from server.settings import Settings
-from tests.conftest import REDIS_URL, Backend, migrate, require_redis
+from tests.conftest import REDIS_URL, Backend, migrate, own_database, require_redis
 from tests.helpers import Client, TestUser, bearer
 from tests.processes import ROOT, replica_envs, serving
 
@@ -205,13 +205,14 @@ async def relay_connection(host: str, port: int) -> tuple[Any, Any]:
 
 @pytest_asyncio.fixture(scope="module")
 async def probing(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
-    """A server probing endpoints every 0.5 s (a probe may take 0.4 s on a busy machine)."""
-    server = App(
-        backend.settings(tmp_path_factory.mktemp("probing"), probe_interval=0.5, probe_timeout=0.4)
-    )
-    await server.start()
-    yield server
-    await server.stop(grace=0)
+    """A server probing endpoints every 0.5 s (a probe may take 0.4 s on a busy machine), on
+    a database of its own: the shared server's prober would claim these endpoints too."""
+    directory = tmp_path_factory.mktemp("probing")
+    async with own_database(backend, directory) as isolated:
+        server = App(isolated.settings(directory, probe_interval=0.5, probe_timeout=0.4))
+        await server.start()
+        yield server
+        await server.stop(grace=0)
 
 
 async def test_failover_to_the_secondary_and_back_and_the_agent_follows(probing: App) -> None:

@@ -8,9 +8,10 @@ from typing import Any
 
 import grpc
 import orjson
+import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 from google.rpc import error_details_pb2
-from tunnelplane.v1 import events_pb2, tunnels_pb2
+from tunnelplane.v1 import auth_pb2, events_pb2, tunnels_pb2
 
 from server.domain.principal import Tier
 from tests.helpers import Client, TestUser, detail, fails, reason, violations
@@ -288,3 +289,20 @@ async def _take_data(lines: Any, count: int) -> Any:
         if line.startswith("data:"):
             taken += 1
             yield line.removeprefix("data:").strip()
+
+
+async def test_a_watch_ends_once_its_session_is_logged_out(client: Client) -> None:
+    owner = await client.new_user()
+    made = await client.tunnel(owner)
+    other = await client.login(owner.email)  # a second session changes the tunnel
+    changer = (("authorization", f"Bearer {other.tokens.access_token}"),)
+    stream = client.tunnels.WatchTunnels(
+        P.WatchTunnelsRequest(name=made.name), metadata=owner.metadata
+    )
+    await next_message(stream)
+    await next_message(stream)  # synced
+    await client.auth.Logout(auth_pb2.LogoutRequest(), metadata=owner.metadata)
+    await client.tunnels.StartTunnel(P.StartTunnelRequest(name=made.name), metadata=changer)
+    with pytest.raises(grpc.aio.AioRpcError) as ended:
+        await asyncio.wait_for(stream.read(), 10)
+    assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
