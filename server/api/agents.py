@@ -37,22 +37,22 @@ class AgentApi:
         stopping: Callable[[], bool],
         recheck: Callable[[Call], Awaitable[object]],
     ) -> None:
-        self._agents = agents
-        self._tunnels = tunnels
+        self.agents = agents
+        self.tunnels = tunnels
         self._stopping = stopping
         #: Verifies the call's credential again (a revoked key ends the stream).
         self.recheck = recheck
 
     def tier_connections(self, tier: Tier) -> int:
         """The tier's concurrent connection limit (-1: unlimited)."""
-        return self._tunnels.tier_limits(tier).max_concurrent_connections
+        return self.tunnels.tier_limits(tier).max_concurrent_connections
 
     async def Connect(self, request: Message, call: Call) -> Message:
         """One agent's session, until it goes away or falls silent."""
         principal = call.principal
         assert principal is not None
         hello = await _hello(call)
-        tunnel, last = await self._agents.hello(principal, hello)
+        tunnel, last = await self.agents.hello(principal, hello)
         session = _Session(self, call, principal, tunnel, hello.agent_id)
         ended_by_agent = True
         try:
@@ -65,7 +65,7 @@ class AgentApi:
         finally:
             if ended_by_agent:
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self._agents.goodbye(tunnel.id, hello.agent_id))
+                    await asyncio.shield(self.agents.goodbye(tunnel.id, hello.agent_id))
         return A.ConnectResponse()
 
 
@@ -89,7 +89,7 @@ class _Session:
             await self._call.send(message)
 
     async def run(self, last_sequence: int) -> None:
-        settings = self._api._agents.settings
+        settings = self._api.agents.settings
         await self.send(
             A.ConnectResponse(
                 welcome=A.AgentWelcome(
@@ -99,7 +99,7 @@ class _Session:
                 )
             )
         )
-        subscription = self._api._tunnels.bus.subscribe(self._tunnel.user_id)
+        subscription = self._api.tunnels.bus.subscribe(self._tunnel.user_id)
         try:
             await self.desired(self._tunnel)
             watching = asyncio.create_task(self._watch(subscription))
@@ -127,7 +127,7 @@ class _Session:
             config.max_connections = max(0, self._api.tier_connections(self._principal.tier))
         state = A.DesiredState(
             run=A.DesiredState.RUN_STARTED if carrying else A.DesiredState.RUN_STOPPED,
-            listen_address=self._api._tunnels.listen_address(tunnel),
+            listen_address=self._api.tunnels.listen_address(tunnel),
             target=target,
             config=config,
         )
@@ -154,7 +154,7 @@ class _Session:
     async def _handle(self, message: Message) -> None:
         assert isinstance(message, A.ConnectRequest)
         kind = message.WhichOneof("kind")
-        agents = self._api._agents
+        agents = self._api.agents
         if kind == "heartbeat":
             await self._api.recheck(self._call)  # a key revoked mid-session ends it
             active = message.heartbeat.active_connections
@@ -178,7 +178,7 @@ class _Session:
                 await self.send(A.ConnectResponse(desired_state=stopped))
                 continue
             try:
-                fresh = await self._api._tunnels.get(self._tunnel.user_id, self._tunnel.id)
+                fresh = await self._api.tunnels.get(self._tunnel.user_id, self._tunnel.id)
             except DomainError:
                 continue
             await self.desired(fresh)

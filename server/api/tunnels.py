@@ -187,7 +187,7 @@ class TunnelApi:
         return P.UsageReport(
             name=request.name,
             tier=tc.TIERS[user.tier],  # type: ignore[arg-type]
-            days=[tc.daily(_same_day(day, items)) for day, items in sorted(by_day.items())],
+            days=[tc.daily(total(items, day)) for day, items in sorted(by_day.items())],
             tunnels=[
                 P.TunnelUsageTotal(tunnel=name, total=tc.daily(total(items), with_date=False))
                 for name, items in sorted(by_tunnel.items())
@@ -381,7 +381,3 @@ def _child(name: str, collection: str, prefix: str) -> tuple[str, str]:
     if not is_id(child, prefix):
         raise InvalidArgument.single("name", f"does not end in a valid {collection} id")
     return parent, child
-
-
-def _same_day(day: Any, items: list[DailyUsage]) -> DailyUsage:
-    return total(items, day)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -169,9 +170,7 @@ class SqlTunnelRepository(Repository):
             raise Aborted("the tunnel was changed concurrently; retry", reason="CONCURRENT_UPDATE")
         await self._conn.execute(sa.delete(tunnel_endpoints).where(_e.tunnel_id == tunnel.id))
         await self._put_endpoints(tunnel.id, tunnel.endpoints, tunnel.update_time)
-        saved = await self.get(tunnel.id)
-        assert saved is not None
-        return saved
+        return replace(tunnel, version=expected_version + 1)  # what was written: no re-read
 
     async def save_endpoint(self, tunnel_id: str, endpoint: Endpoint) -> None:
         """Write one endpoint's probe bookkeeping (the tunnel's version stays)."""
