@@ -110,11 +110,6 @@ class Call:
         return await self.stream.receive()
 
     @property
-    def streaming(self) -> bool:
-        """Whether the method streams (its call lasts as long as the stream)."""
-        return self.method.grpc_type != "unary"
-
-    @property
     def client(self) -> ClientInfo:
         """The caller's address and user agent."""
         agent = self.metadata.get("grpcgateway-user-agent") or self.metadata.get("user-agent", "")
