@@ -260,6 +260,9 @@ class App:
             db, lister, clock, logging.getLogger("tunnelplane.ratelimit")
         )
         self.tunnel_parts = build_tunnels(settings, db, self.buses, lister, self.tiers, clock)
+        # Every background pass that writes (purges, agent sweeps, probe rounds) holds this lock,
+        # so that holding it stills the database for a moment (tests compare snapshots).
+        self.background = asyncio.Lock()
         self.stopping = False
 
     def _rate_limit_stage(self) -> RateLimitStage | None:
@@ -408,12 +411,12 @@ class App:
         await self._start_http()
         self._tasks = [
             asyncio.create_task(self.health.run(), name="health"),
-            asyncio.create_task(purge_loop(self.users, log), name="purge"),
+            asyncio.create_task(purge_loop(self.users, log, paused=self.background), name="purge"),
             asyncio.create_task(self.load.run(), name="load"),
             asyncio.create_task(
                 self.violations.run(settings.violation_flush_interval), name="violations"
             ),
-            *self.tunnel_parts.loops(settings),
+            *self.tunnel_parts.loops(settings, self.background),
         ]
         await self.tunnel_parts.bus_ready(within=2.0)
         log.info(

@@ -38,15 +38,13 @@ class TunnelParts:
     events: EventLog
     prober: EndpointProber
 
-    def loops(self, settings: Settings) -> list[asyncio.Task[None]]:
-        """The background loops, started."""
+    def loops(self, settings: Settings, paused: asyncio.Lock) -> list[asyncio.Task[None]]:
+        """The background loops, started; each pass holds ``paused``."""
+        sweep_every = max(1.0, settings.agent_heartbeat_timeout / 6)
         tasks = [
+            asyncio.create_task(sweep_loop(self.agents, sweep_every, paused), name="agent-sweep"),
             asyncio.create_task(
-                sweep_loop(self.agents, max(1.0, settings.agent_heartbeat_timeout / 6)),
-                name="agent-sweep",
-            ),
-            asyncio.create_task(
-                self.prober.run(min(1.0, settings.probe_interval / 4)), name="prober"
+                self.prober.run(min(1.0, settings.probe_interval / 4), paused), name="prober"
             ),
         ]
         if isinstance(self.bus, RedisBus):

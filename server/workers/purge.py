@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from server.domain.users import UserService
@@ -10,12 +11,19 @@ from server.domain.users import UserService
 INTERVAL = 3600.0
 
 
-async def purge_loop(users: UserService, log: logging.Logger, interval: float = INTERVAL) -> None:
+async def purge_loop(
+    users: UserService,
+    log: logging.Logger,
+    interval: float = INTERVAL,
+    paused: asyncio.Lock | None = None,
+) -> None:
     """Purge due users every ``interval`` seconds; deletion is idempotent, so replicas may
-    run this loop side by side."""
+    run this loop side by side. Each pass holds ``paused`` (when given)."""
+    hold = paused or contextlib.nullcontext()
     while True:
         try:
-            purged = await users.purge_expired()
+            async with hold:
+                purged = await users.purge_expired()
             if purged:
                 log.info("purged soft-deleted users", extra={"count": purged})
         except Exception:

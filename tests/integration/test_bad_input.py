@@ -10,7 +10,7 @@ RPC without rows (or an explicit exemption with a reason) fails it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -1022,6 +1022,14 @@ async def snapshot(app: App) -> dict[str, tuple[int, str]]:
             found = (await conn.execute(stmt)).all()
             result[table.name] = (len(found), hashlib.sha256(repr(found).encode()).hexdigest())
     return result
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def stilled(app: App) -> AsyncIterator[None]:
+    """Background passes (agent sweeps of earlier tests' agents, probes) wait while a test
+    runs, so the snapshots compare only what the refused call did."""
+    async with app.background:
+        yield
 
 
 # --- tests ------------------------------------------------------------------------------
