@@ -26,7 +26,16 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 from prometheus_client import CollectorRegistry, start_http_server
-from tunnelplane.v1 import admin_pb2, agents_pb2, auth_pb2, events_pb2, tunnels_pb2, users_pb2
+from tunnelplane.v1 import (
+    admin_pb2,
+    agents_pb2,
+    auth_pb2,
+    events_pb2,
+    operations_pb2,
+    tunnels_pb2,
+    users_pb2,
+    webhooks_pb2,
+)
 
 from gateway.app import Gateway
 from gateway.serve import HttpServer
@@ -37,6 +46,7 @@ from server.api.auth import AuthApi
 from server.api.events import EventApi
 from server.api.tunnels import TunnelApi
 from server.api.users import UserApi
+from server.api.webhooks import OperationApi, WebhookApi
 from server.domain.apikeys import ApiKeyService
 from server.domain.auth import AccountService, SessionPolicy
 from server.domain.authn import Authenticator, Revocations, SubjectDirectory
@@ -70,7 +80,7 @@ from server.storage.database import Database
 from server.storage.kv import MemoryStore, RedisStore, ResilientStore, redis_client
 from server.storage.limiter import REDIS_TIMEOUT, FallbackLimiter, MemoryLimiter, RedisLimiter
 from server.storage.resp import Address, RespConnection
-from server.wiring import build_bus, build_tunnels
+from server.wiring import build_bus, build_tunnels, build_webhooks
 from server.workers.purge import purge_loop
 
 log = logging.getLogger("tunnelplane.server")
@@ -83,6 +93,8 @@ SERVICES: Sequence[ServiceDescriptor] = (
     tunnels_pb2.DESCRIPTOR.services_by_name["TunnelService"],
     agents_pb2.DESCRIPTOR.services_by_name["AgentService"],
     events_pb2.DESCRIPTOR.services_by_name["EventService"],
+    webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"],
+    operations_pb2.DESCRIPTOR.services_by_name["OperationService"],
 )
 
 
@@ -263,6 +275,7 @@ class App:
         # Every background pass that writes (purges, agent sweeps, probe rounds) holds this lock,
         # so that holding it stills the database for a moment (tests compare snapshots).
         self.background = asyncio.Lock()
+        self.webhook_parts = build_webhooks(settings, db, self.buses, lister, clock, self.registry)
         self.stopping = False
 
     def _rate_limit_stage(self) -> RateLimitStage | None:
@@ -332,6 +345,8 @@ class App:
                 self._recheck,
             ),
             "tunnelplane.v1.EventService": EventApi(self.tunnel_parts.events),
+            "tunnelplane.v1.WebhookService": WebhookApi(self.webhook_parts.webhooks, self.clock),
+            "tunnelplane.v1.OperationService": OperationApi(self.webhook_parts.operations),
             "tunnelplane.v1.AdminService": AdminApi(
                 lambda: self.health,
                 self.limiter,
@@ -417,6 +432,7 @@ class App:
                 self.violations.run(settings.violation_flush_interval), name="violations"
             ),
             *self.tunnel_parts.loops(settings, self.background),
+            *self.webhook_parts.loops(self.background),
         ]
         await self.tunnel_parts.bus_ready(within=2.0)
         log.info(
@@ -490,6 +506,7 @@ class App:
         await self.kv.close()
         await self.limiter.close()
         await self.tunnel_parts.close()
+        await self.webhook_parts.close()
         self.tracer_provider.shutdown()
 
 

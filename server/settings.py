@@ -217,6 +217,34 @@ class Settings:
     probe_healthy_after: int = field(
         default=2, metadata=_doc("Good probes in a row that make an endpoint healthy again")
     )
+    webhook_addresses: ProbeAddresses = field(
+        default="auto",
+        metadata=_doc(
+            "Webhook addresses delivered to: any, or public only (no loopback, private or "
+            "link-local, checked after DNS on every connection); auto is public in "
+            "production, any otherwise"
+        ),
+    )
+    webhook_timeout: float = field(default=15.0, metadata=_doc("Webhook request timeout, s"))
+    webhook_retry_schedule: str = field(
+        default="5,300,1800,7200,18000,36000,36000",
+        metadata=_doc("Seconds before each webhook retry (comma-separated; ±20 % jitter)"),
+    )
+    webhook_disable_after: float = field(
+        default=432000.0, metadata=_doc("Failing time after which an endpoint is disabled, s")
+    )
+    webhook_claim_lease: float = field(
+        default=60.0,
+        metadata=_doc("How long a dispatcher holds a claimed delivery before others retry it, s"),
+    )
+    webhook_batch: int = field(default=100, metadata=_doc("Deliveries claimed per round"))
+    webhook_concurrency: int = field(
+        default=100, metadata=_doc("Webhook requests in flight at once, per process")
+    )
+    webhook_max_per_user: int = field(default=20, metadata=_doc("Webhook endpoints per user"))
+    webhook_dispatch: bool = field(
+        default=True, metadata=_doc("Run the webhook dispatcher in this process")
+    )
     default_page_size: int = field(default=50, metadata=_doc("List page size when unset"))
     max_page_size: int = field(default=1000, metadata=_doc("Largest list page size"))
     tiers: Mapping[str, TierLimits] = field(
@@ -247,13 +275,25 @@ class Settings:
         return self.probe_addresses == "public"
 
     @property
+    def webhook_public_only(self) -> bool:
+        """Whether webhooks may be delivered to global addresses only."""
+        if self.webhook_addresses == "auto":
+            return self.mode == "production"
+        return self.webhook_addresses == "public"
+
+    @property
+    def webhook_schedule(self) -> tuple[float, ...]:
+        """The retry delays, s."""
+        return tuple(float(part) for part in self.webhook_retry_schedule.split(","))
+
+    @property
     def effective_database_url(self) -> str:
         """The database URL, defaulting to a SQLite file in the data directory."""
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'tunnelplane.db').as_posix()}"
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: PLR0912 - one flat list of checks reads best
         """Check value ranges that a type alone does not express."""
         positive = (
             "access_token_ttl",
@@ -286,6 +326,12 @@ class Settings:
             "probe_timeout",
             "probe_unhealthy_after",
             "probe_healthy_after",
+            "webhook_timeout",
+            "webhook_disable_after",
+            "webhook_claim_lease",
+            "webhook_batch",
+            "webhook_concurrency",
+            "webhook_max_per_user",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -296,6 +342,14 @@ class Settings:
             raise SettingsError("TP_TUNNEL_PORT_MIN..TP_TUNNEL_PORT_MAX must be a port range")
         if self.probe_timeout >= self.probe_interval:
             raise SettingsError("TP_PROBE_TIMEOUT must be shorter than TP_PROBE_INTERVAL")
+        try:
+            schedule = self.webhook_schedule
+        except ValueError:
+            schedule = ()
+        if not schedule or any(not 0 < d < 10**7 for d in schedule):
+            raise SettingsError("TP_WEBHOOK_RETRY_SCHEDULE must be positive seconds, a,b,c")
+        if self.webhook_claim_lease <= self.webhook_timeout:
+            raise SettingsError("TP_WEBHOOK_CLAIM_LEASE must be longer than TP_WEBHOOK_TIMEOUT")
         if self.default_page_size > self.max_page_size:
             raise SettingsError("TP_DEFAULT_PAGE_SIZE must not exceed TP_MAX_PAGE_SIZE")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -1,12 +1,14 @@
-"""The tunnel half of the composition root (``server/app.py`` calls it): tunnels, shares,
-agents, the event log and bus, and their background loops."""
+"""Parts of the composition root (``server/app.py`` calls them): tunnels, shares, agents,
+the event log and bus, webhooks and operations, and their background loops."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from server.domain.agents import AgentSessions, AgentSettings
@@ -14,14 +16,19 @@ from server.domain.clock import Clock
 from server.domain.endpoints import ProbeThresholds
 from server.domain.events import EventLog, MemoryBus
 from server.domain.listing import Lister
+from server.domain.operations import OperationRunner, OperationService
 from server.domain.ports import UnitOfWorkFactory
 from server.domain.sharing import ShareService
 from server.domain.tiers import TierCatalog
 from server.domain.tunnel_service import TunnelService, TunnelSettings
+from server.domain.webhook_service import REPLAY, WebhookPolicy, WebhookService
+from server.domain.webhooks import address_allowed
 from server.settings import Settings
 from server.storage.bus import RedisBus
 from server.workers.prober import EndpointProber, public_only
 from server.workers.tunnels import ProbeStore, sweep_loop
+from server.workers.webhook_http import WebhookSender
+from server.workers.webhooks import DispatchMetrics, DispatchSettings, WebhookDispatcher
 
 log = logging.getLogger("tunnelplane.tunnels")
 
@@ -129,4 +136,83 @@ def build_tunnels(
     )
     return TunnelParts(
         local, bus, tunnels, ShareService(db, lister, clock), agents, EventLog(db, lister), prober
+    )
+
+
+@dataclass
+class WebhookParts:
+    """Webhook endpoints, their dispatcher, and the long-running operations runner."""
+
+    webhooks: WebhookService
+    operations: OperationService
+    dispatcher: WebhookDispatcher
+    runner: OperationRunner
+    sender: WebhookSender
+    dispatch: bool
+
+    def loops(self, paused: asyncio.Lock) -> list[asyncio.Task[None]]:
+        """The dispatcher (unless this process does not dispatch) and the runner, started."""
+        tasks = [asyncio.create_task(self.runner.run(1.0, paused), name="operations")]
+        if self.dispatch:
+            tasks.append(asyncio.create_task(self.dispatcher.run(paused), name="webhooks"))
+        return tasks
+
+    async def close(self) -> None:
+        """Close the sender's connections."""
+        await self.sender.close()
+
+
+def build_webhooks(
+    settings: Settings,
+    db: UnitOfWorkFactory,
+    buses: tuple[MemoryBus, MemoryBus | RedisBus],
+    lister: Lister,
+    clock: Clock,
+    registry: CollectorRegistry,
+) -> WebhookParts:
+    """Webhooks over ``db``; the dispatcher wakes on every event this process hears."""
+    local, bus = buses
+    webhooks = WebhookService(
+        db,
+        bus,
+        lister,
+        clock,
+        WebhookPolicy(
+            require_https=settings.mode == "production",
+            max_webhooks=settings.webhook_max_per_user,
+        ),
+    )
+    public = settings.webhook_public_only
+    sender = WebhookSender(
+        timeout=settings.webhook_timeout,
+        # Endpoints are URLs users type: in production only global addresses are dialled,
+        # checked after DNS on every new connection (SSRF, DNS rebinding).
+        allow=(lambda ip: address_allowed(ip, allow_private=False)) if public else None,
+        max_connections=settings.webhook_concurrency,
+    )
+    dispatcher = WebhookDispatcher(
+        db,
+        sender,
+        bus,
+        clock,
+        DispatchSettings(
+            batch=settings.webhook_batch,
+            concurrency=settings.webhook_concurrency,
+            lease=settings.webhook_claim_lease,
+            schedule=tuple(timedelta(seconds=s) for s in settings.webhook_schedule),
+            disable_after=timedelta(seconds=settings.webhook_disable_after),
+        ),
+        DispatchMetrics(registry),
+    )
+    runner = OperationRunner(db, clock, {REPLAY: webhooks.replay_step})
+    webhooks.sender = dispatcher
+    webhooks.operation_started = runner.wake
+    local.listen(dispatcher.wake)
+    return WebhookParts(
+        webhooks,
+        OperationService(db, lister),
+        dispatcher,
+        runner,
+        sender,
+        settings.webhook_dispatch,
     )

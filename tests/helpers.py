@@ -15,10 +15,13 @@ from tunnelplane.v1 import (
     auth_pb2,
     auth_pb2_grpc,
     events_pb2_grpc,
+    operations_pb2_grpc,
     tunnels_pb2,
     tunnels_pb2_grpc,
     users_pb2,
     users_pb2_grpc,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
 )
 
 from server.app import App
@@ -119,6 +122,8 @@ class Client:
         self.tunnels = tunnels_pb2_grpc.TunnelServiceStub(channel)
         self.agents = agents_pb2_grpc.AgentServiceStub(channel)
         self.events = events_pb2_grpc.EventServiceStub(channel)
+        self.webhooks = webhooks_pb2_grpc.WebhookServiceStub(channel)
+        self.operations = operations_pb2_grpc.OperationServiceStub(channel)
 
     async def register(self, email: str | None = None, password: str = PASSWORD) -> users_pb2.User:
         """Register a user and return it."""
@@ -160,6 +165,15 @@ class Client:
             metadata=owner.metadata + self.setup_metadata,
         )
         return response.secret
+
+    async def webhook(self, owner: TestUser, url: str, **fields: Any) -> webhooks_pb2.Webhook:
+        """A new webhook endpoint of ``owner`` (with its secret)."""
+        return await self.webhooks.CreateWebhook(
+            webhooks_pb2.CreateWebhookRequest(
+                parent=owner.name, webhook=webhooks_pb2.Webhook(url=url, **fields)
+            ),
+            metadata=owner.metadata,
+        )
 
     async def tunnel(self, owner: TestUser, name: str = "", **fields: Any) -> tunnels_pb2.Tunnel:
         """A new tunnel of ``owner``."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -19,6 +19,7 @@ from server.domain import audit
 from server.domain.clock import Clock
 from server.domain.ids import new_id
 from server.domain.listing import FilterField, Lister, ListSpec, OrderKey, Page
+from server.domain.outbox import queue_deliveries
 from server.domain.ports import UnitOfWork, UnitOfWorkFactory
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ EVENT_TYPES = frozenset(
         "tunnel.health_changed",
         "tunnel.failover",
         "tunnel.deleted",
+        "endpoint.disabled",
+        "webhook.test",
     }
 )
 
@@ -97,13 +100,15 @@ async def record(
     actor: str = "",
     payload: dict[str, Any] | None = None,
 ) -> Event:
-    """Add an event in ``uow``; it is published once (and only if) ``uow`` commits."""
+    """Add an event in ``uow`` with its webhook deliveries (the outbox); it is published
+    once (and only if) ``uow`` commits."""
     assert type_ in EVENT_TYPES, type_
     now = clock.now()
     event = Event(
         new_id("evt", now.timestamp()), type_, subject, user_id, actor, now, payload or {}
     )
     await uow.events.add(event)
+    await queue_deliveries(uow, event)
 
     async def publish() -> None:
         await bus.publish(event)
@@ -153,14 +158,22 @@ class MemoryBus:
     def __init__(self, buffer: int = 256) -> None:
         self._subscribers: dict[str, set[QueueSubscription]] = {}
         self._buffer = buffer
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def listen(self, listener: Callable[[Event], None]) -> None:
+        """Call ``listener`` with every event this process hears (whoever's it is); it
+        must be quick and must not raise (the webhook dispatcher wakes up this way)."""
+        self._listeners.append(listener)
 
     async def publish(self, event: Event) -> None:
         self.deliver(event)
 
     def deliver(self, event: Event) -> None:
-        """Hand ``event`` to this process's subscribers of its owner."""
+        """Hand ``event`` to this process's subscribers of its owner, and its listeners."""
         for subscription in list(self._subscribers.get(event.user_id, ())):
             subscription.put(event)
+        for listener in self._listeners:
+            listener(event)
 
     def subscribe(self, user_id: str) -> QueueSubscription:
         subscription = QueueSubscription(self._buffer, lambda s: self._remove(user_id, s))

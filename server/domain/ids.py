@@ -12,7 +12,7 @@ import time
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 BODY_LENGTH = 26
-PREFIXES = frozenset({"usr", "ses", "rtk", "key", "aud", "tun", "evt", "lnk"})
+PREFIXES = frozenset({"usr", "ses", "rtk", "key", "aud", "tun", "evt", "lnk", "whk", "dlv", "opr"})
 _ID = re.compile(rf"^([a-z]{{3}})_([{_ALPHABET}]{{{BODY_LENGTH}}})$")
 
 

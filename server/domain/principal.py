@@ -54,6 +54,8 @@ SELF_PERMISSIONS = frozenset(
         "apikeys.write",
         "tunnels.read",
         "tunnels.write",
+        "webhooks.read",
+        "webhooks.write",
     }
 )
 #: Permissions over other users' resources and the system.
@@ -63,6 +65,7 @@ ADMIN_PERMISSIONS = frozenset(
         "users.write",
         "users.admin",
         "tunnels.admin",
+        "webhooks.admin",
         "billing.read",
         "billing.write",
         "audit.read",
@@ -78,7 +81,7 @@ ALL_PERMISSIONS = SELF_PERMISSIONS | ADMIN_PERMISSIONS | AGENT_PERMISSIONS
 ROLE_PERMISSIONS: Mapping[Role, frozenset[str]] = {
     Role.USER: SELF_PERMISSIONS,
     Role.SUPPORT_ADMIN: SELF_PERMISSIONS
-    | {"users.read", "users.write", "tunnels.admin", "audit.read", "system.read"},
+    | {"users.read", "users.write", "tunnels.admin", "webhooks.admin", "audit.read", "system.read"},
     Role.FINANCE_ADMIN: SELF_PERMISSIONS | {"users.read", "billing.read", "billing.write"},
     Role.SUPER_ADMIN: ALL_PERMISSIONS,
     Role.SERVICE: SELF_PERMISSIONS | {"users.read", "billing.read"},

@@ -28,6 +28,7 @@ from server.storage.sharing import SqlShareRepository
 from server.storage.tunnels import SqlEventRepository, SqlTunnelRepository
 from server.storage.users import SqlAvatarRepository, SqlUserRepository
 from server.storage.violations import SqlViolationRepository
+from server.storage.webhooks import SqlOperationRepository, SqlWebhookRepository
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
@@ -160,6 +161,8 @@ class SqlUnitOfWork:
     events: SqlEventRepository
     shares: SqlShareRepository
     agents: SqlAgentRepository
+    webhooks: SqlWebhookRepository
+    operations: SqlOperationRepository
 
     def __init__(
         self,
@@ -208,6 +211,8 @@ class SqlUnitOfWork:
         self.events = SqlEventRepository(conn)
         self.shares = SqlShareRepository(conn)
         self.agents = SqlAgentRepository(conn)
+        self.webhooks = SqlWebhookRepository(conn)
+        self.operations = SqlOperationRepository(conn)
         return self
 
     async def __aexit__(

@@ -332,3 +332,114 @@ tunnel_usage = sa.Table(
     sa.Index(None, "user_id", "day"),
     sa.Index(None, "day"),
 )
+
+#: Webhook endpoints. The secret signs deliveries; the previous one keeps signing until
+#: ``previous_secret_expire_time`` after a rotation.
+webhooks = sa.Table(
+    "webhooks",
+    metadata,
+    _id(),
+    _user_fk(),
+    sa.Column("url", sa.String(2048), nullable=False),
+    sa.Column("description", sa.String(1000), nullable=False, default=""),
+    sa.Column("event_types", sa.JSON(), nullable=False),
+    sa.Column("transform", sa.String(2000), nullable=False, default=""),
+    sa.Column("rate_limit", sa.Integer(), nullable=False, default=0),
+    sa.Column("headers", sa.JSON(), nullable=False),
+    sa.Column("disabled_reason", sa.String(20), nullable=False, default=""),
+    sa.Column("secret", sa.String(200), nullable=False),
+    sa.Column("previous_secret", sa.String(200), nullable=True),
+    sa.Column("previous_secret_expire_time", UTCDateTime(), nullable=True),
+    sa.Column("failing_since", UTCDateTime(), nullable=True),
+    # GCRA state of the delivery rate limit: the theoretical arrival time of the next send.
+    sa.Column("rate_tat", UTCDateTime(), nullable=True),
+    sa.Column("request_id", sa.String(64), nullable=True),
+    sa.Column("version", sa.Integer(), nullable=False),
+    sa.Column("create_time", UTCDateTime(), nullable=False),
+    sa.Column("update_time", UTCDateTime(), nullable=False),
+    sa.UniqueConstraint("user_id", "request_id"),
+    sa.Index(None, "user_id", "create_time", "id"),
+)
+
+#: The outbox: one row per event and endpoint, written with the event. Pending rows are
+#: claimed by moving ``next_attempt_time`` past the claim's lease.
+webhook_deliveries = sa.Table(
+    "webhook_deliveries",
+    metadata,
+    _id(),
+    sa.Column(
+        "webhook_id",
+        sa.String(40),
+        sa.ForeignKey("webhooks.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column(
+        "event_id",
+        sa.String(40),
+        sa.ForeignKey("events.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("event_type", sa.String(100), nullable=False),
+    sa.Column("state", sa.String(20), nullable=False),
+    sa.Column("attempt_count", sa.Integer(), nullable=False, default=0),
+    sa.Column("next_attempt_time", UTCDateTime(), nullable=True),
+    # Which claim holds the row (0: none); a result is recorded only by its claim.
+    sa.Column("claim", sa.BigInteger(), nullable=False, default=0),
+    # A test send: delivered once, never retried, never counted against the endpoint.
+    sa.Column("test", sa.Boolean(), nullable=False, default=False),
+    sa.Column("create_time", UTCDateTime(), nullable=False),
+    sa.Column("update_time", UTCDateTime(), nullable=False),
+    sa.Index(None, "webhook_id", "id"),
+    sa.Index(
+        "ix_webhook_deliveries_due",
+        "next_attempt_time",
+        postgresql_where=sa.text("state = 'pending'"),
+        sqlite_where=sa.text("state = 'pending'"),
+    ),
+)
+
+#: Every HTTP request of a delivery.
+webhook_attempts = sa.Table(
+    "webhook_attempts",
+    metadata,
+    sa.Column(
+        "delivery_id",
+        sa.String(40),
+        sa.ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("number", sa.Integer(), primary_key=True),
+    sa.Column("time", UTCDateTime(), nullable=False),
+    sa.Column("status_code", sa.Integer(), nullable=False),
+    sa.Column("latency", sa.Float(), nullable=False),
+    sa.Column("response_excerpt", sa.String(1024), nullable=False),
+    sa.Column("error", sa.String(300), nullable=False),
+    sa.Column("succeeded", sa.Boolean(), nullable=False),
+)
+
+#: Long-running operations. Work is resumable: ``cursor`` says where it stands, and the
+#: replica running it renews ``lease_until``; another replica takes over when it lapses.
+operations = sa.Table(
+    "operations",
+    metadata,
+    _id(),
+    _user_fk(),
+    sa.Column("kind", sa.String(50), nullable=False),
+    sa.Column("target", sa.String(300), nullable=False),
+    sa.Column("params", sa.JSON(), nullable=False),
+    sa.Column("cursor", sa.String(40), nullable=False, default=""),
+    sa.Column("processed", sa.BigInteger(), nullable=False, default=0),
+    sa.Column("total", sa.BigInteger(), nullable=False, default=0),
+    sa.Column("done", sa.Boolean(), nullable=False, default=False),
+    sa.Column("result", sa.JSON(), nullable=True),
+    sa.Column("error_code", sa.Integer(), nullable=False, default=0),
+    sa.Column("error_message", sa.String(300), nullable=False, default=""),
+    sa.Column("request_id", sa.String(64), nullable=True),
+    sa.Column("lease_until", UTCDateTime(), nullable=True),
+    sa.Column("create_time", UTCDateTime(), nullable=False),
+    sa.Column("update_time", UTCDateTime(), nullable=False),
+    sa.Column("end_time", UTCDateTime(), nullable=True),
+    sa.UniqueConstraint("user_id", "request_id"),
+    sa.Index(None, "user_id", "create_time", "id"),
+    sa.Index(None, "done", "lease_until"),
+)

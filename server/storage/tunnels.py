@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -288,9 +289,39 @@ class SqlEventRepository(Repository):
     async def list(self, user_id: str, query: ListQuery) -> builtins.list[Event]:
         stmt = sa.select(events).where(events.c.user_id == user_id)
         stmt = apply_list_query(stmt, query, EVENT_COLUMNS, events.c.id)
-        return [
-            Event(
-                r["id"], r["type"], r["subject"], r["user_id"], r["actor"], r["time"], r["payload"]
+        return [_event(r) for r in await self._all(stmt)]
+
+    async def get(self, event_id: str) -> Event | None:
+        row = await self._one(sa.select(events).where(events.c.id == event_id))
+        return None if row is None else _event(row)
+
+    async def by_ids(self, event_ids: Sequence[str]) -> builtins.list[Event]:
+        if not event_ids:
+            return []
+        stmt = sa.select(events).where(events.c.id.in_(list(event_ids)))
+        return [_event(r) for r in await self._all(stmt)]
+
+    async def between(
+        self, user_id: str, start: datetime, end: datetime, after_id: str, limit: int
+    ) -> builtins.list[Event]:
+        """The owner's events in [start, end), by id, after ``after_id``."""
+        stmt = (
+            sa.select(events)
+            .where(
+                events.c.user_id == user_id,
+                events.c.time >= start,
+                events.c.time < end,
+                events.c.id > after_id,
             )
-            for r in await self._all(stmt)
-        ]
+            .order_by(events.c.id)
+            .limit(limit)
+        )
+        return [_event(r) for r in await self._all(stmt)]
+
+    async def count_between(self, user_id: str, start: datetime, end: datetime) -> int:
+        stmt = (
+            sa.select(sa.func.count())
+            .select_from(events)
+            .where(events.c.user_id == user_id, events.c.time >= start, events.c.time < end)
+        )
+        return int((await self._conn.execute(stmt)).scalar_one())
