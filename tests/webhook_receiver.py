@@ -65,7 +65,7 @@ class Receiver:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server  # noqa: SLF001 - aiohttp does not expose the bound port otherwise
+        server = site._server  # aiohttp does not expose the bound port otherwise
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         return self
@@ -95,21 +95,21 @@ class Receiver:
         return [s for s in self.seen if s.path == path]
 
     async def wait_for(
-        self, count: int, path: str | None = None, timeout: float = 20.0
+        self, count: int, path: str | None = None, within: float = 20.0
     ) -> list[Seen]:
         """Wait until ``count`` requests (to ``path``, if given) have arrived; them all."""
         return await self.wait_until(
             lambda seen: len([s for s in seen if path is None or s.path == path]) >= count,
-            timeout,
+            within,
             path,
         )
 
     async def wait_until(
-        self, done: Callable[[list[Seen]], bool], timeout: float = 20.0, path: str | None = None
+        self, done: Callable[[list[Seen]], bool], within: float = 20.0, path: str | None = None
     ) -> list[Seen]:
         """Wait until ``done(seen)``; the requests (to ``path``, if given)."""
         assert self._changed is not None
-        async with asyncio.timeout(timeout), self._changed:
+        async with asyncio.timeout(within), self._changed:
             await self._changed.wait_for(lambda: done(self.seen))
         return [s for s in self.seen if path is None or s.path == path]
 
