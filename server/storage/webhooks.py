@@ -275,10 +275,13 @@ class SqlWebhookRepository(Repository):
         return None if row is None else Claimed(row[0], row[1], row[2], row[3], row[4], token)
 
     async def take_slots(
-        self, webhook_id: str, count: int, now: datetime, interval: float
+        self, webhook_id: str, count: int, now: datetime, interval: float, until: datetime
     ) -> builtins.list[datetime]:
-        """Reserve ``count`` send times, ``interval`` apart, at or after ``now`` (GCRA with
-        a burst of one, shared by every replica through the endpoint's row)."""
+        """The next ``count`` send times of the endpoint, ``interval`` apart from its
+        theoretical arrival time (GCRA with a burst of one, shared by every replica through
+        the endpoint's row); those at or before ``until`` are taken (sent now), the others
+        are only told their turn, not reserved, so that a held-back delivery does not push
+        itself further back."""
         tat = (
             await self._conn.execute(
                 sa.select(_w.rate_tat).where(_w.id == webhook_id).with_for_update()
@@ -287,9 +290,11 @@ class SqlWebhookRepository(Repository):
         start = max(tat, now) if tat is not None else now
         step = timedelta(seconds=interval)
         slots = [start + step * i for i in range(count)]
-        await self._conn.execute(
-            sa.update(webhooks).where(_w.id == webhook_id).values(rate_tat=start + step * count)
-        )
+        taken = sum(1 for slot in slots if slot <= until)
+        if taken:
+            await self._conn.execute(
+                sa.update(webhooks).where(_w.id == webhook_id).values(rate_tat=start + step * taken)
+            )
         return slots
 
     async def release(self, delivery_id: str, token: int, at: datetime) -> None:

@@ -221,9 +221,10 @@ class WebhookDispatcher:
         async with self._uow() as uow:
             for webhook_id, group in limited.items():
                 interval = 1.0 / hooks[webhook_id].rate_limit
-                slots = await uow.webhooks.take_slots(webhook_id, len(group), now, interval)
+                until = now + SLOT_SLACK
+                slots = await uow.webhooks.take_slots(webhook_id, len(group), now, interval, until)
                 for c, slot in zip(group, slots, strict=True):
-                    if slot > now + SLOT_SLACK:
+                    if slot > until:
                         await uow.webhooks.release(c.delivery_id, c.token, slot)
                         held.add(c.delivery_id)
         if held:

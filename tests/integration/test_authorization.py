@@ -9,6 +9,7 @@ so nothing joins the API without being checked.
 from __future__ import annotations
 
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 import grpc
 import pytest
 from google.api import httpbody_pb2
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from tunnelplane.v1 import (
     admin_pb2,
@@ -25,9 +26,11 @@ from tunnelplane.v1 import (
     auth_pb2,
     common_pb2,
     events_pb2,
+    operations_pb2,
     options_pb2,
     tunnels_pb2,
     users_pb2,
+    webhooks_pb2,
 )
 
 from server.app import SERVICES
@@ -59,6 +62,12 @@ class Target:
 
 
 Builder = Callable[[Target], Message]
+
+
+def webhook(t: Target) -> str:
+    """A webhook of the target's owner that does not exist: authorization decides on the
+    name alone, so allowed callers get NOT_FOUND and refused ones never learn that."""
+    return f"{t.user.name}/webhooks/whk_01jd3k0000000000000000000a"
 
 BUILDERS: dict[str, Builder] = {
     "AuthService/Register": lambda t: auth_pb2.RegisterRequest(
@@ -163,6 +172,42 @@ BUILDERS: dict[str, Builder] = {
     "EventService/ListEvents": lambda t: events_pb2.ListEventsRequest(parent=t.user.name),
     "AdminService/DeleteIpBlock": lambda t: admin_pb2.DeleteIpBlockRequest(
         name="ipBlocks/10.9.9.9"
+    ),
+    "WebhookService/CreateWebhook": lambda t: webhooks_pb2.CreateWebhookRequest(
+        parent=t.user.name, webhook=webhooks_pb2.Webhook(url="http://127.0.0.1:9/matrix")
+    ),
+    "WebhookService/GetWebhook": lambda t: webhooks_pb2.GetWebhookRequest(name=webhook(t)),
+    "WebhookService/ListWebhooks": lambda t: webhooks_pb2.ListWebhooksRequest(
+        parent=t.user.name
+    ),
+    "WebhookService/UpdateWebhook": lambda t: webhooks_pb2.UpdateWebhookRequest(
+        webhook=webhooks_pb2.Webhook(name=webhook(t), description="x"),
+        update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+    ),
+    "WebhookService/DeleteWebhook": lambda t: webhooks_pb2.DeleteWebhookRequest(name=webhook(t)),
+    "WebhookService/RotateWebhookSecret": lambda t: webhooks_pb2.RotateWebhookSecretRequest(
+        name=webhook(t)
+    ),
+    "WebhookService/ListWebhookDeliveries": lambda t: webhooks_pb2.ListWebhookDeliveriesRequest(
+        parent=webhook(t)
+    ),
+    "WebhookService/GetWebhookDelivery": lambda t: webhooks_pb2.GetWebhookDeliveryRequest(
+        name=f"{webhook(t)}/deliveries/dlv_01jd3k0000000000000000000a"
+    ),
+    "WebhookService/TestWebhook": lambda t: webhooks_pb2.TestWebhookRequest(name=webhook(t)),
+    "WebhookService/ReplayWebhookEvents": lambda t: webhooks_pb2.ReplayWebhookEventsRequest(
+        name=webhook(t), event=f"{t.user.name}/events/evt_01jd3k0000000000000000000a"
+    ),
+    "WebhookService/RecoverWebhookDeliveries": (
+        lambda t: webhooks_pb2.RecoverWebhookDeliveriesRequest(
+            name=webhook(t), start_time=timestamp_pb2.Timestamp(seconds=int(time.time()) - 60)
+        )
+    ),
+    "OperationService/GetOperation": lambda t: operations_pb2.GetOperationRequest(
+        name=f"{t.user.name}/operations/opr_01jd3k0000000000000000000a"
+    ),
+    "OperationService/ListOperations": lambda t: operations_pb2.ListOperationsRequest(
+        parent=t.user.name
     ),
 }
 
@@ -286,6 +331,8 @@ async def call_rpc(
         "TunnelService": client.tunnels,
         "AgentService": client.agents,
         "EventService": client.events,
+        "WebhookService": client.webhooks,
+        "OperationService": client.operations,
     }[service]
     rpc = getattr(stub, method.name)
     try:

@@ -10,6 +10,7 @@ RPC without rows (or an explicit exemption with a reason) fails it.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -20,10 +21,19 @@ import pytest
 import pytest_asyncio
 import sqlalchemy as sa
 from google.api import httpbody_pb2
-from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from google.type import date_pb2
-from tunnelplane.v1 import admin_pb2, auth_pb2, common_pb2, events_pb2, tunnels_pb2, users_pb2
+from tunnelplane.v1 import (
+    admin_pb2,
+    auth_pb2,
+    common_pb2,
+    events_pb2,
+    operations_pb2,
+    tunnels_pb2,
+    users_pb2,
+    webhooks_pb2,
+)
 
 from server.app import SERVICES, App
 from server.domain.principal import Role
@@ -44,6 +54,10 @@ WATCHED = (
     tables.agent_sessions,
     tables.agent_reports,
     tables.tunnel_usage,
+    tables.webhooks,
+    tables.webhook_deliveries,
+    tables.webhook_attempts,
+    tables.operations,
     tables.events,
 )
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 24
@@ -60,6 +74,7 @@ class Ctx:
     keys_page_token: str
     users_page_token: str
     tunnel: str = ""
+    webhook: str = ""
 
     @property
     def uid(self) -> str:
@@ -189,6 +204,35 @@ def under_tunnel(message: type[Message], **fields: Any) -> Build:
     return lambda c: message(parent=c.tunnel, **fields)
 
 
+def hook(**fields: Any) -> Build:
+    """A CreateWebhook request for the context's user with these webhook fields."""
+    fields.setdefault("url", "https://hooks.example.com/in")
+    return lambda c: W.CreateWebhookRequest(parent=c.user.name, webhook=W.Webhook(**fields))
+
+
+def on_hook(message: type[Message], suffix: str = "", field: str = "name", **fields: Any) -> Build:
+    """A request naming the context's webhook (plus ``suffix``) in ``field``."""
+    return lambda c: message(**{field: c.webhook + suffix}, **fields)
+
+
+def patch_hook(paths: tuple[str, ...] = (), **fields: Any) -> Build:
+    """An UpdateWebhook of the context's webhook."""
+    return lambda c: W.UpdateWebhookRequest(
+        webhook=W.Webhook(name=c.webhook, **fields),
+        update_mask=field_mask_pb2.FieldMask(paths=list(paths)),
+    )
+
+
+def replay(**fields: Any) -> Build:
+    """A ReplayWebhookEvents of the context's webhook."""
+    return lambda c: W.ReplayWebhookEventsRequest(name=c.webhook, **fields)
+
+
+def recent() -> timestamp_pb2.Timestamp:
+    """An hour ago."""
+    return ts(int(time.time()) - 3600)
+
+
 def day(year: int, month: int, day_: int) -> date_pb2.Date:
     """A raw Date, range unchecked."""
     return date_pb2.Date(year=year, month=month, day=day_)
@@ -282,6 +326,9 @@ U = "UserService"
 AD = "AdminService"
 T = "TunnelService"
 EV = "EventService"
+WH = "WebhookService"
+OP = "OperationService"
+W = webhooks_pb2
 AG = "AgentService"
 P = tunnels_pb2
 PAST, FAR = ts(1_000_000_000), ts(4_000_000_000)
@@ -931,6 +978,154 @@ BAD_REQUESTS = [
             lambda c: events_pb2.ListEventsRequest(parent="users/me", page_token="x"),
         ),
     ),
+    *rows(
+        f"{WH}.CreateWebhook",
+        no_url=("webhook.url", hook(url="")),
+        ftp=("webhook.url", hook(url="ftp://hooks.example.com/")),
+        credentials=("webhook.url", hook(url="https://u:p@hooks.example.com/")),
+        spaces=("webhook.url", hook(url="https://hooks.example.com/a b")),
+        no_host=("webhook.url", hook(url="https:///path")),
+        huge_url=("webhook.url", hook(url="https://h.example.com/" + "a" * 3000)),
+        unknown_type=("webhook.event_types[0]", hook(event_types=["tunnel.exploded"])),
+        bad_wildcard=("webhook.event_types[1]", hook(event_types=["user.created", "nope.*"])),
+        bad_transform=("webhook.transform", hook(transform="data.[")),
+        unknown_function=("webhook.transform", hook(transform="evil(data)")),
+        rate=("webhook.rate_limit", hook(rate_limit=5000)),
+        negative_rate=("webhook.rate_limit", hook(rate_limit=-1)),
+        host_header=("webhook.headers['Host']", hook(headers={"Host": "x"})),
+        signature_header=(
+            "webhook.headers['webhook-signature']",
+            hook(headers={"webhook-signature": "v1,x"}),
+        ),
+        bad_header_name=("webhook.headers['a b']", hook(headers={"a b": "x"})),
+        newline_value=("webhook.headers['X-A']", hook(headers={"X-A": "a\r\nX-B: b"})),
+        long_description=("webhook.description", hook(description="d" * 1001)),
+        long_request_id=(
+            "request_id",
+            lambda c: W.CreateWebhookRequest(
+                parent=c.user.name,
+                webhook=W.Webhook(url="https://hooks.example.com/"),
+                request_id="r" * 65,
+            ),
+        ),
+        bad_parent=(
+            "parent",
+            lambda c: W.CreateWebhookRequest(
+                parent="me", webhook=W.Webhook(url="https://hooks.example.com/")
+            ),
+        ),
+    ),
+    *rows(
+        f"{WH}.GetWebhook",
+        bad_id=("name", named(W.GetWebhookRequest, "users/{uid}/webhooks/nope")),
+        wrong_collection=("name", named(W.GetWebhookRequest, "users/{uid}/tunnels/{tunnel}")),
+    ),
+    *rows(
+        f"{WH}.ListWebhooks",
+        negative_size=(
+            "page_size",
+            lambda c: W.ListWebhooksRequest(parent="users/me", page_size=-1),
+        ),
+        bad_filter=(
+            "filter",
+            lambda c: W.ListWebhooksRequest(parent="users/me", filter='disabled_reason = "x"'),
+        ),
+        bad_order=(
+            "order_by",
+            lambda c: W.ListWebhooksRequest(parent="users/me", order_by="secret"),
+        ),
+    ),
+    *rows(
+        f"{WH}.UpdateWebhook",
+        bad_path=("update_mask", patch_hook(("secret",), description="x")),
+        bad_url=("webhook.url", patch_hook(("url",), url="gopher://x")),
+        bad_types=("webhook.event_types[0]", patch_hook(("event_types",), event_types=["x"])),
+        bad_name=(
+            "webhook.name",
+            lambda c: W.UpdateWebhookRequest(webhook=W.Webhook(name="webhooks/1", url="x")),
+        ),
+    ),
+    *rows(
+        f"{WH}.DeleteWebhook",
+        bad_name=("name", named(W.DeleteWebhookRequest, "users/{uid}/webhooks/")),
+    ),
+    *rows(
+        f"{WH}.RotateWebhookSecret",
+        bad_name=("name", named(W.RotateWebhookSecretRequest, "users/{uid}/webhooks/x/y")),
+    ),
+    *rows(
+        f"{WH}.ListWebhookDeliveries",
+        negative_size=(
+            "page_size",
+            on_hook(W.ListWebhookDeliveriesRequest, field="parent", page_size=-1),
+        ),
+        bad_state=(
+            "filter",
+            on_hook(W.ListWebhookDeliveriesRequest, field="parent", filter='state = "lost"'),
+        ),
+        bad_parent=("parent", named(W.ListWebhookDeliveriesRequest, "users/{uid}", "parent")),
+    ),
+    *rows(
+        f"{WH}.GetWebhookDelivery",
+        bad_id=("name", on_hook(W.GetWebhookDeliveryRequest, "/deliveries/evt_1")),
+        wrong_collection=("name", on_hook(W.GetWebhookDeliveryRequest, "/attempts/1")),
+    ),
+    *rows(
+        f"{WH}.TestWebhook",
+        bad_name=("name", named(W.TestWebhookRequest, "users/{uid}/webhooks/whk")),
+        huge_data=(
+            "data",
+            on_hook(
+                W.TestWebhookRequest,
+                data=struct_pb2.Struct(fields={"a": struct_pb2.Value(string_value="x" * 20_000)}),
+            ),
+        ),
+    ),
+    *rows(
+        f"{WH}.ReplayWebhookEvents",
+        nothing=("start_time", replay()),
+        too_old=("start_time", replay(start_time=ts(int(time.time()) - 100 * DAY))),
+        backwards=("end_time", replay(start_time=recent(), end_time=ts(int(time.time()) - 7200))),
+        bad_event=("event", replay(event="events/evt_1")),
+        someone_elses=(
+            "event",
+            replay(
+                event="users/usr_01jd3k0000000000000000000a/events/evt_01jd3k0000000000000000000a"
+            ),
+        ),
+        both=(
+            "event",
+            lambda c: W.ReplayWebhookEventsRequest(
+                name=c.webhook,
+                event=f"{c.user.name}/events/evt_01jd3k0000000000000000000a",
+                start_time=recent(),
+            ),
+        ),
+        bad_types=("event_types[0]", replay(start_time=recent(), event_types=["tunnel"])),
+        bad_timestamp=("start_time", replay(start_time=ts(1, -1))),
+        long_request_id=("request_id", replay(start_time=recent(), request_id="r" * 65)),
+    ),
+    *rows(
+        f"{WH}.RecoverWebhookDeliveries",
+        missing=("start_time", on_hook(W.RecoverWebhookDeliveriesRequest)),
+        future=("start_time", on_hook(W.RecoverWebhookDeliveriesRequest, start_time=FAR)),
+        too_old=("start_time", on_hook(W.RecoverWebhookDeliveriesRequest, start_time=PAST)),
+    ),
+    *rows(
+        f"{OP}.GetOperation",
+        bad_id=("name", named(operations_pb2.GetOperationRequest, "users/{uid}/operations/op_1")),
+    ),
+    *rows(
+        f"{OP}.ListOperations",
+        negative_size=(
+            "page_size",
+            lambda c: operations_pb2.ListOperationsRequest(parent="users/me", page_size=-1),
+        ),
+        bad_filter=(
+            "filter",
+            lambda c: operations_pb2.ListOperationsRequest(parent="users/me", filter="done = 3"),
+        ),
+    ),
 ]
 
 #: Methods whose only input is a credential: a bad one is UNAUTHENTICATED by design (it
@@ -976,8 +1171,15 @@ async def ctx(app: App, channel: grpc.aio.Channel) -> Ctx:
     assert keys.next_page_token
     assert users.next_page_token
     made = await client.tunnel(user, "bad-input-target")
+    target = await client.webhook(user, "http://127.0.0.1:9/bad-input")
     return Ctx(
-        user, admin, keys.api_keys[0].name, keys.next_page_token, users.next_page_token, made.name
+        user,
+        admin,
+        keys.api_keys[0].name,
+        keys.next_page_token,
+        users.next_page_token,
+        made.name,
+        target.name,
     )
 
 
@@ -990,6 +1192,8 @@ def stub_method(client: Client, method: str) -> Callable[..., Any]:
         AD: client.admin,
         T: client.tunnels,
         EV: client.events,
+        WH: client.webhooks,
+        OP: client.operations,
     }[service]
     rpc = getattr(stub, name)
     if name != "WatchTunnels":
