@@ -16,6 +16,8 @@ EXPECTED = {
     "tunnelplane.v1.TunnelService",
     "tunnelplane.v1.AgentService",
     "tunnelplane.v1.EventService",
+    "tunnelplane.v1.WebhookService",
+    "tunnelplane.v1.OperationService",
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",
     "grpc.reflection.v1.ServerReflection",

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
+from hypothesis import event as count_case
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from standardwebhooks.webhooks import Webhook as StandardWebhook
@@ -383,7 +384,10 @@ async def test_property_13_at_least_once_on_schedule_with_a_faithful_history(
         assert len(deliveries) == sum(
             e.user_id == hook.user_id and matches(hook.event_types, e.type) for e in events
         )
+        for s in seen_here:
+            count_case(f"answered {observed_status(s)}")
         if gone:
+            count_case("endpoint disabled (410)")
             # Nothing was sent after the round that got the 410.
             last = max(a.time for d in deliveries.values() for a in d.attempts)
             gone_at = min(
@@ -417,6 +421,7 @@ def _check_delivery(
     else:
         assert not any(a.succeeded for a in attempts)
         exhausted = len(attempts) == len(SCHEDULE) + 1
+        count_case("delivery exhausted" if exhausted else "delivery failed with its endpoint")
         assert final.disabled_reason is DisabledReason.GONE or exhausted, attempts
     assert len(attempts) <= len(SCHEDULE) + 1
     # (c) Each retry waits its jittered delay, and at least what Retry-After asked: the
