@@ -343,6 +343,7 @@ class App:
                 self.tunnel_parts.tunnels,
                 lambda: self.stopping,
                 self._recheck,
+                self.background,
             ),
             "tunnelplane.v1.EventService": EventApi(self.tunnel_parts.events),
             "tunnelplane.v1.WebhookService": WebhookApi(self.webhook_parts.webhooks, self.clock),

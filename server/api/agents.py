@@ -36,12 +36,16 @@ class AgentApi:
         tunnels: TunnelService,
         stopping: Callable[[], bool],
         recheck: Callable[[Call], Awaitable[object]],
+        background: asyncio.Lock | None = None,
     ) -> None:
         self.agents = agents
         self.tunnels = tunnels
         self._stopping = stopping
         #: Verifies the call's credential again (a revoked key ends the stream).
         self.recheck = recheck
+        #: Held while a session's end is written: it comes at a time of its own (silence,
+        #: a dropped connection), like the background passes that hold the same lock.
+        self._background = background or asyncio.Lock()
 
     def tier_connections(self, tier: Tier) -> int:
         """The tier's concurrent connection limit (-1: unlimited)."""
@@ -65,8 +69,13 @@ class AgentApi:
         finally:
             if ended_by_agent:
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self.agents.goodbye(tunnel.id, hello.agent_id))
+                    await asyncio.shield(self._goodbye(tunnel.id, hello.agent_id))
         return A.ConnectResponse()
+
+
+    async def _goodbye(self, tunnel_id: str, agent_id: str) -> None:
+        async with self._background:
+            await self.agents.goodbye(tunnel_id, agent_id)
 
 
 class _Session:
