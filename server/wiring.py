@@ -180,6 +180,7 @@ def build_webhooks(
         WebhookPolicy(
             require_https=settings.mode == "production",
             max_webhooks=settings.webhook_max_per_user,
+            public_only=settings.webhook_public_only,
         ),
     )
     public = settings.webhook_public_only

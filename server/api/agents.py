@@ -72,7 +72,6 @@ class AgentApi:
                     await asyncio.shield(self._goodbye(tunnel.id, hello.agent_id))
         return A.ConnectResponse()
 
-
     async def _goodbye(self, tunnel_id: str, agent_id: str) -> None:
         async with self._background:
             await self.agents.goodbye(tunnel_id, agent_id)

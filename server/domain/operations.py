@@ -201,6 +201,7 @@ class OperationRunner:
         """Run operations until cancelled; errors are logged and retried after a pause."""
         hold = paused or contextlib.nullcontext()
         while True:
+            self._wake.clear()  # before the step: a start during it wakes the next
             try:
                 async with hold:
                     busy = await self.run_once()
@@ -209,7 +210,6 @@ class OperationRunner:
                 busy = False
             if busy:
                 continue
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(poll_interval):
                     await self._wake.wait()

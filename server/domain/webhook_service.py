@@ -11,13 +11,16 @@ recoveries.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import re
-from collections.abc import Callable, Mapping, Sequence
+import socket
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from server.domain import audit, fieldmask, validation
 from server.domain.clock import Clock
@@ -29,6 +32,7 @@ from server.domain.operations import Operation, Step
 from server.domain.outbox import TEST_EVENT, DeliveryState, NewDelivery
 from server.domain.ports import UnitOfWork, UnitOfWorkFactory
 from server.domain.webhooks import (
+    address_allowed,
     check_url,
     compile_transform,
     matches,
@@ -51,6 +55,8 @@ MAX_HEADERS = 20
 MAX_HEADER_VALUE = 1000
 MAX_RATE_LIMIT = 1000
 MAX_DESCRIPTION = 1000
+#: Longest wait for a URL's host to resolve when it is written.
+RESOLVE_TIMEOUT = 5.0
 #: How far back a replay or a recovery may reach.
 LOOKBACK = timedelta(days=90)
 DISABLED_EVENT = "endpoint.disabled"
@@ -212,6 +218,34 @@ class WebhookPolicy:
     require_https: bool = False
     #: Endpoints per user.
     max_webhooks: int = 20
+    #: Production: a URL's host must resolve to global addresses only (checked when it is
+    #: written, and again by the sender on every connection).
+    public_only: bool = False
+
+
+#: Resolves a host name to its addresses (the event loop's getaddrinfo by default).
+Resolver = Callable[[str], Awaitable[list[str]]]
+
+
+async def resolve(host: str) -> list[str]:
+    """The addresses ``host`` resolves to (IPv6 scope ids dropped)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return [str(info[4][0]).split("%", 1)[0] for info in infos]
+
+
+async def check_reachable(url: str, resolver: Resolver, field_name: str = "webhook.url") -> None:
+    """:class:`InvalidArgument` unless every address ``url``'s host resolves to is global
+    (no loopback, private, link-local or otherwise special address: SSRF)."""
+    host = (urlsplit(url).hostname or "").strip("[]")
+    try:
+        async with asyncio.timeout(RESOLVE_TIMEOUT):
+            addresses = await resolver(host)
+    except (OSError, TimeoutError, UnicodeError):
+        raise InvalidArgument.single(field_name, "the host does not resolve") from None
+    if not addresses or not all(address_allowed(a, allow_private=False) for a in addresses):
+        raise InvalidArgument.single(
+            field_name, "the host resolves to a loopback, private or link-local address"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +373,7 @@ class WebhookService:
         self._lister = lister
         self._clock = clock
         self.policy = policy
+        self.resolver: Resolver = resolve
         #: The dispatcher of this process (test sends go through it).
         self.sender: Sender | None = None
         #: Called when an operation was started (the runner looks for work).
@@ -380,6 +415,8 @@ class WebhookService:
         if len(request_id) > 64:
             raise InvalidArgument.single("request_id", "at most 64 characters")
         clean = check_draft(draft, self.policy)
+        if self.policy.public_only:
+            await check_reachable(clean.url, self.resolver)
         now = self._clock.now()
         async with self._uow() as uow:
             if request_id and (done := await uow.webhooks.find_by_request(owner_id, request_id)):
@@ -425,6 +462,9 @@ class WebhookService:
         """Apply the masked paths of ``requested``; validated as a whole. Re-enabling clears
         the failure record."""
         paths = fieldmask.check_paths(paths, UPDATABLE_PATHS)
+        if "url" in paths and self.policy.public_only:
+            check_url(requested.url, require_https=self.policy.require_https)
+            await check_reachable(requested.url, self.resolver)
         async with self._uow() as uow:
             webhook = await _load(uow, owner_id, webhook_id, lock=True)
             _check_etag(webhook, etag, "webhook.etag")

@@ -154,18 +154,19 @@ class WebhookDispatcher:
         """Deliver until cancelled. Each round holds ``paused`` (when given)."""
         hold = paused or contextlib.nullcontext()
         while True:
+            idle = self._settings.poll_interval
+            self._wake.clear()  # before the round: an event during it wakes the next
             try:
                 async with hold:
                     claimed = await self.run_once()
                     await self._update_stats()
+                if claimed >= self._settings.batch:
+                    continue  # more is due: no sleep
+                idle = await self._idle_time(claimed)
             except Exception:
                 log.exception("webhook dispatch failed; will retry")
-                claimed = 0
-            if claimed >= self._settings.batch:
-                continue  # more is due: no sleep
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(await self._idle_time(claimed)):
+                async with asyncio.timeout(idle):
                     await self._wake.wait()
 
     async def _idle_time(self, claimed: int) -> float:

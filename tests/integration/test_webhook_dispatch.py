@@ -54,8 +54,8 @@ from tests.conftest import Backend, own_database
 from tests.webhook_receiver import Receiver, Reply, Seen
 
 #: The sender's budget per attempt; a scripted "timeout" answers after SLOW seconds.
-TIMEOUT = 0.3
-SLOW = 0.45
+TIMEOUT = 0.5
+SLOW = 0.65
 #: A timed-out attempt: the receiver would have accepted it (202), too late for the sender.
 TIMED_OUT = 202
 SCHEDULE = (timedelta(seconds=1), timedelta(seconds=2), timedelta(seconds=4))

@@ -23,7 +23,10 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from tunnelplane.v1 import events_pb2, operations_pb2, tunnels_pb2, webhooks_pb2
 
 from server.app import App
+from server.domain.ids import new_id
 from server.domain.principal import Tier
+from server.domain.webhook_service import DisabledReason, Webhook
+from server.domain.webhooks import new_secret
 from server.domain.tokens import generate_private_key_pem
 from tests.conftest import Backend, make_settings, own_database
 from tests.helpers import Client, TestUser, fails, reason, violations
@@ -504,18 +507,51 @@ async def test_production_refuses_plain_http_and_private_addresses(
         owner = await client.new_user()
         error = await fails(client.webhook(owner, rx.url()), grpc.StatusCode.INVALID_ARGUMENT)
         assert violations(error) == {"webhook.url": "must use https"}
-        for url in (
+        private = (
             f"https://127.0.0.1:{rx.port}/hook",
             f"https://localhost:{rx.port}/hook",
             f"https://[::1]:{rx.port}/hook",
-            f"https://10.0.0.1:{rx.port}/hook",
+            f"https://[::ffff:127.0.0.1]:{rx.port}/hook",
+            "https://10.0.0.1/hook",
             "https://169.254.169.254/latest/meta-data",
-        ):
-            hook = await client.webhook(owner, url)  # accepted: checked when it is dialled
+        )
+        for url in private:
+            refused = await fails(client.webhook(owner, url), grpc.StatusCode.INVALID_ARGUMENT)
+            assert "webhook.url" in violations(refused), url
+        # A name whose answer changes after the check (DNS rebinding) is caught when it is
+        # dialled: the stored URL below stands for such a name.
+        for url in private:
+            hook = await stored_webhook(production, owner, url)
             sent = await client.webhooks.TestWebhook(
-                W.TestWebhookRequest(name=hook.name), metadata=owner.metadata
+                W.TestWebhookRequest(name=hook), metadata=owner.metadata
             )
             (attempt,) = sent.attempts
             assert attempt.error == "address not allowed", (url, attempt)
             assert attempt.status_code == 0
         assert rx.seen == []
+
+
+async def stored_webhook(app: App, owner: TestUser, url: str) -> str:
+    """An endpoint written straight to storage, past the API's checks; its name."""
+    now = datetime.now(UTC)
+    webhook = Webhook(
+        id=new_id("whk"),
+        user_id=owner.id,
+        url=url,
+        description="",
+        event_types=(),
+        transform="",
+        rate_limit=0,
+        headers={},
+        disabled_reason=DisabledReason.NONE,
+        secret=new_secret(),
+        previous_secret=None,
+        previous_secret_expire_time=None,
+        failing_since=None,
+        version=1,
+        create_time=now,
+        update_time=now,
+    )
+    async with app.db() as uow:
+        await uow.webhooks.add(webhook)
+    return webhook.name
