@@ -69,6 +69,7 @@ def webhook(t: Target) -> str:
     name alone, so allowed callers get NOT_FOUND and refused ones never learn that."""
     return f"{t.user.name}/webhooks/whk_01jd3k0000000000000000000a"
 
+
 BUILDERS: dict[str, Builder] = {
     "AuthService/Register": lambda t: auth_pb2.RegisterRequest(
         email=unique_email("matrix"), password=PASSWORD
@@ -177,9 +178,7 @@ BUILDERS: dict[str, Builder] = {
         parent=t.user.name, webhook=webhooks_pb2.Webhook(url="http://127.0.0.1:9/matrix")
     ),
     "WebhookService/GetWebhook": lambda t: webhooks_pb2.GetWebhookRequest(name=webhook(t)),
-    "WebhookService/ListWebhooks": lambda t: webhooks_pb2.ListWebhooksRequest(
-        parent=t.user.name
-    ),
+    "WebhookService/ListWebhooks": lambda t: webhooks_pb2.ListWebhooksRequest(parent=t.user.name),
     "WebhookService/UpdateWebhook": lambda t: webhooks_pb2.UpdateWebhookRequest(
         webhook=webhooks_pb2.Webhook(name=webhook(t), description="x"),
         update_mask=field_mask_pb2.FieldMask(paths=["description"]),
