@@ -25,9 +25,9 @@ from tunnelplane.v1 import events_pb2, operations_pb2, tunnels_pb2, webhooks_pb2
 from server.app import App
 from server.domain.ids import new_id
 from server.domain.principal import Tier
+from server.domain.tokens import generate_private_key_pem
 from server.domain.webhook_service import DisabledReason, Webhook
 from server.domain.webhooks import new_secret
-from server.domain.tokens import generate_private_key_pem
 from tests.conftest import Backend, make_settings, own_database
 from tests.helpers import Client, TestUser, fails, reason, violations
 from tests.webhook_receiver import Receiver, Seen
