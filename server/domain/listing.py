@@ -415,9 +415,19 @@ class Lister:
             raise InvalidArgument.single("page_token", "invalid page token")
         return ListQuery(limit, order, expr, after, fingerprint)
 
-    def page(self, query: ListQuery, rows: list[T], key: Callable[[T], tuple[Any, ...]]) -> Page[T]:
-        """The page for ``rows`` (fetched with ``limit + 1`` so the next page is known)."""
+    def page(
+        self, query: ListQuery, rows: list[T], key: Callable[[T], tuple[Any, ...]] | None = None
+    ) -> Page[T]:
+        """The page for ``rows`` (fetched with ``limit + 1`` so the next page is known).
+        ``key`` gives a row's keyset values; by default, its attributes named like the
+        order's fields, then its ``id``."""
         if len(rows) <= query.limit:
             return Page(rows, "")
         items = rows[: query.limit]
-        return Page(items, self._codec.encode(query.fingerprint, key(items[-1])))
+        last = items[-1]
+        values = (
+            key(last)
+            if key is not None
+            else (*(getattr(last, k.field) for k in query.order), getattr(last, "id"))  # noqa: B009
+        )
+        return Page(items, self._codec.encode(query.fingerprint, values))

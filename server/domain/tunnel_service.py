@@ -174,9 +174,7 @@ class TunnelService:
         )
         async with self._uow(readonly=True) as uow:
             rows = await uow.tunnels.list(owner_id, query)
-        return self._lister.page(
-            query, rows, lambda t: (*(getattr(t, k.field) for k in query.order), t.id)
-        )
+        return self._lister.page(query, rows)
 
     async def create(
         self, owner_id: str, tier: Tier, draft: TunnelDraft, *, request_id: str, actor: str

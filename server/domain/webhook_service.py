@@ -406,9 +406,7 @@ class WebhookService:
         )
         async with self._uow(readonly=True) as uow:
             rows = await uow.webhooks.list(owner_id, query)
-        return self._lister.page(
-            query, rows, lambda w: (*(getattr(w, k.field) for k in query.order), w.id)
-        )
+        return self._lister.page(query, rows)
 
     async def create(self, owner_id: str, draft: WebhookDraft, *, request_id: str) -> Webhook:
         """A new endpoint with a fresh secret (returned with it, this once)."""
