@@ -17,10 +17,10 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
-from google.protobuf import field_mask_pb2, timestamp_pb2
+from google.protobuf import field_mask_pb2
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 from standardwebhooks.webhooks import WebhookVerificationError
-from tunnelplane.v1 import events_pb2, operations_pb2, tunnels_pb2, webhooks_pb2
+from tunnelplane.v1 import events_pb2, operations_pb2, tunnels_pb2, users_pb2, webhooks_pb2
 
 from server.app import App
 from server.domain.ids import new_id
@@ -70,11 +70,16 @@ async def events_of(client: Client, owner: TestUser) -> list[events_pb2.Event]:
     return list(found.events)
 
 
-def stamp(moment: datetime) -> timestamp_pb2.Timestamp:
-    """A Timestamp."""
-    value = timestamp_pb2.Timestamp()
-    value.FromDatetime(moment)
-    return value
+async def settled(client: Client, owner: TestUser, name: str) -> W.WebhookDelivery:
+    """The delivery once its attempt is recorded (the receiver hears it a moment before)."""
+    async with asyncio.timeout(10):
+        while True:
+            got = await client.webhooks.GetWebhookDelivery(
+                W.GetWebhookDeliveryRequest(name=name), metadata=owner.metadata
+            )
+            if got.attempts:
+                return got
+            await asyncio.sleep(0.02)
 
 
 # --- endpoints ---------------------------------------------------------------------------
@@ -232,14 +237,27 @@ async def test_events_arrive_signed_as_standard_webhooks_says(client: Client, rx
     (delivered,) = await deliveries(client, owner, hook.name)
     assert delivered.message_id == event.id
     assert delivered.event == event.name
-    done = await client.webhooks.GetWebhookDelivery(
-        W.GetWebhookDeliveryRequest(name=delivered.name), metadata=owner.metadata
-    )
+    done = await settled(client, owner, delivered.name)
     assert done.state == W.WebhookDelivery.STATE_SUCCEEDED
     (attempt,) = done.attempts
     assert attempt.status_code == 200
     assert attempt.succeeded
     assert attempt.response_excerpt == "ok"
+    # The delivery log is in the owner's audit trail, and in the metrics.
+    activity = await client.users.ListActivity(
+        users_pb2.ListActivityRequest(parent=owner.name, page_size=100), metadata=owner.metadata
+    )
+    delivered_log = [e for e in activity.entries if e.action == "webhook.deliver"]
+    assert [e.resource for e in delivered_log] == [delivered.name]
+    assert delivered_log[0].outcome == "OK"
+    succeeded = client.app.registry.get_sample_value(
+        "tunnelplane_webhook_deliveries_total", {"result": "succeeded"}
+    )
+    assert succeeded is not None
+    assert succeeded >= 1
+    latency = client.app.registry.get_sample_value("tunnelplane_webhook_attempt_seconds_count")
+    assert latency is not None
+    assert latency >= 1
 
 
 async def test_filters_decide_in_the_events_own_transaction(client: Client, rx: Receiver) -> None:
