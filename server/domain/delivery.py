@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 from server.domain.events import Event
 from server.domain.outbox import DeliveryState
-from server.domain.webhook_service import DisabledReason, Webhook, event_data
+from server.domain.webhook_service import Attempt, DisabledReason, Webhook, event_data
 from server.domain.webhooks import (
     RETRY_AFTER_STATUSES,
     RETRY_SCHEDULE,
@@ -39,6 +39,17 @@ class Claimed:
     attempt_count: int
     test: bool
     token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A claimed delivery's result, to record if its claim still holds it."""
+
+    delivery_id: str
+    token: int
+    state: DeliveryState
+    next_attempt_time: datetime | None
+    attempt: Attempt | None
 
 
 @dataclass(frozen=True, slots=True)

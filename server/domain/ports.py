@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from datetime import date
 
     from server.domain.agents import AgentSession, UsageRow
-    from server.domain.delivery import Claimed
+    from server.domain.delivery import Claimed, Finished
     from server.domain.events import Event
     from server.domain.operations import Operation
     from server.domain.outbox import NewDelivery, Receiver
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from server.domain.traffic import Report, Totals
     from server.domain.tunnels import Endpoint, Tunnel
     from server.domain.violations import ViolationRecord
-    from server.domain.webhook_service import Attempt, Delivery, DisabledReason, Webhook
+    from server.domain.webhook_service import Delivery, DisabledReason, Webhook
 
 
 class UserRepository(Protocol):
@@ -100,6 +100,7 @@ class AuditRepository(Protocol):
     """The audit log."""
 
     async def add(self, entry: AuditEntry) -> None: ...
+    async def add_many(self, entries: Sequence[AuditEntry]) -> None: ...
     async def set_outcome(self, entry_id: str, outcome: str, reason: str) -> None: ...
     async def list_for_user(self, user_id: str, query: ListQuery) -> builtins.list[AuditEntry]: ...
     async def erase_user(self, user_id: str) -> None: ...
@@ -177,15 +178,7 @@ class WebhookRepository(Protocol):
         self, webhook_id: str, count: int, now: datetime, interval: float, until: datetime
     ) -> builtins.list[datetime]: ...
     async def release(self, delivery_id: str, token: int, at: datetime) -> None: ...
-    async def finish(
-        self,
-        delivery_id: str,
-        token: int,
-        state: str,
-        next_attempt_time: datetime | None,
-        attempt: Attempt | None,
-        now: datetime,
-    ) -> bool: ...
+    async def finish(self, finished: Sequence[Finished], now: datetime) -> builtins.set[str]: ...
     async def succeeded(self, webhook_ids: Sequence[str]) -> None: ...
     async def failing(self, webhook_id: str, now: datetime) -> datetime: ...
     async def disable(self, webhook_id: str, reason: DisabledReason, now: datetime) -> bool: ...

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import builtins
+from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -35,28 +37,35 @@ def _entry(row: sa.RowMapping) -> AuditEntry:
     )
 
 
+def _row(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "time": entry.time,
+        "request_id": entry.request_id[:64],
+        "method": entry.method[:200],
+        "action": entry.action[:100],
+        "outcome": entry.outcome,
+        "reason": entry.reason[:100],
+        "actor_user_id": entry.actor_user_id,
+        "api_key_id": entry.api_key_id,
+        "subject_user_id": entry.subject_user_id,
+        "resource": entry.resource[:300],
+        "ip_address": entry.ip_address[:64],
+        "user_agent": entry.user_agent[:512],
+        "details": entry.details,
+    }
+
+
 class SqlAuditRepository(Repository):
     """Audit entries in SQL."""
 
     async def add(self, entry: AuditEntry) -> None:
-        await self._conn.execute(
-            audit_log.insert().values(
-                id=entry.id,
-                time=entry.time,
-                request_id=entry.request_id[:64],
-                method=entry.method[:200],
-                action=entry.action[:100],
-                outcome=entry.outcome,
-                reason=entry.reason[:100],
-                actor_user_id=entry.actor_user_id,
-                api_key_id=entry.api_key_id,
-                subject_user_id=entry.subject_user_id,
-                resource=entry.resource[:300],
-                ip_address=entry.ip_address[:64],
-                user_agent=entry.user_agent[:512],
-                details=entry.details,
-            )
-        )
+        await self._conn.execute(audit_log.insert().values(**_row(entry)))
+
+    async def add_many(self, entries: Sequence[AuditEntry]) -> None:
+        """Several entries in one statement."""
+        if entries:
+            await self._conn.execute(audit_log.insert(), [_row(e) for e in entries])
 
     async def set_outcome(self, entry_id: str, outcome: str, reason: str) -> None:
         await self._conn.execute(

@@ -16,7 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from server.domain.delivery import Claimed
+from server.domain.delivery import Claimed, Finished
 from server.domain.listing import ListQuery
 from server.domain.operations import Operation
 from server.domain.outbox import DeliveryState, NewDelivery, Receiver
@@ -88,6 +88,34 @@ def _webhook(row: sa.RowMapping) -> Webhook:
         update_time=row["update_time"],
         request_id=row["request_id"],
     )
+
+
+_FINISH = (
+    sa.update(webhook_deliveries)
+    .where(_d.id == sa.bindparam("b_id"))
+    .values(state=sa.bindparam("b_state"), next_attempt_time=sa.bindparam("b_next"))
+)
+
+
+def _finish_row(finished: Finished) -> dict[str, Any]:
+    return {
+        "b_id": finished.delivery_id,
+        "b_state": finished.state.value,
+        "b_next": finished.next_attempt_time,
+    }
+
+
+def _attempt_row(delivery_id: str, attempt: Attempt) -> dict[str, Any]:
+    return {
+        "delivery_id": delivery_id,
+        "number": attempt.number,
+        "time": attempt.time,
+        "status_code": attempt.status_code,
+        "latency": attempt.latency,
+        "response_excerpt": attempt.response_excerpt,
+        "error": attempt.error,
+        "succeeded": attempt.succeeded,
+    }
 
 
 def _attempt(row: sa.RowMapping) -> Attempt:
@@ -304,45 +332,33 @@ class SqlWebhookRepository(Repository):
             .values(next_attempt_time=at, claim=0)
         )
 
-    async def finish(
-        self,
-        delivery_id: str,
-        token: int,
-        state: str,
-        next_attempt_time: datetime | None,
-        attempt: Attempt | None,
-        now: datetime,
-    ) -> bool:
-        """Record an attempt's result, if the claim still holds the delivery."""
-        values: dict[str, Any] = {
-            "state": state,
-            "next_attempt_time": next_attempt_time,
-            "claim": 0,
-            "update_time": now,
-        }
-        if attempt is not None:
-            values["attempt_count"] = attempt.number
-        result = await self._conn.execute(
-            sa.update(webhook_deliveries)
-            .where(_d.id == delivery_id, _d.claim == token)
-            .values(**values)
-        )
-        if result.rowcount == 0:
-            return False
-        if attempt is not None:
+    async def finish(self, finished: Sequence[Finished], now: datetime) -> builtins.set[str]:
+        """Record results whose claims still hold their deliveries (a claim that outlived
+        its lease may have lost its delivery to another dispatcher); their ids. A few
+        statements for the whole batch, not a few per delivery."""
+        if not finished:
+            return set()
+        held: set[str] = set()
+        for token in {f.token for f in finished}:
+            ids = [f.delivery_id for f in finished if f.token == token]
+            stmt = sa.select(_d.id).where(_d.id.in_(ids), _d.claim == token).with_for_update()
+            held.update((await self._conn.execute(stmt)).scalars())
+        kept = [f for f in finished if f.delivery_id in held]
+        common = {"claim": 0, "update_time": now}
+        tried = [f for f in kept if f.attempt is not None]
+        untried = [f for f in kept if f.attempt is None]
+        if tried:
             await self._conn.execute(
-                webhook_attempts.insert().values(
-                    delivery_id=delivery_id,
-                    number=attempt.number,
-                    time=attempt.time,
-                    status_code=attempt.status_code,
-                    latency=attempt.latency,
-                    response_excerpt=attempt.response_excerpt,
-                    error=attempt.error,
-                    succeeded=attempt.succeeded,
-                )
+                _FINISH.values(**common, attempt_count=sa.bindparam("b_count")),
+                [_finish_row(f) | {"b_count": f.attempt.number} for f in tried if f.attempt],
             )
-        return True
+            await self._conn.execute(
+                webhook_attempts.insert(),
+                [_attempt_row(f.delivery_id, f.attempt) for f in tried if f.attempt],
+            )
+        if untried:
+            await self._conn.execute(_FINISH.values(**common), [_finish_row(f) for f in untried])
+        return held
 
     async def succeeded(self, webhook_ids: Sequence[str]) -> None:
         if webhook_ids:

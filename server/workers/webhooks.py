@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from server.domain.clock import Clock
-from server.domain.delivery import Claimed, Request, Settlement, render, settle
+from server.domain.delivery import Claimed, Finished, Request, Settlement, render, settle
 from server.domain.entities import AuditEntry
 from server.domain.events import Event, EventBus, record
 from server.domain.ids import new_id
@@ -286,27 +286,33 @@ class WebhookDispatcher:
             return
         now = self._clock.now()
         async with self._uow() as uow:
-            recorded = []
-            for o in outcomes:
-                s = o.settlement
-                if await uow.webhooks.finish(
-                    o.claimed.delivery_id,
-                    o.claimed.token,
-                    s.state,
-                    s.next_attempt_time,
-                    o.attempt,
-                    now,
-                ):
-                    recorded.append(o)
+            held = await uow.webhooks.finish(
+                [
+                    Finished(
+                        o.claimed.delivery_id,
+                        o.claimed.token,
+                        o.settlement.state,
+                        o.settlement.next_attempt_time,
+                        o.attempt,
+                    )
+                    for o in outcomes
+                ],
+                now,
+            )
+            recorded = [o for o in outcomes if o.claimed.delivery_id in held]
             await uow.webhooks.succeeded(
                 sorted({o.webhook.id for o in recorded if o.settlement.endpoint_ok})
             )
             for webhook in {o.webhook.id: o.webhook for o in recorded}.values():
                 mine = [o.settlement for o in recorded if o.webhook.id == webhook.id]
                 await self._judge_endpoint(uow, webhook, mine, now)
-            for o in recorded:
-                if o.settlement.state is not DeliveryState.PENDING:
-                    await uow.audit.add(_audit_entry(o, now))
+            await uow.audit.add_many(
+                [
+                    _audit_entry(o, now)
+                    for o in recorded
+                    if o.settlement.state is not DeliveryState.PENDING
+                ]
+            )
         for o in recorded:
             label = {
                 DeliveryState.SUCCEEDED: "succeeded",

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
-from server.domain.delivery import render
+from server.domain.delivery import Finished, render
 from server.domain.entities import Preferences, User, UserState
 from server.domain.events import Event, MemoryBus, record
 from server.domain.ids import new_id
@@ -684,7 +684,7 @@ async def test_a_claim_whose_dispatcher_died_comes_due_after_the_lease(rig: Rig)
     stale = Attempt(1, now, 500, 0.1, "", "", succeeded=False)
     async with rig.db() as uow:
         assert not await uow.webhooks.finish(
-            delivery.id, 4242, DeliveryState.PENDING, now, stale, now
+            [Finished(delivery.id, 4242, DeliveryState.PENDING, now, stale)], now
         )
         await uow.webhooks.release(delivery.id, 4242, now)
     assert await rig.delivery(delivery.id) == delivery
@@ -707,16 +707,16 @@ async def test_a_stale_claim_cannot_record_over_the_new_one(rig: Rig) -> None:
     ok = Attempt(1, later, 200, 0.1, "ok", "", succeeded=True)
     async with rig.db() as uow:
         assert not await uow.webhooks.finish(
-            old.delivery_id, old.token, DeliveryState.FAILED, None, failed, now
+            [Finished(old.delivery_id, old.token, DeliveryState.FAILED, None, failed)], now
         )
     async with rig.db() as uow:
         assert await uow.webhooks.finish(
-            new.delivery_id, new.token, DeliveryState.SUCCEEDED, None, ok, later
+            [Finished(new.delivery_id, new.token, DeliveryState.SUCCEEDED, None, ok)], later
         )
     async with rig.db() as uow:  # once recorded, neither token holds it
         for token in (old.token, new.token):
             assert not await uow.webhooks.finish(
-                new.delivery_id, token, DeliveryState.FAILED, None, None, later
+                [Finished(new.delivery_id, token, DeliveryState.FAILED, None, None)], later
             )
     delivery = await rig.only_delivery(hook.id, event)
     assert delivery.state is DeliveryState.SUCCEEDED
