@@ -5,8 +5,10 @@ and a FastAPI baseline, with wrk), all in one run.
 
 Every server runs in a child process of its own (``python -m bench.server``) on one
 migrated SQLite database in a temporary directory; the load tools load them over loopback
-in alternating order, and the medians of the measured rounds are compared. See
-``bench/README.md``.
+in alternating order, and the medians of the measured rounds are compared. Then webhook
+delivery throughput on PostgreSQL, one server process dispatching against two
+(``bench/webhooks.py``; ``--only webhooks`` runs that part alone, ``--only getuser`` the
+rest). See ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 import grpc
 from tunnelplane.v1 import users_pb2
 
-from bench import h2load, limiter, probes, report, wrk
+from bench import h2load, limiter, probes, report, webhooks, wrk
 from bench.errors import LoadError
 from bench.probes import Caller, Expected
 from bench.processes import SERVER_SETTINGS, ServerProcess, cpu_seconds, migrate, server_env
@@ -482,6 +484,18 @@ def publish(result: Report) -> None:
     )
 
 
+def webhook_machine() -> dict[str, object]:
+    """Where the webhook numbers were measured (they need neither h2load nor wrk)."""
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_before": os.getloadavg(),
+        "source": source_info(),
+    }
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; the defaults are what ``make bench`` measures."""
     default = Plan()
@@ -494,6 +508,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-publish", action="store_true", help="print only; leave results/ and README alone"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--only",
+        choices=("getuser", "webhooks"),
+        help="run one part only: the GetUser servers, or webhook delivery (default: both)",
+    )
+    hooks = webhooks.Plan()
+    parser.add_argument("--webhook-deliveries", type=int, default=hooks.deliveries)
+    parser.add_argument("--webhook-rounds", type=int, default=hooks.rounds)
+    parser.add_argument(
+        "--postgres-url",
+        default=webhooks.DEFAULT_POSTGRES_URL,
+        help="the PostgreSQL the webhook runs create their databases in (dropped after)",
+    )
     parser.add_argument(
         "--redis-url",
         default=limiter.DEFAULT_REDIS_URL,
@@ -529,22 +556,36 @@ def main(argv: list[str] | None = None) -> int:
         wrk_seconds=args.wrk_seconds,
         rounds=args.rounds,
     )
+    hooks_plan = webhooks.Plan.on_this_machine(
+        deliveries=args.webhook_deliveries, rounds=args.webhook_rounds
+    )
     if plan.load_cpu is not None:
-        os.sched_setaffinity(0, {plan.load_cpu})  # h2load and wrk inherit it
+        os.sched_setaffinity(0, {plan.load_cpu})  # h2load, wrk and the receiver inherit it
     work_dir = Path(tempfile.mkdtemp(prefix="tunnelplane-bench-"))
+    result, hooks = None, None
     try:
         with contextlib.ExitStack() as stack:
             redis_url = args.redis_url
             if redis_url == "private":
                 redis_url = stack.enter_context(limiter.private_redis())
-            result = measure(plan, work_dir, redis_url)
+            if args.only != "webhooks":
+                result = measure(plan, work_dir, redis_url)
+            if args.only != "getuser":
+                hooks = webhooks.measure(
+                    hooks_plan, work_dir, redis_url, args.postgres_url, webhook_machine()
+                )
     except (LoadError, RuntimeError, grpc.RpcError) as exc:
         print(f"bench failed: {exc}\n(work directory kept: {work_dir})", file=sys.stderr)
         return 1
-    if args.no_publish:
+    if result is not None and args.no_publish:
         print(f"\n{report.render_all_tables(result)}")
-    else:
+    elif result is not None:
         publish(result)
+    if hooks is not None and args.no_publish:
+        print(f"\n{webhooks.render_table(hooks)}")
+    elif hooks is not None:
+        written = webhooks.publish(hooks, RESULTS_DIR, README)
+        print(f"\nwrote {', '.join(str(p.relative_to(ROOT)) for p in written)}")
     if args.keep:
         print(f"work directory kept: {work_dir}")
     else:

@@ -33,12 +33,15 @@ import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,6 +51,7 @@ import aiohttp
 import psycopg
 import redis
 import sqlalchemy as sa
+from psycopg import sql
 
 from bench.errors import LoadError
 from bench.processes import SERVER_SETTINGS, ServerProcess, cpu_seconds, migrate, server_env
@@ -102,24 +106,25 @@ class Plan:
 
     ``layout`` says which CPUs the server processes get: ``split`` (the default) pins the
     one process to the servers' CPU and, with two, the second to the load CPU; ``same``
-    pins both to the servers' CPU; ``unpinned`` pins neither. The receiver and this
-    process stay on the load CPU whenever there are two CPUs.
+    pins both to the servers' CPU; ``unpinned`` lets them run on every CPU (``all_cpus``).
+    The receiver and this process stay on the load CPU whenever there are two CPUs.
     """
 
-    deliveries: int = 4000
-    warmup_deliveries: int = 1000
+    deliveries: int = 12000
+    warmup_deliveries: int = 2000
     rounds: int = 3
     layout: str = "split"
     server_cpu: int | None = None
     load_cpu: int | None = None
+    all_cpus: tuple[int, ...] = ()
 
     @classmethod
     def on_this_machine(cls, **values: Any) -> Plan:
         """A plan with the servers' CPU and the load CPU, if there are two."""
-        cpus = sorted(os.sched_getaffinity(0))
+        cpus = tuple(sorted(os.sched_getaffinity(0)))
         if len(cpus) < 2:
-            return cls(**values)
-        return cls(**values, server_cpu=cpus[0], load_cpu=cpus[1])
+            return cls(**values, all_cpus=cpus)
+        return cls(**values, server_cpu=cpus[0], load_cpu=cpus[1], all_cpus=cpus)
 
     def cpus(self, processes: int) -> list[int | None]:
         """The CPU of each server process (None: not pinned)."""
@@ -199,7 +204,7 @@ class _Connection(asyncio.Protocol):
 
     def _answer(self, request_line: list[str], headers: dict[str, str]) -> None:
         assert self._transport is not None
-        method, path = (request_line + ["", ""])[:2]
+        method, path = [*request_line, "", ""][:2]
         if method == "POST" and path == HOOK_PATH:
             counts = self._counts
             counts.requests += 1
@@ -268,19 +273,21 @@ class Postgres:
         """The URL of database ``name`` on this server."""
         return self.admin_url.rsplit("/", 1)[0] + f"/{name}"
 
-    def _admin(self, sql: str) -> None:
+    def _admin(self, statement: sql.Composed) -> None:
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            conn.execute(sql)  # type: ignore[arg-type]  # names are ours, never input
+            conn.execute(statement)
 
     def create(self, name: str, template: str | None = None) -> str:
         """A new database (a copy of ``template``); its URL."""
-        copy = "" if template is None else f' TEMPLATE "{template}"'
-        self._admin(f'CREATE DATABASE "{name}"{copy}')
+        statement = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
+        if template is not None:
+            statement += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
+        self._admin(statement)
         return self.url(name)
 
     def drop(self, name: str) -> None:
         """Drop a database, whoever is still connected."""
-        self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self._admin(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
     def version(self) -> str:
         """``PostgreSQL 15.x ...``, or the error if it does not answer."""
@@ -301,13 +308,6 @@ class Postgres:
                 "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,)
             ).fetchall()
         return {int(r[0]) for r in rows}
-
-
-def _cpu_or_zero(pid: int) -> float:
-    try:
-        return cpu_seconds(pid)
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def fill(url: str, deliveries: int, hook_url: str) -> str:
@@ -457,7 +457,8 @@ def recorded(conn: psycopg.Connection[Any], released: datetime) -> Recorded:
     audit = conn.execute(
         "SELECT count(*) FROM audit_log WHERE action = 'webhook.deliver' AND outcome = 'OK'"
     ).fetchone()
-    assert row is not None and audit is not None
+    assert row is not None
+    assert audit is not None
     return Recorded(
         done_at=[(t - released).total_seconds() for t in times],
         record_transactions=len(set(times)),
@@ -482,6 +483,114 @@ def steady_rate(done_at: Sequence[float], window: tuple[float, float] = STEADY) 
     if end <= start:
         return n / done_at[-1] if done_at and done_at[-1] > 0 else math.nan
     return sum(1 for t in done_at if start < t <= end) / (end - start)
+
+
+def _start_together(processes: Sequence[ServerProcess], stack: contextlib.ExitStack) -> None:
+    """Start the processes at the same time (each waits for its ``READY``), and have
+    ``stack`` stop every one that started."""
+    with ThreadPoolExecutor(len(processes)) as pool:
+        futures = [pool.submit(p.__enter__) for p in processes]
+        wait(futures)
+    for process, future in zip(processes, futures, strict=True):
+        if future.exception() is None:
+            stack.push(process)
+    for future in futures:
+        future.result()  # the first failure, if any
+
+
+def _pin_all(pid: int, cpus: set[int]) -> None:
+    """Let every thread of process ``pid`` (and those it starts later) run on ``cpus``."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
+def _machine_cpu() -> tuple[float, float]:
+    """CPU seconds the whole machine has been busy (all CPUs; not idle, not I/O wait,
+    not stolen), and seconds stolen by the hypervisor, from ``/proc/stat``."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def _census() -> dict[int, tuple[str, float]]:
+    """Every process now: its name and CPU seconds so far."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = (entry / "stat").read_text()
+                name = stat[stat.index("(") + 1 : stat.rindex(")")]
+                found[int(entry.name)] = (name, cpu_seconds(int(entry.name)))
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """CPU seconds so far (or over a run, by :meth:`minus`) of each server process, the
+    database's backends, the receiver, and every process on the machine; wall time."""
+
+    wall: float
+    servers: list[float]
+    receiver: float
+    #: The backends serving the measurement's database, by pid.
+    backends: dict[int, float]
+    machine: float
+    steal: float
+    #: Every process: (name, CPU seconds), by pid.
+    everyone: dict[int, tuple[str, float]]
+
+    @classmethod
+    def now(cls, servers: Sequence[ServerProcess], backends: set[int], receiver: int) -> Usage:
+        """The counters now."""
+        machine, steal = _machine_cpu()
+        everyone = _census()
+        return cls(
+            wall=time.monotonic(),
+            servers=[cpu_seconds(s.pid) for s in servers],
+            receiver=cpu_seconds(receiver),
+            backends={pid: everyone[pid][1] for pid in backends if pid in everyone},
+            machine=machine,
+            steal=steal,
+            everyone=everyone,
+        )
+
+    def minus(self, earlier: Usage) -> Usage:
+        """What was used since ``earlier`` (a process that appeared since counts whole)."""
+
+        def since(pid: int, cpu: float) -> float:
+            return cpu - earlier.everyone.get(pid, ("", 0.0))[1]
+
+        return Usage(
+            wall=self.wall - earlier.wall,
+            servers=[a - b for a, b in zip(self.servers, earlier.servers, strict=True)],
+            receiver=self.receiver - earlier.receiver,
+            backends={pid: since(pid, cpu) for pid, cpu in self.backends.items()},
+            machine=self.machine - earlier.machine,
+            steal=self.steal - earlier.steal,
+            everyone={pid: (name, since(pid, cpu)) for pid, (name, cpu) in self.everyone.items()},
+        )
+
+    @property
+    def database(self) -> float:
+        """CPU seconds of the measurement's database backends."""
+        return sum(self.backends.values())
+
+    @property
+    def other(self) -> float:
+        """Busy CPU time not used by the servers, the backends or the receiver: this
+        process's polling, PostgreSQL's own background work, and whatever else runs."""
+        return max(self.machine - sum(self.servers) - self.database - self.receiver, 0.0)
+
+    def busiest_others(self, ours: set[int], count: int = 3) -> dict[str, float]:
+        """The CPU seconds of the processes outside ``ours`` that used the most, by name
+        (processes that ended during the run are not seen)."""
+        names: dict[str, float] = {}
+        for pid, (name, cpu) in self.everyone.items():
+            if pid not in ours and pid not in self.backends:
+                names[name] = names.get(name, 0.0) + cpu
+        return dict(sorted(names.items(), key=lambda item: -item[1])[:count])
 
 
 # -- one measurement -------------------------------------------------------------------------
@@ -512,6 +621,12 @@ class Run:
     db_cpu_percent: float
     db_cpu_us_per_delivery: float
     receiver_cpu_percent: float
+    #: Busy CPU time of everything else on the machine (see :attr:`Usage.other`), and
+    #: time stolen by the hypervisor, as shares of one CPU.
+    other_cpu_percent: float
+    #: The other processes that used the most CPU, by name, as shares of one CPU.
+    busiest_others: dict[str, float]
+    steal_percent: float
     attempt_p50_ms: float
     attempt_p99_ms: float
     checks: dict[str, Any]
@@ -555,16 +670,19 @@ class Bench:
         self, case: str, round_number: int, deliveries: int, url: str, name: str, label: str
     ) -> Run:
         cpus = self.plan.cpus(CASES[case])
+        processes = []
+        for index, cpu in enumerate(cpus):
+            args = ["--mode", "full", *([] if cpu is None else ["--cpu", str(cpu)])]
+            env = server_env(self.work_dir / f"webhooks-{label}-{index}", self.settings(url, label))
+            log = self.work_dir / f"webhooks-{label}-{index}.log"
+            processes.append(ServerProcess(args, env, log))
         with contextlib.ExitStack() as stack:
-            servers = []
-            for index, cpu in enumerate(cpus):
-                directory = self.work_dir / f"webhooks-{label}-{index}"
-                args = ["--mode", "full", *([] if cpu is None else ["--cpu", str(cpu)])]
-                env = server_env(directory, self.settings(url, label))
-                process = ServerProcess(args, env, self.work_dir / f"webhooks-{label}-{index}.log")
-                servers.append(stack.enter_context(process))
+            _start_together(processes, stack)
+            if self.plan.layout == "unpinned" and self.plan.all_cpus:
+                for process in processes:  # not the load CPU they inherited from here
+                    _pin_all(process.pid, set(self.plan.all_cpus))
             with psycopg.connect(url, autocommit=True) as conn:
-                return self._watch(conn, case, round_number, deliveries, name, servers, cpus)
+                return self._watch(conn, case, round_number, deliveries, name, processes, cpus)
 
     def _watch(
         self,
@@ -577,25 +695,25 @@ class Bench:
         cpus: list[int | None],
     ) -> Run:
         received = self.receiver.stats()
-        backends = self.postgres.backend_pids(name)
-        cpu_before = [cpu_seconds(s.pid) for s in servers]
-        db_before = {pid: _cpu_or_zero(pid) for pid in backends}
-        receiver_before = cpu_seconds(self.receiver.pid)
         released = datetime.now(UTC) + LEAD
         conn.execute(
             "UPDATE webhook_deliveries SET next_attempt_time = %s WHERE state = 'pending'",
             (released,),
         )
+        time.sleep(max((released - datetime.now(UTC)).total_seconds(), 0.0))
+        backends = self.postgres.backend_pids(name)
+        before = Usage.now(servers, backends, self.receiver.pid)
         succeeded = self._wait(conn, deliveries)
-        wall = (datetime.now(UTC) - released).total_seconds()
-        cpu_used = [cpu_seconds(s.pid) - b for s, b in zip(servers, cpu_before, strict=True)]
-        backends |= self.postgres.backend_pids(name)
-        db_used = sum(_cpu_or_zero(pid) - db_before.get(pid, 0.0) for pid in backends)
-        receiver_used = cpu_seconds(self.receiver.pid) - receiver_before
+        used = Usage.now(servers, backends | self.postgres.backend_pids(name), self.receiver.pid)
+        used = used.minus(before)
         after = self.receiver.stats()
         found = recorded(conn, released)
         checks = _check(deliveries, succeeded, found, received, after)
         checks["log_errors"] = sum(_errors(s.log_path) for s in servers)
+
+        def percent(seconds: float) -> float:
+            return round(100 * seconds / used.wall, 1)
+
         return Run(
             case=case,
             round=round_number,
@@ -607,12 +725,20 @@ class Bench:
             seconds=round(found.done_at[-1], 3),
             first_send_seconds=round(found.first_send, 3),
             record_transactions=found.record_transactions,
-            server_cpu_percent=round(100 * sum(cpu_used) / wall, 1),
-            server_cpu_percent_each=[round(100 * c / wall, 1) for c in cpu_used],
-            cpu_us_per_delivery=round(1e6 * sum(cpu_used) / deliveries, 1),
-            db_cpu_percent=round(100 * db_used / wall, 1),
-            db_cpu_us_per_delivery=round(1e6 * db_used / deliveries, 1),
-            receiver_cpu_percent=round(100 * receiver_used / wall, 1),
+            server_cpu_percent=percent(sum(used.servers)),
+            server_cpu_percent_each=[percent(c) for c in used.servers],
+            cpu_us_per_delivery=round(1e6 * sum(used.servers) / deliveries, 1),
+            db_cpu_percent=percent(used.database),
+            db_cpu_us_per_delivery=round(1e6 * used.database / deliveries, 1),
+            receiver_cpu_percent=percent(used.receiver),
+            other_cpu_percent=percent(used.other),
+            busiest_others={
+                name: percent(cpu)
+                for name, cpu in used.busiest_others(
+                    {os.getpid(), self.receiver.pid, *(s.pid for s in servers)}
+                ).items()
+            },
+            steal_percent=percent(used.steal),
             attempt_p50_ms=found.latency_p50_ms,
             attempt_p99_ms=found.latency_p99_ms,
             checks=checks,
@@ -696,13 +822,14 @@ def _errors(log_path: Path) -> int:
 
 
 def _say(run: Run) -> None:
+    others = ", ".join(f"{name} {cpu:.0f} %" for name, cpu in run.busiest_others.items())
     what = "warm-up" if run.round == 0 else f"round {run.round}"
     each = " + ".join(f"{c:.0f}" for c in run.server_cpu_percent_each)
     print(
         f"{what} webhooks/{run.case}: {run.deliveries_per_second:.0f} deliveries/s steady, "
         f"{run.overall_per_second:.0f} overall ({run.deliveries} in {run.seconds:.1f} s); "
         f"server CPU {each} %, database {run.db_cpu_percent:.0f} %, receiver "
-        f"{run.receiver_cpu_percent:.0f} %",
+        f"{run.receiver_cpu_percent:.0f} %, other {run.other_cpu_percent:.0f} % ({others})",
         flush=True,
     )
 
@@ -721,6 +848,7 @@ class Medians:
     db_cpu_percent: float
     db_cpu_us_per_delivery: float
     receiver_cpu_percent: float
+    other_cpu_percent: float
     attempt_p50_ms: float
     attempt_p99_ms: float
 
@@ -798,10 +926,12 @@ class Report:
 def render_table(report: Report) -> str:
     """The results as Markdown tables."""
     lines = [
-        "| processes | CPUs | deliveries/s (steady, median) | overall/s | server CPU % | "
-        "CPU µs/delivery | database CPU % | DB µs/delivery | receiver CPU % | "
-        "attempt p50 / p99 ms | steady/s per round |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        (
+            "| processes | CPUs | deliveries/s (steady, median) | overall/s | server CPU % | "
+            "CPU µs/delivery | database CPU % | DB µs/delivery | receiver CPU % | "
+            "other CPU % | attempt p50 / p99 ms | steady/s per round |"
+        ),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for case in CASES:
         m, runs = report.medians_of(case), report.runs_of(case)
@@ -811,7 +941,8 @@ def render_table(report: Report) -> str:
             f"| {case} | {cpus} | {m.deliveries_per_second:.0f} | {m.overall_per_second:.0f} "
             f"| {m.server_cpu_percent:.0f} | {m.cpu_us_per_delivery:.0f} "
             f"| {m.db_cpu_percent:.0f} | {m.db_cpu_us_per_delivery:.0f} "
-            f"| {m.receiver_cpu_percent:.0f} | {m.attempt_p50_ms:.1f} / {m.attempt_p99_ms:.1f} "
+            f"| {m.receiver_cpu_percent:.0f} | {m.other_cpu_percent:.0f} "
+            f"| {m.attempt_p50_ms:.1f} / {m.attempt_p99_ms:.1f} "
             f"| {rounds} |"
         )
     lines += ["", "| target | wanted | measured | |", "|---|---:|---:|---|"]
@@ -820,6 +951,27 @@ def render_table(report: Report) -> str:
         for t in report.target_results()
     ]
     return "\n".join(lines)
+
+
+#: A run whose *other CPU %* is above this was measured on a busy machine.
+BUSY_PERCENT = 20.0
+
+
+def _busy(report: Report) -> str:
+    """A warning naming the runs measured on a busy machine, if any."""
+    busy = [r for r in report.runs if r.other_cpu_percent > BUSY_PERCENT]
+    if not busy:
+        return ""
+    said = "; ".join(
+        f"round {r.round} {r.case}: other {r.other_cpu_percent:.0f} % ("
+        + ", ".join(f"{n} {c:.0f} %" for n, c in r.busiest_others.items())
+        + ")"
+        for r in busy
+    )
+    return (
+        f" **The machine was busy with other work during {len(busy)} of the "
+        f"{len(report.runs)} runs**: {said}."
+    )
 
 
 def render_block(report: Report, json_name: str) -> str:
@@ -837,18 +989,21 @@ def render_block(report: Report, json_name: str) -> str:
         )
         for case in CASES
     )
+    where = (
+        f"Latest run: {report.date}, {machine.get('cpus')} CPUs "
+        f"({machine.get('cpu_model')}), Python {machine.get('python')}, "
+        f"{machine.get('postgres')}, aiohttp {machine.get('aiohttp')}. "
+        f"{plan['rounds']} rounds, medians; {plan['deliveries']} deliveries per run, "
+        f"layout `{plan['layout']}` (receiver and bench on CPU {plan['load_cpu']}). "
+        f"{code} Raw numbers: `results/{json_name}`."
+    )
     return "\n".join(
         [
-            f"Latest run: {report.date}, {machine.get('cpus')} CPUs "
-            f"({machine.get('cpu_model')}), Python {machine.get('python')}, "
-            f"{machine.get('postgres')}, aiohttp {machine.get('aiohttp')}. "
-            f"{plan['rounds']} rounds, medians; {plan['deliveries']} deliveries per run, "
-            f"layout `{plan['layout']}` (receiver and bench on CPU {plan['load_cpu']}). "
-            f"{code} Raw numbers: `results/{json_name}`.",
+            where,
             "",
             render_table(report),
             "",
-            f"Server CPU % of each process, per round: {each}.",
+            f"Server CPU % of each process, per round: {each}.{_busy(report)}",
             "",
             "Made by `make bench` (or `.venv/bin/python -m bench.run --only webhooks`).",
         ]
@@ -903,11 +1058,13 @@ def _bench(plan: Plan, work_dir: Path, redis_url: str, postgres: Postgres) -> It
 
 def _delete_keys(redis_url: str, prefix: str) -> None:
     """Delete what the servers left in Redis under ``prefix``."""
-    with contextlib.suppress(redis.RedisError, OSError):
-        with redis.Redis.from_url(redis_url, socket_timeout=5) as client:
-            keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-            for start in range(0, len(keys), 500):
-                client.delete(*keys[start : start + 500])
+    with (
+        contextlib.suppress(redis.RedisError, OSError),
+        redis.Redis.from_url(redis_url, socket_timeout=5) as client,
+    ):
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
 
 
 def measure(
@@ -960,6 +1117,7 @@ def main(argv: list[str] | None = None) -> int:
     trial.add_argument("--layout", choices=("split", "same", "unpinned"), default=default.layout)
     trial.add_argument("--postgres-url", default=DEFAULT_POSTGRES_URL)
     trial.add_argument("--redis-url", default="redis://127.0.0.1:6379/3")
+    trial.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
     if args.command == "receiver":
         if args.cpu is not None:
@@ -974,14 +1132,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     if plan.load_cpu is not None:
         os.sched_setaffinity(0, {plan.load_cpu})
-    work_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"tunnelplane-webhooks-{os.getpid()}"
-    work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix="tunnelplane-webhooks-"))
     try:
         report = measure(plan, work_dir, args.redis_url, args.postgres_url, {})
     except (LoadError, RuntimeError) as exc:
         print(f"webhook bench failed: {exc}\n(work directory kept: {work_dir})", file=sys.stderr)
         return 1
-    print(f"\n{render_table(report)}\n\nwork directory: {work_dir}")
+    print(f"\n{render_table(report)}")
+    if args.keep:
+        print(f"work directory kept: {work_dir}")
+    else:
+        shutil.rmtree(work_dir)
     return 0
 
 
