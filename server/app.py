@@ -346,7 +346,7 @@ class App:
                 self.background,
             ),
             "tunnelplane.v1.EventService": EventApi(self.tunnel_parts.events),
-            "tunnelplane.v1.WebhookService": WebhookApi(self.webhook_parts.webhooks, self.clock),
+            "tunnelplane.v1.WebhookService": WebhookApi(self.webhook_parts.webhooks),
             "tunnelplane.v1.OperationService": OperationApi(self.webhook_parts.operations),
             "tunnelplane.v1.AdminService": AdminApi(
                 lambda: self.health,

@@ -12,7 +12,6 @@ from tunnelplane.v1 import operations_pb2, webhooks_pb2
 from server.api import convert
 from server.api.convert import timestamp
 from server.api.users import caller_id
-from server.domain.clock import Clock
 from server.domain.names import user_id_of
 from server.domain.operations import Operation, OperationService, operation_parts
 from server.domain.outbox import DeliveryState
@@ -142,9 +141,8 @@ def operation(o: Operation) -> O.Operation:
 class WebhookApi:
     """Serves ``tunnelplane.v1.WebhookService``."""
 
-    def __init__(self, webhooks: WebhookService, clock: Clock) -> None:
+    def __init__(self, webhooks: WebhookService) -> None:
         self._webhooks = webhooks
-        self._clock = clock
 
     async def CreateWebhook(self, request: P.CreateWebhookRequest, call: Call) -> P.Webhook:
         owner = user_id_of(request.parent, "parent", caller_id(call))
