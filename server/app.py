@@ -80,6 +80,7 @@ from server.storage.database import Database
 from server.storage.kv import MemoryStore, RedisStore, ResilientStore, redis_client
 from server.storage.limiter import REDIS_TIMEOUT, FallbackLimiter, MemoryLimiter, RedisLimiter
 from server.storage.resp import Address, RespConnection
+from server.storage.sealing import Sealer
 from server.wiring import build_bus, build_tunnels, build_webhooks
 from server.workers.purge import purge_loop
 
@@ -156,6 +157,7 @@ class App:
             pool_size=settings.database_pool_size,
             statement_timeout=settings.database_statement_timeout,
             clock=self.clock,
+            sealer=Sealer(material.secrets_keys),
         )
         self.redis = redis_client(settings.redis_url) if settings.redis_url else None
         self.kv: ResilientStore | MemoryStore = (

@@ -1,4 +1,5 @@
-"""Key material: the JWT signing key and the page-token secret.
+"""Key material: the JWT signing key, the page-token secret and the keys that seal
+secrets at rest.
 
 Loaded from settings; in development and sandbox mode, generated on first run and kept in
 the data directory (mode 0600) so that restarts keep sessions and page tokens valid.
@@ -19,6 +20,7 @@ from server.domain.tokens import (
     load_public_keys,
 )
 from server.settings import Settings, SettingsError
+from server.storage import sealing
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,8 @@ class KeyMaterial:
 
     jwt_keys: KeySet
     page_token_secret: bytes
+    #: Keys sealing secrets at rest; the first seals.
+    secrets_keys: tuple[bytes, ...]
 
 
 def _read_or_create(path: Path, make: bytes) -> bytes:
@@ -62,4 +66,12 @@ def load(settings: Settings) -> KeyMaterial:
         page_secret = _read_or_create(
             settings.data_dir / "page-token.key", secrets.token_hex(32).encode()
         )
-    return KeyMaterial(KeySet.build(private_key, retired), page_secret)
+    text = (
+        settings.secrets_key
+        or _read_or_create(settings.data_dir / "secrets.key", sealing.new_key().encode()).decode()
+    )
+    try:
+        sealing_keys = sealing.parse_keys(text)
+    except ValueError as exc:
+        raise SettingsError(f"TP_SECRETS_KEY: {exc}") from None
+    return KeyMaterial(KeySet.build(private_key, retired), page_secret, sealing_keys)

@@ -121,6 +121,13 @@ class Settings:
     page_token_secret: str = field(
         default="", metadata=_doc("Secret that encrypts and authenticates page tokens")
     )
+    secrets_key: str = field(
+        default="",
+        metadata=_doc(
+            "Base64 32-byte keys sealing secrets at rest (webhook secrets), comma-separated; "
+            "the first seals, all open"
+        ),
+    )
     tls_cert_file: str = field(default="", metadata=_doc("PEM certificate chain for gRPC TLS"))
     tls_key_file: str = field(default="", metadata=_doc("PEM private key for gRPC TLS"))
     shutdown_grace: float = field(
@@ -371,6 +378,8 @@ class Settings:
             missing.append("TP_JWT_PRIVATE_KEY or TP_JWT_PRIVATE_KEY_FILE")
         if len(self.page_token_secret) < 32:
             missing.append("TP_PAGE_TOKEN_SECRET (at least 32 characters)")
+        if not self.secrets_key:
+            missing.append("TP_SECRETS_KEY")
         if missing:
             raise SettingsError(
                 "production mode refuses generated or default secrets; set " + ", ".join(missing)

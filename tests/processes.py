@@ -33,6 +33,7 @@ def child_env(data_dir: Path, **extra: str) -> dict[str, str]:
 def replica_envs(database_url: str, redis_url: str, tmp_path: Path) -> tuple[dict[str, str], ...]:
     """Environments of two replicas sharing one database, one Redis and the same keys."""
     from server.domain.tokens import generate_private_key_pem
+    from server.storage.sealing import new_key
 
     key = tmp_path / "jwt.pem"
     key.write_bytes(generate_private_key_pem())
@@ -42,6 +43,7 @@ def replica_envs(database_url: str, redis_url: str, tmp_path: Path) -> tuple[dic
         "TP_REDIS_PREFIX": f"tptest:{tmp_path.name}:",
         "TP_JWT_PRIVATE_KEY_FILE": str(key),
         "TP_PAGE_TOKEN_SECRET": "p" * 40,
+        "TP_SECRETS_KEY": new_key(),
     }
     envs = []
     for name in ("a", "b"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, Self
@@ -24,6 +25,7 @@ from server.storage import sqlite_inline
 from server.storage.agents import SqlAgentRepository
 from server.storage.audit import SqlAuditRepository
 from server.storage.credentials import SqlApiKeyRepository, SqlSessionRepository
+from server.storage.sealing import Sealer
 from server.storage.sharing import SqlShareRepository
 from server.storage.tunnels import SqlEventRepository, SqlTunnelRepository
 from server.storage.users import SqlAvatarRepository, SqlUserRepository
@@ -109,7 +111,11 @@ class Database:
         pool_size: int = 10,
         statement_timeout: float = 10.0,
         clock: Clock,
+        sealer: Sealer | None = None,
     ) -> None:
+        #: Seals secrets at rest. Without one (tools, tests) a key of this process alone
+        #: seals: what it writes, only it can read.
+        self.sealer = sealer or Sealer([os.urandom(32)])
         self.engine = make_engine(url, pool_size=pool_size, statement_timeout=statement_timeout)
         self.replica = (
             make_engine(replica_url, pool_size=pool_size, statement_timeout=statement_timeout)
@@ -124,9 +130,13 @@ class Database:
     def __call__(self, *, readonly: bool = False) -> SqlUnitOfWork:
         """A unit of work; read-only ones go to the replica when there is one."""
         if readonly:
-            return SqlUnitOfWork(self.replica, write=False, clock=self._clock)
+            return SqlUnitOfWork(self.replica, write=False, clock=self._clock, sealer=self.sealer)
         return SqlUnitOfWork(
-            self.engine, write=True, clock=self._clock, write_lock=self._write_lock
+            self.engine,
+            write=True,
+            clock=self._clock,
+            write_lock=self._write_lock,
+            sealer=self.sealer,
         )
 
     async def ping(self) -> None:
@@ -171,7 +181,9 @@ class SqlUnitOfWork:
         write: bool,
         clock: Clock,
         write_lock: asyncio.Lock | None = None,
+        sealer: Sealer,
     ) -> None:
+        self._sealer = sealer
         self._engine = engine
         self._write = write
         self._clock = clock
@@ -211,7 +223,7 @@ class SqlUnitOfWork:
         self.events = SqlEventRepository(conn)
         self.shares = SqlShareRepository(conn)
         self.agents = SqlAgentRepository(conn)
-        self.webhooks = SqlWebhookRepository(conn)
+        self.webhooks = SqlWebhookRepository(conn, self._sealer)
         self.operations = SqlOperationRepository(conn)
         return self
 

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.domain.delivery import Claimed, Finished
 from server.domain.listing import ListQuery
@@ -24,6 +25,7 @@ from server.domain.webhook_service import Attempt, Delivery, DisabledReason, Web
 from server.errors import Aborted, NotFound
 from server.storage.base import Repository
 from server.storage.query import apply_list_query
+from server.storage.sealing import Sealer
 from server.storage.tables import (
     operations,
     users,
@@ -50,7 +52,8 @@ OPERATION_COLUMNS = {"done": _o.done, "kind": _o.kind, "create_time": _o.create_
 _PENDING = DeliveryState.PENDING.value
 
 
-def _mutable(webhook: Webhook) -> dict[str, Any]:
+def _mutable(webhook: Webhook, sealer: Sealer) -> dict[str, Any]:
+    previous = webhook.previous_secret
     return {
         "url": webhook.url,
         "description": webhook.description,
@@ -59,8 +62,8 @@ def _mutable(webhook: Webhook) -> dict[str, Any]:
         "rate_limit": webhook.rate_limit,
         "headers": dict(webhook.headers),
         "disabled_reason": webhook.disabled_reason.value,
-        "secret": webhook.secret,
-        "previous_secret": webhook.previous_secret,
+        "secret": sealer.seal(webhook.secret, webhook.id),
+        "previous_secret": None if previous is None else sealer.seal(previous, webhook.id),
         "previous_secret_expire_time": webhook.previous_secret_expire_time,
         "failing_since": webhook.failing_since,
         "version": webhook.version,
@@ -68,7 +71,8 @@ def _mutable(webhook: Webhook) -> dict[str, Any]:
     }
 
 
-def _webhook(row: sa.RowMapping) -> Webhook:
+def _webhook(row: sa.RowMapping, sealer: Sealer) -> Webhook:
+    previous = row["previous_secret"]
     return Webhook(
         id=row["id"],
         user_id=row["user_id"],
@@ -79,8 +83,8 @@ def _webhook(row: sa.RowMapping) -> Webhook:
         rate_limit=row["rate_limit"],
         headers=dict(row["headers"]),
         disabled_reason=DisabledReason(row["disabled_reason"]),
-        secret=row["secret"],
-        previous_secret=row["previous_secret"],
+        secret=sealer.open(row["secret"], row["id"]),
+        previous_secret=None if previous is None else sealer.open(previous, row["id"]),
         previous_secret_expire_time=row["previous_secret_expire_time"],
         failing_since=row["failing_since"],
         version=row["version"],
@@ -131,25 +135,30 @@ def _attempt(row: sa.RowMapping) -> Attempt:
 
 
 class SqlWebhookRepository(Repository):
-    """Endpoints, deliveries and attempts in SQL."""
+    """Endpoints, deliveries and attempts in SQL; signing secrets are stored sealed."""
+
+    def __init__(self, conn: AsyncConnection, sealer: Sealer) -> None:
+        super().__init__(conn)
+        self._sealer = sealer
 
     async def get(self, webhook_id: str, *, lock: bool = False) -> Webhook | None:
         stmt = sa.select(webhooks).where(_w.id == webhook_id)
         row = await self._one(stmt.with_for_update() if lock else stmt)
-        return None if row is None else _webhook(row)
+        return None if row is None else _webhook(row, self._sealer)
 
     async def by_ids(self, webhook_ids: Sequence[str]) -> builtins.list[Webhook]:
         if not webhook_ids:
             return []
         return [
-            _webhook(r) for r in await self._all(sa.select(webhooks).where(_w.id.in_(webhook_ids)))
+            _webhook(r, self._sealer)
+            for r in await self._all(sa.select(webhooks).where(_w.id.in_(webhook_ids)))
         ]
 
     async def find_by_request(self, user_id: str, request_id: str) -> Webhook | None:
         row = await self._one(
             sa.select(webhooks).where(_w.user_id == user_id, _w.request_id == request_id)
         )
-        return None if row is None else _webhook(row)
+        return None if row is None else _webhook(row, self._sealer)
 
     async def count(self, user_id: str) -> int:
         stmt = sa.select(sa.func.count()).select_from(webhooks).where(_w.user_id == user_id)
@@ -162,7 +171,7 @@ class SqlWebhookRepository(Repository):
         )
 
     async def add(self, webhook: Webhook) -> None:
-        values = _mutable(webhook) | {
+        values = _mutable(webhook, self._sealer) | {
             "id": webhook.id,
             "user_id": webhook.user_id,
             "request_id": webhook.request_id,
@@ -175,7 +184,7 @@ class SqlWebhookRepository(Repository):
         result = await self._conn.execute(
             sa.update(webhooks)
             .where(_w.id == webhook.id, _w.version == expected_version)
-            .values(**_mutable(webhook))
+            .values(**_mutable(webhook, self._sealer))
         )
         if result.rowcount == 0:
             if await self.get(webhook.id) is None:
@@ -193,7 +202,7 @@ class SqlWebhookRepository(Repository):
     async def list(self, user_id: str, query: ListQuery) -> builtins.list[Webhook]:
         stmt = sa.select(webhooks).where(_w.user_id == user_id)
         stmt = apply_list_query(stmt, query, WEBHOOK_COLUMNS, _w.id)
-        return [_webhook(r) for r in await self._all(stmt)]
+        return [_webhook(r, self._sealer) for r in await self._all(stmt)]
 
     async def receivers(self, user_id: str) -> builtins.list[Receiver]:
         stmt = sa.select(_w.id, _w.event_types, _w.disabled_reason).where(_w.user_id == user_id)

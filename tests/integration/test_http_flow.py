@@ -211,6 +211,7 @@ async def test_production_refuses_auth_methods_over_plain_http(tmp_path: object)
     from pathlib import Path
 
     from server.domain.tokens import generate_private_key_pem
+    from server.storage.sealing import new_key
     from tests.conftest import make_settings, migrate
 
     directory = Path(str(tmp_path))
@@ -222,6 +223,7 @@ async def test_production_refuses_auth_methods_over_plain_http(tmp_path: object)
         mode="production",
         jwt_private_key=generate_private_key_pem().decode(),
         page_token_secret="s" * 40,
+        secrets_key=new_key(),
         http_trust_forwarded_proto=True,
     )
     server = App(settings)

@@ -88,7 +88,9 @@ async def test_production_mode_refuses_default_secrets(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "TP_JWT_PRIVATE_KEY" in result.stderr
     assert "TP_PAGE_TOKEN_SECRET" in result.stderr
+    assert "TP_SECRETS_KEY" in result.stderr
     assert not (tmp_path / "jwt-signing-key.pem").exists()
+    assert not (tmp_path / "secrets.key").exists()
 
 
 async def test_bad_setting_is_named(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import grpc
 import httpx
 import pytest
 import pytest_asyncio
+import sqlalchemy as sa
 from google.protobuf import field_mask_pb2
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 from standardwebhooks.webhooks import WebhookVerificationError
@@ -28,6 +29,8 @@ from server.domain.principal import Tier
 from server.domain.tokens import generate_private_key_pem
 from server.domain.webhook_service import DisabledReason, Webhook
 from server.domain.webhooks import new_secret
+from server.storage import tables
+from server.storage.sealing import new_key
 from tests.conftest import Backend, make_settings, own_database
 from tests.helpers import Client, TestUser, fails, reason, violations
 from tests.webhook_receiver import Receiver, Seen
@@ -105,6 +108,30 @@ async def test_the_secret_is_shown_on_create_only_and_reads_hide_it(
     assert [w.secret for w in listed.webhooks] == [""]
     assert got.url == rx.url()
     assert list(got.event_types) == ["tunnel.*"]
+
+
+async def test_secrets_are_sealed_at_rest(client: Client, rx: Receiver) -> None:
+    owner = await client.new_user()
+    made = await client.webhook(owner, rx.url())
+    rotated = await client.webhooks.RotateWebhookSecret(
+        W.RotateWebhookSecretRequest(name=made.name), metadata=owner.metadata
+    )
+    async with client.app.db.engine.connect() as conn:
+        stored = (
+            await conn.execute(
+                sa.select(tables.webhooks.c.secret, tables.webhooks.c.previous_secret).where(
+                    tables.webhooks.c.id == made.name.rsplit("/", 1)[1]
+                )
+            )
+        ).one()
+    for value in stored:
+        assert value.startswith("sealed:v1:")
+    assert made.secret not in "".join(stored)
+    assert rotated.secret not in "".join(stored)
+    await client.webhooks.TestWebhook(W.TestWebhookRequest(name=made.name), metadata=owner.metadata)
+    (seen,) = rx.seen
+    verified(rotated.secret, seen)
+    verified(made.secret, seen)
 
 
 async def test_a_retried_create_with_the_same_request_id_returns_the_same_endpoint(
@@ -509,6 +536,7 @@ async def production(
             mode="production",
             jwt_private_key=generate_private_key_pem().decode(),
             page_token_secret="s" * 40,
+            secrets_key=new_key(),
             webhook_timeout=2.0,
         )
         server = App(settings)

@@ -22,6 +22,7 @@ PRODUCTION = {
     "TP_MODE": "production",
     "TP_JWT_PRIVATE_KEY_FILE": "/run/secrets/jwt.pem",
     "TP_PAGE_TOKEN_SECRET": SECRET,
+    "TP_SECRETS_KEY": "A" * 43 + "=",
 }
 
 
@@ -125,6 +126,7 @@ def test_consistent_combinations_are_accepted(env: dict[str, str]) -> None:
         ),
         (["TP_JWT_PRIVATE_KEY_FILE"], ["TP_JWT_PRIVATE_KEY or TP_JWT_PRIVATE_KEY_FILE"]),
         (["TP_PAGE_TOKEN_SECRET"], ["TP_PAGE_TOKEN_SECRET"]),
+        (["TP_SECRETS_KEY"], ["TP_SECRETS_KEY"]),
     ],
 )
 def test_production_refuses_missing_secrets_and_names_them(
@@ -150,7 +152,12 @@ def test_production_refuses_a_short_page_token_secret() -> None:
     "key", [{"TP_JWT_PRIVATE_KEY_FILE": "/run/secrets/jwt.pem"}, {"TP_JWT_PRIVATE_KEY": "PEM"}]
 )
 def test_production_starts_with_its_secrets(key: dict[str, str]) -> None:
-    env = {"TP_MODE": "production", "TP_PAGE_TOKEN_SECRET": SECRET, **key}
+    env = {
+        "TP_MODE": "production",
+        "TP_PAGE_TOKEN_SECRET": SECRET,
+        "TP_SECRETS_KEY": PRODUCTION["TP_SECRETS_KEY"],
+        **key,
+    }
     settings = Settings.from_env(env)
     assert settings.mode == "production"
     assert settings.page_token_secret == SECRET
