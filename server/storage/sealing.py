@@ -5,7 +5,8 @@ A sealed value reads ``sealed:v1:<key id>:<base64 nonce+ciphertext>``. The key i
 which of the configured keys sealed it (the first key seals, every key opens: rotate by
 putting a new key first and keeping the old ones until the rows are rewritten). The
 row's id is authenticated with it, so a sealed value copied into another row does not
-open. A value without the prefix is a legacy plaintext row, read as it is.
+open. A value without the prefix is read as it is: a row written in the clear by a tool
+outside the server (the bench's bulk fill), which the next rotation seals.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Sealer:
     def open(self, stored: str, row_id: str) -> str:
         """The plaintext of a stored value of the row ``row_id``; :class:`SealError`."""
         if not stored.startswith(PREFIX):
-            return stored  # written before sealing existed
+            return stored  # written in the clear by a tool; sealed at the next rotation
         kid, _, encoded = stored.removeprefix(PREFIX).partition(":")
         aead = self._keys.get(kid)
         if aead is None:

@@ -55,7 +55,7 @@ def test_rotation_seals_with_the_first_key_and_opens_with_any() -> None:
     assert rotated.seal("whsec_new", "whk_1").startswith(f"{PREFIX}{key_id(OTHER)}:")
 
 
-def test_plaintext_written_before_sealing_is_read_as_it_is() -> None:
+def test_a_value_written_in_the_clear_is_read_as_it_is() -> None:
     assert Sealer([KEY]).open("whsec_legacy", "whk_1") == "whsec_legacy"
 
 
