@@ -349,7 +349,9 @@ class App:
             ),
             "tunnelplane.v1.EventService": EventApi(self.tunnel_parts.events),
             "tunnelplane.v1.WebhookService": WebhookApi(self.webhook_parts.webhooks),
-            "tunnelplane.v1.OperationService": OperationApi(self.webhook_parts.operations),
+            "tunnelplane.v1.OperationService": OperationApi(
+                self.webhook_parts.operations, self.clock
+            ),
             "tunnelplane.v1.AdminService": AdminApi(
                 lambda: self.health,
                 self.limiter,

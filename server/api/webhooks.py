@@ -12,6 +12,7 @@ from tunnelplane.v1 import operations_pb2, webhooks_pb2
 from server.api import convert
 from server.api.convert import timestamp
 from server.api.users import caller_id
+from server.domain.clock import Clock
 from server.domain.names import user_id_of
 from server.domain.operations import Operation, OperationService, operation_parts
 from server.domain.outbox import DeliveryState
@@ -254,8 +255,13 @@ class WebhookApi:
 class OperationApi:
     """Serves ``tunnelplane.v1.OperationService``."""
 
-    def __init__(self, operations: OperationService) -> None:
+    def __init__(self, operations: OperationService, clock: Clock) -> None:
         self._operations = operations
+        self._clock = clock
+
+    async def CancelOperation(self, request: O.CancelOperationRequest, call: Call) -> O.Operation:
+        owner, operation_id = operation_parts(request.name, "name", caller_id(call))
+        return operation(await self._operations.cancel(owner, operation_id, self._clock.now()))
 
     async def GetOperation(self, request: O.GetOperationRequest, call: Call) -> O.Operation:
         owner, operation_id = operation_parts(request.name, "name", caller_id(call))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+from server.domain import audit
 from server.domain.clock import Clock
 from server.domain.ids import is_id
 from server.domain.listing import FilterField, Lister, ListSpec, OrderKey, Page
@@ -108,6 +109,28 @@ class OperationService:
             raise NotFound("operation", f"users/{owner_id}/operations/{operation_id}")
         return found
 
+    async def cancel(self, owner_id: str, operation_id: str, now: datetime) -> Operation:
+        """End an unfinished operation with CANCELLED (a finished one is returned as it is).
+        The runner's steps lock the row too, so a step never undoes a cancellation."""
+        async with self._uow() as uow:
+            found = await uow.operations.get(operation_id, lock=True)
+            if found is None or found.user_id != owner_id:
+                raise NotFound("operation", f"users/{owner_id}/operations/{operation_id}")
+            audit.annotate(subject_user_id=owner_id, resource=found.name)
+            if found.done:
+                return found
+            cancelled = replace(
+                found,
+                done=True,
+                error_code=Code.CANCELLED,
+                error_message="the operation was cancelled",
+                update_time=now,
+                end_time=now,
+                lease_until=None,
+            )
+            await uow.operations.save(cancelled)
+        return cancelled
+
     async def list(
         self,
         owner_id: str,
@@ -168,7 +191,7 @@ class OperationRunner:
     async def _step(self, operation: Operation) -> Operation | None:
         step_fn = self._steps.get(operation.kind)
         async with self._uow() as uow:
-            current = await uow.operations.get(operation.id)
+            current = await uow.operations.get(operation.id, lock=True)
             if current is None or current.done or current.lease_until != operation.lease_until:
                 return None  # deleted, finished, or taken over by another replica
             now = self._clock.now()

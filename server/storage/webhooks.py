@@ -485,8 +485,9 @@ class SqlOperationRepository(Repository):
         }
         await self._insert(operations, values, "operation", operation.name)
 
-    async def get(self, operation_id: str) -> Operation | None:
-        row = await self._one(sa.select(operations).where(_o.id == operation_id))
+    async def get(self, operation_id: str, *, lock: bool = False) -> Operation | None:
+        stmt = sa.select(operations).where(_o.id == operation_id)
+        row = await self._one(stmt.with_for_update() if lock else stmt)
         return None if row is None else _operation(row)
 
     async def find_by_request(self, user_id: str, request_id: str) -> Operation | None:

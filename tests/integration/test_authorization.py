@@ -205,6 +205,9 @@ BUILDERS: dict[str, Builder] = {
     "OperationService/GetOperation": lambda t: operations_pb2.GetOperationRequest(
         name=f"{t.user.name}/operations/opr_01jd3k0000000000000000000a"
     ),
+    "OperationService/CancelOperation": lambda t: operations_pb2.CancelOperationRequest(
+        name=f"{t.user.name}/operations/opr_01jd3k0000000000000000000a"
+    ),
     "OperationService/ListOperations": lambda t: operations_pb2.ListOperationsRequest(
         parent=t.user.name
     ),

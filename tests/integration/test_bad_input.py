@@ -1116,6 +1116,17 @@ BAD_REQUESTS = [
         bad_id=("name", named(operations_pb2.GetOperationRequest, "users/{uid}/operations/op_1")),
     ),
     *rows(
+        f"{OP}.CancelOperation",
+        bad_id=(
+            "name",
+            named(operations_pb2.CancelOperationRequest, "users/{uid}/operations/opr_x"),
+        ),
+        wrong_collection=(
+            "name",
+            named(operations_pb2.CancelOperationRequest, "users/{uid}/webhooks/opr_x"),
+        ),
+    ),
+    *rows(
         f"{OP}.ListOperations",
         negative_size=(
             "page_size",

@@ -465,6 +465,34 @@ async def test_replaying_one_event_over_grpc(client: Client, rx: Receiver) -> No
     )
 
 
+async def test_a_replay_cancelled_before_it_runs_queues_nothing_over_http(
+    client: Client, http: httpx.AsyncClient, rx: Receiver
+) -> None:
+    owner = await client.new_user()
+    start = datetime.now(UTC) - timedelta(seconds=5)
+    hook = await client.webhook(owner, rx.url(), event_types=["tunnel.created"])
+    await client.tunnel(owner)
+    await rx.wait_for(1)
+    async with client.app.background:  # the runner's steps wait meanwhile
+        started = await http.post(
+            f"/v1/{hook.name}:replay", json={"startTime": start.isoformat()}, headers=auth(owner)
+        )
+        name = started.json()["name"]
+        cancelled = await http.post(f"/v1/{name}:cancel", json={}, headers=auth(owner))
+        assert cancelled.status_code == 200, cancelled.text
+        body = cancelled.json()
+        assert body["done"] is True
+        assert body["error"]["code"] == 1  # CANCELLED
+        again = await http.post(f"/v1/{name}:cancel", json={}, headers=auth(owner))
+        assert again.json() == body  # a finished operation stays as it is
+    # The runner finds nothing to do: no step ran, no delivery was queued again.
+    operation = await client.operations.GetOperation(
+        O.GetOperationRequest(name=name), metadata=owner.metadata
+    )
+    assert operation.metadata.processed == 0
+    assert len(await deliveries(client, owner, hook.name)) == 1
+
+
 async def test_events_missed_while_disabled_are_recovered_over_http(
     client: Client, http: httpx.AsyncClient, rx: Receiver
 ) -> None:

@@ -30,7 +30,7 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from tunnelplane.v1 import options_pb2 as tunnelplane_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftunnelplane/v1/operations.proto\x12\x0etunnelplane.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1ctunnelplane/v1/options.proto\"\xc7\x02\n\tOperation\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x39\n\x08metadata\x18\x02 \x01(\x0b\x32!.tunnelplane.v1.OperationMetadataB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x64one\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12L\n\x15replay_webhook_events\x18\x05 \x01(\x0b\x32+.tunnelplane.v1.ReplayWebhookEventsResponseH\x00:Z\xea\x41W\n\x19tunnelplane.dev/Operation\x12#users/{user}/operations/{operation}*\noperations2\toperationB\x08\n\x06result\"\xe3\x01\n\x11OperationMetadata\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x11\n\tprocessed\x18\x03 \x01(\x03\x12\r\n\x05total\x18\x04 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"-\n\x1bReplayWebhookEventsResponse\x12\x0e\n\x06queued\x18\x01 \x01(\x03\"G\n\x13GetOperationRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19tunnelplane.dev/Operation\"}\n\x15ListOperationsRequest\x12-\n\x06parent\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14tunnelplane.dev/User\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\"`\n\x16ListOperationsResponse\x12-\n\noperations\x18\x01 \x03(\x0b\x32\x19.tunnelplane.v1.Operation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xed\x02\n\x10OperationService\x12\xa1\x01\n\x0cGetOperation\x12#.tunnelplane.v1.GetOperationRequest\x1a\x19.tunnelplane.v1.Operation\"Q\x92\x82\x19&\x08\x02\x12\x0cprofile.read\x1a\x04name\"\x0ewebhooks.admin\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{name=users/*/operations/*}\x12\xb4\x01\n\x0eListOperations\x12%.tunnelplane.v1.ListOperationsRequest\x1a&.tunnelplane.v1.ListOperationsResponse\"S\x92\x82\x19(\x08\x02\x12\x0cprofile.read\x1a\x06parent\"\x0ewebhooks.admin\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{parent=users/*}/operationsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftunnelplane/v1/operations.proto\x12\x0etunnelplane.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1ctunnelplane/v1/options.proto\"\xc7\x02\n\tOperation\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x39\n\x08metadata\x18\x02 \x01(\x0b\x32!.tunnelplane.v1.OperationMetadataB\x04\xe2\x41\x01\x03\x12\x12\n\x04\x64one\x18\x03 \x01(\x08\x42\x04\xe2\x41\x01\x03\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x12L\n\x15replay_webhook_events\x18\x05 \x01(\x0b\x32+.tunnelplane.v1.ReplayWebhookEventsResponseH\x00:Z\xea\x41W\n\x19tunnelplane.dev/Operation\x12#users/{user}/operations/{operation}*\noperations2\toperationB\x08\n\x06result\"\xe3\x01\n\x11OperationMetadata\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x11\n\tprocessed\x18\x03 \x01(\x03\x12\r\n\x05total\x18\x04 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"-\n\x1bReplayWebhookEventsResponse\x12\x0e\n\x06queued\x18\x01 \x01(\x03\"G\n\x13GetOperationRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19tunnelplane.dev/Operation\"J\n\x16\x43\x61ncelOperationRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19tunnelplane.dev/Operation\"}\n\x15ListOperationsRequest\x12-\n\x06parent\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14tunnelplane.dev/User\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\"`\n\x16ListOperationsResponse\x12-\n\noperations\x18\x01 \x03(\x0b\x32\x19.tunnelplane.v1.Operation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa5\x04\n\x10OperationService\x12\xa1\x01\n\x0cGetOperation\x12#.tunnelplane.v1.GetOperationRequest\x1a\x19.tunnelplane.v1.Operation\"Q\x92\x82\x19&\x08\x02\x12\x0cprofile.read\x1a\x04name\"\x0ewebhooks.admin\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{name=users/*/operations/*}\x12\xb5\x01\n\x0f\x43\x61ncelOperation\x12&.tunnelplane.v1.CancelOperationRequest\x1a\x19.tunnelplane.v1.Operation\"_\x92\x82\x19*\x08\x02\x12\x0ewebhooks.write\x1a\x04name\"\x0ewebhooks.admin@\x01\x82\xd3\xe4\x93\x02+\"&/v1/{name=users/*/operations/*}:cancel:\x01*\x12\xb4\x01\n\x0eListOperations\x12%.tunnelplane.v1.ListOperationsRequest\x1a&.tunnelplane.v1.ListOperationsResponse\"S\x92\x82\x19(\x08\x02\x12\x0cprofile.read\x1a\x06parent\"\x0ewebhooks.admin\x82\xd3\xe4\x93\x02!\x12\x1f/v1/{parent=users/*}/operationsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,10 +47,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPERATION']._serialized_options = b'\352AW\n\031tunnelplane.dev/Operation\022#users/{user}/operations/{operation}*\noperations2\toperation'
   _globals['_GETOPERATIONREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_GETOPERATIONREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031tunnelplane.dev/Operation'
+  _globals['_CANCELOPERATIONREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_CANCELOPERATIONREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031tunnelplane.dev/Operation'
   _globals['_LISTOPERATIONSREQUEST'].fields_by_name['parent']._loaded_options = None
   _globals['_LISTOPERATIONSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\026\n\024tunnelplane.dev/User'
   _globals['_OPERATIONSERVICE'].methods_by_name['GetOperation']._loaded_options = None
   _globals['_OPERATIONSERVICE'].methods_by_name['GetOperation']._serialized_options = b'\222\202\031&\010\002\022\014profile.read\032\004name\"\016webhooks.admin\202\323\344\223\002!\022\037/v1/{name=users/*/operations/*}'
+  _globals['_OPERATIONSERVICE'].methods_by_name['CancelOperation']._loaded_options = None
+  _globals['_OPERATIONSERVICE'].methods_by_name['CancelOperation']._serialized_options = b'\222\202\031*\010\002\022\016webhooks.write\032\004name\"\016webhooks.admin@\001\202\323\344\223\002+\"&/v1/{name=users/*/operations/*}:cancel:\001*'
   _globals['_OPERATIONSERVICE'].methods_by_name['ListOperations']._loaded_options = None
   _globals['_OPERATIONSERVICE'].methods_by_name['ListOperations']._serialized_options = b'\222\202\031(\010\002\022\014profile.read\032\006parent\"\016webhooks.admin\202\323\344\223\002!\022\037/v1/{parent=users/*}/operations'
   _globals['_OPERATION']._serialized_start=230
@@ -61,10 +65,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLAYWEBHOOKEVENTSRESPONSE']._serialized_end=834
   _globals['_GETOPERATIONREQUEST']._serialized_start=836
   _globals['_GETOPERATIONREQUEST']._serialized_end=907
-  _globals['_LISTOPERATIONSREQUEST']._serialized_start=909
-  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1034
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1036
-  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1132
-  _globals['_OPERATIONSERVICE']._serialized_start=1135
-  _globals['_OPERATIONSERVICE']._serialized_end=1500
+  _globals['_CANCELOPERATIONREQUEST']._serialized_start=909
+  _globals['_CANCELOPERATIONREQUEST']._serialized_end=983
+  _globals['_LISTOPERATIONSREQUEST']._serialized_start=985
+  _globals['_LISTOPERATIONSREQUEST']._serialized_end=1110
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_start=1112
+  _globals['_LISTOPERATIONSRESPONSE']._serialized_end=1208
+  _globals['_OPERATIONSERVICE']._serialized_start=1211
+  _globals['_OPERATIONSERVICE']._serialized_end=1760
 # @@protoc_insertion_point(module_scope)

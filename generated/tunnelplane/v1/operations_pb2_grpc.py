@@ -43,6 +43,11 @@ class OperationServiceStub:
                 request_serializer=tunnelplane_dot_v1_dot_operations__pb2.GetOperationRequest.SerializeToString,
                 response_deserializer=tunnelplane_dot_v1_dot_operations__pb2.Operation.FromString,
                 _registered_method=True)
+        self.CancelOperation = channel.unary_unary(
+                '/tunnelplane.v1.OperationService/CancelOperation',
+                request_serializer=tunnelplane_dot_v1_dot_operations__pb2.CancelOperationRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
         self.ListOperations = channel.unary_unary(
                 '/tunnelplane.v1.OperationService/ListOperations',
                 request_serializer=tunnelplane_dot_v1_dot_operations__pb2.ListOperationsRequest.SerializeToString,
@@ -64,6 +69,15 @@ class OperationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelOperation(self, request, context):
+        """Cancels an operation that has not finished: it ends with the error
+        CANCELLED, and what it did before stays done (a replay's deliveries already
+        queued are still sent). Cancelling a finished operation changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListOperations(self, request, context):
         """Lists a user's operations, newest first. Filter fields: `done`, `kind`,
         `create_time`.
@@ -78,6 +92,11 @@ def add_OperationServiceServicer_to_server(servicer, server):
             'GetOperation': grpc.unary_unary_rpc_method_handler(
                     servicer.GetOperation,
                     request_deserializer=tunnelplane_dot_v1_dot_operations__pb2.GetOperationRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'CancelOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelOperation,
+                    request_deserializer=tunnelplane_dot_v1_dot_operations__pb2.CancelOperationRequest.FromString,
                     response_serializer=tunnelplane_dot_v1_dot_operations__pb2.Operation.SerializeToString,
             ),
             'ListOperations': grpc.unary_unary_rpc_method_handler(
@@ -116,6 +135,33 @@ class OperationService:
             target,
             '/tunnelplane.v1.OperationService/GetOperation',
             tunnelplane_dot_v1_dot_operations__pb2.GetOperationRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.OperationService/CancelOperation',
+            tunnelplane_dot_v1_dot_operations__pb2.CancelOperationRequest.SerializeToString,
             tunnelplane_dot_v1_dot_operations__pb2.Operation.FromString,
             options,
             channel_credentials,

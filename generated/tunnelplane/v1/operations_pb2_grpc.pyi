@@ -39,6 +39,11 @@ class OperationServiceStub:
     def __new__(cls, channel: _aio.Channel) -> OperationServiceAsyncStub: ...
     GetOperation: _grpc.UnaryUnaryMultiCallable[_operations_pb2.GetOperationRequest, _operations_pb2.Operation]
     """Returns an operation, with its progress."""
+    CancelOperation: _grpc.UnaryUnaryMultiCallable[_operations_pb2.CancelOperationRequest, _operations_pb2.Operation]
+    """Cancels an operation that has not finished: it ends with the error
+    CANCELLED, and what it did before stays done (a replay's deliveries already
+    queued are still sent). Cancelling a finished operation changes nothing.
+    """
     ListOperations: _grpc.UnaryUnaryMultiCallable[_operations_pb2.ListOperationsRequest, _operations_pb2.ListOperationsResponse]
     """Lists a user's operations, newest first. Filter fields: `done`, `kind`,
     `create_time`.
@@ -55,6 +60,11 @@ class OperationServiceAsyncStub(OperationServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetOperation: _aio.UnaryUnaryMultiCallable[_operations_pb2.GetOperationRequest, _operations_pb2.Operation]  # type: ignore[assignment]
     """Returns an operation, with its progress."""
+    CancelOperation: _aio.UnaryUnaryMultiCallable[_operations_pb2.CancelOperationRequest, _operations_pb2.Operation]  # type: ignore[assignment]
+    """Cancels an operation that has not finished: it ends with the error
+    CANCELLED, and what it did before stays done (a replay's deliveries already
+    queued are still sent). Cancelling a finished operation changes nothing.
+    """
     ListOperations: _aio.UnaryUnaryMultiCallable[_operations_pb2.ListOperationsRequest, _operations_pb2.ListOperationsResponse]  # type: ignore[assignment]
     """Lists a user's operations, newest first. Filter fields: `done`, `kind`,
     `create_time`.
@@ -74,6 +84,17 @@ class OperationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_operations_pb2.Operation, _abc.Awaitable[_operations_pb2.Operation]]:
         """Returns an operation, with its progress."""
+
+    @_abc_1.abstractmethod
+    def CancelOperation(
+        self,
+        request: _operations_pb2.CancelOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operations_pb2.Operation, _abc.Awaitable[_operations_pb2.Operation]]:
+        """Cancels an operation that has not finished: it ends with the error
+        CANCELLED, and what it did before stays done (a replay's deliveries already
+        queued are still sent). Cancelling a finished operation changes nothing.
+        """
 
     @_abc_1.abstractmethod
     def ListOperations(
