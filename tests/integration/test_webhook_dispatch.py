@@ -55,7 +55,7 @@ from tests.webhook_receiver import Receiver, Reply, Seen
 
 #: The sender's budget per attempt; a scripted "timeout" answers after SLOW seconds.
 TIMEOUT = 0.5
-SLOW = 0.65
+SLOW = 0.9  # well past TIMEOUT: a busy event loop must not turn a timeout into an answer
 #: A timed-out attempt: the receiver would have accepted it (202), too late for the sender.
 TIMED_OUT = 202
 SCHEDULE = (timedelta(seconds=1), timedelta(seconds=2), timedelta(seconds=4))
