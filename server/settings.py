@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, get_args
 Mode = Literal["development", "sandbox", "production"]
 OtelExporter = Literal["none", "console", "otlp"]
 LogFormat = Literal["json", "text"]
-ProbeAddresses = Literal["auto", "any", "public"]
+AddressPolicy = Literal["auto", "any", "public"]
 
 T = TypeVar("T")
 
@@ -214,7 +214,7 @@ class Settings:
     probe_unhealthy_after: int = field(
         default=3, metadata=_doc("Failed probes in a row that make an endpoint unhealthy")
     )
-    probe_addresses: ProbeAddresses = field(
+    probe_addresses: AddressPolicy = field(
         default="auto",
         metadata=_doc(
             "Endpoint addresses probed: any, or public only (no loopback, private or "
@@ -224,7 +224,7 @@ class Settings:
     probe_healthy_after: int = field(
         default=2, metadata=_doc("Good probes in a row that make an endpoint healthy again")
     )
-    webhook_addresses: ProbeAddresses = field(
+    webhook_addresses: AddressPolicy = field(
         default="auto",
         metadata=_doc(
             "Webhook addresses delivered to: any, or public only (no loopback, private or "
@@ -277,16 +277,15 @@ class Settings:
     @property
     def probe_public_only(self) -> bool:
         """Whether endpoint probes may dial only global addresses."""
-        if self.probe_addresses == "auto":
-            return self.mode == "production"
-        return self.probe_addresses == "public"
+        return self._public_only(self.probe_addresses)
 
     @property
     def webhook_public_only(self) -> bool:
         """Whether webhooks may be delivered to global addresses only."""
-        if self.webhook_addresses == "auto":
-            return self.mode == "production"
-        return self.webhook_addresses == "public"
+        return self._public_only(self.webhook_addresses)
+
+    def _public_only(self, policy: AddressPolicy) -> bool:
+        return self.mode == "production" if policy == "auto" else policy == "public"
 
     @property
     def webhook_schedule(self) -> tuple[float, ...]:
@@ -440,7 +439,7 @@ def _literal_choices(kind: str) -> tuple[str, ...]:
         "Mode": Mode,
         "OtelExporter": OtelExporter,
         "LogFormat": LogFormat,
-        "ProbeAddresses": ProbeAddresses,
+        "AddressPolicy": AddressPolicy,
     }
     return tuple(get_args(aliases[kind]))
 

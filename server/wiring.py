@@ -11,6 +11,7 @@ from datetime import timedelta
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from server.domain.addresses import public_only
 from server.domain.agents import AgentSessions, AgentSettings
 from server.domain.clock import Clock
 from server.domain.endpoints import ProbeThresholds
@@ -22,10 +23,9 @@ from server.domain.sharing import ShareService
 from server.domain.tiers import TierCatalog
 from server.domain.tunnel_service import TunnelService, TunnelSettings
 from server.domain.webhook_service import REPLAY, WebhookPolicy, WebhookService
-from server.domain.webhooks import address_allowed
 from server.settings import Settings
 from server.storage.bus import RedisBus
-from server.workers.prober import EndpointProber, public_only
+from server.workers.prober import EndpointProber
 from server.workers.tunnels import ProbeStore, sweep_loop
 from server.workers.webhook_http import WebhookSender
 from server.workers.webhooks import DispatchMetrics, DispatchSettings, WebhookDispatcher
@@ -188,7 +188,7 @@ def build_webhooks(
         timeout=settings.webhook_timeout,
         # Endpoints are URLs users type: in production only global addresses are dialled,
         # checked after DNS on every new connection (SSRF, DNS rebinding).
-        allow=(lambda ip: address_allowed(ip, allow_private=False)) if public else None,
+        allow=public_only if public else None,
         max_connections=settings.webhook_concurrency,
     )
     dispatcher = WebhookDispatcher(

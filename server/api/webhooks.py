@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import timedelta
 
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import json_format
 from google.rpc import status_pb2
 from tunnelplane.v1 import operations_pb2, webhooks_pb2
 
 from server.api import convert
 from server.api.convert import timestamp
+from server.api.tunnel_convert import duration
 from server.api.users import caller_id
 from server.domain.clock import Clock
 from server.domain.names import user_id_of
@@ -81,12 +81,6 @@ def draft(message: P.Webhook) -> WebhookDraft:
     )
 
 
-def _latency(seconds: float) -> duration_pb2.Duration:
-    value = duration_pb2.Duration()
-    value.FromTimedelta(timedelta(seconds=seconds))
-    return value
-
-
 def delivery(d: Delivery) -> P.WebhookDelivery:
     """The API form of a delivery with its attempts."""
     return P.WebhookDelivery(
@@ -104,7 +98,7 @@ def delivery(d: Delivery) -> P.WebhookDelivery:
                 number=a.number,
                 time=timestamp(a.time),
                 status_code=a.status_code,
-                latency=_latency(a.latency),
+                latency=duration(a.latency),
                 response_excerpt=a.response_excerpt,
                 error=a.error,
                 succeeded=a.succeeded,

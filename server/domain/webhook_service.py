@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from server.domain import audit, fieldmask, validation
+from server.domain.addresses import public_only
 from server.domain.clock import Clock
 from server.domain.events import EVENT_TYPES, Event, EventBus, record
 from server.domain.ids import is_id, new_id
@@ -32,7 +33,6 @@ from server.domain.operations import Operation, Step
 from server.domain.outbox import TEST_EVENT, DeliveryState, NewDelivery
 from server.domain.ports import UnitOfWork, UnitOfWorkFactory
 from server.domain.webhooks import (
-    address_allowed,
     check_url,
     compile_transform,
     matches,
@@ -207,7 +207,7 @@ class Delivery:
     @property
     def name(self) -> str:
         """``users/{user}/webhooks/{webhook}/deliveries/{delivery}``."""
-        return f"{webhook_name(self.user_id, self.webhook_id)}/deliveries/{self.id}"
+        return delivery_name(self.user_id, self.webhook_id, self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +242,7 @@ async def check_reachable(url: str, resolver: Resolver, field_name: str = "webho
             addresses = await resolver(host)
     except (OSError, TimeoutError, UnicodeError):
         raise InvalidArgument.single(field_name, "the host does not resolve") from None
-    if not addresses or not all(address_allowed(a, allow_private=False) for a in addresses):
+    if not addresses or not all(public_only(a) for a in addresses):
         raise InvalidArgument.single(
             field_name, "the host resolves to a loopback, private or link-local address"
         )
@@ -274,6 +274,11 @@ class Sender(Protocol):
 def webhook_name(user_id: str, webhook_id: str) -> str:
     """``users/{user}/webhooks/{webhook}``."""
     return f"users/{user_id}/webhooks/{webhook_id}"
+
+
+def delivery_name(user_id: str, webhook_id: str, delivery_id: str) -> str:
+    """``users/{user}/webhooks/{webhook}/deliveries/{delivery}``."""
+    return f"{webhook_name(user_id, webhook_id)}/deliveries/{delivery_id}"
 
 
 def webhook_parts(name: str, field_name: str, caller_id: str | None) -> tuple[str, str]:
@@ -551,9 +556,7 @@ class WebhookService:
             await _load(uow, owner_id, webhook_id)
             found = await uow.webhooks.delivery(delivery_id)
         if found is None or found.webhook_id != webhook_id:
-            raise NotFound(
-                "webhook delivery", f"{webhook_name(owner_id, webhook_id)}/deliveries/{delivery_id}"
-            )
+            raise NotFound("webhook delivery", delivery_name(owner_id, webhook_id, delivery_id))
         return found
 
     async def test(
@@ -607,7 +610,7 @@ class WebhookService:
             if request_id and (done := await uow.operations.find_by_request(owner_id, request_id)):
                 return done
             webhook = await _load(uow, owner_id, webhook_id)
-            assert_enabled(webhook)
+            _assert_enabled(webhook)
             if params["event_id"]:
                 if await uow.events.get(params["event_id"]) is None:
                     raise NotFound("event", request.event)
@@ -724,8 +727,7 @@ class WebhookService:
             )
         async with self._uow() as uow:
             webhook = await _load(uow, owner_id, webhook_id)
-            if webhook.disabled:
-                raise _disabled(webhook)
+            _assert_enabled(webhook)
             count = await uow.webhooks.recover(webhook_id, since, now)
             audit.annotate(subject_user_id=owner_id, resource=webhook.name, recovered=count)
         return count
@@ -785,12 +787,7 @@ def _check_etag(webhook: Webhook, etag: str, field_name: str) -> None:
         )
 
 
-async def load_for_owner(uow: UnitOfWork, owner_id: str, webhook_id: str) -> Webhook:
-    """The endpoint, or :class:`NotFound` (for operations that run in their own unit)."""
-    return await _load(uow, owner_id, webhook_id)
-
-
-def assert_enabled(webhook: Webhook) -> None:
+def _assert_enabled(webhook: Webhook) -> None:
     """:class:`FailedPrecondition` while the endpoint is disabled."""
     if webhook.disabled:
         raise _disabled(webhook)

@@ -17,7 +17,6 @@ import binascii
 import enum
 import hashlib
 import hmac
-import ipaddress
 import json
 import random
 import re
@@ -26,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
-from typing import Any, TypeAlias
+from typing import Any
 from urllib.parse import urlsplit
 
 import jmespath
@@ -416,7 +415,7 @@ def should_disable(
 def check_url(url: str, *, require_https: bool, field: str = "webhook.url") -> str:
     """``url`` if it is an acceptable endpoint URL; :class:`InvalidArgument` naming ``field``.
 
-    Resolved addresses are checked at delivery time with :func:`address_allowed`.
+    Resolved addresses are checked with :func:`server.domain.addresses.public_only`.
     """
     problem = _url_problem(url, require_https=require_https)
     if problem:
@@ -443,47 +442,3 @@ def _url_problem(url: str, *, require_https: bool) -> str:
         ("#" in url, "no fragment"),
     )
     return next((message for failed, message in checks if failed), "")
-
-
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
-_Address: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def address_allowed(
-    ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address, *, allow_private: bool
-) -> bool:
-    """Whether a resolved address may receive webhooks (the SSRF check).
-
-    Refuses loopback, private, shared, link-local, reserved and other non-global addresses
-    (IPv4 inside IPv6 — mapped, 6to4, Teredo, NAT64 — is judged as the IPv4) unless
-    ``allow_private``; multicast and unspecified addresses, and anything unparsable, are
-    always refused.
-    """
-    try:
-        address = _embedded_v4(ipaddress.ip_address(ip))
-    except ValueError:
-        return False
-    if address.is_multicast or address.is_unspecified:
-        return False
-    return allow_private or (address.is_global and not _special(address))
-
-
-def _special(address: _Address) -> bool:
-    site_local = isinstance(address, ipaddress.IPv6Address) and address.is_site_local
-    return site_local or any(
-        (address.is_loopback, address.is_private, address.is_link_local, address.is_reserved)
-    )
-
-
-def _embedded_v4(address: _Address) -> _Address:
-    if isinstance(address, ipaddress.IPv4Address):
-        return address
-    if address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    if address.sixtofour is not None:
-        return address.sixtofour
-    if address.teredo is not None:
-        return address.teredo[1]
-    if address in _NAT64:
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    return address

@@ -192,11 +192,8 @@ class SqlWebhookRepository(Repository):
             raise Aborted("the webhook was changed concurrently; retry", reason="CONCURRENT_UPDATE")
 
     async def delete(self, webhook_id: str) -> None:
-        # Attempts and deliveries go with it (ON DELETE CASCADE); SQLite needs them
-        # deleted explicitly when foreign keys are off, so do it either way.
-        ids = sa.select(_d.id).where(_d.webhook_id == webhook_id).scalar_subquery()
-        await self._conn.execute(sa.delete(webhook_attempts).where(_a.delivery_id.in_(ids)))
-        await self._conn.execute(sa.delete(webhook_deliveries).where(_d.webhook_id == webhook_id))
+        # Its deliveries and their attempts go with it (ON DELETE CASCADE; SQLite
+        # connections turn foreign keys on).
         await self._conn.execute(sa.delete(webhooks).where(_w.id == webhook_id))
 
     async def list(self, user_id: str, query: ListQuery) -> builtins.list[Webhook]:

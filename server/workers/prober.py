@@ -93,11 +93,6 @@ def _tls(address: EndpointAddress, context: ssl.SSLContext | None) -> ssl.SSLCon
 AddressRule = Callable[[ipaddress.IPv4Address | ipaddress.IPv6Address], bool]
 
 
-def public_only(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Whether ``ip`` is a global address (not loopback, private, link-local, ...)."""
-    return ip.is_global and not ip.is_multicast
-
-
 async def _allowed_address(address: EndpointAddress, allow: AddressRule) -> str | None:
     infos = await asyncio.get_running_loop().getaddrinfo(
         address.host, address.port, type=socket.SOCK_STREAM

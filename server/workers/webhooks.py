@@ -39,6 +39,7 @@ from server.domain.webhook_service import (
     Attempt,
     DisabledReason,
     Webhook,
+    delivery_name,
 )
 from server.domain.webhooks import DISABLE_AFTER, RETRY_SCHEDULE, should_disable
 from server.errors import DomainError
@@ -160,18 +161,17 @@ class WebhookDispatcher:
                 async with hold:
                     claimed = await self.run_once()
                     await self._update_stats()
-                if claimed >= self._settings.batch:
-                    continue  # more is due: no sleep
-                idle = await self._idle_time(claimed)
+                if claimed:
+                    continue  # there may be more: look again at once
+                idle = await self._idle_time()
             except Exception:
                 log.exception("webhook dispatch failed; will retry")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(idle):
                     await self._wake.wait()
 
-    async def _idle_time(self, claimed: int) -> float:
-        if claimed:
-            return 0.0
+    async def _idle_time(self) -> float:
+        """How long to sleep: until the next delivery is due, at most a poll interval."""
         async with self._uow(readonly=True) as uow:
             due = await uow.webhooks.next_due()
         if due is None:
@@ -366,7 +366,6 @@ def _token() -> int:
 
 
 def _audit_entry(o: _Outcome, now: datetime) -> AuditEntry:
-    name = f"{o.webhook.name}/deliveries/{o.claimed.delivery_id}"
     attempt = o.attempt
     return AuditEntry(
         id=new_id("aud", now.timestamp()),
@@ -375,7 +374,7 @@ def _audit_entry(o: _Outcome, now: datetime) -> AuditEntry:
         action="webhook.deliver",
         outcome="OK" if o.settlement.state is DeliveryState.SUCCEEDED else "FAILED",
         subject_user_id=o.webhook.user_id,
-        resource=name,
+        resource=delivery_name(o.webhook.user_id, o.webhook.id, o.claimed.delivery_id),
         details={
             "event": o.event.name,
             "event_type": o.event.type,

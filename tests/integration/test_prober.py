@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from server.domain.addresses import public_only
 from server.domain.endpoints import (
     EndpointHealth,
     EndpointStatus,
@@ -23,7 +24,7 @@ from server.domain.endpoints import (
     apply_probe,
     parse_endpoint_url,
 )
-from server.workers.prober import EndpointProber, ProbeResult, ProbeTarget, probe, public_only
+from server.workers.prober import EndpointProber, ProbeResult, ProbeTarget, probe
 from tests.integration.test_tls import self_signed
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]

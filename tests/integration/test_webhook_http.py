@@ -18,17 +18,12 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from server.domain.webhooks import address_allowed
+from server.domain.addresses import public_only
 from server.workers.webhook_http import EXCERPT_BYTES, AttemptResult, WebhookSender
 from tests.integration.test_tls import self_signed
 
 BIG = b"0123456789" * 10_000  # 100 KB
 PAYLOAD = b'{"type":"tunnel.created","data":{"id":"tun_1"}}'
-
-
-def public_only(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """The production policy."""
-    return address_allowed(ip, allow_private=False)
 
 
 @dataclass(frozen=True)

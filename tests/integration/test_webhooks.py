@@ -194,6 +194,21 @@ async def test_update_takes_a_mask_and_an_etag_and_delete_drops_the_history(
         ),
         grpc.StatusCode.NOT_FOUND,
     )
+    webhook_id = made.name.rsplit("/", 1)[1]
+    deliveries_table = tables.webhook_deliveries
+    async with client.app.db.engine.connect() as conn:
+        left = await conn.execute(
+            sa.select(sa.func.count())
+            .select_from(deliveries_table.join(tables.webhook_attempts))
+            .where(deliveries_table.c.webhook_id == webhook_id)
+        )
+        assert left.scalar_one() == 0  # the test send's delivery and attempt went with it
+        kept = await conn.execute(
+            sa.select(sa.func.count())
+            .select_from(deliveries_table)
+            .where(deliveries_table.c.webhook_id == webhook_id)
+        )
+        assert kept.scalar_one() == 0
 
 
 async def test_a_user_has_a_limited_number_of_endpoints(client: Client, rx: Receiver) -> None:
