@@ -11,18 +11,38 @@ BUF := .tools/node_modules/.bin/buf
 PROTOS := $(shell find proto/tunnelplane -name '*.proto' | sort)
 GRPC_INCLUDE = $(shell $(BIN)/python -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
 
-.PHONY: help install generate check-generated lint typecheck test run migrate bench clean
+LOCK := requirements.lock
+# uv resolves the lock for every platform (markers) with the hashes of every file of each
+# pinned release; pip installs from it with --require-hashes.
+LOCK_COMPILE = $(BIN)/uv pip compile pyproject.toml --extra dev --universal --generate-hashes \
+  --python-version 3.11 --custom-compile-command 'make lock'
+
+.PHONY: help install lock check-lock generate check-generated lint typecheck test run migrate bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
 
-install: $(STAMP) ## Create .venv and install the project with its dev tools (idempotent)
+install: $(STAMP) ## Create .venv and install exactly the versions in requirements.lock (idempotent)
 
-$(STAMP): pyproject.toml
+# Exactly the pinned releases, each checked against its hash; then the project itself,
+# built with the locked setuptools (no isolated build that would fetch an unpinned one).
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+lock: $(STAMP) ## Re-resolve requirements.lock after a change to pyproject.toml (LOCK_ARGS=--upgrade: newest releases)
+	$(LOCK_COMPILE) $(LOCK_ARGS) -o $(LOCK)
+	$(MAKE) install
+
+check-lock: $(STAMP) ## Fail if requirements.lock no longer satisfies pyproject.toml
+	@cp $(LOCK) $(VENV)/lock-check.txt
+	@$(LOCK_COMPILE) --quiet -o $(VENV)/lock-check.txt
+	@if ! diff -q $(LOCK) $(VENV)/lock-check.txt >/dev/null; then \
+	  diff -u $(LOCK) $(VENV)/lock-check.txt | head -40; \
+	  echo "requirements.lock is stale: run 'make lock' and commit it"; exit 1; fi
+	@echo "requirements.lock matches pyproject.toml"
 
 $(BUF):
 	mkdir -p .tools

@@ -109,7 +109,7 @@ class RedisBus:
                     self._deliver(message["data"])
         finally:
             with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
 
     async def close(self) -> None:
         """Release the reader's connections."""
