@@ -22,6 +22,7 @@ import httpx
 import psycopg
 import pytest
 import pytest_asyncio
+import redis
 
 from server.app import App
 from server.settings import Settings
@@ -34,6 +35,8 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "TP_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 REDIS_URL = os.environ.get("TP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+#: Every Redis key this test run writes starts with this; the run deletes them at its end.
+REDIS_RUN_PREFIX = f"tptest:{uuid.uuid4().hex[:10]}:"
 #: Cheap Argon2 parameters so that registering hundreds of test users stays fast.
 FAST_HASHING = {"argon2_time_cost": 1, "argon2_memory_kib": 1024, "argon2_parallelism": 1}
 
@@ -69,6 +72,38 @@ def require_redis() -> None:
     require("Redis", reachable(REDIS_URL, 6379))
 
 
+def redis_prefix() -> str:
+    """A Redis key prefix of its own, inside this run's (so the run's end removes it)."""
+    return f"{REDIS_RUN_PREFIX}{uuid.uuid4().hex[:8]}:"
+
+
+def delete_run_keys(url: str = REDIS_URL) -> int:
+    """Delete every key this run wrote; the number deleted."""
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        deleted = 0
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=f"{REDIS_RUN_PREFIX}*", count=1000):
+            batch.append(key)
+            if len(batch) == 500:
+                deleted += client.unlink(*batch)
+                batch.clear()
+        if batch:
+            deleted += client.unlink(*batch)
+        return deleted
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _redis_keys_removed() -> Iterator[None]:
+    """Tests clean up what they create: quota counters live for weeks, so a run that left
+    its keys would fill a shared Redis run after run."""
+    yield
+    if reachable(REDIS_URL, 6379):
+        delete_run_keys()
+
+
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
     """Settings for an in-process test server."""
     values: dict[str, object] = {
@@ -83,6 +118,8 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         # never refused; the rate-limit tests turn this off.
         "rate_exempt_ips": "127.0.0.0/8,::1",
         "health_interval": 0.2,
+        # Keys in this run's namespace, never the default one (the run deletes them).
+        "redis_prefix": redis_prefix(),
         **FAST_HASHING,
     }
     values.update(overrides)
@@ -172,7 +209,7 @@ async def backend(
     else:
         require_redis()
         url = request.getfixturevalue("postgres_database")
-        chosen = Backend("postgres", url, REDIS_URL, f"tptest:{uuid.uuid4().hex[:8]}:")
+        chosen = Backend("postgres", url, REDIS_URL, redis_prefix())
     await migrate(chosen.database_url)
     yield chosen
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from tests.conftest import FAST_HASHING
+from tests.conftest import FAST_HASHING, redis_prefix
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def replica_envs(database_url: str, redis_url: str, tmp_path: Path) -> tuple[dic
     shared = {
         "TP_DATABASE_URL": database_url,
         "TP_REDIS_URL": redis_url,
-        "TP_REDIS_PREFIX": f"tptest:{tmp_path.name}:",
+        "TP_REDIS_PREFIX": redis_prefix(),
         "TP_JWT_PRIVATE_KEY_FILE": str(key),
         "TP_PAGE_TOKEN_SECRET": "p" * 40,
         "TP_SECRETS_KEY": new_key(),

@@ -14,7 +14,7 @@ from tunnelplane.v1 import admin_pb2, users_pb2
 
 from server.app import App
 from server.domain.principal import Role
-from tests.conftest import REDIS_URL, make_settings
+from tests.conftest import REDIS_URL, make_settings, redis_prefix
 from tests.helpers import Client, fails
 from tests.tcpproxy import TcpProxy
 
@@ -68,7 +68,13 @@ async def proxied_app(
 
     await migrate(postgres_database)
     server = App(
-        make_settings(tmp_path, database_url=url, redis_url=REDIS_URL, health_interval=0.1)
+        make_settings(
+            tmp_path,
+            database_url=url,
+            redis_url=REDIS_URL,
+            redis_prefix=redis_prefix(),
+            health_interval=0.1,
+        )
     )
     await server.start()
     yield server, proxy

@@ -10,7 +10,7 @@ import pytest
 
 from server.domain.cache import CachedLookup
 from server.storage.kv import MemoryStore, RedisStore
-from tests.conftest import REDIS_URL, require_redis
+from tests.conftest import REDIS_URL, redis_prefix, require_redis
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -19,7 +19,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[MemoryStore | R
         kv: MemoryStore | RedisStore = MemoryStore()
     else:
         require_redis()
-        kv = RedisStore.connect(REDIS_URL, f"tptest:{uuid.uuid4().hex[:8]}:")
+        kv = RedisStore.connect(REDIS_URL, redis_prefix())
     yield kv
     await kv.close()
 
@@ -78,3 +78,25 @@ def test_memory_store_is_bounded() -> None:
         return await kv.get_many(["k0", "k999"])
 
     assert asyncio.run(fill()) == [None, b"v"]
+
+
+def test_a_run_deletes_its_own_keys_and_no_one_elses() -> None:
+    """What the session's clean-up does: every key under this run's prefix goes (quota
+    counters would otherwise stay for weeks), keys outside it stay."""
+    require_redis()
+    import redis
+
+    from tests.conftest import REDIS_RUN_PREFIX, delete_run_keys
+
+    client = redis.Redis.from_url(REDIS_URL)
+    mine = [f"{redis_prefix()}quota:requests:usr_x:{i}" for i in range(1200)]
+    other = f"tptest-other-run:{uuid.uuid4().hex}"
+    try:
+        client.mset(dict.fromkeys([*mine, other], b"1"))
+        assert delete_run_keys() >= len(mine)
+        assert client.exists(*mine) == 0
+        assert not list(client.scan_iter(match=f"{REDIS_RUN_PREFIX}*"))
+        assert client.exists(other) == 1
+    finally:
+        client.unlink(other)
+        client.close()

@@ -12,7 +12,6 @@ import contextlib
 import itertools
 import socket
 import subprocess
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -33,7 +32,7 @@ from server.settings import DEFAULT_TIERS
 from server.storage.kv import redis_client
 from server.storage.limiter import MemoryLimiter, RedisLimiter
 from server.storage.resp import Address, RespConnection
-from tests.conftest import REDIS_URL, make_settings, migrate, require_redis
+from tests.conftest import REDIS_URL, make_settings, migrate, redis_prefix, require_redis
 from tests.helpers import Client
 from tests.processes import ServerProcess, child_env, run_cli, serving
 
@@ -87,7 +86,7 @@ def test_redis_and_in_process_limiters_agree(
 
     async def run() -> None:
         client = redis_client(REDIS_URL)
-        prefix = f"tptest:agree:{uuid.uuid4().hex[:8]}:"
+        prefix = redis_prefix()
         connection = RespConnection(Address.parse(REDIS_URL))
         redis, memory = RedisLimiter(client, prefix, connection), MemoryLimiter()
         now = EPOCH
@@ -135,7 +134,7 @@ async def test_replicas_share_one_limit(tmp_path: Path) -> None:
     burst, per_minute = 5, 60  # one a second after the burst
     shared = {
         "TP_REDIS_URL": REDIS_URL,
-        "TP_REDIS_PREFIX": f"tptest:{uuid.uuid4().hex[:8]}:",
+        "TP_REDIS_PREFIX": redis_prefix(),
         "TP_TIER_FREE_REQUESTS_PER_MINUTE": str(per_minute),
         "TP_TIER_FREE_BURST": str(burst),
         "TP_RATE_QUEUE_MAX_WAIT": "0",

@@ -3,7 +3,6 @@ with a clock the test moves instead of waiting."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +15,7 @@ from server.app import App
 from server.domain.throttle import LoginThrottle, ThrottlePolicy
 from server.errors import ResourceExhausted
 from server.storage.kv import MemoryStore, RedisStore
-from tests.conftest import REDIS_URL, Backend, require_redis
+from tests.conftest import REDIS_URL, Backend, redis_prefix, require_redis
 from tests.helpers import PASSWORD, Client, detail, fails, reason, unique_email
 
 
@@ -50,7 +49,7 @@ async def throttle(
         kv: MemoryStore | RedisStore = MemoryStore()
     else:
         require_redis()
-        kv = RedisStore.connect(REDIS_URL, f"tptest:{uuid.uuid4().hex[:8]}:")
+        kv = RedisStore.connect(REDIS_URL, redis_prefix())
     yield LoginThrottle(kv, POLICY, clock), clock
     await kv.close()
 
@@ -111,7 +110,7 @@ async def clocked(backend: Backend, tmp_path: Path) -> AsyncIterator[tuple[App, 
         tmp_path,
         login_slowdown_after=2,
         login_lock_after=3,
-        redis_prefix=f"tptest:{uuid.uuid4().hex[:8]}:",
+        redis_prefix=redis_prefix(),
         access_token_ttl=10**8,  # the fake clock stands still in 2026
     )
     server = App(settings, clock=clock)
