@@ -15,8 +15,9 @@ from server.pipeline import Call, Handler, MethodInfo, outcome_of
 class TracingStage:
     """One SERVER span per call, with the RPC semantic-convention attributes.
 
-    With no exporter configured nothing would ever see a span, so none is made; a caller's
-    ``traceparent`` still puts its trace id into the logs.
+    With no exporter configured nothing would ever see a span, so none is made (the request
+    context stage has already bound a trace id for the logs). With one, the span's trace
+    id is bound instead, for the rest of the call (the context stage unbinds it at the end).
     """
 
     def __init__(self, tracer: trace.Tracer, *, enabled: bool) -> None:
@@ -26,7 +27,7 @@ class TracingStage:
 
     def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
         if not self._enabled:
-            return self._ids_only(handler)
+            return handler
         tracer, propagator = self._tracer, self._propagator
         span_name = f"{method.service}/{method.name}"
         attributes = {
@@ -45,7 +46,7 @@ class TracingStage:
                 record_exception=False,
                 set_status_on_exception=False,
             ) as span:
-                token = trace_id_var.set(format(span.get_span_context().trace_id, "032x"))
+                trace_id_var.set(format(span.get_span_context().trace_id, "032x"))
                 code = Code.OK
                 try:
                     return await handler(request, call)
@@ -53,25 +54,9 @@ class TracingStage:
                     code = outcome_of(exc)
                     raise
                 finally:
-                    trace_id_var.reset(token)
                     if span.is_recording():
                         span.set_attribute("rpc.grpc.status_code", int(code))
                         if code is not Code.OK:
                             span.set_status(Status(StatusCode.ERROR, code.name))
-
-        return handle
-
-    def _ids_only(self, handler: Handler) -> Handler:
-        propagator = self._propagator
-
-        async def handle(request: Message, call: Call) -> Message:
-            if "traceparent" not in call.metadata:
-                return await handler(request, call)
-            context = trace.get_current_span(propagator.extract(call.metadata)).get_span_context()
-            token = trace_id_var.set(format(context.trace_id, "032x") if context.is_valid else "")
-            try:
-                return await handler(request, call)
-            finally:
-                trace_id_var.reset(token)
 
         return handle
