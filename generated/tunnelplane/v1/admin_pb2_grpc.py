@@ -92,7 +92,10 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListIpBlocks(self, request, context):
-        """Lists the client addresses blocked for repeated violations.
+        """Lists the client addresses blocked for repeated violations. A block refuses
+        anonymous calls (and calls with bad credentials) from its address; authenticated
+        callers there are held to their own limits, so an administrator can always list
+        and lift blocks, from a blocked address too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,7 +46,11 @@ class AdminServiceStub:
     SummarizeRateLimitViolations: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SummarizeRateLimitViolationsRequest, _admin_pb2.SummarizeRateLimitViolationsResponse]
     """The subjects, methods and addresses refused most over a recent window."""
     ListIpBlocks: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListIpBlocksRequest, _admin_pb2.ListIpBlocksResponse]
-    """Lists the client addresses blocked for repeated violations."""
+    """Lists the client addresses blocked for repeated violations. A block refuses
+    anonymous calls (and calls with bad credentials) from its address; authenticated
+    callers there are held to their own limits, so an administrator can always list
+    and lift blocks, from a blocked address too.
+    """
     DeleteIpBlock: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteIpBlockRequest, _empty_pb2.Empty]
     """Lifts a block before it expires."""
 
@@ -67,7 +71,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     SummarizeRateLimitViolations: _aio.UnaryUnaryMultiCallable[_admin_pb2.SummarizeRateLimitViolationsRequest, _admin_pb2.SummarizeRateLimitViolationsResponse]  # type: ignore[assignment]
     """The subjects, methods and addresses refused most over a recent window."""
     ListIpBlocks: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListIpBlocksRequest, _admin_pb2.ListIpBlocksResponse]  # type: ignore[assignment]
-    """Lists the client addresses blocked for repeated violations."""
+    """Lists the client addresses blocked for repeated violations. A block refuses
+    anonymous calls (and calls with bad credentials) from its address; authenticated
+    callers there are held to their own limits, so an administrator can always list
+    and lift blocks, from a blocked address too.
+    """
     DeleteIpBlock: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteIpBlockRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Lifts a block before it expires."""
 
@@ -109,7 +117,11 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListIpBlocksRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListIpBlocksResponse, _abc.Awaitable[_admin_pb2.ListIpBlocksResponse]]:
-        """Lists the client addresses blocked for repeated violations."""
+        """Lists the client addresses blocked for repeated violations. A block refuses
+        anonymous calls (and calls with bad credentials) from its address; authenticated
+        callers there are held to their own limits, so an administrator can always list
+        and lift blocks, from a blocked address too.
+        """
 
     @_abc_1.abstractmethod
     def DeleteIpBlock(

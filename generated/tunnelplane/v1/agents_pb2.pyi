@@ -129,6 +129,20 @@ class AgentReport(_message.Message):
     """Traffic an agent carried in one interval. Reports are idempotent by
     `sequence`: a report the control plane already counted is acknowledged again
     but not counted twice.
+
+    For a TCP tunnel a request is a connection, and a connection is reported
+    whole when it ends: its outcome (`success_count` or `error_count`), its
+    `request_count` and its latency (the time it took to connect to the target)
+    all go into the report of the interval in which it closed, so that one
+    report never holds a latency without its request, however long the
+    connection lasts (a token stream, a keep-alive client). `connections` and
+    the byte counts are reported as they happen: a connection still open at the
+    end of an interval has its bytes so far in that interval's report, is
+    counted in `connections` in the interval it opened, and in
+    `active_connections`. So in every report `success_count + error_count <=
+    request_count` and the latency buckets count at most `request_count`
+    (connections that never reached the target have no latency); a report that
+    breaks these rules is refused.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -147,7 +161,7 @@ class AgentReport(_message.Message):
     sequence: _builtins.int
     """Increases by one with each new report of this agent (from 1)."""
     request_count: _builtins.int
-    """Requests (for TCP tunnels: connections) carried."""
+    """Requests (for TCP tunnels: connections) that ended in the interval."""
     success_count: _builtins.int
     """Of which succeeded."""
     error_count: _builtins.int
@@ -168,7 +182,8 @@ class AgentReport(_message.Message):
 
     @_builtins.property
     def latency_buckets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Counts of request latencies per bucket; bucket `i` holds latencies up to
+        """Counts of the latencies of the requests that ended in the interval, per
+        bucket (at most `request_count` in all); bucket `i` holds latencies up to
         `LATENCY_BUCKETS_MS[i]` (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000,
         5000, 10000 ms), and one more bucket holds anything slower. At most 14.
         """
@@ -205,6 +220,7 @@ class ConnectResponse(_message.Message):
     WELCOME_FIELD_NUMBER: _builtins.int
     DESIRED_STATE_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
+    GO_AWAY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___AgentWelcome:
         """The answer to hello."""
@@ -215,7 +231,13 @@ class ConnectResponse(_message.Message):
 
     @_builtins.property
     def ack(self) -> Global___ReportAck:
-        """A report was received (counted once, whatever the number of copies)."""
+        """A report was received (counted once, whatever the number of copies),
+        or refused.
+        """
+
+    @_builtins.property
+    def go_away(self) -> Global___GoAway:
+        """This control plane is going away: reconnect."""
 
     def __init__(
         self,
@@ -223,16 +245,51 @@ class ConnectResponse(_message.Message):
         welcome: Global___AgentWelcome | None = ...,
         desired_state: Global___DesiredState | None = ...,
         ack: Global___ReportAck | None = ...,
+        go_away: Global___GoAway | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "desired_state", b"desired_state", "kind", b"kind", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "desired_state", b"desired_state", "go_away", b"go_away", "kind", b"kind", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "desired_state", b"desired_state", "kind", b"kind", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "desired_state", b"desired_state", "go_away", b"go_away", "kind", b"kind", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "desired_state", "ack"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["welcome", "desired_state", "ack", "go_away"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class GoAway(_message.Message):
+    """The control plane is going away (it is shutting down) and ends the stream
+    right after this message. The agent reconnects after a random delay of at
+    most `reconnect_within` (a load balancer sends it to another replica); its
+    listener and open connections are not affected.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    RECONNECT_WITHIN_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Why, for the agent's log."""
+    @_builtins.property
+    def reconnect_within(self) -> _duration_pb2.Duration:
+        """Reconnect after a random delay up to this long, so that the agents of a
+        replica do not all reconnect at the same moment.
+        """
+
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        reconnect_within: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reconnect_within", b"reconnect_within"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "reconnect_within", b"reconnect_within"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GoAway: _TypeAlias = GoAway  # noqa: Y015
 
 @_typing.final
 class AgentWelcome(_message.Message):
@@ -283,7 +340,9 @@ class DesiredState(_message.Message):
         RUN_STARTED: DesiredState._Run.ValueType  # 1
         """Listen on `listen_address` and relay to `target`."""
         RUN_STOPPED: DesiredState._Run.ValueType  # 2
-        """Close the listener and any open connections."""
+        """Close the listener at once (new connections are refused); close the
+        connections still open once `stop_grace` has passed.
+        """
 
     class Run(_Run, metaclass=_RunEnumTypeWrapper):
         """Whether the agent should carry traffic."""
@@ -293,13 +352,16 @@ class DesiredState(_message.Message):
     RUN_STARTED: DesiredState.Run.ValueType  # 1
     """Listen on `listen_address` and relay to `target`."""
     RUN_STOPPED: DesiredState.Run.ValueType  # 2
-    """Close the listener and any open connections."""
+    """Close the listener at once (new connections are refused); close the
+    connections still open once `stop_grace` has passed.
+    """
 
     RUN_FIELD_NUMBER: _builtins.int
     LISTEN_ADDRESS_FIELD_NUMBER: _builtins.int
     TARGET_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    STOP_GRACE_FIELD_NUMBER: _builtins.int
     run: Global___DesiredState.Run.ValueType
     """Start or stop."""
     listen_address: _builtins.str
@@ -314,6 +376,12 @@ class DesiredState(_message.Message):
     def config(self) -> _tunnels_pb2.TunnelConfig:
         """The tunnel's configuration."""
 
+    @_builtins.property
+    def stop_grace(self) -> _duration_pb2.Duration:
+        """With `RUN_STOPPED`: how long connections still open may go on before the
+        agent closes them (10 s by default). Zero closes them at once.
+        """
+
     def __init__(
         self,
         *,
@@ -322,10 +390,11 @@ class DesiredState(_message.Message):
         target: _builtins.str = ...,
         config: _tunnels_pb2.TunnelConfig | None = ...,
         version: _builtins.int = ...,
+        stop_grace: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "stop_grace", b"stop_grace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "listen_address", b"listen_address", "run", b"run", "target", b"target", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "listen_address", b"listen_address", "run", b"run", "stop_grace", b"stop_grace", "target", b"target", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -339,19 +408,31 @@ class ReportAck(_message.Message):
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
     COUNTED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    REFUSAL_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The report's sequence."""
     counted: _builtins.bool
-    """False when the report had been counted before (a duplicate)."""
+    """True when this copy was counted now; false when the report had been
+    counted before (a duplicate) or was refused.
+    """
+    refused: _builtins.bool
+    """The report is invalid (see `AgentReport`) and was not counted; sending it
+    again cannot change that, so the agent drops it. The session goes on.
+    """
+    refusal: _builtins.str
+    """Why the report was refused: each field at fault and what is wrong with it."""
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         counted: _builtins.bool = ...,
+        refused: _builtins.bool = ...,
+        refusal: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counted", b"counted", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counted", b"counted", "refusal", b"refusal", "refused", b"refused", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

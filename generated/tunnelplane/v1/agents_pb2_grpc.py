@@ -59,10 +59,13 @@ class AgentServiceServicer:
     def Connect(self, request_iterator, context):
         """The agent's session. The agent sends `hello` first, then heartbeats and
         reports; the control plane answers `welcome`, then sends the desired state
-        of the tunnel whenever it changes and acknowledges each report. An agent
+        of the tunnel whenever it changes and acknowledges each report (a report
+        it refuses is acknowledged as refused; the session goes on). An agent
         silent for longer than the heartbeat timeout (90 s by default) counts as
         disconnected; reconnecting with the same `agent_id` resumes where it left
-        off. Several agents may serve one tunnel.
+        off. A control plane that is shutting down sends `go_away` and ends the
+        stream: the agent reconnects (to another replica) and its relay carries on
+        meanwhile. Several agents may serve one tunnel.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

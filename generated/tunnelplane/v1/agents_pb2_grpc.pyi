@@ -42,10 +42,13 @@ class AgentServiceStub:
     Connect: _grpc.StreamStreamMultiCallable[_agents_pb2.ConnectRequest, _agents_pb2.ConnectResponse]
     """The agent's session. The agent sends `hello` first, then heartbeats and
     reports; the control plane answers `welcome`, then sends the desired state
-    of the tunnel whenever it changes and acknowledges each report. An agent
+    of the tunnel whenever it changes and acknowledges each report (a report
+    it refuses is acknowledged as refused; the session goes on). An agent
     silent for longer than the heartbeat timeout (90 s by default) counts as
     disconnected; reconnecting with the same `agent_id` resumes where it left
-    off. Several agents may serve one tunnel.
+    off. A control plane that is shutting down sends `go_away` and ends the
+    stream: the agent reconnects (to another replica) and its relay carries on
+    meanwhile. Several agents may serve one tunnel.
     """
 
 @_typing.type_check_only
@@ -62,10 +65,13 @@ class AgentServiceAsyncStub(AgentServiceStub):
     Connect: _aio.StreamStreamMultiCallable[_agents_pb2.ConnectRequest, _agents_pb2.ConnectResponse]  # type: ignore[assignment]
     """The agent's session. The agent sends `hello` first, then heartbeats and
     reports; the control plane answers `welcome`, then sends the desired state
-    of the tunnel whenever it changes and acknowledges each report. An agent
+    of the tunnel whenever it changes and acknowledges each report (a report
+    it refuses is acknowledged as refused; the session goes on). An agent
     silent for longer than the heartbeat timeout (90 s by default) counts as
     disconnected; reconnecting with the same `agent_id` resumes where it left
-    off. Several agents may serve one tunnel.
+    off. A control plane that is shutting down sends `go_away` and ends the
+    stream: the agent reconnects (to another replica) and its relay carries on
+    meanwhile. Several agents may serve one tunnel.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -85,10 +91,13 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_agents_pb2.ConnectResponse], _abc.AsyncIterator[_agents_pb2.ConnectResponse]]:
         """The agent's session. The agent sends `hello` first, then heartbeats and
         reports; the control plane answers `welcome`, then sends the desired state
-        of the tunnel whenever it changes and acknowledges each report. An agent
+        of the tunnel whenever it changes and acknowledges each report (a report
+        it refuses is acknowledged as refused; the session goes on). An agent
         silent for longer than the heartbeat timeout (90 s by default) counts as
         disconnected; reconnecting with the same `agent_id` resumes where it left
-        off. Several agents may serve one tunnel.
+        off. A control plane that is shutting down sends `go_away` and ends the
+        stream: the agent reconnects (to another replica) and its relay carries on
+        meanwhile. Several agents may serve one tunnel.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -33,8 +33,14 @@ class _RefreshTokenDeliveryEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_
     REFRESH_TOKEN_DELIVERY_BODY: _RefreshTokenDelivery.ValueType  # 1
     """In the response body."""
     REFRESH_TOKEN_DELIVERY_COOKIE: _RefreshTokenDelivery.ValueType  # 2
-    """Only in an `HttpOnly; Secure; SameSite=Strict` cookie named `tp_refresh`,
+    """Only in an `HttpOnly; Secure; SameSite=Strict` cookie named `tp_refresh`
+    with `Path=/v1/auth:refresh` (a browser sends it to RefreshToken only),
     sent as `set-cookie` response metadata (a Set-Cookie header over HTTP).
+    The access token is then also set in an `HttpOnly; Secure;
+    SameSite=Strict` cookie named `tp_access` with `Path=/v1` and `Max-Age`
+    the token's lifetime; it authenticates only read-only streams whose policy
+    allows it (WatchTunnels, for a browser's `EventSource`), never any other
+    call. The access token is in the response body as well.
     """
 
 class RefreshTokenDelivery(_RefreshTokenDelivery, metaclass=_RefreshTokenDeliveryEnumTypeWrapper):
@@ -45,8 +51,14 @@ REFRESH_TOKEN_DELIVERY_UNSPECIFIED: RefreshTokenDelivery.ValueType  # 0
 REFRESH_TOKEN_DELIVERY_BODY: RefreshTokenDelivery.ValueType  # 1
 """In the response body."""
 REFRESH_TOKEN_DELIVERY_COOKIE: RefreshTokenDelivery.ValueType  # 2
-"""Only in an `HttpOnly; Secure; SameSite=Strict` cookie named `tp_refresh`,
+"""Only in an `HttpOnly; Secure; SameSite=Strict` cookie named `tp_refresh`
+with `Path=/v1/auth:refresh` (a browser sends it to RefreshToken only),
 sent as `set-cookie` response metadata (a Set-Cookie header over HTTP).
+The access token is then also set in an `HttpOnly; Secure;
+SameSite=Strict` cookie named `tp_access` with `Path=/v1` and `Max-Age`
+the token's lifetime; it authenticates only read-only streams whose policy
+allows it (WatchTunnels, for a browser's `EventSource`), never any other
+call. The access token is in the response body as well.
 """
 Global___RefreshTokenDelivery: _TypeAlias = RefreshTokenDelivery  # noqa: Y015
 

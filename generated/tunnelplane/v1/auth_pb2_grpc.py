@@ -103,7 +103,11 @@ class AuthServiceServicer:
     """
 
     def Register(self, request, context):
-        """Creates an account with an email and a password.
+        """Creates an account with an email and a password. An address already
+        taken is ALREADY_EXISTS (checked before the password is hashed). Passwords
+        are hashed a bounded number at a time: when the hasher is full the call is
+        refused at once with RESOURCE_EXHAUSTED (`PASSWORD_HASHER_BUSY`) and
+        RetryInfo (HTTP 429 with Retry-After), never queued.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,8 +115,16 @@ class AuthServiceServicer:
 
     def Login(self, request, context):
         """Signs in with an email and a password and starts a session. Repeated
-        failures for one account or one address are slowed down, then locked for
-        a while (RESOURCE_EXHAUSTED with RetryInfo).
+        failures for one account space out its next attempts from every address
+        (`LOGIN_THROTTLED`); repeated failures for one account from one address
+        lock that address out of that account for a while, and an address that
+        fails across many accounts is locked out of all (`LOGIN_LOCKED`). Failures
+        from other addresses never lock the owner out. All are RESOURCE_EXHAUSTED
+        with RetryInfo (HTTP 429 with Retry-After), as is a full password hasher
+        (`PASSWORD_HASHER_BUSY`, see Register). A browser asks for
+        `REFRESH_TOKEN_DELIVERY_COOKIE`: the refresh token then goes only into the
+        `tp_refresh` cookie, and the access token also into the `tp_access` cookie
+        that lets its `EventSource` watch (see RefreshTokenDelivery).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,16 +133,23 @@ class AuthServiceServicer:
     def RefreshToken(self, request, context):
         """Exchanges a refresh token for a new access token and a new refresh
         token. The token comes from the request or, when empty, from the
-        `tp_refresh` cookie.
+        `tp_refresh` cookie (whose `Path` is this method's, `/v1/auth:refresh`);
+        a token read from the cookie is renewed in the cookie, and the new access
+        token is also set in the `tp_access` cookie (see
+        `REFRESH_TOKEN_DELIVERY_COOKIE`). A browser page refreshes before
+        `expires_in` runs out so that its `EventSource` can always reconnect.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Logout(self, request, context):
-        """Ends the caller's session: its refresh tokens and the access token used
-        for this call stop working at once. With `all_sessions`, every session of
-        the user ends.
+        """Ends the caller's session: its refresh tokens and every access token of
+        the session stop working at once, and its open streams (watches) end with
+        UNAUTHENTICATED within `TP_STREAM_RECHECK_INTERVAL`. With `all_sessions`,
+        every session of the user ends. The `tp_refresh` and `tp_access` cookies
+        are cleared. Needs an `authorization` header: the access cookie never
+        authenticates a call that changes state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,6 +164,12 @@ class AuthServiceServicer:
 
     def CreateApiKey(self, request, context):
         """Creates an API key. The secret is returned once, in this response only.
+        The new key may do nothing the caller cannot: every permission it would
+        act with (its scopes within the owner's role; the owner's whole role when
+        it has no scopes) must be one the caller's credential holds (a session:
+        its user's role; an API key: its scopes within that role). A credential
+        that holds `tunnels.write` may also create agent keys. Otherwise
+        PERMISSION_DENIED with reason `SCOPE_ESCALATION`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,14 +191,18 @@ class AuthServiceServicer:
 
     def RotateApiKey(self, request, context):
         """Replaces an API key with a new one with the same scopes. The old key keeps
-        working for the overlap window, then expires.
+        working for the overlap window, then expires. The response carries a
+        working secret, so the caller needs every permission of the key, as for
+        CreateApiKey (else PERMISSION_DENIED, `SCOPE_ESCALATION`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RevokeApiKey(self, request, context):
-        """Revokes an API key. It stops working at once, on every replica.
+        """Revokes an API key. It stops working at once, on every replica. Any
+        credential with `apikeys.write` may revoke any of the owner's keys, even
+        a broader one: revoking hands out no power.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,36 +41,68 @@ class AuthServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AuthServiceAsyncStub: ...
     Register: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RegisterRequest, _auth_pb2.RegisterResponse]
-    """Creates an account with an email and a password."""
+    """Creates an account with an email and a password. An address already
+    taken is ALREADY_EXISTS (checked before the password is hashed). Passwords
+    are hashed a bounded number at a time: when the hasher is full the call is
+    refused at once with RESOURCE_EXHAUSTED (`PASSWORD_HASHER_BUSY`) and
+    RetryInfo (HTTP 429 with Retry-After), never queued.
+    """
     Login: _grpc.UnaryUnaryMultiCallable[_auth_pb2.LoginRequest, _auth_pb2.LoginResponse]
     """Signs in with an email and a password and starts a session. Repeated
-    failures for one account or one address are slowed down, then locked for
-    a while (RESOURCE_EXHAUSTED with RetryInfo).
+    failures for one account space out its next attempts from every address
+    (`LOGIN_THROTTLED`); repeated failures for one account from one address
+    lock that address out of that account for a while, and an address that
+    fails across many accounts is locked out of all (`LOGIN_LOCKED`). Failures
+    from other addresses never lock the owner out. All are RESOURCE_EXHAUSTED
+    with RetryInfo (HTTP 429 with Retry-After), as is a full password hasher
+    (`PASSWORD_HASHER_BUSY`, see Register). A browser asks for
+    `REFRESH_TOKEN_DELIVERY_COOKIE`: the refresh token then goes only into the
+    `tp_refresh` cookie, and the access token also into the `tp_access` cookie
+    that lets its `EventSource` watch (see RefreshTokenDelivery).
     """
     RefreshToken: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RefreshTokenRequest, _auth_pb2.RefreshTokenResponse]
     """Exchanges a refresh token for a new access token and a new refresh
     token. The token comes from the request or, when empty, from the
-    `tp_refresh` cookie.
+    `tp_refresh` cookie (whose `Path` is this method's, `/v1/auth:refresh`);
+    a token read from the cookie is renewed in the cookie, and the new access
+    token is also set in the `tp_access` cookie (see
+    `REFRESH_TOKEN_DELIVERY_COOKIE`). A browser page refreshes before
+    `expires_in` runs out so that its `EventSource` can always reconnect.
     """
     Logout: _grpc.UnaryUnaryMultiCallable[_auth_pb2.LogoutRequest, _empty_pb2.Empty]
-    """Ends the caller's session: its refresh tokens and the access token used
-    for this call stop working at once. With `all_sessions`, every session of
-    the user ends.
+    """Ends the caller's session: its refresh tokens and every access token of
+    the session stop working at once, and its open streams (watches) end with
+    UNAUTHENTICATED within `TP_STREAM_RECHECK_INTERVAL`. With `all_sessions`,
+    every session of the user ends. The `tp_refresh` and `tp_access` cookies
+    are cleared. Needs an `authorization` header: the access cookie never
+    authenticates a call that changes state.
     """
     GetJwks: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]
     """Returns the public keys that verify access tokens, as a JSON Web Key Set."""
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.CreateApiKeyRequest, _auth_pb2.CreateApiKeyResponse]
-    """Creates an API key. The secret is returned once, in this response only."""
+    """Creates an API key. The secret is returned once, in this response only.
+    The new key may do nothing the caller cannot: every permission it would
+    act with (its scopes within the owner's role; the owner's whole role when
+    it has no scopes) must be one the caller's credential holds (a session:
+    its user's role; an API key: its scopes within that role). A credential
+    that holds `tunnels.write` may also create agent keys. Otherwise
+    PERMISSION_DENIED with reason `SCOPE_ESCALATION`.
+    """
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListApiKeysRequest, _auth_pb2.ListApiKeysResponse]
     """Lists a user's API keys (never their secrets), newest first."""
     GetApiKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.GetApiKeyRequest, _auth_pb2.ApiKey]
     """Returns one API key (never its secret)."""
     RotateApiKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RotateApiKeyRequest, _auth_pb2.RotateApiKeyResponse]
     """Replaces an API key with a new one with the same scopes. The old key keeps
-    working for the overlap window, then expires.
+    working for the overlap window, then expires. The response carries a
+    working secret, so the caller needs every permission of the key, as for
+    CreateApiKey (else PERMISSION_DENIED, `SCOPE_ESCALATION`).
     """
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeApiKeyRequest, _auth_pb2.ApiKey]
-    """Revokes an API key. It stops working at once, on every replica."""
+    """Revokes an API key. It stops working at once, on every replica. Any
+    credential with `apikeys.write` may revoke any of the owner's keys, even
+    a broader one: revoking hands out no power.
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -84,36 +116,68 @@ class AuthServiceAsyncStub(AuthServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Register: _aio.UnaryUnaryMultiCallable[_auth_pb2.RegisterRequest, _auth_pb2.RegisterResponse]  # type: ignore[assignment]
-    """Creates an account with an email and a password."""
+    """Creates an account with an email and a password. An address already
+    taken is ALREADY_EXISTS (checked before the password is hashed). Passwords
+    are hashed a bounded number at a time: when the hasher is full the call is
+    refused at once with RESOURCE_EXHAUSTED (`PASSWORD_HASHER_BUSY`) and
+    RetryInfo (HTTP 429 with Retry-After), never queued.
+    """
     Login: _aio.UnaryUnaryMultiCallable[_auth_pb2.LoginRequest, _auth_pb2.LoginResponse]  # type: ignore[assignment]
     """Signs in with an email and a password and starts a session. Repeated
-    failures for one account or one address are slowed down, then locked for
-    a while (RESOURCE_EXHAUSTED with RetryInfo).
+    failures for one account space out its next attempts from every address
+    (`LOGIN_THROTTLED`); repeated failures for one account from one address
+    lock that address out of that account for a while, and an address that
+    fails across many accounts is locked out of all (`LOGIN_LOCKED`). Failures
+    from other addresses never lock the owner out. All are RESOURCE_EXHAUSTED
+    with RetryInfo (HTTP 429 with Retry-After), as is a full password hasher
+    (`PASSWORD_HASHER_BUSY`, see Register). A browser asks for
+    `REFRESH_TOKEN_DELIVERY_COOKIE`: the refresh token then goes only into the
+    `tp_refresh` cookie, and the access token also into the `tp_access` cookie
+    that lets its `EventSource` watch (see RefreshTokenDelivery).
     """
     RefreshToken: _aio.UnaryUnaryMultiCallable[_auth_pb2.RefreshTokenRequest, _auth_pb2.RefreshTokenResponse]  # type: ignore[assignment]
     """Exchanges a refresh token for a new access token and a new refresh
     token. The token comes from the request or, when empty, from the
-    `tp_refresh` cookie.
+    `tp_refresh` cookie (whose `Path` is this method's, `/v1/auth:refresh`);
+    a token read from the cookie is renewed in the cookie, and the new access
+    token is also set in the `tp_access` cookie (see
+    `REFRESH_TOKEN_DELIVERY_COOKIE`). A browser page refreshes before
+    `expires_in` runs out so that its `EventSource` can always reconnect.
     """
     Logout: _aio.UnaryUnaryMultiCallable[_auth_pb2.LogoutRequest, _empty_pb2.Empty]  # type: ignore[assignment]
-    """Ends the caller's session: its refresh tokens and the access token used
-    for this call stop working at once. With `all_sessions`, every session of
-    the user ends.
+    """Ends the caller's session: its refresh tokens and every access token of
+    the session stop working at once, and its open streams (watches) end with
+    UNAUTHENTICATED within `TP_STREAM_RECHECK_INTERVAL`. With `all_sessions`,
+    every session of the user ends. The `tp_refresh` and `tp_access` cookies
+    are cleared. Needs an `authorization` header: the access cookie never
+    authenticates a call that changes state.
     """
     GetJwks: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetJwksRequest, _auth_pb2.GetJwksResponse]  # type: ignore[assignment]
     """Returns the public keys that verify access tokens, as a JSON Web Key Set."""
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.CreateApiKeyRequest, _auth_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
-    """Creates an API key. The secret is returned once, in this response only."""
+    """Creates an API key. The secret is returned once, in this response only.
+    The new key may do nothing the caller cannot: every permission it would
+    act with (its scopes within the owner's role; the owner's whole role when
+    it has no scopes) must be one the caller's credential holds (a session:
+    its user's role; an API key: its scopes within that role). A credential
+    that holds `tunnels.write` may also create agent keys. Otherwise
+    PERMISSION_DENIED with reason `SCOPE_ESCALATION`.
+    """
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListApiKeysRequest, _auth_pb2.ListApiKeysResponse]  # type: ignore[assignment]
     """Lists a user's API keys (never their secrets), newest first."""
     GetApiKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.GetApiKeyRequest, _auth_pb2.ApiKey]  # type: ignore[assignment]
     """Returns one API key (never its secret)."""
     RotateApiKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RotateApiKeyRequest, _auth_pb2.RotateApiKeyResponse]  # type: ignore[assignment]
     """Replaces an API key with a new one with the same scopes. The old key keeps
-    working for the overlap window, then expires.
+    working for the overlap window, then expires. The response carries a
+    working secret, so the caller needs every permission of the key, as for
+    CreateApiKey (else PERMISSION_DENIED, `SCOPE_ESCALATION`).
     """
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeApiKeyRequest, _auth_pb2.ApiKey]  # type: ignore[assignment]
-    """Revokes an API key. It stops working at once, on every replica."""
+    """Revokes an API key. It stops working at once, on every replica. Any
+    credential with `apikeys.write` may revoke any of the owner's keys, even
+    a broader one: revoking hands out no power.
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """Authentication: accounts, sessions, signing keys and API keys.
@@ -130,7 +194,12 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.RegisterRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.RegisterResponse, _abc.Awaitable[_auth_pb2.RegisterResponse]]:
-        """Creates an account with an email and a password."""
+        """Creates an account with an email and a password. An address already
+        taken is ALREADY_EXISTS (checked before the password is hashed). Passwords
+        are hashed a bounded number at a time: when the hasher is full the call is
+        refused at once with RESOURCE_EXHAUSTED (`PASSWORD_HASHER_BUSY`) and
+        RetryInfo (HTTP 429 with Retry-After), never queued.
+        """
 
     @_abc_1.abstractmethod
     def Login(
@@ -139,8 +208,16 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.LoginResponse, _abc.Awaitable[_auth_pb2.LoginResponse]]:
         """Signs in with an email and a password and starts a session. Repeated
-        failures for one account or one address are slowed down, then locked for
-        a while (RESOURCE_EXHAUSTED with RetryInfo).
+        failures for one account space out its next attempts from every address
+        (`LOGIN_THROTTLED`); repeated failures for one account from one address
+        lock that address out of that account for a while, and an address that
+        fails across many accounts is locked out of all (`LOGIN_LOCKED`). Failures
+        from other addresses never lock the owner out. All are RESOURCE_EXHAUSTED
+        with RetryInfo (HTTP 429 with Retry-After), as is a full password hasher
+        (`PASSWORD_HASHER_BUSY`, see Register). A browser asks for
+        `REFRESH_TOKEN_DELIVERY_COOKIE`: the refresh token then goes only into the
+        `tp_refresh` cookie, and the access token also into the `tp_access` cookie
+        that lets its `EventSource` watch (see RefreshTokenDelivery).
         """
 
     @_abc_1.abstractmethod
@@ -151,7 +228,11 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_auth_pb2.RefreshTokenResponse, _abc.Awaitable[_auth_pb2.RefreshTokenResponse]]:
         """Exchanges a refresh token for a new access token and a new refresh
         token. The token comes from the request or, when empty, from the
-        `tp_refresh` cookie.
+        `tp_refresh` cookie (whose `Path` is this method's, `/v1/auth:refresh`);
+        a token read from the cookie is renewed in the cookie, and the new access
+        token is also set in the `tp_access` cookie (see
+        `REFRESH_TOKEN_DELIVERY_COOKIE`). A browser page refreshes before
+        `expires_in` runs out so that its `EventSource` can always reconnect.
         """
 
     @_abc_1.abstractmethod
@@ -160,9 +241,12 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.LogoutRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
-        """Ends the caller's session: its refresh tokens and the access token used
-        for this call stop working at once. With `all_sessions`, every session of
-        the user ends.
+        """Ends the caller's session: its refresh tokens and every access token of
+        the session stop working at once, and its open streams (watches) end with
+        UNAUTHENTICATED within `TP_STREAM_RECHECK_INTERVAL`. With `all_sessions`,
+        every session of the user ends. The `tp_refresh` and `tp_access` cookies
+        are cleared. Needs an `authorization` header: the access cookie never
+        authenticates a call that changes state.
         """
 
     @_abc_1.abstractmethod
@@ -179,7 +263,14 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.CreateApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.CreateApiKeyResponse, _abc.Awaitable[_auth_pb2.CreateApiKeyResponse]]:
-        """Creates an API key. The secret is returned once, in this response only."""
+        """Creates an API key. The secret is returned once, in this response only.
+        The new key may do nothing the caller cannot: every permission it would
+        act with (its scopes within the owner's role; the owner's whole role when
+        it has no scopes) must be one the caller's credential holds (a session:
+        its user's role; an API key: its scopes within that role). A credential
+        that holds `tunnels.write` may also create agent keys. Otherwise
+        PERMISSION_DENIED with reason `SCOPE_ESCALATION`.
+        """
 
     @_abc_1.abstractmethod
     def ListApiKeys(
@@ -204,7 +295,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.RotateApiKeyResponse, _abc.Awaitable[_auth_pb2.RotateApiKeyResponse]]:
         """Replaces an API key with a new one with the same scopes. The old key keeps
-        working for the overlap window, then expires.
+        working for the overlap window, then expires. The response carries a
+        working secret, so the caller needs every permission of the key, as for
+        CreateApiKey (else PERMISSION_DENIED, `SCOPE_ESCALATION`).
         """
 
     @_abc_1.abstractmethod
@@ -213,6 +306,9 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _auth_pb2.RevokeApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.ApiKey, _abc.Awaitable[_auth_pb2.ApiKey]]:
-        """Revokes an API key. It stops working at once, on every replica."""
+        """Revokes an API key. It stops working at once, on every replica. Any
+        credential with `apikeys.write` may revoke any of the owner's keys, even
+        a broader one: revoking hands out no power.
+        """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,19 +26,19 @@ from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor
 from tunnelplane.v1 import common_pb2 as tunnelplane_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctunnelplane/v1/options.proto\x12\x0etunnelplane.v1\x1a google/protobuf/descriptor.proto\x1a\x1btunnelplane/v1/common.proto\"C\n\x0fRateLimitPolicy\x12\x0c\n\x04\x63ost\x18\x01 \x01(\r\x12\x0e\n\x06\x65xempt\x18\x02 \x01(\x08\x12\x12\n\nquota_free\x18\x03 \x01(\x08\"\xec\x02\n\x06Policy\x12&\n\x06\x61\x63\x63\x65ss\x18\x01 \x01(\x0e\x32\x16.tunnelplane.v1.Access\x12\x12\n\npermission\x18\x02 \x01(\t\x12\x13\n\x0bowner_field\x18\x03 \x01(\t\x12\x18\n\x10\x61\x64min_permission\x18\x04 \x01(\t\x12&\n\x08min_tier\x18\x05 \x01(\x0e\x32\x14.tunnelplane.v1.Tier\x12\x33\n\x0b\x63redentials\x18\x06 \x03(\x0e\x32\x1e.tunnelplane.v1.CredentialKind\x12\x33\n\nrate_limit\x18\x07 \x01(\x0b\x32\x1f.tunnelplane.v1.RateLimitPolicy\x12\x0f\n\x07\x61udited\x18\x08 \x01(\x08\x12\x10\n\x08\x63ritical\x18\t \x01(\x08\x12\x13\n\x0brequire_tls\x18\n \x01(\x08\x12-\n\nshare_role\x18\x0b \x01(\x0e\x32\x19.tunnelplane.v1.ShareRole*M\n\x06\x41\x63\x63\x65ss\x12\x16\n\x12\x41\x43\x43\x45SS_UNSPECIFIED\x10\x00\x12\x11\n\rACCESS_PUBLIC\x10\x01\x12\x18\n\x14\x41\x43\x43\x45SS_AUTHENTICATED\x10\x02*k\n\x0e\x43redentialKind\x12\x1f\n\x1b\x43REDENTIAL_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43REDENTIAL_KIND_SESSION\x10\x01\x12\x1b\n\x17\x43REDENTIAL_KIND_API_KEY\x10\x02:H\n\x06policy\x12\x1e.google.protobuf.MethodOptions\x18\xa2\x90\x03 \x01(\x0b\x32\x16.tunnelplane.v1.Policyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctunnelplane/v1/options.proto\x12\x0etunnelplane.v1\x1a google/protobuf/descriptor.proto\x1a\x1btunnelplane/v1/common.proto\"C\n\x0fRateLimitPolicy\x12\x0c\n\x04\x63ost\x18\x01 \x01(\r\x12\x0e\n\x06\x65xempt\x18\x02 \x01(\x08\x12\x12\n\nquota_free\x18\x03 \x01(\x08\"\x97\x03\n\x06Policy\x12&\n\x06\x61\x63\x63\x65ss\x18\x01 \x01(\x0e\x32\x16.tunnelplane.v1.Access\x12\x12\n\npermission\x18\x02 \x01(\t\x12\x13\n\x0bowner_field\x18\x03 \x01(\t\x12\x18\n\x10\x61\x64min_permission\x18\x04 \x01(\t\x12&\n\x08min_tier\x18\x05 \x01(\x0e\x32\x14.tunnelplane.v1.Tier\x12\x33\n\x0b\x63redentials\x18\x06 \x03(\x0e\x32\x1e.tunnelplane.v1.CredentialKind\x12\x33\n\nrate_limit\x18\x07 \x01(\x0b\x32\x1f.tunnelplane.v1.RateLimitPolicy\x12\x0f\n\x07\x61udited\x18\x08 \x01(\x08\x12\x10\n\x08\x63ritical\x18\t \x01(\x08\x12\x13\n\x0brequire_tls\x18\n \x01(\x08\x12-\n\nshare_role\x18\x0b \x01(\x0e\x32\x19.tunnelplane.v1.ShareRole\x12\x14\n\x0cstream_limit\x18\x0c \x01(\t\x12\x13\n\x0b\x63ookie_auth\x18\r \x01(\x08*M\n\x06\x41\x63\x63\x65ss\x12\x16\n\x12\x41\x43\x43\x45SS_UNSPECIFIED\x10\x00\x12\x11\n\rACCESS_PUBLIC\x10\x01\x12\x18\n\x14\x41\x43\x43\x45SS_AUTHENTICATED\x10\x02*k\n\x0e\x43redentialKind\x12\x1f\n\x1b\x43REDENTIAL_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43REDENTIAL_KIND_SESSION\x10\x01\x12\x1b\n\x17\x43REDENTIAL_KIND_API_KEY\x10\x02:H\n\x06policy\x12\x1e.google.protobuf.MethodOptions\x18\xa2\x90\x03 \x01(\x0b\x32\x16.tunnelplane.v1.Policyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tunnelplane.v1.options_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ACCESS']._serialized_start=547
-  _globals['_ACCESS']._serialized_end=624
-  _globals['_CREDENTIALKIND']._serialized_start=626
-  _globals['_CREDENTIALKIND']._serialized_end=733
+  _globals['_ACCESS']._serialized_start=590
+  _globals['_ACCESS']._serialized_end=667
+  _globals['_CREDENTIALKIND']._serialized_start=669
+  _globals['_CREDENTIALKIND']._serialized_end=776
   _globals['_RATELIMITPOLICY']._serialized_start=111
   _globals['_RATELIMITPOLICY']._serialized_end=178
   _globals['_POLICY']._serialized_start=181
-  _globals['_POLICY']._serialized_end=545
+  _globals['_POLICY']._serialized_end=588
 # @@protoc_insertion_point(module_scope)

@@ -126,6 +126,8 @@ class Policy(_message.Message):
     CRITICAL_FIELD_NUMBER: _builtins.int
     REQUIRE_TLS_FIELD_NUMBER: _builtins.int
     SHARE_ROLE_FIELD_NUMBER: _builtins.int
+    STREAM_LIMIT_FIELD_NUMBER: _builtins.int
+    COOKIE_AUTH_FIELD_NUMBER: _builtins.int
     access: Global___Access.ValueType
     """Who may call."""
     permission: _builtins.str
@@ -155,6 +157,22 @@ class Policy(_message.Message):
     who neither owns it nor holds `admin_permission` make the call anyway.
     Unspecified: shares grant nothing on this method.
     """
+    stream_limit: _builtins.str
+    """For a streaming RPC: the tier limit that caps how many of its streams one
+    user may hold open at once, by name (`max_watch_streams`,
+    `max_agent_streams`; set per tier with TP_TIER_<TIER>_<LIMIT>). Counted per
+    server replica. Over the cap a new stream is refused with
+    RESOURCE_EXHAUSTED and a QuotaFailure naming the limit. Empty: not capped.
+    """
+    cookie_auth: _builtins.bool
+    """The `tp_access` cookie (set by a cookie-delivery Login or RefreshToken) may
+    authenticate the call when it carries no `authorization`: for a browser's
+    `EventSource`, which cannot send that header. An `authorization` header
+    always wins over the cookie. Allowed only on safe, read-only calls: a
+    server-streaming (not client-streaming) method whose HTTP bindings are all
+    GET, which accepts session credentials; the server refuses to start
+    otherwise, so a cookie can never drive a state-changing call (CSRF).
+    """
     @_builtins.property
     def credentials(self) -> _containers.RepeatedScalarFieldContainer[Global___CredentialKind.ValueType]:
         """Credentials accepted. Empty means sessions and API keys."""
@@ -177,10 +195,12 @@ class Policy(_message.Message):
         critical: _builtins.bool = ...,
         require_tls: _builtins.bool = ...,
         share_role: _common_pb2.ShareRole.ValueType = ...,
+        stream_limit: _builtins.str = ...,
+        cookie_auth: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "admin_permission", b"admin_permission", "audited", b"audited", "credentials", b"credentials", "critical", b"critical", "min_tier", b"min_tier", "owner_field", b"owner_field", "permission", b"permission", "rate_limit", b"rate_limit", "require_tls", b"require_tls", "share_role", b"share_role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access", b"access", "admin_permission", b"admin_permission", "audited", b"audited", "cookie_auth", b"cookie_auth", "credentials", b"credentials", "critical", b"critical", "min_tier", b"min_tier", "owner_field", b"owner_field", "permission", b"permission", "rate_limit", b"rate_limit", "require_tls", b"require_tls", "share_role", b"share_role", "stream_limit", b"stream_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

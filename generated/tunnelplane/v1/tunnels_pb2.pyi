@@ -77,7 +77,9 @@ class Tunnel(_message.Message):
         HEALTH_UNSPECIFIED: Tunnel._Health.ValueType  # 0
         """Not set."""
         HEALTH_UNKNOWN: Tunnel._Health.ValueType  # 1
-        """Not known yet: no agent has connected."""
+        """Not known: the tunnel is not started, or no agent has connected to it
+        since it was started.
+        """
         HEALTH_HEALTHY: Tunnel._Health.ValueType  # 2
         """Every agent is connected and an endpoint is healthy."""
         HEALTH_DEGRADED: Tunnel._Health.ValueType  # 3
@@ -91,7 +93,9 @@ class Tunnel(_message.Message):
     HEALTH_UNSPECIFIED: Tunnel.Health.ValueType  # 0
     """Not set."""
     HEALTH_UNKNOWN: Tunnel.Health.ValueType  # 1
-    """Not known yet: no agent has connected."""
+    """Not known: the tunnel is not started, or no agent has connected to it
+    since it was started.
+    """
     HEALTH_HEALTHY: Tunnel.Health.ValueType  # 2
     """Every agent is connected and an endpoint is healthy."""
     HEALTH_DEGRADED: Tunnel.Health.ValueType  # 3
@@ -125,8 +129,10 @@ class Tunnel(_message.Message):
     state: Global___Tunnel.State.ValueType
     """Life-cycle state."""
     state_reason: _builtins.str
-    """Why the tunnel is in its state, when there is more to say (for example
-    the error).
+    """Why the tunnel is in its state, when it is not carrying traffic: why it
+    was stopped ("stopped by the owner"), why it failed ("the monthly transfer
+    quota is used up"), or why it is disconnected ("the last agent went
+    silent"). Empty once started and while connected.
     """
     health: Global___Tunnel.Health.ValueType
     """Health."""
@@ -980,6 +986,7 @@ class TunnelShare(_message.Message):
     CREATOR_FIELD_NUMBER: _builtins.int
     TUNNEL_FIELD_NUMBER: _builtins.int
     EXPIRED_FIELD_NUMBER: _builtins.int
+    GRANTOR_SHARE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `users/{user}/tunnels/{tunnel}/shares/{grantee}`: one share
     per grantee, named by the grantee's user id.
@@ -989,11 +996,19 @@ class TunnelShare(_message.Message):
     role: _common_pb2.ShareRole.ValueType
     """What they may do."""
     creator: _builtins.str
-    """Who made it, `users/{user}`."""
+    """Who made it, `users/{user}`: for a share accepted through a link, who made
+    the link.
+    """
     tunnel: _builtins.str
     """The tunnel, `users/{user}/tunnels/{tunnel}`."""
     expired: _builtins.bool
     """Whether it has expired."""
+    grantor_share: _builtins.str
+    """The share it was granted through,
+    `users/{user}/tunnels/{tunnel}/shares/{grantee}`: the creator's own share
+    when a share holder granted it. Empty when the owner or an administrator
+    did. This share never has a higher role or a later expiry than that one.
+    """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the share stops working. Unset: never."""
@@ -1013,10 +1028,11 @@ class TunnelShare(_message.Message):
         creator: _builtins.str = ...,
         tunnel: _builtins.str = ...,
         expired: _builtins.bool = ...,
+        grantor_share: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator", b"creator", "expire_time", b"expire_time", "expired", b"expired", "grantee", b"grantee", "name", b"name", "role", b"role", "tunnel", b"tunnel"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "creator", b"creator", "expire_time", b"expire_time", "expired", b"expired", "grantee", b"grantee", "grantor_share", b"grantor_share", "name", b"name", "role", b"role", "tunnel", b"tunnel"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1145,6 +1161,8 @@ class ShareLink(_message.Message):
     TOKEN_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     ACTIVE_FIELD_NUMBER: _builtins.int
+    CREATOR_FIELD_NUMBER: _builtins.int
+    GRANTOR_SHARE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `users/{user}/tunnels/{tunnel}/shareLinks/{share_link}`."""
     role: _common_pb2.ShareRole.ValueType
@@ -1159,6 +1177,13 @@ class ShareLink(_message.Message):
     """
     active: _builtins.bool
     """Whether it can still be accepted."""
+    creator: _builtins.str
+    """Who made it, `users/{user}`."""
+    grantor_share: _builtins.str
+    """The share it was made through,
+    `users/{user}/tunnels/{tunnel}/shares/{grantee}`, when a share holder made
+    it; empty when the owner or an administrator did.
+    """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the link stops working. Unset: 7 days after creation. At most 90
@@ -1168,7 +1193,8 @@ class ShareLink(_message.Message):
     @_builtins.property
     def share_ttl(self) -> _duration_pb2.Duration:
         """How long shares made through the link last. Unset: as long as the
-        tunnel.
+        tunnel. Never beyond the end of the maker's share, when a share holder
+        made the link.
         """
 
     @_builtins.property
@@ -1187,10 +1213,12 @@ class ShareLink(_message.Message):
         token: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         active: _builtins.bool = ...,
+        creator: _builtins.str = ...,
+        grantor_share: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "share_ttl", b"share_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "create_time", b"create_time", "expire_time", b"expire_time", "max_uses", b"max_uses", "name", b"name", "role", b"role", "share_ttl", b"share_ttl", "token", b"token", "use_count", b"use_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "create_time", b"create_time", "creator", b"creator", "expire_time", b"expire_time", "grantor_share", b"grantor_share", "max_uses", b"max_uses", "name", b"name", "role", b"role", "share_ttl", b"share_ttl", "token", b"token", "use_count", b"use_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1425,18 +1453,28 @@ class WatchTunnelsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    RESUME_AFTER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """One tunnel, `users/{user}/tunnels/{tunnel}`, or all of a user's tunnels,
     `users/{user}`.
+    """
+    resume_after: _builtins.str
+    """Resume after this event (an `evt_...` id, the `event_id` of a change this
+    watcher saw): instead of the current state, the watch first sends every
+    change after that event from the event log, then continues live, without
+    gaps or repeats at the seam. If the event is no longer in the log, the
+    watch starts over with the current state. Over HTTP, a Server-Sent Events
+    client's `Last-Event-ID` header does the same and wins over this field.
     """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        resume_after: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "resume_after", b"resume_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1463,7 +1501,9 @@ class WatchTunnelsResponse(_message.Message):
         KIND_DELETED: WatchTunnelsResponse._Kind.ValueType  # 3
         """The tunnel was deleted; `tunnel` is its last version."""
         KIND_SYNCED: WatchTunnelsResponse._Kind.ValueType  # 4
-        """Every current tunnel has been sent; changes follow."""
+        """Every current tunnel has been sent (or, when resuming, every change
+        since `resume_after`); live changes follow.
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
         """What the message says."""
@@ -1477,7 +1517,9 @@ class WatchTunnelsResponse(_message.Message):
     KIND_DELETED: WatchTunnelsResponse.Kind.ValueType  # 3
     """The tunnel was deleted; `tunnel` is its last version."""
     KIND_SYNCED: WatchTunnelsResponse.Kind.ValueType  # 4
-    """Every current tunnel has been sent; changes follow."""
+    """Every current tunnel has been sent (or, when resuming, every change
+    since `resume_after`); live changes follow.
+    """
 
     KIND_FIELD_NUMBER: _builtins.int
     TUNNEL_FIELD_NUMBER: _builtins.int

@@ -254,6 +254,17 @@ class TunnelServiceServicer:
     def CreateTunnelShare(self, request, context):
         """Shares a tunnel with another user, or changes an existing share. Sharing
         needs the premium tier.
+
+        Who may grant: the owner and administrators grant any role for any time.
+        A holder of an `admin` share may share the tunnel on, within their own
+        share: the role at most theirs, and, when their share expires,
+        `expire_time` required and no later than their own (INVALID_ARGUMENT
+        naming the field otherwise). They may not change their own share
+        (PERMISSION_DENIED, reason `OWN_SHARE`) nor replace a share that was not
+        granted through theirs (reason `NOT_GRANTOR`). What they grant records
+        their share as `grantor_share`: it never outlives it, is narrowed with it
+        and is revoked with it, so a chain of grants is the same as one grant
+        capped by its root. A `read` or `write` share grants nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -267,7 +278,11 @@ class TunnelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteTunnelShare(self, request, context):
-        """Revokes a share at once.
+        """Revokes a share at once, and with it everything granted through it: the
+        shares its holder granted (at any depth) are deleted and the share links
+        its holder made are revoked. A holder of an `admin` share may revoke their
+        own share and what was granted through it, nothing else (PERMISSION_DENIED,
+        reason `NOT_GRANTOR`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -277,6 +292,14 @@ class TunnelServiceServicer:
         """Creates a share link: anyone signed in who accepts it (AcceptShareLink)
         gets a share with the link's role, until it expires or is used up. The
         link's token is returned only here.
+
+        A holder of an `admin` share may make links too, within their share (as
+        for CreateTunnelShare): the role at most theirs and, when their share
+        expires, `expire_time` no later than it (unset: 7 days, or until their
+        share ends if sooner) and `share_ttl` no longer than what is left of it.
+        Shares accepted through such a link derive from the maker's share: they
+        never outlive it and are revoked with it. Revoking (or the expiry of) the
+        maker's share ends the link.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -290,14 +313,21 @@ class TunnelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteShareLink(self, request, context):
-        """Revokes a share link. Shares already made through it stay.
+        """Revokes a share link. Shares already made through it stay. A holder of an
+        `admin` share may revoke only the links made through their share or
+        through a share granted through it (PERMISSION_DENIED, reason
+        `NOT_GRANTOR`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AcceptShareLink(self, request, context):
-        """Accepts a share link for the caller, who gets a share of the tunnel.
+        """Accepts a share link for the caller, who gets a share of the tunnel. If
+        the caller's current share is at least as good (role and expiry), it stays
+        and the link is not spent; otherwise the link's share replaces it. A link
+        whose maker's share has ended cannot be accepted (FAILED_PRECONDITION), nor
+        can a link made through the caller's own share (INVALID_ARGUMENT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -316,6 +346,16 @@ class TunnelServiceServicer:
         tunnels (`users/{user}`): the current state of each first, then every
         change as it happens, until the caller goes away. Over HTTP the stream is
         NDJSON, or Server-Sent Events with `Accept: text/event-stream`.
+
+        A browser's `EventSource` authenticates with the `tp_access` cookie that a
+        cookie-delivery Login or RefreshToken sets (an `authorization` header, if
+        sent, wins). A stream lives as long as the session it was opened in, not
+        only as long as the access token that opened it: its credential is
+        verified again every `TP_STREAM_RECHECK_INTERVAL`, and it ends with
+        UNAUTHENTICATED once the session is signed out, revoked or past its end,
+        the user is suspended or deleted, or an API key is revoked or expires.
+        To reconnect after that (or after a network failure), a browser needs a
+        valid `tp_access` cookie: refresh it with RefreshToken before it expires.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -83,22 +83,55 @@ class TunnelServiceStub:
     CreateTunnelShare: _grpc.UnaryUnaryMultiCallable[_tunnels_pb2.CreateTunnelShareRequest, _tunnels_pb2.TunnelShare]
     """Shares a tunnel with another user, or changes an existing share. Sharing
     needs the premium tier.
+
+    Who may grant: the owner and administrators grant any role for any time.
+    A holder of an `admin` share may share the tunnel on, within their own
+    share: the role at most theirs, and, when their share expires,
+    `expire_time` required and no later than their own (INVALID_ARGUMENT
+    naming the field otherwise). They may not change their own share
+    (PERMISSION_DENIED, reason `OWN_SHARE`) nor replace a share that was not
+    granted through theirs (reason `NOT_GRANTOR`). What they grant records
+    their share as `grantor_share`: it never outlives it, is narrowed with it
+    and is revoked with it, so a chain of grants is the same as one grant
+    capped by its root. A `read` or `write` share grants nothing.
     """
     ListTunnelShares: _grpc.UnaryUnaryMultiCallable[_tunnels_pb2.ListTunnelSharesRequest, _tunnels_pb2.ListTunnelSharesResponse]
     """Lists the shares of a tunnel, expired ones included."""
     DeleteTunnelShare: _grpc.UnaryUnaryMultiCallable[_tunnels_pb2.DeleteTunnelShareRequest, _tunnels_pb2.TunnelShare]
-    """Revokes a share at once."""
+    """Revokes a share at once, and with it everything granted through it: the
+    shares its holder granted (at any depth) are deleted and the share links
+    its holder made are revoked. A holder of an `admin` share may revoke their
+    own share and what was granted through it, nothing else (PERMISSION_DENIED,
+    reason `NOT_GRANTOR`).
+    """
     CreateShareLink: _grpc.UnaryUnaryMultiCallable[_tunnels_pb2.CreateShareLinkRequest, _tunnels_pb2.ShareLink]
     """Creates a share link: anyone signed in who accepts it (AcceptShareLink)
     gets a share with the link's role, until it expires or is used up. The
     link's token is returned only here.
+
+    A holder of an `admin` share may make links too, within their share (as
+    for CreateTunnelShare): the role at most theirs and, when their share
+    expires, `expire_time` no later than it (unset: 7 days, or until their
+    share ends if sooner) and `share_ttl` no longer than what is left of it.
+    Shares accepted through such a link derive from the maker's share: they
+    never outlive it and are revoked with it. Revoking (or the expiry of) the
+    maker's share ends the link.
     """
     ListShareLinks: _grpc.UnaryUnaryMultiCallable[_tunnels_pb2.ListShareLinksRequest, _tunnels_pb2.ListShareLinksResponse]
     """Lists a tunnel's share links (without their tokens)."""
     DeleteShareLink: _grpc.UnaryUnaryMultiCallable[_tunnels_pb2.DeleteShareLinkRequest, _tunnels_pb2.ShareLink]
-    """Revokes a share link. Shares already made through it stay."""
+    """Revokes a share link. Shares already made through it stay. A holder of an
+    `admin` share may revoke only the links made through their share or
+    through a share granted through it (PERMISSION_DENIED, reason
+    `NOT_GRANTOR`).
+    """
     AcceptShareLink: _grpc.UnaryUnaryMultiCallable[_tunnels_pb2.AcceptShareLinkRequest, _tunnels_pb2.TunnelShare]
-    """Accepts a share link for the caller, who gets a share of the tunnel."""
+    """Accepts a share link for the caller, who gets a share of the tunnel. If
+    the caller's current share is at least as good (role and expiry), it stays
+    and the link is not spent; otherwise the link's share replaces it. A link
+    whose maker's share has ended cannot be accepted (FAILED_PRECONDITION), nor
+    can a link made through the caller's own share (INVALID_ARGUMENT).
+    """
     ListSharedWithMe: _grpc.UnaryUnaryMultiCallable[_tunnels_pb2.ListSharedWithMeRequest, _tunnels_pb2.ListSharedWithMeResponse]
     """Lists the tunnels other users share with a user, with the caller's role on
     each.
@@ -108,6 +141,16 @@ class TunnelServiceStub:
     tunnels (`users/{user}`): the current state of each first, then every
     change as it happens, until the caller goes away. Over HTTP the stream is
     NDJSON, or Server-Sent Events with `Accept: text/event-stream`.
+
+    A browser's `EventSource` authenticates with the `tp_access` cookie that a
+    cookie-delivery Login or RefreshToken sets (an `authorization` header, if
+    sent, wins). A stream lives as long as the session it was opened in, not
+    only as long as the access token that opened it: its credential is
+    verified again every `TP_STREAM_RECHECK_INTERVAL`, and it ends with
+    UNAUTHENTICATED once the session is signed out, revoked or past its end,
+    the user is suspended or deleted, or an API key is revoked or expires.
+    To reconnect after that (or after a network failure), a browser needs a
+    valid `tp_access` cookie: refresh it with RefreshToken before it expires.
     """
 
 @_typing.type_check_only
@@ -165,22 +208,55 @@ class TunnelServiceAsyncStub(TunnelServiceStub):
     CreateTunnelShare: _aio.UnaryUnaryMultiCallable[_tunnels_pb2.CreateTunnelShareRequest, _tunnels_pb2.TunnelShare]  # type: ignore[assignment]
     """Shares a tunnel with another user, or changes an existing share. Sharing
     needs the premium tier.
+
+    Who may grant: the owner and administrators grant any role for any time.
+    A holder of an `admin` share may share the tunnel on, within their own
+    share: the role at most theirs, and, when their share expires,
+    `expire_time` required and no later than their own (INVALID_ARGUMENT
+    naming the field otherwise). They may not change their own share
+    (PERMISSION_DENIED, reason `OWN_SHARE`) nor replace a share that was not
+    granted through theirs (reason `NOT_GRANTOR`). What they grant records
+    their share as `grantor_share`: it never outlives it, is narrowed with it
+    and is revoked with it, so a chain of grants is the same as one grant
+    capped by its root. A `read` or `write` share grants nothing.
     """
     ListTunnelShares: _aio.UnaryUnaryMultiCallable[_tunnels_pb2.ListTunnelSharesRequest, _tunnels_pb2.ListTunnelSharesResponse]  # type: ignore[assignment]
     """Lists the shares of a tunnel, expired ones included."""
     DeleteTunnelShare: _aio.UnaryUnaryMultiCallable[_tunnels_pb2.DeleteTunnelShareRequest, _tunnels_pb2.TunnelShare]  # type: ignore[assignment]
-    """Revokes a share at once."""
+    """Revokes a share at once, and with it everything granted through it: the
+    shares its holder granted (at any depth) are deleted and the share links
+    its holder made are revoked. A holder of an `admin` share may revoke their
+    own share and what was granted through it, nothing else (PERMISSION_DENIED,
+    reason `NOT_GRANTOR`).
+    """
     CreateShareLink: _aio.UnaryUnaryMultiCallable[_tunnels_pb2.CreateShareLinkRequest, _tunnels_pb2.ShareLink]  # type: ignore[assignment]
     """Creates a share link: anyone signed in who accepts it (AcceptShareLink)
     gets a share with the link's role, until it expires or is used up. The
     link's token is returned only here.
+
+    A holder of an `admin` share may make links too, within their share (as
+    for CreateTunnelShare): the role at most theirs and, when their share
+    expires, `expire_time` no later than it (unset: 7 days, or until their
+    share ends if sooner) and `share_ttl` no longer than what is left of it.
+    Shares accepted through such a link derive from the maker's share: they
+    never outlive it and are revoked with it. Revoking (or the expiry of) the
+    maker's share ends the link.
     """
     ListShareLinks: _aio.UnaryUnaryMultiCallable[_tunnels_pb2.ListShareLinksRequest, _tunnels_pb2.ListShareLinksResponse]  # type: ignore[assignment]
     """Lists a tunnel's share links (without their tokens)."""
     DeleteShareLink: _aio.UnaryUnaryMultiCallable[_tunnels_pb2.DeleteShareLinkRequest, _tunnels_pb2.ShareLink]  # type: ignore[assignment]
-    """Revokes a share link. Shares already made through it stay."""
+    """Revokes a share link. Shares already made through it stay. A holder of an
+    `admin` share may revoke only the links made through their share or
+    through a share granted through it (PERMISSION_DENIED, reason
+    `NOT_GRANTOR`).
+    """
     AcceptShareLink: _aio.UnaryUnaryMultiCallable[_tunnels_pb2.AcceptShareLinkRequest, _tunnels_pb2.TunnelShare]  # type: ignore[assignment]
-    """Accepts a share link for the caller, who gets a share of the tunnel."""
+    """Accepts a share link for the caller, who gets a share of the tunnel. If
+    the caller's current share is at least as good (role and expiry), it stays
+    and the link is not spent; otherwise the link's share replaces it. A link
+    whose maker's share has ended cannot be accepted (FAILED_PRECONDITION), nor
+    can a link made through the caller's own share (INVALID_ARGUMENT).
+    """
     ListSharedWithMe: _aio.UnaryUnaryMultiCallable[_tunnels_pb2.ListSharedWithMeRequest, _tunnels_pb2.ListSharedWithMeResponse]  # type: ignore[assignment]
     """Lists the tunnels other users share with a user, with the caller's role on
     each.
@@ -190,6 +266,16 @@ class TunnelServiceAsyncStub(TunnelServiceStub):
     tunnels (`users/{user}`): the current state of each first, then every
     change as it happens, until the caller goes away. Over HTTP the stream is
     NDJSON, or Server-Sent Events with `Accept: text/event-stream`.
+
+    A browser's `EventSource` authenticates with the `tp_access` cookie that a
+    cookie-delivery Login or RefreshToken sets (an `authorization` header, if
+    sent, wins). A stream lives as long as the session it was opened in, not
+    only as long as the access token that opened it: its credential is
+    verified again every `TP_STREAM_RECHECK_INTERVAL`, and it ends with
+    UNAUTHENTICATED once the session is signed out, revoked or past its end,
+    the user is suspended or deleted, or an API key is revoked or expires.
+    To reconnect after that (or after a network failure), a browser needs a
+    valid `tp_access` cookie: refresh it with RefreshToken before it expires.
     """
 
 class TunnelServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -322,6 +408,17 @@ class TunnelServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_tunnels_pb2.TunnelShare, _abc.Awaitable[_tunnels_pb2.TunnelShare]]:
         """Shares a tunnel with another user, or changes an existing share. Sharing
         needs the premium tier.
+
+        Who may grant: the owner and administrators grant any role for any time.
+        A holder of an `admin` share may share the tunnel on, within their own
+        share: the role at most theirs, and, when their share expires,
+        `expire_time` required and no later than their own (INVALID_ARGUMENT
+        naming the field otherwise). They may not change their own share
+        (PERMISSION_DENIED, reason `OWN_SHARE`) nor replace a share that was not
+        granted through theirs (reason `NOT_GRANTOR`). What they grant records
+        their share as `grantor_share`: it never outlives it, is narrowed with it
+        and is revoked with it, so a chain of grants is the same as one grant
+        capped by its root. A `read` or `write` share grants nothing.
         """
 
     @_abc_1.abstractmethod
@@ -338,7 +435,12 @@ class TunnelServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tunnels_pb2.DeleteTunnelShareRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tunnels_pb2.TunnelShare, _abc.Awaitable[_tunnels_pb2.TunnelShare]]:
-        """Revokes a share at once."""
+        """Revokes a share at once, and with it everything granted through it: the
+        shares its holder granted (at any depth) are deleted and the share links
+        its holder made are revoked. A holder of an `admin` share may revoke their
+        own share and what was granted through it, nothing else (PERMISSION_DENIED,
+        reason `NOT_GRANTOR`).
+        """
 
     @_abc_1.abstractmethod
     def CreateShareLink(
@@ -349,6 +451,14 @@ class TunnelServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates a share link: anyone signed in who accepts it (AcceptShareLink)
         gets a share with the link's role, until it expires or is used up. The
         link's token is returned only here.
+
+        A holder of an `admin` share may make links too, within their share (as
+        for CreateTunnelShare): the role at most theirs and, when their share
+        expires, `expire_time` no later than it (unset: 7 days, or until their
+        share ends if sooner) and `share_ttl` no longer than what is left of it.
+        Shares accepted through such a link derive from the maker's share: they
+        never outlive it and are revoked with it. Revoking (or the expiry of) the
+        maker's share ends the link.
         """
 
     @_abc_1.abstractmethod
@@ -365,7 +475,11 @@ class TunnelServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tunnels_pb2.DeleteShareLinkRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tunnels_pb2.ShareLink, _abc.Awaitable[_tunnels_pb2.ShareLink]]:
-        """Revokes a share link. Shares already made through it stay."""
+        """Revokes a share link. Shares already made through it stay. A holder of an
+        `admin` share may revoke only the links made through their share or
+        through a share granted through it (PERMISSION_DENIED, reason
+        `NOT_GRANTOR`).
+        """
 
     @_abc_1.abstractmethod
     def AcceptShareLink(
@@ -373,7 +487,12 @@ class TunnelServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tunnels_pb2.AcceptShareLinkRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tunnels_pb2.TunnelShare, _abc.Awaitable[_tunnels_pb2.TunnelShare]]:
-        """Accepts a share link for the caller, who gets a share of the tunnel."""
+        """Accepts a share link for the caller, who gets a share of the tunnel. If
+        the caller's current share is at least as good (role and expiry), it stays
+        and the link is not spent; otherwise the link's share replaces it. A link
+        whose maker's share has ended cannot be accepted (FAILED_PRECONDITION), nor
+        can a link made through the caller's own share (INVALID_ARGUMENT).
+        """
 
     @_abc_1.abstractmethod
     def ListSharedWithMe(
@@ -395,6 +514,16 @@ class TunnelServiceServicer(metaclass=_abc_1.ABCMeta):
         tunnels (`users/{user}`): the current state of each first, then every
         change as it happens, until the caller goes away. Over HTTP the stream is
         NDJSON, or Server-Sent Events with `Accept: text/event-stream`.
+
+        A browser's `EventSource` authenticates with the `tp_access` cookie that a
+        cookie-delivery Login or RefreshToken sets (an `authorization` header, if
+        sent, wins). A stream lives as long as the session it was opened in, not
+        only as long as the access token that opened it: its credential is
+        verified again every `TP_STREAM_RECHECK_INTERVAL`, and it ends with
+        UNAUTHENTICATED once the session is signed out, revoked or past its end,
+        the user is suspended or deleted, or an API key is revoked or expires.
+        To reconnect after that (or after a network failure), a browser needs a
+        valid `tp_access` cookie: refresh it with RefreshToken before it expires.
         """
 
 def add_TunnelServiceServicer_to_server(servicer: TunnelServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -460,6 +460,8 @@ class TierDetails(_message.Message):
     FEATURES_FIELD_NUMBER: _builtins.int
     SELF_SERVICE_FIELD_NUMBER: _builtins.int
     BURST_FIELD_NUMBER: _builtins.int
+    MAX_WATCH_STREAMS_FIELD_NUMBER: _builtins.int
+    MAX_AGENT_STREAMS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, for example `tiers/free`."""
     tier: _common_pb2.Tier.ValueType
@@ -480,6 +482,14 @@ class TierDetails(_message.Message):
     """Whether users may move themselves to this tier."""
     burst: _builtins.int
     """Calls allowed at once above the steady per-minute rate."""
+    max_watch_streams: _builtins.int
+    """Watch streams (WatchTunnels) one user may hold open at once, per server
+    replica; -1 means unlimited.
+    """
+    max_agent_streams: _builtins.int
+    """Agent streams (AgentService.Connect) one user's agents may hold open at
+    once, per server replica; -1 means unlimited.
+    """
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Features this tier unlocks, for example `endpoint_failover`."""
@@ -498,10 +508,12 @@ class TierDetails(_message.Message):
         features: _abc.Iterable[_builtins.str] | None = ...,
         self_service: _builtins.bool = ...,
         burst: _builtins.int = ...,
+        max_watch_streams: _builtins.int = ...,
+        max_agent_streams: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "display_name", b"display_name", "features", b"features", "max_concurrent_connections", b"max_concurrent_connections", "max_tunnels", b"max_tunnels", "name", b"name", "requests_per_minute", b"requests_per_minute", "requests_per_month", b"requests_per_month", "self_service", b"self_service", "tier", b"tier", "transfer_bytes_per_month", b"transfer_bytes_per_month"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "display_name", b"display_name", "features", b"features", "max_agent_streams", b"max_agent_streams", "max_concurrent_connections", b"max_concurrent_connections", "max_tunnels", b"max_tunnels", "max_watch_streams", b"max_watch_streams", "name", b"name", "requests_per_minute", b"requests_per_minute", "requests_per_month", b"requests_per_month", "self_service", b"self_service", "tier", b"tier", "transfer_bytes_per_month", b"transfer_bytes_per_month"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

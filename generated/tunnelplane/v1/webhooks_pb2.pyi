@@ -91,6 +91,7 @@ class Webhook(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    HEADER_NAMES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `users/{user}/webhooks/{webhook}`."""
     url: _builtins.str
@@ -129,8 +130,11 @@ class Webhook(_message.Message):
 
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Extra request headers (at most 20; names are HTTP tokens, the
-        `webhook-*`, `content-*`, `host` and hop-by-hop names are reserved).
+        """Extra request headers (at most 20; names are HTTP tokens, compared and
+        stored in lower case; the `webhook-*`, `content-*`, `host` and hop-by-hop
+        names are reserved). Write-only: values are often credentials, so they are
+        stored sealed (AES-256-GCM) and never returned; responses list the names in
+        `header_names`. See UpdateWebhook for changing some without the others.
         """
 
     @_builtins.property
@@ -151,6 +155,12 @@ class Webhook(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Last change."""
 
+    @_builtins.property
+    def header_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The names of the custom headers (lower case, sorted); their values are
+        never returned.
+        """
+
     def __init__(
         self,
         *,
@@ -169,10 +179,11 @@ class Webhook(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         etag: _builtins.str = ...,
+        header_names: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "failing_since", b"failing_since", "previous_secret_expire_time", b"previous_secret_expire_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "disabled", b"disabled", "disabled_reason", b"disabled_reason", "etag", b"etag", "event_types", b"event_types", "failing_since", b"failing_since", "headers", b"headers", "name", b"name", "previous_secret_expire_time", b"previous_secret_expire_time", "rate_limit", b"rate_limit", "secret", b"secret", "transform", b"transform", "update_time", b"update_time", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "disabled", b"disabled", "disabled_reason", b"disabled_reason", "etag", b"etag", "event_types", b"event_types", "failing_since", b"failing_since", "header_names", b"header_names", "headers", b"headers", "name", b"name", "previous_secret_expire_time", b"previous_secret_expire_time", "rate_limit", b"rate_limit", "secret", b"secret", "transform", b"transform", "update_time", b"update_time", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

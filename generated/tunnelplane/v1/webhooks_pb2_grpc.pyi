@@ -35,8 +35,11 @@ class WebhookServiceStub:
     the event. Each request is signed as the Standard Webhooks specification
     says (`webhook-id`, `webhook-timestamp`, `webhook-signature`); the body is
     `{"type": ..., "timestamp": ..., "data": {"subject": ..., "actor": ...,
-    "object": {...}}}` (`object` is the event's payload), with `data` replaced
-    by what the endpoint's transformation makes of it, if it has one. A 2xx answer within 15 s is a success; anything
+    "object": {...}}}` (`object` is the event's payload with the JSON API's field
+    names, such as `displayName`; for `webhook.test`, the data sent), with `data`
+    replaced by what the endpoint's transformation makes of that whole document,
+    if it has one. Requests to one endpoint may overlap and arrive out of order
+    (`timestamp` orders them, `webhook-id` deduplicates). A 2xx answer within 15 s is a success; anything
     else is retried 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h later (with
     jitter, and never sooner than a `Retry-After` asks). A 410 answer disables the
     endpoint at once, and so do 5 days without a success (with an
@@ -61,7 +64,12 @@ class WebhookServiceStub:
     """
     UpdateWebhook: _grpc.UnaryUnaryMultiCallable[_webhooks_pb2.UpdateWebhookRequest, _webhooks_pb2.Webhook]
     """Updates an endpoint. Updatable paths: `url`, `description`,
-    `event_types`, `transform`, `rate_limit`, `headers`, `disabled`.
+    `event_types`, `transform`, `rate_limit`, `headers`, `headers.<name>`,
+    `disabled`. Header values are never returned, so an update never needs
+    them back: without `headers` in the mask (or, without a mask, in the body)
+    every header is kept; `headers` replaces them all; `headers.<name>` (lower
+    case, optionally in backquotes) sets that one header to the value in
+    `webhook.headers`, or removes it when `webhook.headers` does not have it.
     Re-enabling an endpoint (`disabled` = false) clears its failure record; a
     stale `etag` is refused with ABORTED.
     """
@@ -106,8 +114,11 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     the event. Each request is signed as the Standard Webhooks specification
     says (`webhook-id`, `webhook-timestamp`, `webhook-signature`); the body is
     `{"type": ..., "timestamp": ..., "data": {"subject": ..., "actor": ...,
-    "object": {...}}}` (`object` is the event's payload), with `data` replaced
-    by what the endpoint's transformation makes of it, if it has one. A 2xx answer within 15 s is a success; anything
+    "object": {...}}}` (`object` is the event's payload with the JSON API's field
+    names, such as `displayName`; for `webhook.test`, the data sent), with `data`
+    replaced by what the endpoint's transformation makes of that whole document,
+    if it has one. Requests to one endpoint may overlap and arrive out of order
+    (`timestamp` orders them, `webhook-id` deduplicates). A 2xx answer within 15 s is a success; anything
     else is retried 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h later (with
     jitter, and never sooner than a `Retry-After` asks). A 410 answer disables the
     endpoint at once, and so do 5 days without a success (with an
@@ -129,7 +140,12 @@ class WebhookServiceAsyncStub(WebhookServiceStub):
     """
     UpdateWebhook: _aio.UnaryUnaryMultiCallable[_webhooks_pb2.UpdateWebhookRequest, _webhooks_pb2.Webhook]  # type: ignore[assignment]
     """Updates an endpoint. Updatable paths: `url`, `description`,
-    `event_types`, `transform`, `rate_limit`, `headers`, `disabled`.
+    `event_types`, `transform`, `rate_limit`, `headers`, `headers.<name>`,
+    `disabled`. Header values are never returned, so an update never needs
+    them back: without `headers` in the mask (or, without a mask, in the body)
+    every header is kept; `headers` replaces them all; `headers.<name>` (lower
+    case, optionally in backquotes) sets that one header to the value in
+    `webhook.headers`, or removes it when `webhook.headers` does not have it.
     Re-enabling an endpoint (`disabled` = false) clears its failure record; a
     stale `etag` is refused with ABORTED.
     """
@@ -173,8 +189,11 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
     the event. Each request is signed as the Standard Webhooks specification
     says (`webhook-id`, `webhook-timestamp`, `webhook-signature`); the body is
     `{"type": ..., "timestamp": ..., "data": {"subject": ..., "actor": ...,
-    "object": {...}}}` (`object` is the event's payload), with `data` replaced
-    by what the endpoint's transformation makes of it, if it has one. A 2xx answer within 15 s is a success; anything
+    "object": {...}}}` (`object` is the event's payload with the JSON API's field
+    names, such as `displayName`; for `webhook.test`, the data sent), with `data`
+    replaced by what the endpoint's transformation makes of that whole document,
+    if it has one. Requests to one endpoint may overlap and arrive out of order
+    (`timestamp` orders them, `webhook-id` deduplicates). A 2xx answer within 15 s is a success; anything
     else is retried 5 s, 5 min, 30 min, 2 h, 5 h, 10 h and 10 h later (with
     jitter, and never sooner than a `Retry-After` asks). A 410 answer disables the
     endpoint at once, and so do 5 days without a success (with an
@@ -218,7 +237,12 @@ class WebhookServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_webhooks_pb2.Webhook, _abc.Awaitable[_webhooks_pb2.Webhook]]:
         """Updates an endpoint. Updatable paths: `url`, `description`,
-        `event_types`, `transform`, `rate_limit`, `headers`, `disabled`.
+        `event_types`, `transform`, `rate_limit`, `headers`, `headers.<name>`,
+        `disabled`. Header values are never returned, so an update never needs
+        them back: without `headers` in the mask (or, without a mask, in the body)
+        every header is kept; `headers` replaces them all; `headers.<name>` (lower
+        case, optionally in backquotes) sets that one header to the value in
+        `webhook.headers`, or removes it when `webhook.headers` does not have it.
         Re-enabling an endpoint (`disabled` = false) clears its failure record; a
         stale `etag` is refused with ABORTED.
         """
