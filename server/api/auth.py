@@ -9,33 +9,13 @@ from tunnelplane.v1 import auth_pb2
 
 from server.api import convert
 from server.api.users import caller_id
+from server.cookies import REFRESH_COOKIE, access_cookie, read_cookie, refresh_cookie
 from server.domain.apikeys import ApiKeyService
 from server.domain.auth import AccountService, SessionTokens
 from server.domain.clock import Clock
 from server.domain.names import api_key_parts, user_id_of
 from server.domain.tokens import TokenService
 from server.pipeline import Call
-
-REFRESH_COOKIE = "tp_refresh"
-COOKIE_PATH = "/v1/auth"
-
-
-def read_cookie(call: Call, name: str) -> str:
-    """A cookie from ``cookie`` metadata (gRPC) or ``grpcgateway-cookie`` (via the gateway)."""
-    for header in ("cookie", "grpcgateway-cookie"):
-        for part in call.header(header).split(";"):
-            key, _, value = part.strip().partition("=")
-            if key == name:
-                return value.strip().strip('"')
-    return ""
-
-
-def refresh_cookie(value: str, max_age: int) -> str:
-    """The Set-Cookie value carrying (or clearing, with ``max_age=0``) a refresh token."""
-    return (
-        f"{REFRESH_COOKIE}={value}; Path={COOKIE_PATH}; Max-Age={max_age}; "
-        "HttpOnly; Secure; SameSite=Strict"
-    )
 
 
 class AuthApi:
@@ -78,6 +58,7 @@ class AuthApi:
         assert call.principal is not None
         await self._accounts.logout(call.principal, all_sessions=request.all_sessions)
         call.set_header("set-cookie", refresh_cookie("", 0))
+        call.set_header("set-cookie", access_cookie("", 0))
         return empty_pb2.Empty()
 
     async def GetJwks(
@@ -98,8 +79,9 @@ class AuthApi:
             if spec.HasField("expire_time")
             else None
         )
+        assert call.principal is not None  # the policy admits authenticated callers only
         created = await self._keys.create(
-            owner, spec.display_name, list(spec.scopes), expire, tunnel=spec.tunnel
+            call.principal, owner, spec.display_name, list(spec.scopes), expire, tunnel=spec.tunnel
         )
         return auth_pb2.CreateApiKeyResponse(
             api_key=convert.api_key(created.key, self._now()), secret=created.secret
@@ -134,7 +116,8 @@ class AuthApi:
             if request.HasField("overlap")
             else None
         )
-        created, previous = await self._keys.rotate(owner, key_id, overlap)
+        assert call.principal is not None
+        created, previous = await self._keys.rotate(call.principal, owner, key_id, overlap)
         now = self._now()
         return auth_pb2.RotateApiKeyResponse(
             api_key=convert.api_key(created.key, now),
@@ -155,11 +138,13 @@ class AuthApi:
         self, tokens: SessionTokens, call: Call, *, cookie: bool
     ) -> auth_pb2.Tokens:
         refresh = tokens.refresh_token
+        claims = tokens.access.claims
         if cookie:
             max_age = int((tokens.refresh_expire_time - self._now()).total_seconds())
             call.set_header("set-cookie", refresh_cookie(refresh, max_age))
+            lifetime = int(claims.expires_at - self._clock.time())
+            call.set_header("set-cookie", access_cookie(tokens.access.token, lifetime))
             refresh = ""
-        claims = tokens.access.claims
         return auth_pb2.Tokens(
             access_token=tokens.access.token,
             token_type="Bearer",  # noqa: S106 - the OAuth token type, not a secret

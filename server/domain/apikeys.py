@@ -3,7 +3,8 @@
 The checksum lets secret scanners recognise a key and lets the server drop a mistyped or
 made-up key without a database read. Only the SHA-256 of a key is stored, with a short
 display prefix. A rotated key keeps working for an overlap window; revocation takes
-effect at once on every replica (the cached lookup is invalidated after commit).
+effect at once on every replica (the cached lookup is invalidated after commit). A caller
+creates or rotates only keys that can do no more than it can (:mod:`key_grants`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from server.domain.cache import CachedLookup
 from server.domain.clock import Clock
 from server.domain.entities import ApiKey, UserState
 from server.domain.ids import is_id, new_id
+from server.domain.key_grants import check_grant
 from server.domain.listing import Lister, ListSpec, OrderKey, Page
 from server.domain.names import api_key_name
 from server.domain.ports import ApiKeyRepository, KeyValueStore, UnitOfWork, UnitOfWorkFactory
@@ -28,6 +30,7 @@ from server.domain.principal import (
     AGENT_PERMISSIONS,
     AGENT_SCOPE,
     ROLE_PERMISSIONS,
+    Principal,
     Role,
     is_agent_key,
 )
@@ -157,14 +160,16 @@ class ApiKeyService:
 
     async def create(
         self,
+        actor: Principal,
         owner_id: str,
         display_name: str,
         scopes: list[str],
         expire_time: datetime | None,
         tunnel: str = "",
     ) -> CreatedKey:
-        """A new key for ``owner_id``; scopes must be a subset of the owner's permissions.
-        An agent key may be bound to one of the owner's tunnels (``tunnel``, its name)."""
+        """A new key for ``owner_id``; scopes must be a subset of the owner's permissions,
+        and the key may do nothing that ``actor`` cannot. An agent key may be bound to one
+        of the owner's tunnels (``tunnel``, its name)."""
         violations = Violations()
         name = valid_display_name(display_name, "api_key.display_name", violations)
         now = self._clock.now()
@@ -178,6 +183,7 @@ class ApiKeyService:
             clean_scopes = _check_scopes(scopes, owner.role, violations)
             tunnel_id = await _check_tunnel(uow, tunnel, owner_id, clean_scopes, violations)
             violations.raise_if_any()
+            check_grant(actor.permissions, owner.role, clean_scopes, "create")
             key = ApiKey(
                 id=new_id("key"),
                 user_id=owner_id,
@@ -214,15 +220,20 @@ class ApiKeyService:
         return self._lister.page(query, rows, lambda k: (k.create_time, k.id))
 
     async def rotate(
-        self, user_id: str, key_id: str, overlap: timedelta | None
+        self, actor: Principal, user_id: str, key_id: str, overlap: timedelta | None
     ) -> tuple[CreatedKey, ApiKey]:
-        """A new key with the old one's name and scopes; the old one expires after ``overlap``."""
+        """A new key with the old one's name and scopes; the old one expires after ``overlap``.
+        Only an ``actor`` that may do everything the key may do gets its new secret."""
         overlap = self._default_overlap if overlap is None else overlap
         if overlap < timedelta(0) or overlap > MAX_OVERLAP:
             raise InvalidArgument.single("overlap", "must be between 0 seconds and 7 days")
         now = self._clock.now()
         async with self._uow() as uow:
             old = await self._load(uow.api_keys, user_id, key_id)
+            owner = await uow.users.get(user_id)
+            if owner is None:
+                raise NotFound("api key", api_key_name(user_id, key_id))
+            check_grant(actor.permissions, owner.role, old.scopes, "rotate")
             if state_of(old, now) != "active":
                 raise FailedPrecondition(f"API key is {state_of(old, now)}", reason="KEY_INACTIVE")
             secret = generate_secret()

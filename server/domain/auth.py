@@ -26,7 +26,7 @@ from server.domain.ports import UnitOfWork, UnitOfWorkFactory
 from server.domain.principal import Principal, Role, Tier
 from server.domain.throttle import LoginThrottle
 from server.domain.tokens import IssuedToken, TokenService
-from server.errors import Unauthenticated, Violations
+from server.errors import AlreadyExists, Unauthenticated, Violations
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +99,11 @@ class AccountService:
             fallback = normalized.partition("@")[0]
             name = validation.display_name(display_name or fallback, "display_name", violations)
         violations.raise_if_any()
+        # A taken address is refused before hashing: a duplicate costs no Argon2 time (it
+        # says no more than ALREADY_EXISTS says anyway). The insert still decides a race.
+        async with self._uow(readonly=True) as uow:
+            if await uow.users.get_credentials(normalized) is not None:
+                raise AlreadyExists("user", normalized)
         password_hash = await self._hasher.hash(password)
         now = self._clock.now()
         user = User(
@@ -155,11 +160,11 @@ class AccountService:
                 audit.annotate(subject_user_id=credentials.user.id)
             raise Unauthenticated("email or password is incorrect", reason="INVALID_CREDENTIALS")
         assert credentials is not None
-        await self._throttle.succeeded(normalized)
+        await self._throttle.succeeded(normalized, client.ip_address)
         user = credentials.user
         audit.annotate(subject_user_id=user.id, resource=user.name)
         assert stored is not None
-        rehash = await self._hasher.hash(password) if self._hasher.needs_rehash(stored) else None
+        rehash = await self._hasher.rehash(stored, password)
         tokens = await self._start_session(user, client, rehash)
         return replace(user, last_login_time=tokens.issue_time), tokens
 

@@ -5,6 +5,10 @@ read of the shared store answers three questions at once: was this token revoked
 (logout), was its session revoked (logout, refresh-token reuse), and what are the
 subject's current role, tier and state (cached, invalidated on change). Role and tier
 changes therefore take effect on the next call, on every replica.
+
+A stream outlives the access token that opened it: re-checked while it runs
+(``established=True``), the token's ``exp`` may have passed, and its session (the family of
+refresh tokens it was issued for) decides instead. Everything else is checked as on a call.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ class Revocations:
 
 
 class Authenticator:
-    """Verifies ``authorization: Bearer ...`` credentials."""
+    """Verifies ``authorization: Bearer ...`` credentials and access tokens."""
 
     def __init__(
         self,
@@ -113,6 +117,7 @@ class Authenticator:
         api_keys: ApiKeyService,
         kv: KeyValueStore,
         uow: UnitOfWorkFactory,
+        clock: Clock,
     ) -> None:
         self._uow = uow
         self._tokens = tokens
@@ -120,9 +125,15 @@ class Authenticator:
         self._revocations = revocations
         self._api_keys = api_keys
         self._kv = kv
+        self._clock = clock
 
-    async def authenticate(self, authorization: str) -> Principal:
-        """The caller behind an ``authorization`` value; :class:`Unauthenticated` if none."""
+    async def authenticate(self, authorization: str, *, established: bool = False) -> Principal:
+        """The caller behind an ``authorization`` value; :class:`Unauthenticated` if none.
+
+        ``established``: the credential already opened the stream being re-checked, so an
+        access token past its ``exp`` still counts while its session lives (an API key's
+        own expiry still ends it).
+        """
         scheme, _, credential = authorization.strip().partition(" ")
         credential = credential.strip()
         if scheme.lower() != "bearer" or not credential:
@@ -132,10 +143,19 @@ class Authenticator:
             )
         if credential.startswith("tp_"):
             return await self._api_key(credential)
-        return await self._session(credential)
+        return await self._session(credential, established=established)
 
-    async def _session(self, token: str) -> Principal:
-        claims = self._tokens.verify(token)
+    async def authenticate_access_token(
+        self, token: str, *, established: bool = False
+    ) -> Principal:
+        """The caller behind a bare access token (the access cookie): a session's JWT,
+        never an API key. ``established`` as for :meth:`authenticate`."""
+        if not token or token.startswith("tp_"):
+            raise Unauthenticated("the access cookie holds no access token", reason="TOKEN_INVALID")
+        return await self._session(token, established=established)
+
+    async def _session(self, token: str, *, established: bool) -> Principal:
+        claims = self._tokens.verify(token, expired_ok=established)
         raw_token, raw_session, raw_subject = await self._kv.get_many(
             [
                 Revocations.token_key(claims.token_id),
@@ -149,6 +169,10 @@ class Authenticator:
             # Revocation markers made before the outage are in Redis, out of reach now;
             # the session table is the source of truth for them.
             raise Unauthenticated("access token revoked", reason="TOKEN_REVOKED")
+        if self._tokens.expired(claims) and not await self._session_live(claims.session_id):
+            # Markers outlive only the tokens they refuse: past its exp, a stream's token
+            # is as good as its session, which the session table knows.
+            raise Unauthenticated("the session has ended", reason="SESSION_ENDED")
         state = await self._subjects.resolve(claims.subject, raw_subject)
         if state is None or not state.active:
             raise Unauthenticated("account is not active", reason="ACCOUNT_INACTIVE")
@@ -164,9 +188,14 @@ class Authenticator:
         )
 
     async def _session_live(self, session_id: str) -> bool:
+        """Whether the session exists, is not revoked and has not reached its end."""
         async with self._uow(readonly=True) as uow:
             session = await uow.sessions.get_session(session_id)
-        return session is not None and session.revoke_time is None
+        return (
+            session is not None
+            and session.revoke_time is None
+            and session.expire_time > self._clock.now()
+        )
 
     async def _api_key(self, secret: str) -> Principal:
         identity = await self._api_keys.identify(secret)

@@ -192,21 +192,33 @@ class TokenService:
         )
         return IssuedToken(token, claims)
 
-    def verify(self, token: str) -> AccessClaims:
-        """The claims of a valid token; :class:`Unauthenticated` otherwise."""
+    def verify(self, token: str, *, expired_ok: bool = False) -> AccessClaims:
+        """The claims of a valid token; :class:`Unauthenticated` otherwise.
+
+        ``expired_ok`` accepts a token whose ``exp`` has passed (everything else is still
+        checked): for a stream the token authenticated when it was fresh, which its
+        session, not the token's lifetime, bounds.
+        """
         now = self._clock.time()
         cached = self._cache.get(token)
         if cached is not None:
-            if cached.expires_at + LEEWAY_SECONDS > now:
+            if expired_ok or not self.expired(cached):
                 return cached
             del self._cache[token]
-        claims = self._verify_signature_and_claims(token, now)
-        self._cache[token] = claims
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        claims = self._verify_signature_and_claims(token, now, expired_ok=expired_ok)
+        if not self.expired(claims):
+            self._cache[token] = claims
+            if len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return claims
 
-    def _verify_signature_and_claims(self, token: str, now: float) -> AccessClaims:
+    def expired(self, claims: AccessClaims) -> bool:
+        """Whether a token with ``claims`` is past its ``exp`` (and the leeway) now."""
+        return claims.expires_at <= self._clock.time() - LEEWAY_SECONDS
+
+    def _verify_signature_and_claims(
+        self, token: str, now: float, *, expired_ok: bool
+    ) -> AccessClaims:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -236,7 +248,7 @@ class TokenService:
             )
         except jwt.PyJWTError:
             raise _invalid("token verification failed") from None
-        _check_times(payload, now)
+        _check_times(payload, now, expired_ok=expired_ok)
         if not all(isinstance(payload[k], str) for k in ("sub", "sid", "jti")):
             raise _invalid("malformed claims")
         return AccessClaims(
@@ -248,13 +260,14 @@ class TokenService:
         )
 
 
-def _check_times(payload: dict[str, Any], now: float) -> None:
-    """``iat``, ``nbf`` and ``exp`` against ``now``, with :data:`LEEWAY_SECONDS` either way."""
+def _check_times(payload: dict[str, Any], now: float, *, expired_ok: bool) -> None:
+    """``iat``, ``nbf`` and ``exp`` against ``now``, with :data:`LEEWAY_SECONDS` either way
+    (``exp`` not at all when ``expired_ok``)."""
     times = [payload[k] for k in ("iat", "nbf", "exp")]
     if not all(type(t) is int or (type(t) is float and math.isfinite(t)) for t in times):
         raise _invalid("malformed claims")
     issued_at, not_before, expires_at = times
-    if expires_at <= now - LEEWAY_SECONDS:
+    if expires_at <= now - LEEWAY_SECONDS and not expired_ok:
         raise Unauthenticated("access token expired", reason="TOKEN_EXPIRED")
     if max(issued_at, not_before) > now + LEEWAY_SECONDS:
         raise _invalid("token not valid yet")

@@ -4,6 +4,12 @@ The credential (if any) is verified first (:class:`AuthenticateStage`); rate lim
 count the call; then :func:`server.domain.principal.authorize` decides with the method's
 rule and the owner of the resource the request names (:class:`AuthorizeStage`). Every
 check happens before the servicer runs, so a refused call has no side effect.
+
+The credential is the ``authorization`` header when one is sent (a bad one is never
+replaced by a cookie). Without it, and only on a method whose policy sets ``cookie_auth``
+(a read-only stream), the access token may come from the ``tp_access`` cookie: a browser's
+``EventSource`` cannot send headers. No other method reads that cookie, so a cookie the
+browser attaches on its own can never drive a call that changes state (CSRF).
 """
 
 from __future__ import annotations
@@ -12,10 +18,11 @@ from typing import Protocol
 
 from google.protobuf.message import Message
 
+from server.cookies import ACCESS_COOKIE, read_cookie
 from server.domain import audit
 from server.domain.authn import Authenticator
 from server.domain.names import owner_of
-from server.domain.principal import ShareRole, authorize, needs_share_lookup
+from server.domain.principal import Principal, ShareRole, authorize, needs_share_lookup
 from server.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from server.pipeline import Call, Handler, MethodInfo
 
@@ -28,6 +35,36 @@ def field_value(message: Message, path: list[str]) -> str:
     return value if isinstance(value, str) else ""
 
 
+class CallCredentials:
+    """Verifies the credential a call presents, when it starts and while a stream runs."""
+
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._authenticator = authenticator
+
+    async def authenticate(self, call: Call, *, established: bool = False) -> Principal | None:
+        """The caller (``None`` if the call presents no credential); :class:`Unauthenticated`
+        if the credential does not verify. ``established``: see :meth:`recheck`."""
+        authorization = call.header("authorization")
+        if authorization:
+            return await self._authenticator.authenticate(authorization, established=established)
+        if call.method.policy.cookie_auth:
+            token = read_cookie(call, ACCESS_COOKIE)
+            if token:
+                return await self._authenticator.authenticate_access_token(
+                    token, established=established
+                )
+        return None
+
+    async def recheck(self, call: Call) -> Principal:
+        """Verify again the credential that opened a running stream: revocation, sign-out,
+        the user's state and an API key's expiry end it; an access token's own expiry does
+        not while its session lives (the stream is bound to the session)."""
+        principal = await self.authenticate(call, established=True)
+        if principal is None:
+            raise Unauthenticated("this method needs credentials", reason="CREDENTIALS_MISSING")
+        return principal
+
+
 class AuthenticateStage:
     """Verifies the credential, if any, and sets ``call.principal``.
 
@@ -36,20 +73,19 @@ class AuthenticateStage:
     refuses it: floods of bad tokens are limited like any other traffic.
     """
 
-    def __init__(self, authenticator: Authenticator) -> None:
-        self._authenticator = authenticator
+    def __init__(self, credentials: CallCredentials) -> None:
+        self._credentials = credentials
 
     def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
-        authenticator = self._authenticator
+        credentials = self._credentials
 
         async def handle(request: Message, call: Call) -> Message:
-            authorization = call.header("authorization")
-            if authorization:
-                try:
-                    principal = await authenticator.authenticate(authorization)
-                except Unauthenticated as error:
-                    call.auth_error = error
-                else:
+            try:
+                principal = await credentials.authenticate(call)
+            except Unauthenticated as error:
+                call.auth_error = error
+            else:
+                if principal is not None:
                     call.principal = principal
                     audit.set_actor(principal.user_id, principal.api_key_id)
             return await handler(request, call)
@@ -68,8 +104,11 @@ class ShareResolver(Protocol):
 class AuthorizeStage:
     """Enforces the method's rule with the caller and the owner of the named resource.
 
-    ``require_tls`` methods are refused over plain HTTP when ``tls_required`` (production
-    mode): they carry passwords or tokens, or return secrets.
+    ``require_tls`` methods are refused when ``tls_required`` (production mode) and the
+    call did not arrive over TLS, on either transport: they carry passwords or tokens, or
+    return secrets. ``call.secure`` says how it arrived (HTTPS or a trusted
+    ``X-Forwarded-Proto`` through the gateway; TLS on the gRPC port or a declared
+    TLS-terminating proxy, ``TP_GRPC_TLS_PROXIES``).
     """
 
     def __init__(self, *, tls_required: bool = False, shares: ShareResolver | None = None) -> None:
@@ -83,10 +122,8 @@ class AuthorizeStage:
         shares = self._shares
 
         async def handle(request: Message, call: Call) -> Message:
-            if needs_tls and call.transport == "http" and not call.secure:
-                raise PermissionDenied(
-                    "this method is only served over HTTPS", reason="TLS_REQUIRED"
-                )
+            if needs_tls and not call.secure:
+                raise PermissionDenied("this method is only served over TLS", reason="TLS_REQUIRED")
             if call.auth_error is not None:
                 raise call.auth_error
             principal = call.principal

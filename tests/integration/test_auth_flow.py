@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
+from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from google.protobuf import duration_pb2
 from tunnelplane.v1 import auth_pb2, users_pb2
 
+from server.app import App
 from server.domain.apikeys import looks_like_key
+from tests.conftest import make_settings, migrate
 from tests.helpers import PASSWORD, Client, bearer, fails, reason, unique_email
+from tests.integration.test_tls import self_signed
 
 ME = users_pb2.GetUserRequest(name="users/me")
 
@@ -143,10 +149,13 @@ async def test_refresh_token_by_cookie(client: Client) -> None:
     login = await call
     assert login.tokens.refresh_token == ""
     cookies = [v for k, v in await call.initial_metadata() if k == "set-cookie"]
-    assert len(cookies) == 1
+    assert [c.split("=")[0] for c in cookies] == ["tp_refresh", "tp_access"]
     cookie = cookies[0]
-    for attribute in ("HttpOnly", "Secure", "SameSite=Strict", "Path=/v1/auth"):
-        assert attribute in cookie
+    attributes = {a.strip() for a in cookie.split(";")[1:]}
+    assert {"HttpOnly", "Secure", "SameSite=Strict", "Path=/v1/auth:refresh"} <= attributes
+    access = {a.strip() for a in cookies[1].split(";")}
+    assert f"tp_access={login.tokens.access_token}" in access
+    assert {"HttpOnly", "Secure", "SameSite=Strict", "Path=/v1"} <= access
     value = cookie.split(";")[0]
     refresh = client.auth.RefreshToken(
         auth_pb2.RefreshTokenRequest(), metadata=(("cookie", value),)
@@ -157,6 +166,67 @@ async def test_refresh_token_by_cookie(client: Client) -> None:
     rotated = [v for k, v in await refresh.initial_metadata() if k == "set-cookie"]
     assert rotated
     assert rotated[0].split(";")[0] != value
+
+
+async def test_cookie_refresh_works_from_a_real_cookie_jar_over_https(tmp_path: Path) -> None:
+    """A browser's rules, not a hand-written Cookie header: the jar sends the cookie only
+    over HTTPS (Secure) and only to paths its Path matches (RFC 6265 5.1.4)."""
+    cert, key = self_signed(tmp_path)
+    settings = make_settings(
+        tmp_path,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
+        tls_cert_file=str(cert),
+        tls_key_file=str(key),
+    )
+    await migrate(settings.effective_database_url)
+    server = App(settings)
+    await server.start()
+    try:
+        trust = ssl.create_default_context(cafile=str(cert))
+        async with httpx.AsyncClient(
+            base_url=f"https://localhost:{server.http_port}", verify=trust
+        ) as browser:
+            await browser_cookie_flow(browser)
+    finally:
+        await server.stop(grace=0)
+
+
+async def browser_cookie_flow(browser: httpx.AsyncClient) -> None:
+    """Sign in with cookie delivery, refresh with an empty body, sign out."""
+    email = unique_email("browser")
+    body = {"email": email, "password": PASSWORD}
+    assert (await browser.post("/v1/auth:register", json=body)).status_code == 200
+    login = await browser.post(
+        "/v1/auth:login", json={**body, "refreshTokenDelivery": "REFRESH_TOKEN_DELIVERY_COOKIE"}
+    )
+    assert login.status_code == 200, login.text
+    refresh_cookie, access_cookie = login.headers.get_list("set-cookie")
+    attributes = {a.strip() for a in refresh_cookie.split(";")[1:]}
+    assert {"HttpOnly", "Secure", "SameSite=Strict", "Path=/v1/auth:refresh"} <= attributes
+    attributes = {a.strip() for a in access_cookie.split(";")[1:]}
+    assert {"HttpOnly", "Secure", "SameSite=Strict", "Path=/v1"} <= attributes
+    assert attributes & {"Max-Age=899", "Max-Age=900"}  # the access token's lifetime
+    first = browser.cookies.get("tp_refresh")
+    assert first
+
+    refreshed = await browser.post("/v1/auth:refresh", json={})
+    assert refreshed.status_code == 200, refreshed.text
+    tokens = refreshed.json()["tokens"]
+    assert tokens["refreshToken"] == ""
+    assert browser.cookies.get("tp_refresh") not in {None, first}  # rotated in the jar
+    again = await browser.post("/v1/auth:refresh", json={})  # the jar holds the new one
+    assert again.status_code == 200, again.text
+    access = again.json()["tokens"]["accessToken"]
+
+    out = await browser.post(
+        "/v1/auth:logout", json={}, headers={"authorization": f"Bearer {access}"}
+    )
+    assert out.status_code == 200, out.text
+    assert "tp_refresh" not in browser.cookies  # cleared: same name and path, Max-Age=0
+    assert "tp_access" not in browser.cookies
+    after = await browser.post("/v1/auth:refresh", json={})
+    assert after.status_code == 401
+    assert after.json()["details"][0]["reason"] == "REFRESH_TOKEN_INVALID"
 
 
 async def test_missing_refresh_token_is_unauthenticated(client: Client) -> None:

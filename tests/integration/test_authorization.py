@@ -222,28 +222,43 @@ CALLERS = [
     "key_without_scope",
     "key_with_scope",
     "agent_key",
+    "cookie_only",
 ]
 #: Other users with a share of the owner's tunnel, and the share role each holds.
 SHARED = {"shared_read": 1, "shared_write": 2, "shared_admin": 3}
-#: Every (service, method, caller) cell; shared callers only where shares can matter.
+#: API keys that differ in what they may hand out, where keys are handed out: the owner's
+#: key without scopes (the whole role), the owner's key with every scope of the role
+#: listed, and an administrator's key scoped to the method's permission and admin
+#: permission only.
+KEY_CALLERS = ["key_whole_role", "key_every_scope", "admin_key_narrow"]
+#: Methods that hand out a working key (a new one, or a new secret for an existing one):
+#: the key may do nothing the caller cannot. The key created here and the target key
+#: have no scopes: their owner's whole role.
+HANDS_OUT_KEYS = frozenset({"AuthService/CreateApiKey", "AuthService/RotateApiKey"})
+#: Every (service, method, caller) cell; shared callers only where shares can matter, the
+#: extra key callers where keys are handed out.
 CASES = [
     (service, method, caller)
     for service, method in METHODS
-    for caller in CALLERS + (list(SHARED) if service == "TunnelService" else [])
+    for caller in CALLERS
+    + (list(SHARED) if service == "TunnelService" else [])
+    + (KEY_CALLERS if service == "AuthService" else [])
 ]
 ALLOWED, UNAUTHENTICATED, DENIED = "allowed", "unauthenticated", "denied"
 SESSION, API_KEY = options_pb2.CREDENTIAL_KIND_SESSION, options_pb2.CREDENTIAL_KIND_API_KEY
 
 
-def expected(policy: options_pb2.Policy, caller: str) -> str:
-    """What the declared policy says a caller gets (owner and other users have role user
-    and the free tier)."""
+def expected(policy: options_pb2.Policy, caller: str, name: str) -> str:
+    """What the declared policy says a caller gets for the method ``name`` (owner and other
+    users have role user and the free tier)."""
     if policy.access == options_pb2.ACCESS_PUBLIC:
         return ALLOWED
+    if caller == "cookie_only":  # the owner's access token in the tp_access cookie alone
+        caller = "owner" if policy.cookie_auth else "anonymous"
     if caller == "anonymous":
         return UNAUTHENTICATED
     credentials = list(policy.credentials)
-    key_caller = caller in {"key_without_scope", "key_with_scope", "agent_key"}
+    key_caller = caller in {"key_without_scope", "key_with_scope", "agent_key", *KEY_CALLERS}
     if credentials and (API_KEY if key_caller else SESSION) not in credentials:
         return DENIED
     if caller == "agent_key":
@@ -252,6 +267,10 @@ def expected(policy: options_pb2.Policy, caller: str) -> str:
         return ALLOWED
     if caller == "key_without_scope":
         return DENIED
+    if caller in {"key_with_scope", "admin_key_narrow"} and name in HANDS_OUT_KEYS:
+        return DENIED  # SCOPE_ESCALATION: the owner's whole role is more than the key holds
+    if caller == "admin_key_narrow":
+        return ALLOWED
     has_permission = not policy.permission or policy.permission in ROLE_PERMISSIONS[Role.USER]
     if caller in SHARED and policy.owner_field:
         shared = policy.share_role and SHARED[caller] >= policy.share_role
@@ -274,6 +293,8 @@ async def others(client: Client, caller: str) -> dict[str, TestUser]:
         return {"admin": await client.new_user(role=Role.SUPER_ADMIN, tag="admin")}
     if caller == "other_user":
         return {"other_user": await client.new_user(tag="other")}
+    if caller == "admin_key_narrow":
+        return {"admin_key_owner": await client.new_user(role=Role.SUPER_ADMIN, tag="admin")}
     return {}
 
 
@@ -286,16 +307,25 @@ async def credentials_for(
 ) -> tuple[tuple[str, str], ...]:
     if caller == "anonymous":
         return ()
+    if caller == "cookie_only":
+        return (("cookie", f"tp_access={target.user.access_token}"),)
     if caller == "owner":
         return target.user.metadata
     if caller in others:
         return others[caller].metadata
     if caller in SHARED:
         return (await shared_user(client, target, ShareRole(SHARED[caller]))).metadata
+    if caller == "admin_key_narrow":
+        narrow = [p for p in (policy.permission, policy.admin_permission) if p]
+        return bearer(await client.api_key(others["admin_key_owner"], narrow or ["profile.read"]))
     if caller == "agent_key":
         scopes = ["agent.connect"]
     elif caller == "key_without_scope":
         scopes = sorted(SELF_PERMISSIONS - {policy.permission})
+    elif caller == "key_whole_role":
+        scopes = []
+    elif caller == "key_every_scope":
+        scopes = sorted(ROLE_PERMISSIONS[Role.USER])
     else:
         scopes = [policy.permission] if policy.permission in SELF_PERMISSIONS else []
     return bearer(await client.api_key(target.user, scopes))
@@ -377,4 +407,4 @@ async def test_authorization_matrix(client: Client, service: str, method: Any, c
             grpc.StatusCode.FAILED_PRECONDITION,
             grpc.StatusCode.INVALID_ARGUMENT,
         }, f"{name} as {caller}: {code} {details}"
-    assert outcome == expected(policy, caller), f"{name} as {caller}: {details}"
+    assert outcome == expected(policy, caller, name), f"{name} as {caller}: {details}"

@@ -83,4 +83,4 @@ async def test_authorization_matrix_over_http(
     outcome = {401: UNAUTHENTICATED, 403: DENIED}.get(response.status_code, ALLOWED)
     if outcome == ALLOWED:
         assert response.status_code in {200, 400, 404}, f"{name} as {caller}: {response.text}"
-    assert outcome == expected(policy, caller), f"{name} as {caller}: {response.text}"
+    assert outcome == expected(policy, caller, name), f"{name} as {caller}: {response.text}"

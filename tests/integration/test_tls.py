@@ -1,54 +1,23 @@
-"""TLS on the gRPC port."""
+"""TLS on the gRPC port, and production mode's rule that passwords and tokens travel only
+over TLS: on the gRPC port too, where a TLS-terminating proxy counts only when declared."""
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tunnelplane.v1 import auth_pb2
 
 from server.app import App
-from tests.conftest import make_settings
-from tests.helpers import fails
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and localhost, and its key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_file, key_file
+from server.domain.tokens import generate_private_key_pem
+from server.storage.sealing import new_key
+from tests.certs import self_signed
+from tests.conftest import make_settings, migrate
+from tests.helpers import PASSWORD, Client, fails, reason
 
 
 async def test_tls_serves_secure_clients_only(tmp_path: Path) -> None:
@@ -79,3 +48,79 @@ async def test_tls_serves_secure_clients_only(tmp_path: Path) -> None:
             )
     finally:
         await server.stop(grace=0)
+
+
+# --- production: require_tls methods on the gRPC port ------------------------------------
+
+HTTPS = (("x-forwarded-proto", "https"),)
+
+
+@contextlib.asynccontextmanager
+async def production(directory: Path, **overrides: object) -> AsyncIterator[App]:
+    """A started production-mode server on a migrated SQLite database of its own."""
+    url = f"sqlite+aiosqlite:///{directory / 'db.sqlite'}"
+    await migrate(url)
+    settings = make_settings(
+        directory,
+        database_url=url,
+        mode="production",
+        jwt_private_key=generate_private_key_pem().decode(),
+        page_token_secret="s" * 40,
+        secrets_key=new_key(),
+        http_port=-1,
+        **overrides,
+    )
+    server = App(settings)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0)
+
+
+def login(email: str = "nobody@example.com") -> auth_pb2.LoginRequest:
+    return auth_pb2.LoginRequest(email=email, password=PASSWORD)
+
+
+@pytest.mark.parametrize("metadata", [(), HTTPS], ids=["plain", "forged-forwarded-proto"])
+async def test_production_refuses_a_password_over_plaintext_grpc(
+    tmp_path: Path, metadata: tuple[tuple[str, str], ...]
+) -> None:
+    async with (
+        production(tmp_path) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as plain,
+    ):
+        client = Client(server, plain, setup_metadata=metadata)
+        login_refused = await fails(
+            client.auth.Login(login(), metadata=metadata), grpc.StatusCode.PERMISSION_DENIED
+        )
+        register_refused = await fails(client.register(), grpc.StatusCode.PERMISSION_DENIED)
+        assert reason(login_refused) == reason(register_refused) == "TLS_REQUIRED"
+        jwks = await client.auth.GetJwks(auth_pb2.GetJwksRequest())  # no secret: served
+        assert jwks.keys
+
+
+async def test_production_accepts_a_password_over_grpc_with_tls(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    async with production(tmp_path, tls_cert_file=str(cert), tls_key_file=str(key)) as server:
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        target = f"127.0.0.1:{server.grpc_port}"
+        async with grpc.aio.secure_channel(target, credentials) as secure:
+            user = await Client(server, secure).new_user()
+        assert user.access_token
+
+
+async def test_production_believes_only_a_declared_tls_proxy(tmp_path: Path) -> None:
+    """Calls from a declared proxy count as TLS when it says so (x-forwarded-proto: https);
+    the same proxy forwarding plain traffic (or saying nothing) does not launder it."""
+    async with (
+        production(tmp_path, grpc_tls_proxies="127.0.0.1/32") as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+    ):
+        through_proxy = Client(server, channel, setup_metadata=HTTPS)
+        user = await through_proxy.new_user()
+        assert user.access_token
+        for metadata in ((), (("x-forwarded-proto", "http"),)):
+            refused = Client(server, channel, setup_metadata=metadata)
+            error = await fails(refused.login(user.email), grpc.StatusCode.PERMISSION_DENIED)
+            assert reason(error) == "TLS_REQUIRED"

@@ -326,6 +326,37 @@ def test_expired_token_stays_refused_once_the_cache_dropped_it() -> None:
     assert refused(svc, token).reason == "TOKEN_EXPIRED"
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    elapsed=st.integers(0, 400 * 86400),
+    cached=st.booleans(),
+    data=st.data(),
+)
+def test_an_established_stream_may_hold_an_expired_token_and_nothing_else(
+    elapsed: int, *, cached: bool, data: st.DataObject
+) -> None:
+    """``expired_ok`` (re-checking a running stream) lets ``exp`` pass, at any age, and
+    checks everything else as before: a changed character is still refused."""
+    clock = FakeClock()
+    issuer = service(clock=clock)
+    issued = issuer.issue("usr_1", "ses_1")
+    verifier = issuer if cached else service(clock=clock)
+    if cached:
+        verifier.verify(issued.token)
+    clock.t = T0 + elapsed
+    assert verifier.verify(issued.token, expired_ok=True) == issued.claims
+    assert verifier.expired(issued.claims) == (elapsed >= TTL + LEEWAY_SECONDS)
+    if verifier.expired(issued.claims):
+        assert refused(verifier, issued.token).reason == "TOKEN_EXPIRED"
+    parts = issued.token.split(".")
+    index = data.draw(st.integers(0, len(parts[1]) - 1), label="index")
+    new = data.draw(st.sampled_from(B64URL).filter(lambda c: c != parts[1][index]), label="c")
+    tampered = ".".join([parts[0], parts[1][:index] + new + parts[1][index + 1 :], parts[2]])
+    with pytest.raises(Unauthenticated) as error:
+        verifier.verify(tampered, expired_ok=True)
+    assert error.value.reason == "TOKEN_INVALID"
+
+
 # --- keys -----------------------------------------------------------------------------
 
 
