@@ -14,7 +14,7 @@ from server.api.convert import from_duration, timestamp
 from server.domain.endpoints import EndpointHealth, EndpointSpec
 from server.domain.events import Event
 from server.domain.principal import ShareRole, Tier
-from server.domain.sharing import Share, SharedTunnel, ShareLink
+from server.domain.sharing import Share, SharedTunnel, ShareLink, share_name
 from server.domain.traffic import DailyUsage
 from server.domain.tunnel_service import TunnelDraft
 from server.domain.tunnels import (
@@ -133,6 +133,7 @@ def share(s: Share, now: Any) -> tunnels_pb2.TunnelShare:
         creator=f"users/{s.creator_id}",
         tunnel=s.name.rsplit("/shares/", 1)[0],
         expired=s.expired(now),
+        grantor_share=share_name(s.owner_id, s.tunnel_id, s.parent_grantee_id),
     )
 
 
@@ -148,6 +149,8 @@ def share_link(link: ShareLink, now: Any, token: str = "") -> tunnels_pb2.ShareL
         token=token,
         create_time=timestamp(link.create_time),
         active=link.active(now),
+        creator=f"users/{link.creator_id or link.owner_id}",
+        grantor_share=share_name(link.owner_id, link.tunnel_id, link.parent_grantee_id),
     )
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import builtins
+from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -30,6 +32,7 @@ def _share(row: sa.RowMapping) -> Share:
         row["expire_time"],
         row["create_time"],
         row["creator_id"],
+        row["parent_grantee_id"] or "",
     )
 
 
@@ -46,7 +49,16 @@ def _link(row: sa.RowMapping) -> ShareLink:
         share_ttl=None if ttl is None else timedelta(seconds=ttl),
         create_time=row["create_time"],
         revoke_time=row["revoke_time"],
+        # Links made before they recorded their creator were all made by the owner.
+        creator_id=row["creator_id"] or row["owner_id"],
+        parent_grantee_id=row["parent_grantee_id"] or "",
     )
+
+
+def _capped(column: sa.Column[Any], cap: object) -> sa.ColumnElement[Any]:
+    """``column`` lowered to ``cap`` where it is above it (NULL, never, counts as above)."""
+    limit = sa.literal(cap, column.type)
+    return sa.case((sa.or_(column.is_(None), column > limit), limit), else_=column)
 
 
 class SqlShareRepository(Repository):
@@ -75,6 +87,7 @@ class SqlShareRepository(Repository):
                 expire_time=share.expire_time,
                 create_time=share.create_time,
                 creator_id=share.creator_id,
+                parent_grantee_id=share.parent_grantee_id or None,
             )
         )
 
@@ -101,7 +114,9 @@ class SqlShareRepository(Repository):
             for t in await SqlTunnelRepository(self._conn).by_ids([s.tunnel_id for s in shares])
         }
         return [
-            SharedTunnel(found[s.tunnel_id], s.role, s.expire_time, s.create_time)
+            SharedTunnel(
+                found[s.tunnel_id], s.role, s.expire_time, s.create_time, s.parent_grantee_id
+            )
             for s in shares
             if s.tunnel_id in found
         ]
@@ -119,6 +134,8 @@ class SqlShareRepository(Repository):
                 expire_time=link.expire_time,
                 share_ttl=None if ttl is None else int(ttl.total_seconds()),
                 create_time=link.create_time,
+                creator_id=link.creator_id or None,
+                parent_grantee_id=link.parent_grantee_id or None,
             )
         )
 
@@ -153,3 +170,78 @@ class SqlShareRepository(Repository):
         )
         row = await self._one(self._links().where(_l.id == link_id, _l.tunnel_id == tunnel_id))
         return None if row is None else _link(row)
+
+    async def get_link(self, tunnel_id: str, link_id: str) -> ShareLink | None:
+        row = await self._one(self._links().where(_l.id == link_id, _l.tunnel_id == tunnel_id))
+        return None if row is None else _link(row)
+
+    async def lock_tunnel(self, tunnel_id: str) -> None:
+        """Serialise changes to one tunnel's shares (no-op on SQLite's one writer)."""
+        await self._conn.execute(
+            sa.select(tunnels.c.id).where(tunnels.c.id == tunnel_id).with_for_update()
+        )
+
+    async def children(self, tunnel_id: str, parent_ids: Sequence[str]) -> builtins.list[str]:
+        """Grantees of the shares granted through any of ``parent_ids``' shares."""
+        stmt = sa.select(_s.grantee_id).where(
+            _s.tunnel_id == tunnel_id, _s.parent_grantee_id.in_(list(parent_ids))
+        )
+        return [row["grantee_id"] for row in await self._all(stmt)]
+
+    async def delete_many(self, tunnel_id: str, grantee_ids: Sequence[str]) -> None:
+        await self._conn.execute(
+            sa.delete(tunnel_shares).where(
+                _s.tunnel_id == tunnel_id, _s.grantee_id.in_(list(grantee_ids))
+            )
+        )
+
+    async def narrow(
+        self,
+        tunnel_id: str,
+        grantee_ids: Sequence[str],
+        role: ShareRole,
+        expire_time: datetime | None,
+    ) -> None:
+        """Lower these shares' role and expiry to at most ``role`` and ``expire_time``."""
+        if not grantee_ids:
+            return
+        values: dict[str, object] = {"role": _capped(_s.role, int(role))}
+        if expire_time is not None:
+            values["expire_time"] = _capped(_s.expire_time, expire_time)
+        await self._conn.execute(
+            sa.update(tunnel_shares)
+            .where(_s.tunnel_id == tunnel_id, _s.grantee_id.in_(list(grantee_ids)))
+            .values(values)
+        )
+
+    async def narrow_links(
+        self,
+        tunnel_id: str,
+        parent_ids: Sequence[str],
+        role: ShareRole,
+        expire_time: datetime | None,
+    ) -> None:
+        """Lower the role and expiry of the links made through these shares."""
+        values: dict[str, object] = {"role": _capped(_l.role, int(role))}
+        if expire_time is not None:
+            values["expire_time"] = _capped(_l.expire_time, expire_time)
+        await self._conn.execute(
+            sa.update(share_links)
+            .where(_l.tunnel_id == tunnel_id, _l.parent_grantee_id.in_(list(parent_ids)))
+            .values(values)
+        )
+
+    async def revoke_links_through(
+        self, tunnel_id: str, parent_ids: Sequence[str], now: datetime
+    ) -> int:
+        """Revoke the live links made through these shares; how many were."""
+        result = await self._conn.execute(
+            sa.update(share_links)
+            .where(
+                _l.tunnel_id == tunnel_id,
+                _l.parent_grantee_id.in_(list(parent_ids)),
+                _l.revoke_time.is_(None),
+            )
+            .values(revoke_time=now)
+        )
+        return int(result.rowcount)
