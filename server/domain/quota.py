@@ -1,6 +1,9 @@
 """Monthly quotas: a user's use of each, against their tier's limits.
 
-Requests are counted by the rate limiter, in the same decision that admits a call.
+Requests are counted by the rate limiter, in the same decision that admits a call, and
+rolled up to the database (:mod:`server.domain.usage`): the figure reported is the larger
+of the limiter's counter and the persisted one, so a limiter that lost its counters never
+makes the month look emptier than the last roll-up.
 Transfer comes from the tunnels' agents' reports (per-day usage), tunnels from the tunnels
 a user has, concurrent connections from what their connected agents last reported.
 """
@@ -55,6 +58,7 @@ class QuotaService:
         limits = self._tiers.get(f"tiers/{tier.value}").limits
         requests = await self._limiter.counter(quota_key(user_id, "requests", month_tag(now)))
         async with self._uow(readonly=True) as uow:
+            requests = max(requests, await uow.request_usage.get(user_id, start.date()))
             tunnels = await uow.tunnels.count(user_id)
             last_day = (end - timedelta(days=1)).date()
             transfer, active = await uow.agents.user_traffic(user_id, start.date(), last_day)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import hashlib
 import ipaddress
 import math
 from collections.abc import Sequence
@@ -115,7 +116,8 @@ class Outcome(enum.IntEnum):
 class Enforcement(enum.IntEnum):
     """How a decision is applied; the numbers are shared with the Lua script."""
 
-    #: Count the call; refuse it over a limit; refusals count towards an address block.
+    #: Count the call; refuse it over a limit; an anonymous call's refusals count towards
+    #: blocking its address.
     ENFORCE = 0
     #: Count nothing (methods exempt by policy must not spend the caller's budget).
     DRY_RUN = 1
@@ -149,13 +151,19 @@ class Check:
     quota_limit: int = -1
     #: Milliseconds until the month ends (when a refused quota resets).
     quota_reset_ms: float = 0.0
-    #: A request id: a retry with the same id is not counted twice against the quota.
+    #: A retry's key (:func:`retry_key`): a call that repeats the key of a counted call
+    #: (same subject, method, request id and request) is not counted twice against the
+    #: quota. ``""``: none.
     dedupe: str = ""
     #: Whether the call is counted and whether a refusal is meant.
     enforcement: Enforcement = Enforcement.ENFORCE
     block: BlockPolicy = BlockPolicy(100, 60_000.0, 900_000.0)
     #: The time, ms since the epoch; ``None``: the limiter's own clock.
     now_ms: float | None = None
+    #: Whether the address's block and limit apply: to anonymous callers (and bad
+    #: credentials). An authenticated caller is held to its subject's limit alone, and its
+    #: refusals never count towards blocking the address it shares with others.
+    by_address: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +177,9 @@ class Decision:
     reset_ms: int = 0
     quota_used: int = -1
     blocked_now: bool = False
+    #: This call made the monthly counter (it did not exist): a counter the store lost, or
+    #: the month's first call. The persisted figure is added to it (:mod:`server.domain.usage`).
+    quota_created: bool = False
 
     @property
     def allowed(self) -> bool:
@@ -208,6 +219,11 @@ class Limiter(Protocol):
 
     async def counter(self, key: str) -> int:
         """The value of a quota counter."""
+        ...
+
+    async def seed(self, key: str, amount: int) -> bool:
+        """Add ``amount`` to a quota counter that exists (one the store lost and a call
+        made again); whether it existed."""
         ...
 
 
@@ -290,3 +306,23 @@ def month_tag(now: datetime) -> str:
 def quota_key(user_id: str, metric: str, month: str) -> str:
     """The store key of a user's counter for the month tagged ``month``."""
     return f"quota:{metric}:{user_id}:{month}"
+
+
+def parse_quota_key(key: str) -> tuple[str, str, str] | None:
+    """The user id, metric and month tag of a :func:`quota_key` (``None`` if it is not one)."""
+    parts = key.split(":")
+    if len(parts) != 4 or parts[0] != "quota" or len(parts[3]) != 6 or not parts[3].isdigit():
+        return None
+    return parts[2], parts[1], parts[3]
+
+
+def retry_key(subject: str, method: str, request_id: str, request: bytes) -> str:
+    """What makes a call a retry of another: the same subject, method, request id and
+    request (its deterministic serialization), hashed into one bounded key. Calls that
+    share a request id but differ in anything else are distinct, and each one counts."""
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (subject, method, request_id):
+        digest.update(part.encode())
+        digest.update(b"\0")
+    digest.update(request)
+    return f"{subject}:{digest.hexdigest()}"

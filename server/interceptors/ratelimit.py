@@ -1,12 +1,15 @@
 """Rate limits, quotas and load shedding: one stage, the same for gRPC and HTTP callers.
 
 Per call: shed non-critical work when the server is overloaded (lowest tier first); then
-one limiter decision covers the address block, the address's limit, the subject's limit
-(tier rate, tightened by load, with a short wait near the limit instead of a refusal)
-and the monthly request quota. The limit fields go back as metadata (trailers, which
-cost grpc.aio nothing extra; the gateway turns them into headers), and refusals carry
-``RetryInfo`` and ``QuotaFailure``. Exempt calls are evaluated without being counted, and
-logged when they would have been refused.
+one limiter decision covers the address block and the address's limit (anonymous callers
+only: an authenticated caller is held to its own limit, never blocked with the anonymous
+traffic of its address), the subject's limit (tier rate, tightened by load, with a short
+wait near the limit instead of a refusal) and the monthly request quota, where only a
+genuine retry (same subject, method, request id and request) is not counted again; the
+counter's value is noted for the usage roll-up. The limit fields go back as metadata
+(trailers, which cost grpc.aio nothing extra; the gateway turns them into headers), and
+refusals carry ``RetryInfo`` and ``QuotaFailure``. Exempt calls are evaluated without being
+counted, and logged when they would have been refused.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from server.domain.ratelimit import (
     month_tag,
     quota_key,
     rate_headers,
+    retry_key,
 )
+from server.domain.usage import RequestUsage
 from server.domain.violations import ViolationLog
 from server.errors import QuotaViolation, ResourceExhausted, Unavailable
 from server.load import LoadMonitor
@@ -156,7 +161,9 @@ class RateLimitStage:
         metrics: LimiterMetrics,
         clock: Clock,
         logger: logging.Logger,
+        usage: RequestUsage,
     ) -> None:
+        self._usage = usage
         self._limiter = limiter
         self._policy = policy
         self._load = load
@@ -182,8 +189,9 @@ class RateLimitStage:
             self._load.enter()
             try:
                 await self._admit(
-                    call, name, cost, critical=critical, exempt=exempt_by_policy, counted=counted
-                )
+                    request, call, name, cost, critical=critical, exempt=exempt_by_policy,
+                    counted=counted,
+                )  # fmt: skip
             finally:
                 self._load.leave()
             return await handler(request, call)
@@ -195,8 +203,9 @@ class RateLimitStage:
             self._load.enter()
             try:
                 await self._admit(
-                    call, name, cost, critical=critical, exempt=exempt_by_policy, counted=counted
-                )
+                    request, call, name, cost, critical=critical, exempt=exempt_by_policy,
+                    counted=counted,
+                )  # fmt: skip
                 return await handler(request, call)
             finally:
                 self._load.leave()
@@ -204,7 +213,15 @@ class RateLimitStage:
         return handle
 
     async def _admit(
-        self, call: Call, method: str, cost: int, *, critical: bool, exempt: bool, counted: bool
+        self,
+        request: Message,
+        call: Call,
+        method: str,
+        cost: int,
+        *,
+        critical: bool,
+        exempt: bool,
+        counted: bool,
     ) -> None:
         principal, ip = call.principal, call.client_ip
         tier = principal.tier if principal is not None else Tier.FREE
@@ -222,9 +239,11 @@ class RateLimitStage:
             self._refuse_shed(subject, ip, method, tier)
         bucket = policy.bucket(tier).scaled(self._load.factor(tier))
         check = self._check(
-            call, principal if counted else None, subject, bucket, cost, enforcement
+            request, call, principal if counted else None, subject, bucket, cost, enforcement
         )
         decision = await self._limiter.decide(check)
+        if decision.quota_used > 0:
+            self._usage.counted(check.quota_key, decision)
         call.trailers.extend(rate_headers(decision, bucket))
         if exempt:
             self._exempted(decision, subject, ip, method)
@@ -243,6 +262,7 @@ class RateLimitStage:
 
     def _check(
         self,
+        request: Message,
         call: Call,
         quota_payer: Principal | None,
         subject: str,
@@ -252,7 +272,7 @@ class RateLimitStage:
     ) -> Check:
         policy = self._policy
         queue_full = self.waiting[subject] >= policy.queue_limit
-        quota_limit, key, reset_ms = -1, "", 0.0
+        quota_limit, key, reset_ms, dedupe = -1, "", 0.0, ""
         if quota_payer is not None:
             now = self._clock.time()
             if now >= self._month_end:
@@ -261,6 +281,9 @@ class RateLimitStage:
             quota_limit = policy.monthly_requests(quota_payer.tier)
             key = quota_key(quota_payer.user_id, "requests", self._month)
             reset_ms = (self._month_end - now) * 1000
+            if call.request_id_given and quota_limit >= 0:
+                serialized = request.SerializeToString(deterministic=True)
+                dedupe = retry_key(subject, call.method.full_name, call.request_id, serialized)
         return Check(
             subject=subject,
             ip=call.client_ip,
@@ -273,9 +296,10 @@ class RateLimitStage:
             quota_key=key,
             quota_limit=quota_limit,
             quota_reset_ms=reset_ms,
-            dedupe=f"{subject}:{call.request_id}" if call.request_id_given else "",
+            dedupe=dedupe,
             enforcement=enforcement,
             block=policy.block,
+            by_address=call.principal is None,
         )
 
     def _exempt(self, principal: Principal | None, ip: str) -> bool:

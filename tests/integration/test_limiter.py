@@ -52,6 +52,10 @@ step = st.fixed_dictionaries(
         "enforcement": st.sampled_from(list(Enforcement)),
         "dedupe": st.sampled_from(["", "r1", "r2"]),
         "quota": st.booleans(),
+        # Anonymous (the address's block and limit apply) or authenticated (they do not).
+        "by_address": st.booleans(),
+        # Then add a persisted figure to the quota counter (if it exists).
+        "seed": st.sampled_from([False, False, False, True]),
     }
 )
 
@@ -102,10 +106,16 @@ def test_redis_and_in_process_limiters_agree(
                     quota_limit=quota_limit, quota_reset_ms=DAY_MS,
                     dedupe=f"{s['subject']}:{s['dedupe']}" if s["dedupe"] else "",
                     enforcement=s["enforcement"],  # type: ignore[arg-type]
-                    block=block, now_ms=now,
+                    block=block, now_ms=now, by_address=bool(s["by_address"]),
                 )  # fmt: skip
                 expected, got = await memory.decide(check), await redis.decide(check)
                 assert _same(expected, got), (i, check, expected, got)
+                if s["seed"] and check.quota_key:
+                    seeded = (
+                        await memory.seed(check.quota_key, 2),
+                        await redis.seed(check.quota_key, 2),
+                    )
+                    assert seeded[0] == seeded[1], (i, check, seeded)
         finally:
             keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
             if keys:

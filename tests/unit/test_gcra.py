@@ -208,3 +208,68 @@ async def test_an_address_that_keeps_violating_is_blocked_until_lifted() -> None
     assert later.retry_after_ms == 900_000 - 5000 + 3
     assert await limiter.lift("10.0.0.9")
     assert (await limiter.decide(ip_check(EPOCH + 5000))).allowed
+
+
+async def test_an_authenticated_caller_is_neither_blocked_nor_limited_by_its_address() -> None:
+    """Anonymous refusals block the address; a caller with credentials there is held to its
+    own subject's limit, and its refusals never count towards a block."""
+    from server.domain.ratelimit import BlockPolicy
+
+    limiter = MemoryLimiter()
+    tight = Bucket(limit=60, burst=1)
+    policy = BlockPolicy(after=2, window_ms=60_000, duration_ms=900_000)
+
+    def from_address(now: float, **extra: object) -> Check:
+        values: dict[str, object] = {
+            "subject": "ip/10.0.0.9", "ip": "10.0.0.9", "subject_bucket": OPEN,
+            "ip_bucket": tight, "block": policy, "now_ms": now, **extra,
+        }  # fmt: skip
+        return Check(**values)  # type: ignore[arg-type]
+
+    assert (await limiter.decide(from_address(EPOCH))).allowed
+    refused = [await limiter.decide(from_address(EPOCH + i)) for i in (1, 2)]
+    assert [d.blocked_now for d in refused] == [False, True]
+    assert (await limiter.decide(from_address(EPOCH + 3))).outcome == Outcome.IP_BLOCKED
+    signed_in = {"subject": "users/u", "subject_bucket": Bucket(60, 2), "by_address": False}
+    served = [await limiter.decide(from_address(EPOCH + 4 + i, **signed_in)) for i in range(3)]
+    # Its own burst of two, then its own limit: never the address's block or bucket.
+    assert [d.outcome for d in served] == [Outcome.ALLOWED] * 2 + [Outcome.SUBJECT_LIMITED]
+    assert not served[2].blocked_now
+    assert await limiter.lift("10.0.0.9")
+    # Its refusals did not count towards a block, nor its calls towards the address's limit.
+    assert (await limiter.decide(from_address(EPOCH + 2000))).allowed
+    assert (await limiter.decide(from_address(EPOCH + 2001))).outcome == Outcome.IP_LIMITED
+    assert not (await limiter.decide(from_address(EPOCH + 2002, **signed_in))).blocked_now
+
+
+async def test_a_counter_made_again_says_so_and_takes_the_persisted_figure() -> None:
+    limiter = MemoryLimiter()
+    bucket = Bucket(limit=6000, burst=100)
+    quota = {"quota_key": "quota:requests:u:202611", "quota_limit": 10, "quota_reset_ms": 1e6}
+    first = await limiter.decide(check(bucket, EPOCH, **quota))
+    second = await limiter.decide(check(bucket, EPOCH + 1, **quota))
+    assert (first.quota_created, second.quota_created) == (True, False)
+    retry = await limiter.decide(check(bucket, EPOCH + 2, dedupe="u:r", **quota))
+    again = await limiter.decide(check(bucket, EPOCH + 3, dedupe="u:r", **quota))
+    assert (retry.quota_used, again.quota_used, again.quota_created) == (3, 3, False)
+    assert await limiter.seed("quota:requests:u:202611", 6)
+    assert (await limiter.decide(check(bucket, EPOCH + 4, **quota))).quota_used == 10
+    refused = await limiter.decide(check(bucket, EPOCH + 5, **quota))
+    assert refused.outcome == Outcome.QUOTA_EXCEEDED
+    assert not await limiter.seed("quota:requests:other:202611", 6), "never makes a counter"
+    assert await limiter.counter("quota:requests:other:202611") == 0
+
+
+def test_only_a_genuine_retry_has_the_same_retry_key() -> None:
+    from server.domain.ratelimit import retry_key
+
+    base = ("users/u", "/tunnelplane.v1.UserService/GetUser", "req-1", b"\n\x08users/me")
+    assert retry_key(*base) == retry_key(*base)
+    for i, other in enumerate(("apiKeys/k", "/tunnelplane.v1.UserService/ListActivity", "req-2")):
+        changed = list(base)
+        changed[i] = other
+        assert retry_key(*changed) != retry_key(*base)  # type: ignore[arg-type]
+    assert retry_key(*base[:3], b"\n\x0busers/other") != retry_key(*base)
+    # Parts cannot run into each other: "a" + "bc" is not "ab" + "c".
+    assert retry_key("a", "bc", "r", b"") != retry_key("ab", "c", "r", b"")
+    assert len(retry_key(*base[:3], b"x" * 100_000)) == len(retry_key(*base))
