@@ -18,6 +18,7 @@ import grpc
 from gateway.app import Gateway, GatewayOptions
 from gateway.bindings import BindingError, Catalog, load_descriptor_set
 from gateway.forward import ChannelDispatcher
+from gateway.guard import ConnectionGuard
 from gateway.serve import HttpServer
 
 log = logging.getLogger("gateway")
@@ -49,7 +50,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--default-timeout",
         type=float,
         default=30.0,
-        help="deadline (s) of calls that send no Grpc-Timeout",
+        help="deadline (s) of unary calls that send no Grpc-Timeout (streams get none)",
+    )
+    parser.add_argument(
+        "--sse-keepalive",
+        type=float,
+        default=15.0,
+        help="seconds between ': keep-alive' comments on an idle SSE stream (0: none)",
+    )
+    parser.add_argument(
+        "--sse-id-field",
+        default="event_id",
+        help="string field of streamed messages sent as the SSE id ('' for none)",
+    )
+    parser.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds to send request headers"
+    )
+    parser.add_argument(
+        "--body-timeout", type=float, default=30.0, help="longest pause in a request body, s"
+    )
+    parser.add_argument(
+        "--max-connections-per-address",
+        type=int,
+        default=100,
+        help="open connections one client address may hold (0: no cap)",
     )
     parser.add_argument(
         "--cors-origin", action="append", default=[], help="allowed CORS origin (repeat; * for any)"
@@ -97,10 +121,19 @@ async def run(args: argparse.Namespace) -> int:
         tls=bool(args.tls_cert),
         trust_forwarded_proto=args.trust_forwarded_proto,
         default_timeout=args.default_timeout,
+        sse_keepalive=args.sse_keepalive or None,
+        sse_id_field=args.sse_id_field,
+    )
+    guard = ConnectionGuard(
+        header_timeout=args.header_timeout or None,
+        body_timeout=args.body_timeout or None,
+        max_per_address=args.max_connections_per_address,
     )
     async with make_channel(args) as channel:
         app = Gateway(catalog, ChannelDispatcher(channel), options)
-        server = HttpServer(app, args.host, args.port, certfile=args.tls_cert, keyfile=args.tls_key)
+        server = HttpServer(
+            app, args.host, args.port, certfile=args.tls_cert, keyfile=args.tls_key, guard=guard
+        )
         await server.start()
         log.info(
             "gateway listening on %s:%d for %s",

@@ -74,6 +74,15 @@ class Dispatcher(Protocol):
 _ASCII = range(0x20, 0x7F)
 
 
+def upstream_metadata(call: Outgoing) -> list[tuple[str, str | bytes]]:
+    """The call's metadata for the upstream, with ``x-forwarded-proto`` saying how the
+    client reached the gateway (replacing any the client sent): an upstream that declares
+    this gateway a TLS-terminating proxy believes it."""
+    pairs = [(k, v) for k, v in clean_metadata(call.metadata) if k != "x-forwarded-proto"]
+    pairs.append(("x-forwarded-proto", "https" if call.secure else "http"))
+    return pairs
+
+
 def clean_metadata(pairs: MetadataPairs) -> list[tuple[str, str | bytes]]:
     """Drop text values gRPC would refuse (non-printable or non-ASCII characters)."""
     return [
@@ -112,7 +121,7 @@ class ChannelDispatcher:
     async def unary(self, call: Outgoing) -> Reply:
         """Forward a unary call; a gRPC error becomes the reply's status."""
         rpc = self._callable(call.binding, stream=False)(
-            call.request, metadata=clean_metadata(call.metadata), timeout=call.timeout
+            call.request, metadata=upstream_metadata(call), timeout=call.timeout
         )
         try:
             response = await rpc
@@ -125,7 +134,7 @@ class ChannelDispatcher:
     async def server_stream(self, call: Outgoing) -> StreamReply | Reply:
         """Forward a server stream; a failure before the first message is a :class:`Reply`."""
         rpc = self._callable(call.binding, stream=True)(
-            call.request, metadata=clean_metadata(call.metadata), timeout=call.timeout
+            call.request, metadata=upstream_metadata(call), timeout=call.timeout
         )
         try:
             initial = await rpc.initial_metadata()

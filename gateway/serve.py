@@ -14,6 +14,8 @@ from typing import Any
 
 import uvicorn
 
+from gateway.guard import ConnectionGuard, guarded
+
 
 class _Server(uvicorn.Server):
     """uvicorn without signal handling, and with an event for "listening"."""
@@ -32,7 +34,8 @@ class _Server(uvicorn.Server):
 
 
 class HttpServer:
-    """An HTTP/1.1 listener for an ASGI app (httptools parser)."""
+    """An HTTP/1.1 listener for an ASGI app (httptools parser), with read timeouts and a
+    per-address connection cap (:class:`gateway.guard.ConnectionGuard`)."""
 
     def __init__(
         self,
@@ -43,13 +46,14 @@ class HttpServer:
         certfile: str = "",
         keyfile: str = "",
         graceful_seconds: float = 10.0,
+        guard: ConnectionGuard | None = None,
     ) -> None:
         self._config = uvicorn.Config(
             app,
             lifespan="off",
             log_level="warning",
             access_log=False,
-            http="httptools",
+            http=guarded(guard or ConnectionGuard()),
             ws="none",
             server_header=False,
             date_header=False,

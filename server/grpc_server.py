@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -23,6 +25,7 @@ from server.errors import DomainError, Internal, InvalidArgument, to_status
 from server.pipeline import Call, Handler, MethodInfo
 
 log = logging.getLogger(__name__)
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -48,14 +51,49 @@ def peer_address(peer: str) -> str:
     return rest or kind
 
 
+@functools.lru_cache(maxsize=4096)
+def _in(address: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+@dataclass(frozen=True, slots=True)
+class Security:
+    """Whether a call arrived over TLS: this port's own, or a declared TLS-terminating
+    proxy's. A proxy vouches only by sending ``x-forwarded-proto: https`` (it must set the
+    header itself, replacing any the client sent), so a proxy that also forwards plain
+    traffic cannot make it count as secure."""
+
+    tls: bool = False
+    proxies: tuple[Network, ...] = ()
+
+    def secure(self, peer: str, metadata: Mapping[str, str]) -> bool:
+        """Whether a call from ``peer`` with ``metadata`` counts as arriving over TLS."""
+        if self.tls:
+            return True
+        return (
+            bool(self.proxies)
+            and metadata.get("x-forwarded-proto", "").lower() == "https"
+            and _in(peer, self.proxies)
+        )
+
+
+#: Metadata that carries cookies: directly (gRPC) or forwarded by the HTTP gateway.
+_COOKIE_KEYS = frozenset({"cookie", "grpcgateway-cookie"})
+
+
 def metadata_dict(pairs: Iterable[tuple[str, str | bytes]]) -> dict[str, str]:
-    """Request metadata as a dict; repeated keys are joined (``; `` for cookies)."""
+    """Request metadata as a dict; repeated keys are joined (``; `` for cookies, which
+    HTTP/2 may split into one header per cookie, RFC 9113 8.2.3)."""
     result: dict[str, str] = {}
     for key, value in pairs:
         if isinstance(value, bytes):
             continue
         if key in result:
-            result[key] += ("; " if key == "cookie" else ", ") + value
+            result[key] += ("; " if key in _COOKIE_KEYS else ", ") + value
         else:
             result[key] = value
     return result
@@ -111,7 +149,7 @@ async def _serve(
     request: Message | None,
     context: grpc.aio.ServicerContext[Any, Any],
     *,
-    secure: bool,
+    security: Security,
 ) -> Message | None:
     """Build the call, run the chain, answer (or fail with the status and its details)."""
     remaining = context.time_remaining()
@@ -121,7 +159,7 @@ async def _serve(
         peer=peer_address(context.peer()),
         transport="grpc",
     )
-    call.secure = secure
+    call.secure = security.secure(call.peer, call.metadata)
     stream = _GrpcStream(context, call)
     if method.grpc_type != "unary":
         call.stream = stream
@@ -147,7 +185,7 @@ async def _serve(
 
 
 def method_handler(
-    method: MethodInfo, chain: Handler, *, secure: bool = False
+    method: MethodInfo, chain: Handler, *, security: Security | None = None
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """The grpc.aio handler of one method, unary or streaming, running its chain.
 
@@ -156,15 +194,16 @@ def method_handler(
     """
     parse = _parser(method.request_type)
     serialize = method.response_type.SerializeToString
+    secure = security or Security()
 
     async def handle(request: Message | None, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return await _serve(method, chain, request, context, secure=secure)
+        return await _serve(method, chain, request, context, security=secure)
 
     async def handle_stream(request: Message | None, context: Any) -> None:
-        await _serve(method, chain, request, context, secure=secure)
+        await _serve(method, chain, request, context, security=secure)
 
     async def handle_client_stream(_requests: Any, context: Any) -> None:
-        await _serve(method, chain, method.request_type(), context, secure=secure)
+        await _serve(method, chain, method.request_type(), context, security=secure)
 
     kind = method.grpc_type
     if kind == "unary":
@@ -195,13 +234,16 @@ async def _fail(
 
 
 def service_handlers(
-    methods: Iterable[MethodInfo], chains: Mapping[str, Handler], *, secure: bool = False
+    methods: Iterable[MethodInfo],
+    chains: Mapping[str, Handler],
+    *,
+    security: Security | None = None,
 ) -> list[grpc.GenericRpcHandler]:
     """One generic handler per service, dispatching to the compiled chains."""
     by_service: dict[str, dict[str, grpc.RpcMethodHandler[Any, Any]]] = {}
     for method in methods:
         by_service.setdefault(method.service, {})[method.name] = method_handler(
-            method, chains[method.full_name], secure=secure
+            method, chains[method.full_name], security=security
         )
     return [grpc.method_handlers_generic_handler(s, h) for s, h in by_service.items()]
 

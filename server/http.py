@@ -23,16 +23,19 @@ from tunnelplane.v1 import options_pb2
 from gateway.app import Gateway, GatewayOptions
 from gateway.bindings import Catalog, load_descriptor_set
 from gateway.forward import Outgoing, Reply, StreamReply
+from gateway.guard import ConnectionGuard
 from gateway.openapi import OpenApiExtension
+from server.cookies import ACCESS_COOKIE, REFRESH_COOKIE
 from server.domain.principal import CredentialKind
 from server.errors import DomainError, Internal, to_status
 from server.grpc_server import metadata_dict
 from server.pipeline import Call, Handler, MethodInfo
 from server.policy import policy_of
-from server.settings import Settings
+from server.settings import Settings, networks
 
 DESCRIPTORS = "descriptors.binpb"
 BEARER = "bearer"
+ACCESS_COOKIE_SCHEME = "accessCookie"
 #: Messages a server stream may run ahead of its HTTP client.
 STREAM_BUFFER = 16
 
@@ -179,12 +182,16 @@ def policy_extension() -> OpenApiExtension:
             described["minTier"] = rule.min_tier.value
         if policy.require_tls:
             described["requireTls"] = True
+        if policy.stream_limit:
+            described["streamLimit"] = policy.stream_limit
+        if policy.cookie_auth:
+            described["cookieAuth"] = True
         if rule.credentials != frozenset(CredentialKind):
             described["credentials"] = sorted(c.value for c in rule.credentials)
-        return {
-            "security": [] if rule.public else [{BEARER: []}],
-            "x-tunnelplane-policy": described,
-        }
+        security: list[dict[str, list[str]]] = [] if rule.public else [{BEARER: []}]
+        if policy.cookie_auth:
+            security.append({ACCESS_COOKIE_SCHEME: []})
+        return {"security": security, "x-tunnelplane-policy": described}
 
     return OpenApiExtension(
         operation,
@@ -198,10 +205,29 @@ def policy_extension() -> OpenApiExtension:
             "refreshCookie": {
                 "type": "apiKey",
                 "in": "cookie",
-                "name": "tp_refresh",
+                "name": REFRESH_COOKIE,
                 "description": "The refresh token, for RefreshToken, when delivered by cookie.",
             },
+            ACCESS_COOKIE_SCHEME: {
+                "type": "apiKey",
+                "in": "cookie",
+                "name": ACCESS_COOKIE,
+                "description": "The access token, set with the refresh cookie; it "
+                "authenticates only read-only streams (a browser's EventSource), never "
+                "another call. An Authorization header wins over it.",
+            },
         },
+    )
+
+
+def http_guard(settings: Settings) -> ConnectionGuard:
+    """Read timeouts and the per-address connection cap of the HTTP listener; proxies
+    whose X-Forwarded-For is believed carry many clients and are not capped."""
+    return ConnectionGuard(
+        header_timeout=settings.http_header_timeout,
+        body_timeout=settings.http_body_timeout,
+        max_per_address=settings.http_max_connections_per_address,
+        exempt=networks(settings.trusted_proxies),
     )
 
 
@@ -232,6 +258,11 @@ def build_gateway(
         version="v1",
         tls=bool(settings.tls_cert_file),
         trust_forwarded_proto=settings.http_trust_forwarded_proto,
+        # The pipeline's deadline stage decides: TP_DEFAULT_DEADLINE for unary calls, none
+        # for streams (unless the client sends Grpc-Timeout).
+        default_timeout=None,
+        sse_keepalive=settings.http_sse_keepalive,
+        sse_id_field="event_id",
     )
     dispatcher = InProcessDispatcher({m.full_name: m for m in methods}, chains, health)
     return Gateway(

@@ -7,13 +7,21 @@ accident.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from google.api import annotations_pb2, http_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from tunnelplane.v1 import common_pb2, options_pb2
 
 from server.domain.principal import ALL_PERMISSIONS, CredentialKind, Rule, ShareRole, Tier
+from server.settings import TierLimits
+
+#: The tier limits a streaming method may name as its ``stream_limit``.
+STREAM_LIMITS = frozenset(
+    f.name for f in dataclasses.fields(TierLimits) if f.name.endswith("_streams")
+)
 
 _TIERS = {
     common_pb2.TIER_FREE: Tier.FREE,
@@ -42,6 +50,10 @@ class MethodPolicy:
     #: Not counted against (nor refused by) the monthly request quota.
     quota_free: bool = False
     require_tls: bool = False
+    #: The tier limit capping the caller's open streams of this method ("" if none).
+    stream_limit: str = ""
+    #: The access cookie may authenticate the call (a safe, read-only stream).
+    cookie_auth: bool = False
 
 
 def policy_of(method: MethodDescriptor) -> MethodPolicy:
@@ -62,7 +74,10 @@ def policy_of(method: MethodDescriptor) -> MethodPolicy:
         raise PolicyError(f"{name}: a public method cannot require a permission or an owner")
     if raw.share_role and not raw.owner_field:
         raise PolicyError(f"{name}: share_role needs an owner_field naming the shared resource")
+    _check_stream_limit(method, raw.stream_limit)
     credentials = frozenset(_CREDENTIALS[c] for c in raw.credentials) or frozenset(CredentialKind)
+    if raw.cookie_auth:
+        _check_cookie_auth(method, raw, credentials)
     rule = Rule(
         public=raw.access == options_pb2.ACCESS_PUBLIC,
         permission=raw.permission,
@@ -80,7 +95,44 @@ def policy_of(method: MethodDescriptor) -> MethodPolicy:
         rate_exempt=raw.rate_limit.exempt,
         quota_free=raw.rate_limit.quota_free,
         require_tls=raw.require_tls,
+        stream_limit=raw.stream_limit,
+        cookie_auth=raw.cookie_auth,
     )
+
+
+def _check_stream_limit(method: MethodDescriptor, limit: str) -> None:
+    if not limit:
+        return
+    if limit not in STREAM_LIMITS:
+        known = ", ".join(sorted(STREAM_LIMITS))
+        raise PolicyError(f"{method.full_name}: unknown stream_limit {limit!r}; known: {known}")
+    if not (method.server_streaming or method.client_streaming):
+        raise PolicyError(f"{method.full_name}: stream_limit applies to streaming methods only")
+
+
+def _check_cookie_auth(
+    method: MethodDescriptor, raw: options_pb2.Policy, credentials: frozenset[CredentialKind]
+) -> None:
+    """A cookie is sent by the browser on its own (a forged page's request included): it
+    may only authenticate what is safe to do on anyone's behalf, reading a stream."""
+    name = method.full_name
+    if not method.server_streaming or method.client_streaming:
+        raise PolicyError(f"{name}: cookie_auth is for server-streaming (read-only) methods only")
+    verbs = {rule.WhichOneof("pattern") for rule in _http_rules(method)}
+    if verbs - {"get"}:
+        raise PolicyError(f"{name}: cookie_auth needs every HTTP binding to be a GET")
+    if raw.access != options_pb2.ACCESS_AUTHENTICATED:
+        raise PolicyError(f"{name}: cookie_auth needs access: ACCESS_AUTHENTICATED")
+    if CredentialKind.SESSION not in credentials:
+        raise PolicyError(f"{name}: cookie_auth needs session credentials to be accepted")
+
+
+def _http_rules(method: MethodDescriptor) -> list[http_pb2.HttpRule]:
+    options = method.GetOptions()
+    if not options.HasExtension(annotations_pb2.http):
+        return []
+    rule = options.Extensions[annotations_pb2.http]
+    return [rule, *rule.additional_bindings]
 
 
 def _check_owner_field(name: str, message: Descriptor, path: str) -> None:

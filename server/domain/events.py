@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from server.domain import audit
 from server.domain.clock import Clock
 from server.domain.ids import new_id
-from server.domain.listing import FilterField, Lister, ListSpec, OrderKey, Page
+from server.domain.listing import FilterField, Lister, ListQuery, ListSpec, OrderKey, Page
 from server.domain.outbox import queue_deliveries
 from server.domain.ports import UnitOfWork, UnitOfWorkFactory
 
@@ -50,6 +50,8 @@ EVENT_LIST_SPEC = ListSpec(
     order_fields=frozenset({"create_time"}),
     default_order=(OrderKey("create_time", descending=True),),
 )
+#: The order the log was written in: by time, then id.
+LOG_ORDER = (OrderKey("create_time", descending=False),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +152,26 @@ class EventLog:
         async with self._uow(readonly=True) as uow:
             rows = await uow.events.list(user_id, query)
         return self._lister.page(query, rows, lambda e: (e.time, e.id))
+
+    async def get(self, user_id: str, event_id: str) -> Event | None:
+        """One of the owner's events (``None`` if it is not, or no longer, in the log)."""
+        async with self._uow(readonly=True) as uow:
+            event = await uow.events.get(event_id)
+        return event if event is not None and event.user_id == user_id else None
+
+    async def after(self, event: Event, batch: int = 500) -> AsyncIterator[Event]:
+        """Its owner's events after ``event`` in the log's order (time, then id), read a
+        batch at a time."""
+        cursor: tuple[Any, ...] = (event.time, event.id)
+        while True:
+            query = ListQuery(batch, LOG_ORDER, None, cursor, fingerprint="")
+            async with self._uow(readonly=True) as uow:
+                rows = await uow.events.list(event.user_id, query)  # up to batch + 1
+            for found in rows[:batch]:
+                yield found
+            if len(rows) <= batch:
+                return
+            cursor = (rows[batch - 1].time, rows[batch - 1].id)
 
 
 class MemoryBus:

@@ -4,14 +4,23 @@ failure before it as the mapped HTTP status; Server-Sent Events on request."""
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+import asyncio
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
+import grpc
+import httpx
 import orjson
 import pytest
+import pytest_asyncio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import streaming
-from tests.gateway.conftest import Running
+from gateway.app import GatewayOptions
+from tests.gateway.conftest import Running, running
+from tests.gateway.echo_proto import echo_pb2
+from tests.gateway.upstream import SERVICE
 
 FAIL_DETAILS = [
     {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "TEST_REASON",
@@ -232,3 +241,191 @@ def test_frames_carry_any_compact_json_on_one_line(document: Any) -> None:
     assert event.endswith(b"\n\n")
     assert event.count(b"\n") == 2
     assert orjson.loads(event.removeprefix(b"data: ")) == {"result": document}
+
+
+# --- Long streams: no default deadline, keep-alives, event ids, resume -----------------
+
+
+class SlowStream:
+    """An upstream whose Stream sends one message, waits until the test releases it, then
+    sends a second saying what deadline it ran under, and ends."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def stream(self, _request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        """EchoService.Stream."""
+        metadata = dict(context.invocation_metadata() or ())
+        resume = metadata.get("grpcgateway-last-event-id", "")
+        yield echo_pb2.Thing(name="things/0", note=f"last-event-id={resume}")
+        await self.release.wait()
+        yield echo_pb2.Thing(name="things/1", note=f"deadline={context.time_remaining()}")
+
+
+@pytest_asyncio.fixture
+async def slow() -> AsyncIterator[tuple[SlowStream, Running]]:
+    """A gateway with a short default deadline and fast keep-alives, in front of a
+    :class:`SlowStream` upstream."""
+    servicer = SlowStream()
+    handler = grpc.unary_stream_rpc_method_handler(
+        servicer.stream,
+        request_deserializer=echo_pb2.StreamRequest.FromString,
+        response_serializer=echo_pb2.Thing.SerializeToString,
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(SERVICE, {"Stream": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    options = GatewayOptions(default_timeout=0.3, sse_keepalive=0.05, sse_id_field="name")
+    try:
+        async for running_gateway in running(port, options):
+            yield servicer, running_gateway
+    finally:
+        await server.stop(0)
+
+
+async def test_a_stream_outlives_the_default_deadline_and_gets_keepalives(
+    slow: tuple[SlowStream, Running],
+) -> None:
+    servicer, gw = slow
+    loop = asyncio.get_running_loop()
+    async with gw.http.stream("GET", "/v1/things:stream", headers=SSE_HEADERS) as response:
+        assert response.status_code == 200
+        events = sse_blocks(response)
+        first = await anext(events)
+        assert first.splitlines()[0] == "id: things/0"
+        started = loop.time()
+        keepalives = 0
+        while loop.time() - started < 1.0:  # well past the 0.3 s default deadline
+            assert await anext(events) == ": keep-alive"
+            keepalives += 1
+        servicer.release.set()
+        second = await anext(events)
+        rest = [block async for block in events]
+    assert keepalives >= 5
+    id_line, data = second.splitlines()
+    assert id_line == "id: things/1"
+    assert orjson.loads(data.removeprefix("data: "))["result"]["note"] == "deadline=None"
+    assert rest == []  # ended cleanly: no error event
+
+
+async def test_ndjson_gets_no_keepalive_lines_and_no_deadline(
+    slow: tuple[SlowStream, Running],
+) -> None:
+    servicer, gw = slow
+    async with gw.http.stream("GET", "/v1/things:stream") as response:
+        lines = response.aiter_lines()
+        assert orjson.loads(await anext(lines))["result"]["name"] == "things/0"
+        waiting = asyncio.ensure_future(anext(lines))
+        done, _ = await asyncio.wait({waiting}, timeout=0.6)  # twice the default deadline
+        assert not done  # nothing: no keep-alive line, and no deadline error
+        servicer.release.set()
+        assert orjson.loads(await waiting)["result"]["note"] == "deadline=None"
+
+
+async def test_a_client_deadline_still_applies_to_a_stream(
+    slow: tuple[SlowStream, Running],
+) -> None:
+    _, gw = slow
+    headers = {**SSE_HEADERS, "Grpc-Timeout": "200m"}
+    async with gw.http.stream("GET", "/v1/things:stream", headers=headers) as response:
+        blocks = [block async for block in sse_blocks(response)]
+    assert blocks[0].startswith("id: things/0\n")
+    error = blocks[-1].split("\n")
+    assert error[0] == "event: error"
+    assert orjson.loads(error[1].removeprefix("data: "))["error"]["code"] == 4
+
+
+async def test_last_event_id_reaches_the_upstream(slow: tuple[SlowStream, Running]) -> None:
+    _, gw = slow
+    headers = {**SSE_HEADERS, "Last-Event-ID": "evt_42"}
+    async with gw.http.stream("GET", "/v1/things:stream", headers=headers) as response:
+        first = await anext(sse_blocks(response))
+    data = orjson.loads(first.splitlines()[1].removeprefix("data: "))
+    assert data["result"]["note"] == "last-event-id=evt_42"
+
+
+async def test_the_gateway_says_how_the_client_reached_it(gw: Running) -> None:
+    """``x-forwarded-proto`` is the gateway's to set: an upstream that declares it a
+    TLS-terminating proxy believes it, so a client may not forge it."""
+    forged = {"Grpc-Metadata-X-Forwarded-Proto": "https"}
+    response = await gw.http.post("/v1/headers", json={}, headers=forged)
+    assert response.json()["received"]["x-forwarded-proto"] == "http"
+
+
+async def sse_blocks(response: httpx.Response) -> AsyncIterator[str]:
+    """The SSE stream's events and comments, one blank-line separated block at a time."""
+    buffer = ""
+    async for text in response.aiter_text():
+        buffer += text
+        while "\n\n" in buffer:
+            block, buffer = buffer.split("\n\n", 1)
+            yield block
+
+
+# --- Unit: ids and pacing ---------------------------------------------------------------
+
+
+def test_sse_frame_carries_the_event_id() -> None:
+    frame = streaming.result_frame(b"{}", sse=True, event_id="evt_1")
+    assert frame == b'id: evt_1\ndata: {"result":{}}\n\n'
+    assert streaming.result_frame(b"{}", sse=False, event_id="evt_1") == b'{"result":{}}\n'
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("name", "things/1", "things/1"),
+        ("name", "", ""),
+        ("name", "two\nlines", ""),  # could not be one SSE line: no id rather than a bad one
+        ("name", "cr\rhere", ""),
+        ("note", "n", "n"),
+        ("size", "", ""),  # not a string field
+        ("tags", "", ""),  # repeated
+        ("missing", "", ""),
+        ("", "", ""),  # turned off
+    ],
+)
+def test_event_id_comes_from_a_top_level_string_field(
+    field: str, value: str, expected: str
+) -> None:
+    message = echo_pb2.Thing(size=3, tags=["a"])
+    if field in {"name", "note"}:
+        setattr(message, field, value)
+    found = streaming.id_field(echo_pb2.Thing.DESCRIPTOR, field)
+    assert streaming.event_id(message, found) == expected
+
+
+@given(st.lists(st.integers(), max_size=20))
+@settings(max_examples=30, deadline=None)
+def test_pacing_adds_ticks_and_nothing_else(items: list[int]) -> None:
+    """With ticks filtered out, a paced stream is the stream itself."""
+
+    async def source() -> AsyncIterator[int]:
+        for item in items:
+            yield item
+
+    async def collect() -> list[int | None]:
+        return [x async for x in streaming.paced(source(), 0.001)]
+
+    assert [x for x in asyncio.run(collect()) if x is not None] == items
+
+
+async def test_pacing_ticks_while_the_stream_is_idle() -> None:
+    gate = asyncio.Event()
+
+    async def source() -> AsyncIterator[str]:
+        yield "a"
+        await gate.wait()
+        yield "b"
+
+    paced = streaming.paced(source(), 0.01)
+    assert await anext(paced) == "a"
+    assert await anext(paced) is None
+    assert await anext(paced) is None
+    gate.set()
+    rest = [x async for x in paced]
+    assert rest[-1] == "b"
+    assert set(rest[:-1]) <= {None}
