@@ -36,6 +36,12 @@ class Backoff:
         self.failures = min(self.failures + 1, 64)
         return self.rng.uniform(0.0, ceiling)
 
+    def soon(self, within: float) -> float:
+        """Delay before reconnecting when the control plane asked for it (it is going
+        away): a fresh start, spread over ``within`` seconds (the first step if 0)."""
+        self.failures = 0
+        return self.rng.uniform(0.0, within if within > 0 else self.policy.initial)
+
     def at_cap(self) -> float:
         """Delay after an error that retrying soon will not fix."""
         self.failures = min(self.failures + 1, 64)

@@ -17,6 +17,8 @@ log = logging.getLogger("tunnelplane.agent.control")
 DesiredState = agents_pb2.DesiredState
 #: Builds a relay: ``(listen_host, listen_port, target, counters)``.
 RelayFactory = Callable[[str, int, str, Counters], Relay]
+#: How long open connections may go on after a stop, when the control plane says nothing.
+DEFAULT_STOP_GRACE = 10.0
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,10 @@ class RelayController:
 
     States older than the last applied one are ignored. A target change retargets the
     running relay (open connections stay); a listen address change restarts the listener.
-    The relay is independent of the control-plane stream: it keeps running while the
-    agent reconnects.
+    A stop closes the listener at once and drains the open connections in the background
+    for the state's grace, so that a start right after it listens again at once. The relay
+    is independent of the control-plane stream: it keeps running while the agent
+    reconnects.
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class RelayController:
         self._listen_host = listen_host
         self._relay_factory = relay_factory
         self._relay: Relay | None = None
+        self._draining: dict[asyncio.Task[None], Relay] = {}
         self._version = 0
         self._lock = asyncio.Lock()  # one change at a time, stop() included
 
@@ -69,10 +74,20 @@ class RelayController:
         async with self._lock:
             await self._apply(state)
 
+    @property
+    def draining(self) -> int:
+        """Stopped relays whose open connections are still in their grace."""
+        return len(self._draining)
+
     async def stop(self) -> None:
-        """Stop the relay, if any."""
+        """Stop the relay, if any, and close at once what stopped relays still carry."""
         async with self._lock:
             await self._stop()
+            draining, self._draining = self._draining, {}
+            for task in draining:
+                task.cancel()
+            await asyncio.gather(*draining, return_exceptions=True)
+            await asyncio.gather(*(relay.stop() for relay in draining.values()))
 
     async def _apply(self, state: DesiredState) -> None:
         if state.version < self._version:
@@ -82,12 +97,21 @@ class RelayController:
         if state.run == DesiredState.RUN_STARTED:
             await self._start(state)
         elif state.run == DesiredState.RUN_STOPPED:
-            await self._stop()
+            self._drain(_stop_grace(state))
 
     async def _stop(self) -> None:
         relay, self._relay = self._relay, None
         if relay is not None:
             await relay.stop()
+
+    def _drain(self, grace: float) -> None:
+        relay, self._relay = self._relay, None
+        if relay is None:
+            return
+        relay.refuse_new()  # now, not when the task first runs
+        task = asyncio.create_task(relay.drain(grace), name="relay-drain")
+        self._draining[task] = relay
+        task.add_done_callback(lambda done: self._draining.pop(done, None))
 
     def plan(self, state: DesiredState) -> Plan:
         """The listener, target and limits ``state`` asks for; ValueError if unusable."""
@@ -130,3 +154,10 @@ class RelayController:
             await relay.stop()
             return
         self._relay = relay
+
+
+def _stop_grace(state: DesiredState) -> float:
+    """The grace a stop gives open connections, in seconds."""
+    if not state.HasField("stop_grace"):
+        return DEFAULT_STOP_GRACE
+    return max(0.0, state.stop_grace.ToTimedelta().total_seconds())

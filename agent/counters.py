@@ -27,7 +27,10 @@ class Snapshot:
 
     For a TCP tunnel a request is a connection: ``requests`` counts the connections that
     ended in the interval (``successes + errors``), ``connections`` those opened in it, and
-    the latency is the time it took to connect to the target.
+    the latency is the time it took to connect to the target. A connection's latency is
+    recorded when it ends, with its outcome, so a snapshot never holds a latency whose
+    request is in another snapshot: the buckets count at most ``requests``, whatever
+    connections are still open (the control plane refuses a report that breaks this).
     """
 
     connections: int = 0
@@ -74,10 +77,13 @@ class Counters:
         self.active += 1
         self.peak = max(self.peak, self.active)
 
-    def closed(self, *, ok: bool) -> None:
-        """A relayed connection ended, normally or not."""
+    def closed(self, *, ok: bool, connect_seconds: float | None = None) -> None:
+        """A relayed connection ended, normally or not; ``connect_seconds`` is the time it
+        took to connect to the target (None: it never got that far)."""
         self.active -= 1
         self.ended(ok=ok)
+        if connect_seconds is not None:
+            self.latency_buckets[bucket_of(connect_seconds * 1000.0)] += 1
 
     def ended(self, *, ok: bool) -> None:
         """Count the outcome of a connection."""
@@ -90,10 +96,6 @@ class Counters:
         """A client connection was refused at once (the connection limit was hit)."""
         self.connections += 1
         self.errors += 1
-
-    def observe_connect(self, seconds: float) -> None:
-        """Record the time it took to connect to the target."""
-        self.latency_buckets[bucket_of(seconds * 1000.0)] += 1
 
     def take(self) -> Snapshot:
         """Return the interval's traffic and start a new interval."""

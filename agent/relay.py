@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -36,6 +37,14 @@ def parse_address(address: str) -> tuple[str, int]:
 class _Stream:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+
+
+@dataclass
+class _Outcome:
+    """How one relayed connection went: counted when it ends."""
+
+    ok: bool = True  # a connection cut short by stop() is not the tunnel's error
+    connect_seconds: float | None = None  # None: the target was never reached
 
 
 class Relay:
@@ -108,11 +117,26 @@ class Relay:
         self._server = await asyncio.start_server(self._accept, host or None, port)
         log.info("relay listening", extra={"listen_port": self.port, "target": self._target})
 
-    async def stop(self) -> None:
-        """Close the listener and every open connection, and wait until they are closed."""
+    def refuse_new(self) -> None:
+        """Close the listener now: new connections are refused, open ones go on."""
         self._closing = True
         if self._server is not None:
             self._server.close()
+
+    async def drain(self, grace: float) -> None:
+        """Stop accepting at once (new connections are refused), let the open ones go on
+        for at most ``grace`` seconds, then close whatever is still open."""
+        self.refuse_new()
+        if grace > 0 and self._tasks:
+            log.info("relay draining", extra={"open_connections": len(self._tasks)})
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._drained.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Close the listener and every open connection, and wait until they are closed."""
+        self.refuse_new()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -157,29 +181,31 @@ class Relay:
 
     async def _serve(self, client: _Stream) -> None:
         self._counters.opened()
-        ok = True  # a connection cut short by stop() is not the tunnel's error
+        outcome = _Outcome()
         try:
-            ok = await self._relay(client)
+            await self._relay(client, outcome)
         except ConnectionError as exc:  # a peer reset or closed the connection: its choice
             log.debug("connection closed by a peer", extra={"error": repr(exc)})
         except OSError as exc:
             log.warning("connection failed", extra={"error": repr(exc)})
-            ok = False
+            outcome.ok = False
         finally:
-            self._counters.closed(ok=ok)
+            # The whole connection is counted now, its connect latency included, so that
+            # no report holds a latency whose request belongs to a later report.
+            self._counters.closed(ok=outcome.ok, connect_seconds=outcome.connect_seconds)
             await _close(client.writer)
 
-    async def _relay(self, client: _Stream) -> bool:
-        target = await self._connect(self._target)
+    async def _relay(self, client: _Stream, outcome: _Outcome) -> None:
+        target = await self._connect(self._target, outcome)
         if target is None:
-            return False
+            outcome.ok = False
+            return
         try:
             await self._carry(client, target)
         finally:
             await _close(target.writer)
-        return True
 
-    async def _connect(self, address: str) -> _Stream | None:
+    async def _connect(self, address: str, outcome: _Outcome) -> _Stream | None:
         host, port = parse_address(address)
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -189,7 +215,7 @@ class Relay:
         except OSError as exc:  # TimeoutError is an OSError
             log.warning("target unreachable", extra={"target": address, "error": repr(exc)})
             return None
-        self._counters.observe_connect(loop.time() - started)
+        outcome.connect_seconds = loop.time() - started
         return _Stream(reader, writer)
 
     async def _carry(self, client: _Stream, target: _Stream) -> None:

@@ -20,12 +20,15 @@ class ReportBook:
     """Numbers reports from 1 and keeps each one until the control plane acknowledges it.
 
     Reports are idempotent by sequence on the control plane, so a report whose
-    acknowledgement was lost is simply sent again after a reconnect.
+    acknowledgement was lost is simply sent again after a reconnect. A report the control
+    plane refused is dropped: sending it again would be refused again.
     """
 
     def __init__(self) -> None:
         self._next = 1
         self._pending: dict[int, agents_pb2.AgentReport] = {}
+        #: Reports the control plane refused (and that were dropped).
+        self.refused = 0
 
     @property
     def next_sequence(self) -> int:
@@ -55,9 +58,15 @@ class ReportBook:
         return report
 
     def acknowledge(self, ack: agents_pb2.ReportAck) -> None:
-        """The control plane received a report (counted now or before)."""
+        """The control plane received a report (counted now or before), or refused it."""
         if self._pending.pop(ack.sequence, None) is None:
             log.debug("ack of an unknown report", extra={"sequence": ack.sequence})
+        if ack.refused:
+            self.refused += 1
+            log.warning(
+                "the control plane refused a report; it is dropped",
+                extra={"sequence": ack.sequence, "refusal": ack.refusal},
+            )
 
 
 def to_report(sequence: int, snapshot: Snapshot, now: datetime) -> agents_pb2.AgentReport:

@@ -49,6 +49,14 @@ class SessionEnded(Exception):  # noqa: N818 - an outcome, not a fault of the ag
     """The control plane ended the stream, or broke the protocol."""
 
 
+class GoneAway(SessionEnded):
+    """The control plane said it is going away: reconnect within ``within`` seconds."""
+
+    def __init__(self, reason: str, within: float) -> None:
+        super().__init__(reason)
+        self.within = within
+
+
 @dataclass(frozen=True)
 class SessionSettings:
     """What the session needs to know; the key is kept out of ``repr``."""
@@ -116,6 +124,8 @@ class Session:
         self._applied = asyncio.Condition()
         self._quiet = 0
         self._last_active = 0
+        #: Streams welcomed so far (a reconnect adds one).
+        self.welcomes = 0
 
     @property
     def counters(self) -> Counters:
@@ -165,6 +175,9 @@ class Session:
             await _first_of(self._connect(), self._stopping.wait())
         except grpc.aio.AioRpcError as exc:
             return self._after_error(exc, asyncio.get_running_loop().time() - started)
+        except GoneAway as exc:
+            log.info("the control plane is going away", extra={"reason": str(exc)})
+            return self._backoff.soon(exc.within)
         except (SessionEnded, asyncio.InvalidStateError) as exc:
             log.warning("control plane stream ended", extra={"reason": str(exc)})
         finally:
@@ -219,9 +232,12 @@ class Session:
                 response = await stream.receive()
         except TimeoutError:
             raise SessionEnded("no welcome from the control plane") from None
+        if response.WhichOneof("kind") == "go_away":
+            raise _gone_away(response.go_away)  # a control plane that is stopping already
         if response.WhichOneof("kind") != "welcome":
             raise SessionEnded(f"expected welcome, got {response.WhichOneof('kind')}")
         welcome = response.welcome
+        self.welcomes += 1
         self._book.resume(welcome.last_sequence)
         pending = self._book.pending
         log.info(
@@ -278,6 +294,8 @@ class Session:
                 await asyncio.shield(self._apply(response.desired_state))
             elif kind == "ack":
                 self._book.acknowledge(response.ack)
+            elif kind == "go_away":
+                raise _gone_away(response.go_away)
             else:
                 log.warning("unexpected message from the control plane", extra={"kind": kind})
 
@@ -285,6 +303,11 @@ class Session:
         await self._controller.apply(state)
         async with self._applied:
             self._applied.notify_all()
+
+
+def _gone_away(message: agents_pb2.GoAway) -> GoneAway:
+    within = message.reconnect_within.ToTimedelta().total_seconds()
+    return GoneAway(message.reason or "going away", within)
 
 
 async def _first_of(*awaitables: Coroutine[Any, Any, Any]) -> None:

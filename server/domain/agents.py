@@ -33,6 +33,10 @@ class AgentSettings:
     heartbeat_timeout: float = 90.0
     #: A disconnected agent is forgotten (no longer degrades health) after this long.
     forget_after: float = 600.0
+    #: How long a stopped tunnel's open connections may go on before its agents close them.
+    stop_grace: float = 10.0
+    #: Agents told to go away (the server is stopping) reconnect within this long.
+    reconnect_within: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,11 +167,13 @@ class AgentSessions:
                     tunnel.user_id, tunnel.id, "the monthly transfer quota is used up"
                 )
 
-    async def goodbye(self, tunnel_id: str, agent_id: str) -> None:
-        """The agent's stream ended."""
+    async def goodbye(
+        self, tunnel_id: str, agent_id: str, reason: str = "the last agent disconnected"
+    ) -> None:
+        """The agent's stream ended; ``reason`` is what its tunnel says if no agent is left."""
         async with self._uow() as uow:
             await uow.agents.close(tunnel_id, agent_id)
-        await self._recount(tunnel_id)
+        await self._recount(tunnel_id, reason)
 
     async def sweep(self) -> int:
         """Mark silent agents disconnected and forget old ones; returns tunnels changed."""
@@ -177,7 +183,7 @@ class AgentSessions:
         async with self._uow() as uow:
             changed = await uow.agents.expire(silent, forgotten)
         for tunnel_id in changed:
-            await self._recount(tunnel_id)
+            await self._recount(tunnel_id, "the last agent went silent")
         return len(changed)
 
     async def traffic(self, tunnel: Tunnel) -> TunnelTraffic:
@@ -196,11 +202,13 @@ class AgentSessions:
         async with self._uow(readonly=True) as uow:
             return await uow.agents.usage(user_id, tunnel_id, days.start, days.end)
 
-    async def _recount(self, tunnel_id: str) -> Tunnel | None:
+    async def _recount(self, tunnel_id: str, reason: str = "") -> Tunnel | None:
+        """Tell the tunnel how many agents it has; ``reason``: why one left, if one did."""
         async with self._uow(readonly=True) as uow:
             sessions = await uow.agents.sessions(tunnel_id)
         connected = sum(1 for s in sessions if s.connected)
-        return await self._tunnels.agents_changed(tunnel_id, connected, len(sessions) - connected)
+        lost = len(sessions) - connected
+        return await self._tunnels.agents_changed(tunnel_id, connected, lost, reason)
 
 
 def today(clock: Clock) -> date:

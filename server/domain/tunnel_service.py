@@ -39,6 +39,8 @@ from server.domain.tunnels import (
     check_config,
     check_text,
     health_of,
+    probe_now,
+    stop_reason,
     transition,
 )
 from server.errors import (
@@ -333,7 +335,8 @@ class TunnelService:
 
     async def stop(self, owner_id: str, tunnel_id: str, *, actor: str) -> Tunnel:
         """A started tunnel → ``disconnected``; its agents are told to stop."""
-        return await self._move(owner_id, tunnel_id, Transition.STOP, actor=actor)
+        reason = stop_reason(owner_id, actor)
+        return await self._move(owner_id, tunnel_id, Transition.STOP, actor=actor, reason=reason)
 
     async def fail(self, owner_id: str, tunnel_id: str, reason: str) -> Tunnel:
         """Any state → ``error`` with ``reason`` (the system noticed something wrong)."""
@@ -361,14 +364,17 @@ class TunnelService:
             )
         return saved
 
-    async def agents_changed(self, tunnel_id: str, connected: int, lost: int) -> Tunnel | None:
-        """Agents came or went: move the state and health, with their events."""
+    async def agents_changed(
+        self, tunnel_id: str, connected: int, lost: int, reason: str = ""
+    ) -> Tunnel | None:
+        """Agents came or went: move the state and health, with their events; ``reason``
+        says why a tunnel left without agents is disconnected."""
         async with self._uow() as uow:
             tunnel = await uow.tunnels.get(tunnel_id, lock=True)
             if tunnel is None:
                 return None
             event = Transition.AGENT_UP if connected else Transition.AGENT_DOWN
-            status = transition(tunnel.status, event, agents=connected)
+            status = transition(tunnel.status, event, agents=connected, reason=reason)
             changed = replace(tunnel, connected_agents=connected, lost_agents=lost)
             changed = self._refreshed(self._with_status(changed, status))
             if changed == tunnel:
@@ -413,6 +419,8 @@ class TunnelService:
             tunnel = await _load(uow, owner_id, tunnel_id, lock=True)
             status = transition(tunnel.status, event, agents=tunnel.connected_agents, reason=reason)
             changed = self._refreshed(self._with_status(tunnel, status))
+            if event is Transition.START:
+                changed = probe_now(changed)
             audit.annotate(subject_user_id=owner_id, resource=tunnel.name)
             saved = await uow.tunnels.save(changed, tunnel.version)
             await self._emit_changes(uow, tunnel, saved, actor, None)
@@ -457,7 +465,9 @@ class TunnelService:
             reason = {"reason": after.status.reason}
             await emit("tunnel.status_changed", payload=snapshot(after) | change | reason)
             emitted = True
-        if before.active_endpoint != after.active_endpoint and before.active_endpoint:
+        # Traffic moved from one endpoint to another. Losing the last healthy one is no
+        # failover (there is no "to"): the health change says the tunnel is down.
+        if before.active_endpoint and after.active_endpoint not in ("", before.active_endpoint):
             change = {"from": before.active_endpoint, "to": after.active_endpoint}
             await emit("tunnel.failover", payload=snapshot(after) | change | {"reason": "health"})
             emitted = True

@@ -65,7 +65,8 @@ def transition(  # noqa: PLR0911 - one return per edge of the machine reads best
 
     ``created → connecting → connected ⇄ disconnected``, any state → ``error``; stop
     brings a started tunnel to ``disconnected``. Agent comings and goings only move a
-    running tunnel.
+    running tunnel. Every move into ``disconnected`` or ``error`` says why (``reason``, or
+    a default); a start, or an agent connecting, clears the reason.
     """
     state = status.state
     if event is Transition.FAIL:
@@ -77,7 +78,7 @@ def transition(  # noqa: PLR0911 - one return per edge of the machine reads best
     if event is Transition.STOP:
         if not status.running and state is not TunnelState.ERROR:
             raise _illegal(state, event)
-        return Status(TunnelState.DISCONNECTED, running=False)
+        return Status(TunnelState.DISCONNECTED, running=False, reason=reason or "stopped")
     if not status.running or state is TunnelState.ERROR:
         return status  # agents of a stopped or failed tunnel change nothing
     if event is Transition.AGENT_UP:
@@ -114,12 +115,19 @@ def _illegal(state: TunnelState, event: Transition) -> FailedPrecondition:
     )
 
 
+def stop_reason(owner_id: str, actor: str) -> str:
+    """What a stopped tunnel's ``state_reason`` says: who stopped it."""
+    by = "the owner" if actor == f"users/{owner_id}" else actor
+    return f"stopped by {by}" if by else "stopped"
+
+
 def health_of(
     running: bool, connected: int, lost: int, endpoints: list[EndpointHealth]
 ) -> TunnelHealth:
-    """Health from the agents and the endpoints."""
+    """Health from the agents and the endpoints: unknown until the tunnel is started and an
+    agent has connected to it (healthy endpoints carry nothing without an agent)."""
     if not running or (connected == 0 and lost == 0):
-        return TunnelHealth.UNKNOWN if not running or not endpoints else _endpoints(endpoints)
+        return TunnelHealth.UNKNOWN
     if connected == 0:
         return TunnelHealth.DOWN
     by_endpoints = _endpoints(endpoints) if endpoints else TunnelHealth.HEALTHY
@@ -199,6 +207,13 @@ class Tunnel:
         """Opaque version tag (AIP-154)."""
         digest = hashlib.blake2s(f"{self.id}:{self.version}".encode(), digest_size=8).hexdigest()
         return f'W/"{digest}"'
+
+
+def probe_now(tunnel: Tunnel) -> Tunnel:
+    """The tunnel with every endpoint due for a probe at once (a start: endpoints of a
+    tunnel that is not started are not probed, so what is known of them may be old)."""
+    endpoints = tuple(replace(e, next_probe_time=None) for e in tunnel.endpoints)
+    return replace(tunnel, endpoints=endpoints)
 
 
 def tunnel_name(user_id: str, tunnel_id: str) -> str:

@@ -203,10 +203,16 @@ class SqlTunnelRepository(Repository):
         return await self._with_endpoints(rows)
 
     async def due_probes(self, now: datetime, limit: int) -> builtins.list[tuple[str, str]]:
-        """(tunnel id, url) of endpoints whose next probe is due, oldest first."""
+        """(tunnel id, url) of endpoints whose next probe is due, oldest first; only those of
+        started tunnels (not failed ones): nothing else sends traffic to an endpoint."""
         stmt = (
             sa.select(_e.tunnel_id, _e.url)
-            .where(_e.next_probe_time <= now)
+            .join(tunnels, _t.id == _e.tunnel_id)
+            .where(
+                _e.next_probe_time <= now,
+                _t.running == sa.true(),
+                _t.state != TunnelState.ERROR.value,
+            )
             .order_by(_e.next_probe_time)
             .limit(limit)
         )
@@ -318,10 +324,11 @@ class SqlEventRepository(Repository):
         )
         return [_event(r) for r in await self._all(stmt)]
 
-    async def count_between(self, user_id: str, start: datetime, end: datetime) -> int:
+    async def count_by_type(self, user_id: str, start: datetime, end: datetime) -> dict[str, int]:
+        """How many of the owner's events in [start, end) there are of each type."""
         stmt = (
-            sa.select(sa.func.count())
-            .select_from(events)
+            sa.select(events.c.type, sa.func.count())
             .where(events.c.user_id == user_id, events.c.time >= start, events.c.time < end)
+            .group_by(events.c.type)
         )
-        return int((await self._conn.execute(stmt)).scalar_one())
+        return {str(t): int(n) for t, n in await self._conn.execute(stmt)}

@@ -239,17 +239,14 @@ class EndpointProber:
             self._log.debug("probed endpoints", extra={"due": len(targets), "recorded": recorded})
         return recorded
 
-    async def run(self, poll_interval: float, paused: asyncio.Lock | None = None) -> None:
+    async def run(self, poll_interval: float) -> None:
         """Call :meth:`run_once` every ``poll_interval`` seconds until cancelled; errors
-        are logged and the loop goes on after the same pause. Each round holds ``paused``
-        (when given), so whoever holds it holds the probing."""
+        are logged and the loop goes on after the same pause."""
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
-        hold = paused or contextlib.nullcontext()
         while True:
             try:
-                async with hold:
-                    await self.run_once()
+                await self.run_once()
             except Exception:  # noqa: BLE001 - logged; the next round retries
                 self._log.exception("endpoint probing failed; will retry")
             await asyncio.sleep(poll_interval)

@@ -8,7 +8,6 @@ idempotent.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -88,17 +87,12 @@ class ProbeStore:
         await self._tunnels.probed(target.tunnel_id, target.url, apply, next_probe)
 
 
-async def sweep_loop(
-    agents: AgentSessions, interval: float, paused: asyncio.Lock | None = None
-) -> None:
-    """Mark silent agents disconnected, every ``interval`` seconds, until cancelled; each
-    sweep holds ``paused`` (when given), so whoever holds it holds the sweeps."""
-    hold = paused or contextlib.nullcontext()
+async def sweep_loop(agents: AgentSessions, interval: float) -> None:
+    """Mark silent agents disconnected, every ``interval`` seconds, until cancelled."""
     while True:
         await asyncio.sleep(interval)
         try:
-            async with hold:
-                changed = await agents.sweep()
+            changed = await agents.sweep()
         except Exception:
             log.exception("agent sweep failed")
             continue

@@ -115,12 +115,15 @@ def desired(
     target: str = "",
     max_connections: int = 0,
     idle_seconds: int = 0,
+    stop_grace: float | None = None,
 ) -> DesiredState:
     """A desired state."""
     state = DesiredState(run=run, listen_address=listen, target=target, version=version)
     state.config.max_connections = max_connections
     if idle_seconds:
         state.config.idle_timeout.FromSeconds(idle_seconds)
+    if stop_grace is not None:
+        state.stop_grace.FromNanoseconds(int(stop_grace * 1e9))
     return state
 
 
@@ -129,7 +132,8 @@ class FakeControlPlane(agents_pb2_grpc.AgentServiceServicer):
 
     It welcomes each stream with ``last_sequence``, sends the current desired state after
     welcome and on every :meth:`push`, and acknowledges reports when ``ack`` is set,
-    counting each sequence once.
+    counting each sequence once, and refusing those whose sequence is in ``refuse_reports``.
+    :meth:`go_away` tells every agent to reconnect and ends its stream.
     """
 
     def __init__(
@@ -153,6 +157,7 @@ class FakeControlPlane(agents_pb2_grpc.AgentServiceServicer):
         self.reports: asyncio.Queue[agents_pb2.AgentReport] = asyncio.Queue()
         self.heartbeats: asyncio.Queue[agents_pb2.AgentHeartbeat] = asyncio.Queue()
         self.counted: set[int] = set()
+        self.refuse_reports: set[int] = set()
         self._outboxes: set[asyncio.Queue[agents_pb2.ConnectResponse | None]] = set()
         self._server: grpc.aio.Server | None = None
         self.port = 0
@@ -185,6 +190,14 @@ class FakeControlPlane(agents_pb2_grpc.AgentServiceServicer):
         self.desired = state
         for outbox in self._outboxes:
             outbox.put_nowait(agents_pb2.ConnectResponse(desired_state=state))
+
+    def go_away(self, reconnect_within: float = 0.0) -> None:
+        """Tell every connected agent to reconnect, and end their streams."""
+        message = agents_pb2.GoAway(reason="going away for the test")
+        message.reconnect_within.FromNanoseconds(int(reconnect_within * 1e9))
+        for outbox in self._outboxes:
+            outbox.put_nowait(agents_pb2.ConnectResponse(go_away=message))
+            outbox.put_nowait(None)
 
     async def Connect(  # noqa: N802 - the RPC's name
         self,
@@ -233,6 +246,10 @@ class FakeControlPlane(agents_pb2_grpc.AgentServiceServicer):
         outbox.put_nowait(None)
 
     def _ack(self, report: agents_pb2.AgentReport) -> agents_pb2.ReportAck:
+        if report.sequence in self.refuse_reports:
+            return agents_pb2.ReportAck(
+                sequence=report.sequence, refused=True, refusal="report.sequence: refused"
+            )
         counted = report.sequence not in self.counted
         self.counted.add(report.sequence)
         return agents_pb2.ReportAck(sequence=report.sequence, counted=counted)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -9,7 +10,15 @@ import pytest_asyncio
 
 from agent.control import RelayController
 from agent.counters import Counters
-from tests.agent.fakes import DesiredState, EchoServer, connect, desired, round_trip
+from tests.agent.fakes import (
+    DesiredState,
+    EchoServer,
+    closed_by_peer,
+    connect,
+    desired,
+    round_trip,
+    unused_port,
+)
 
 
 @pytest_asyncio.fixture
@@ -85,3 +94,58 @@ async def test_without_any_target_the_relay_does_not_start(counters: Counters) -
     owner = RelayController(counters)
     await owner.apply(desired(1))
     assert owner.relay is None
+
+
+async def test_a_stop_refuses_new_connections_at_once_and_closes_open_ones_after_the_grace(
+    controller: RelayController, counters: Counters
+) -> None:
+    await controller.apply(desired(1))
+    relay = controller.relay
+    assert relay is not None
+    port = relay.port
+    loop = asyncio.get_running_loop()
+    async with connect(port) as (reader, writer):
+        assert await round_trip(reader, writer, b"before") == b"before"
+        await controller.apply(desired(2, DesiredState.RUN_STOPPED, stop_grace=0.5))
+        stopped = loop.time()
+        assert (controller.relay, controller.draining) == (None, 1)
+        with pytest.raises(ConnectionRefusedError):
+            async with connect(port):
+                pass
+        assert await round_trip(reader, writer, b"in the grace") == b"in the grace"
+        assert await closed_by_peer(reader)
+        lasted = loop.time() - stopped
+    await relay.wait_until_idle()
+    assert 0.49 <= lasted < 5
+    assert (counters.successes, counters.errors, counters.active) == (1, 0, 0)
+
+
+async def test_a_start_during_the_grace_listens_again_at_once_and_stop_ends_everything(
+    controller: RelayController,
+) -> None:
+    listen = f"127.0.0.1:{unused_port()}"
+    port = int(listen.rsplit(":", 1)[1])
+    await controller.apply(desired(1, listen=listen))
+    async with connect(port) as old:
+        await round_trip(*old, b"old")
+        await controller.apply(desired(2, DesiredState.RUN_STOPPED, listen=listen, stop_grace=60))
+        await controller.apply(desired(3, listen=listen))
+        assert controller.draining == 1
+        async with connect(port) as new:
+            assert await round_trip(*new, b"new") == b"new"
+        assert await round_trip(*old, b"still") == b"still"
+        await controller.stop()  # the agent is stopping: no grace for anyone
+        assert controller.draining == 0
+        assert await closed_by_peer(old[0])
+
+
+async def test_a_stop_without_a_grace_closes_open_connections_at_once(
+    controller: RelayController,
+) -> None:
+    await controller.apply(desired(1))
+    relay = controller.relay
+    assert relay is not None
+    async with connect(relay.port) as (reader, writer):
+        await round_trip(reader, writer, b"x")
+        await controller.apply(desired(2, DesiredState.RUN_STOPPED, stop_grace=0))
+        assert await closed_by_peer(reader)

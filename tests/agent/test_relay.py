@@ -54,6 +54,25 @@ async def test_take_starts_a_new_interval(relay: Relay, counters: Counters) -> N
     assert counters.take().peak == 0
 
 
+async def test_a_long_connection_is_counted_whole_in_the_interval_it_ends(
+    relay: Relay, counters: Counters
+) -> None:
+    snapshots = []
+    async with connect(relay.port) as client:
+        for chunk in (b"a", b"bb", b"ccc"):  # one interval each, the connection open
+            assert await round_trip(*client, chunk) == chunk
+            snapshots.append(counters.take())
+    await relay.wait_until_idle()
+    last = counters.take()
+
+    for interval in snapshots:  # what a report sent mid-connection says: no request yet
+        assert (interval.requests, sum(interval.latency_buckets), interval.active) == (0, 0, 1)
+    assert [s.bytes_in for s in snapshots] == [1, 2, 3]
+    assert [s.connections for s in snapshots] == [1, 0, 0]
+    assert (last.requests, last.successes, sum(last.latency_buckets)) == (1, 1, 1)
+    assert (last.connections, last.active, last.bytes_in) == (0, 0, 0)
+
+
 async def test_peak_concurrency_counts_connections_open_at_once(
     relay: Relay, counters: Counters
 ) -> None:

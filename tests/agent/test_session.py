@@ -126,7 +126,7 @@ async def test_stopped_state_closes_the_relay(plane: FakeControlPlane, echo: Ech
         port = relay.port
         async with connect(port) as (reader, writer):
             await round_trip(reader, writer, b"hi")
-            plane.push(desired(2, DesiredState.RUN_STOPPED))
+            plane.push(desired(2, DesiredState.RUN_STOPPED, stop_grace=0))
             await session.wait_applied(2)
             assert session.controller.relay is None
             assert await closed_by_peer(reader)
@@ -173,6 +173,51 @@ async def test_unacknowledged_reports_are_resent_after_the_control_plane_restart
     assert resent == [by_sequence[r.sequence] for r in resent]
     assert [r.sequence for r in resent] == sorted(s for s in by_sequence if s > 1)
     assert {r.sequence for r in after} <= second.counted
+
+
+async def test_a_refused_report_is_dropped_and_never_sent_again(
+    plane: FakeControlPlane, echo: EchoServer
+) -> None:
+    plane.push(desired(1, target=echo.address))
+    plane.refuse_reports = {1}
+    session = Session(settings_for(plane, quiet_reports=1))
+    async with running(session):
+        await session.wait_applied(1)
+        assert (await next_item(plane.reports)).sequence == 1
+        while session.reports.refused == 0:  # a report every interval: wait for the ack
+            await next_item(plane.reports)
+        plane.go_away()  # a new stream: whatever is unacknowledged is sent again
+        await next_item(plane.hellos)
+        await next_item(plane.hellos)
+        after = await reports_until(plane, lambda rs: len(rs) >= 3)
+    assert session.reports.refused == 1
+    assert 1 not in {r.sequence for r in after}
+    assert 1 not in {r.sequence for r in session.reports.pending}
+
+
+async def test_go_away_reconnects_within_the_time_asked_and_the_relay_carries_on(
+    plane: FakeControlPlane, echo: EchoServer
+) -> None:
+    plane.push(desired(1, target=echo.address))
+    slow_backoff = BackoffPolicy(initial=60, cap=60)  # what a failure would wait, at most
+    session = Session(settings_for(plane, backoff=slow_backoff))
+    loop = asyncio.get_running_loop()
+    async with running(session):
+        await session.wait_applied(1)
+        relay = session.controller.relay
+        assert relay is not None
+        await next_item(plane.hellos)
+        async with connect(relay.port) as client:
+            assert await round_trip(*client, b"before") == b"before"
+            told = loop.time()
+            plane.go_away(reconnect_within=0.2)
+            await next_item(plane.hellos)
+            reconnected = loop.time() - told
+            await session.wait_connected()
+            assert await round_trip(*client, b"after") == b"after"
+        assert session.controller.relay is relay
+    assert session.welcomes == 2
+    assert reconnected < 5
 
 
 def _contiguous(reports: Reports) -> bool:

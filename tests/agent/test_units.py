@@ -26,8 +26,31 @@ def test_there_are_fourteen_buckets() -> None:
     assert len(LATENCY_BUCKETS_MS) == 13
     assert BUCKET_COUNT == 14
     counters = Counters()
-    counters.observe_connect(60.0)
+    counters.opened()
+    counters.closed(ok=True, connect_seconds=60.0)
     assert counters.take().latency_buckets == (0,) * 13 + (1,)
+
+
+def test_a_connection_is_reported_whole_in_the_interval_it_ends() -> None:
+    counters = Counters()
+    counters.opened()
+    counters.bytes_in += 5
+    while_open = counters.take()
+    assert (while_open.connections, while_open.bytes_in, while_open.active) == (1, 5, 1)
+    assert (while_open.requests, sum(while_open.latency_buckets)) == (0, 0)
+    counters.closed(ok=True, connect_seconds=0.004)
+    ended = counters.take()
+    assert (ended.connections, ended.requests, ended.successes, ended.active) == (0, 1, 1, 0)
+    assert ended.latency_buckets[bucket_of(4)] == 1
+    assert sum(ended.latency_buckets) == 1
+
+
+def test_a_connection_that_never_reached_its_target_has_no_latency() -> None:
+    counters = Counters()
+    counters.opened()
+    counters.closed(ok=False)
+    snapshot = counters.take()
+    assert (snapshot.requests, snapshot.errors, sum(snapshot.latency_buckets)) == (1, 1, 0)
 
 
 def test_backoff_is_full_jitter_under_a_doubling_ceiling() -> None:
@@ -56,6 +79,23 @@ def test_reports_are_numbered_from_one_and_kept_until_acknowledged() -> None:
     assert (first.sequence, second.sequence) == (1, 2)
     assert (first.request_count, first.success_count, first.bytes_in) == (1, 1, 10)
     book.acknowledge(agents_pb2.ReportAck(sequence=1, counted=True))
+    assert [r.sequence for r in book.pending] == [2]
+
+
+def test_a_refused_report_is_dropped_not_kept_for_resending(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    book = ReportBook()
+    book.add(_report_of(1))
+    book.add(_report_of(2))
+    book.acknowledge(
+        agents_pb2.ReportAck(sequence=1, refused=True, refusal="report.request_count: bad")
+    )
+    assert [r.sequence for r in book.pending] == [2]
+    assert book.refused == 1
+    [entry] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert entry.__dict__["refusal"] == "report.request_count: bad"
+    book.resume(last_sequence=0)  # a reconnect: what is left to send
     assert [r.sequence for r in book.pending] == [2]
 
 

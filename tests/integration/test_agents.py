@@ -261,12 +261,52 @@ async def test_a_bad_agent_id_and_a_bad_report_are_refused(client: Client) -> No
     with pytest.raises(grpc.aio.AioRpcError) as bad_id:
         await Agent(client.agents, key, made.name, agent_id="no spaces/please").hello()
     assert "hello.agent_id" in violations(bad_id.value)
+
+
+async def test_a_bad_report_is_refused_and_the_session_goes_on(
+    client: Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    owner = await client.new_user()
+    made = await client.tunnel(owner)
+    await client.tunnels.StartTunnel(P.StartTunnelRequest(name=made.name), metadata=owner.metadata)
+    key = await agent_key(client, owner)
     agent = Agent(client.agents, key, made.name)
     await agent.hello()
-    with pytest.raises(grpc.aio.AioRpcError) as bad_report:
-        await agent.report(1, request_count=1, success_count=5)
-    assert bad_report.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "report.request_count" in violations(bad_report.value)
+    await wait_for_state(client, owner, made.name, state=P.Tunnel.STATE_CONNECTED)
+    refused_before = refused_reports(client)
+
+    # What the agent used to send mid-connection: a latency whose request is not counted yet.
+    bad = await agent.report(1, connections=1, latency_buckets=[0, 1], peak_concurrency=1)
+    assert (bad.sequence, bad.counted, bad.refused) == (1, False, True)
+    assert "report.latency_buckets" in bad.refusal
+    assert refused_reports(client) == refused_before + 1
+    [logged] = [r for r in caplog.records if r.getMessage() == "agent report refused"]
+    assert logged.__dict__["fields"] == ["report.latency_buckets"]
+    assert key not in caplog.text
+
+    good = await agent.report(2, request_count=1, success_count=1, latency_buckets=[0, 1])
+    assert (good.counted, good.refused, good.refusal) == (True, False, "")
+    await agent.stream.write(A.ConnectRequest(heartbeat=A.AgentHeartbeat()))  # still open
+    metrics = await client.tunnels.GetTunnelMetrics(
+        P.GetTunnelMetricsRequest(name=f"{made.name}/metrics"), metadata=owner.metadata
+    )
+    assert (metrics.request_count, metrics.connection_count) == (1, 0)
+    still = await client.tunnels.GetTunnel(
+        P.GetTunnelRequest(name=made.name), metadata=owner.metadata
+    )
+    assert (still.state, still.connected_agents) == (P.Tunnel.STATE_CONNECTED, 1)
+    agent.stream.cancel()
+    again = Agent(client.agents, key, made.name)
+    assert (await again.hello()).last_sequence == 2  # the refused report left no gap
+    again.stream.cancel()
+
+
+def refused_reports(client: Client) -> float:
+    """Reports this server refused so far (its metric)."""
+    value = client.app.registry.get_sample_value(
+        "tunnelplane_agent_reports_total", {"result": "refused"}
+    )
+    return value or 0.0
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -317,6 +357,7 @@ async def test_a_silent_agent_counts_as_gone_and_several_agents_share_a_tunnel(
             beating.cancel()
         none = await wait_for_state(client, owner, made.name, connected_agents=0)
         assert none.state == P.Tunnel.STATE_DISCONNECTED
+        assert none.state_reason == "the last agent went silent"
 
 
 @pytest_asyncio.fixture(scope="module")

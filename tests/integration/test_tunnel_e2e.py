@@ -230,6 +230,9 @@ async def test_failover_to_the_secondary_and_back_and_the_agent_follows(probing:
             ],
         )
         watch = Watch(client.tunnels, made.name, owner.metadata)
+        await client.tunnels.StartTunnel(  # only a started tunnel's endpoints are probed
+            P.StartTunnelRequest(name=made.name), metadata=owner.metadata
+        )
         agent = client.agents.Connect(
             metadata=bearer(await client.api_key(owner, ["agent.connect"]))
         )
