@@ -61,6 +61,7 @@ from server.domain.ids import new_id
 from server.domain.webhooks import new_secret
 from server.storage import tables
 from server.storage.database import normalize_url
+from server.storage.sealing import new_key
 from server.storage.users import preferences_to_json
 
 #: The PostgreSQL the bench creates its databases in (as the tests do; trust auth).
@@ -87,6 +88,9 @@ DISPATCH_SETTINGS: Mapping[str, str] = {
     "TP_WEBHOOK_ADDRESSES": "any",
     "TP_WEBHOOK_BATCH": "100",
     "TP_WEBHOOK_CONCURRENCY": "100",
+    # One endpoint receives everything here: let it have every request in flight, so the
+    # bench measures the dispatcher, not the per-endpoint cap (4 by default).
+    "TP_WEBHOOK_ENDPOINT_CONCURRENCY": "100",
 }
 HOOK_PATH = "/hook"
 EVENT_TYPE = "tunnel.updated"
@@ -644,6 +648,8 @@ class Bench:
     redis_prefix: str
     receiver: ReceiverProcess
     work_dir: Path
+    #: One sealing key for every server process, as a real deployment must have.
+    secrets_key: str = field(default_factory=new_key)
 
     def settings(self, database_url: str, label: str) -> dict[str, str]:
         """The settings of the server processes of one measurement, on top of the bench's
@@ -652,6 +658,7 @@ class Bench:
             "TP_DATABASE_URL": database_url,
             "TP_REDIS_URL": self.redis_url,
             "TP_REDIS_PREFIX": f"{self.redis_prefix}{label}:",
+            "TP_SECRETS_KEY": self.secrets_key,
         }
 
     def measure(self, case: str, round_number: int) -> Run:

@@ -45,7 +45,7 @@ async def serve(settings: Settings) -> int:
 
 async def migrate(settings: Settings) -> int:
     """Apply every pending migration."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     engine = make_engine(settings.effective_database_url, pool_size=1, statement_timeout=600)
     try:
         await upgrade(engine)

@@ -1,13 +1,15 @@
 """A scriptable webhook receiver for tests and the bench: an aiohttp.web app on loopback that
-records every request and answers as told (a status, a ``Retry-After``, a delay), path by
-path. ``await receiver.wait_for(n)`` waits (no sleeps) until ``n`` requests have arrived."""
+records every request and answers as told (a status, a ``Retry-After``, a delay, no answer
+at all), path by path. ``await receiver.wait_for(n)`` waits (no sleeps) until ``n`` requests
+have been answered; :meth:`Receiver.hold` keeps a path's requests waiting until
+:meth:`Receiver.release`, counting how many wait at once."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +25,8 @@ class Reply:
     retry_after: str = ""
     #: Seconds to wait before answering (longer than the sender's timeout: a timeout).
     delay: float = 0.0
+    #: Close the connection without answering (the sender gets no response at once).
+    drop: bool = False
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,11 @@ class Receiver:
 
     seen: list[Seen] = field(default_factory=list)
     port: int = 0
+    #: Requests being handled now, and the most at once, per path.
+    active: Counter[str] = field(default_factory=Counter)
+    peak: Counter[str] = field(default_factory=Counter)
     _script: dict[str, deque[Reply]] = field(default_factory=dict)
+    _held: dict[str, asyncio.Event] = field(default_factory=dict)
     _changed: asyncio.Condition | None = None
     _runner: web.AppRunner | None = None
 
@@ -90,6 +98,15 @@ class Receiver:
         queue = self._script.setdefault(path, deque())
         queue.extend(r if isinstance(r, Reply) else Reply(r) for r in replies)
 
+    def hold(self, path: str) -> None:
+        """Keep requests to ``path`` waiting, unanswered, until :meth:`release`."""
+        self._held[path] = asyncio.Event()
+
+    def release(self, path: str) -> None:
+        """Let the requests to ``path`` be answered (now and from now on)."""
+        if (gate := self._held.pop(path, None)) is not None:
+            gate.set()
+
     def at(self, path: str) -> list[Seen]:
         """The requests ``path`` received."""
         return [s for s in self.seen if s.path == path]
@@ -115,14 +132,30 @@ class Receiver:
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        queue = self._script.get(request.path)
-        reply = queue.popleft() if queue else Reply()
-        if reply.delay:
-            await asyncio.sleep(reply.delay)
+        path = request.path
+        self.active[path] += 1
+        self.peak[path] = max(self.peak[path], self.active[path])
+        try:
+            await self._notify()
+            if (gate := self._held.get(path)) is not None:
+                await gate.wait()
+            queue = self._script.get(path)
+            reply = queue.popleft() if queue else Reply()
+            if reply.delay:
+                await asyncio.sleep(reply.delay)
+        finally:
+            self.active[path] -= 1
         headers = {k.lower(): v for k, v in request.headers.items()}
-        self.seen.append(Seen(request.path, headers, body, time.monotonic(), reply.status))
+        self.seen.append(Seen(path, headers, body, time.monotonic(), reply.status))
+        await self._notify()
+        if reply.drop:
+            assert request.transport is not None
+            request.transport.close()
+            raise web.HTTPException()  # never written: the connection is gone
+        extra = {"Retry-After": reply.retry_after} if reply.retry_after else {}
+        return web.Response(status=reply.status, text="ok", headers=extra)
+
+    async def _notify(self) -> None:
         assert self._changed is not None
         async with self._changed:
             self._changed.notify_all()
-        extra = {"Retry-After": reply.retry_after} if reply.retry_after else {}
-        return web.Response(status=reply.status, text="ok", headers=extra)

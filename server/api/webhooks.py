@@ -48,7 +48,8 @@ STATES: Mapping[DeliveryState, int] = {
 
 
 def webhook(w: Webhook, *, with_secret: bool = False) -> P.Webhook:
-    """The API form of an endpoint; the secret only when just made."""
+    """The API form of an endpoint; the secret only when just made, header values never
+    (they are write-only: ``header_names`` lists the names)."""
     return P.Webhook(
         name=w.name,
         url=w.url,
@@ -56,7 +57,7 @@ def webhook(w: Webhook, *, with_secret: bool = False) -> P.Webhook:
         event_types=list(w.event_types),
         transform=w.transform,
         rate_limit=w.rate_limit,
-        headers=dict(w.headers),
+        header_names=sorted(w.headers),
         disabled=w.disabled,
         disabled_reason=REASONS[w.disabled_reason],  # type: ignore[arg-type]
         secret=w.secret if with_secret else "",

@@ -220,14 +220,12 @@ class OperationRunner:
             await uow.operations.save(changed)
         return changed
 
-    async def run(self, poll_interval: float, paused: asyncio.Lock | None = None) -> None:
+    async def run(self, poll_interval: float) -> None:
         """Run operations until cancelled; errors are logged and retried after a pause."""
-        hold = paused or contextlib.nullcontext()
         while True:
             self._wake.clear()  # before the step: a start during it wakes the next
             try:
-                async with hold:
-                    busy = await self.run_once()
+                busy = await self.run_once()
             except Exception:
                 log.exception("running an operation failed; will retry")
                 busy = False

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
-import re
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,9 +31,11 @@ from server.domain.names import user_id_of
 from server.domain.operations import Operation, Step
 from server.domain.outbox import TEST_EVENT, DeliveryState, NewDelivery
 from server.domain.ports import UnitOfWork, UnitOfWorkFactory
+from server.domain.webhook_headers import check_headers, merge_headers, split_paths
 from server.domain.webhooks import (
     check_url,
     compile_transform,
+    json_names,
     matches,
     new_secret,
     validate_filters,
@@ -51,8 +52,6 @@ from server.errors import (
 
 #: How long the secret before a rotation keeps signing.
 ROTATION_OVERLAP = timedelta(hours=24)
-MAX_HEADERS = 20
-MAX_HEADER_VALUE = 1000
 MAX_RATE_LIMIT = 1000
 MAX_DESCRIPTION = 1000
 #: Longest wait for a URL's host to resolve when it is written.
@@ -62,23 +61,6 @@ LOOKBACK = timedelta(days=90)
 DISABLED_EVENT = "endpoint.disabled"
 #: Types an endpoint may subscribe to (a test event goes only to the endpoint tested).
 SUBSCRIBABLE = EVENT_TYPES - {TEST_EVENT}
-
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,100}")
-_RESERVED = frozenset(
-    {
-        "host",
-        "user-agent",
-        "connection",
-        "keep-alive",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "expect",
-    }
-)
 
 UPDATABLE_PATHS = frozenset(
     {"url", "description", "event_types", "transform", "rate_limit", "headers", "disabled"}
@@ -307,8 +289,10 @@ def delivery_parts(name: str, field_name: str, caller_id: str | None) -> tuple[s
 
 def event_data(event: Event) -> dict[str, Any]:
     """The ``data`` of an event's webhook payload: its subject, its actor, and the object
-    the event describes."""
-    return {"subject": event.subject, "actor": event.actor, "object": event.payload}
+    the event describes, with the JSON API's field names (``displayName``, not
+    ``display_name``). A test event's object is the caller's own JSON, as it was sent."""
+    described = event.payload if event.type == TEST_EVENT else json_names(event.payload)
+    return {"subject": event.subject, "actor": event.actor, "object": described}
 
 
 def check_draft(draft: WebhookDraft, policy: WebhookPolicy) -> WebhookDraft:
@@ -334,32 +318,9 @@ def check_draft(draft: WebhookDraft, policy: WebhookPolicy) -> WebhookDraft:
         checked(compile_transform, draft.transform)
     if not 0 <= draft.rate_limit <= MAX_RATE_LIMIT:
         violations.add("webhook.rate_limit", f"between 0 (no limit) and {MAX_RATE_LIMIT}")
-    headers = _check_headers(draft.headers, violations)
+    headers = check_headers(draft.headers, violations)
     violations.raise_if_any()
     return replace(draft, description=description, event_types=event_types, headers=headers)
-
-
-def _check_headers(headers: Mapping[str, str], violations: Violations) -> dict[str, str]:
-    if len(headers) > MAX_HEADERS:
-        violations.add("webhook.headers", f"at most {MAX_HEADERS} headers")
-        return {}
-    clean: dict[str, str] = {}
-    for name, value in sorted(headers.items()):
-        lowered = name.lower()
-        where = f"webhook.headers[{name[:100]!r}]"
-        if not _TOKEN.fullmatch(name):
-            violations.add(where, "a header name is an HTTP token of 1-100 characters")
-        elif lowered in _RESERVED or lowered.startswith(("webhook-", "content-")):
-            violations.add(where, "this header is set by the sender and cannot be configured")
-        elif lowered in clean:
-            violations.add(where, "given twice (names are case-insensitive)")
-        elif len(value) > MAX_HEADER_VALUE or not all(" " <= c <= "~" for c in value):
-            violations.add(
-                where, f"a value is printable ASCII of at most {MAX_HEADER_VALUE} characters"
-            )
-        else:
-            clean[lowered] = value
-    return clean
 
 
 class WebhookService:
@@ -463,8 +424,10 @@ class WebhookService:
         etag: str,
     ) -> Webhook:
         """Apply the masked paths of ``requested``; validated as a whole. Re-enabling clears
-        the failure record."""
-        paths = fieldmask.check_paths(paths, UPDATABLE_PATHS)
+        the failure record. ``headers.<name>`` paths change single headers (see
+        :mod:`server.domain.webhook_headers`)."""
+        paths, header_names = split_paths(paths)
+        paths = fieldmask.check_paths(paths, UPDATABLE_PATHS) if paths else ()
         if "url" in paths and self.policy.public_only:
             check_url(requested.url, require_https=self.policy.require_https)
             await check_reachable(requested.url, self.resolver)
@@ -472,6 +435,9 @@ class WebhookService:
             webhook = await _load(uow, owner_id, webhook_id, lock=True)
             _check_etag(webhook, etag, "webhook.etag")
             merged = fieldmask.merge(draft_of(webhook), requested, paths)
+            if header_names:
+                headers = merge_headers(webhook.headers, requested.headers, header_names)
+                merged = replace(merged, headers=headers)
             clean = check_draft(merged, self.policy)
             if clean == draft_of(webhook):
                 return webhook
@@ -496,7 +462,8 @@ class WebhookService:
             await uow.webhooks.save(changed, webhook.version)
             if changed.disabled and not webhook.disabled:
                 await uow.webhooks.fail_pending(webhook.id, changed.update_time)
-            audit.annotate(subject_user_id=owner_id, resource=webhook.name, paths=list(paths))
+            masked = [*paths, *(f"headers.{name}" for name in header_names)]
+            audit.annotate(subject_user_id=owner_id, resource=webhook.name, paths=masked)
         return changed
 
     async def delete(self, owner_id: str, webhook_id: str, *, etag: str) -> Webhook:
@@ -616,11 +583,13 @@ class WebhookService:
                     raise NotFound("event", request.event)
                 total = 1
             else:
-                total = await uow.events.count_between(
+                counts = await uow.events.count_by_type(
                     owner_id,
                     datetime.fromisoformat(params["start"]),
                     datetime.fromisoformat(params["end"]),
                 )
+                wanted = tuple(params["event_types"])
+                total = sum(n for t, n in counts.items() if _replays(webhook, wanted, t))
             operation = Operation(
                 id=new_id("opr", now.timestamp()),
                 user_id=owner_id,
@@ -703,19 +672,14 @@ class WebhookService:
             REPLAY_STEP,
         )
         types = tuple(params["event_types"])
-        picked = [
-            _replayed(webhook, e, now)
-            for e in batch
-            if e.type != TEST_EVENT
-            and matches(webhook.event_types, e.type)
-            and (not types or matches(types, e.type))
-        ]
+        picked = [_replayed(webhook, e, now) for e in batch if _replays(webhook, types, e.type)]
         if picked:
             await uow.webhooks.add_deliveries(picked, now)
         queued = int((operation.result or {}).get("queued", 0)) + len(picked)
         cursor = batch[-1].id if batch else operation.cursor
+        # Progress counts what the total counts: the events that match, not those looked at.
         return Step(
-            cursor, len(batch), finished=len(batch) < REPLAY_STEP, result={"queued": queued}
+            cursor, len(picked), finished=len(batch) < REPLAY_STEP, result={"queued": queued}
         )
 
     async def recover(self, owner_id: str, webhook_id: str, since: datetime) -> int:
@@ -731,6 +695,16 @@ class WebhookService:
             count = await uow.webhooks.recover(webhook_id, since, now)
             audit.annotate(subject_user_id=owner_id, resource=webhook.name, recovered=count)
         return count
+
+
+def _replays(webhook: Webhook, types: tuple[str, ...], event_type: str) -> bool:
+    """Whether a replay with the type filter ``types`` (empty: any) delivers events of
+    ``event_type`` to ``webhook``: its own filter must take them too."""
+    return (
+        event_type != TEST_EVENT
+        and matches(webhook.event_types, event_type)
+        and (not types or matches(types, event_type))
+    )
 
 
 def _replayed(webhook: Webhook, event: Event, now: datetime) -> NewDelivery:

@@ -179,6 +179,23 @@ def rfc3339(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+def json_name(field: str) -> str:
+    """The proto3 JSON name of a field name (``display_name`` -> ``displayName``): every
+    underscore dropped, the letter after it in upper case."""
+    head, *rest = field.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+def json_names(value: Any) -> Any:
+    """``value`` with the keys of every object in it renamed by :func:`json_name`: an
+    event's payload as the JSON API names things (payloads hold no user-keyed maps)."""
+    if isinstance(value, Mapping):
+        return {json_name(str(k)): json_names(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_names(v) for v in value]
+    return value
+
+
 def payload(event_type: str, timestamp: datetime, data: Mapping[str, object]) -> bytes:
     """The compact JSON body ``{"type", "timestamp", "data"}``; :class:`PayloadTooLarge`."""
     document = {"type": event_type, "timestamp": rfc3339(timestamp), "data": data}

@@ -2,7 +2,10 @@
 
 SQLite is the embedded default: WAL, foreign keys on, and write transactions opened
 with ``BEGIN IMMEDIATE`` so that two writers queue instead of failing half-way with
-"database is locked". PostgreSQL runs through psycopg 3 with a statement timeout.
+"database is locked". Its file holds every credential hash and sealed secret, so it is
+created readable by this user only (0600, in a 0700 directory when that is made too);
+SQLite gives its ``-wal`` and ``-shm`` files the database file's mode. PostgreSQL runs
+through psycopg 3 with a statement timeout.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -28,6 +33,7 @@ from server.storage.credentials import SqlApiKeyRepository, SqlSessionRepository
 from server.storage.sealing import Sealer
 from server.storage.sharing import SqlShareRepository
 from server.storage.tunnels import SqlEventRepository, SqlTunnelRepository
+from server.storage.usage import SqlRequestUsageRepository
 from server.storage.users import SqlAvatarRepository, SqlUserRepository
 from server.storage.violations import SqlViolationRepository
 from server.storage.webhooks import SqlOperationRepository, SqlWebhookRepository
@@ -53,6 +59,8 @@ def make_engine(url: str, *, pool_size: int, statement_timeout: float) -> AsyncE
     url = normalize_url(url)
     if url.startswith("sqlite"):
         path = sa.engine.make_url(url).database or ":memory:"
+        if path != ":memory:" and not path.startswith("file:"):
+            private_file(Path(path))
         engine = create_async_engine(
             url,
             pool_size=pool_size,
@@ -72,6 +80,30 @@ def make_engine(url: str, *, pool_size: int, statement_timeout: float) -> AsyncE
             "application_name": "tunnelplane",
         },
     )
+
+
+def private_file(path: Path) -> None:
+    """Make sure the SQLite file ``path`` is this user's alone: create it 0600 (its
+    directory 0700 if missing); take world access away from one that has it."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        _no_world_access(path)
+
+
+def _no_world_access(path: Path) -> None:
+    for existing in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            mode = stat.S_IMODE(existing.stat().st_mode)
+            if mode & 0o007:
+                existing.chmod(mode & ~0o007)
+                log.warning("the database file was readable by every user; it no longer is")
+        except FileNotFoundError:
+            continue
+        except PermissionError:
+            log.warning("the database file is readable by every user; make it 0600")
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -167,6 +199,7 @@ class SqlUnitOfWork:
     api_keys: SqlApiKeyRepository
     audit: SqlAuditRepository
     violations: SqlViolationRepository
+    request_usage: SqlRequestUsageRepository
     tunnels: SqlTunnelRepository
     events: SqlEventRepository
     shares: SqlShareRepository
@@ -219,6 +252,7 @@ class SqlUnitOfWork:
         self.api_keys = SqlApiKeyRepository(conn)
         self.audit = SqlAuditRepository(conn)
         self.violations = SqlViolationRepository(conn)
+        self.request_usage = SqlRequestUsageRepository(conn)
         self.tunnels = SqlTunnelRepository(conn)
         self.events = SqlEventRepository(conn)
         self.shares = SqlShareRepository(conn)

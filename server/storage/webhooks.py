@@ -10,7 +10,7 @@ makes the statement atomic anyway.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,6 +25,7 @@ from server.domain.webhook_service import Attempt, Delivery, DisabledReason, Web
 from server.errors import Aborted, NotFound
 from server.storage.base import Repository
 from server.storage.query import apply_list_query
+from server.storage.sealed_headers import open_headers, seal_headers
 from server.storage.sealing import Sealer
 from server.storage.tables import (
     operations,
@@ -60,7 +61,10 @@ def _mutable(webhook: Webhook, sealer: Sealer) -> dict[str, Any]:
         "event_types": list(webhook.event_types),
         "transform": webhook.transform,
         "rate_limit": webhook.rate_limit,
-        "headers": dict(webhook.headers),
+        "headers": {},  # never in the clear: sealed_headers (none: no headers)
+        "sealed_headers": (
+            seal_headers(webhook.headers, webhook.id, sealer) if webhook.headers else None
+        ),
         "disabled_reason": webhook.disabled_reason.value,
         "secret": sealer.seal(webhook.secret, webhook.id),
         "previous_secret": None if previous is None else sealer.seal(previous, webhook.id),
@@ -81,7 +85,7 @@ def _webhook(row: sa.RowMapping, sealer: Sealer) -> Webhook:
         event_types=tuple(row["event_types"]),
         transform=row["transform"],
         rate_limit=row["rate_limit"],
-        headers=dict(row["headers"]),
+        headers=open_headers(row, sealer),
         disabled_reason=DisabledReason(row["disabled_reason"]),
         secret=sealer.open(row["secret"], row["id"]),
         previous_secret=None if previous is None else sealer.open(previous, row["id"]),
@@ -201,6 +205,28 @@ class SqlWebhookRepository(Repository):
         stmt = apply_list_query(stmt, query, WEBHOOK_COLUMNS, _w.id)
         return [_webhook(r, self._sealer) for r in await self._all(stmt)]
 
+    async def seal_plain_headers(self, limit: int) -> int:
+        """Seal the headers of up to ``limit`` rows that hold some in the clear (written
+        before migration 0008, or by a tool); how many rows were looked at. A row saved
+        meanwhile is left as that save wrote it; a row without headers needs no key."""
+        stmt = (
+            sa.select(_w.id, _w.headers)
+            .where(_w.sealed_headers.is_(None), sa.cast(_w.headers, sa.Text) != "{}")
+            .order_by(_w.id)
+            .limit(limit)
+        )
+        rows = (await self._conn.execute(stmt)).all()
+        for webhook_id, headers in rows:
+            await self._conn.execute(
+                sa.update(webhooks)
+                .where(_w.id == webhook_id, _w.sealed_headers.is_(None))
+                .values(
+                    headers={},
+                    sealed_headers=seal_headers(headers or {}, webhook_id, self._sealer),
+                )
+            )
+        return len(rows)
+
     async def receivers(self, user_id: str) -> builtins.list[Receiver]:
         stmt = sa.select(_w.id, _w.event_types, _w.disabled_reason).where(_w.user_id == user_id)
         return [
@@ -280,21 +306,51 @@ class SqlWebhookRepository(Repository):
     async def claim(
         self, now: datetime, lease_until: datetime, limit: int, token: int
     ) -> builtins.list[Claimed]:
-        due = (
-            sa.select(_d.id)
+        """Claim up to ``limit`` due deliveries, the longest due first."""
+        claimed, _ = await self.claim_fairly(now, lease_until, limit, token)
+        return claimed
+
+    async def claim_fairly(
+        self,
+        now: datetime,
+        lease_until: datetime,
+        limit: int,
+        token: int,
+        *,
+        per_endpoint: int = 0,
+        busy: Mapping[str, int] | None = None,
+    ) -> tuple[builtins.list[Claimed], bool]:
+        """Claim up to ``limit`` due deliveries, the longest due first, and say whether
+        nothing claimable was left behind. With ``per_endpoint``, an endpoint gets at most
+        that many less what the caller already has in flight to it (``busy``), and
+        endpoints with none left are not looked at, so that one endpoint's backlog never
+        fills a claim."""
+        busy = busy or {}
+        scan = limit * 2 if per_endpoint else limit
+        head = (
+            sa.select(_d.id, _d.webhook_id)
             .where(_d.state == _PENDING, _d.next_attempt_time <= now)
             .order_by(_d.next_attempt_time)
-            .limit(limit)
+            .limit(scan)
             .with_for_update(skip_locked=True)
         )
+        if per_endpoint and (full := [w for w, n in busy.items() if n >= per_endpoint]):
+            head = head.where(_d.webhook_id.not_in(sorted(full)))
+        rows = [(r[0], r[1]) for r in await self._conn.execute(head)]
+        chosen = _within_limits(rows, limit, per_endpoint, busy)
+        # Fewer rows than looked for: every claimable one was seen; else those skipped
+        # for their endpoint's limit may hide others further down.
+        seen_all = len(rows) < scan and len(chosen) == len(rows)
+        if not chosen:
+            return [], len(rows) < scan
         stmt = (
             sa.update(webhook_deliveries)
-            .where(_d.id.in_(due.scalar_subquery()))
+            .where(_d.id.in_(chosen))
             .values(next_attempt_time=lease_until, claim=token)
             .returning(_d.id, _d.webhook_id, _d.event_id, _d.attempt_count, _d.test)
         )
-        rows = (await self._conn.execute(stmt)).all()
-        return [Claimed(r[0], r[1], r[2], r[3], r[4], token) for r in rows]
+        claimed = (await self._conn.execute(stmt)).all()
+        return [Claimed(r[0], r[1], r[2], r[3], r[4], token) for r in claimed], seen_all
 
     async def claim_one(
         self, delivery_id: str, lease_until: datetime, token: int
@@ -424,10 +480,31 @@ class SqlWebhookRepository(Repository):
         count, oldest = (await self._conn.execute(stmt)).one()
         return int(count), oldest
 
-    async def next_due(self) -> datetime | None:
+    async def next_due(self, *, after: datetime | None = None) -> datetime | None:
+        """When the next pending delivery is due (the next one due after ``after``)."""
         stmt = sa.select(sa.func.min(_d.next_attempt_time)).where(_d.state == _PENDING)
+        if after is not None:
+            stmt = stmt.where(_d.next_attempt_time > after)
         value: datetime | None = (await self._conn.execute(stmt)).scalar_one_or_none()
         return value
+
+
+def _within_limits(
+    rows: Sequence[tuple[str, str]], limit: int, per_endpoint: int, busy: Mapping[str, int]
+) -> builtins.list[str]:
+    """The ids of ``rows`` (id, webhook id; longest due first) a claim takes."""
+    if not per_endpoint:
+        return [r[0] for r in rows[:limit]]
+    taken: dict[str, int] = {}
+    chosen: builtins.list[str] = []
+    for delivery_id, webhook_id in rows:
+        count = taken.get(webhook_id, busy.get(webhook_id, 0))
+        if count < per_endpoint:
+            chosen.append(delivery_id)
+            taken[webhook_id] = count + 1
+            if len(chosen) == limit:
+                break
+    return chosen
 
 
 def _operation(row: sa.RowMapping) -> Operation:

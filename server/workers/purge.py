@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from server.domain.users import UserService
@@ -15,15 +14,12 @@ async def purge_loop(
     users: UserService,
     log: logging.Logger,
     interval: float = INTERVAL,
-    paused: asyncio.Lock | None = None,
 ) -> None:
     """Purge due users every ``interval`` seconds; deletion is idempotent, so replicas may
-    run this loop side by side. Each pass holds ``paused`` (when given)."""
-    hold = paused or contextlib.nullcontext()
+    run this loop side by side."""
     while True:
         try:
-            async with hold:
-                purged = await users.purge_expired()
+            purged = await users.purge_expired()
             if purged:
                 log.info("purged soft-deleted users", extra={"count": purged})
         except Exception:

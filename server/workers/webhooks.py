@@ -1,17 +1,24 @@
 """The webhook dispatcher: claims due deliveries from the outbox, sends them, records what
 happened.
 
-One round: claim up to ``batch`` due deliveries (a lease, see
-:mod:`server.storage.webhooks`), load their endpoints and events, hold back those over their
-endpoint's rate limit (they get their send time and are released), send the rest
-concurrently, and record every result in one transaction: the attempt, the delivery's
-next state, the endpoint's failure record, and — on 410 or five days of failures — the
-endpoint disabled with an ``endpoint.disabled`` event. Any number of replicas may run this
-loop on one PostgreSQL; SQLite runs it in its one process.
+It dispatches continuously. The claim loop claims due deliveries (a lease, see
+:mod:`server.storage.webhooks`) as long as there is room: at most ``concurrency`` requests
+in flight in the process and ``endpoint_concurrency`` per endpoint, so that a slow or dead
+receiver holds only its own few slots and every other endpoint keeps being served.
+Deliveries over their endpoint's rate limit are held back (they get their send time and
+are released). Each claimed delivery is sent as a task of its own; results are recorded as
+they land, in batches (:mod:`server.workers.webhook_records`), never waiting for a slower
+send. Any number of replicas may run this loop on one PostgreSQL; SQLite runs it in its
+one process. The per-endpoint limit is per process.
 
-Crash safety comes from the lease: a dispatcher killed mid-send never records its result,
-so the delivery comes due again when the lease ends and is sent again with the same
-``webhook-id`` (at least once).
+Nothing orders the requests one endpoint receives (a retry overtakes later events anyway):
+receivers order by the payload's ``timestamp`` and drop duplicates by ``webhook-id``.
+
+Crash safety comes from the lease, longer than the send timeout (the settings insist), so
+that a send in flight is never claimed again by another replica: a dispatcher killed
+mid-send never records its result, so the delivery comes due again when the lease ends and
+is sent again with the same ``webhook-id`` (at least once). A dispatcher that is stopped
+releases the deliveries it did not finish, for another replica to send at once.
 """
 
 from __future__ import annotations
@@ -21,43 +28,46 @@ import contextlib
 import logging
 import random
 import secrets
+from collections import Counter as Tally
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from server.domain.clock import Clock
-from server.domain.delivery import Claimed, Finished, Request, Settlement, render, settle
-from server.domain.entities import AuditEntry
-from server.domain.events import Event, EventBus, record
-from server.domain.ids import new_id
+from server.domain.delivery import Claimed, Request, Settlement, render, settle
+from server.domain.events import Event, EventBus
 from server.domain.outbox import DeliveryState
 from server.domain.ports import UnitOfWork, UnitOfWorkFactory
-from server.domain.webhook_service import (
-    DISABLED_EVENT,
-    Attempt,
-    DisabledReason,
-    Webhook,
-    delivery_name,
-)
-from server.domain.webhooks import DISABLE_AFTER, RETRY_SCHEDULE, should_disable
+from server.domain.webhook_service import Attempt, Webhook
+from server.domain.webhooks import DISABLE_AFTER, RETRY_SCHEDULE
 from server.errors import DomainError
 from server.workers.webhook_http import AttemptResult, WebhookSender
+from server.workers.webhook_records import Outcome, ResultRecorder
 
 log = logging.getLogger("tunnelplane.webhooks")
 
-#: A delivery whose rate-limited send time is this close is sent in this round.
+#: A delivery whose rate-limited send time is this close is sent now.
 SLOT_SLACK = timedelta(milliseconds=5)
+#: The shortest sleep while something is due that could not be claimed (rows another
+#: replica is claiming at this moment): not a busy loop.
+MIN_IDLE = 0.01
+#: Under load sends land one by one; a claim or a record for each would cost a transaction
+#: per delivery, so when only a few have landed the loop lets more land for this long.
+GATHER = 0.005
 
 
 @dataclass(frozen=True, slots=True)
 class DispatchSettings:
     """How the dispatcher works."""
 
+    #: Most deliveries claimed at once.
     batch: int = 100
     #: Requests in flight at once, per process.
     concurrency: int = 100
+    #: Requests in flight at once to one endpoint, per process.
+    endpoint_concurrency: int = 4
     #: How long a claim holds a delivery; longer than the send timeout.
     lease: float = 60.0
     #: Longest sleep while nothing is due (new events wake the loop sooner).
@@ -91,15 +101,23 @@ class DispatchMetrics:
             "How long the oldest due delivery has been waiting.",
             registry=registry,
         )
+        self.in_flight = Gauge(
+            "tunnelplane_webhook_in_flight",
+            "Webhook requests this process has in flight.",
+            registry=registry,
+        )
 
 
 @dataclass(frozen=True, slots=True)
-class _Outcome:
-    claimed: Claimed
-    webhook: Webhook
-    event: Event
-    attempt: Attempt | None
-    settlement: Settlement
+class _Claim:
+    #: Deliveries claimed (those held back by a rate limit included).
+    count: int
+    #: Those to send now, with their endpoints and events.
+    ready: list[Claimed]
+    hooks: dict[str, Webhook]
+    events: dict[str, Event]
+    #: Nothing claimable was left behind.
+    seen_all: bool
 
 
 class WebhookDispatcher:
@@ -117,29 +135,38 @@ class WebhookDispatcher:
     ) -> None:
         self._uow = uow
         self._sender = sender
-        self._bus = bus
         self._clock = clock
         self._settings = settings
         self._metrics = metrics
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self._records = ResultRecorder(uow, bus, clock, settings.disable_after, metrics.deliveries)
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._wake = asyncio.Event()
         self._stats_at = 0.0
+        #: Requests in flight, per endpoint; their claims.
+        self._busy: Tally[str] = Tally()
+        self._flights: dict[asyncio.Task[Outcome], Claimed] = {}
+        #: Results waiting to be recorded, and the signal that some are.
+        self._landed: list[Outcome] = []
+        self._landing = asyncio.Event()
+        self._wake_timer: asyncio.TimerHandle | None = None
 
     def wake(self, _event: object = None) -> None:
-        """Look for due work now (an event was recorded)."""
+        """Look for due work now (an event was recorded, or a slot came free)."""
         self._wake.set()
 
+    @property
+    def in_flight(self) -> int:
+        """Requests this dispatcher has in flight."""
+        return sum(self._busy.values())
+
     async def run_once(self) -> int:
-        """One round; the number of deliveries claimed."""
-        now = self._clock.now()
-        lease = now + timedelta(seconds=self._settings.lease)
-        async with self._uow() as uow:
-            claimed = await uow.webhooks.claim(now, lease, self._settings.batch, _token())
-            hooks, events = await _load(uow, claimed)
-        if claimed:
-            await self._deliver(claimed, hooks, events)
-        return len(claimed)
+        """One round, all of it awaited: claim what is due (within the concurrency
+        limits), send it, record every result; the number of deliveries claimed."""
+        got = await self._claim(self._settings.batch)
+        flights = [self._fly(c, got.hooks[c.webhook_id], got.events[c.event_id]) for c in got.ready]
+        await self._records.record(await asyncio.gather(*flights))
+        return got.count
 
     async def deliver_now(self, delivery_id: str) -> None:
         """Attempt one pending delivery at once (a test send)."""
@@ -148,65 +175,87 @@ class WebhookDispatcher:
             claimed = await uow.webhooks.claim_one(delivery_id, lease, _token())
             found = [] if claimed is None else [claimed]
             hooks, events = await _load(uow, found)
-        if found:
-            await self._deliver(found, hooks, events, rate_limit=False)
+        outcomes = [
+            await self._attempt(c, hooks[c.webhook_id], events[c.event_id])
+            for c in found
+            if c.webhook_id in hooks and c.event_id in events
+        ]
+        await self._records.record(outcomes)
 
-    async def run(self, paused: asyncio.Lock | None = None) -> None:
-        """Deliver until cancelled. Each round holds ``paused`` (when given)."""
-        hold = paused or contextlib.nullcontext()
-        while True:
-            idle = self._settings.poll_interval
-            self._wake.clear()  # before the round: an event during it wakes the next
-            try:
-                async with hold:
-                    claimed = await self.run_once()
+    async def run(self) -> None:
+        """Deliver until cancelled; then release what is still in flight."""
+        recorder = asyncio.create_task(self._record_landed(), name="webhook-results")
+        try:
+            while True:
+                idle = self._settings.poll_interval
+                self._wake.clear()  # before the claim: an event during it wakes the next
+                try:
+                    more = await self._fill()
                     await self._update_stats()
-                if claimed:
-                    continue  # there may be more: look again at once
-                idle = await self._idle_time()
-            except Exception:
-                log.exception("webhook dispatch failed; will retry")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(idle):
-                    await self._wake.wait()
+                    if more:
+                        continue  # what is claimable was not all seen: look again at once
+                    idle = await self._idle_time()
+                except Exception:
+                    log.exception("webhook dispatch failed; will retry")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(idle):
+                        await self._wake.wait()
+        finally:
+            await self._land_all(recorder)
 
-    async def _idle_time(self) -> float:
-        """How long to sleep: until the next delivery is due, at most a poll interval."""
-        async with self._uow(readonly=True) as uow:
-            due = await uow.webhooks.next_due()
-        if due is None:
-            return self._settings.poll_interval
-        wait = (due - self._clock.now()).total_seconds()
-        return min(max(wait, 0.0), self._settings.poll_interval)
+    # -- claiming --------------------------------------------------------------------------
 
-    async def _update_stats(self) -> None:
-        now = self._clock.time()
-        if now - self._stats_at < 5.0:
-            return
-        self._stats_at = now
-        at = self._clock.now()
-        async with self._uow(readonly=True) as uow:
-            depth, oldest = await uow.webhooks.queue_stats(at)
-        self._metrics.queue_depth.set(depth)
-        self._metrics.oldest_due.set(0.0 if oldest is None else (at - oldest).total_seconds())
+    async def _fill(self) -> bool:
+        """Claim as many due deliveries as there is room for and start sending them;
+        whether more may be claimable now."""
+        room = self._room()
+        if room <= 0:
+            return False  # a landing send wakes the loop
+        got = await self._claim(room)
+        for c in got.ready:
+            flight = self._fly(c, got.hooks[c.webhook_id], got.events[c.event_id])
+            task = asyncio.create_task(flight)
+            self._flights[task] = c
+            task.add_done_callback(self._land)
+        return not got.seen_all
 
-    # -- one round -------------------------------------------------------------------------
+    def _wake_soon(self) -> None:
+        """Wake the claim loop in :data:`GATHER`: the room of every send that lands
+        meanwhile is claimed in one go."""
+        if self._wake_timer is None:
+            loop = asyncio.get_running_loop()
+            self._wake_timer = loop.call_later(GATHER, self._woken)
 
-    async def _deliver(
-        self,
-        claimed: Sequence[Claimed],
-        hooks: dict[str, Webhook],
-        events: dict[str, Event],
-        *,
-        rate_limit: bool = True,
-    ) -> None:
+    def _woken(self) -> None:
+        self._wake_timer = None
+        self.wake()
+
+    def _room(self) -> int:
+        return min(self._settings.batch, self._settings.concurrency - self.in_flight)
+
+    def _few(self) -> int:
+        return max(1, self._settings.batch // 4)
+
+    async def _claim(self, limit: int) -> _Claim:
+        """Claim up to ``limit`` due deliveries within the per-endpoint limit; those to
+        send now are counted in flight at once."""
+        now = self._clock.now()
+        lease = now + timedelta(seconds=self._settings.lease)
+        async with self._uow() as uow:
+            claimed, seen_all = await uow.webhooks.claim_fairly(
+                now,
+                lease,
+                limit,
+                _token(),
+                per_endpoint=self._settings.endpoint_concurrency,
+                busy=self._busy,
+            )
+            hooks, events = await _load(uow, claimed)
         ready = [c for c in claimed if c.webhook_id in hooks and c.event_id in events]
-        if rate_limit:
-            ready = await self._hold_back(ready, hooks)
-        results = await asyncio.gather(
-            *(self._attempt(c, hooks[c.webhook_id], events[c.event_id]) for c in ready)
-        )
-        await self._record(results)
+        ready = await self._hold_back(ready, hooks)
+        self._busy.update(c.webhook_id for c in ready)
+        self._metrics.in_flight.set(self.in_flight)
+        return _Claim(len(claimed), ready, hooks, events, seen_all)
 
     async def _hold_back(self, claimed: list[Claimed], hooks: dict[str, Webhook]) -> list[Claimed]:
         """Those of ``claimed`` that their endpoints' rate limits let through now; the rest
@@ -232,17 +281,61 @@ class WebhookDispatcher:
             self._metrics.deliveries.labels("postponed").inc(len(held))
         return [c for c in claimed if c.delivery_id not in held]
 
-    async def _attempt(self, claimed: Claimed, webhook: Webhook, event: Event) -> _Outcome:
+    async def _idle_time(self) -> float:
+        """How long to sleep once everything claimable now is claimed: until the next
+        delivery comes due, at most a poll interval. What is due now but waits for its
+        endpoint's room is not looked at: a landing send of that endpoint wakes the loop."""
+        if self.in_flight >= self._settings.concurrency:
+            return self._settings.poll_interval
+        now = self._clock.now()
+        async with self._uow(readonly=True) as uow:
+            due = await uow.webhooks.next_due(after=now)
+        if due is None:
+            return self._settings.poll_interval
+        wait = (due - now).total_seconds()
+        return min(max(wait, MIN_IDLE), self._settings.poll_interval)
+
+    async def _update_stats(self) -> None:
+        now = self._clock.time()
+        if now - self._stats_at < 5.0:
+            return
+        self._stats_at = now
+        at = self._clock.now()
+        async with self._uow(readonly=True) as uow:
+            depth, oldest = await uow.webhooks.queue_stats(at)
+        self._metrics.queue_depth.set(depth)
+        self._metrics.oldest_due.set(0.0 if oldest is None else (at - oldest).total_seconds())
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def _fly(self, claimed: Claimed, webhook: Webhook, event: Event) -> Outcome:
+        """One claimed delivery's attempt; its slot is given back when it lands."""
+        try:
+            return await self._attempt(claimed, webhook, event)
+        finally:
+            limits = self._settings
+            was_full = (
+                self.in_flight >= limits.concurrency
+                or self._busy[claimed.webhook_id] >= limits.endpoint_concurrency
+            )
+            self._busy[claimed.webhook_id] -= 1
+            if self._busy[claimed.webhook_id] <= 0:
+                del self._busy[claimed.webhook_id]
+            self._metrics.in_flight.set(self.in_flight)
+            if was_full:
+                self._wake_soon()  # the claim loop may have been waiting for this room
+
+    async def _attempt(self, claimed: Claimed, webhook: Webhook, event: Event) -> Outcome:
         now = self._clock.now()
         number = claimed.attempt_count + 1
         if webhook.disabled and not claimed.test:
-            return _Outcome(claimed, webhook, event, None, Settlement(DeliveryState.FAILED, None))
+            return Outcome(claimed, webhook, event, None, Settlement(DeliveryState.FAILED, None))
         try:
             request = render(webhook, event, now)
         except DomainError as exc:  # a transformation that fails, a payload too large
             attempt = Attempt(number, now, 0, 0.0, "", str(exc)[:300], succeeded=False)
             failed = Settlement(DeliveryState.FAILED, None, endpoint_failed=not claimed.test)
-            return _Outcome(claimed, webhook, event, attempt, failed)
+            return Outcome(claimed, webhook, event, attempt, failed)
         result = await self._send(request)
         settlement = settle(
             number,
@@ -275,78 +368,79 @@ class WebhookDispatcher:
                 "state": settlement.state.value,
             },
         )
-        return _Outcome(claimed, webhook, event, attempt, settlement)
+        return Outcome(claimed, webhook, event, attempt, settlement)
 
     async def _send(self, request: Request) -> AttemptResult:
         async with self._slots:
             return await self._sender.send(request.url, request.body, request.headers)
 
-    async def _record(self, outcomes: Sequence[_Outcome]) -> None:
-        if not outcomes:
+    # -- recording -------------------------------------------------------------------------
+
+    def _land(self, task: asyncio.Task[Outcome]) -> None:
+        """A send task ended: queue its result for recording."""
+        self._flights.pop(task, None)
+        if task.cancelled():
+            return
+        if (failure := task.exception()) is not None:
+            log.error("a webhook attempt failed", exc_info=failure)
+            return  # its lease brings the delivery back
+        self._landed.append(task.result())
+        self._landing.set()
+
+    async def _record_landed(self) -> None:
+        """Record landed results until cancelled: whatever landed meanwhile, in one
+        transaction, so a slow send never holds back the others' records."""
+        while True:
+            await self._landing.wait()
+            if len(self._landed) < self._few() and self._flights:
+                await asyncio.sleep(GATHER)  # record what lands meanwhile with them
+            self._landing.clear()
+            await self._record_now()
+
+    async def _record_now(self) -> None:
+        batch, self._landed = self._landed, []
+        try:
+            await self._records.record(batch)
+        except Exception:
+            # Their leases bring the deliveries back: sent again, at least once.
+            log.exception("recording webhook results failed", extra={"results": len(batch)})
+
+    async def _land_all(self, recorder: asyncio.Task[None]) -> None:
+        """Stop: cancel the sends in flight, record what landed, and release the rest at
+        once (rather than at the end of their leases)."""
+        if self._wake_timer is not None:
+            self._wake_timer.cancel()
+        unfinished = list(self._flights.items())
+        for task, _ in unfinished:
+            task.cancel()
+        await asyncio.gather(*(t for t, _ in unfinished), return_exceptions=True)
+        recorder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await recorder
+        await self._record_now()
+        released = [c for t, c in unfinished if t.cancelled()]
+        if not released:
             return
         now = self._clock.now()
-        async with self._uow() as uow:
-            held = await uow.webhooks.finish(
-                [
-                    Finished(
-                        o.claimed.delivery_id,
-                        o.claimed.token,
-                        o.settlement.state,
-                        o.settlement.next_attempt_time,
-                        o.attempt,
-                    )
-                    for o in outcomes
-                ],
-                now,
-            )
-            recorded = [o for o in outcomes if o.claimed.delivery_id in held]
-            await uow.webhooks.succeeded(
-                sorted({o.webhook.id for o in recorded if o.settlement.endpoint_ok})
-            )
-            for webhook in {o.webhook.id: o.webhook for o in recorded}.values():
-                mine = [o.settlement for o in recorded if o.webhook.id == webhook.id]
-                await self._judge_endpoint(uow, webhook, mine, now)
-            await uow.audit.add_many(
-                [
-                    _audit_entry(o, now)
-                    for o in recorded
-                    if o.settlement.state is not DeliveryState.PENDING
-                ]
-            )
-        for o in recorded:
-            label = {
-                DeliveryState.SUCCEEDED: "succeeded",
-                DeliveryState.PENDING: "retrying",
-                DeliveryState.FAILED: "failed",
-            }[o.settlement.state]
-            self._metrics.deliveries.labels(label).inc()
+        try:
+            async with self._uow() as uow:
+                for c in released:
+                    await uow.webhooks.release(c.delivery_id, c.token, now)
+        except Exception:
+            log.exception("releasing unfinished webhook deliveries failed")
 
-    async def _judge_endpoint(
-        self, uow: UnitOfWork, webhook: Webhook, settled: list[Settlement], now: datetime
-    ) -> None:
-        """Disable the endpoint on 410, or once it has failed for ``disable_after``."""
-        reason = next((s.disable for s in settled if s.disable is not None), None)
-        failed = any(s.endpoint_failed for s in settled)
-        if reason is None and failed and not any(s.endpoint_ok for s in settled):
-            since = await uow.webhooks.failing(webhook.id, now)
-            if should_disable(since, now, self._settings.disable_after):
-                reason = DisabledReason.FAILING
-        if reason is None or not await uow.webhooks.disable(webhook.id, reason, now):
-            return
-        dropped = await uow.webhooks.fail_pending(webhook.id, now)
-        log.warning(
-            "webhook endpoint disabled",
-            extra={"webhook": webhook.id, "reason": reason.value, "dropped": dropped},
-        )
-        await record(
-            uow,
-            self._bus,
-            self._clock,
-            DISABLED_EVENT,
-            subject=webhook.name,
-            user_id=webhook.user_id,
-            payload={"name": webhook.name, "url": webhook.url, "reason": reason.value},
-        )
+
+async def seal_plain_headers(uow: UnitOfWorkFactory, batch: int = 200) -> None:
+    """Seal the custom headers that rows written before migration 0008 hold in the clear;
+    run once at start-up (on every replica: sealing a row twice is harmless)."""
+    try:
+        while True:
+            async with uow() as work:
+                looked = await work.webhooks.seal_plain_headers(batch)
+            if looked < batch:
+                return
+    except Exception:
+        log.exception("sealing stored webhook headers failed; the next start tries again")
 
 
 async def _load(
@@ -363,24 +457,3 @@ async def _load(
 
 def _token() -> int:
     return secrets.randbits(62) + 1
-
-
-def _audit_entry(o: _Outcome, now: datetime) -> AuditEntry:
-    attempt = o.attempt
-    return AuditEntry(
-        id=new_id("aud", now.timestamp()),
-        time=now,
-        method="webhook.delivery",
-        action="webhook.deliver",
-        outcome="OK" if o.settlement.state is DeliveryState.SUCCEEDED else "FAILED",
-        subject_user_id=o.webhook.user_id,
-        resource=delivery_name(o.webhook.user_id, o.webhook.id, o.claimed.delivery_id),
-        details={
-            "event": o.event.name,
-            "event_type": o.event.type,
-            "attempts": 0 if attempt is None else attempt.number,
-            "status_code": 0 if attempt is None else attempt.status_code,
-            "error": "" if attempt is None else attempt.error,
-            "test": o.claimed.test,
-        },
-    )

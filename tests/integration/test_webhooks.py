@@ -10,6 +10,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,7 +18,7 @@ import httpx
 import pytest
 import pytest_asyncio
 import sqlalchemy as sa
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, timestamp_pb2
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 from standardwebhooks.webhooks import WebhookVerificationError
 from tunnelplane.v1 import events_pb2, operations_pb2, tunnels_pb2, users_pb2, webhooks_pb2
@@ -232,7 +233,8 @@ async def test_endpoints_over_http_and_the_secret_in_json(
     assert made.status_code == 200, made.text
     body = made.json()
     assert body["secret"].startswith("whsec_")
-    assert body["headers"] == {"x-team": "billing"}
+    assert "headers" not in body  # write-only: the names are in headerNames
+    assert body["headerNames"] == ["x-team"]
     patched = await http.patch(
         f"/v1/{body['name']}", json={"rateLimit": 5, "disabled": True}, headers=auth(owner)
     )
@@ -267,7 +269,12 @@ async def test_events_arrive_signed_as_standard_webhooks_says(client: Client, rx
     assert payload["type"] == "tunnel.created"
     assert payload["data"]["subject"] == tunnel.name
     assert payload["data"]["actor"] == owner.name
-    assert payload["data"]["object"]["display_name"] == "signed"
+    # The object carries the JSON API's names, as GET /v1/{tunnel} spells them.
+    described = payload["data"]["object"]
+    assert described["displayName"] == "signed"
+    assert described["name"] == tunnel.name
+    assert "activeEndpoint" in described
+    assert not [key for key in described if "_" in key]
     (event,) = [e for e in await events_of(client, owner) if e.type == "tunnel.created"]
     assert seen.message_id == event.id
     sent_time = datetime.fromisoformat(payload["timestamp"].replace("Z", "+00:00"))
@@ -330,13 +337,14 @@ async def test_a_transformation_reshapes_data(client: Client, rx: Receiver) -> N
         owner,
         rx.url(),
         event_types=["tunnel.created"],
-        transform="{tunnel: data.subject, state: data.object.state, kind: type}",
+        transform="{tunnel: data.subject, title: data.object.displayName, kind: type}",
     )
-    tunnel = await client.tunnel(owner)
+    tunnel = await client.tunnel(owner, "shaped")
     (seen,) = await rx.wait_for(1)
     payload = verified(hook.secret, seen)
     assert payload["type"] == "tunnel.created"
-    assert payload["data"] == {"tunnel": tunnel.name, "state": "created", "kind": "tunnel.created"}
+    # The transformation sees the whole payload, the object with the API's JSON names.
+    assert payload["data"] == {"tunnel": tunnel.name, "title": "shaped", "kind": "tunnel.created"}
 
 
 async def test_during_a_rotation_both_secrets_sign_for_a_day(client: Client, rx: Receiver) -> None:
@@ -419,10 +427,11 @@ async def test_replaying_a_time_range_is_an_operation_over_http(
     operation = started.json()
     assert operation["name"].startswith(f"{owner.name}/operations/opr_")
     assert operation["metadata"]["kind"] == "webhook.replay"
-    assert operation["metadata"]["total"] == "5"  # user.created, user.tier_changed, 3 tunnels
+    # What the endpoint's filter takes: the 3 tunnels, not user.created or user.tier_changed.
+    assert operation["metadata"]["total"] == "3"
     done = await poll_operation(http, owner, operation["name"])
     assert done["replayWebhookEvents"] == {"queued": "3"}
-    assert done["metadata"]["processed"] == "5"
+    assert done["metadata"]["processed"] == "3"
     again = await rx.wait_for(6)
     assert sorted(s.message_id for s in again[3:]) == sorted(s.message_id for s in first)
     retried = await http.post(
@@ -433,6 +442,49 @@ async def test_replaying_a_time_range_is_an_operation_over_http(
     assert retried.json()["name"] == operation["name"]  # the same operation, not another
     listed = await http.get(f"/v1/{owner.name}/operations", headers=auth(owner))
     assert [o["name"] for o in listed.json()["operations"]] == [operation["name"]]
+
+
+async def test_a_replay_counts_the_events_it_will_deliver(client: Client, rx: Receiver) -> None:
+    owner = await client.new_user()
+    start = datetime.now(UTC) - timedelta(seconds=5)
+    hook = await client.webhook(owner, rx.url(), event_types=["tunnel.*"])
+    made = [await client.tunnel(owner) for _ in range(2)]
+    await client.tunnels.DeleteTunnel(
+        tunnels_pb2.DeleteTunnelRequest(name=made[0].name), metadata=owner.metadata
+    )
+    await rx.wait_until(
+        lambda seen: (
+            sorted(s.json["type"] for s in seen)
+            == ["tunnel.created", "tunnel.created", "tunnel.deleted"]
+        )
+    )
+    started = await client.webhooks.ReplayWebhookEvents(
+        W.ReplayWebhookEventsRequest(
+            name=hook.name, start_time=stamp(start), event_types=["tunnel.created"]
+        ),
+        metadata=owner.metadata,
+    )
+    # user.created is outside the endpoint's filter, tunnel.deleted outside the replay's.
+    assert started.metadata.total == 2
+    async with asyncio.timeout(20):
+        while not (done := await get_operation(client, owner, started.name)).done:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    assert done.replay_webhook_events.queued == 2
+    assert (done.metadata.processed, done.metadata.total) == (2, 2)
+
+
+def stamp(moment: datetime) -> timestamp_pb2.Timestamp:
+    """``moment`` as a Timestamp."""
+    value = timestamp_pb2.Timestamp()
+    value.FromDatetime(moment)
+    return value
+
+
+async def get_operation(client: Client, owner: TestUser, name: str) -> O.Operation:
+    """The operation as GetOperation returns it."""
+    return await client.operations.GetOperation(
+        O.GetOperationRequest(name=name), metadata=owner.metadata
+    )
 
 
 async def poll_operation(http: httpx.AsyncClient, owner: TestUser, name: str) -> dict[str, Any]:
@@ -481,15 +533,30 @@ async def test_replaying_one_event_over_grpc(client: Client, rx: Receiver) -> No
     )
 
 
+@pytest_asyncio.fixture
+async def api_only(backend: Backend, tmp_path: Path) -> AsyncIterator[App]:
+    """A replica that runs no operations (``TP_RUN_OPERATIONS=false``), on a database of its
+    own: an operation it starts waits until a test steps a runner by hand."""
+    async with own_database(backend, tmp_path) as isolated:
+        server = App(isolated.settings(tmp_path, run_operations=False))
+        await server.start()
+        yield server
+        await server.stop(grace=0)
+
+
 async def test_a_replay_cancelled_before_it_runs_queues_nothing_over_http(
-    client: Client, http: httpx.AsyncClient, rx: Receiver
+    api_only: App, rx: Receiver
 ) -> None:
-    owner = await client.new_user()
-    start = datetime.now(UTC) - timedelta(seconds=5)
-    hook = await client.webhook(owner, rx.url(), event_types=["tunnel.created"])
-    await client.tunnel(owner)
-    await rx.wait_for(1)
-    async with client.app.background:  # the runner's steps wait meanwhile
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{api_only.grpc_port}") as channel,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_only.http_port}") as http,
+    ):
+        client = Client(api_only, channel)
+        owner = await client.new_user()
+        start = datetime.now(UTC) - timedelta(seconds=5)
+        hook = await client.webhook(owner, rx.url(), event_types=["tunnel.created"])
+        await client.tunnel(owner)
+        await rx.wait_for(1)
         started = await http.post(
             f"/v1/{hook.name}:replay", json={"startTime": start.isoformat()}, headers=auth(owner)
         )
@@ -501,12 +568,13 @@ async def test_a_replay_cancelled_before_it_runs_queues_nothing_over_http(
         assert body["error"]["code"] == 1  # CANCELLED
         again = await http.post(f"/v1/{name}:cancel", json={}, headers=auth(owner))
         assert again.json() == body  # a finished operation stays as it is
-    # The runner finds nothing to do: no step ran, no delivery was queued again.
-    operation = await client.operations.GetOperation(
-        O.GetOperationRequest(name=name), metadata=owner.metadata
-    )
-    assert operation.metadata.processed == 0
-    assert len(await deliveries(client, owner, hook.name)) == 1
+        # A runner finds nothing to do: no step ran, no delivery was queued again.
+        assert await api_only.webhook_parts.runner.run_once() is False
+        operation = await client.operations.GetOperation(
+            O.GetOperationRequest(name=name), metadata=owner.metadata
+        )
+        assert operation.metadata.processed == 0
+        assert len(await deliveries(client, owner, hook.name)) == 1
 
 
 async def test_events_missed_while_disabled_are_recovered_over_http(
@@ -587,6 +655,8 @@ async def production(
             page_token_secret="s" * 40,
             secrets_key=new_key(),
             webhook_timeout=2.0,
+            # The test's calls stand for calls through a TLS-terminating proxy on loopback.
+            grpc_tls_proxies="127.0.0.1/32",
         )
         server = App(settings)
         await server.start()
@@ -594,10 +664,22 @@ async def production(
         await server.stop(grace=0)
 
 
+class ThroughTlsProxy(grpc.aio.UnaryUnaryClientInterceptor):
+    """Marks every call as a declared TLS proxy marks what it forwards."""
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        metadata = [*(client_call_details.metadata or ()), ("x-forwarded-proto", "https")]
+        return await continuation(client_call_details._replace(metadata=metadata), request)
+
+
 async def test_production_refuses_plain_http_and_private_addresses(
     production: App, rx: Receiver
 ) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{production.grpc_port}") as channel:
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{production.grpc_port}", interceptors=[ThroughTlsProxy()]
+    ) as channel:
         client = Client(production, channel)
         owner = await client.new_user()
         error = await fails(client.webhook(owner, rx.url()), grpc.StatusCode.INVALID_ARGUMENT)

@@ -503,3 +503,51 @@ def test_private_addresses_need_allow_private(ip: str) -> None:
 @pytest.mark.parametrize("ip", NEVER)
 def test_unusable_addresses_are_never_allowed(ip: str) -> None:
     assert not address_allowed(ip, allow_private=True)
+
+
+# --- the JSON API's names in payloads -----------------------------------------------------
+
+
+def test_json_name_is_the_api_s_name_for_every_field() -> None:
+    """Every field of every API message: the payload name is the name the JSON API uses."""
+    from google.protobuf.descriptor import Descriptor
+    from tunnelplane.v1 import (
+        admin_pb2,
+        auth_pb2,
+        events_pb2,
+        operations_pb2,
+        tunnels_pb2,
+        users_pb2,
+        webhooks_pb2,
+    )
+
+    def fields(message: Descriptor) -> list[tuple[str, str]]:
+        found = [(f.name, f.json_name) for f in message.fields]
+        for nested in message.nested_types:
+            found += fields(nested)
+        return found
+
+    modules = (admin_pb2, auth_pb2, events_pb2, operations_pb2, tunnels_pb2, users_pb2)
+    pairs = [
+        pair
+        for module in (*modules, webhooks_pb2)
+        for message in module.DESCRIPTOR.message_types_by_name.values()
+        for pair in fields(message)
+    ]
+    assert pairs
+    assert [(name, wh.json_name(name)) for name, _ in pairs] == pairs
+
+
+def test_json_names_renames_keys_at_every_depth_and_keeps_values() -> None:
+    snapshot = {
+        "display_name": "a_b",
+        "active_endpoint": "",
+        "endpoints": [{"url": "http://x/", "last_probe_time": "t"}],
+        "from": "created",
+    }
+    assert wh.json_names(snapshot) == {
+        "displayName": "a_b",
+        "activeEndpoint": "",
+        "endpoints": [{"url": "http://x/", "lastProbeTime": "t"}],
+        "from": "created",
+    }
