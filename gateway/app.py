@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -22,7 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from gateway import docs, headers, streaming, transcode
+from gateway import docs, headers, preconditions, streaming, transcode
 from gateway.bindings import Binding, Catalog
 from gateway.errors import GatewayError, error_body
 from gateway.forward import Dispatcher, Outgoing, Reply
@@ -66,8 +67,15 @@ class GatewayOptions:
     version: str = "v1"
     tls: bool = False
     trust_forwarded_proto: bool = False
-    #: Deadline of calls that send no ``Grpc-Timeout``, seconds (None: no deadline).
+    #: Deadline of unary calls that send no ``Grpc-Timeout``, seconds (None: no deadline).
+    #: Server streams get none unless the client sends ``Grpc-Timeout``: a watch lasts as
+    #: long as its client wants.
     default_timeout: float | None = 30.0
+    #: Seconds between ``: keep-alive`` comments on an idle SSE stream (None: never).
+    sse_keepalive: float | None = 15.0
+    #: A top-level string field of a stream's messages whose value becomes the SSE
+    #: ``id:`` (a resuming ``EventSource`` sends it back as ``Last-Event-ID``); "": none.
+    sse_id_field: str = "event_id"
 
 
 @dataclass(slots=True)
@@ -214,16 +222,17 @@ class Gateway:
     ) -> Response:
         binding = match.route
         body = await _read_body(receive, scope, self.options.max_body_bytes)
-        request = self._request(binding, match.variables, scope, body, inbound.content_type)
+        request = self._request(binding, match.variables, scope, body, inbound)
         client = scope.get("client")
         secure = scope.get("scheme") == "https" or (
             self.options.trust_forwarded_proto and _header(scope, b"x-forwarded-proto") == "https"
         )
+        default = None if binding.server_streaming else self.options.default_timeout
         outgoing = Outgoing(
             binding,
             request,
             inbound.metadata,
-            self.options.default_timeout if inbound.timeout is None else inbound.timeout,
+            default if inbound.timeout is None else inbound.timeout,
             client[0] if client else "",
             secure,
         )
@@ -245,14 +254,14 @@ class Gateway:
         variables: dict[str, str],
         scope: Scope,
         body: bytes,
-        content_type: str,
+        inbound: headers.Inbound,
     ) -> Message:
         shape = binding.shape
         request = binding.request_class()
         strict = self.options.strict
         if shape.body:
             transcode.apply_body(
-                request, shape, body, content_type, strict=strict, pool=self.catalog.pool
+                request, shape, body, inbound.content_type, strict=strict, pool=self.catalog.pool
             )
         items = transcode.query_items(scope.get("query_string", b""))
         transcode.apply_query(request, shape, items, strict=strict)
@@ -269,6 +278,7 @@ class Gateway:
             if paths:  # extending by nothing would still mark the mask as present
                 getattr(request, mask.name).paths.extend(paths)
         transcode.apply_path(request, shape, variables)
+        preconditions.apply_if_match(request, binding.etag, inbound.if_match)
         return request
 
     def _encode(self, binding: Binding, message: Message) -> tuple[bytes, bytes]:
@@ -292,10 +302,19 @@ class Gateway:
             return self._error(status, inbound.request_id, None, [], extra)
         sse = streaming.wants_sse(inbound.accept)
         binding = outgoing.binding
+        ids = streaming.id_field(binding.response_class.DESCRIPTOR, self.options.sse_id_field)
+        keepalive = self.options.sse_keepalive if sse else None
 
         async def frames() -> AsyncIterator[bytes]:
-            async for message in reply.messages:
-                yield streaming.result_frame(self._encode(binding, message)[1], sse=sse)
+            paced = streaming.paced(reply.messages, keepalive)
+            async with contextlib.aclosing(paced) as messages:
+                async for message in messages:
+                    if message is None:
+                        yield streaming.KEEPALIVE
+                        continue
+                    document = self._encode(binding, message)[1]
+                    event_id = streaming.event_id(message, ids) if sse else ""
+                    yield streaming.result_frame(document, sse=sse, event_id=event_id)
             if reply.status is not None:
                 document = error_body(reply.status, inbound.request_id, self.catalog.pool)
                 yield streaming.error_frame(document, sse=sse)
@@ -341,6 +360,22 @@ class Gateway:
     def _origin_allowed(self, origin: str) -> bool:
         allowed = self.options.cors_origins
         return bool(origin) and ("*" in allowed or origin in allowed)
+
+    def _cors_headers(self, origin: str) -> list[tuple[bytes, bytes]]:
+        """An origin named in the settings is reflected and may send credentials (cookies);
+        under ``*`` any origin may read, without them: reflecting every origin with
+        credentials would let any page on the same site use the browser's cookies."""
+        if origin in self.options.cors_origins:
+            return [
+                (b"access-control-allow-origin", origin.encode("latin-1")),
+                (b"access-control-allow-credentials", b"true"),
+                (b"access-control-expose-headers", EXPOSED),
+                (b"vary", b"Origin"),
+            ]
+        return [
+            (b"access-control-allow-origin", b"*"),
+            (b"access-control-expose-headers", EXPOSED),
+        ]
 
     def _docs(self, path: str) -> Response:
         if not self.options.docs:
@@ -397,12 +432,7 @@ class Gateway:
         if all(key != b"x-request-id" for key, _ in response.headers):  # else the upstream's
             out.append((b"x-request-id", request_id.encode()))
         if origin and self._origin_allowed(origin):
-            out += [
-                (b"access-control-allow-origin", origin.encode("latin-1")),
-                (b"access-control-allow-credentials", b"true"),
-                (b"access-control-expose-headers", EXPOSED),
-                (b"vary", b"Origin"),
-            ]
+            out += self._cors_headers(origin)
         if response.stream is not None:
             await _send_stream(send, receive, response, out)
             return

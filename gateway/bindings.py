@@ -17,13 +17,10 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 
+from gateway.jsoncheck import field_index
+from gateway.preconditions import EtagPath, etag_path
 from gateway.routes import Router, Template, TemplateError, parse_template
-from gateway.transcode import (
-    HTTP_BODY,
-    RequestShape,
-    compile_path_setters,
-    field_index,
-)
+from gateway.transcode import HTTP_BODY, RequestShape, compile_path_setters
 
 FIELD_MASK = "google.protobuf.FieldMask"
 
@@ -48,6 +45,8 @@ class Binding:
     server_streaming: bool
     mask_field: FieldDescriptor | None
     index: int
+    #: Where ``If-Match`` goes (see gateway.preconditions); empty: nowhere.
+    etag: EtagPath = ()
 
     @property
     def route(self) -> str:
@@ -180,6 +179,7 @@ def _binding(method: MethodDescriptor, rule: http_pb2.HttpRule, index: int) -> B
         server_streaming=method.server_streaming,
         mask_field=_mask_field(http_method, rule.body, request),
         index=index,
+        etag=etag_path(request, body_field),
     )
 
 

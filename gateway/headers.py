@@ -5,7 +5,7 @@ base64 value); other permanent HTTP headers -> ``grpcgateway-<name>``; hop-by-ho
 never; ``X-Forwarded-For`` gets the client address appended and ``X-Forwarded-Host`` is
 set; ``X-Request-Id`` is passed through or created. Response: initial metadata ->
 ``Grpc-Metadata-<k>``, trailers -> ``Grpc-Trailer-<k>`` (only for ``TE: trailers``), and an
-allowlist also goes out as plain headers.
+allowlist also goes out as plain headers (``Set-Cookie`` only as itself, never mirrored).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ PERMANENT = frozenset(
         "content-language", "content-length", "content-location", "content-md5",
         "content-range", "content-type", "cookie", "date", "etag", "expect", "expires",
         "from", "host", "if-match", "if-modified-since", "if-none-match", "if-range",
-        "if-unmodified-since", "last-modified", "link", "location", "max-forwards", "origin",
+        "if-unmodified-since", "last-event-id", "last-modified", "link", "location",
+        "max-forwards", "origin",
         "pragma", "proxy-authenticate", "proxy-authorization", "range", "referer",
         "retry-after", "server", "set-cookie", "strict-transport-security", "user-agent",
         "vary", "via", "warning", "www-authenticate",
@@ -45,6 +46,10 @@ PLAIN_RESPONSE_HEADERS = frozenset(
         "link", "x-request-id", "cache-control",
     }
 )  # fmt: skip
+#: Metadata keys only ever sent as their plain header, never mirrored as a readable
+#: ``Grpc-Metadata-*``/``Grpc-Trailer-*`` one: a browser hides ``Set-Cookie`` from scripts
+#: (an ``HttpOnly`` refresh token stays out of reach of an XSS), a mirror would not.
+NEVER_MIRRORED = frozenset({"set-cookie", "set-cookie2"})
 _METADATA_PREFIX = "grpc-metadata-"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _TIMEOUT = re.compile(r"^([0-9]{1,8})([HMSmun])$")
@@ -66,6 +71,8 @@ class Inbound:
     accept: str
     accept_encoding: str
     origin: str
+    #: Every ``If-Match`` value, joined as one list (see gateway.preconditions).
+    if_match: str = ""
 
 
 def request_id_from(given: str) -> str:
@@ -128,6 +135,8 @@ def _one(result: Inbound, key: str, value: str) -> None:
     elif key in PERMANENT and key not in HOP_BY_HOP:
         if key in _READ:
             setattr(result, _READ[key], value)
+        elif key == "if-match":
+            result.if_match = f"{result.if_match}, {value}" if result.if_match else value
         result.metadata.append((f"grpcgateway-{key}", value))
 
 
@@ -175,7 +184,7 @@ def _out(
     if "\r" in text or "\n" in text:
         return
     encoded = text.encode("latin-1", errors="replace")
-    if forward:
+    if forward and key not in NEVER_MIRRORED:
         headers.append(((prefix + key).encode(), encoded))
     if key in PLAIN_RESPONSE_HEADERS and (key == "set-cookie" or key not in plain):
         plain.add(key)

@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from google.api import field_behavior_pb2
 from google.protobuf import descriptor_pool, json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.internal import type_checkers
@@ -113,8 +114,13 @@ class JsonEncoder:
         converters = {f: (f.json_name, self._field(f)) for f in descriptor.fields}
         defaults: list[Any] = []
         if self._emit_defaults:
+            # An input-only field is never part of a reply (AIP-203): printing its empty
+            # default would read back as a change (a PATCH of the whole resource would clear
+            # a write-only map such as a webhook's headers).
             defaults = [
-                (f.json_name, self._default(f)) for f in descriptor.fields if not f.has_presence
+                (f.json_name, self._default(f))
+                for f in descriptor.fields
+                if not f.has_presence and not _input_only(f)
             ]
         return converters, defaults
 
@@ -158,6 +164,11 @@ class JsonEncoder:
 
 def _same(value: Any) -> Any:
     return value
+
+
+def _input_only(field: FieldDescriptor) -> bool:
+    behaviors = field.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+    return field_behavior_pb2.INPUT_ONLY in behaviors
 
 
 #: Scalar kinds whose JSON differs from the Python value (64-bit ints are strings).

@@ -303,6 +303,23 @@ def _query_parameters(binding: Binding, schemas: _Schemas) -> list[dict[str, Any
     return params
 
 
+def _if_match_parameter(binding: Binding) -> list[dict[str, Any]]:
+    """``If-Match`` where it stands for the request's etag (gateway.preconditions)."""
+    if not binding.etag:
+        return []
+    field = ".".join(f.json_name for f in binding.etag)
+    return [
+        {
+            "name": "If-Match",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": f"Sets `{field}`: one entity tag as the resource's `etag` reads "
+            '(`W/"..."` included), or `*` for none. A different etag in the request is a 400.',
+        }
+    ]
+
+
 def _request_body(binding: Binding, schemas: _Schemas) -> dict[str, Any] | None:
     shape = binding.shape
     if not shape.body:
@@ -395,7 +412,8 @@ def build_document(
                 }
                 for n, d in path_params
             ]
-            + _query_parameters(binding, schemas),
+            + _query_parameters(binding, schemas)
+            + _if_match_parameter(binding),
             "responses": _responses(binding, schemas),
         }
         if description.strip():

@@ -20,11 +20,14 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 import orjson
+from google.api import field_behavior_pb2
 from google.protobuf import descriptor_pool, json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from gateway.errors import GatewayError
+from gateway.jsoncheck import bad_field, check_document, field_index
+from gateway.preconditions import is_etag
 
 HTTP_BODY = "google.api.HttpBody"
 WRAPPERS = frozenset(
@@ -50,19 +53,6 @@ _INTEGER = re.compile(r"[+-]?[0-9]+")
 _DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
-
-
-def bad_field(field: str, description: str) -> GatewayError:
-    """A 400 naming ``field``."""
-    return GatewayError.invalid_argument([(field, description)])
-
-
-@cache
-def field_index(message: Descriptor) -> dict[str, FieldDescriptor]:
-    """A message's fields by proto name and by JSON name."""
-    index = {f.name: f for f in message.fields}
-    index.update({f.json_name: f for f in message.fields})
-    return index
 
 
 def resolve(message: Descriptor, dotted: str) -> list[FieldDescriptor]:
@@ -309,9 +299,12 @@ def apply_body(
     elif not isinstance(document, dict):
         raise GatewayError.invalid_argument([("body", "must be a JSON object")])
     try:
+        check_document(document, shape.message, pool)
         json_format.ParseDict(
             document, message, ignore_unknown_fields=not strict, descriptor_pool=pool
         )
+    except GatewayError:
+        raise
     except json_format.ParseError as exc:
         raise GatewayError.invalid_argument([(_error_field(str(exc)), _clip(str(exc)))]) from None
     except (RecursionError, ValueError, TypeError, OverflowError, AttributeError) as exc:
@@ -320,17 +313,22 @@ def apply_body(
 
 
 _FAILED_FIELD = re.compile(r"Failed to parse (\S+) field: ")
+#: "... at Everything.choice_number": where json_format says it was (first line only).
+_AT_PATH = re.compile(r' at "?\w+((?:\.[^\s".\[\]]+|\[\d+\])+)"?\.?$')
 
 
 def _error_field(message: str) -> str:
-    # json_format says "Failed to parse <field> field: Failed to parse <sub> field: ..." or
-    # "Message type ... has no field named <x>"; fall back to the body as a whole.
+    # json_format says "Failed to parse <field> field: Failed to parse <sub> field: ...",
+    # "Message type ... has no field named <x>", or (a oneof member) just "... at
+    # <Message>.<path>"; fall back to the body as a whole.
     path = []
     while found := _FAILED_FIELD.match(message):
         path.append(found.group(1))
         message = message[found.end() :]
     if "has no field named" in message:
         path.append(message.rsplit("named", 1)[1].split(maxsplit=1)[0].strip('"'))
+    elif not path and (at := _AT_PATH.search(message.split("\n", 1)[0])):
+        path.append(at.group(1)[1:])
     return ".".join(path) or "body"
 
 
@@ -344,15 +342,35 @@ def apply_path(message: Message, shape: RequestShape, values: Mapping[str, str])
         set_from_text(message, setter.fields, values[setter.name], setter.name)
 
 
+#: google.api.field_behavior values of fields that a resource read back carries but that
+#: never say what to change (AIP-203): the server reports them, or they name the resource.
+_NOT_CHANGES = frozenset({field_behavior_pb2.OUTPUT_ONLY, field_behavior_pb2.IDENTIFIER})
+
+
+@cache
+def never_a_change(field: FieldDescriptor) -> bool:
+    """Whether a body key for ``field`` never names a change: an output-only or identifier
+    field (``google.api.field_behavior``), or the etag (the version the change is for)."""
+    if is_etag(field):
+        return True
+    behaviors = field.GetOptions().Extensions[field_behavior_pb2.field_behavior]
+    return any(behavior in _NOT_CHANGES for behavior in behaviors)
+
+
 def infer_mask(document: Any, message: Descriptor | None, prefix: str = "") -> list[str]:
-    """Dotted proto paths of the keys present in a JSON body (PATCH without a mask)."""
+    """Dotted proto paths of the keys present in a JSON body (PATCH without a mask).
+
+    Keys that never name a change are left out, so a resource read, edited and sent back
+    whole updates only what may be updated. An empty object names its field (set it
+    empty); an object whose keys were all left out names nothing.
+    """
     if not isinstance(document, dict) or message is None:
         return []
     index = field_index(message)
     paths: list[str] = []
     for key, value in document.items():
         field = index.get(key)
-        if field is None:
+        if field is None or never_a_change(field):
             continue
         path = prefix + field.name
         sub = field.message_type
@@ -362,8 +380,8 @@ def infer_mask(document: Any, message: Descriptor | None, prefix: str = "") -> l
             and not sub.GetOptions().map_entry
             and not sub.full_name.startswith("google.protobuf.")
         )
-        if plain_message and isinstance(value, dict):
-            paths.extend(infer_mask(value, sub, path + ".") or [path])
+        if plain_message and isinstance(value, dict) and value:
+            paths.extend(infer_mask(value, sub, path + "."))
         else:
             paths.append(path)
     return paths

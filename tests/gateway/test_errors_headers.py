@@ -16,7 +16,8 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from gateway import errors, headers
-from tests.gateway.conftest import Running
+from gateway.app import GatewayOptions
+from tests.gateway.conftest import Running, running
 from tests.gateway.upstream import rich_status
 
 ORIGIN = "https://app.example"
@@ -291,9 +292,8 @@ async def test_reply_metadata_and_trailers(gw: Running) -> None:
     for response in (plain, with_te):
         assert response.status_code == 200
         assert response.headers["grpc-metadata-x-a"] == "1"
-        assert response.headers["grpc-metadata-set-cookie"] == "s=1; HttpOnly"
         # The allowlist also goes out as plain headers, trailers included.
-        assert response.headers["set-cookie"] == "s=1; HttpOnly"
+        assert response.headers.get_list("set-cookie") == ["s=1; HttpOnly"]
         assert response.headers["location"] == "/v1/x"
         assert response.headers["etag"] == 'W/"7"'
         assert response.headers["sunset"] == "Sat, 1 Jan 2028 00:00:00 GMT"
@@ -302,6 +302,25 @@ async def test_reply_metadata_and_trailers(gw: Running) -> None:
     assert not any(key.startswith("grpc-trailer-") for key in plain.headers)
     assert with_te.headers["grpc-trailer-x-t"] == "2"
     assert with_te.headers["grpc-trailer-etag"] == 'W/"7"'
+
+
+@pytest.mark.parametrize("te", ["", "trailers"])
+@pytest.mark.parametrize("where", ["replyHeaders", "replyTrailers"])
+async def test_set_cookie_is_never_mirrored_as_a_readable_header(
+    gw: Running, where: str, te: str
+) -> None:
+    # A browser hides Set-Cookie from scripts; a Grpc-Metadata-/Grpc-Trailer- copy of an
+    # HttpOnly cookie (a refresh token) would hand it to any script on the page.
+    cookie = "tp_refresh=secret-value; HttpOnly; Secure"
+    body = {where: {"set-cookie": cookie, "x-other": "1"}}
+    response = await gw.http.post("/v1/headers", json=body, headers={"TE": te} if te else {})
+    assert response.status_code == 200
+    assert response.headers.get_list("set-cookie") == [cookie]
+    readable = [k for k, v in response.headers.multi_items() if "secret-value" in v]
+    assert readable == ["set-cookie"]
+    if where == "replyHeaders" or te:
+        prefix = "grpc-metadata-" if where == "replyHeaders" else "grpc-trailer-"
+        assert response.headers[prefix + "x-other"] == "1"  # other metadata still mirrored
 
 
 async def test_request_id_from_the_upstream_is_not_duplicated(gw: Running) -> None:
@@ -339,6 +358,10 @@ def test_outbound_encodes_binary_and_skips_unsafe_values() -> None:
         (b"set-cookie", b"a=1"),
         (b"set-cookie", b"b=2"),
     ]
+    mirrored = headers.outbound(
+        [("set-cookie", "c=3")], [("set-cookie", "d=4")], trailers_wanted=True
+    )
+    assert mirrored == [(b"set-cookie", b"c=3"), (b"set-cookie", b"d=4")]
 
 
 # --- Grpc-Timeout -----------------------------------------------------------------------
@@ -463,6 +486,30 @@ async def test_cors_headers_on_actual_requests(
     exposed = {h.strip() for h in cors["access-control-expose-headers"].split(",")}
     assert {"x-request-id", "retry-after", "etag", "location"} <= exposed
     assert "Origin" in response.headers.get_list("vary")
+
+
+async def test_a_wildcard_lets_any_origin_read_but_never_with_credentials(
+    echo_upstream: int,
+) -> None:
+    """``*`` is for public reads: reflecting every origin with
+    ``Access-Control-Allow-Credentials`` would let any page of the same site read what the
+    browser's cookies authenticate (the access-token cookie of a watch)."""
+    options = GatewayOptions(cors_origins=frozenset({"*", ORIGIN}))
+    anyone: list[httpx.Response] = []
+    async for gw in running(echo_upstream, options):
+        for origin in ("https://any.example", "http://127.0.0.1:9"):
+            anyone.append(
+                await gw.http.options(
+                    "/v1/echo", headers={"Origin": origin, "Access-Control-Request-Method": "POST"}
+                )
+            )
+            anyone.append(await gw.http.get("/v1/echo", headers={"Origin": origin}))
+        named = await gw.http.get("/v1/echo", headers={"Origin": ORIGIN})
+    for response in anyone:
+        assert response.headers["access-control-allow-origin"] == "*"
+        assert "access-control-allow-credentials" not in response.headers
+    assert named.headers["access-control-allow-origin"] == ORIGIN
+    assert named.headers["access-control-allow-credentials"] == "true"
 
 
 async def test_cors_off_by_default(strict_gw: Running) -> None:

@@ -3,7 +3,8 @@
 (a) Round trip: any message the URL can carry, sent as query parameters (proto or JSON
 names, any accepted spelling), and any message sent as a JSON body, comes back from the
 echo upstream as the same message. (b) Garbage — random bodies, query strings, paths —
-never makes the gateway fail with a 5xx.
+never makes the gateway fail with a 5xx. (c) A body whose keys are all fields is accepted
+only as json_format reads it exactly; anything else is a 400 naming one of its fields.
 """
 
 from __future__ import annotations
@@ -313,6 +314,103 @@ async def test_random_json_as_body(
     method, url = route
     running = strict_gw if strict else gw
     await assert_not_5xx(running, method, url, content=orjson.dumps(document))
+
+
+# --- A body is accepted only as json_format reads it exactly -----------------------------
+
+#: Not an object: for a message field, an object would bring keys it may not have.
+NOT_OBJECTS = st.one_of(
+    json_scalars.filter(lambda v: not isinstance(v, float) or math.isfinite(v)),
+    st.lists(st.one_of(st.none(), st.booleans(), words, st.integers(-5, 5)), max_size=2),
+)
+JSON_GARBAGE = st.one_of(NOT_OBJECTS, st.sampled_from([{}, {"a": 1}, {"@type": 5}]))
+ENUM_VALUES = st.one_of(
+    st.sampled_from(
+        [
+            *("COLOR_PURPLE", "COLOR_RED", "color_red", "", "1", "99999999999", "NULL_VALUE"),
+            *(2**40, -1, 7, 1.0, 1.5, True, None, "COLOR_GREEN", "COLOR_UNSPECIFIED"),
+        ]
+    ),
+    st.integers(-(2**40), 2**40),
+)
+ANY_VALUES = st.sampled_from(
+    [
+        {"@type": "type.googleapis.com/echo.v1.Nested", "name": "n"},
+        {"@type": "type.googleapis.com/echo.v1.Nested", "deeper": "x"},
+        {"@type": "type.googleapis.com/echo.v1.Nested", "deeper": {"flag": True}},
+        {"@type": "type.googleapis.com/echo.v1.Everything", "color": "COLOR_PURPLE"},
+        {"@type": "type.googleapis.com/echo.v1.Everything", "color": "COLOR_RED"},
+        {"@type": "type.googleapis.com/google.protobuf.Duration", "value": "1s"},
+        {"@type": "type.googleapis.com/no.Such", "a": 1},
+        {},
+    ]
+)
+
+
+def _element(field: Any) -> st.SearchStrategy[Any]:
+    """A value for one element of ``field``: often well-formed, sometimes not."""
+    if field.enum_type is not None:
+        return ENUM_VALUES
+    target = field.message_type
+    if target is None:
+        return JSON_GARBAGE
+    if target.full_name == "google.protobuf.Any":
+        return st.one_of(ANY_VALUES, NOT_OBJECTS)
+    if target.full_name.startswith("google.protobuf."):
+        return JSON_GARBAGE
+    return st.one_of(schema_documents(target), NOT_OBJECTS)
+
+
+def _value(field: Any) -> st.SearchStrategy[Any]:
+    entry = field.message_type
+    if entry is not None and entry.GetOptions().map_entry:
+        items = st.dictionaries(words, _element(entry.fields_by_name["value"]), max_size=2)
+        return st.one_of(items, JSON_GARBAGE)
+    if field.is_repeated:
+        return st.one_of(st.lists(_element(field), max_size=3), JSON_GARBAGE)
+    return _element(field)
+
+
+def _interesting_first(message: Any) -> list[Any]:
+    # Enum and message fields are where json_format is lenient: draw them more often.
+    fields = list(message.fields)
+    return [f for f in fields if f.enum_type or f.message_type] * 3 + fields
+
+
+@st.composite
+def schema_documents(draw: st.DrawFn, message: Any) -> dict[str, Any]:
+    """An object of a few fields of ``message`` (each once, under either of its names)."""
+    chosen = draw(st.lists(st.sampled_from(_interesting_first(message)), max_size=4))
+    fields = list({f.name: f for f in chosen}.values())
+    return {draw(st.sampled_from([f.name, f.json_name])): draw(_value(f)) for f in fields}
+
+
+def _json_format_reads(document: dict[str, Any]) -> Any:
+    try:
+        return json_format.ParseDict(document, echo_pb2.Everything())
+    except Exception:  # noqa: BLE001 - any failure means "does not read it"
+        return None
+
+
+@SETTINGS
+@given(document=schema_documents(EVERYTHING), strict=st.booleans())
+async def test_a_body_is_accepted_only_as_json_format_reads_it(
+    gw: Running, strict_gw: Running, document: dict[str, Any], strict: bool
+) -> None:
+    """Every key is known, so nothing may be dropped: whatever json_format (strict) cannot
+    read is a 400 naming a field the body has, and what the gateway accepts is exactly what
+    json_format reads (never a dropped enum name, never a string read as a message)."""
+    running = strict_gw if strict else gw
+    response = await running.http.post("/v1/echo", content=orjson.dumps(document))
+    assert response.status_code in {200, 400}, response.text
+    expected = _json_format_reads(document)
+    if response.status_code == 200:
+        assert expected is not None, (document, response.text)
+        assert same(json_format.Parse(response.text, echo_pb2.Everything()), expected)
+        return
+    details = response.json()["details"]
+    field = next(d for d in details if d["@type"].endswith("BadRequest"))["fieldViolations"][0]
+    assert field["field"].split(".")[0].split("[")[0] in document, (document, field)
 
 
 QUERY_ALPHABET = string.ascii_letters + string.digits + "%&=+._-,:;/!~*'()[]{}é\u2603 "

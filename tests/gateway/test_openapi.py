@@ -100,3 +100,18 @@ def test_schemas_map_every_field_kind(spec: dict[str, object]) -> None:
     assert props["any"]["required"] == ["@type"]
     assert "customJsonName" in props
     assert props["optionalString"] == {"type": "string"}
+
+
+def test_if_match_is_a_header_parameter_where_it_sets_the_etag(spec: dict[str, object]) -> None:
+    paths = spec["paths"]
+    assert isinstance(paths, dict)
+
+    def headers(path: str, method: str) -> dict[str, str]:
+        parameters = paths[path][method]["parameters"]
+        return {p["name"]: p["description"] for p in parameters if p["in"] == "header"}
+
+    assert "`record.etag`" in headers("/v1/records/{record}", "patch")["If-Match"]
+    assert "`etag`" in headers("/v1/records/{record}", "delete")["If-Match"]
+    assert "`etag`" in headers("/v1/records/{record}:archive", "post")["If-Match"]
+    assert headers("/v1/things/{thing}", "get") == {}
+    assert headers("/v1/things/{thing}", "patch") == {}  # Thing has no etag

@@ -422,7 +422,7 @@ async def test_path_wins_over_body(gw: Running) -> None:
         (b'{"nested": {"deeper": {"flag": 1}}}', "nested.deeper.flag"),
         (b'{"repeatedString": "a"}', "repeatedString"),
         (b'{"labels": {"a": 1}}', "labels"),
-        (b'{"any": {"@type": 5}}', "body"),
+        (b'{"any": {"@type": 5}}', "any"),
         (b'{"any": {"@type": "type.googleapis.com/no.Such"}}', "any"),
         (b'{"structValue": [1]}', "structValue"),
     ],
@@ -441,14 +441,98 @@ async def test_empty_body_is_an_empty_message(gw: Running, body: bytes) -> None:
     assert response.json() == DEFAULTS
 
 
-async def test_unknown_enum_name_in_body(gw: Running, strict_gw: Running) -> None:
-    # As protojson's DiscardUnknown and Envoy do: an enum name this schema does not know yet
-    # is dropped like an unknown field by default, and rejected in strict mode.
-    lenient = await gw.http.post("/v1/echo", json={"color": "COLOR_PURPLE", "int32Value": 1})
-    assert lenient.status_code == 200
-    assert (lenient.json()["color"], lenient.json()["int32Value"]) == ("COLOR_UNSPECIFIED", 1)
-    strict = await strict_gw.http.post("/v1/echo", json={"color": "COLOR_PURPLE"})
-    assert violation(strict) == "color"
+ANY_NESTED = "type.googleapis.com/echo.v1.Nested"
+ANY_EVERYTHING = "type.googleapis.com/echo.v1.Everything"
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "field"),
+    [
+        # Enum values: a name the schema does not have is never dropped silently.
+        ("/v1/echo", {"color": "COLOR_PURPLE"}, "color"),
+        ("/v1/echo", {"color": "color_red"}, "color"),
+        ("/v1/echo", {"color": ""}, "color"),
+        ("/v1/echo", {"color": True}, "color"),  # json_format: COLOR_RED
+        ("/v1/echo", {"color": 1.5}, "color"),  # json_format: COLOR_RED
+        ("/v1/echo", {"color": 2**40}, "color"),  # json_format: dropped
+        ("/v1/echo", {"color": "99999999999"}, "color"),
+        ("/v1/echo", {"color": {"name": "COLOR_RED"}}, "color"),
+        ("/v1/echo", {"color": ["COLOR_RED"]}, "color"),
+        ("/v1/echo", {"repeatedColor": ["COLOR_RED", "BLUE"]}, "repeatedColor[1]"),
+        ("/v1/echo", {"repeated_color": "COLOR_RED"}, "repeated_color"),
+        ("/v1/echo", {"nested": {"deeper": {}}, "color": "NOPE"}, "color"),
+        # Message fields take an object (or null), nothing else.
+        ("/v1/echo", {"nested": "text"}, "nested"),
+        ("/v1/echo", {"nested": 5}, "nested"),
+        ("/v1/echo", {"nested": [1]}, "nested"),
+        ("/v1/echo", {"nested": True}, "nested"),
+        ("/v1/echo", {"nested": {"deeper": "x"}}, "nested.deeper"),
+        ("/v1/echo", {"nested": {"deeper": []}}, "nested.deeper"),
+        ("/v1/echo", {"repeatedNested": ["a"]}, "repeatedNested[0]"),
+        ("/v1/echo", {"repeated_nested": [{"name": "ok"}, 3]}, "repeated_nested[1]"),
+        ("/v1/echo", {"repeatedNested": {"name": "x"}}, "repeatedNested"),
+        ("/v1/echo", {"labels": "x"}, "labels"),
+        # A field given twice: json_format names only the message.
+        ("/v1/echo", {"int32Value": 1, "int32_value": 2}, "int32_value"),
+        ("/v1/echo", {"choiceText": "a", "choiceNumber": 1}, "choiceNumber"),
+        ("/v1/echo", {"choiceText": None, "choiceNumber": True}, "choiceNumber"),
+        # Any: the packed message is checked like any other.
+        ("/v1/echo", {"any": "x"}, "any"),
+        ("/v1/echo", {"any": {"@type": ["x"]}}, "any"),
+        ("/v1/echo", {"any": {"@type": ANY_NESTED, "deeper": "x"}}, "any.deeper"),
+        ("/v1/echo", {"any": {"@type": ANY_EVERYTHING, "color": "NOPE"}}, "any.color"),
+        # A body field, a repeated body field, and maps of messages and enums.
+        ("/v1/echo/7", "text", "nested"),
+        ("/v1/echo/7", {"deeper": 1}, "nested.deeper"),
+        ("/v1/echo/repeated", [{"name": "x"}, "y"], "repeatedNested[1]"),
+        ("/v1/records/r", {"status": "x"}, "record.status"),
+        ("/v1/records/r", {"parts": {"a": {"label": "ok"}, "b": "x"}}, "record.parts.b"),
+        ("/v1/records/r", {"colors": {"a": "COLOR_RED", "b": "COLOR_PURPLE"}}, "record.colors.b"),
+        ("/v1/records/r", {"history": [{"label": "x"}, []]}, "record.history[1]"),
+    ],
+)
+async def test_body_values_json_format_would_misread_are_400_in_both_modes(
+    gw: Running, strict_gw: Running, url: str, body: Any, field: str
+) -> None:
+    # json_format with ignore_unknown_fields drops an unknown enum name like an unknown
+    # field, and reads "text" for a message field as an object of its characters.
+    method = "PATCH" if url.startswith("/v1/records") else "PUT" if url == "/v1/echo/7" else "POST"
+    for running in (gw, strict_gw):
+        response = await running.http.request(method, url, json=body)
+        assert violation(response) == field, running.gateway.options.strict
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"color": "COLOR_GREEN"}, {"color": "COLOR_GREEN"}),
+        ({"color": 1}, {"color": "COLOR_RED"}),
+        ({"color": 2.0}, {"color": "COLOR_GREEN"}),
+        ({"color": "2"}, {"color": "COLOR_GREEN"}),
+        ({"color": 7}, {"color": 7}),  # proto3 enums are open: a number from a newer schema
+        ({"color": None}, {"color": "COLOR_UNSPECIFIED"}),
+        ({"nested": None}, {"nested": None}),  # unset: not in the reply
+        ({"repeatedColor": ["COLOR_RED", 2]}, {"repeatedColor": ["COLOR_RED", "COLOR_GREEN"]}),
+        ({"repeatedNested": [{"name": "x"}]}, {"repeatedNested": [{"name": "x", "number": 0}]}),
+        (
+            {"any": {"@type": ANY_NESTED, "name": "n"}},
+            {"any": {"@type": ANY_NESTED, "name": "n", "number": 0}},
+        ),
+        ({"value": "text", "structValue": {"a": "COLOR_PURPLE"}}, {"value": "text"}),
+    ],
+)
+async def test_body_values_that_are_fine(gw: Running, body: Any, expected: dict[str, Any]) -> None:
+    response = await gw.http.post("/v1/echo", json=body)
+    assert response.status_code == 200, response.text
+    document = response.json()
+    assert {key: document.get(key) for key in expected} == expected
+
+
+async def test_unknown_body_fields_are_still_ignored_beside_checked_values(gw: Running) -> None:
+    body = {"nope": "text", "nested": {"alsoNope": "x", "name": "n"}, "color": "COLOR_RED"}
+    response = await gw.http.post("/v1/echo", json=body)
+    assert response.status_code == 200, response.text
+    assert (response.json()["nested"]["name"], response.json()["color"]) == ("n", "COLOR_RED")
 
 
 async def test_unknown_body_fields(gw: Running, strict_gw: Running) -> None:
@@ -517,6 +601,59 @@ async def test_patch_infers_the_mask_from_body_keys(
     assert document["thing"]["name"] == "things/t1"  # the path wins
 
 
+RECORD_READ = {
+    "name": "records/r1",
+    "title": "new title",
+    "color": "COLOR_GREEN",
+    "status": {"label": "l", "computed": "by the server"},
+    "createTime": "2024-01-01T00:00:00Z",
+    "revision": 4,
+    "etag": 'W/"4"',
+    "observed": {"label": "x", "computed": "y"},
+    "origin": "import",
+    "history": [{"label": "h", "computed": "c"}],
+    "parts": {},
+    "colors": {},
+}
+
+
+async def test_patch_of_a_whole_resource_infers_only_what_may_change(gw: Running) -> None:
+    # Read-modify-write (AIP-203): output-only fields, the identifier and the etag a GET
+    # returned are sent back untouched, and never become mask paths.
+    response = await gw.http.patch("/v1/records/r1", json=RECORD_READ)
+    assert response.status_code == 200, response.text
+    document = response.json()
+    assert document["updateMask"] == "title,color,status.label,origin,history,parts,colors"
+    assert document["record"]["etag"] == 'W/"4"'  # still reaches the service, as a selector
+    assert document["record"]["title"] == "new title"
+
+
+@pytest.mark.parametrize(
+    ("body", "mask"),
+    [
+        ({"status": {"computed": "x"}, "title": "t"}, "title"),
+        ({"observed": {"label": "x"}, "revision": 3, "etag": '"1"', "name": "records/x"}, None),
+        ({"status": {}}, "status"),
+        ({"status": {"label": "x"}}, "status.label"),
+        ({"createTime": None, "title": "t"}, "title"),
+        ({"updateMask": "ignored", "title": "t"}, "title"),  # not a Record field
+    ],
+)
+async def test_patch_leaves_fields_that_never_change_out_of_the_mask(
+    gw: Running, body: dict[str, Any], mask: str | None
+) -> None:
+    response = await gw.http.patch("/v1/records/r1", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json().get("updateMask") == mask
+
+
+async def test_explicit_mask_naming_an_output_only_field_is_passed_on(gw: Running) -> None:
+    # An explicit mask is the caller's: the service decides what it accepts.
+    response = await gw.http.patch("/v1/records/r1?updateMask=revision", json=RECORD_READ)
+    assert response.status_code == 200
+    assert response.json()["updateMask"] == "revision"
+
+
 async def test_patch_without_body_keys_has_no_mask(gw: Running) -> None:
     response = await gw.http.patch("/v1/things/t1", json={})
     assert response.status_code == 200
@@ -539,12 +676,26 @@ async def test_patch_without_body_keys_has_no_mask(gw: Running) -> None:
             ["timestamp", "struct_value"],
         ),
         ({"customJsonName": "x", "unknown": 1}, ["json_named"]),
+        ({"nested": {"unknown": 1}}, []),  # not "nested": that would clear it
         ({}, []),
         ([1, 2], []),
     ],
 )
 def test_infer_mask(document: Any, paths: list[str]) -> None:
     assert transcode.infer_mask(document, EVERYTHING) == paths
+
+
+@pytest.mark.parametrize(
+    ("document", "paths"),
+    [
+        (RECORD_READ, ["title", "color", "status.label", "origin", "history", "parts", "colors"]),
+        ({"name": "records/x", "etag": '"1"', "revision": 1}, []),
+        ({"observed": {"label": "x"}, "status": {"computed": "c"}}, []),
+        ({"status": {"computed": "c", "label": "l"}}, ["status.label"]),
+    ],
+)
+def test_infer_mask_skips_output_only_identifier_and_etag(document: Any, paths: list[str]) -> None:
+    assert transcode.infer_mask(document, echo_pb2.Record.DESCRIPTOR) == paths
 
 
 # --- Unit: query splitting and text parsers ---------------------------------------------

@@ -105,6 +105,15 @@ class Echo:
     async def Hidden(self, request: Any, context: Context) -> Any:
         return empty_pb2.Empty()
 
+    async def UpdateRecord(self, request: Any, context: Context) -> Any:
+        return request
+
+    async def DeleteRecord(self, request: Any, context: Context) -> Any:
+        return request
+
+    async def ArchiveRecord(self, request: Any, context: Context) -> Any:
+        return request
+
 
 def handlers() -> grpc.GenericRpcHandler:
     """Generic handlers for every method of the echo service."""
