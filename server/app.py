@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -41,6 +42,7 @@ from gateway.app import Gateway
 from gateway.serve import HttpServer
 from server import grpc_server, keys
 from server.api.admin import AdminApi
+from server.api.agent_stream import AgentMetrics
 from server.api.agents import AgentApi
 from server.api.auth import AuthApi
 from server.api.events import EventApi
@@ -58,18 +60,20 @@ from server.domain.quota import QuotaService
 from server.domain.ratelimit import BlockPolicy, Bucket
 from server.domain.throttle import LoginThrottle, ThrottlePolicy
 from server.domain.tiers import TierCatalog
+from server.domain.usage import RequestUsage
 from server.domain.users import UserPolicy, UserService
 from server.domain.violations import ViolationLog
 from server.health import HealthMonitor, Listener
-from server.http import build_gateway
+from server.http import build_gateway, http_guard
 from server.interceptors.audit import AuditStage
-from server.interceptors.auth import AuthenticateStage, AuthorizeStage
+from server.interceptors.auth import AuthenticateStage, AuthorizeStage, CallCredentials
 from server.interceptors.context import RequestContextStage
 from server.interceptors.deadline import DeadlineStage
 from server.interceptors.errors import ErrorStage
 from server.interceptors.logging import AccessLogStage
 from server.interceptors.metrics import GrpcMetrics, MetricsStage
 from server.interceptors.ratelimit import LimiterMetrics, RateLimitStage, RatePolicy
+from server.interceptors.streams import StreamLimitStage, StreamRecheckStage
 from server.interceptors.tracing import TracingStage
 from server.load import LoadMonitor
 from server.logs import AccessLog
@@ -83,6 +87,7 @@ from server.storage.resp import Address, RespConnection
 from server.storage.sealing import Sealer
 from server.wiring import build_bus, build_tunnels, build_webhooks
 from server.workers.purge import purge_loop
+from server.workers.usage import RollupMetrics, UsageRollup
 
 log = logging.getLogger("tunnelplane.server")
 
@@ -215,8 +220,11 @@ class App:
             ttl=settings.access_token_ttl,
             clock=clock,
         )
-        hasher = PasswordHasher(
-            settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism
+        self.hasher = hasher = PasswordHasher(
+            settings.argon2_time_cost,
+            settings.argon2_memory_kib,
+            settings.argon2_parallelism,
+            max_concurrent=settings.password_hash_concurrency or os.cpu_count() or 1,
         )
         throttle = LoginThrottle(
             kv,
@@ -240,8 +248,9 @@ class App:
             default_overlap=timedelta(seconds=settings.api_key_rotation_overlap),
         )
         self.authenticator = Authenticator(
-            self.tokens, subjects, revocations, self.api_keys, kv, db
+            self.tokens, subjects, revocations, self.api_keys, kv, db, clock
         )
+        self.credentials = CallCredentials(self.authenticator)
         self.accounts = AccountService(
             db,
             hasher,
@@ -270,13 +279,17 @@ class App:
         self.tiers = TierCatalog(settings.tiers)
         self.lister = lister
         self.quotas = QuotaService(self.limiter, self.tiers, clock, db)
+        self.usage = RequestUsage(db, self.limiter, clock, logging.getLogger("tunnelplane.usage"))
+        self.usage_rollup = UsageRollup(
+            self.usage,
+            settings.usage_flush_interval,
+            RollupMetrics(self.registry),
+            logging.getLogger("tunnelplane.usage"),
+        )
         self.violations = ViolationLog(
             db, lister, clock, logging.getLogger("tunnelplane.ratelimit")
         )
         self.tunnel_parts = build_tunnels(settings, db, self.buses, lister, self.tiers, clock)
-        # Every background pass that writes (purges, agent sweeps, probe rounds) holds this lock,
-        # so that holding it stills the database for a moment (tests compare snapshots).
-        self.background = asyncio.Lock()
         self.webhook_parts = build_webhooks(settings, db, self.buses, lister, clock, self.registry)
         self.stopping = False
 
@@ -312,11 +325,12 @@ class App:
             self.limiter_metrics,
             self.clock,
             logging.getLogger("tunnelplane.ratelimit"),
+            self.usage,
         )
 
     async def _recheck(self, call: Call) -> object:
-        """Verify a long stream's credential again: revocation and expiry end streams too."""
-        return await self.authenticator.authenticate(call.header("authorization"))
+        """Verify a long stream's credential again: the end of its session ends it too."""
+        return await self.credentials.recheck(call)
 
     async def _fresh_redis_connections(self, up: bool, _probed_at: float) -> None:
         """When Redis is back, drop the pool's connections to the Redis that went away
@@ -327,6 +341,14 @@ class App:
 
     def _build_chains(self) -> dict[str, Handler]:
         self.rate_limit_stage = self._rate_limit_stage()
+        self.stream_limits = StreamLimitStage(self.tiers, self.registry)
+        self.agent_api = AgentApi(
+            self.tunnel_parts.agents,
+            self.tunnel_parts.tunnels,
+            lambda: self.stopping,
+            self._recheck,
+            AgentMetrics(self.registry),
+        )
         servicers: dict[str, object] = {
             "tunnelplane.v1.AuthService": AuthApi(
                 self.accounts, self.api_keys, self.tokens, self.clock
@@ -339,14 +361,9 @@ class App:
                 self.users,
                 self.clock,
                 self._recheck,
+                self.tunnel_parts.events,
             ),
-            "tunnelplane.v1.AgentService": AgentApi(
-                self.tunnel_parts.agents,
-                self.tunnel_parts.tunnels,
-                lambda: self.stopping,
-                self._recheck,
-                self.background,
-            ),
+            "tunnelplane.v1.AgentService": self.agent_api,
             "tunnelplane.v1.EventService": EventApi(self.tunnel_parts.events),
             "tunnelplane.v1.WebhookService": WebhookApi(self.webhook_parts.webhooks),
             "tunnelplane.v1.OperationService": OperationApi(
@@ -377,11 +394,18 @@ class App:
                 ),
                 DeadlineStage(self.settings.default_deadline),
                 AuditStage(self.db, self.clock, log),
-                AuthenticateStage(self.authenticator),
+                AuthenticateStage(self.credentials),
                 *([self.rate_limit_stage] if self.rate_limit_stage is not None else []),
                 AuthorizeStage(
                     tls_required=self.settings.mode == "production",
                     shares=self.tunnel_parts.shares,
+                ),
+                self.stream_limits,
+                StreamRecheckStage(
+                    self._recheck,
+                    self.settings.stream_recheck_interval,
+                    logging.getLogger("tunnelplane.streams"),
+                    self.registry,
                 ),
                 ErrorStage(log),
             ]
@@ -392,9 +416,11 @@ class App:
         """Bind, probe dependencies once, start serving and the background loops."""
         settings = self.settings
         server = grpc.aio.server(options=grpc_server.SERVER_OPTIONS)
-        secure = bool(settings.tls_cert_file)
+        security = grpc_server.Security(
+            bool(settings.tls_cert_file), networks(settings.grpc_tls_proxies)
+        )
         server.add_generic_rpc_handlers(
-            grpc_server.service_handlers(self.methods, self.chains, secure=secure)
+            grpc_server.service_handlers(self.methods, self.chains, security=security)
         )
         health_servicer = grpc_server.add_health(server)
         names = [s.full_name for s in SERVICES]
@@ -431,13 +457,14 @@ class App:
         await self._start_http()
         self._tasks = [
             asyncio.create_task(self.health.run(), name="health"),
-            asyncio.create_task(purge_loop(self.users, log, paused=self.background), name="purge"),
+            asyncio.create_task(purge_loop(self.users, log), name="purge"),
             asyncio.create_task(self.load.run(), name="load"),
             asyncio.create_task(
                 self.violations.run(settings.violation_flush_interval), name="violations"
             ),
-            *self.tunnel_parts.loops(settings, self.background),
-            *self.webhook_parts.loops(self.background),
+            asyncio.create_task(self.usage_rollup.run(), name="usage-rollup"),
+            *self.tunnel_parts.loops(settings),
+            *self.webhook_parts.loops(),
         ]
         await self.tunnel_parts.bus_ready(within=2.0)
         log.info(
@@ -467,6 +494,7 @@ class App:
             certfile=settings.tls_cert_file,
             keyfile=settings.tls_key_file,
             graceful_seconds=settings.shutdown_grace,
+            guard=http_guard(settings),
         )
         await self.http.start()
         self.http_port = self.http.port
@@ -486,10 +514,14 @@ class App:
         self.stopping = True
         if self.health is not None:
             await self.health.shutdown()
-        self.tunnel_parts.end_streams()  # watchers re-watch, agents reconnect: elsewhere
+        self.tunnel_parts.end_streams()  # watchers re-watch: elsewhere
         stopping = []
         if self.server is not None:
             stopping.append(self.server.stop(grace))
+        # Agents are told to reconnect (elsewhere) now, so their streams, which would last
+        # until the grace runs out, end at once; their open connections do not depend on
+        # this server. One that reconnects here before the listener closes is told again.
+        self.agent_api.go_away()
         if self.http is not None:
             stopping.append(self.http.stop())
         await asyncio.gather(*stopping)
@@ -505,8 +537,12 @@ class App:
 
     async def close(self) -> None:
         """Release connections (also for an App that was built but never started)."""
+        self.hasher.close()
         with contextlib.suppress(Exception):
             await self.violations.flush()  # the last few seconds of refusals
+        with contextlib.suppress(Exception):
+            await self.usage.settled()
+            await self.usage_rollup.flush()  # the requests counted since the last roll-up
         await self.db.dispose()
         await self.kv.close()
         await self.limiter.close()

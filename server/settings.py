@@ -38,14 +38,22 @@ class TierLimits:
     transfer_bytes_per_month: int
     #: Calls allowed at once above the steady rate (the GCRA burst).
     burst: int
+    #: Watch streams (WatchTunnels) one user may hold open at once, per replica.
+    max_watch_streams: int = -1
+    #: Agent streams (AgentService.Connect) one user's agents may hold open at once, per replica.
+    max_agent_streams: int = -1
 
 
 GIB = 1024**3
 
 DEFAULT_TIERS: Mapping[str, TierLimits] = {
-    "free": TierLimits(100, 3, 5, 10_000, 1 * GIB, 20),
-    "premium": TierLimits(1_000, 50, 100, 1_000_000, 100 * GIB, 200),
-    "enterprise": TierLimits(10_000, -1, -1, -1, -1, 2_000),
+    "free": TierLimits(100, 3, 5, 10_000, 1 * GIB, 20, max_watch_streams=5, max_agent_streams=5),
+    "premium": TierLimits(
+        1_000, 50, 100, 1_000_000, 100 * GIB, 200, max_watch_streams=50, max_agent_streams=100
+    ),
+    "enterprise": TierLimits(
+        10_000, -1, -1, -1, -1, 2_000, max_watch_streams=1_000, max_agent_streams=1_000
+    ),
 }
 
 
@@ -81,6 +89,24 @@ class Settings:
         default=False, metadata=_doc("Believe X-Forwarded-Proto (behind a TLS proxy)")
     )
     http_docs: bool = field(default=True, metadata=_doc("Serve /api/docs (Swagger UI)"))
+    http_header_timeout: float = field(
+        default=10.0,
+        metadata=_doc("Time a client has to send a request's headers, s (then 408 and close)"),
+    )
+    http_body_timeout: float = field(
+        default=30.0,
+        metadata=_doc("Longest pause while a client sends a request body, s (then 408 and close)"),
+    )
+    http_max_connections_per_address: int = field(
+        default=100,
+        metadata=_doc(
+            "Open HTTP connections one client address may hold (503 above; 0: no cap; "
+            "TP_TRUSTED_PROXIES are exempt)"
+        ),
+    )
+    http_sse_keepalive: float = field(
+        default=15.0, metadata=_doc("Seconds between `: keep-alive` comments on an idle SSE stream")
+    )
     metrics_host: str = field(default="127.0.0.1", metadata=_doc("Address of /metrics"))
     metrics_port: int = field(
         default=9464, metadata=_doc("Prometheus /metrics port; 0 picks one, -1 disables")
@@ -130,11 +156,22 @@ class Settings:
     )
     tls_cert_file: str = field(default="", metadata=_doc("PEM certificate chain for gRPC TLS"))
     tls_key_file: str = field(default="", metadata=_doc("PEM private key for gRPC TLS"))
+    grpc_tls_proxies: str = field(
+        default="",
+        metadata=_doc(
+            "CIDRs of proxies that terminate TLS in front of the gRPC port: their calls that "
+            "carry x-forwarded-proto: https count as secure"
+        ),
+    )
     shutdown_grace: float = field(
         default=10.0, metadata=_doc("Seconds in-flight calls get to finish on SIGTERM")
     )
     default_deadline: float = field(
-        default=30.0, metadata=_doc("Deadline of calls that set none, s")
+        default=30.0, metadata=_doc("Deadline of unary calls that set none, s (streams get none)")
+    )
+    stream_recheck_interval: float = field(
+        default=30.0,
+        metadata=_doc("How often a long stream's credential is verified again, s"),
     )
     health_interval: float = field(default=5.0, metadata=_doc("Dependency probe interval, s"))
     log_level: str = field(default="INFO", metadata=_doc("Python log level"))
@@ -146,13 +183,22 @@ class Settings:
     argon2_time_cost: int = field(default=3, metadata=_doc("Argon2id iterations"))
     argon2_memory_kib: int = field(default=65536, metadata=_doc("Argon2id memory, KiB"))
     argon2_parallelism: int = field(default=4, metadata=_doc("Argon2id lanes"))
+    password_hash_concurrency: int = field(
+        default=0,
+        metadata=_doc(
+            "Password hashes computed at once (0: one per CPU); one more is refused with "
+            "RESOURCE_EXHAUSTED, never queued"
+        ),
+    )
     login_window: float = field(
         default=900.0, metadata=_doc("Window over which login failures count, s")
     )
     login_slowdown_after: int = field(
         default=3, metadata=_doc("Failures per account before attempts are spaced out")
     )
-    login_lock_after: int = field(default=10, metadata=_doc("Failures per account that lock it"))
+    login_lock_after: int = field(
+        default=10, metadata=_doc("Failures per account from one address that lock it out")
+    )
     login_ip_lock_after: int = field(default=50, metadata=_doc("Failures per IP that lock it"))
     login_lock_duration: float = field(default=900.0, metadata=_doc("How long a lock lasts, s"))
     api_key_rotation_overlap: float = field(
@@ -195,6 +241,10 @@ class Settings:
     violation_flush_interval: float = field(
         default=5.0, metadata=_doc("How often aggregated violations are written, s")
     )
+    usage_flush_interval: float = field(
+        default=60.0,
+        metadata=_doc("How often monthly request counts are written to the database, s"),
+    )
     tunnel_listen_host: str = field(
         default="127.0.0.1", metadata=_doc("Host tunnels' agents are told to listen on")
     )
@@ -208,6 +258,14 @@ class Settings:
     )
     agent_forget_after: float = field(
         default=600.0, metadata=_doc("How long a lost agent still degrades its tunnel, s")
+    )
+    agent_reconnect_within: float = field(
+        default=1.0,
+        metadata=_doc("Agents told to reconnect on shutdown do so within this many seconds"),
+    )
+    tunnel_stop_grace: float = field(
+        default=10.0,
+        metadata=_doc("Seconds a stopped tunnel's open connections go on before agents close them"),
     )
     probe_interval: float = field(default=30.0, metadata=_doc("Endpoint probe interval, s"))
     probe_timeout: float = field(default=5.0, metadata=_doc("Endpoint probe timeout, s"))
@@ -248,9 +306,19 @@ class Settings:
     webhook_concurrency: int = field(
         default=100, metadata=_doc("Webhook requests in flight at once, per process")
     )
+    webhook_endpoint_concurrency: int = field(
+        default=4,
+        metadata=_doc(
+            "Webhook requests in flight at once to one endpoint, per process (1: one at a time)"
+        ),
+    )
     webhook_max_per_user: int = field(default=20, metadata=_doc("Webhook endpoints per user"))
     webhook_dispatch: bool = field(
         default=True, metadata=_doc("Run the webhook dispatcher in this process")
+    )
+    run_operations: bool = field(
+        default=True,
+        metadata=_doc("Run long-running operations (webhook replays) in this process"),
     )
     default_page_size: int = field(default=50, metadata=_doc("List page size when unset"))
     max_page_size: int = field(default=1000, metadata=_doc("Largest list page size"))
@@ -306,6 +374,10 @@ class Settings:
             "refresh_token_ttl",
             "refresh_token_idle_ttl",
             "default_deadline",
+            "stream_recheck_interval",
+            "http_header_timeout",
+            "http_body_timeout",
+            "http_sse_keepalive",
             "health_interval",
             "argon2_time_cost",
             "argon2_memory_kib",
@@ -324,6 +396,7 @@ class Settings:
             "load_lag_threshold",
             "load_inflight_threshold",
             "violation_flush_interval",
+            "usage_flush_interval",
             "tunnel_port_min",
             "agent_heartbeat_interval",
             "agent_heartbeat_timeout",
@@ -337,6 +410,7 @@ class Settings:
             "webhook_claim_lease",
             "webhook_batch",
             "webhook_concurrency",
+            "webhook_endpoint_concurrency",
             "webhook_max_per_user",
         )
         for name in positive:
@@ -344,6 +418,11 @@ class Settings:
                 raise SettingsError(f"{env_name_of(name)} must be greater than zero")
         if self.shutdown_grace < 0:
             raise SettingsError("TP_SHUTDOWN_GRACE must not be negative")
+        if self.password_hash_concurrency < 0:
+            raise SettingsError("TP_PASSWORD_HASH_CONCURRENCY must not be negative")
+        for name in ("agent_reconnect_within", "tunnel_stop_grace"):
+            if not 0 <= getattr(self, name) <= 3600:
+                raise SettingsError(f"{env_name_of(name)} must be between 0 and 3600 seconds")
         if not self.tunnel_port_min <= self.tunnel_port_max <= 65535:
             raise SettingsError("TP_TUNNEL_PORT_MIN..TP_TUNNEL_PORT_MAX must be a port range")
         if self.probe_timeout >= self.probe_interval:
@@ -360,7 +439,9 @@ class Settings:
             raise SettingsError("TP_DEFAULT_PAGE_SIZE must not exceed TP_MAX_PAGE_SIZE")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise SettingsError("TP_TLS_CERT_FILE and TP_TLS_KEY_FILE must be set together")
-        for name in ("trusted_proxies", "rate_exempt_ips"):
+        if self.http_max_connections_per_address < 0:
+            raise SettingsError("TP_HTTP_MAX_CONNECTIONS_PER_ADDRESS must not be negative")
+        for name in ("trusted_proxies", "rate_exempt_ips", "grpc_tls_proxies"):
             try:
                 networks(getattr(self, name))
             except ValueError as exc:

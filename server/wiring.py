@@ -28,7 +28,12 @@ from server.storage.bus import RedisBus
 from server.workers.prober import EndpointProber
 from server.workers.tunnels import ProbeStore, sweep_loop
 from server.workers.webhook_http import WebhookSender
-from server.workers.webhooks import DispatchMetrics, DispatchSettings, WebhookDispatcher
+from server.workers.webhooks import (
+    DispatchMetrics,
+    DispatchSettings,
+    WebhookDispatcher,
+    seal_plain_headers,
+)
 
 log = logging.getLogger("tunnelplane.tunnels")
 
@@ -45,13 +50,13 @@ class TunnelParts:
     events: EventLog
     prober: EndpointProber
 
-    def loops(self, settings: Settings, paused: asyncio.Lock) -> list[asyncio.Task[None]]:
-        """The background loops, started; each pass holds ``paused``."""
+    def loops(self, settings: Settings) -> list[asyncio.Task[None]]:
+        """The background loops, started."""
         sweep_every = max(1.0, settings.agent_heartbeat_timeout / 6)
         tasks = [
-            asyncio.create_task(sweep_loop(self.agents, sweep_every, paused), name="agent-sweep"),
+            asyncio.create_task(sweep_loop(self.agents, sweep_every), name="agent-sweep"),
             asyncio.create_task(
-                self.prober.run(min(1.0, settings.probe_interval / 4), paused), name="prober"
+                self.prober.run(min(1.0, settings.probe_interval / 4)), name="prober"
             ),
         ]
         if isinstance(self.bus, RedisBus):
@@ -117,6 +122,8 @@ def build_tunnels(
             heartbeat_interval=settings.agent_heartbeat_interval,
             heartbeat_timeout=settings.agent_heartbeat_timeout,
             forget_after=settings.agent_forget_after,
+            stop_grace=settings.tunnel_stop_grace,
+            reconnect_within=settings.agent_reconnect_within,
         ),
     )
     thresholds = ProbeThresholds(
@@ -149,12 +156,17 @@ class WebhookParts:
     runner: OperationRunner
     sender: WebhookSender
     dispatch: bool
+    run_operations: bool
+    db: UnitOfWorkFactory
 
-    def loops(self, paused: asyncio.Lock) -> list[asyncio.Task[None]]:
-        """The dispatcher (unless this process does not dispatch) and the runner, started."""
-        tasks = [asyncio.create_task(self.runner.run(1.0, paused), name="operations")]
+    def loops(self) -> list[asyncio.Task[None]]:
+        """The dispatcher and the operation runner, started (each unless this process is
+        told not to run it), and the one-off sealing of headers stored in the clear."""
+        tasks = [asyncio.create_task(seal_plain_headers(self.db), name="webhook-headers")]
+        if self.run_operations:
+            tasks.append(asyncio.create_task(self.runner.run(1.0), name="operations"))
         if self.dispatch:
-            tasks.append(asyncio.create_task(self.dispatcher.run(paused), name="webhooks"))
+            tasks.append(asyncio.create_task(self.dispatcher.run(), name="webhooks"))
         return tasks
 
     async def close(self) -> None:
@@ -199,6 +211,7 @@ def build_webhooks(
         DispatchSettings(
             batch=settings.webhook_batch,
             concurrency=settings.webhook_concurrency,
+            endpoint_concurrency=settings.webhook_endpoint_concurrency,
             lease=settings.webhook_claim_lease,
             schedule=tuple(timedelta(seconds=s) for s in settings.webhook_schedule),
             disable_after=timedelta(seconds=settings.webhook_disable_after),
@@ -216,4 +229,6 @@ def build_webhooks(
         runner,
         sender,
         settings.webhook_dispatch,
+        settings.run_operations,
+        db,
     )

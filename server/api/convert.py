@@ -185,7 +185,8 @@ def profile(message: users_pb2.User) -> Profile:
 
 
 #: Fields that say which resource and which version an update is for, never what changes:
-#: a mask the gateway inferred from a PATCH body names them, and they are skipped.
+#: a mask that names them (a client's; the gateway leaves them out of the masks it infers
+#: from a PATCH body, with every output-only field) has them skipped.
 SELECTORS = frozenset({"name", "etag"})
 
 
@@ -228,6 +229,8 @@ def tier_details(info: TierInfo) -> users_pb2.TierDetails:
         features=list(info.features),
         self_service=info.self_service,
         burst=limits.burst,
+        max_watch_streams=limits.max_watch_streams,
+        max_agent_streams=limits.max_agent_streams,
     )
 
 

@@ -11,9 +11,10 @@ from tunnelplane.v1 import tunnels_pb2
 
 from server.api import convert
 from server.api import tunnel_convert as tc
+from server.api.watch import TunnelWatch
 from server.domain.agents import AgentSessions, today
 from server.domain.clock import Clock
-from server.domain.events import SubscriptionOverflowError
+from server.domain.events import EventLog
 from server.domain.ids import is_id
 from server.domain.names import user_id_of
 from server.domain.principal import Tier
@@ -22,11 +23,10 @@ from server.domain.traffic import DailyUsage, date_range, total
 from server.domain.tunnel_service import UPDATABLE_PATHS, TunnelService
 from server.domain.tunnels import Tunnel, tunnel_parts
 from server.domain.users import UserService
-from server.errors import Aborted, InvalidArgument, NotFound, PermissionDenied
+from server.errors import InvalidArgument
 from server.pipeline import Call
 
 P = tunnels_pb2
-Kind = P.WatchTunnelsResponse
 
 
 def caller(call: Call) -> str:
@@ -51,14 +51,16 @@ class TunnelApi:
         users: UserService,
         clock: Clock,
         recheck: Callable[[Call], Awaitable[object]],
+        events: EventLog,
     ) -> None:
-        #: Verifies the call's credential again (a watch ends when it is revoked or expires).
-        self._recheck = recheck
         self._tunnels = tunnels
         self._shares = shares
         self._agents = agents
         self._users = users
         self._clock = clock
+        #: Verifies the call's credential again at each change (a watch ends when it is
+        #: revoked or expires; the pipeline also re-checks it on a timer).
+        self._watch = TunnelWatch(tunnels, shares, events, recheck, self._out)
 
     def _out(self, t: Tunnel) -> tunnels_pb2.Tunnel:
         return tc.tunnel(t, self._tunnels.listen_address(t))
@@ -236,6 +238,7 @@ class TunnelApi:
             tc.share_role(request.share.role, "share.role"),
             expire,
             creator_id=caller(call),
+            through_share=_through_share(call, found),
         )
         return tc.share(made, self._clock.now())
 
@@ -256,7 +259,10 @@ class TunnelApi:
     ) -> P.TunnelShare:
         tunnel_name, grantee = _child(request.name, "shares", "usr")
         found = await self._load(tunnel_name, "name", call)
-        return tc.share(await self._shares.revoke(found, grantee), self._clock.now())
+        revoked = await self._shares.revoke(
+            found, grantee, by=caller(call), through_share=_through_share(call, found)
+        )
+        return tc.share(revoked, self._clock.now())
 
     async def CreateShareLink(self, request: P.CreateShareLinkRequest, call: Call) -> P.ShareLink:
         found = await self._load(request.parent, "parent", call)
@@ -267,7 +273,13 @@ class TunnelApi:
         if spec.HasField("share_ttl"):
             ttl = convert.from_duration(spec.share_ttl, "share_link.share_ttl")
         link, token = await self._shares.create_link(
-            found, tc.share_role(spec.role, "share_link.role"), spec.max_uses, expire, ttl
+            found,
+            tc.share_role(spec.role, "share_link.role"),
+            spec.max_uses,
+            expire,
+            ttl,
+            creator_id=caller(call),
+            through_share=_through_share(call, found),
         )
         return tc.share_link(link, self._clock.now(), token)
 
@@ -287,7 +299,10 @@ class TunnelApi:
     async def DeleteShareLink(self, request: P.DeleteShareLinkRequest, call: Call) -> P.ShareLink:
         tunnel_name, link_id = _child(request.name, "shareLinks", "lnk")
         found = await self._load(tunnel_name, "name", call)
-        return tc.share_link(await self._shares.revoke_link(found, link_id), self._clock.now())
+        revoked = await self._shares.revoke_link(
+            found, link_id, by=caller(call), through_share=_through_share(call, found)
+        )
+        return tc.share_link(revoked, self._clock.now())
 
     async def AcceptShareLink(self, request: P.AcceptShareLinkRequest, call: Call) -> P.TunnelShare:
         made = await self._shares.accept(request.token, caller(call))
@@ -310,65 +325,16 @@ class TunnelApi:
     # -- watch -----------------------------------------------------------------------------
 
     async def WatchTunnels(self, request: P.WatchTunnelsRequest, call: Call) -> Message:
-        """The current state first, then each change, until the caller goes away."""
-        single = request.name.count("/") > 1
-        if single:
-            owner, tunnel_id = tunnel_parts(request.name, "name", caller(call))
-        else:
-            owner, tunnel_id = user_id_of(request.name, "name", caller(call)), ""
-        principal = call.principal
-        assert principal is not None
-        # Someone watching through a share keeps seeing changes only while the share lasts.
-        by_share = owner != principal.user_id and not principal.has("tunnels.admin")
-        subscription = self._tunnels.bus.subscribe(owner)  # before reading: miss nothing
-        try:
-            await self._send_current(call, owner, tunnel_id)
-            async for event in subscription:
-                if not event.type.startswith("tunnel."):
-                    continue
-                if single and event.subject != request.name:
-                    continue
-                await self._recheck(call)
-                if by_share and not await self._shares.share_role(request.name, principal.user_id):
-                    raise PermissionDenied("the share has ended", reason="SHARE_ENDED")
-                if not await self._send_change(call, owner, event) and single:
-                    break
-        except SubscriptionOverflowError:
-            raise Aborted("the watcher fell behind; watch again", reason="WATCH_OVERFLOW") from None
-        finally:
-            await subscription.close()
-        return P.WatchTunnelsResponse()
+        """The current state (or the changes since ``resume_after``), then each change."""
+        return await self._watch.watch(request, call)
 
-    async def _send_current(self, call: Call, owner: str, tunnel_id: str) -> None:
-        if tunnel_id:
-            found = await self._tunnels.get(owner, tunnel_id)
-            await call.send(Kind(kind=Kind.KIND_CURRENT, tunnel=self._out(found)))
-        else:
-            token = ""
-            while True:
-                page = await self._tunnels.list(
-                    owner, page_size=500, page_token=token, filter="", order_by=""
-                )
-                for t in page.items:
-                    await call.send(Kind(kind=Kind.KIND_CURRENT, tunnel=self._out(t)))
-                token = page.next_page_token
-                if not token:
-                    break
-        await call.send(Kind(kind=Kind.KIND_SYNCED))
 
-    async def _send_change(self, call: Call, owner: str, event: Any) -> bool:
-        """Send one change; False once the tunnel is gone."""
-        ids = {"event_type": event.type, "event_id": event.id}
-        if event.type == "tunnel.deleted":
-            await call.send(Kind(kind=Kind.KIND_DELETED, tunnel=tc.deleted_tunnel(event), **ids))
-            return False
-        _, tunnel_id = tunnel_parts(event.subject, "subject", owner)
-        try:
-            found = await self._tunnels.get(owner, tunnel_id)
-        except NotFound:
-            return True  # deleted since; its own event follows
-        await call.send(Kind(kind=Kind.KIND_CHANGED, tunnel=self._out(found), **ids))
-        return True
+def _through_share(call: Call, tunnel: Tunnel) -> bool:
+    """Whether only a share let the caller act on ``tunnel`` (not ownership, not admin):
+    then what they grant must stay within that share."""
+    principal = call.principal
+    assert principal is not None
+    return tunnel.user_id != principal.user_id and not principal.has("tunnels.admin")
 
 
 def _child(name: str, collection: str, prefix: str) -> tuple[str, str]:

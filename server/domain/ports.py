@@ -7,7 +7,7 @@ domain sees only these shapes.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, Self
@@ -31,10 +31,11 @@ if TYPE_CHECKING:
     from server.domain.events import Event
     from server.domain.operations import Operation
     from server.domain.outbox import NewDelivery, Receiver
-    from server.domain.principal import Tier
+    from server.domain.principal import ShareRole, Tier
     from server.domain.sharing import Share, SharedTunnel, ShareLink
     from server.domain.traffic import Report, Totals
     from server.domain.tunnels import Endpoint, Tunnel
+    from server.domain.usage import MonthlyRequests
     from server.domain.violations import ViolationRecord
     from server.domain.webhook_service import Delivery, DisabledReason, Webhook
 
@@ -118,6 +119,18 @@ class ViolationRepository(Protocol):
     async def delete_before(self, cutoff: datetime) -> None: ...
 
 
+class RequestUsageRepository(Protocol):
+    """Monthly request counts, persisted from the rate limiter's counters."""
+
+    async def raise_to(self, rows: Sequence[MonthlyRequests], now: datetime) -> None:
+        """Set each row's count to the larger of the stored and the given one."""
+        ...
+
+    async def get(self, user_id: str, month: date) -> int:
+        """The persisted count (0 when there is none)."""
+        ...
+
+
 class TunnelRepository(Protocol):
     """Tunnels with their endpoints."""
 
@@ -149,7 +162,9 @@ class EventRepository(Protocol):
     async def between(
         self, user_id: str, start: datetime, end: datetime, after_id: str, limit: int
     ) -> builtins.list[Event]: ...
-    async def count_between(self, user_id: str, start: datetime, end: datetime) -> int: ...
+    async def count_by_type(
+        self, user_id: str, start: datetime, end: datetime
+    ) -> dict[str, int]: ...
 
 
 class WebhookRepository(Protocol):
@@ -164,6 +179,7 @@ class WebhookRepository(Protocol):
     async def save(self, webhook: Webhook, expected_version: int) -> None: ...
     async def delete(self, webhook_id: str) -> None: ...
     async def list(self, user_id: str, query: ListQuery) -> builtins.list[Webhook]: ...
+    async def seal_plain_headers(self, limit: int) -> int: ...
     async def receivers(self, user_id: str) -> builtins.list[Receiver]: ...
     async def add_deliveries(self, deliveries: Sequence[NewDelivery], now: datetime) -> None: ...
     async def deliveries(self, webhook_id: str, query: ListQuery) -> builtins.list[Delivery]: ...
@@ -171,6 +187,16 @@ class WebhookRepository(Protocol):
     async def claim(
         self, now: datetime, lease_until: datetime, limit: int, token: int
     ) -> builtins.list[Claimed]: ...
+    async def claim_fairly(
+        self,
+        now: datetime,
+        lease_until: datetime,
+        limit: int,
+        token: int,
+        *,
+        per_endpoint: int = 0,
+        busy: Mapping[str, int] | None = None,
+    ) -> tuple[builtins.list[Claimed], bool]: ...
     async def claim_one(
         self, delivery_id: str, lease_until: datetime, token: int
     ) -> Claimed | None: ...
@@ -185,7 +211,7 @@ class WebhookRepository(Protocol):
     async def fail_pending(self, webhook_id: str, now: datetime) -> int: ...
     async def recover(self, webhook_id: str, since: datetime, now: datetime) -> int: ...
     async def queue_stats(self, now: datetime) -> tuple[int, datetime | None]: ...
-    async def next_due(self) -> datetime | None: ...
+    async def next_due(self, *, after: datetime | None = None) -> datetime | None: ...
 
 
 class OperationRepository(Protocol):
@@ -216,6 +242,27 @@ class ShareRepository(Protocol):
     async def revoke_link(
         self, tunnel_id: str, link_id: str, now: datetime
     ) -> ShareLink | None: ...
+    async def get_link(self, tunnel_id: str, link_id: str) -> ShareLink | None: ...
+    async def lock_tunnel(self, tunnel_id: str) -> None: ...
+    async def children(self, tunnel_id: str, parent_ids: Sequence[str]) -> builtins.list[str]: ...
+    async def delete_many(self, tunnel_id: str, grantee_ids: Sequence[str]) -> None: ...
+    async def narrow(
+        self,
+        tunnel_id: str,
+        grantee_ids: Sequence[str],
+        role: ShareRole,
+        expire_time: datetime | None,
+    ) -> None: ...
+    async def narrow_links(
+        self,
+        tunnel_id: str,
+        parent_ids: Sequence[str],
+        role: ShareRole,
+        expire_time: datetime | None,
+    ) -> None: ...
+    async def revoke_links_through(
+        self, tunnel_id: str, parent_ids: Sequence[str], now: datetime
+    ) -> int: ...
 
 
 class AgentRepository(Protocol):
@@ -252,6 +299,8 @@ class UnitOfWork(Protocol):
     def audit(self) -> AuditRepository: ...
     @property
     def violations(self) -> ViolationRepository: ...
+    @property
+    def request_usage(self) -> RequestUsageRepository: ...
     @property
     def tunnels(self) -> TunnelRepository: ...
     @property

@@ -262,6 +262,8 @@ tunnel_shares = sa.Table(
     sa.Column("expire_time", UTCDateTime(), nullable=True),
     sa.Column("create_time", UTCDateTime(), nullable=False),
     sa.Column("creator_id", sa.String(40), nullable=False),
+    #: The grantee whose share this one was granted through (NULL: by the owner or an admin).
+    sa.Column("parent_grantee_id", sa.String(40), nullable=True),
     sa.Index(None, "grantee_id", "create_time"),
 )
 
@@ -278,6 +280,10 @@ share_links = sa.Table(
     sa.Column("share_ttl", sa.Integer(), nullable=True),
     sa.Column("create_time", UTCDateTime(), nullable=False),
     sa.Column("revoke_time", UTCDateTime(), nullable=True),
+    #: Who made the link (NULL in rows from before 0007: the owner).
+    sa.Column("creator_id", sa.String(40), nullable=True),
+    #: The share the link was made through (NULL: by the owner or an admin).
+    sa.Column("parent_grantee_id", sa.String(40), nullable=True),
     sa.UniqueConstraint("token_hash"),
     sa.Index(None, "tunnel_id", "create_time"),
 )
@@ -333,6 +339,22 @@ tunnel_usage = sa.Table(
     sa.Index(None, "day"),
 )
 
+#: Requests counted against each user's monthly quota, rolled up from the rate limiter's
+#: counters: an absolute count per user and month that a roll-up only ever raises.
+monthly_request_usage = sa.Table(
+    "monthly_request_usage",
+    metadata,
+    sa.Column(
+        "user_id",
+        sa.String(40),
+        sa.ForeignKey("users.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("month", sa.Date(), primary_key=True),
+    sa.Column("requests", sa.BigInteger(), nullable=False),
+    sa.Column("update_time", UTCDateTime(), nullable=False),
+)
+
 #: Webhook endpoints. The secret signs deliveries; the previous one keeps signing until
 #: ``previous_secret_expire_time`` after a rotation.
 webhooks = sa.Table(
@@ -345,7 +367,10 @@ webhooks = sa.Table(
     sa.Column("event_types", sa.JSON(), nullable=False),
     sa.Column("transform", sa.String(2000), nullable=False, default=""),
     sa.Column("rate_limit", sa.Integer(), nullable=False, default=0),
+    # Custom headers, legacy: written in the clear by releases before 0008 (and tools); the
+    # server writes {} here and the headers sealed in sealed_headers (see storage/webhooks.py).
     sa.Column("headers", sa.JSON(), nullable=False),
+    sa.Column("sealed_headers", sa.Text(), nullable=True),
     sa.Column("disabled_reason", sa.String(20), nullable=False, default=""),
     sa.Column("secret", sa.String(200), nullable=False),
     sa.Column("previous_secret", sa.String(200), nullable=True),

@@ -38,6 +38,7 @@ from tunnelplane.v1 import (
 from server.app import SERVICES, App
 from server.domain.principal import Role
 from server.storage import tables
+from tests.conftest import Backend, own_database
 from tests.helpers import PASSWORD, Client, TestUser, fails, unique_email, violations
 
 #: Tables a refused request must leave exactly as they were.
@@ -962,6 +963,10 @@ BAD_REQUESTS = [
         f"{T}.WatchTunnels",
         bad_name=("name", named(P.WatchTunnelsRequest, "users/{uid}/tunnels/nope")),
         wrong_collection=("name", named(P.WatchTunnelsRequest, "users/{uid}/shares/x")),
+        bad_resume=(
+            "resume_after",
+            lambda c: P.WatchTunnelsRequest(name="users/me", resume_after="tun_nope"),
+        ),
     ),
     *rows(
         f"{EV}.ListEvents",
@@ -1040,6 +1045,12 @@ BAD_REQUESTS = [
         bad_path=("update_mask", patch_hook(("secret",), description="x")),
         bad_url=("webhook.url", patch_hook(("url",), url="gopher://x")),
         bad_types=("webhook.event_types[0]", patch_hook(("event_types",), event_types=["x"])),
+        bad_header_path=("update_mask", patch_hook(("headers.not a name",))),
+        both_header_paths=("update_mask", patch_hook(("headers", "headers.x-a"))),
+        bad_header=(
+            "webhook.headers['host']",
+            patch_hook(("headers.host",), headers={"host": "x"}),
+        ),
         bad_name=(
             "webhook.name",
             lambda c: W.UpdateWebhookRequest(webhook=W.Webhook(name="webhooks/1", url="x")),
@@ -1166,6 +1177,26 @@ EXEMPT = {
 
 
 @pytest_asyncio.fixture(scope="module")
+async def app(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
+    """This module's own server, on a database of its own that holds only what the module
+    makes: no agent to sweep, no endpoint to probe, and no webhook dispatcher, so nothing
+    but the call under test can write between the two snapshots of a test."""
+    directory = tmp_path_factory.mktemp("bad-input")
+    async with own_database(backend, directory) as isolated:
+        server = App(isolated.settings(directory, webhook_dispatch=False))
+        await server.start()
+        yield server
+        await server.stop(grace=0)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def channel(app: App) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to this module's server."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as ch:
+        yield ch
+
+
+@pytest_asyncio.fixture(scope="module")
 async def ctx(app: App, channel: grpc.aio.Channel) -> Ctx:
     """An ordinary user with two API keys, a super admin, and real page tokens."""
     client = Client(app, channel)
@@ -1237,14 +1268,6 @@ async def snapshot(app: App) -> dict[str, tuple[int, str]]:
             found = (await conn.execute(stmt)).all()
             result[table.name] = (len(found), hashlib.sha256(repr(found).encode()).hexdigest())
     return result
-
-
-@pytest_asyncio.fixture(autouse=True)
-async def stilled(app: App) -> AsyncIterator[None]:
-    """Background passes (agent sweeps of earlier tests' agents, probes) wait while a test
-    runs, so the snapshots compare only what the refused call did."""
-    async with app.background:
-        yield
 
 
 # --- tests ------------------------------------------------------------------------------

@@ -74,6 +74,27 @@ async def test_operations_carry_policy_security_and_errors(http: httpx.AsyncClie
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
 
+async def test_only_the_watch_may_be_authenticated_by_the_access_cookie(
+    http: httpx.AsyncClient,
+) -> None:
+    spec = await document(http)
+    scheme = spec["components"]["securitySchemes"]["accessCookie"]
+    assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "cookie", "tp_access")
+    by_cookie = {
+        (path, verb)
+        for path, item in spec["paths"].items()
+        for verb, operation in item.items()
+        if {"accessCookie": []} in operation.get("security", [])
+    }
+    assert by_cookie == {
+        ("/v1/users/{user}/tunnels/{tunnel}:watch", "get"),
+        ("/v1/users/{user}/tunnels:watch", "get"),
+    }
+    watch = spec["paths"]["/v1/users/{user}/tunnels:watch"]["get"]
+    assert watch["security"] == [{"bearer": []}, {"accessCookie": []}]
+    assert watch["x-tunnelplane-policy"]["cookieAuth"] is True
+
+
 async def test_schemas_follow_the_proto3_json_mapping(http: httpx.AsyncClient) -> None:
     spec = await document(http)
     schemas = spec["components"]["schemas"]

@@ -9,12 +9,14 @@ import zlib
 from typing import Any
 
 import grpc
+import httpx
 import sqlalchemy as sa
 from google.api import httpbody_pb2
 from google.protobuf import field_mask_pb2
 from tunnelplane.v1 import auth_pb2, common_pb2, users_pb2
 
 from server.domain.principal import Role, Tier
+from server.settings import DEFAULT_TIERS
 from server.storage import tables
 from tests.helpers import (
     PASSWORD,
@@ -486,6 +488,32 @@ async def test_tiers_are_public_with_the_documented_limits(client: Client) -> No
         grpc.StatusCode.INVALID_ARGUMENT,
     )
     assert "name" in violations(error)
+
+
+async def test_tiers_show_their_stream_limits(client: Client, http: httpx.AsyncClient) -> None:
+    """The per-user caps on open watches and agent streams are part of what a tier allows,
+    over gRPC and HTTP alike."""
+    listed = await client.users.ListTiers(users_pb2.ListTiersRequest())
+    over_grpc = {t.name: (t.max_watch_streams, t.max_agent_streams) for t in listed.tiers}
+    expected = {
+        f"tiers/{name}": (limits.max_watch_streams, limits.max_agent_streams)
+        for name, limits in DEFAULT_TIERS.items()
+    }
+    assert over_grpc == expected
+    assert expected == {
+        "tiers/free": (5, 5),
+        "tiers/premium": (50, 100),
+        "tiers/enterprise": (1_000, 1_000),
+    }
+    response = await http.get("/v1/tiers")
+    assert response.status_code == 200
+    over_http = {
+        t["name"]: (int(t["maxWatchStreams"]), int(t["maxAgentStreams"]))
+        for t in response.json()["tiers"]
+    }
+    assert over_http == expected
+    fetched = (await http.get("/v1/tiers/free")).json()
+    assert (fetched["maxWatchStreams"], fetched["maxAgentStreams"]) == ("5", "5")
 
 
 async def test_self_service_tier_change_takes_effect_at_once(client: Client) -> None:

@@ -195,7 +195,8 @@ def test_every_tier_limit_has_a_variable() -> None:
         for f in dataclasses.fields(TierLimits)
     }
     settings = Settings.from_env(env)
-    assert all(limits == TierLimits(7, 7, 7, 7, 7, 7) for limits in settings.tiers.values())
+    sevens = TierLimits(*[7] * len(dataclasses.fields(TierLimits)))
+    assert all(limits == sevens for limits in settings.tiers.values())
 
 
 def test_defaults_are_not_shared_between_instances() -> None:
