@@ -77,7 +77,7 @@ from server.interceptors.streams import StreamLimitStage, StreamRecheckStage
 from server.interceptors.tracing import TracingStage
 from server.load import LoadMonitor
 from server.logs import AccessLog
-from server.pipeline import Call, Handler, MethodInfo, Pipeline
+from server.pipeline import Handler, MethodInfo, Pipeline
 from server.policy import load_policies
 from server.settings import Settings, networks
 from server.storage.database import Database
@@ -248,7 +248,15 @@ class App:
             default_overlap=timedelta(seconds=settings.api_key_rotation_overlap),
         )
         self.authenticator = Authenticator(
-            self.tokens, subjects, revocations, self.api_keys, kv, db, clock
+            self.tokens,
+            subjects,
+            revocations,
+            self.api_keys,
+            kv,
+            db,
+            clock,
+            # A stream's session is read at most once per re-check interval.
+            session_cache_ttl=settings.stream_recheck_interval,
         )
         self.credentials = CallCredentials(self.authenticator)
         self.accounts = AccountService(
@@ -328,10 +336,6 @@ class App:
             self.usage,
         )
 
-    async def _recheck(self, call: Call) -> object:
-        """Verify a long stream's credential again: the end of its session ends it too."""
-        return await self.credentials.recheck(call)
-
     async def _fresh_redis_connections(self, up: bool, _probed_at: float) -> None:
         """When Redis is back, drop the pool's connections to the Redis that went away
         before the fallbacks switch back to it (each would fail once)."""
@@ -346,7 +350,7 @@ class App:
             self.tunnel_parts.agents,
             self.tunnel_parts.tunnels,
             lambda: self.stopping,
-            self._recheck,
+            self.credentials.recheck,
             AgentMetrics(self.registry),
         )
         servicers: dict[str, object] = {
@@ -360,7 +364,7 @@ class App:
                 self.tunnel_parts.agents,
                 self.users,
                 self.clock,
-                self._recheck,
+                self.credentials.recheck,
                 self.tunnel_parts.events,
             ),
             "tunnelplane.v1.AgentService": self.agent_api,
@@ -402,7 +406,7 @@ class App:
                 ),
                 self.stream_limits,
                 StreamRecheckStage(
-                    self._recheck,
+                    self.credentials.recheck,
                     self.settings.stream_recheck_interval,
                     logging.getLogger("tunnelplane.streams"),
                     self.registry,

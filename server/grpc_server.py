@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,11 +20,11 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from server.domain.ratelimit import Network, in_networks
 from server.errors import DomainError, Internal, InvalidArgument, to_status
 from server.pipeline import Call, Handler, MethodInfo
 
 log = logging.getLogger(__name__)
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -51,15 +50,6 @@ def peer_address(peer: str) -> str:
     return rest or kind
 
 
-@functools.lru_cache(maxsize=4096)
-def _in(address: str, networks: tuple[Network, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)
-
-
 @dataclass(frozen=True, slots=True)
 class Security:
     """Whether a call arrived over TLS: this port's own, or a declared TLS-terminating
@@ -77,7 +67,7 @@ class Security:
         return (
             bool(self.proxies)
             and metadata.get("x-forwarded-proto", "").lower() == "https"
-            and _in(peer, self.proxies)
+            and in_networks(peer, self.proxies)
         )
 
 
@@ -194,16 +184,16 @@ def method_handler(
     """
     parse = _parser(method.request_type)
     serialize = method.response_type.SerializeToString
-    secure = security or Security()
+    security = security or Security()
 
     async def handle(request: Message | None, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        return await _serve(method, chain, request, context, security=secure)
+        return await _serve(method, chain, request, context, security=security)
 
     async def handle_stream(request: Message | None, context: Any) -> None:
-        await _serve(method, chain, request, context, security=secure)
+        await _serve(method, chain, request, context, security=security)
 
     async def handle_client_stream(_requests: Any, context: Any) -> None:
-        await _serve(method, chain, method.request_type(), context, security=secure)
+        await _serve(method, chain, method.request_type(), context, security=security)
 
     kind = method.grpc_type
     if kind == "unary":

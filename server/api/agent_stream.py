@@ -17,7 +17,7 @@ from tunnelplane.v1 import agents_pb2
 
 from server.api import convert
 from server.api import tunnel_convert as tc
-from server.domain.agents import AgentSessions
+from server.domain.agents import LEFT, SILENT, AgentSessions
 from server.domain.endpoints import parse_endpoint_url
 from server.domain.events import Event
 from server.domain.principal import Principal
@@ -32,10 +32,6 @@ T = TypeVar("T")
 log = logging.getLogger("tunnelplane.agents")
 #: What a go-away tells agents.
 SHUTTING_DOWN = "the server is shutting down"
-#: Why a stream ended, as a tunnel left without agents says (None: the server is going
-#: away, the agent is not gone).
-LEFT = "the last agent disconnected"
-SILENT = "the last agent went silent"
 
 
 class AgentMetrics:

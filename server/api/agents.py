@@ -10,14 +10,8 @@ from collections.abc import Awaitable, Callable
 from google.protobuf.message import Message
 from tunnelplane.v1 import agents_pb2
 
-from server.api.agent_stream import (
-    LEFT,
-    AgentMetrics,
-    AgentStream,
-    StreamParts,
-    go_away_message,
-)
-from server.domain.agents import AgentSessions, Hello
+from server.api.agent_stream import AgentMetrics, AgentStream, StreamParts, go_away_message
+from server.domain.agents import LEFT, AgentSessions, Hello
 from server.domain.tunnel_service import TunnelService
 from server.errors import InvalidArgument
 from server.pipeline import Call

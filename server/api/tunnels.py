@@ -17,7 +17,7 @@ from server.domain.clock import Clock
 from server.domain.events import EventLog
 from server.domain.ids import is_id
 from server.domain.names import user_id_of
-from server.domain.principal import Tier
+from server.domain.principal import Tier, needs_share_lookup
 from server.domain.sharing import ShareService
 from server.domain.traffic import DailyUsage, date_range, total
 from server.domain.tunnel_service import UPDATABLE_PATHS, TunnelService
@@ -58,8 +58,8 @@ class TunnelApi:
         self._agents = agents
         self._users = users
         self._clock = clock
-        #: Verifies the call's credential again at each change (a watch ends when it is
-        #: revoked or expires; the pipeline also re-checks it on a timer).
+        #: ``recheck`` verifies the call's credential again at each change (a watch ends
+        #: when it is revoked or its session ends; the pipeline also re-checks on a timer).
         self._watch = TunnelWatch(tunnels, shares, events, recheck, self._out)
 
     def _out(self, t: Tunnel) -> tunnels_pb2.Tunnel:
@@ -330,11 +330,9 @@ class TunnelApi:
 
 
 def _through_share(call: Call, tunnel: Tunnel) -> bool:
-    """Whether only a share let the caller act on ``tunnel`` (not ownership, not admin):
-    then what they grant must stay within that share."""
-    principal = call.principal
-    assert principal is not None
-    return tunnel.user_id != principal.user_id and not principal.has("tunnels.admin")
+    """Whether only a share let the caller act on ``tunnel`` (not ownership, not the
+    method's admin permission): then what they grant must stay within that share."""
+    return needs_share_lookup(call.method.policy.rule, call.principal, tunnel.user_id)
 
 
 def _child(name: str, collection: str, prefix: str) -> tuple[str, str]:

@@ -19,6 +19,7 @@ from server.api import tunnel_convert as tc
 from server.domain.events import Event, EventLog, SubscriptionOverflowError
 from server.domain.ids import is_id
 from server.domain.names import user_id_of
+from server.domain.principal import needs_share_lookup
 from server.domain.sharing import ShareService
 from server.domain.tunnel_service import TunnelService
 from server.domain.tunnels import Tunnel, tunnel_parts
@@ -86,7 +87,7 @@ class TunnelWatch:
         scope = _scope(request.name, principal.user_id)
         resume = resume_point(request, call)
         # Someone watching through a share keeps seeing changes only while the share lasts.
-        by_share = scope.owner != principal.user_id and not principal.has("tunnels.admin")
+        by_share = needs_share_lookup(call.method.policy.rule, principal, scope.owner)
         subscription = self._tunnels.bus.subscribe(scope.owner)  # before reading: miss nothing
         try:
             sent = await self._start(call, scope, resume)

@@ -22,6 +22,10 @@ from server.domain.tunnels import Tunnel, TunnelState, tunnel_parts
 from server.errors import NotFound, PermissionDenied, ResourceExhausted, Violations
 
 AGENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: Why a tunnel left without agents is disconnected (its ``state_reason``): its last agent's
+#: stream ended, or its last agent fell silent.
+LEFT = "the last agent disconnected"
+SILENT = "the last agent went silent"
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,10 +171,9 @@ class AgentSessions:
                     tunnel.user_id, tunnel.id, "the monthly transfer quota is used up"
                 )
 
-    async def goodbye(
-        self, tunnel_id: str, agent_id: str, reason: str = "the last agent disconnected"
-    ) -> None:
-        """The agent's stream ended; ``reason`` is what its tunnel says if no agent is left."""
+    async def goodbye(self, tunnel_id: str, agent_id: str, reason: str) -> None:
+        """The agent's stream ended; ``reason`` (:data:`LEFT`, :data:`SILENT`) is what its
+        tunnel says if no agent is left."""
         async with self._uow() as uow:
             await uow.agents.close(tunnel_id, agent_id)
         await self._recount(tunnel_id, reason)
@@ -183,7 +186,7 @@ class AgentSessions:
         async with self._uow() as uow:
             changed = await uow.agents.expire(silent, forgotten)
         for tunnel_id in changed:
-            await self._recount(tunnel_id, "the last agent went silent")
+            await self._recount(tunnel_id, SILENT)
         return len(changed)
 
     async def traffic(self, tunnel: Tunnel) -> TunnelTraffic:

@@ -9,12 +9,19 @@ changes therefore take effect on the next call, on every replica.
 A stream outlives the access token that opened it: re-checked while it runs
 (``established=True``), the token's ``exp`` may have passed, and its session (the family of
 refresh tokens it was issued for) decides instead. Everything else is checked as on a call.
+A session the table showed live is believed for a short while (``session_cache_ttl``, never
+longer than an access token lives) without reading it again, so that a watch re-checked at
+every event does not read the table at every event: a revocation meanwhile is still seen at
+once, by the marker it leaves in the shared store for as long as an access token lives.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime
 
 from server.domain.apikeys import ApiKeyService
 from server.domain.cache import CachedLookup
@@ -26,6 +33,8 @@ from server.domain.tokens import LEEWAY_SECONDS, TokenService
 from server.errors import Unauthenticated
 
 SUBJECT_CACHE_TTL = 300.0
+#: Sessions remembered as live at once, per process (the least recently seen go first).
+SESSION_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +127,8 @@ class Authenticator:
         kv: KeyValueStore,
         uow: UnitOfWorkFactory,
         clock: Clock,
+        *,
+        session_cache_ttl: float = 0.0,
     ) -> None:
         self._uow = uow
         self._tokens = tokens
@@ -126,6 +137,11 @@ class Authenticator:
         self._api_keys = api_keys
         self._kv = kv
         self._clock = clock
+        # Capped by the access-token lifetime: a revocation's marker lasts that long, so it
+        # covers every moment a session is believed live without a read.
+        self._session_ttl = min(session_cache_ttl, tokens.ttl)
+        #: Session id -> (its end, until when on the monotonic clock it is believed live).
+        self._live_sessions: OrderedDict[str, tuple[datetime, float]] = OrderedDict()
 
     async def authenticate(self, authorization: str, *, established: bool = False) -> Principal:
         """The caller behind an ``authorization`` value; :class:`Unauthenticated` if none.
@@ -165,11 +181,15 @@ class Authenticator:
         )
         if raw_token is not None or raw_session is not None:
             raise Unauthenticated("access token revoked", reason="TOKEN_REVOKED")
-        if self._kv.degraded and not await self._session_live(claims.session_id):
-            # Revocation markers made before the outage are in Redis, out of reach now;
-            # the session table is the source of truth for them.
-            raise Unauthenticated("access token revoked", reason="TOKEN_REVOKED")
-        if self._tokens.expired(claims) and not await self._session_live(claims.session_id):
+        degraded = self._kv.degraded
+        expired = established and self._tokens.expired(claims)
+        if (degraded or expired) and not await self._session_live(
+            claims.session_id, cached=not degraded
+        ):
+            if degraded:
+                # Revocation markers made before the outage are in Redis, out of reach now;
+                # the session table is the source of truth for them.
+                raise Unauthenticated("access token revoked", reason="TOKEN_REVOKED")
             # Markers outlive only the tokens they refuse: past its exp, a stream's token
             # is as good as its session, which the session table knows.
             raise Unauthenticated("the session has ended", reason="SESSION_ENDED")
@@ -187,15 +207,37 @@ class Authenticator:
             token_expires_at=claims.expires_at,
         )
 
-    async def _session_live(self, session_id: str) -> bool:
-        """Whether the session exists, is not revoked and has not reached its end."""
+    async def _session_live(self, session_id: str, *, cached: bool) -> bool:
+        """Whether the session exists, is not revoked and has not reached its end. With
+        ``cached`` the table's answer of a moment ago will do: a revocation since then has
+        left a marker, which the caller has read already."""
+        now = self._clock.now()
+        if cached and self._believed_live(session_id, now):
+            return True
         async with self._uow(readonly=True) as uow:
             session = await uow.sessions.get_session(session_id)
-        return (
-            session is not None
-            and session.revoke_time is None
-            and session.expire_time > self._clock.now()
-        )
+        if session is None or session.revoke_time is not None or session.expire_time <= now:
+            self._live_sessions.pop(session_id, None)
+            return False
+        if self._session_ttl > 0:
+            self._live_sessions[session_id] = (
+                session.expire_time,
+                time.monotonic() + self._session_ttl,
+            )
+            self._live_sessions.move_to_end(session_id)
+            if len(self._live_sessions) > SESSION_CACHE_SIZE:
+                self._live_sessions.popitem(last=False)
+        return True
+
+    def _believed_live(self, session_id: str, now: datetime) -> bool:
+        remembered = self._live_sessions.get(session_id)
+        if remembered is None:
+            return False
+        ends, fresh_until = remembered
+        if ends > now and fresh_until > time.monotonic():
+            return True
+        del self._live_sessions[session_id]
+        return False
 
     async def _api_key(self, secret: str) -> Principal:
         identity = await self._api_keys.identify(secret)

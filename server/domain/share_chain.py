@@ -14,42 +14,21 @@ that a chain of grants is the same as one grant capped by its root:
 
 from __future__ import annotations
 
-import builtins
-from collections.abc import Sequence
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from server.domain.principal import ShareRole
 from server.errors import PermissionDenied, Violations
 
 if TYPE_CHECKING:
+    from server.domain.ports import ShareRepository
     from server.domain.sharing import Share
 
 #: A longer chain (or a loop, which grants cannot make) grants nothing.
 MAX_CHAIN = 32
 EXCEEDS_GRANT = "EXCEEDS_GRANT"
-
-
-class ShareRows(Protocol):
-    """The part of the share repository the chain rules need."""
-
-    async def get(self, tunnel_id: str, grantee_id: str) -> Share | None: ...
-    async def children(self, tunnel_id: str, parent_ids: Sequence[str]) -> builtins.list[str]: ...
-    async def narrow(
-        self,
-        tunnel_id: str,
-        grantee_ids: Sequence[str],
-        role: ShareRole,
-        expire_time: datetime | None,
-    ) -> None: ...
-    async def narrow_links(
-        self,
-        tunnel_id: str,
-        parent_ids: Sequence[str],
-        role: ShareRole,
-        expire_time: datetime | None,
-    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,42 +54,39 @@ def outlives(expire: datetime | None, limit: datetime | None) -> bool:
     return limit is not None and (expire is None or expire > limit)
 
 
-async def held_share(
-    shares: ShareRows, tunnel_id: str, grantee_id: str, now: datetime
-) -> Held | None:
-    """What ``grantee_id``'s share of the tunnel grants now; ``None`` if nothing."""
-    own: Share | None = None
-    role: ShareRole = ShareRole.ADMIN
-    expire: datetime | None = None
-    chain: list[str] = []
+async def _up(shares: ShareRepository, tunnel_id: str, grantee_id: str) -> list[Share]:
+    """``grantee_id``'s share and those above it, as far as they are stored (at most
+    :data:`MAX_CHAIN`, never round a loop). The chain is whole when the last one has no
+    grantor."""
+    found: list[Share] = []
     current = grantee_id
-    while current:
-        if current in chain or len(chain) >= MAX_CHAIN:
-            return None
-        share = await shares.get(tunnel_id, current)
-        if share is None or share.expired(now):
-            return None
-        own = own or share
-        chain.append(current)
-        role, expire = min(role, share.role), earliest(expire, share.expire_time)
-        current = share.parent_grantee_id
-    return None if own is None else Held(own, role, expire, tuple(chain))
-
-
-async def lineage(shares: ShareRows, tunnel_id: str, grantee_id: str) -> tuple[str, ...]:
-    """The holders from ``grantee_id``'s share up its chain, as far as it is stored."""
-    chain: list[str] = []
-    current = grantee_id
-    while current and current not in chain and len(chain) < MAX_CHAIN:
+    while current and len(found) < MAX_CHAIN and all(s.grantee_id != current for s in found):
         share = await shares.get(tunnel_id, current)
         if share is None:
             break
-        chain.append(current)
+        found.append(share)
         current = share.parent_grantee_id
-    return tuple(chain)
+    return found
 
 
-async def descendants(shares: ShareRows, tunnel_id: str, grantee_id: str) -> list[str]:
+async def held_share(
+    shares: ShareRepository, tunnel_id: str, grantee_id: str, now: datetime
+) -> Held | None:
+    """What ``grantee_id``'s share of the tunnel grants now; ``None`` if nothing."""
+    chain = await _up(shares, tunnel_id, grantee_id)
+    if not chain or chain[-1].parent_grantee_id or any(s.expired(now) for s in chain):
+        return None
+    role = min(s.role for s in chain)
+    expire = functools.reduce(earliest, (s.expire_time for s in chain), None)
+    return Held(chain[0], role, expire, tuple(s.grantee_id for s in chain))
+
+
+async def lineage(shares: ShareRepository, tunnel_id: str, grantee_id: str) -> tuple[str, ...]:
+    """The holders from ``grantee_id``'s share up its chain, as far as it is stored."""
+    return tuple(s.grantee_id for s in await _up(shares, tunnel_id, grantee_id))
+
+
+async def descendants(shares: ShareRepository, tunnel_id: str, grantee_id: str) -> list[str]:
     """The holders of every share granted through ``grantee_id``'s, at any depth."""
     found: list[str] = []
     seen, frontier = {grantee_id}, [grantee_id]
@@ -121,7 +97,7 @@ async def descendants(shares: ShareRows, tunnel_id: str, grantee_id: str) -> lis
     return found
 
 
-async def narrow_below(shares: ShareRows, share: Share) -> None:
+async def narrow_below(shares: ShareRepository, share: Share) -> None:
     """Cap everything granted through ``share`` (at any depth) to its role and expiry.
 
     One cap for the whole subtree is enough: each share below was within its own grantor's

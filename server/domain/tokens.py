@@ -206,10 +206,11 @@ class TokenService:
                 return cached
             del self._cache[token]
         claims = self._verify_signature_and_claims(token, now, expired_ok=expired_ok)
-        if not self.expired(claims):
-            self._cache[token] = claims
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        # Past its exp too (verified ``expired_ok``): a stream re-checks it again and again,
+        # and a call without ``expired_ok`` drops it above and is refused.
+        self._cache[token] = claims
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
         return claims
 
     def expired(self, claims: AccessClaims) -> bool:

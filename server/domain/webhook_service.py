@@ -427,7 +427,7 @@ class WebhookService:
         the failure record. ``headers.<name>`` paths change single headers (see
         :mod:`server.domain.webhook_headers`)."""
         paths, header_names = split_paths(paths)
-        paths = fieldmask.check_paths(paths, UPDATABLE_PATHS) if paths else ()
+        paths = fieldmask.check_paths(paths, UPDATABLE_PATHS)
         if "url" in paths and self.policy.public_only:
             check_url(requested.url, require_https=self.policy.require_https)
             await check_reachable(requested.url, self.resolver)

@@ -64,11 +64,11 @@ class StreamLimitStage:
     each (the limit is per replica, which bounds what any one replica must carry).
     """
 
-    def __init__(self, tiers: TierCatalog, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, tiers: TierCatalog, registry: CollectorRegistry) -> None:
         self._tiers = tiers
         self.open = OpenStreams()
         self._gauge = Gauge(
-            "streams_open",
+            "tunnelplane_streams_open",
             "Streams open in this process, by the tier limit that caps them.",
             ["limit"],
             registry=registry,
@@ -130,13 +130,13 @@ class StreamRecheckStage:
         recheck: Recheck,
         interval: float,
         log: logging.Logger,
-        registry: CollectorRegistry | None = None,
+        registry: CollectorRegistry,
     ) -> None:
         self._recheck = recheck
         self._interval = interval
         self._log = log
         checks = Counter(
-            "stream_credential_checks",
+            "tunnelplane_stream_credential_checks",
             "Timed credential checks of open streams, by outcome.",
             ["outcome"],
             registry=registry,

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.sql.base import ReadOnlyColumnCollection
 
 from server.domain.listing import ListQuery
 from server.domain.principal import ShareRole
@@ -59,6 +60,18 @@ def _capped(column: sa.Column[Any], cap: object) -> sa.ColumnElement[Any]:
     """``column`` lowered to ``cap`` where it is above it (NULL, never, counts as above)."""
     limit = sa.literal(cap, column.type)
     return sa.case((sa.or_(column.is_(None), column > limit), limit), else_=column)
+
+
+def _narrowed(
+    columns: ReadOnlyColumnCollection[str, sa.Column[Any]],
+    role: ShareRole,
+    expire_time: datetime | None,
+) -> dict[str, sa.ColumnElement[Any]]:
+    """The values that cap a share's or a link's ``role`` and ``expire_time`` columns."""
+    values = {"role": _capped(columns.role, int(role))}
+    if expire_time is not None:
+        values["expire_time"] = _capped(columns.expire_time, expire_time)
+    return values
 
 
 class SqlShareRepository(Repository):
@@ -205,13 +218,10 @@ class SqlShareRepository(Repository):
         """Lower these shares' role and expiry to at most ``role`` and ``expire_time``."""
         if not grantee_ids:
             return
-        values: dict[str, object] = {"role": _capped(_s.role, int(role))}
-        if expire_time is not None:
-            values["expire_time"] = _capped(_s.expire_time, expire_time)
         await self._conn.execute(
             sa.update(tunnel_shares)
             .where(_s.tunnel_id == tunnel_id, _s.grantee_id.in_(list(grantee_ids)))
-            .values(values)
+            .values(_narrowed(_s, role, expire_time))
         )
 
     async def narrow_links(
@@ -222,13 +232,10 @@ class SqlShareRepository(Repository):
         expire_time: datetime | None,
     ) -> None:
         """Lower the role and expiry of the links made through these shares."""
-        values: dict[str, object] = {"role": _capped(_l.role, int(role))}
-        if expire_time is not None:
-            values["expire_time"] = _capped(_l.expire_time, expire_time)
         await self._conn.execute(
             sa.update(share_links)
             .where(_l.tunnel_id == tunnel_id, _l.parent_grantee_id.in_(list(parent_ids)))
-            .values(values)
+            .values(_narrowed(_l, role, expire_time))
         )
 
     async def revoke_links_through(

@@ -10,6 +10,7 @@ makes the statement atomic anyway.
 from __future__ import annotations
 
 import builtins
+import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -26,7 +27,7 @@ from server.errors import Aborted, NotFound
 from server.storage.base import Repository
 from server.storage.query import apply_list_query
 from server.storage.sealed_headers import open_headers, seal_headers
-from server.storage.sealing import Sealer
+from server.storage.sealing import Sealer, SealError
 from server.storage.tables import (
     operations,
     users,
@@ -35,6 +36,7 @@ from server.storage.tables import (
     webhooks,
 )
 
+log = logging.getLogger("tunnelplane.webhooks")
 _w = webhooks.c
 _d = webhook_deliveries.c
 _a = webhook_attempts.c
@@ -151,12 +153,21 @@ class SqlWebhookRepository(Repository):
         return None if row is None else _webhook(row, self._sealer)
 
     async def by_ids(self, webhook_ids: Sequence[str]) -> builtins.list[Webhook]:
+        """The endpoints with these ids that open: a row whose sealed secret or headers no
+        configured key opens (a wrong ``TP_SECRETS_KEY``) is logged and left out, so that
+        it holds up only its own deliveries."""
         if not webhook_ids:
             return []
-        return [
-            _webhook(r, self._sealer)
-            for r in await self._all(sa.select(webhooks).where(_w.id.in_(webhook_ids)))
-        ]
+        found: builtins.list[Webhook] = []
+        for row in await self._all(sa.select(webhooks).where(_w.id.in_(webhook_ids))):
+            try:
+                found.append(_webhook(row, self._sealer))
+            except SealError as exc:
+                log.warning(
+                    "webhook endpoint does not open with the configured secrets keys",
+                    extra={"webhook": row["id"], "error": str(exc)},
+                )
+        return found
 
     async def find_by_request(self, user_id: str, request_id: str) -> Webhook | None:
         row = await self._one(

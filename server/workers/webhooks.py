@@ -11,6 +11,10 @@ they land, in batches (:mod:`server.workers.webhook_records`), never waiting for
 send. Any number of replicas may run this loop on one PostgreSQL; SQLite runs it in its
 one process. The per-endpoint limit is per process.
 
+An endpoint whose stored secret or headers do not open (sealed under a key this process
+is not given) holds up only its own deliveries: they wait for their leases, counted as
+``unreadable``, and are claimed again then (so a corrected key sends them).
+
 Nothing orders the requests one endpoint receives (a retry overtakes later events anyway):
 receivers order by the payload's ``timestamp`` and drop duplicates by ``webhook-id``.
 
@@ -29,7 +33,7 @@ import logging
 import random
 import secrets
 from collections import Counter as Tally
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -82,8 +86,9 @@ class DispatchMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.deliveries = Counter(
             "tunnelplane_webhook_deliveries",
-            "Delivery attempts by result (succeeded, retrying, failed) and deliveries "
-            "held back by an endpoint's rate limit (postponed).",
+            "Delivery attempts by result (succeeded, retrying, failed), deliveries "
+            "held back by an endpoint's rate limit (postponed) and deliveries whose "
+            "endpoint does not open with the configured secrets keys (unreadable).",
             ["result"],
             registry=registry,
         )
@@ -150,6 +155,8 @@ class WebhookDispatcher:
         self._landed: list[Outcome] = []
         self._landing = asyncio.Event()
         self._wake_timer: asyncio.TimerHandle | None = None
+        #: Endpoints that do not open (see :meth:`_set_aside`), until when (clock time).
+        self._unreadable: dict[str, float] = {}
 
     def wake(self, _event: object = None) -> None:
         """Look for due work now (an event was recorded, or a slot came free)."""
@@ -248,14 +255,34 @@ class WebhookDispatcher:
                 limit,
                 _token(),
                 per_endpoint=self._settings.endpoint_concurrency,
-                busy=self._busy,
+                busy=self._claim_busy(),
             )
             hooks, events = await _load(uow, claimed)
+        self._set_aside([c for c in claimed if c.webhook_id not in hooks])
         ready = [c for c in claimed if c.webhook_id in hooks and c.event_id in events]
         ready = await self._hold_back(ready, hooks)
         self._busy.update(c.webhook_id for c in ready)
         self._metrics.in_flight.set(self.in_flight)
         return _Claim(len(claimed), ready, hooks, events, seen_all)
+
+    def _claim_busy(self) -> Mapping[str, int]:
+        """Requests in flight per endpoint, with the endpoints set aside counted as full."""
+        now = self._clock.time()
+        self._unreadable = {w: until for w, until in self._unreadable.items() if until > now}
+        if not self._unreadable:
+            return self._busy
+        full = dict.fromkeys(self._unreadable, self._settings.endpoint_concurrency)
+        return {**self._busy, **full}
+
+    def _set_aside(self, unreadable: Sequence[Claimed]) -> None:
+        """Deliveries whose endpoint does not open (its sealed secret or headers, under a
+        secrets key this process lacks) wait for their leases to end, counted; until then
+        their endpoint is not claimed from, so its backlog takes no other endpoint's turn."""
+        if not unreadable:
+            return
+        self._metrics.deliveries.labels("unreadable").inc(len(unreadable))
+        until = self._clock.time() + self._settings.lease
+        self._unreadable.update(dict.fromkeys((c.webhook_id for c in unreadable), until))
 
     async def _hold_back(self, claimed: list[Claimed], hooks: dict[str, Webhook]) -> list[Claimed]:
         """Those of ``claimed`` that their endpoints' rate limits let through now; the rest

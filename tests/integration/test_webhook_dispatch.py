@@ -20,6 +20,7 @@ rate limit with focused examples.
 from __future__ import annotations
 
 import json
+import os
 import random
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -56,7 +57,9 @@ from server.domain.webhook_service import (
 from server.domain.webhooks import RETRY_AFTER_STATUSES, matches, new_secret, validate_filters
 from server.domain.webhooks import verify as domain_verify
 from server.storage.database import Database
+from server.storage.sealing import Sealer
 from server.storage.tables import webhook_attempts
+from server.storage.tables import webhooks as webhooks_table
 from server.workers.webhook_http import WebhookSender
 from server.workers.webhooks import DispatchMetrics, DispatchSettings, WebhookDispatcher
 from tests.conftest import Backend, own_database
@@ -107,7 +110,9 @@ class Rig:
     sender: WebhookSender
     heard: list[Event] = field(default_factory=list)
 
-    def dispatcher(self, seed: int = 0, **overrides: Any) -> WebhookDispatcher:
+    def dispatcher(
+        self, seed: int = 0, registry: CollectorRegistry | None = None, **overrides: Any
+    ) -> WebhookDispatcher:
         values: dict[str, Any] = {
             "batch": 100,
             "concurrency": 20,
@@ -126,7 +131,7 @@ class Rig:
             self.bus,
             self.clock,
             DispatchSettings(**values),
-            DispatchMetrics(CollectorRegistry()),
+            DispatchMetrics(registry or CollectorRegistry()),
             random.Random(seed),  # noqa: S311 - jitter
         )
 
@@ -739,6 +744,65 @@ async def test_a_stale_claim_cannot_record_over_the_new_one(rig: Rig) -> None:
     assert delivery.state is DeliveryState.SUCCEEDED
     assert [(a.number, a.status_code) for a in delivery.attempts] == [(1, 200)]
     assert rig.rx.seen == []
+
+
+# --- an endpoint that does not open ----------------------------------------------------
+
+
+async def test_an_endpoint_that_does_not_open_holds_up_only_its_own_deliveries(rig: Rig) -> None:
+    """A row sealed under a key this server lacks (a wrong ``TP_SECRETS_KEY``) fails no round:
+    the other endpoints' deliveries go out; its own wait for their leases, counted, and its
+    backlog is not claimed meanwhile. Nothing is lost: with a key that opens it, they go out."""
+    owner = await rig.user()
+    good = await rig.endpoint(owner, "/good")
+    poison = await rig.endpoint(owner, "/poison")
+    foreign = Sealer([os.urandom(32)])
+    await set_secret(rig, poison.id, foreign.seal(poison.secret, poison.id))
+    for _ in range(3):
+        await rig.emit(owner)
+    registry = CollectorRegistry()
+    lease = timedelta(seconds=30)
+    dispatcher = rig.dispatcher(
+        registry=registry, endpoint_concurrency=2, lease=lease.total_seconds()
+    )
+
+    def unreadable() -> float:
+        value = registry.get_sample_value(
+            "tunnelplane_webhook_deliveries_total", {"result": "unreadable"}
+        )
+        return value or 0.0
+
+    assert await rig.step(dispatcher) == 4  # two of each endpoint's three
+    assert len(rig.rx.at("/good")) == 2
+    assert unreadable() == 2
+    assert await rig.step(dispatcher) == 1  # the good one's third; the other is set aside
+    assert len(rig.rx.at("/good")) == 3
+    assert unreadable() == 2
+    assert all(d.state is DeliveryState.SUCCEEDED for d in await rig.deliveries(good.id))
+    waiting = await rig.deliveries(poison.id)
+    assert [(d.state, d.attempts) for d in waiting] == [(DeliveryState.PENDING, ())] * 3
+
+    rig.clock.advance(lease)
+    assert await rig.step(dispatcher) == 2  # the leases ended: tried again, set aside again
+    assert unreadable() == 4
+    assert rig.rx.at("/poison") == []
+
+    await set_secret(rig, poison.id, rig.db.sealer.seal(poison.secret, poison.id))
+    rig.clock.advance(lease)
+    await rig.drain(dispatcher)
+    assert len(rig.rx.at("/poison")) == 3
+    for seen in rig.rx.at("/poison"):
+        check_signature(poison, seen)
+    assert all(d.state is DeliveryState.SUCCEEDED for d in await rig.deliveries(poison.id))
+    assert unreadable() == 4
+
+
+async def set_secret(rig: Rig, webhook_id: str, sealed: str) -> None:
+    """Write an endpoint's stored (sealed) secret as it is given."""
+    async with rig.db.engine.begin() as conn:
+        await conn.execute(
+            sa.update(webhooks_table).where(webhooks_table.c.id == webhook_id).values(secret=sealed)
+        )
 
 
 # --- the per-endpoint rate limit --------------------------------------------------------
