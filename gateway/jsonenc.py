@@ -116,7 +116,7 @@ class JsonEncoder:
         if self._emit_defaults:
             # An input-only field is never part of a reply (AIP-203): printing its empty
             # default would read back as a change (a PATCH of the whole resource would clear
-            # a write-only map such as a webhook's headers).
+            # a write-only field, such as a map of secrets).
             defaults = [
                 (f.json_name, self._default(f))
                 for f in descriptor.fields

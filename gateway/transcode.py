@@ -303,8 +303,6 @@ def apply_body(
         json_format.ParseDict(
             document, message, ignore_unknown_fields=not strict, descriptor_pool=pool
         )
-    except GatewayError:
-        raise
     except json_format.ParseError as exc:
         raise GatewayError.invalid_argument([(_error_field(str(exc)), _clip(str(exc)))]) from None
     except (RecursionError, ValueError, TypeError, OverflowError, AttributeError) as exc:

@@ -25,9 +25,12 @@ import pytest_asyncio
 import redis
 
 from server.app import App
+from server.domain.clock import Clock
+from server.domain.tokens import generate_private_key_pem
 from server.settings import Settings
 from server.storage.database import make_engine
 from server.storage.migrate import upgrade
+from server.storage.sealing import new_key
 from tests.helpers import Client
 
 CI = os.environ.get("CI", "").lower() == "true"
@@ -189,6 +192,51 @@ async def own_database(backend: Backend, directory: Path) -> AsyncIterator[Backe
         drop_postgres_database(url)
 
 
+@contextlib.asynccontextmanager
+async def started(settings: Settings, clock: Clock | None = None) -> AsyncIterator[App]:
+    """A server started with ``settings`` (and ``clock``), stopped when the block ends."""
+    server = App(settings, clock=clock)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=0)
+
+
+@contextlib.asynccontextmanager
+async def own_server(
+    backend: Backend, directory: Path, clock: Clock | None = None, **overrides: object
+) -> AsyncIterator[App]:
+    """A started server with ``overrides`` on a database of its own (see
+    :func:`own_database`): a module's server whose workers must not meet the shared one's."""
+    async with (
+        own_database(backend, directory) as isolated,
+        started(isolated.settings(directory, **overrides), clock) as server,
+    ):
+        yield server
+
+
+@contextlib.asynccontextmanager
+async def sqlite_server(directory: Path, **overrides: object) -> AsyncIterator[App]:
+    """A started server with ``overrides`` on a migrated SQLite database in ``directory``."""
+    url = f"sqlite+aiosqlite:///{directory / 'db.sqlite'}"
+    await migrate(url)
+    async with started(make_settings(directory, database_url=url, **overrides)) as server:
+        yield server
+
+
+def production(directory: Path, **overrides: object) -> contextlib.AbstractAsyncContextManager[App]:
+    """:func:`sqlite_server` in production mode, with the keys and secrets it demands."""
+    return sqlite_server(
+        directory,
+        mode="production",
+        jwt_private_key=generate_private_key_pem().decode(),
+        page_token_secret="s" * 40,
+        secrets_key=new_key(),
+        **overrides,
+    )
+
+
 @pytest.fixture(scope="session")
 def postgres_database() -> Iterator[str]:
     """One migrated-later PostgreSQL database for the session."""
@@ -217,10 +265,8 @@ async def backend(
 @pytest_asyncio.fixture(scope="session")
 async def app(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
     """A started server on port 0, shared by the tests of one backend."""
-    server = App(backend.settings(tmp_path_factory.mktemp("data")))
-    await server.start()
-    yield server
-    await server.stop(grace=0)
+    async with started(backend.settings(tmp_path_factory.mktemp("data"))) as server:
+        yield server
 
 
 @pytest_asyncio.fixture(scope="session")

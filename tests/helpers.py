@@ -1,16 +1,25 @@
-"""Test helpers: a client with the generated stubs, user factories, and status decoding."""
+"""Test helpers: a client with the generated stubs, user factories, status decoding, and
+the readers of long streams (watches, agents' Connect, SSE) that several modules share."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
+import itertools
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+import httpx
+from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2, status_pb2
 from tunnelplane.v1 import (
     admin_pb2_grpc,
+    agents_pb2,
     agents_pb2_grpc,
     auth_pb2,
     auth_pb2_grpc,
@@ -29,6 +38,12 @@ from server.domain.principal import Role, Tier
 
 PASSWORD = "correct horse battery staple"
 STATUS_KEY = "grpc-status-details-bin"
+#: Set-up calls (register, log in) of the rate-limit tests come from here: their servers
+#: trust loopback as a proxy (a test names its client's address in X-Forwarded-For) and
+#: exempt only this network, so that set-up is never limited.
+SETUP = (("x-forwarded-for", "10.250.0.1"),)
+BEHIND_PROXY = {"rate_exempt_ips": "10.250.0.0/16", "trusted_proxies": "127.0.0.1/32,::1/128"}
+_addresses = itertools.count(1)
 
 
 def status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status:
@@ -76,6 +91,45 @@ async def fails(awaitable: Awaitable[Any], code: grpc.StatusCode) -> grpc.aio.Ai
 def unique_email(tag: str = "user") -> str:
     """An address no other test uses."""
     return f"{tag}-{uuid.uuid4().hex[:12]}@example.com"
+
+
+def fresh_ip() -> str:
+    """A client address no other test of the run uses (outside the ``SETUP`` network):
+    servers share the backend's Redis, so an address bucket is never another test's."""
+    n = next(_addresses)
+    return f"10.{n // 250 % 200 + 1}.{n % 250}.7"
+
+
+class FakeClock:
+    """A clock for a server (``App(settings, clock=...)``) that moves only when told to,
+    from ``start`` (by default, now)."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._now = start or datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return self._now
+
+    def time(self) -> float:
+        return self._now.timestamp()
+
+    def advance(self, seconds: float) -> None:
+        self._now += timedelta(seconds=seconds)
+
+
+async def eventually(
+    check: Callable[[], bool | Awaitable[bool]], within: float = 20.0, every: float = 0.02
+) -> None:
+    """Poll ``check`` (a function, or a coroutine function) until it holds; fail after
+    ``within`` seconds. For state that announces nothing to await."""
+    async with asyncio.timeout(within):
+        while True:
+            held = check()
+            if inspect.isawaitable(held):
+                held = await held
+            if held:
+                return
+            await asyncio.sleep(every)
 
 
 @dataclass
@@ -201,3 +255,154 @@ def _billing_admin() -> Any:
 
 
 RpcCall = Callable[..., Awaitable[Any]]
+
+
+@contextlib.asynccontextmanager
+async def client_of(
+    app: App, setup_metadata: tuple[tuple[str, str], ...] = ()
+) -> AsyncIterator[Client]:
+    """A :class:`Client` of ``app`` over a channel of its own, for the block."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+        yield Client(app, channel, setup_metadata)
+
+
+@contextlib.asynccontextmanager
+async def http_of(app: App, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of ``app``'s embedded gateway, for the block."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.http_port}", **options) as http:
+        yield http
+
+
+async def cookie_login(http: httpx.AsyncClient, tag: str = "cookie") -> httpx.Response:
+    """Register a new user over HTTP and sign in with cookie delivery (as a web page does);
+    the login response."""
+    body = {"email": unique_email(tag), "password": PASSWORD}
+    registered = await http.post("/v1/auth:register", json=body)
+    assert registered.status_code == 200, registered.text
+    login = await http.post(
+        "/v1/auth:login", json={**body, "refreshTokenDelivery": "REFRESH_TOKEN_DELIVERY_COOKIE"}
+    )
+    assert login.status_code == 200, login.text
+    return login
+
+
+async def sse_blocks(response: httpx.Response) -> AsyncIterator[str]:
+    """An SSE stream's events and comments, one blank-line separated block at a time."""
+    buffer = ""
+    async for text in response.aiter_text():
+        buffer += text
+        while "\n\n" in buffer:
+            block, buffer = buffer.split("\n\n", 1)
+            yield block
+
+
+# --- tunnels: watches and agents ---------------------------------------------------------
+
+W = tunnels_pb2.WatchTunnelsResponse
+
+
+async def watch_synced(stream: Any) -> None:
+    """Read a WatchTunnels stream until its current state has been sent."""
+    while True:
+        message = await asyncio.wait_for(stream.read(), 10)
+        assert message is not grpc.aio.EOF
+        if message.kind == W.KIND_SYNCED:
+            return
+
+
+class Watch:
+    """A WatchTunnels stream read in the background; ``until`` awaits a matching message."""
+
+    def __init__(self, stub: Any, name: str, metadata: Any) -> None:
+        self.stream = stub.WatchTunnels(
+            tunnels_pb2.WatchTunnelsRequest(name=name), metadata=metadata
+        )
+        self.seen: list[W] = []
+        self._changed = asyncio.Condition()
+        self._task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for message in self.stream:
+            async with self._changed:
+                self.seen.append(message)
+                self._changed.notify_all()
+
+    async def until(self, check: Callable[[W], bool], within: float = 20) -> W:
+        async with asyncio.timeout(within), self._changed:
+            while True:
+                found = next((m for m in self.seen if check(m)), None)
+                if found is not None:
+                    return found
+                await self._changed.wait()
+
+    def close(self) -> None:
+        self.stream.cancel()
+        self._task.cancel()
+
+
+def state_is(state: int) -> Callable[[W], bool]:
+    return lambda m: m.kind == W.KIND_CHANGED and m.tunnel.state == state
+
+
+def refused_reports(client: Client) -> float:
+    """Agent reports the client's server refused so far (its metric)."""
+    value = client.app.registry.get_sample_value(
+        "tunnelplane_agent_reports_total", {"result": "refused"}
+    )
+    return value or 0.0
+
+
+async def agent_key(client: Client, owner: TestUser) -> str:
+    """A new API key of ``owner`` for agents."""
+    return await client.api_key(owner, ["agent.connect"])
+
+
+class Agent:
+    """A test agent speaking the Connect protocol over a real stream."""
+
+    def __init__(self, stub: Any, key: str, tunnel: str, agent_id: str = "agent-1") -> None:
+        self.stream = stub.Connect(metadata=bearer(key))
+        self.tunnel = tunnel
+        self.agent_id = agent_id
+
+    async def hello(self) -> agents_pb2.AgentWelcome:
+        return (await self.greet()).welcome
+
+    async def greet(self) -> agents_pb2.ConnectResponse:
+        """Say hello; the first answer, whatever its kind."""
+        await self.stream.write(
+            agents_pb2.ConnectRequest(
+                hello=agents_pb2.AgentHello(
+                    tunnel=self.tunnel, agent_id=self.agent_id, version="t", hostname="h", os="o"
+                )
+            )
+        )
+        return await self.next()
+
+    async def next(self) -> agents_pb2.ConnectResponse:
+        message = await asyncio.wait_for(self.stream.read(), 10)
+        assert message is not grpc.aio.EOF
+        return message  # type: ignore[no-any-return]
+
+    async def desired(self) -> agents_pb2.DesiredState:
+        message = await self.next()
+        assert message.WhichOneof("kind") == "desired_state", message
+        return message.desired_state
+
+    async def report(self, sequence: int, **counts: Any) -> agents_pb2.ReportAck:
+        now = timestamp_pb2.Timestamp()
+        now.FromDatetime(datetime.now(UTC))
+        await self.stream.write(
+            agents_pb2.ConnectRequest(
+                report=agents_pb2.AgentReport(sequence=sequence, time=now, **counts)
+            )
+        )
+        while True:
+            message = await self.next()
+            if message.WhichOneof("kind") == "ack":
+                return message.ack
+
+    async def leave(self) -> None:
+        await self.stream.done_writing()
+        while await asyncio.wait_for(self.stream.read(), 10) is not grpc.aio.EOF:
+            pass

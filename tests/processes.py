@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -92,6 +94,13 @@ class ServerProcess:
         self.log.append(entry)
         return entry
 
+    async def follow_log(self) -> None:
+        """Read the log as it is written, until the process closes it (run it in a task:
+        a server whose log pipe is full blocks)."""
+        assert self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            self.log.append(json.loads(line))
+
     async def drain_log(self) -> None:
         assert self.process.stderr is not None
         for line in (await self.process.stderr.read()).splitlines():
@@ -118,3 +127,48 @@ async def serving(env: dict[str, str]) -> AsyncIterator[ServerProcess]:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+_GATEWAY_LISTENING = re.compile(r"gateway listening on [\d.]+:(\d+)")
+
+
+class GatewayProcess:
+    """``python -m gateway`` in a child process, with the port it listens on."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.port = 0
+
+    async def wait_until_listening(self) -> None:
+        assert self.process.stderr is not None
+        async with asyncio.timeout(30):
+            while line := (await self.process.stderr.readline()).decode():
+                if match := _GATEWAY_LISTENING.search(line):
+                    self.port = int(match.group(1))
+                    return
+        raise AssertionError("the gateway exited before listening")
+
+
+@asynccontextmanager
+async def gateway_serving(
+    descriptor_set: str | Path, upstream_port: int, *flags: str
+) -> AsyncIterator[GatewayProcess]:
+    """``python -m gateway`` on a free port in front of 127.0.0.1:``upstream_port``; sent
+    SIGTERM at the end of the block and awaited (its exit status in ``process.returncode``)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway",
+        "--descriptor-set", str(descriptor_set),
+        "--upstream", f"127.0.0.1:{upstream_port}",
+        "--port", "0",
+        *flags,
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    gateway = GatewayProcess(process)
+    try:
+        await gateway.wait_until_listening()
+        yield gateway
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.wait(), 30)

@@ -32,9 +32,13 @@ class TcpProxy:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    def upstream(self) -> tuple[str, int]:
+        """Where a new connection goes (a subclass may choose per connection)."""
+        return self._target
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream())
         except OSError:
             writer.close()
             return

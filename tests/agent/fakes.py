@@ -1,5 +1,6 @@
 """Real peers for the agent's tests: an echo TCP service and a test-double control plane
-(a real grpc.aio server on loopback implementing AgentService)."""
+(a real grpc.aio server on loopback implementing AgentService); and the reference agent's
+session run in the test's own process, against either control plane."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import duration_pb2
 from tunnelplane.v1 import agents_pb2, agents_pb2_grpc
+
+from agent.session import Session, SessionSettings
 
 DesiredState = agents_pb2.DesiredState
 T = TypeVar("T")
@@ -259,3 +262,32 @@ async def next_item(queue: asyncio.Queue[T], seconds: float = 10) -> T:
     """The next item of ``queue``, waiting at most ``seconds``."""
     async with asyncio.timeout(seconds):
         return await queue.get()
+
+
+@contextlib.asynccontextmanager
+async def running(session: Session) -> AsyncIterator[Session]:
+    """Run the session for the block; then stop it and check that it ends."""
+    task = asyncio.create_task(session.run())
+    try:
+        yield session
+    finally:
+        session.stop()
+        async with asyncio.timeout(10):
+            await task
+
+
+@contextlib.asynccontextmanager
+async def reference_agent(
+    port: int, key: str, tunnel: str, agent_id: str, report_interval: float = 0.2
+) -> AsyncIterator[Session]:
+    """The reference agent's session for ``tunnel``, connecting to 127.0.0.1:``port``."""
+    settings = SessionSettings(
+        control_plane=f"127.0.0.1:{port}",
+        tunnel=tunnel,
+        agent_id=agent_id,
+        key=key,
+        heartbeat_interval=1.0,
+        report_interval=report_interval,
+    )
+    async with running(Session(settings)) as session:
+        yield session

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime as dt
-import ipaddress
 import logging
 import platform
 import socket
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from tunnelplane.v1 import agents_pb2
 
 from agent import __version__
@@ -32,7 +25,9 @@ from tests.agent.fakes import (
     desired,
     next_item,
     round_trip,
+    running,
 )
+from tests.certs import self_signed_pem
 
 KEY = "tpk_agent_0123456789abcdef"
 TUNNEL = "users/u1/tunnels/t1"
@@ -52,18 +47,6 @@ def settings_for(plane: FakeControlPlane, **overrides: object) -> SessionSetting
         backoff=BackoffPolicy(initial=0.01, cap=0.1, reset_after=30),
     )
     return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
-
-
-@asynccontextmanager
-async def running(session: Session) -> AsyncIterator[Session]:
-    """Run the session for the block; then stop it and check that it ends."""
-    task = asyncio.create_task(session.run())
-    try:
-        yield session
-    finally:
-        session.stop()
-        async with asyncio.timeout(10):
-            await task
 
 
 async def reports_until(plane: FakeControlPlane, done: Callable[[Reports], bool]) -> Reports:
@@ -284,7 +267,7 @@ async def test_stop_while_reconnecting_returns_at_once_and_closes_the_relay(
 
 
 async def test_tls_with_the_given_roots() -> None:
-    cert, key = _self_signed()
+    cert, key = self_signed_pem()
     credentials = grpc.ssl_server_credentials([(key, cert)])
     plane = await FakeControlPlane().start(credentials=credentials)
     settings = settings_for(plane, tls=True, root_certificates=cert)
@@ -294,29 +277,3 @@ async def test_tls_with_the_given_roots() -> None:
             assert (await next_item(plane.metadata))["authorization"] == f"Bearer {KEY}"
     finally:
         await plane.stop()
-
-
-def _self_signed() -> tuple[bytes, bytes]:
-    """A certificate for 127.0.0.1 and its key, PEM."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )

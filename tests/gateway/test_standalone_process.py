@@ -3,65 +3,42 @@
 from __future__ import annotations
 
 import asyncio
-import re
-import signal
 import sys
 
 import httpx
 import pytest
 
 from tests.gateway.echo_proto import DESCRIPTOR_SET
-from tests.processes import ROOT
+from tests.processes import ROOT, gateway_serving
 
 pytestmark = pytest.mark.slow
-_LISTENING = re.compile(r"gateway listening on [\d.]+:(\d+)")
 
 
 async def test_standalone_gateway_serves_any_annotated_service(echo_upstream: int) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway",
-        "--descriptor-set", str(DESCRIPTOR_SET),
-        "--upstream", f"127.0.0.1:{echo_upstream}",
-        "--port", "0",
-        "--strict",
-        "--cors-origin", "https://app.example",
-        cwd=ROOT,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        port = await _port(process)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            thing = await http.get("/v1/things/t-1", params={"extra": "x"})
-            assert thing.status_code == 200
-            assert thing.json() == {
-                "name": "things/t-1",
-                "note": "extra=x",
-                "tags": [],
-                "size": "0",
-            }
-            strict = await http.get("/v1/things/t-1", params={"unknown": "1"})
-            assert strict.status_code == 400
-            assert strict.json()["details"][1]["fieldViolations"][0]["field"] == "unknown"
-            failed = await http.get("/v1/fail/7")
-            assert failed.status_code == 403
-            assert failed.json()["details"][0]["reason"] == "TEST_REASON"
-            spec = (await http.get("/openapi.json")).json()
-            assert "/v1/things/{thing}" in spec["paths"]
-            cors = await http.get("/v1/things/a", headers={"origin": "https://app.example"})
-            assert cors.headers["access-control-allow-origin"] == "https://app.example"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 30) == 0
-
-
-async def _port(process: asyncio.subprocess.Process) -> int:
-    assert process.stderr is not None
-    async with asyncio.timeout(30):
-        while line := (await process.stderr.readline()).decode():
-            match = _LISTENING.search(line)
-            if match:
-                return int(match.group(1))
-    raise AssertionError("the gateway exited before listening")
+    flags = ("--strict", "--cors-origin", "https://app.example")
+    async with (
+        gateway_serving(DESCRIPTOR_SET, echo_upstream, *flags) as gateway,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.port}") as http,
+    ):
+        thing = await http.get("/v1/things/t-1", params={"extra": "x"})
+        assert thing.status_code == 200
+        assert thing.json() == {
+            "name": "things/t-1",
+            "note": "extra=x",
+            "tags": [],
+            "size": "0",
+        }
+        strict = await http.get("/v1/things/t-1", params={"unknown": "1"})
+        assert strict.status_code == 400
+        assert strict.json()["details"][1]["fieldViolations"][0]["field"] == "unknown"
+        failed = await http.get("/v1/fail/7")
+        assert failed.status_code == 403
+        assert failed.json()["details"][0]["reason"] == "TEST_REASON"
+        spec = (await http.get("/openapi.json")).json()
+        assert "/v1/things/{thing}" in spec["paths"]
+        cors = await http.get("/v1/things/a", headers={"origin": "https://app.example"})
+        assert cors.headers["access-control-allow-origin"] == "https://app.example"
+    assert gateway.process.returncode == 0  # SIGTERM: a clean stop
 
 
 async def test_bad_descriptor_set_is_refused(tmp_path: object) -> None:

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import grpc
-import httpx
 import orjson
 import pytest
 import pytest_asyncio
@@ -21,6 +20,7 @@ from gateway.app import GatewayOptions
 from tests.gateway.conftest import Running, running
 from tests.gateway.echo_proto import echo_pb2
 from tests.gateway.upstream import SERVICE
+from tests.helpers import sse_blocks
 
 FAIL_DETAILS = [
     {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "TEST_REASON",
@@ -353,16 +353,6 @@ async def test_the_gateway_says_how_the_client_reached_it(gw: Running) -> None:
     forged = {"Grpc-Metadata-X-Forwarded-Proto": "https"}
     response = await gw.http.post("/v1/headers", json={}, headers=forged)
     assert response.json()["received"]["x-forwarded-proto"] == "http"
-
-
-async def sse_blocks(response: httpx.Response) -> AsyncIterator[str]:
-    """The SSE stream's events and comments, one blank-line separated block at a time."""
-    buffer = ""
-    async for text in response.aiter_text():
-        buffer += text
-        while "\n\n" in buffer:
-            block, buffer = buffer.split("\n\n", 1)
-            yield block
 
 
 # --- Unit: ids and pacing ---------------------------------------------------------------

@@ -12,7 +12,6 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
-from google.protobuf import timestamp_pb2
 from google.rpc import error_details_pb2
 from google.type import date_pb2
 from tunnelplane.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, tunnels_pb2, users_pb2
@@ -21,60 +20,22 @@ from server.app import App
 from server.domain.principal import Role
 from server.settings import DEFAULT_TIERS
 from tests.conftest import Backend, own_database
-from tests.helpers import Client, TestUser, bearer, detail, fails, reason, violations
+from tests.helpers import (
+    Agent,
+    Client,
+    TestUser,
+    agent_key,
+    bearer,
+    detail,
+    fails,
+    reason,
+    refused_reports,
+    violations,
+)
 
 A = agents_pb2
 P = tunnels_pb2
 D = A.DesiredState
-
-
-class Agent:
-    """A test agent speaking the Connect protocol over a real stream."""
-
-    def __init__(self, stub: Any, key: str, tunnel: str, agent_id: str = "agent-1") -> None:
-        self.stream = stub.Connect(metadata=bearer(key))
-        self.tunnel = tunnel
-        self.agent_id = agent_id
-
-    async def hello(self) -> A.AgentWelcome:
-        await self.stream.write(
-            A.ConnectRequest(
-                hello=A.AgentHello(
-                    tunnel=self.tunnel, agent_id=self.agent_id, version="t", hostname="h", os="o"
-                )
-            )
-        )
-        return (await self.next()).welcome
-
-    async def next(self) -> A.ConnectResponse:
-        message = await asyncio.wait_for(self.stream.read(), 10)
-        assert message is not grpc.aio.EOF
-        return message  # type: ignore[no-any-return]
-
-    async def desired(self) -> A.DesiredState:
-        message = await self.next()
-        assert message.WhichOneof("kind") == "desired_state", message
-        return message.desired_state
-
-    async def report(self, sequence: int, **counts: Any) -> A.ReportAck:
-        now = timestamp_pb2.Timestamp()
-        now.FromDatetime(datetime.now(UTC))
-        await self.stream.write(
-            A.ConnectRequest(report=A.AgentReport(sequence=sequence, time=now, **counts))
-        )
-        while True:
-            message = await self.next()
-            if message.WhichOneof("kind") == "ack":
-                return message.ack
-
-    async def leave(self) -> None:
-        await self.stream.done_writing()
-        while await asyncio.wait_for(self.stream.read(), 10) is not grpc.aio.EOF:
-            pass
-
-
-async def agent_key(client: Client, owner: TestUser) -> str:
-    return await client.api_key(owner, ["agent.connect"])
 
 
 async def wait_for_state(client: Client, owner: TestUser, name: str, **want: Any) -> P.Tunnel:
@@ -299,14 +260,6 @@ async def test_a_bad_report_is_refused_and_the_session_goes_on(
     again = Agent(client.agents, key, made.name)
     assert (await again.hello()).last_sequence == 2  # the refused report left no gap
     again.stream.cancel()
-
-
-def refused_reports(client: Client) -> float:
-    """Reports this server refused so far (its metric)."""
-    value = client.app.registry.get_sample_value(
-        "tunnelplane_agent_reports_total", {"result": "refused"}
-    )
-    return value or 0.0
 
 
 @pytest_asyncio.fixture(scope="module")

@@ -12,11 +12,10 @@ import pytest
 from google.protobuf import duration_pb2
 from tunnelplane.v1 import auth_pb2, users_pb2
 
-from server.app import App
 from server.domain.apikeys import looks_like_key
-from tests.conftest import make_settings, migrate
-from tests.helpers import PASSWORD, Client, bearer, fails, reason, unique_email
-from tests.integration.test_tls import self_signed
+from tests.certs import self_signed
+from tests.conftest import sqlite_server
+from tests.helpers import PASSWORD, Client, bearer, cookie_login, fails, reason, unique_email
 
 ME = users_pb2.GetUserRequest(name="users/me")
 
@@ -172,34 +171,19 @@ async def test_cookie_refresh_works_from_a_real_cookie_jar_over_https(tmp_path: 
     """A browser's rules, not a hand-written Cookie header: the jar sends the cookie only
     over HTTPS (Secure) and only to paths its Path matches (RFC 6265 5.1.4)."""
     cert, key = self_signed(tmp_path)
-    settings = make_settings(
-        tmp_path,
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}",
-        tls_cert_file=str(cert),
-        tls_key_file=str(key),
-    )
-    await migrate(settings.effective_database_url)
-    server = App(settings)
-    await server.start()
-    try:
-        trust = ssl.create_default_context(cafile=str(cert))
-        async with httpx.AsyncClient(
+    trust = ssl.create_default_context(cafile=str(cert))
+    async with (
+        sqlite_server(tmp_path, tls_cert_file=str(cert), tls_key_file=str(key)) as server,
+        httpx.AsyncClient(
             base_url=f"https://localhost:{server.http_port}", verify=trust
-        ) as browser:
-            await browser_cookie_flow(browser)
-    finally:
-        await server.stop(grace=0)
+        ) as browser,
+    ):
+        await browser_cookie_flow(browser)
 
 
 async def browser_cookie_flow(browser: httpx.AsyncClient) -> None:
     """Sign in with cookie delivery, refresh with an empty body, sign out."""
-    email = unique_email("browser")
-    body = {"email": email, "password": PASSWORD}
-    assert (await browser.post("/v1/auth:register", json=body)).status_code == 200
-    login = await browser.post(
-        "/v1/auth:login", json={**body, "refreshTokenDelivery": "REFRESH_TOKEN_DELIVERY_COOKIE"}
-    )
-    assert login.status_code == 200, login.text
+    login = await cookie_login(browser, "browser")
     refresh_cookie, access_cookie = login.headers.get_list("set-cookie")
     attributes = {a.strip() for a in refresh_cookie.split(";")[1:]}
     assert {"HttpOnly", "Secure", "SameSite=Strict", "Path=/v1/auth:refresh"} <= attributes

@@ -38,7 +38,7 @@ from tunnelplane.v1 import (
 from server.app import SERVICES, App
 from server.domain.principal import Role
 from server.storage import tables
-from tests.conftest import Backend, own_database
+from tests.conftest import Backend, own_server
 from tests.helpers import PASSWORD, Client, TestUser, fails, unique_email, violations
 
 #: Tables a refused request must leave exactly as they were.
@@ -1182,11 +1182,8 @@ async def app(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Asy
     makes: no agent to sweep, no endpoint to probe, and no webhook dispatcher, so nothing
     but the call under test can write between the two snapshots of a test."""
     directory = tmp_path_factory.mktemp("bad-input")
-    async with own_database(backend, directory) as isolated:
-        server = App(isolated.settings(directory, webhook_dispatch=False))
-        await server.start()
+    async with own_server(backend, directory, webhook_dispatch=False) as server:
         yield server
-        await server.stop(grace=0)
 
 
 @pytest_asyncio.fixture(scope="module")

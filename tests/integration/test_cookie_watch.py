@@ -14,11 +14,12 @@ httpx client with a real cookie jar over HTTPS (``Secure`` cookies go over TLS o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,14 +28,27 @@ import httpx
 import jwt
 import pytest
 import pytest_asyncio
+import sqlalchemy as sa
 from google.protobuf import timestamp_pb2
 from tunnelplane.v1 import auth_pb2, tunnels_pb2
 
 from server.app import App
+from server.errors import Unauthenticated
 from tests import devtools
 from tests.certs import self_signed
-from tests.conftest import Backend, own_database
-from tests.helpers import PASSWORD, Client, bearer, fails, reason, unique_email
+from tests.conftest import Backend, own_server
+from tests.helpers import (
+    PASSWORD,
+    Client,
+    FakeClock,
+    bearer,
+    cookie_login,
+    eventually,
+    fails,
+    reason,
+    unique_email,
+    watch_synced,
+)
 
 P = tunnels_pb2
 Kind = P.WatchTunnelsResponse
@@ -45,22 +59,6 @@ SESSION_TTL = 3 * HOUR
 WATCH = "/v1/users/me/tunnels:watch"
 SSE = {"accept": "text/event-stream"}
 T = TypeVar("T")
-
-
-class FakeClock:
-    """The server's clock: it moves only when told to."""
-
-    def __init__(self) -> None:
-        self._now = datetime.now(UTC)
-
-    def now(self) -> datetime:
-        return self._now
-
-    def time(self) -> float:
-        return self._now.timestamp()
-
-    def advance(self, seconds: float) -> None:
-        self._now += timedelta(seconds=seconds)
 
 
 @dataclass
@@ -82,7 +80,7 @@ class Server:
     def checks(self, outcome: str) -> float:
         """Timed stream credential checks so far with ``outcome``."""
         value = self.app.registry.get_sample_value(
-            "stream_credential_checks_total", {"outcome": outcome}
+            "tunnelplane_stream_credential_checks_total", {"outcome": outcome}
         )
         return value or 0.0
 
@@ -94,38 +92,27 @@ async def server(
     directory = tmp_path_factory.mktemp("cookie-watch")
     cert, key = self_signed(directory)
     clock = FakeClock()
-    async with own_database(backend, directory) as isolated:
-        settings = isolated.settings(
-            directory,
-            tls_cert_file=str(cert),
-            tls_key_file=str(key),
-            stream_recheck_interval=RECHECK,
-            http_sse_keepalive=1.0,  # an idle SSE stream is never silent for long
-            access_token_ttl=ACCESS_TTL,
-            refresh_token_ttl=SESSION_TTL,
-            refresh_token_idle_ttl=SESSION_TTL,
-        )
-        app = App(settings, clock=clock)
-        await app.start()
+    async with own_server(
+        backend,
+        directory,
+        clock,
+        tls_cert_file=str(cert),
+        tls_key_file=str(key),
+        stream_recheck_interval=RECHECK,
+        http_sse_keepalive=1.0,  # an idle SSE stream is never silent for long
+        access_token_ttl=ACCESS_TTL,
+        refresh_token_ttl=SESSION_TTL,
+        refresh_token_idle_ttl=SESSION_TTL,
+    ) as app:
         credentials = grpc.ssl_channel_credentials(cert.read_bytes())
-        try:
-            async with grpc.aio.secure_channel(
-                f"localhost:{app.grpc_port}", credentials
-            ) as channel:
-                yield Server(app, clock, cert, Client(app, channel))
-        finally:
-            await app.stop(grace=0)
+        async with grpc.aio.secure_channel(f"localhost:{app.grpc_port}", credentials) as channel:
+            yield Server(app, clock, cert, Client(app, channel))
 
 
 async def sign_in(browser: httpx.AsyncClient) -> str:
     """Register and sign in with cookie delivery, as a web page does; the access token the
     page keeps in memory (the jar holds it too, out of the page's reach)."""
-    body = {"email": unique_email("browser"), "password": PASSWORD}
-    assert (await browser.post("/v1/auth:register", json=body)).status_code == 200
-    login = await browser.post(
-        "/v1/auth:login", json={**body, "refreshTokenDelivery": "REFRESH_TOKEN_DELIVERY_COOKIE"}
-    )
-    assert login.status_code == 200, login.text
+    login = await cookie_login(browser, "browser")
     access: str = login.json()["tokens"]["accessToken"]
     assert browser.cookies.get("tp_access") == access
     assert browser.cookies.get("tp_refresh")
@@ -186,26 +173,10 @@ class Events:
                 return document["error"]  # type: ignore[no-any-return]
 
 
-async def eventually(check: Callable[[], bool], within: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not check():
-        assert loop.time() < deadline, "the condition never held"
-        await asyncio.sleep(0.02)
-
-
 async def some_checks_pass(server: Server, ticks: int = 2) -> None:
     """Wait until the stream re-check has run ``ticks`` more times, each accepting."""
     before = server.checks("valid")
-    await eventually(lambda: server.checks("valid") >= before + ticks)
-
-
-async def grpc_synced(stream: Any) -> None:
-    while True:
-        message = await asyncio.wait_for(stream.read(), 10)
-        assert message is not grpc.aio.EOF
-        if message.kind == Kind.KIND_SYNCED:
-            return
+    await eventually(lambda: server.checks("valid") >= before + ticks, within=10)
 
 
 async def grpc_change(stream: Any, display_name: str) -> None:
@@ -240,7 +211,7 @@ async def test_a_cookie_watch_lives_for_an_hour_across_token_lifetimes_then_ends
         over_grpc = server.client.tunnels.WatchTunnels(
             P.WatchTunnelsRequest(name="users/me"), metadata=bearer(access)
         )
-        await grpc_synced(over_grpc)
+        await watch_synced(over_grpc)
         async with browser.stream("GET", WATCH, headers=SSE) as response:  # the jar only
             assert response.status_code == 200, await response.aread()
             events = Events(response)
@@ -326,6 +297,52 @@ async def test_a_watch_ends_when_its_user_is_deleted_after_the_token_expired(
     assert error["code"] == 16
 
 
+async def test_past_its_tokens_expiry_a_stream_reads_its_session_once_per_interval(
+    server: Server,
+) -> None:
+    """A watch re-checks its credential at every event, and past the token's exp each check
+    asks the session table: a session the table showed live is believed for the re-check
+    interval, so a burst of events reads it about once. A sign-out still ends the stream at
+    the next check (its marker is read every time)."""
+    async with server.browser() as browser:
+        access = await sign_in(browser)
+        session_id = jwt.decode(access, options={"verify_signature": False})["sid"]
+        server.clock.advance(ACCESS_TTL + 60)
+        header = f"Bearer {access}"
+        recheck = server.app.authenticator.authenticate
+        loop = asyncio.get_running_loop()
+        with session_reads(server.app, session_id) as reads:
+            started = loop.time()
+            for _ in range(20):
+                assert (await recheck(header, established=True)).session_id == session_id
+            elapsed = loop.time() - started
+        assert 1 <= len(reads) <= 1 + elapsed / RECHECK, (len(reads), elapsed)
+
+        out = await browser.post("/v1/auth:logout", json={}, headers=auth(await refresh(browser)))
+        assert out.status_code == 200, out.text
+        with pytest.raises(Unauthenticated) as ended:
+            await recheck(header, established=True)
+    assert ended.value.reason == "TOKEN_REVOKED"
+
+
+@contextlib.contextmanager
+def session_reads(app: App, session_id: str) -> Iterator[list[str]]:
+    """The statements that read the session ``session_id`` from its table while open."""
+    engine = app.db.replica.sync_engine
+    reads: list[str] = []
+
+    def seen(*args: Any) -> None:
+        statement, parameters = args[2], args[3]
+        if "FROM sessions" in statement and session_id in str(parameters):
+            reads.append(statement)
+
+    sa.event.listen(engine, "before_cursor_execute", seen)
+    try:
+        yield reads
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", seen)
+
+
 async def test_an_api_key_stream_still_ends_at_the_keys_expiry(server: Server) -> None:
     owner = await server.client.new_user()
     expire = timestamp_pb2.Timestamp()
@@ -340,7 +357,7 @@ async def test_an_api_key_stream_still_ends_at_the_keys_expiry(server: Server) -
     stream = server.client.tunnels.WatchTunnels(
         P.WatchTunnelsRequest(name="users/me"), metadata=bearer(created.secret)
     )
-    await grpc_synced(stream)
+    await watch_synced(stream)
     server.clock.advance(29 * 60)
     await some_checks_pass(server)
     server.clock.advance(2 * 60)
@@ -376,7 +393,7 @@ async def test_the_access_cookie_never_authenticates_another_call(server: Server
     assert reason(error) == "CREDENTIALS_MISSING"
     key = await server.client.api_key(await server.client.new_user(), ["tunnels.read"])
     in_cookie = await fails(
-        grpc_synced(
+        watch_synced(
             server.client.tunnels.WatchTunnels(
                 P.WatchTunnelsRequest(name="users/me"), metadata=(("cookie", f"tp_access={key}"),)
             )
@@ -385,7 +402,7 @@ async def test_the_access_cookie_never_authenticates_another_call(server: Server
     )
     assert reason(in_cookie) == "TOKEN_INVALID"  # the cookie holds access tokens only
     # A gRPC client may send the cookie too, and it counts the same: for the watch only.
-    await grpc_synced(
+    await watch_synced(
         server.client.tunnels.WatchTunnels(P.WatchTunnelsRequest(name="users/me"), metadata=cookie)
     )
 

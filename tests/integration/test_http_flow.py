@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 from google.protobuf import json_format
 from tunnelplane.v1 import users_pb2
 
 from server.app import App
-from tests.helpers import PASSWORD, Client, unique_email
+from tests.conftest import production
+from tests.helpers import PASSWORD, Client, http_of, unique_email
 from tests.integration.test_authorization import tiny_png
 
 
@@ -205,44 +208,24 @@ def user_message(document: dict[str, object]) -> users_pb2.User:
     return json_format.ParseDict(document, users_pb2.User())
 
 
-async def test_production_refuses_auth_methods_over_plain_http(tmp_path: object) -> None:
+async def test_production_refuses_auth_methods_over_plain_http(tmp_path: Path) -> None:
     """Over HTTP without TLS (and without a trusted X-Forwarded-Proto) credentials never
     travel in production mode; behind a trusted TLS proxy they do."""
-    from pathlib import Path
-
-    from server.domain.tokens import generate_private_key_pem
-    from server.storage.sealing import new_key
-    from tests.conftest import make_settings, migrate
-
-    directory = Path(str(tmp_path))
-    url = f"sqlite+aiosqlite:///{directory / 'db.sqlite'}"
-    await migrate(url)
-    settings = make_settings(
-        directory,
-        database_url=url,
-        mode="production",
-        jwt_private_key=generate_private_key_pem().decode(),
-        page_token_secret="s" * 40,
-        secrets_key=new_key(),
-        http_trust_forwarded_proto=True,
-    )
-    server = App(settings)
-    await server.start()
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}") as plain:
-            body = {"email": unique_email(), "password": PASSWORD}
-            refused = await plain.post("/v1/auth:register", json=body)
-            assert refused.status_code == 403
-            assert refused.json()["details"][0]["reason"] == "TLS_REQUIRED"
-            assert (await plain.get("/v1/tiers")).status_code == 200  # no secrets: allowed
-            proxied = await plain.post(
-                "/v1/auth:register", json=body, headers={"x-forwarded-proto": "https"}
-            )
-            assert proxied.status_code == 200, proxied.text
-            hsts = proxied.headers.get("strict-transport-security")
-            assert hsts is None  # this listener itself has no TLS
-    finally:
-        await server.stop(grace=0)
+    async with (
+        production(tmp_path, http_trust_forwarded_proto=True) as server,
+        http_of(server) as plain,
+    ):
+        body = {"email": unique_email(), "password": PASSWORD}
+        refused = await plain.post("/v1/auth:register", json=body)
+        assert refused.status_code == 403
+        assert refused.json()["details"][0]["reason"] == "TLS_REQUIRED"
+        assert (await plain.get("/v1/tiers")).status_code == 200  # no secrets: allowed
+        proxied = await plain.post(
+            "/v1/auth:register", json=body, headers={"x-forwarded-proto": "https"}
+        )
+        assert proxied.status_code == 200, proxied.text
+        hsts = proxied.headers.get("strict-transport-security")
+        assert hsts is None  # this listener itself has no TLS
 
 
 async def test_http_metrics_are_labelled_by_route_template_never_raw_path(

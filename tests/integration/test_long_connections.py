@@ -6,55 +6,24 @@ traffic is billed once the connection ends."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 from tunnelplane.v1 import tunnels_pb2
 
-from agent.session import Session, SessionSettings
-from tests.agent.fakes import EchoServer, connect
-from tests.helpers import Client, TestUser
-from tests.integration.test_tunnel_e2e import Watch, state_is
+from tests.agent.fakes import EchoServer, connect, reference_agent
+from tests.helpers import (
+    Client,
+    TestUser,
+    Watch,
+    agent_key,
+    eventually,
+    refused_reports,
+    state_is,
+)
 
 P = tunnels_pb2
 W = P.WatchTunnelsResponse
 #: Report intervals the connection stays open for.
 INTERVALS = 4
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 20) -> None:
-    """Poll ``check`` until it holds (reports and their acknowledgements announce nothing)."""
-    async with asyncio.timeout(within):
-        while not await check():  # noqa: ASYNC110 - nothing to await
-            await asyncio.sleep(0.02)
-
-
-@contextlib.asynccontextmanager
-async def agent_for(client: Client, owner: TestUser, tunnel: str) -> AsyncIterator[Session]:
-    """The reference agent's session, in this process, reporting every 0.1 s."""
-    settings = SessionSettings(
-        control_plane=f"127.0.0.1:{client.app.grpc_port}",
-        tunnel=tunnel,
-        agent_id="long-lived",
-        key=await client.api_key(owner, ["agent.connect"]),
-        heartbeat_interval=1.0,
-        report_interval=0.1,
-    )
-    session = Session(settings)
-    running = asyncio.create_task(session.run())
-    try:
-        yield session
-    finally:
-        session.stop()
-        async with asyncio.timeout(10):
-            await running
-
-
-def refused_reports(client: Client) -> float:
-    value = client.app.registry.get_sample_value(
-        "tunnelplane_agent_reports_total", {"result": "refused"}
-    )
-    return value or 0.0
 
 
 async def test_a_connection_open_across_report_intervals_is_accepted_and_billed(
@@ -68,7 +37,10 @@ async def test_a_connection_open_across_report_intervals_is_accepted_and_billed(
     await client.tunnels.StartTunnel(P.StartTunnelRequest(name=made.name), metadata=owner.metadata)
     sent = 0
     try:
-        async with agent_for(client, owner, made.name) as session:
+        key = await agent_key(client, owner)
+        async with reference_agent(
+            client.app.grpc_port, key, made.name, "long-lived", report_interval=0.1
+        ) as session:
             await watch.until(state_is(P.Tunnel.STATE_CONNECTED))
             await session.wait_applied(1)
             relay = session.controller.relay

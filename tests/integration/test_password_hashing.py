@@ -16,8 +16,8 @@ from google.rpc import error_details_pb2
 from tunnelplane.v1 import users_pb2
 
 from server.app import App
-from tests.conftest import Backend, own_database, redis_prefix
-from tests.helpers import PASSWORD, Client, detail, fails, reason, unique_email
+from tests.conftest import Backend, own_server, redis_prefix
+from tests.helpers import PASSWORD, client_of, detail, fails, http_of, reason, unique_email
 
 #: About a second per hash here: long enough that the answers below all come while one
 #: registration is still hashing (they take milliseconds), without a clock in the test.
@@ -28,28 +28,20 @@ CONCURRENT = 6
 @pytest.fixture(scope="module")
 async def server(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
     """A server of its own that computes one slow hash at a time."""
-    directory = tmp_path_factory.mktemp("hashing")
-    async with own_database(backend, directory) as isolated:
-        app = App(
-            isolated.settings(
-                directory,
-                **SLOW_HASHING,
-                password_hash_concurrency=1,
-                redis_prefix=redis_prefix(),
-            )
-        )
-        await app.start()
-        try:
-            yield app
-        finally:
-            await app.stop(grace=0)
+    async with own_server(
+        backend,
+        tmp_path_factory.mktemp("hashing"),
+        **SLOW_HASHING,
+        password_hash_concurrency=1,
+        redis_prefix=redis_prefix(),
+    ) as app:
+        yield app
 
 
 async def test_a_busy_hasher_refuses_at_once_and_everything_else_is_still_served(
     server: App,
 ) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        client = Client(server, channel)
+    async with client_of(server) as client:
         taken = unique_email("taken")
         await client.register(taken)
         calls = [asyncio.ensure_future(client.register()) for _ in range(CONCURRENT)]
@@ -77,9 +69,7 @@ async def test_a_busy_hasher_refuses_at_once_and_everything_else_is_still_served
 
 
 async def test_over_http_a_busy_hasher_is_429_with_retry_after(server: App) -> None:
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{server.http_port}", timeout=60
-    ) as http:
+    async with http_of(server, timeout=60) as http:
         taken = unique_email("taken")
         first = await http.post("/v1/auth:register", json={"email": taken, "password": PASSWORD})
         assert first.status_code == 200, first.text

@@ -25,7 +25,7 @@ from server.domain.endpoints import (
     parse_endpoint_url,
 )
 from server.workers.prober import EndpointProber, ProbeResult, ProbeTarget, probe
-from tests.integration.test_tls import self_signed
+from tests.certs import self_signed
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 TIMEOUT = 2.0

@@ -5,7 +5,6 @@ same subject already made the same call (method and request) with the same id.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -18,10 +17,20 @@ from tunnelplane.v1 import users_pb2
 from server.app import App
 from server.domain.principal import Tier
 from server.settings import DEFAULT_TIERS
-from tests.conftest import Backend
-from tests.helpers import Client, TestUser, bearer, fails, reason
+from tests.conftest import Backend, started
+from tests.helpers import (
+    BEHIND_PROXY,
+    SETUP,
+    Client,
+    TestUser,
+    bearer,
+    client_of,
+    fails,
+    fresh_ip,
+    http_of,
+    reason,
+)
 
-SETUP = (("x-forwarded-for", "10.250.0.1"),)
 ME = users_pb2.GetUserRequest(name="users/me")
 USAGE = users_pb2.GetUsageRequest(name="users/me/usage")
 QUOTA = 50
@@ -31,40 +40,26 @@ TIERS = {
         DEFAULT_TIERS["premium"], requests_per_minute=60_000, burst=200, requests_per_month=QUOTA
     ),
 }
-_addresses = itertools.count(1)
 
 
 @pytest_asyncio.fixture(scope="module")
 async def server(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
     """A server whose premium tier allows 50 requests a month; loopback is not exempt."""
-    app = App(
-        backend.settings(
-            tmp_path_factory.mktemp("retries"),
-            rate_exempt_ips="10.250.0.0/16",
-            trusted_proxies="127.0.0.1/32,::1/128",
-            tiers=TIERS,
-        )
-    )
-    await app.start()
-    yield app
-    await app.stop(grace=0)
+    directory = tmp_path_factory.mktemp("retries")
+    async with started(backend.settings(directory, **BEHIND_PROXY, tiers=TIERS)) as app:
+        yield app
 
 
 @pytest_asyncio.fixture(scope="module")
-async def channel(server: App) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as ch:
-        yield ch
+async def client(server: App) -> AsyncIterator[Client]:
+    async with client_of(server, SETUP) as made:
+        yield made
 
 
 @pytest_asyncio.fixture
 async def http(server: App) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}") as client:
+    async with http_of(server) as client:
         yield client
-
-
-@pytest.fixture
-def client(server: App, channel: grpc.aio.Channel) -> Client:
-    return Client(server, channel, setup_metadata=SETUP)
 
 
 @pytest_asyncio.fixture
@@ -74,8 +69,7 @@ async def user(client: Client) -> TestUser:
 
 @pytest.fixture
 def ip() -> str:
-    n = next(_addresses)
-    return f"10.{60 + n // 250}.{n % 250}.9"
+    return fresh_ip()
 
 
 Metadata = tuple[tuple[str, str], ...]

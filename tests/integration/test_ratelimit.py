@@ -10,14 +10,12 @@ calls (register, login) come from an exempt address and are not counted.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import grpc
-import httpx
 import pytest
 import pytest_asyncio
 from google.protobuf import duration_pb2
@@ -27,10 +25,9 @@ from tunnelplane.v1 import admin_pb2, auth_pb2, common_pb2, users_pb2
 from server.app import App
 from server.domain.principal import Role, Tier
 from server.settings import DEFAULT_TIERS
-from tests.conftest import Backend
-from tests.helpers import Client, TestUser
+from tests.conftest import Backend, started
+from tests.helpers import BEHIND_PROXY, SETUP, Client, TestUser, client_of, fresh_ip, http_of
 
-SETUP = (("x-forwarded-for", "10.250.0.1"),)
 ME = users_pb2.GetUserRequest(name="users/me")
 #: Free: one call per 500 ms with three at once; premium: a tiny monthly quota.
 TIERS = {
@@ -40,50 +37,34 @@ TIERS = {
         DEFAULT_TIERS["premium"], requests_per_minute=6000, burst=100, requests_per_month=5
     ),
 }
-_addresses = itertools.count(1)
 
 
 @pytest_asyncio.fixture(scope="module")
 async def limited(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
     """A server with small limits and no loopback exemption."""
-    server = App(
-        backend.settings(
-            tmp_path_factory.mktemp("limited"),
-            rate_exempt_ips="10.250.0.0/16",
-            rate_exempt_roles="support_admin",
-            trusted_proxies="127.0.0.1/32,::1/128",
-            tiers=TIERS,
-            rate_queue_max_wait=0.5,
-            rate_queue_limit=20,
-            ip_rate_per_minute=600,
-            ip_burst=20,
-            ip_block_after=6,
-            # The measured load stays out of these tests; the adaptive test sets its own.
-            load_lag_threshold=60.0,
-            load_inflight_threshold=100_000,
-            violation_flush_interval=3600.0,
-        )
+    settings = backend.settings(
+        tmp_path_factory.mktemp("limited"),
+        **BEHIND_PROXY,
+        rate_exempt_roles="support_admin",
+        tiers=TIERS,
+        rate_queue_max_wait=0.5,
+        rate_queue_limit=20,
+        ip_rate_per_minute=600,
+        ip_burst=20,
+        ip_block_after=6,
+        # The measured load stays out of these tests; the adaptive test sets its own.
+        load_lag_threshold=60.0,
+        load_inflight_threshold=100_000,
+        violation_flush_interval=3600.0,
     )
-    await server.start()
-    yield server
-    await server.stop(grace=0)
+    async with started(settings) as server:
+        yield server
 
 
 @pytest_asyncio.fixture(scope="module")
-async def limited_channel(limited: App) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.grpc_port}") as channel:
-        yield channel
-
-
-@pytest.fixture
-def rc(limited: App, limited_channel: grpc.aio.Channel) -> Client:
-    return Client(limited, limited_channel, setup_metadata=SETUP)
-
-
-def fresh_ip() -> str:
-    """A client address no other test uses."""
-    n = next(_addresses)
-    return f"10.{n // 250 % 200 + 1}.{n % 250}.7"
+async def rc(limited: App) -> AsyncIterator[Client]:
+    async with client_of(limited, SETUP) as client:
+        yield client
 
 
 @pytest.fixture
@@ -177,7 +158,7 @@ async def test_grpc_limit_metadata_and_refusal_details(rc: Client, ip: str) -> N
 async def test_http_headers_and_429(limited: App, rc: Client, ip: str) -> None:
     user = await rc.new_user()
     headers = {"authorization": user.metadata[0][1], "x-forwarded-for": ip}
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{limited.http_port}") as http:
+    async with http_of(limited) as http:
         ok = await http.get("/v1/users/me", headers=headers)
         assert ok.status_code == 200
         assert ok.headers["x-ratelimit-limit"] == "120"
@@ -347,7 +328,7 @@ async def test_a_blocked_address_serves_its_signed_in_callers_and_an_admin_lifts
     user = await rc.new_user()
     admin = await rc.new_user(role=Role.SUPER_ADMIN, tag="admin")
     tiers = users_pb2.ListTiersRequest()
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{limited.http_port}") as http:
+    async with http_of(limited) as http:
         for lift in ("grpc", "http"):
             await _block(rc, ip)
             bad = await outcome(
@@ -516,7 +497,7 @@ async def test_overload_tightens_limits_and_sheds_the_lowest_tier_first(
         assert code == grpc.StatusCode.UNAVAILABLE
         assert details(error)["RetryInfo"].retry_delay.seconds == 1
         headers = {"authorization": free.metadata[0][1], "x-forwarded-for": ip}
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{limited.http_port}") as http:
+        async with http_of(limited) as http:
             shed = await http.get("/v1/users/me", headers=headers)
         assert (shed.status_code, shed.headers["retry-after"]) == (503, "1")
         # Critical work still passes for the same caller.

@@ -7,7 +7,6 @@ they grant (shares and links) names them and their share, and ends with that sha
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,7 +23,7 @@ from tunnelplane.v1 import common_pb2, tunnels_pb2, users_pb2
 from server.app import App
 from server.domain.principal import Tier
 from server.storage.tables import audit_log
-from tests.helpers import Client, TestUser, fails, reason, violations
+from tests.helpers import Client, TestUser, eventually, fails, reason, violations
 
 P = tunnels_pb2
 READ, WRITE, ADMIN = (
@@ -426,9 +425,11 @@ async def test_the_expiry_of_a_share_ends_its_links(client: Client) -> None:
     link = await link_call(client, s.holder, s.tunnel, READ)
     assert link.expire_time == s.holder_share.expire_time
     guest = await client.new_user(tag="guest")
-    async with asyncio.timeout(15):  # the share lapses on the server's clock
-        while await can_read(client, s.holder, s.tunnel):  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
+
+    async def lapsed() -> bool:  # on the server's clock
+        return not await can_read(client, s.holder, s.tunnel)
+
+    await eventually(lapsed, within=15, every=0.1)
     await fails(accept_call(client, guest, link.token), UNUSABLE)
     assert not await can_read(client, guest, s.tunnel)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -14,15 +14,25 @@ import httpx
 import pytest
 import pytest_asyncio
 from google.rpc import error_details_pb2
-from tunnelplane.v1 import agents_pb2, auth_pb2, tunnels_pb2
+from tunnelplane.v1 import auth_pb2, tunnels_pb2
 
 from server.app import App
 from server.domain.principal import Tier
 from server.settings import DEFAULT_TIERS
-from tests.conftest import Backend, own_database
-from tests.helpers import Client, TestUser, bearer, detail, fails, reason
+from tests.conftest import Backend, own_server
+from tests.helpers import (
+    Agent,
+    Client,
+    TestUser,
+    client_of,
+    detail,
+    eventually,
+    fails,
+    http_of,
+    reason,
+    watch_synced,
+)
 
-A = agents_pb2
 P = tunnels_pb2
 RECHECK = 0.5
 FREE_WATCHES = 2
@@ -32,28 +42,26 @@ FREE_WATCHES = 2
 async def limited(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
     """A server whose free tier allows two watches and one agent stream, and which checks
     streams' credentials every half second."""
-    directory = tmp_path_factory.mktemp("streams")
     tiers = dict(DEFAULT_TIERS)
     tiers["free"] = dataclasses.replace(
         tiers["free"], max_watch_streams=FREE_WATCHES, max_agent_streams=1
     )
-    async with own_database(backend, directory) as isolated:
-        settings = isolated.settings(directory, tiers=tiers, stream_recheck_interval=RECHECK)
-        server = App(settings)
-        await server.start()
+    directory = tmp_path_factory.mktemp("streams")
+    async with own_server(
+        backend, directory, tiers=tiers, stream_recheck_interval=RECHECK
+    ) as server:
         yield server
-        await server.stop(grace=0)
 
 
 @pytest_asyncio.fixture(scope="module")
 async def lc(limited: App) -> AsyncIterator[Client]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.grpc_port}") as channel:
-        yield Client(limited, channel)
+    async with client_of(limited) as client:
+        yield client
 
 
 @pytest_asyncio.fixture(scope="module")
 async def lhttp(limited: App) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{limited.http_port}") as client:
+    async with http_of(limited) as client:
         yield client
 
 
@@ -61,15 +69,6 @@ def grpc_watch(client: Client, user: TestUser) -> Any:
     return client.tunnels.WatchTunnels(
         P.WatchTunnelsRequest(name="users/me"), metadata=user.metadata
     )
-
-
-async def synced(stream: Any) -> None:
-    """Read a watch until its current state has been sent (it holds its slot by then)."""
-    while True:
-        message = await asyncio.wait_for(stream.read(), 10)
-        assert message is not grpc.aio.EOF
-        if message.kind == P.WatchTunnelsResponse.KIND_SYNCED:
-            return
 
 
 def sse_headers(user: TestUser) -> dict[str, str]:
@@ -83,15 +82,6 @@ def quota_failure(error: grpc.aio.AioRpcError) -> error_details_pb2.QuotaFailure
     return violation
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
-    """Poll ``check`` until it holds (a cancelled stream frees its slot a moment later)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not await check():
-        assert loop.time() < deadline, "the condition never held"
-        await asyncio.sleep(0.02)
-
-
 # --- caps ---------------------------------------------------------------------------------
 
 
@@ -100,13 +90,15 @@ async def test_a_free_users_watch_beyond_the_cap_is_refused_on_both_transports(
 ) -> None:
     owner = await lc.new_user()
     held = grpc_watch(lc, owner)
-    await synced(held)
+    await watch_synced(held)
     async with lhttp.stream("GET", "/v1/users/me/tunnels:watch", headers=sse_headers(owner)) as sse:
         assert sse.status_code == 200  # the second (and last) slot, over HTTP
         lines = sse.aiter_lines()  # kept: a dropped line iterator closes the response
         await anext(lines)
 
-        refused = await fails(synced(grpc_watch(lc, owner)), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        refused = await fails(
+            watch_synced(grpc_watch(lc, owner)), grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
         assert reason(refused) == "STREAM_LIMIT_EXCEEDED"
         violation = quota_failure(refused)
         assert (violation.quota_id, violation.quota_value) == ("MaxWatchStreams", FREE_WATCHES)
@@ -122,10 +114,10 @@ async def test_a_free_users_watch_beyond_the_cap_is_refused_on_both_transports(
 
         # Another user, and a premium one with a higher cap, are not affected.
         other = await lc.new_user()
-        await synced(grpc_watch(lc, other))
+        await watch_synced(grpc_watch(lc, other))
         premium = await lc.new_user(tier=Tier.PREMIUM)
         for _ in range(FREE_WATCHES + 1):
-            await synced(grpc_watch(lc, premium))
+            await watch_synced(grpc_watch(lc, premium))
     held.cancel()
 
 
@@ -133,15 +125,15 @@ async def test_a_slot_is_given_back_when_its_stream_ends(lc: Client, limited: Ap
     owner = await lc.new_user()
     streams = [grpc_watch(lc, owner) for _ in range(FREE_WATCHES)]
     for stream in streams:
-        await synced(stream)
-    await fails(synced(grpc_watch(lc, owner)), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        await watch_synced(stream)
+    await fails(watch_synced(grpc_watch(lc, owner)), grpc.StatusCode.RESOURCE_EXHAUSTED)
     streams[0].cancel()
 
     async def freed() -> bool:
         return limited.stream_limits.open.held(owner.id, "max_watch_streams") < FREE_WATCHES
 
-    await eventually(freed)
-    await synced(grpc_watch(lc, owner))
+    await eventually(freed, within=10)
+    await watch_synced(grpc_watch(lc, owner))
 
 
 async def test_an_http_watch_gives_its_slot_back_when_the_client_leaves(
@@ -158,30 +150,17 @@ async def test_an_http_watch_gives_its_slot_back_when_the_client_leaves(
         async def released() -> bool:
             return limited.stream_limits.open.held(owner.id, "max_watch_streams") == 0
 
-        await eventually(released)
-
-
-class Agent:
-    """A Connect stream that has said hello."""
-
-    def __init__(self, client: Client, key: str, tunnel: str, agent_id: str) -> None:
-        self.stream = client.agents.Connect(metadata=bearer(key))
-        self.tunnel, self.agent_id = tunnel, agent_id
-
-    async def hello(self) -> A.ConnectResponse:
-        hello = A.AgentHello(tunnel=self.tunnel, agent_id=self.agent_id, version="t")
-        await self.stream.write(A.ConnectRequest(hello=hello))
-        return await asyncio.wait_for(self.stream.read(), 10)  # type: ignore[no-any-return]
+        await eventually(released, within=10)
 
 
 async def test_agent_streams_beyond_the_cap_are_refused(lc: Client) -> None:
     owner = await lc.new_user()
     made = await lc.tunnel(owner, endpoints=[P.TunnelEndpoint(url="tcp://127.0.0.1:7")])
     key = await lc.api_key(owner, ["agent.connect"])
-    first = Agent(lc, key, made.name, "agent-1")
-    assert (await first.hello()).WhichOneof("kind") == "welcome"
-    second = Agent(lc, key, made.name, "agent-2")
-    refused = await fails(second.hello(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+    first = Agent(lc.agents, key, made.name, "agent-1")
+    assert (await first.greet()).WhichOneof("kind") == "welcome"
+    second = Agent(lc.agents, key, made.name, "agent-2")
+    refused = await fails(second.greet(), grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert quota_failure(refused).quota_id == "MaxAgentStreams"
     first.stream.cancel()
 
@@ -218,7 +197,7 @@ async def test_an_idle_watch_ends_within_the_interval_when_its_user_logs_out(
 ) -> None:
     owner = await lc.new_user()
     over_grpc = grpc_watch(lc, owner)
-    await synced(over_grpc)
+    await watch_synced(over_grpc)
     loop = asyncio.get_running_loop()
     async with lhttp.stream("GET", "/v1/users/me/tunnels:watch", headers=sse_headers(owner)) as sse:
         lines = sse.aiter_lines()
@@ -245,8 +224,8 @@ async def test_an_idle_agent_stream_ends_when_its_key_is_revoked(lc: Client) -> 
         ),
         metadata=owner.metadata,
     )
-    agent = Agent(lc, created.secret, made.name, "agent-1")
-    await agent.hello()
+    agent = Agent(lc.agents, created.secret, made.name, "agent-1")
+    await agent.greet()
     await lc.auth.RevokeApiKey(
         auth_pb2.RevokeApiKeyRequest(name=created.api_key.name), metadata=owner.metadata
     )

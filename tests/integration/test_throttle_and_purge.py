@@ -21,24 +21,11 @@ from server.domain.throttle import MAX_DELAY, LoginThrottle, ThrottlePolicy
 from server.errors import ResourceExhausted
 from server.storage.kv import MemoryStore, RedisStore
 from server.storage.tables import audit_log
-from tests.conftest import REDIS_URL, Backend, redis_prefix, require_redis
-from tests.helpers import PASSWORD, Client, detail, fails, reason, unique_email
+from tests.conftest import REDIS_URL, Backend, redis_prefix, require_redis, started
+from tests.helpers import PASSWORD, Client, FakeClock, detail, fails, reason, unique_email
 
-
-class FakeClock:
-    """A clock that only moves when told to."""
-
-    def __init__(self) -> None:
-        self._now = datetime(2026, 1, 1, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        return self._now
-
-    def time(self) -> float:
-        return self._now.timestamp()
-
-    def advance(self, seconds: float) -> None:
-        self._now += timedelta(seconds=seconds)
+#: Where the tests' fake clocks start.
+START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 POLICY = ThrottlePolicy(
@@ -50,7 +37,7 @@ POLICY = ThrottlePolicy(
 async def throttle(
     request: pytest.FixtureRequest,
 ) -> AsyncIterator[tuple[LoginThrottle, FakeClock]]:
-    clock = FakeClock()
+    clock = FakeClock(START)
     if request.param == "memory":
         kv: MemoryStore | RedisStore = MemoryStore()
     else:
@@ -151,7 +138,7 @@ async def test_success_keeps_other_addresses_locked(
 @pytest.fixture
 async def clocked(backend: Backend, tmp_path: Path) -> AsyncIterator[tuple[App, FakeClock]]:
     """A server of its own with a movable clock and a low throttle."""
-    clock = FakeClock()
+    clock = FakeClock(START)
     settings = backend.settings(
         tmp_path,
         login_slowdown_after=2,
@@ -161,10 +148,8 @@ async def clocked(backend: Backend, tmp_path: Path) -> AsyncIterator[tuple[App, 
         redis_prefix=redis_prefix(),
         access_token_ttl=10**8,  # the fake clock stands still in 2026
     )
-    server = App(settings, clock=clock)
-    await server.start()
-    yield server, clock
-    await server.stop(grace=0)
+    async with started(settings, clock) as server:
+        yield server, clock
 
 
 async def test_login_is_throttled_end_to_end(clocked: tuple[App, FakeClock]) -> None:

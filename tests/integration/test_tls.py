@@ -3,8 +3,6 @@ over TLS: on the gRPC port too, where a TLS-terminating proxy counts only when d
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -13,10 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tunnelplane.v1 import auth_pb2
 
 from server.app import App
-from server.domain.tokens import generate_private_key_pem
-from server.storage.sealing import new_key
 from tests.certs import self_signed
-from tests.conftest import make_settings, migrate
+from tests.conftest import make_settings, production
 from tests.helpers import PASSWORD, Client, fails, reason
 
 
@@ -55,29 +51,6 @@ async def test_tls_serves_secure_clients_only(tmp_path: Path) -> None:
 HTTPS = (("x-forwarded-proto", "https"),)
 
 
-@contextlib.asynccontextmanager
-async def production(directory: Path, **overrides: object) -> AsyncIterator[App]:
-    """A started production-mode server on a migrated SQLite database of its own."""
-    url = f"sqlite+aiosqlite:///{directory / 'db.sqlite'}"
-    await migrate(url)
-    settings = make_settings(
-        directory,
-        database_url=url,
-        mode="production",
-        jwt_private_key=generate_private_key_pem().decode(),
-        page_token_secret="s" * 40,
-        secrets_key=new_key(),
-        http_port=-1,
-        **overrides,
-    )
-    server = App(settings)
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop(grace=0)
-
-
 def login(email: str = "nobody@example.com") -> auth_pb2.LoginRequest:
     return auth_pb2.LoginRequest(email=email, password=PASSWORD)
 
@@ -87,7 +60,7 @@ async def test_production_refuses_a_password_over_plaintext_grpc(
     tmp_path: Path, metadata: tuple[tuple[str, str], ...]
 ) -> None:
     async with (
-        production(tmp_path) as server,
+        production(tmp_path, http_port=-1) as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as plain,
     ):
         client = Client(server, plain, setup_metadata=metadata)
@@ -102,7 +75,9 @@ async def test_production_refuses_a_password_over_plaintext_grpc(
 
 async def test_production_accepts_a_password_over_grpc_with_tls(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
-    async with production(tmp_path, tls_cert_file=str(cert), tls_key_file=str(key)) as server:
+    async with production(
+        tmp_path, http_port=-1, tls_cert_file=str(cert), tls_key_file=str(key)
+    ) as server:
         credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         target = f"127.0.0.1:{server.grpc_port}"
         async with grpc.aio.secure_channel(target, credentials) as secure:
@@ -114,7 +89,7 @@ async def test_production_believes_only_a_declared_tls_proxy(tmp_path: Path) -> 
     """Calls from a declared proxy count as TLS when it says so (x-forwarded-proto: https);
     the same proxy forwarding plain traffic (or saying nothing) does not launder it."""
     async with (
-        production(tmp_path, grpc_tls_proxies="127.0.0.1/32") as server,
+        production(tmp_path, http_port=-1, grpc_tls_proxies="127.0.0.1/32") as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
     ):
         through_proxy = Client(server, channel, setup_metadata=HTTPS)

@@ -9,7 +9,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from server.app import App
 from server.domain.principal import Tier
 from server.settings import Settings
 from tests.conftest import REDIS_URL, Backend, migrate, own_database, require_redis
-from tests.helpers import Client, TestUser, bearer
+from tests.helpers import Client, TestUser, Watch, bearer, state_is
 from tests.processes import ROOT, replica_envs, serving
 
 pytestmark = pytest.mark.slow
@@ -80,41 +80,6 @@ class HttpService:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/health"
-
-
-# --- watching ---------------------------------------------------------------------------
-
-
-class Watch:
-    """A WatchTunnels stream read in the background; ``until`` awaits a matching message."""
-
-    def __init__(self, stub: Any, name: str, metadata: Any) -> None:
-        self.stream = stub.WatchTunnels(P.WatchTunnelsRequest(name=name), metadata=metadata)
-        self.seen: list[W] = []
-        self._changed = asyncio.Condition()
-        self._task = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        async for message in self.stream:
-            async with self._changed:
-                self.seen.append(message)
-                self._changed.notify_all()
-
-    async def until(self, check: Callable[[W], bool], within: float = 20) -> W:
-        async with asyncio.timeout(within), self._changed:
-            while True:
-                found = next((m for m in self.seen if check(m)), None)
-                if found is not None:
-                    return found
-                await self._changed.wait()
-
-    def close(self) -> None:
-        self.stream.cancel()
-        self._task.cancel()
-
-
-def state_is(state: int) -> Callable[[W], bool]:
-    return lambda m: m.kind == W.KIND_CHANGED and m.tunnel.state == state
 
 
 # --- the reference agent ----------------------------------------------------------------

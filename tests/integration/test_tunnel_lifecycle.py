@@ -7,21 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
-import grpc
 import httpx
 import pytest
 import pytest_asyncio
 from tunnelplane.v1 import events_pb2, tunnels_pb2
 
-from agent.session import Session, SessionSettings
 from server.app import App
-from tests.agent.fakes import EchoServer, closed_by_peer, connect, round_trip
-from tests.conftest import Backend, own_database
-from tests.helpers import Client, TestUser
-from tests.integration.test_agents import Agent, agent_key
-from tests.integration.test_tunnel_e2e import Watch, state_is
+from tests.agent.fakes import EchoServer, closed_by_peer, connect, reference_agent, round_trip
+from tests.conftest import Backend, own_server
+from tests.helpers import (
+    Agent,
+    Client,
+    TestUser,
+    Watch,
+    agent_key,
+    client_of,
+    eventually,
+    http_of,
+    state_is,
+)
 
 P = tunnels_pb2
 T = P.Tunnel
@@ -33,27 +39,25 @@ STOP_GRACE = 1.0
 async def server(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
     """A server probing every 0.5 s and giving stopped tunnels' connections 1 s, on a
     database of its own (the shared server's prober would claim these endpoints too)."""
-    directory = tmp_path_factory.mktemp("lifecycle")
-    async with own_database(backend, directory) as isolated:
-        app = App(
-            isolated.settings(
-                directory, probe_interval=0.5, probe_timeout=0.4, tunnel_stop_grace=STOP_GRACE
-            )
-        )
-        await app.start()
+    async with own_server(
+        backend,
+        tmp_path_factory.mktemp("lifecycle"),
+        probe_interval=0.5,
+        probe_timeout=0.4,
+        tunnel_stop_grace=STOP_GRACE,
+    ) as app:
         yield app
-        await app.stop(grace=0)
 
 
 @pytest_asyncio.fixture
 async def client(server: App) -> AsyncIterator[Client]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
-        yield Client(server, channel)
+    async with client_of(server) as made:
+        yield made
 
 
 @pytest_asyncio.fixture
 async def http(server: App) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}") as web:
+    async with http_of(server) as web:
         yield web
 
 
@@ -94,13 +98,6 @@ async def services() -> AsyncIterator[list[CountingService]]:
     yield made
     for service in made:
         await service.close()
-
-
-async def eventually(check: Callable[[], bool], within: float = 20) -> None:
-    """Poll ``check`` until it holds (a peer's probes announce nothing to await)."""
-    async with asyncio.timeout(within):
-        while not check():  # noqa: ASYNC110 - nothing to await
-            await asyncio.sleep(0.02)
 
 
 async def get(client: Client, owner: TestUser, name: str) -> T:
@@ -248,28 +245,6 @@ async def test_losing_the_only_endpoint_is_no_failover(client: Client) -> None:
 # --- a stop drains the agent's connections ----------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def agent_for(client: Client, owner: TestUser, tunnel: str) -> AsyncIterator[Session]:
-    """The reference agent's session, in this process."""
-    session = Session(
-        SessionSettings(
-            control_plane=f"127.0.0.1:{client.app.grpc_port}",
-            tunnel=tunnel,
-            agent_id="drained",
-            key=await agent_key(client, owner),
-            heartbeat_interval=1.0,
-            report_interval=0.2,
-        )
-    )
-    running = asyncio.create_task(session.run())
-    try:
-        yield session
-    finally:
-        session.stop()
-        async with asyncio.timeout(10):
-            await running
-
-
 async def test_stop_refuses_new_connections_and_closes_open_ones_after_the_grace(
     client: Client,
 ) -> None:
@@ -279,7 +254,8 @@ async def test_stop_refuses_new_connections_and_closes_open_ones_after_the_grace
     await start(client, owner, made.name)
     loop = asyncio.get_running_loop()
     try:
-        async with agent_for(client, owner, made.name) as session:
+        key = await agent_key(client, owner)
+        async with reference_agent(client.app.grpc_port, key, made.name, "drained") as session:
             await session.wait_applied(1)
             relay = session.controller.relay
             assert relay is not None

@@ -37,10 +37,9 @@ from server.settings import DEFAULT_TIERS, Settings
 from server.storage.database import Database
 from server.storage.kv import redis_client
 from server.storage.limiter import MemoryLimiter
-from tests.conftest import REDIS_URL, Backend, migrate
-from tests.helpers import Client, TestUser, fails, reason
+from tests.conftest import REDIS_URL, Backend, migrate, redis_prefix, started
+from tests.helpers import BEHIND_PROXY, SETUP, Client, TestUser, fails, http_of, reason
 
-SETUP = (("x-forwarded-for", "10.250.0.1"),)
 ME = users_pb2.GetUserRequest(name="users/me")
 USAGE = users_pb2.GetUsageRequest(name="users/me/usage")
 QUOTA = 8
@@ -79,16 +78,12 @@ async def serving(
     settings_: Settings,
 ) -> AsyncIterator[tuple[App, grpc.aio.Channel, httpx.AsyncClient]]:
     """A started server, a channel to it and an HTTP client of its gateway."""
-    server = App(settings_)
-    await server.start()
-    try:
-        async with (
-            grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}") as http,
-        ):
-            yield server, channel, http
-    finally:
-        await server.stop(grace=0)
+    async with (
+        started(settings_) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel,
+        http_of(server) as http,
+    ):
+        yield server, channel, http
 
 
 async def test_usage_and_quota_resume_from_the_roll_up_when_the_limiter_loses_its_counters(
@@ -96,10 +91,10 @@ async def test_usage_and_quota_resume_from_the_roll_up_when_the_limiter_loses_it
 ) -> None:
     settings_ = backend.settings(
         tmp_path,
-        rate_exempt_ips="10.250.0.0/16",
-        trusted_proxies="127.0.0.1/32,::1/128",
+        **BEHIND_PROXY,
         tiers=TIERS,
         usage_flush_interval=3600.0,  # rolled up when this test says so
+        redis_prefix=redis_prefix(),  # its counters are deleted below: only this test's
     )
     async with serving(settings_) as (first, channel, http):
         setup = Client(first, channel, setup_metadata=SETUP)

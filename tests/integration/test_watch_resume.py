@@ -20,8 +20,8 @@ from google.protobuf import field_mask_pb2
 from tunnelplane.v1 import events_pb2, tunnels_pb2
 
 from server.app import App
-from tests.conftest import Backend, own_database
-from tests.helpers import Client, TestUser, fails, violations
+from tests.conftest import Backend, own_server
+from tests.helpers import Client, TestUser, client_of, fails, http_of, sse_blocks, violations
 
 P = tunnels_pb2
 W = P.WatchTunnelsResponse
@@ -36,25 +36,21 @@ async def watching(
     """A server whose calls get a two-second default deadline and whose SSE streams get a
     keep-alive every 0.2 s."""
     directory = tmp_path_factory.mktemp("watch")
-    async with own_database(backend, directory) as isolated:
-        settings = isolated.settings(
-            directory, default_deadline=DEADLINE, http_sse_keepalive=KEEPALIVE
-        )
-        server = App(settings)
-        await server.start()
+    async with own_server(
+        backend, directory, default_deadline=DEADLINE, http_sse_keepalive=KEEPALIVE
+    ) as server:
         yield server
-        await server.stop(grace=0)
 
 
 @pytest_asyncio.fixture(scope="module")
 async def wc(watching: App) -> AsyncIterator[Client]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{watching.grpc_port}") as channel:
-        yield Client(watching, channel)
+    async with client_of(watching) as client:
+        yield client
 
 
 @pytest_asyncio.fixture(scope="module")
 async def whttp(watching: App) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{watching.http_port}") as client:
+    async with http_of(watching) as client:
         yield client
 
 
@@ -83,12 +79,8 @@ def parse(block: str) -> Frame:
 
 
 async def sse_frames(response: httpx.Response) -> AsyncIterator[Frame]:
-    buffer = ""
-    async for text in response.aiter_text():
-        buffer += text
-        while "\n\n" in buffer:
-            block, buffer = buffer.split("\n\n", 1)
-            yield parse(block)
+    async for block in sse_blocks(response):
+        yield parse(block)
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[Frame]:

@@ -7,7 +7,7 @@ tests/integration/test_webhook_dispatch.py; every wait is on a condition, never 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -16,16 +16,10 @@ import pytest
 from server.domain.outbox import DeliveryState
 from server.workers.webhooks import WebhookDispatcher
 from tests.conftest import Backend
+from tests.helpers import eventually
 from tests.integration.test_webhook_dispatch import Rig, open_rig
 
 PER_ENDPOINT = 3
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 20.0) -> None:
-    """Poll ``check`` until it holds; fail after ``within`` seconds."""
-    async with asyncio.timeout(within):
-        while not await check():  # noqa: ASYNC110 - a database state announces nothing
-            await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from server.domain.addresses import public_only
 from server.workers.webhook_http import EXCERPT_BYTES, AttemptResult, WebhookSender
-from tests.integration.test_tls import self_signed
+from tests.certs import self_signed
 
 BIG = b"0123456789" * 10_000  # 100 KB
 PAYLOAD = b'{"type":"tunnel.created","data":{"id":"tun_1"}}'

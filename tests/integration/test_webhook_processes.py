@@ -34,7 +34,7 @@ from tests.conftest import (
     require_postgres,
     require_redis,
 )
-from tests.helpers import Client
+from tests.helpers import Client, eventually
 from tests.processes import ServerProcess, child_env, replica_envs, serving
 from tests.webhook_receiver import Receiver
 
@@ -151,13 +151,6 @@ async def client_of(server: ServerProcess) -> AsyncIterator[Client]:
         await reader
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], within: float) -> None:
-    """Poll ``check`` (state kept by another process: nothing to await) until it holds."""
-    async with asyncio.timeout(within):
-        while not await check():  # noqa: ASYNC110 - state of another process
-            await asyncio.sleep(0.1)
-
-
 async def count(engine: AsyncEngine, stmt: Any) -> int:
     async with engine.connect() as conn:
         return int((await conn.execute(stmt)).scalar_one())
@@ -237,7 +230,7 @@ async def test_a_killed_dispatcher_loses_no_delivery(tmp_path: Path) -> None:
                 found = await all_deliveries(client, hook, user.metadata)
                 return len(found) == TUNNELS and all(x.state == D.STATE_SUCCEEDED for x in found)
 
-            await eventually(settled, within=15)
+            await eventually(settled, within=15, every=0.1)
             deliveries = await all_deliveries(client, hook, user.metadata)
             listed = await client.events.ListEvents(
                 events_pb2.ListEventsRequest(
@@ -334,7 +327,9 @@ async def test_two_dispatchers_share_the_queue_without_duplicates(tmp_path: Path
 
             await rx.wait_for(QUEUED, within=45)
             await eventually(
-                lambda: _equals(count(engine, deliveries_in("succeeded")), QUEUED), within=15
+                lambda: _equals(count(engine, deliveries_in("succeeded")), QUEUED),
+                within=15,
+                every=0.1,
             )
             by_a = await succeeded_total(a.metrics_port)
             by_b = await succeeded_total(b.metrics_port)

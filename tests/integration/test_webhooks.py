@@ -31,8 +31,8 @@ from server.domain.webhook_service import DisabledReason, Webhook
 from server.domain.webhooks import new_secret
 from server.storage import tables
 from server.storage.sealing import new_key
-from tests.conftest import Backend, make_settings, own_database
-from tests.helpers import Client, TestUser, fails, reason, violations
+from tests.conftest import Backend, make_settings, own_database, own_server
+from tests.helpers import Client, TestUser, client_of, fails, http_of, reason, violations
 from tests.webhook_receiver import Receiver, Seen
 
 W = webhooks_pb2
@@ -537,21 +537,14 @@ async def test_replaying_one_event_over_grpc(client: Client, rx: Receiver) -> No
 async def api_only(backend: Backend, tmp_path: Path) -> AsyncIterator[App]:
     """A replica that runs no operations (``TP_RUN_OPERATIONS=false``), on a database of its
     own: an operation it starts waits until a test steps a runner by hand."""
-    async with own_database(backend, tmp_path) as isolated:
-        server = App(isolated.settings(tmp_path, run_operations=False))
-        await server.start()
+    async with own_server(backend, tmp_path, run_operations=False) as server:
         yield server
-        await server.stop(grace=0)
 
 
 async def test_a_replay_cancelled_before_it_runs_queues_nothing_over_http(
     api_only: App, rx: Receiver
 ) -> None:
-    async with (
-        grpc.aio.insecure_channel(f"127.0.0.1:{api_only.grpc_port}") as channel,
-        httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_only.http_port}") as http,
-    ):
-        client = Client(api_only, channel)
+    async with client_of(api_only) as client, http_of(api_only) as http:
         owner = await client.new_user()
         start = datetime.now(UTC) - timedelta(seconds=5)
         hook = await client.webhook(owner, rx.url(), event_types=["tunnel.created"])
