@@ -66,10 +66,12 @@ check-generated: generate ## Regenerate and fail if generated/ differs from what
 	  git diff --stat -- generated; echo "generated/ is stale: run 'make generate' and commit it"; exit 1; fi
 	@echo "generated/ is up to date"
 
-lint: $(STAMP) $(BUF) ## ruff (lint + format check) and buf lint
+lint: $(STAMP) $(BUF) ## ruff (lint + format check); buf lint, format check and breaking check against main
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BUF) lint
+	$(BUF) format --diff --exit-code
+	BUF=$(BUF) .ci/buf-breaking
 
 typecheck: $(STAMP) ## mypy --strict on server/ and gateway/
 	$(BIN)/mypy
