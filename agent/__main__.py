@@ -1,7 +1,8 @@
 """Command line: ``python -m agent --control-plane HOST:PORT --tunnel users/U/tunnels/T``.
 
 The agent key comes from the environment variable ``TP_AGENT_KEY`` only, so that it never
-shows in a process list or a log.
+shows in a process list or a log. ``--otel-exporter`` traces the control link (see
+:mod:`agent.telemetry`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent import __version__, logs
+import grpc
+
+from agent import __version__, logs, telemetry
 from agent.identity import resolve_agent_id
 from agent.relay import parse_address
 from agent.session import Session, SessionSettings
@@ -57,6 +60,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat", type=float, default=15.0, metavar="SECONDS")
     p.add_argument("--report-interval", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--otel-exporter",
+        choices=telemetry.EXPORTERS,
+        default="none",
+        help="where spans of control-plane calls go (none: no spans, no traceparent sent)",
+    )
+    p.add_argument("--otel-endpoint", default="", metavar="HOST:PORT", help="OTLP collector")
     p.add_argument("--version", action="version", version=__version__)
     return p
 
@@ -69,6 +79,8 @@ def settings_from(args: argparse.Namespace, key: str) -> SessionSettings:
         raise UsageError(f"--tunnel must be users/U/tunnels/T, not {args.tunnel!r}")
     if args.heartbeat <= 0 or args.report_interval <= 0:
         raise UsageError("--heartbeat and --report-interval must be positive")
+    if args.otel_exporter == "otlp" and not args.otel_endpoint:
+        raise UsageError("--otel-endpoint is required with --otel-exporter otlp")
     try:
         for address in filter(None, (args.control_plane, args.target)):
             parse_address(address)
@@ -90,9 +102,11 @@ def settings_from(args: argparse.Namespace, key: str) -> SessionSettings:
     )
 
 
-async def serve(settings: SessionSettings) -> int:
+async def serve(
+    settings: SessionSettings, interceptors: Sequence[grpc.aio.ClientInterceptor] = ()
+) -> int:
     """Run the session until SIGTERM or SIGINT, then close everything; return 0."""
-    session = Session(settings)
+    session = Session(settings, interceptors=interceptors)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, session.stop)
@@ -120,7 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         log.error("cannot start", extra={"reason": str(exc)})  # noqa: TRY400 - no traceback
         return 2
-    return asyncio.run(serve(settings))
+    provider = telemetry.tracer_provider(args.otel_exporter, args.otel_endpoint)
+    try:
+        return asyncio.run(serve(settings, telemetry.client_interceptors(provider)))
+    finally:
+        if provider is not None:
+            provider.shutdown()  # sends the spans still buffered
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import platform
 import socket
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,7 +101,8 @@ class Session:
     """Keeps the agent connected to the control plane until :meth:`stop`.
 
     ``counters`` are the relay's; ``controller`` owns the relay and applies desired
-    states. Both outlive any one stream.
+    states. Both outlive any one stream. ``interceptors`` go on every channel to the
+    control plane (tracing: :mod:`agent.telemetry`).
     """
 
     def __init__(
@@ -109,8 +110,11 @@ class Session:
         settings: SessionSettings,
         counters: Counters | None = None,
         controller: RelayController | None = None,
+        *,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         self._settings = settings
+        self._interceptors = list(interceptors)
         self._counters = Counters() if counters is None else counters
         self._controller = controller or RelayController(
             self._counters,
@@ -206,11 +210,15 @@ class Session:
             )
 
     def _channel(self) -> grpc.aio.Channel:
-        target = self._settings.control_plane
+        target, interceptors = self._settings.control_plane, self._interceptors
         if not self._settings.tls:
-            return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+            return grpc.aio.insecure_channel(
+                target, options=CHANNEL_OPTIONS, interceptors=interceptors
+            )
         credentials = grpc.ssl_channel_credentials(self._settings.root_certificates)
-        return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+        return grpc.aio.secure_channel(
+            target, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors
+        )
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self._settings.key}"),)

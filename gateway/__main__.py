@@ -1,7 +1,8 @@
 """Standalone gateway: ``python -m gateway --descriptor-set F --upstream HOST:PORT --port N``.
 
 Serves every annotated service in the descriptor set, forwarding each call to the gRPC
-upstream over a grpc.aio channel.
+upstream over a grpc.aio channel; with ``--otel-exporter``, each upstream call is a client
+span that continues the HTTP caller's ``traceparent`` (see :mod:`gateway.telemetry`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import sys
 from pathlib import Path
 
 import grpc
+from opentelemetry.sdk.trace import TracerProvider
 
 from gateway.app import Gateway, GatewayOptions
 from gateway.bindings import BindingError, Catalog, load_descriptor_set
 from gateway.forward import ChannelDispatcher
 from gateway.guard import ConnectionGuard
 from gateway.serve import HttpServer
+from gateway.telemetry import EXPORTERS, client_interceptors, tracer_provider
 
 log = logging.getLogger("gateway")
 
@@ -88,10 +91,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--title", default="API", help="OpenAPI title")
     parser.add_argument("--no-docs", action="store_true", help="do not serve /api/docs")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--otel-exporter",
+        choices=EXPORTERS,
+        default="none",
+        help="where client spans of upstream calls go (none: no spans; a caller's "
+        "traceparent still reaches the upstream)",
+    )
+    parser.add_argument("--otel-endpoint", default="", help="OTLP gRPC collector, HOST:PORT")
+    args = parser.parse_args(argv)
+    if args.otel_exporter == "otlp" and not args.otel_endpoint:
+        parser.error("--otel-endpoint is required with --otel-exporter otlp")
+    return args
 
 
-def make_channel(args: argparse.Namespace) -> grpc.aio.Channel:
+def make_channel(
+    args: argparse.Namespace, interceptors: list[grpc.aio.ClientInterceptor] | None = None
+) -> grpc.aio.Channel:
     """The channel to the upstream."""
     options = []
     if args.upstream_authority:
@@ -100,8 +116,10 @@ def make_channel(args: argparse.Namespace) -> grpc.aio.Channel:
     if args.upstream_tls or args.upstream_ca:
         roots = args.upstream_ca.read_bytes() if args.upstream_ca else None
         credentials = grpc.ssl_channel_credentials(root_certificates=roots)
-        return grpc.aio.secure_channel(args.upstream, credentials, options=options)
-    return grpc.aio.insecure_channel(args.upstream, options=options)
+        return grpc.aio.secure_channel(
+            args.upstream, credentials, options=options, interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(args.upstream, options=options, interceptors=interceptors)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -129,8 +147,25 @@ async def run(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout or None,
         max_per_address=args.max_connections_per_address,
     )
-    async with make_channel(args) as channel:
-        app = Gateway(catalog, ChannelDispatcher(channel), options)
+    provider = tracer_provider(args.otel_exporter, args.otel_endpoint, "gateway")
+    try:
+        await _serve(args, catalog, options, guard, provider)
+    finally:
+        if provider is not None:
+            provider.shutdown()  # sends the spans still buffered
+    return 0
+
+
+async def _serve(
+    args: argparse.Namespace,
+    catalog: Catalog,
+    options: GatewayOptions,
+    guard: ConnectionGuard,
+    provider: TracerProvider | None,
+) -> None:
+    async with make_channel(args, client_interceptors(provider)) as channel:
+        dispatcher = ChannelDispatcher(channel, traced=provider is not None)
+        app = Gateway(catalog, dispatcher, options)
         server = HttpServer(
             app, args.host, args.port, certfile=args.tls_cert, keyfile=args.tls_key, guard=guard
         )
@@ -148,7 +183,6 @@ async def run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         await server.stop()
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

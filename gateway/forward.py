@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2
 
 from gateway.bindings import Binding
 from gateway.errors import status_from_trailers
+from gateway.telemetry import continuing
 
 MetadataPairs = Sequence[tuple[str, str | bytes]]
 
@@ -93,10 +94,15 @@ def clean_metadata(pairs: MetadataPairs) -> list[tuple[str, str | bytes]]:
 
 
 class ChannelDispatcher:
-    """Forwards calls over a grpc.aio channel (the standalone gateway)."""
+    """Forwards calls over a grpc.aio channel (the standalone gateway).
 
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    ``traced``: the channel has tracing interceptors (:mod:`gateway.telemetry`), so each
+    call starts in the trace context its caller sent, for its client span to continue.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, *, traced: bool = False) -> None:
         self._channel = channel
+        self._traced = traced
         self._unary: dict[str, Any] = {}
         self._stream: dict[str, Any] = {}
         self._health = channel.unary_unary(
@@ -118,11 +124,18 @@ class ChannelDispatcher:
             cache[binding.full_method] = found
         return found
 
+    def _start(self, call: Outgoing, *, stream: bool) -> Any:
+        rpc = self._callable(call.binding, stream=stream)
+        metadata = upstream_metadata(call)
+        if not self._traced:
+            return rpc(call.request, metadata=metadata, timeout=call.timeout)
+        # The interceptor's span starts in a task created right here, in this context.
+        with continuing(metadata) as rest:
+            return rpc(call.request, metadata=rest, timeout=call.timeout)
+
     async def unary(self, call: Outgoing) -> Reply:
         """Forward a unary call; a gRPC error becomes the reply's status."""
-        rpc = self._callable(call.binding, stream=False)(
-            call.request, metadata=upstream_metadata(call), timeout=call.timeout
-        )
+        rpc = self._start(call, stream=False)
         try:
             response = await rpc
         except grpc.aio.AioRpcError as error:
@@ -133,9 +146,7 @@ class ChannelDispatcher:
 
     async def server_stream(self, call: Outgoing) -> StreamReply | Reply:
         """Forward a server stream; a failure before the first message is a :class:`Reply`."""
-        rpc = self._callable(call.binding, stream=True)(
-            call.request, metadata=upstream_metadata(call), timeout=call.timeout
-        )
+        rpc = self._start(call, stream=True)
         try:
             initial = await rpc.initial_metadata()
             first = await rpc.read()

@@ -3,7 +3,8 @@
 Request: ``Authorization`` -> ``authorization``; ``Grpc-Metadata-<k>`` -> ``<k>`` (``-Bin``:
 base64 value); other permanent HTTP headers -> ``grpcgateway-<name>``; hop-by-hop headers
 never; ``X-Forwarded-For`` gets the client address appended and ``X-Forwarded-Host`` is
-set; ``X-Request-Id`` is passed through or created. Response: initial metadata ->
+set; ``X-Request-Id`` is passed through or created; a well-formed W3C ``traceparent`` (and
+its ``tracestate``) is passed through as itself. Response: initial metadata ->
 ``Grpc-Metadata-<k>``, trailers -> ``Grpc-Trailer-<k>`` (only for ``TE: trailers``), and an
 allowlist also goes out as plain headers (``Set-Cookie`` only as itself, never mirrored).
 """
@@ -55,6 +56,11 @@ _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _TIMEOUT = re.compile(r"^([0-9]{1,8})([HMSmun])$")
 _UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _KEY = re.compile(r"^[0-9a-z_.-]+$")
+#: W3C trace context: ``version-traceid-parentid-flags``; a version after 00 may add fields.
+_TRACEPARENT = re.compile(
+    r"^(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+)
+_TRACEPARENT_00_LENGTH = 55
 
 Metadata = list[tuple[str, str | bytes]]
 
@@ -73,6 +79,9 @@ class Inbound:
     origin: str
     #: Every ``If-Match`` value, joined as one list (see gateway.preconditions).
     if_match: str = ""
+    #: W3C trace context, as sent (repeated headers joined).
+    traceparent: str = ""
+    tracestate: str = ""
 
 
 def request_id_from(given: str) -> str:
@@ -91,6 +100,7 @@ def parse_timeout(value: str) -> float:
 #: Permanent headers the gateway also reads itself, by the Inbound field they fill.
 _READ = {"content-type": "content_type", "accept": "accept",
          "accept-encoding": "accept_encoding", "origin": "origin"}  # fmt: skip
+_TRACE_CONTEXT = frozenset({"traceparent", "tracestate"})
 
 
 def inbound(headers: Sequence[tuple[bytes, bytes]], client_host: str) -> Inbound:
@@ -118,7 +128,21 @@ def inbound(headers: Sequence[tuple[bytes, bytes]], client_host: str) -> Inbound
     if result.request_id != given:
         # The upstream may treat a caller's id as an idempotency key; not one made up here.
         result.metadata.append(("x-request-id-generated", "1"))
+    if valid_traceparent(result.traceparent):
+        result.metadata.append(("traceparent", result.traceparent))
+        if result.tracestate:
+            result.metadata.append(("tracestate", result.tracestate))
     return result
+
+
+def valid_traceparent(value: str) -> bool:
+    """Whether ``value`` is one well-formed W3C ``traceparent`` (an invalid one, or two,
+    restart the trace upstream; its ``tracestate`` then goes nowhere either)."""
+    if not _TRACEPARENT.match(value):
+        return False
+    if value.startswith("00"):
+        return len(value) == _TRACEPARENT_00_LENGTH
+    return len(value) == _TRACEPARENT_00_LENGTH or value[_TRACEPARENT_00_LENGTH] == "-"
 
 
 def _one(result: Inbound, key: str, value: str) -> None:
@@ -132,6 +156,9 @@ def _one(result: Inbound, key: str, value: str) -> None:
         result.timeout = parse_timeout(value)
     elif key == "te":
         result.trailers_wanted = "trailers" in value.lower()
+    elif key in _TRACE_CONTEXT:
+        given = getattr(result, key)
+        setattr(result, key, f"{given}, {value}" if given else value)
     elif key in PERMANENT and key not in HOP_BY_HOP:
         if key in _READ:
             setattr(result, _READ[key], value)
