@@ -41,7 +41,8 @@ from gateway import __main__ as gateway_cli
 from server import grpc_server, logs
 from server.api.users import UserApi
 from server.app import App
-from server.domain.principal import CredentialKind, Principal, permissions_for
+from server.domain.identity.model import CredentialKind, Principal
+from server.domain.identity.rules import permissions_for
 from server.pipeline import Call, MethodInfo
 from server.runtime import tune_gc
 from server.settings import Settings

@@ -56,13 +56,13 @@ from psycopg import sql
 from bench.errors import LoadError
 from bench.processes import SERVER_SETTINGS, ServerProcess, cpu_seconds, migrate, server_env
 from bench.report import Ratio, TargetResult, update_readme
-from server.domain.entities import Preferences
-from server.domain.ids import new_id
-from server.domain.webhooks import new_secret
+from server.domain.common.ids import new_id
+from server.domain.identity.model import Preferences
+from server.domain.webhooks.rules import new_secret
 from server.storage import tables
 from server.storage.database import normalize_url
+from server.storage.identity.users import preferences_to_json
 from server.storage.sealing import new_key
-from server.storage.users import preferences_to_json
 
 #: The PostgreSQL the bench creates its databases in (as the tests do; trust auth).
 DEFAULT_POSTGRES_URL = os.environ.get(

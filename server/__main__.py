@@ -12,9 +12,10 @@ import sys
 
 from server import logs
 from server.app import App
-from server.domain.audit import AuditScope, close_scope, open_scope
-from server.domain.principal import Role
-from server.errors import DomainError, NotFound
+from server.domain.audit.model import AuditScope
+from server.domain.audit.service import close_scope, open_scope
+from server.domain.common.errors import DomainError, NotFound
+from server.domain.identity.model import Role
 from server.runtime import tune_gc
 from server.settings import Settings, SettingsError
 from server.storage.database import make_engine

@@ -46,23 +46,22 @@ from server.api.agent_stream import AgentMetrics
 from server.api.agents import AgentApi
 from server.api.auth import AuthApi
 from server.api.events import EventApi
+from server.api.operations import OperationApi
 from server.api.tunnels import TunnelApi
 from server.api.users import UserApi
-from server.api.webhooks import OperationApi, WebhookApi
-from server.domain.apikeys import ApiKeyService
-from server.domain.auth import AccountService, SessionPolicy
-from server.domain.authn import Authenticator, Revocations, SubjectDirectory
-from server.domain.clock import Clock, SystemClock
-from server.domain.listing import Lister, PageTokenCodec
-from server.domain.passwords import PasswordHasher
-from server.domain.principal import Role, Tier
-from server.domain.quota import QuotaService
-from server.domain.ratelimit import BlockPolicy, Bucket
-from server.domain.throttle import LoginThrottle, ThrottlePolicy
-from server.domain.tiers import TierCatalog
-from server.domain.usage import RequestUsage
-from server.domain.users import UserPolicy, UserService
-from server.domain.violations import ViolationLog
+from server.api.webhooks import WebhookApi
+from server.domain.common.clock import Clock, SystemClock
+from server.domain.common.listing import Lister, PageTokenCodec
+from server.domain.identity.accounts import AccountService, SessionPolicy
+from server.domain.identity.api_keys import ApiKeyService
+from server.domain.identity.authentication import Authenticator, Revocations, SubjectDirectory
+from server.domain.identity.model import Role, Tier
+from server.domain.identity.passwords import PasswordHasher
+from server.domain.identity.throttle import LoginThrottle, ThrottlePolicy
+from server.domain.identity.tiers import TierCatalog
+from server.domain.identity.users import UserPolicy, UserService
+from server.domain.limits.model import BlockPolicy, Bucket
+from server.domain.limits.service import QuotaService, RequestUsage, ViolationLog
 from server.health import HealthMonitor, Listener
 from server.http import build_gateway, http_guard
 from server.interceptors.audit import AuditStage
@@ -211,7 +210,7 @@ class App:
             settings.default_page_size,
             settings.max_page_size,
         )
-        from server.domain.tokens import TokenService
+        from server.domain.identity.tokens import TokenService
 
         self.tokens = TokenService(
             material.jwt_keys,

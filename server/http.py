@@ -26,9 +26,10 @@ from gateway.forward import Outgoing, Reply, StreamReply
 from gateway.guard import ConnectionGuard
 from gateway.openapi import OpenApiExtension
 from server.cookies import ACCESS_COOKIE, REFRESH_COOKIE
-from server.domain.principal import CredentialKind
-from server.errors import DomainError, Internal, to_status
+from server.domain.common.errors import DomainError, Internal
+from server.domain.identity.model import CredentialKind
 from server.grpc_server import metadata_dict
+from server.interceptors.status import to_status
 from server.pipeline import Call, Handler, MethodInfo
 from server.policy import policy_of
 from server.settings import Settings, networks

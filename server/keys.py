@@ -13,7 +13,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.domain.tokens import (
+from server.domain.identity.tokens import (
     KeySet,
     generate_private_key_pem,
     load_private_key,

@@ -12,7 +12,7 @@ import asyncio
 import math
 from collections.abc import Callable
 
-from server.domain.principal import Tier
+from server.domain.identity.model import Tier
 
 #: Level at which each tier's limits start to tighten, and at which its non-critical
 #: calls are shed (anonymous callers count as free).

@@ -17,9 +17,8 @@ from typing import Protocol
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 
-from server.domain.auth import ClientInfo
-from server.domain.principal import Principal
-from server.errors import Cancelled, Code, Unauthenticated, code_of
+from server.domain.common.errors import Cancelled, Code, Unauthenticated, code_of
+from server.domain.identity.model import ClientInfo, Principal
 from server.policy import MethodPolicy
 
 

@@ -15,8 +15,8 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from tunnelplane.v1 import common_pb2, options_pb2
 
-from server.domain.principal import ALL_PERMISSIONS, CredentialKind, Rule, ShareRole, Tier
-from server.settings import TierLimits
+from server.domain.identity.model import CredentialKind, ShareRole, Tier, TierLimits
+from server.domain.identity.rules import ALL_PERMISSIONS, Rule
 
 #: The tier limits a streaming method may name as its ``stream_limit``.
 STREAM_LIMITS = frozenset(

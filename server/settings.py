@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
 
+from server.domain.identity.model import TierLimits
+from server.domain.identity.tiers import DEFAULT_TIERS
+
 Mode = Literal["development", "sandbox", "production"]
 OtelExporter = Literal["none", "console", "otlp"]
 LogFormat = Literal["json", "text"]
@@ -25,36 +28,6 @@ T = TypeVar("T")
 
 class SettingsError(ValueError):
     """A ``TP_*`` variable is missing or does not parse; the message names it."""
-
-
-@dataclass(frozen=True, slots=True)
-class TierLimits:
-    """Limits of one tier; ``-1`` means unlimited."""
-
-    requests_per_minute: int
-    max_tunnels: int
-    max_concurrent_connections: int
-    requests_per_month: int
-    transfer_bytes_per_month: int
-    #: Calls allowed at once above the steady rate (the GCRA burst).
-    burst: int
-    #: Watch streams (WatchTunnels) one user may hold open at once, per replica.
-    max_watch_streams: int = -1
-    #: Agent streams (AgentService.Connect) one user's agents may hold open at once, per replica.
-    max_agent_streams: int = -1
-
-
-GIB = 1024**3
-
-DEFAULT_TIERS: Mapping[str, TierLimits] = {
-    "free": TierLimits(100, 3, 5, 10_000, 1 * GIB, 20, max_watch_streams=5, max_agent_streams=5),
-    "premium": TierLimits(
-        1_000, 50, 100, 1_000_000, 100 * GIB, 200, max_watch_streams=50, max_agent_streams=100
-    ),
-    "enterprise": TierLimits(
-        10_000, -1, -1, -1, -1, 2_000, max_watch_streams=1_000, max_agent_streams=1_000
-    ),
-}
 
 
 def _doc(text: str, env: str = "") -> dict[str, Any]:

@@ -11,18 +11,22 @@ from datetime import timedelta
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from server.domain.addresses import public_only
-from server.domain.agents import AgentSessions, AgentSettings
-from server.domain.clock import Clock
-from server.domain.endpoints import ProbeThresholds
-from server.domain.events import EventLog, MemoryBus
-from server.domain.listing import Lister
-from server.domain.operations import OperationRunner, OperationService
-from server.domain.ports import UnitOfWorkFactory
-from server.domain.sharing import ShareService
-from server.domain.tiers import TierCatalog
-from server.domain.tunnel_service import TunnelService, TunnelSettings
-from server.domain.webhook_service import REPLAY, WebhookPolicy, WebhookService
+from server.domain.common.addresses import public_only
+from server.domain.common.clock import Clock
+from server.domain.common.listing import Lister
+from server.domain.events.bus import MemoryBus
+from server.domain.events.service import EventLog
+from server.domain.identity.tiers import TierCatalog
+from server.domain.operations.runner import OperationRunner
+from server.domain.operations.service import OperationService
+from server.domain.tunnels.agents import AgentSessions, AgentSettings
+from server.domain.tunnels.endpoints import ProbeThresholds
+from server.domain.tunnels.service import TunnelService, TunnelSettings
+from server.domain.tunnels.sharing import ShareService
+from server.domain.unit_of_work import UnitOfWorkFactory
+from server.domain.webhooks.endpoints import WebhookPolicy
+from server.domain.webhooks.model import REPLAY
+from server.domain.webhooks.service import WebhookService
 from server.settings import Settings
 from server.storage.bus import RedisBus
 from server.workers.prober import EndpointProber

@@ -25,8 +25,8 @@ import pytest_asyncio
 import redis
 
 from server.app import App
-from server.domain.clock import Clock
-from server.domain.tokens import generate_private_key_pem
+from server.domain.common.clock import Clock
+from server.domain.identity.tokens import generate_private_key_pem
 from server.settings import Settings
 from server.storage.database import make_engine
 from server.storage.migrate import upgrade

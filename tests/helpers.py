@@ -34,7 +34,7 @@ from tunnelplane.v1 import (
 )
 
 from server.app import App
-from server.domain.principal import Role, Tier
+from server.domain.identity.model import Role, Tier
 
 PASSWORD = "correct horse battery staple"
 STATUS_KEY = "grpc-status-details-bin"
@@ -243,7 +243,8 @@ class Client:
 
 
 def _billing_admin() -> Any:
-    from server.domain.principal import CredentialKind, Principal, permissions_for
+    from server.domain.identity.model import CredentialKind, Principal
+    from server.domain.identity.rules import permissions_for
 
     return Principal(
         user_id="usr_setup",

@@ -34,7 +34,7 @@ def child_env(data_dir: Path, **extra: str) -> dict[str, str]:
 
 def replica_envs(database_url: str, redis_url: str, tmp_path: Path) -> tuple[dict[str, str], ...]:
     """Environments of two replicas sharing one database, one Redis and the same keys."""
-    from server.domain.tokens import generate_private_key_pem
+    from server.domain.identity.tokens import generate_private_key_pem
     from server.storage.sealing import new_key
 
     key = tmp_path / "jwt.pem"

@@ -10,10 +10,10 @@ from google.protobuf import empty_pb2
 from tunnelplane.v1 import admin_pb2
 
 from server.api import convert
-from server.domain.listing import Lister, ListSpec, OrderKey
-from server.domain.ratelimit import Limiter
-from server.domain.violations import ViolationLog
-from server.errors import InvalidArgument, NotFound
+from server.domain.common.errors import InvalidArgument, NotFound
+from server.domain.common.listing import Lister, ListSpec, OrderKey
+from server.domain.limits.ports import Limiter
+from server.domain.limits.service import ViolationLog
 from server.health import HealthMonitor
 from server.interceptors.ratelimit import RateLimitStage
 from server.load import LoadMonitor

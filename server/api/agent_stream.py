@@ -17,14 +17,14 @@ from tunnelplane.v1 import agents_pb2
 
 from server.api import convert
 from server.api import tunnel_convert as tc
-from server.domain.agents import LEFT, SILENT, AgentSessions
-from server.domain.endpoints import parse_endpoint_url
-from server.domain.events import Event
-from server.domain.principal import Principal
-from server.domain.traffic import Report
-from server.domain.tunnel_service import TunnelService
-from server.domain.tunnels import Tunnel, TunnelState
-from server.errors import DomainError, InvalidArgument, clip
+from server.domain.common.errors import DomainError, InvalidArgument, clip
+from server.domain.events.model import Event
+from server.domain.identity.model import Principal
+from server.domain.tunnels.agents import LEFT, SILENT, AgentSessions
+from server.domain.tunnels.endpoints import parse_endpoint_url
+from server.domain.tunnels.model import Tunnel, TunnelState
+from server.domain.tunnels.service import TunnelService
+from server.domain.tunnels.traffic import Report
 from server.pipeline import Call
 
 A = agents_pb2

@@ -11,9 +11,10 @@ from google.protobuf.message import Message
 from tunnelplane.v1 import agents_pb2
 
 from server.api.agent_stream import AgentMetrics, AgentStream, StreamParts, go_away_message
-from server.domain.agents import LEFT, AgentSessions, Hello
-from server.domain.tunnel_service import TunnelService
-from server.errors import InvalidArgument
+from server.domain.common.errors import InvalidArgument
+from server.domain.tunnels.agents import LEFT, AgentSessions
+from server.domain.tunnels.model import Hello
+from server.domain.tunnels.service import TunnelService
 from server.pipeline import Call
 
 A = agents_pb2

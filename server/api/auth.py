@@ -10,11 +10,12 @@ from tunnelplane.v1 import auth_pb2
 from server.api import convert
 from server.api.users import caller_id
 from server.cookies import REFRESH_COOKIE, access_cookie, read_cookie, refresh_cookie
-from server.domain.apikeys import ApiKeyService
-from server.domain.auth import AccountService, SessionTokens
-from server.domain.clock import Clock
-from server.domain.names import api_key_parts, user_id_of
-from server.domain.tokens import TokenService
+from server.domain.common.clock import Clock
+from server.domain.common.names import api_key_parts, user_id_of
+from server.domain.identity.accounts import AccountService
+from server.domain.identity.api_keys import ApiKeyService
+from server.domain.identity.model import SessionTokens
+from server.domain.identity.tokens import TokenService
 from server.pipeline import Call
 
 

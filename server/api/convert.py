@@ -15,22 +15,22 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.message import Message
 from tunnelplane.v1 import auth_pb2, common_pb2, users_pb2
 
-from server.domain.apikeys import state_of
-from server.domain.entities import (
+from server.domain.audit.model import AuditEntry
+from server.domain.common.errors import InvalidArgument
+from server.domain.identity.model import (
     ApiKey,
-    AuditEntry,
     Notifications,
     Preferences,
     Profile,
+    Role,
     Theme,
+    Tier,
+    TierInfo,
     User,
     UserState,
 )
-from server.domain.principal import Role, Tier
-from server.domain.quota import Usage
-from server.domain.tiers import TierInfo
-from server.domain.users import etag_of
-from server.errors import InvalidArgument
+from server.domain.identity.rules import etag_of, state_of
+from server.domain.limits.model import Usage
 
 K = TypeVar("K")
 V = TypeVar("V")

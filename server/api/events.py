@@ -6,8 +6,8 @@ from tunnelplane.v1 import events_pb2
 
 from server.api import tunnel_convert as tc
 from server.api.users import caller_id
-from server.domain.events import EventLog
-from server.domain.names import user_id_of
+from server.domain.common.names import user_id_of
+from server.domain.events.service import EventLog
 from server.pipeline import Call
 
 

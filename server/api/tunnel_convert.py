@@ -11,20 +11,24 @@ from google.type import date_pb2
 from tunnelplane.v1 import common_pb2, events_pb2, tunnels_pb2
 
 from server.api.convert import from_duration, timestamp
-from server.domain.endpoints import EndpointHealth, EndpointSpec
-from server.domain.events import Event
-from server.domain.principal import ShareRole, Tier
-from server.domain.sharing import Share, SharedTunnel, ShareLink, share_name
-from server.domain.traffic import DailyUsage
-from server.domain.tunnel_service import TunnelDraft
-from server.domain.tunnels import (
+from server.domain.common.errors import InvalidArgument
+from server.domain.events.model import Event
+from server.domain.identity.model import ShareRole, Tier
+from server.domain.tunnels.model import (
     DEFAULT_IDLE_TIMEOUT,
+    EndpointHealth,
+    EndpointSpec,
+    Share,
+    SharedTunnel,
+    ShareLink,
     Tunnel,
     TunnelConfig,
+    TunnelDraft,
     TunnelHealth,
     TunnelState,
+    share_name,
 )
-from server.errors import InvalidArgument
+from server.domain.tunnels.traffic import DailyUsage
 
 P = tunnels_pb2
 STATES: Mapping[TunnelState, int] = {

@@ -12,18 +12,20 @@ from tunnelplane.v1 import tunnels_pb2
 from server.api import convert
 from server.api import tunnel_convert as tc
 from server.api.watch import TunnelWatch
-from server.domain.agents import AgentSessions, today
-from server.domain.clock import Clock
-from server.domain.events import EventLog
-from server.domain.ids import is_id
-from server.domain.names import user_id_of
-from server.domain.principal import Tier, needs_share_lookup
-from server.domain.sharing import ShareService
-from server.domain.traffic import DailyUsage, date_range, total
-from server.domain.tunnel_service import UPDATABLE_PATHS, TunnelService
-from server.domain.tunnels import Tunnel, tunnel_parts
-from server.domain.users import UserService
-from server.errors import InvalidArgument
+from server.domain.common.clock import Clock
+from server.domain.common.errors import InvalidArgument
+from server.domain.common.ids import is_id
+from server.domain.common.names import user_id_of
+from server.domain.events.service import EventLog
+from server.domain.identity.model import Tier
+from server.domain.identity.rules import needs_share_lookup
+from server.domain.identity.users import UserService
+from server.domain.tunnels.agents import AgentSessions, today
+from server.domain.tunnels.model import Tunnel
+from server.domain.tunnels.rules import tunnel_parts
+from server.domain.tunnels.service import UPDATABLE_PATHS, TunnelService
+from server.domain.tunnels.sharing import ShareService
+from server.domain.tunnels.traffic import DailyUsage, date_range, total
 from server.pipeline import Call
 
 P = tunnels_pb2

@@ -7,11 +7,11 @@ from google.protobuf import empty_pb2
 from tunnelplane.v1 import users_pb2
 
 from server.api import convert
-from server.domain.clock import Clock
-from server.domain.names import user_id_of
-from server.domain.quota import QuotaService
-from server.domain.tiers import TierCatalog
-from server.domain.users import UPDATABLE_PATHS, UserService
+from server.domain.common.clock import Clock
+from server.domain.common.names import user_id_of
+from server.domain.identity.tiers import TierCatalog
+from server.domain.identity.users import UPDATABLE_PATHS, UserService
+from server.domain.limits.service import QuotaService
 from server.pipeline import Call
 
 

@@ -16,14 +16,17 @@ from google.protobuf.message import Message
 from tunnelplane.v1 import tunnels_pb2
 
 from server.api import tunnel_convert as tc
-from server.domain.events import Event, EventLog, SubscriptionOverflowError
-from server.domain.ids import is_id
-from server.domain.names import user_id_of
-from server.domain.principal import needs_share_lookup
-from server.domain.sharing import ShareService
-from server.domain.tunnel_service import TunnelService
-from server.domain.tunnels import Tunnel, tunnel_parts
-from server.errors import Aborted, InvalidArgument, NotFound, PermissionDenied
+from server.domain.common.errors import Aborted, InvalidArgument, NotFound, PermissionDenied
+from server.domain.common.ids import is_id
+from server.domain.common.names import user_id_of
+from server.domain.events.bus import SubscriptionOverflowError
+from server.domain.events.model import Event
+from server.domain.events.service import EventLog
+from server.domain.identity.rules import needs_share_lookup
+from server.domain.tunnels.model import Tunnel
+from server.domain.tunnels.rules import tunnel_parts
+from server.domain.tunnels.service import TunnelService
+from server.domain.tunnels.sharing import ShareService
 from server.pipeline import Call
 
 P = tunnels_pb2

@@ -1,33 +1,29 @@
-"""WebhookService and OperationService."""
+"""WebhookService."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 from google.protobuf import json_format
-from google.rpc import status_pb2
 from tunnelplane.v1 import operations_pb2, webhooks_pb2
 
 from server.api import convert
 from server.api.convert import timestamp
+from server.api.operations import operation
 from server.api.tunnel_convert import duration
 from server.api.users import caller_id
-from server.domain.clock import Clock
-from server.domain.names import user_id_of
-from server.domain.operations import Operation, OperationService, operation_parts
-from server.domain.outbox import DeliveryState
-from server.domain.webhook_service import (
-    UPDATABLE_PATHS,
+from server.domain.common.errors import InvalidArgument
+from server.domain.common.names import user_id_of
+from server.domain.webhooks.endpoints import delivery_parts, webhook_parts
+from server.domain.webhooks.model import (
     Delivery,
+    DeliveryState,
     DisabledReason,
     ReplayRequest,
     Webhook,
     WebhookDraft,
-    WebhookService,
-    delivery_parts,
-    webhook_parts,
 )
-from server.errors import InvalidArgument
+from server.domain.webhooks.service import UPDATABLE_PATHS, WebhookService
 from server.pipeline import Call
 
 P = webhooks_pb2
@@ -109,29 +105,6 @@ def delivery(d: Delivery) -> P.WebhookDelivery:
         create_time=timestamp(d.create_time),
         update_time=timestamp(d.update_time),
     )
-
-
-def operation(o: Operation) -> O.Operation:
-    """The API form of an operation."""
-    message = O.Operation(
-        name=o.name,
-        done=o.done,
-        metadata=O.OperationMetadata(
-            kind=o.kind,
-            target=o.target,
-            processed=o.processed,
-            total=o.total,
-            create_time=timestamp(o.create_time),
-            update_time=timestamp(o.update_time),
-            end_time=timestamp(o.end_time),
-        ),
-    )
-    if o.done and o.error_code:
-        message.error.CopyFrom(status_pb2.Status(code=int(o.error_code), message=o.error_message))
-    elif o.done and o.kind == "webhook.replay":
-        queued = int((o.result or {}).get("queued", 0))
-        message.replay_webhook_events.CopyFrom(O.ReplayWebhookEventsResponse(queued=queued))
-    return message
 
 
 class WebhookApi:
@@ -245,30 +218,3 @@ class WebhookApi:
         since = convert.from_timestamp(request.start_time, "start_time")
         count = await self._webhooks.recover(owner, webhook_id, since)
         return P.RecoverWebhookDeliveriesResponse(recovered=count)
-
-
-class OperationApi:
-    """Serves ``tunnelplane.v1.OperationService``."""
-
-    def __init__(self, operations: OperationService, clock: Clock) -> None:
-        self._operations = operations
-        self._clock = clock
-
-    async def CancelOperation(self, request: O.CancelOperationRequest, call: Call) -> O.Operation:
-        owner, operation_id = operation_parts(request.name, "name", caller_id(call))
-        return operation(await self._operations.cancel(owner, operation_id, self._clock.now()))
-
-    async def GetOperation(self, request: O.GetOperationRequest, call: Call) -> O.Operation:
-        owner, operation_id = operation_parts(request.name, "name", caller_id(call))
-        return operation(await self._operations.get(owner, operation_id))
-
-    async def ListOperations(
-        self, request: O.ListOperationsRequest, call: Call
-    ) -> O.ListOperationsResponse:
-        owner = user_id_of(request.parent, "parent", caller_id(call))
-        page = await self._operations.list(
-            owner, page_size=request.page_size, page_token=request.page_token, filter=request.filter
-        )
-        return O.ListOperationsResponse(
-            operations=[operation(o) for o in page.items], next_page_token=page.next_page_token
-        )

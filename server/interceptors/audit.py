@@ -13,10 +13,11 @@ from contextvars import Token
 
 from google.protobuf.message import Message
 
-from server.domain import audit
-from server.domain.clock import Clock
-from server.domain.ports import UnitOfWorkFactory
-from server.errors import DomainError, Unauthenticated
+from server.domain.audit import service as audit
+from server.domain.audit.model import AuditScope
+from server.domain.common.clock import Clock
+from server.domain.common.errors import DomainError, Unauthenticated
+from server.domain.unit_of_work import UnitOfWorkFactory
 from server.pipeline import Call, Handler, MethodInfo, outcome_of
 
 
@@ -35,7 +36,7 @@ class AuditStage:
 
         async def handle(request: Message, call: Call) -> Message:
             scope = self._scope(method, call, action)
-            token: Token[audit.AuditScope | None] | None = audit.open_scope(scope)
+            token: Token[AuditScope | None] | None = audit.open_scope(scope)
             try:
                 return await handler(request, call)
             except BaseException as exc:
@@ -63,9 +64,9 @@ class AuditStage:
         return handle
 
     @staticmethod
-    def _scope(method: MethodInfo, call: Call, action: str) -> audit.AuditScope:
+    def _scope(method: MethodInfo, call: Call, action: str) -> AuditScope:
         client = call.client
-        return audit.AuditScope(
+        return AuditScope(
             method=method.full_name,
             action=action,
             request_id=call.request_id,
@@ -73,7 +74,7 @@ class AuditStage:
             user_agent=client.user_agent[:512],
         )
 
-    async def _record_failure(self, scope: audit.AuditScope, exc: BaseException) -> None:
+    async def _record_failure(self, scope: AuditScope, exc: BaseException) -> None:
         outcome = outcome_of(exc).name
         reason = exc.reason if isinstance(exc, DomainError) else ""
         try:

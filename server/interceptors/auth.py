@@ -1,7 +1,7 @@
 """Authentication and authorization, driven by each method's declared policy.
 
 The credential (if any) is verified first (:class:`AuthenticateStage`); rate limits then
-count the call; then :func:`server.domain.principal.authorize` decides with the method's
+count the call; then :func:`server.domain.identity.rules.authorize` decides with the method's
 rule and the owner of the resource the request names (:class:`AuthorizeStage`). Every
 check happens before the servicer runs, so a refused call has no side effect.
 
@@ -19,11 +19,12 @@ from typing import Protocol
 from google.protobuf.message import Message
 
 from server.cookies import ACCESS_COOKIE, read_cookie
-from server.domain import audit
-from server.domain.authn import Authenticator
-from server.domain.names import owner_of
-from server.domain.principal import Principal, ShareRole, authorize, needs_share_lookup
-from server.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from server.domain.audit import service as audit
+from server.domain.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from server.domain.common.names import owner_of
+from server.domain.identity.authentication import Authenticator
+from server.domain.identity.model import Principal, ShareRole
+from server.domain.identity.rules import authorize, needs_share_lookup
 from server.pipeline import Call, Handler, MethodInfo
 
 

@@ -6,7 +6,7 @@ import asyncio
 
 from google.protobuf.message import Message
 
-from server.errors import DeadlineExceeded
+from server.domain.common.errors import DeadlineExceeded
 from server.pipeline import Call, Handler, MethodInfo
 
 

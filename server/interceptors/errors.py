@@ -12,7 +12,7 @@ import math
 
 from google.protobuf.message import Message
 
-from server.errors import DomainError, Internal
+from server.domain.common.errors import DomainError, Internal
 from server.pipeline import Call, Handler, MethodInfo
 
 

@@ -6,7 +6,7 @@ import time
 
 from google.protobuf.message import Message
 
-from server.errors import Code
+from server.domain.common.errors import Code
 from server.logs import AccessLog
 from server.pipeline import Call, Handler, MethodInfo, outcome_of
 

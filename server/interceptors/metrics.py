@@ -7,7 +7,7 @@ import time
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from server.errors import Code
+from server.domain.common.errors import Code
 from server.pipeline import Call, Handler, MethodInfo, outcome_of
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)

@@ -26,17 +26,13 @@ from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 
-from server.domain.clock import Clock
-from server.domain.principal import CredentialKind, Principal, Role, Tier
-from server.domain.ratelimit import (
-    BlockPolicy,
-    Bucket,
-    Check,
-    Decision,
-    Enforcement,
-    Limiter,
+from server.domain.common.clock import Clock
+from server.domain.common.errors import QuotaViolation, ResourceExhausted, Unavailable
+from server.domain.identity.model import CredentialKind, Principal, Role, Tier, TierLimits
+from server.domain.limits.model import BlockPolicy, Bucket, Check, Decision, Enforcement, Outcome
+from server.domain.limits.ports import Limiter
+from server.domain.limits.rules import (
     Network,
-    Outcome,
     in_networks,
     month_bounds,
     month_tag,
@@ -44,12 +40,9 @@ from server.domain.ratelimit import (
     rate_headers,
     retry_key,
 )
-from server.domain.usage import RequestUsage
-from server.domain.violations import ViolationLog
-from server.errors import QuotaViolation, ResourceExhausted, Unavailable
+from server.domain.limits.service import RequestUsage, ViolationLog
 from server.load import LoadMonitor
 from server.pipeline import Call, Handler, MethodInfo
-from server.settings import TierLimits
 
 _MESSAGES = {
     Outcome.IP_BLOCKED: "this address is blocked for repeated violations",

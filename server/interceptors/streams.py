@@ -16,9 +16,14 @@ from collections.abc import Awaitable, Callable
 from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from server.domain.principal import Principal
-from server.domain.tiers import TierCatalog
-from server.errors import DomainError, QuotaViolation, ResourceExhausted, Unauthenticated
+from server.domain.common.errors import (
+    DomainError,
+    QuotaViolation,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from server.domain.identity.model import Principal
+from server.domain.identity.tiers import TierCatalog
 from server.pipeline import Call, Handler, MethodInfo
 
 Recheck = Callable[[Call], Awaitable[object]]

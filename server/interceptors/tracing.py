@@ -7,7 +7,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from server.errors import Code
+from server.domain.common.errors import Code
 from server.logs import trace_id_var
 from server.pipeline import Call, Handler, MethodInfo, outcome_of
 

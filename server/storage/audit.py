@@ -8,8 +8,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from server.domain.entities import AuditEntry
-from server.domain.listing import ListQuery
+from server.domain.audit.model import AuditEntry
+from server.domain.common.listing import ListQuery
 from server.storage.base import Repository
 from server.storage.query import apply_list_query
 from server.storage.tables import audit_log

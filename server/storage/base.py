@@ -7,7 +7,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from server.errors import AlreadyExists
+from server.domain.common.errors import AlreadyExists
 
 
 class Repository:

@@ -19,7 +19,8 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from server.domain.events import Event, MemoryBus, QueueSubscription
+from server.domain.events.bus import MemoryBus, QueueSubscription
+from server.domain.events.model import Event
 
 log = logging.getLogger(__name__)
 

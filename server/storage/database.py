@@ -23,20 +23,23 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from server.domain import audit
-from server.domain.clock import Clock
-from server.errors import Unavailable
+from server.domain.audit import service as audit
+from server.domain.common.clock import Clock
+from server.domain.common.errors import Unavailable
 from server.storage import sqlite_inline
-from server.storage.agents import SqlAgentRepository
 from server.storage.audit import SqlAuditRepository
-from server.storage.credentials import SqlApiKeyRepository, SqlSessionRepository
+from server.storage.events import SqlEventRepository
+from server.storage.identity.api_keys import SqlApiKeyRepository
+from server.storage.identity.sessions import SqlSessionRepository
+from server.storage.identity.users import SqlAvatarRepository, SqlUserRepository
+from server.storage.limits.usage import SqlRequestUsageRepository
+from server.storage.limits.violations import SqlViolationRepository
+from server.storage.operations import SqlOperationRepository
 from server.storage.sealing import Sealer
-from server.storage.sharing import SqlShareRepository
-from server.storage.tunnels import SqlEventRepository, SqlTunnelRepository
-from server.storage.usage import SqlRequestUsageRepository
-from server.storage.users import SqlAvatarRepository, SqlUserRepository
-from server.storage.violations import SqlViolationRepository
-from server.storage.webhooks import SqlOperationRepository, SqlWebhookRepository
+from server.storage.tunnels.agents import SqlAgentRepository
+from server.storage.tunnels.sharing import SqlShareRepository
+from server.storage.tunnels.tunnels import SqlTunnelRepository
+from server.storage.webhooks.webhooks import SqlWebhookRepository
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 5.0
@@ -190,7 +193,7 @@ class SqlUnitOfWork:
     """One transaction and its repositories. Commits on a clean exit, else rolls back.
 
     A write unit of work that commits during an audited call also writes that call's
-    audit entry, in the same transaction (see :mod:`server.domain.audit`).
+    audit entry, in the same transaction (see :mod:`server.domain.audit.service`).
     """
 
     users: SqlUserRepository

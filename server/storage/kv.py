@@ -1,6 +1,6 @@
 """Shared key/value state: Redis when configured, otherwise an in-process store.
 
-Both implement :class:`server.domain.ports.KeyValueStore` with the same semantics, so the
+Both implement :class:`server.domain.identity.ports.KeyValueStore` with the same semantics, so the
 domain cannot tell them apart. Keys are namespaced with a prefix (``TP_REDIS_PREFIX``).
 """
 

@@ -23,7 +23,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from server.domain.ratelimit import Check, Decision, Enforcement, GcraResult, IpBlock, Outcome, gcra
+from server.domain.limits.model import Check, Decision, Enforcement, GcraResult, IpBlock, Outcome
+from server.domain.limits.rules import gcra
 from server.storage.limiter_script import (
     DEDUPE_MS,
     KEY_MARGIN_MS,

@@ -3,7 +3,7 @@
 One decision is one ``EVALSHA`` of :data:`LUA`: the address block, the address's bucket
 (anonymous callers only), the subject's bucket (with its queue reservation), the monthly
 quota and its retry de-duplication, checked and committed atomically. The arithmetic is
-:func:`server.domain.ratelimit.gcra`'s, step for step; a property test holds the two to
+:func:`server.domain.limits.rules.gcra`'s, step for step; a property test holds the two to
 the same answers.
 """
 
@@ -13,7 +13,8 @@ import functools
 import math
 from typing import Any
 
-from server.domain.ratelimit import TOLERANCE_MS, BlockPolicy, Bucket, Check, Decision, Outcome
+from server.domain.limits.model import BlockPolicy, Bucket, Check, Decision, Outcome
+from server.domain.limits.rules import TOLERANCE_MS
 from server.storage.resp import bulk
 
 #: Keys outlive their TAT by this much, so a slow clock never expires one early.

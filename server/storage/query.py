@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.sql.elements import ColumnElement
 
-from server.domain.listing import And, Compare, Expr, ListQuery, Or
+from server.domain.common.listing import And, Compare, Expr, ListQuery, Or
 
 Columns = Mapping[str, sa.ColumnElement[Any]]
 

@@ -2,7 +2,7 @@
 
 :func:`probe` does one probe and never raises for network trouble; :class:`EndpointProber`
 probes whatever a :class:`ProbeTargets` store says is due and hands each result back to
-it, which applies :func:`server.domain.endpoints.apply_probe` and schedules the next probe.
+it, which applies :func:`server.domain.tunnels.endpoints.apply_probe` and schedules the next probe.
 Replicas may run side by side when the store's ``due`` claims what it returns (by moving
 the next probe time forward, say); otherwise an endpoint is just probed more than once.
 """
@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from server.domain.endpoints import EndpointAddress, ProbeThresholds, short_error
+from server.domain.tunnels.endpoints import EndpointAddress, ProbeThresholds, short_error
 
 USER_AGENT = "tunnelplane-prober"
 #: The longest status line read; a peer sending more is not an HTTP server worth trusting.

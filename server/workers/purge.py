@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from server.domain.users import UserService
+from server.domain.identity.users import UserService
 
 INTERVAL = 3600.0
 

@@ -12,18 +12,18 @@ import logging
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from server.domain.agents import AgentSessions
-from server.domain.clock import Clock
-from server.domain.endpoints import (
+from server.domain.common.clock import Clock
+from server.domain.common.errors import DomainError
+from server.domain.tunnels.agents import AgentSessions
+from server.domain.tunnels.endpoints import (
     EndpointStatus,
     ProbeThresholds,
     apply_probe,
     parse_endpoint_url,
 )
-from server.domain.ports import UnitOfWorkFactory
-from server.domain.tunnel_service import TunnelService
-from server.domain.tunnels import Endpoint
-from server.errors import DomainError
+from server.domain.tunnels.model import Endpoint
+from server.domain.tunnels.service import TunnelService
+from server.domain.unit_of_work import UnitOfWorkFactory
 from server.workers.prober import ProbeResult, ProbeTarget
 
 log = logging.getLogger("tunnelplane.workers")

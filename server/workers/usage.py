@@ -1,5 +1,5 @@
 """The usage roll-up: every replica persists, every interval, the monthly request counts
-its calls saw (:class:`server.domain.usage.RequestUsage`). Each row only ever rises to the
+its calls saw (:class:`server.domain.limits.service.RequestUsage`). Each row only ever rises to the
 figure written, so replicas need no coordination and a repeated write changes nothing."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from server.domain.usage import RequestUsage
+from server.domain.limits.service import RequestUsage
 
 
 class RollupMetrics:

@@ -29,7 +29,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDict
 from yarl import URL
 
-from server.domain.endpoints import short_error
+from server.domain.tunnels.endpoints import short_error
 
 EXCERPT_BYTES = 1024
 #: The most of a response body read: enough to drain a small answer (so its connection can be

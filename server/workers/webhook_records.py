@@ -16,21 +16,25 @@ from datetime import datetime, timedelta
 
 from prometheus_client import Counter
 
-from server.domain.clock import Clock
-from server.domain.delivery import Claimed, Finished, Settlement
-from server.domain.entities import AuditEntry
-from server.domain.events import Event, EventBus, record
-from server.domain.ids import new_id
-from server.domain.outbox import DeliveryState
-from server.domain.ports import UnitOfWork, UnitOfWorkFactory
-from server.domain.webhook_service import (
+from server.domain.audit.model import AuditEntry
+from server.domain.common.clock import Clock
+from server.domain.common.ids import new_id
+from server.domain.events.model import Event
+from server.domain.events.ports import EventBus
+from server.domain.events.service import record
+from server.domain.unit_of_work import UnitOfWork, UnitOfWorkFactory
+from server.domain.webhooks.model import (
     DISABLED_EVENT,
     Attempt,
+    Claimed,
+    DeliveryState,
     DisabledReason,
+    Finished,
+    Settlement,
     Webhook,
     delivery_name,
 )
-from server.domain.webhooks import should_disable
+from server.domain.webhooks.rules import should_disable
 
 log = logging.getLogger("tunnelplane.webhooks")
 

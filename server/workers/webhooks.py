@@ -2,8 +2,8 @@
 happened.
 
 It dispatches continuously. The claim loop claims due deliveries (a lease, see
-:mod:`server.storage.webhooks`) as long as there is room: at most ``concurrency`` requests
-in flight in the process and ``endpoint_concurrency`` per endpoint, so that a slow or dead
+:mod:`server.storage.webhooks.deliveries`) as long as there is room: at most ``concurrency``
+requests in flight in the process and ``endpoint_concurrency`` per endpoint, so that a slow or dead
 receiver holds only its own few slots and every other endpoint keeps being served.
 Deliveries over their endpoint's rate limit are held back (they get their send time and
 are released). Each claimed delivery is sent as a task of its own; results are recorded as
@@ -39,14 +39,21 @@ from datetime import timedelta
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from server.domain.clock import Clock
-from server.domain.delivery import Claimed, Request, Settlement, render, settle
-from server.domain.events import Event, EventBus
-from server.domain.outbox import DeliveryState
-from server.domain.ports import UnitOfWork, UnitOfWorkFactory
-from server.domain.webhook_service import Attempt, Webhook
-from server.domain.webhooks import DISABLE_AFTER, RETRY_SCHEDULE
-from server.errors import DomainError
+from server.domain.common.clock import Clock
+from server.domain.common.errors import DomainError
+from server.domain.events.model import Event
+from server.domain.events.ports import EventBus
+from server.domain.unit_of_work import UnitOfWork, UnitOfWorkFactory
+from server.domain.webhooks.delivery import render, settle
+from server.domain.webhooks.model import (
+    Attempt,
+    Claimed,
+    DeliveryState,
+    Request,
+    Settlement,
+    Webhook,
+)
+from server.domain.webhooks.rules import DISABLE_AFTER, RETRY_SCHEDULE
 from server.workers.webhook_http import AttemptResult, WebhookSender
 from server.workers.webhook_records import Outcome, ResultRecorder
 

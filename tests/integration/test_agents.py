@@ -17,8 +17,8 @@ from google.type import date_pb2
 from tunnelplane.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, tunnels_pb2, users_pb2
 
 from server.app import App
-from server.domain.principal import Role
-from server.settings import DEFAULT_TIERS
+from server.domain.identity.model import Role
+from server.domain.identity.tiers import DEFAULT_TIERS
 from tests.conftest import Backend, own_database
 from tests.helpers import (
     Agent,

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tunnelplane.v1 import auth_pb2, users_pb2
 
-from server.domain.principal import AGENT_SCOPE, ROLE_PERMISSIONS, Role
+from server.domain.identity.model import Role
+from server.domain.identity.rules import AGENT_SCOPE, ROLE_PERMISSIONS
 from tests.helpers import Client, TestUser, bearer, detail, fails, reason
 
 ME = "users/me"

@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import duration_pb2
 from tunnelplane.v1 import auth_pb2, users_pb2
 
-from server.domain.apikeys import looks_like_key
+from server.domain.identity.rules import looks_like_key
 from tests.certs import self_signed
 from tests.conftest import sqlite_server
 from tests.helpers import PASSWORD, Client, bearer, cookie_login, fails, reason, unique_email

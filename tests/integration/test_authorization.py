@@ -34,7 +34,8 @@ from tunnelplane.v1 import (
 )
 
 from server.app import SERVICES
-from server.domain.principal import ROLE_PERMISSIONS, SELF_PERMISSIONS, Role, ShareRole
+from server.domain.identity.model import Role, ShareRole
+from server.domain.identity.rules import ROLE_PERMISSIONS, SELF_PERMISSIONS
 from tests.helpers import PASSWORD, Client, TestUser, bearer, unique_email
 
 

@@ -36,7 +36,7 @@ from tunnelplane.v1 import (
 )
 
 from server.app import SERVICES, App
-from server.domain.principal import Role
+from server.domain.identity.model import Role
 from server.storage import tables
 from tests.conftest import Backend, own_server
 from tests.helpers import PASSWORD, Client, TestUser, fails, unique_email, violations

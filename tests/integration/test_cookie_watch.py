@@ -33,7 +33,7 @@ from google.protobuf import timestamp_pb2
 from tunnelplane.v1 import auth_pb2, tunnels_pb2
 
 from server.app import App
-from server.errors import Unauthenticated
+from server.domain.common.errors import Unauthenticated
 from tests import devtools
 from tests.certs import self_signed
 from tests.conftest import Backend, own_server

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tunnelplane.v1 import admin_pb2, users_pb2
 
 from server.app import App
-from server.domain.principal import Role
+from server.domain.identity.model import Role
 from tests.conftest import REDIS_URL, make_settings, redis_prefix
 from tests.helpers import Client, fails
 from tests.tcpproxy import TcpProxy

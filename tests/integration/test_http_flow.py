@@ -156,7 +156,7 @@ async def test_jwks_and_tiers_are_public(http: httpx.AsyncClient) -> None:
 async def test_list_users_over_http_with_query_parameters(
     http: httpx.AsyncClient, client: Client
 ) -> None:
-    from server.domain.principal import Role
+    from server.domain.identity.model import Role
 
     admin = await client.new_user(role=Role.SUPPORT_ADMIN)
     marker = unique_email("q").split("@")[0]

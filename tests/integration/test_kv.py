@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from server.domain.cache import CachedLookup
+from server.domain.identity.cache import CachedLookup
 from server.storage.kv import MemoryStore, RedisStore
 from tests.conftest import REDIS_URL, redis_prefix, require_redis
 

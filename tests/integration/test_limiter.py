@@ -26,9 +26,9 @@ from redis.exceptions import ResponseError
 from tunnelplane.v1 import admin_pb2, users_pb2, users_pb2_grpc
 
 from server.app import App
-from server.domain.principal import Role
-from server.domain.ratelimit import BlockPolicy, Bucket, Check, Decision, Enforcement, Outcome
-from server.settings import DEFAULT_TIERS
+from server.domain.identity.model import Role
+from server.domain.identity.tiers import DEFAULT_TIERS
+from server.domain.limits.model import BlockPolicy, Bucket, Check, Decision, Enforcement, Outcome
 from server.storage.kv import redis_client
 from server.storage.limiter import MemoryLimiter, RedisLimiter
 from server.storage.resp import Address, RespConnection

@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from server.domain.addresses import public_only
-from server.domain.endpoints import (
-    EndpointHealth,
+from server.domain.common.addresses import public_only
+from server.domain.tunnels.endpoints import (
     EndpointStatus,
     ProbeThresholds,
     apply_probe,
     parse_endpoint_url,
 )
+from server.domain.tunnels.model import EndpointHealth
 from server.workers.prober import EndpointProber, ProbeResult, ProbeTarget, probe
 from tests.certs import self_signed
 

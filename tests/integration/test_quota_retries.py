@@ -15,8 +15,8 @@ import pytest_asyncio
 from tunnelplane.v1 import users_pb2
 
 from server.app import App
-from server.domain.principal import Tier
-from server.settings import DEFAULT_TIERS
+from server.domain.identity.model import Tier
+from server.domain.identity.tiers import DEFAULT_TIERS
 from tests.conftest import Backend, started
 from tests.helpers import (
     BEHIND_PROXY,

@@ -23,8 +23,8 @@ from google.rpc import error_details_pb2, status_pb2
 from tunnelplane.v1 import admin_pb2, auth_pb2, common_pb2, users_pb2
 
 from server.app import App
-from server.domain.principal import Role, Tier
-from server.settings import DEFAULT_TIERS
+from server.domain.identity.model import Role, Tier
+from server.domain.identity.tiers import DEFAULT_TIERS
 from tests.conftest import Backend, started
 from tests.helpers import BEHIND_PROXY, SETUP, Client, TestUser, client_of, fresh_ip, http_of
 

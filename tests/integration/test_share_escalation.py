@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from tunnelplane.v1 import common_pb2, tunnels_pb2, users_pb2
 
 from server.app import App
-from server.domain.principal import Tier
+from server.domain.identity.model import Tier
 from server.storage.tables import audit_log
 from tests.helpers import Client, TestUser, eventually, fails, reason, violations
 

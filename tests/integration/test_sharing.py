@@ -12,7 +12,7 @@ import pytest
 from google.protobuf import timestamp_pb2
 from tunnelplane.v1 import common_pb2, events_pb2, tunnels_pb2, users_pb2
 
-from server.domain.principal import Role, Tier
+from server.domain.identity.model import Role, Tier
 from tests.helpers import Client, TestUser, fails, reason
 
 P = tunnels_pb2

@@ -17,8 +17,8 @@ from google.rpc import error_details_pb2
 from tunnelplane.v1 import auth_pb2, tunnels_pb2
 
 from server.app import App
-from server.domain.principal import Tier
-from server.settings import DEFAULT_TIERS
+from server.domain.identity.model import Tier
+from server.domain.identity.tiers import DEFAULT_TIERS
 from tests.conftest import Backend, own_server
 from tests.helpers import (
     Agent,

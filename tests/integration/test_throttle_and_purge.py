@@ -17,8 +17,8 @@ from google.rpc import error_details_pb2
 from tunnelplane.v1 import auth_pb2
 
 from server.app import App
-from server.domain.throttle import MAX_DELAY, LoginThrottle, ThrottlePolicy
-from server.errors import ResourceExhausted
+from server.domain.common.errors import ResourceExhausted
+from server.domain.identity.throttle import MAX_DELAY, LoginThrottle, ThrottlePolicy
 from server.storage.kv import MemoryStore, RedisStore
 from server.storage.tables import audit_log
 from tests.conftest import REDIS_URL, Backend, redis_prefix, require_redis, started

@@ -19,7 +19,7 @@ import pytest_asyncio
 from tunnelplane.v1 import agents_pb2, tunnels_pb2
 
 from server.app import App
-from server.domain.principal import Tier
+from server.domain.identity.model import Tier
 from server.settings import Settings
 from tests.conftest import REDIS_URL, Backend, migrate, own_database, require_redis
 from tests.helpers import Client, TestUser, Watch, bearer, state_is

@@ -13,7 +13,7 @@ from google.protobuf import duration_pb2, field_mask_pb2
 from google.rpc import error_details_pb2
 from tunnelplane.v1 import auth_pb2, events_pb2, tunnels_pb2
 
-from server.domain.principal import Tier
+from server.domain.identity.model import Tier
 from tests.helpers import Client, TestUser, detail, fails, reason, violations
 
 P = tunnels_pb2

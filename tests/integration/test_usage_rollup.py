@@ -26,14 +26,15 @@ from hypothesis import strategies as st
 from tunnelplane.v1 import users_pb2
 
 from server.app import App
-from server.domain.clock import SystemClock
-from server.domain.entities import Preferences, User, UserState
-from server.domain.ids import new_id
-from server.domain.principal import Role, Tier
-from server.domain.ratelimit import Decision, Outcome, quota_key
-from server.domain.usage import RequestUsage
-from server.errors import Unavailable
-from server.settings import DEFAULT_TIERS, Settings
+from server.domain.common.clock import SystemClock
+from server.domain.common.errors import Unavailable
+from server.domain.common.ids import new_id
+from server.domain.identity.model import Preferences, Role, Tier, User, UserState
+from server.domain.identity.tiers import DEFAULT_TIERS
+from server.domain.limits.model import Decision, Outcome
+from server.domain.limits.rules import quota_key
+from server.domain.limits.service import RequestUsage
+from server.settings import Settings
 from server.storage.database import Database
 from server.storage.kv import redis_client
 from server.storage.limiter import MemoryLimiter

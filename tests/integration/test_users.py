@@ -15,8 +15,8 @@ from google.api import httpbody_pb2
 from google.protobuf import field_mask_pb2
 from tunnelplane.v1 import auth_pb2, common_pb2, users_pb2
 
-from server.domain.principal import Role, Tier
-from server.settings import DEFAULT_TIERS
+from server.domain.identity.model import Role, Tier
+from server.domain.identity.tiers import DEFAULT_TIERS
 from server.storage import tables
 from tests.helpers import (
     PASSWORD,
@@ -874,7 +874,8 @@ async def test_bad_avatars_are_refused(client: Client) -> None:
 
 
 def _root() -> Any:
-    from server.domain.principal import CredentialKind, Principal, permissions_for
+    from server.domain.identity.model import CredentialKind, Principal
+    from server.domain.identity.rules import permissions_for
 
     return Principal(
         user_id="usr_testroot",

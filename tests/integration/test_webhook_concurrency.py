@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from server.domain.outbox import DeliveryState
+from server.domain.webhooks.model import DeliveryState
 from server.workers.webhooks import WebhookDispatcher
 from tests.conftest import Backend
 from tests.helpers import eventually

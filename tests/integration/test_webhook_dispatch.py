@@ -39,23 +39,25 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
-from server.domain.delivery import Finished, render
-from server.domain.entities import Preferences, User, UserState
-from server.domain.events import Event, MemoryBus, record
-from server.domain.ids import new_id
-from server.domain.listing import ListQuery, OrderKey
-from server.domain.outbox import DeliveryState
-from server.domain.principal import Role, Tier
-from server.domain.webhook_service import (
+from server.domain.common.ids import new_id
+from server.domain.common.listing import ListQuery, OrderKey
+from server.domain.events.bus import MemoryBus
+from server.domain.events.model import Event
+from server.domain.events.service import record
+from server.domain.identity.model import Preferences, Role, Tier, User, UserState
+from server.domain.webhooks.delivery import render
+from server.domain.webhooks.endpoints import SUBSCRIBABLE
+from server.domain.webhooks.model import (
     DISABLED_EVENT,
-    SUBSCRIBABLE,
     Attempt,
     Delivery,
+    DeliveryState,
     DisabledReason,
+    Finished,
     Webhook,
 )
-from server.domain.webhooks import RETRY_AFTER_STATUSES, matches, new_secret, validate_filters
-from server.domain.webhooks import verify as domain_verify
+from server.domain.webhooks.rules import RETRY_AFTER_STATUSES, matches, new_secret, validate_filters
+from server.domain.webhooks.rules import verify as domain_verify
 from server.storage.database import Database
 from server.storage.sealing import Sealer
 from server.storage.tables import webhook_attempts

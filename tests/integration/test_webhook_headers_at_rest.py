@@ -23,9 +23,9 @@ from google.protobuf import field_mask_pb2
 from tunnelplane.v1 import webhooks_pb2
 
 from server.app import App
-from server.domain.clock import SystemClock
-from server.domain.ids import new_id
-from server.domain.webhooks import new_secret
+from server.domain.common.clock import SystemClock
+from server.domain.common.ids import new_id
+from server.domain.webhooks.rules import new_secret
 from server.storage import tables
 from server.storage.database import Database
 from server.workers.webhooks import seal_plain_headers

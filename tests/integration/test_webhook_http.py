@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from server.domain.addresses import public_only
+from server.domain.common.addresses import public_only
 from server.workers.webhook_http import EXCERPT_BYTES, AttemptResult, WebhookSender
 from tests.certs import self_signed
 

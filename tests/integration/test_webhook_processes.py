@@ -22,8 +22,8 @@ import sqlalchemy as sa
 from aiohttp import web
 from tunnelplane.v1 import events_pb2, webhooks_pb2
 
-from server.domain.ids import new_id
-from server.domain.tokens import generate_private_key_pem
+from server.domain.common.ids import new_id
+from server.domain.identity.tokens import generate_private_key_pem
 from server.storage.database import make_engine
 from server.storage.tables import events, webhook_attempts, webhook_deliveries
 from tests.conftest import (

@@ -24,11 +24,11 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from tunnelplane.v1 import events_pb2, operations_pb2, tunnels_pb2, users_pb2, webhooks_pb2
 
 from server.app import App
-from server.domain.ids import new_id
-from server.domain.principal import Tier
-from server.domain.tokens import generate_private_key_pem
-from server.domain.webhook_service import DisabledReason, Webhook
-from server.domain.webhooks import new_secret
+from server.domain.common.ids import new_id
+from server.domain.identity.model import Tier
+from server.domain.identity.tokens import generate_private_key_pem
+from server.domain.webhooks.model import DisabledReason, Webhook
+from server.domain.webhooks.rules import new_secret
 from server.storage import tables
 from server.storage.sealing import new_key
 from tests.conftest import Backend, make_settings, own_database, own_server

@@ -4,7 +4,7 @@ For any interleaving of connections opening, reaching their target, carrying byt
 closing, of refused connections, and of report intervals ending (a connection may stay
 open across any number of them, as a token stream or a keep-alive client does), every
 report the agent makes passes the control plane's own validation
-(``server.domain.traffic.Report.checked``), and the reports together count each
+(``server.domain.tunnels.traffic.Report.checked``), and the reports together count each
 connection, request, latency and byte exactly once.
 """
 
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from agent.counters import Counters
 from agent.reports import to_report
-from server.domain.traffic import Report
+from server.domain.tunnels.traffic import Report
 
 #: One step: open, connect (the n-th open connection reached its target), bytes, close
 #: (the n-th open connection ended, ok or not), reject, or the end of an interval.

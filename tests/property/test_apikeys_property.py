@@ -9,7 +9,7 @@ import zlib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.domain.apikeys import generate_secret, looks_like_key
+from server.domain.identity.rules import generate_secret, looks_like_key
 
 BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 bodies = st.text(alphabet=BASE62, min_size=32, max_size=32)

@@ -1,4 +1,4 @@
-"""Laws of endpoint health and endpoint choice (server/domain/endpoints.py).
+"""Laws of endpoint health and endpoint choice (server/domain/tunnels/endpoints.py).
 
 - Health never changes before a full run of ``healthy_after`` good or ``unhealthy_after``
   bad probes, and always changes when one completes.
@@ -14,15 +14,14 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.domain.endpoints import (
-    EndpointHealth,
-    EndpointSpec,
+from server.domain.tunnels.endpoints import (
     EndpointStatus,
     ProbeThresholds,
     apply_probe,
     choose_active,
     next_best,
 )
+from server.domain.tunnels.model import EndpointHealth, EndpointSpec
 
 Endpoints = list[tuple[EndpointSpec, EndpointHealth]]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.domain.fieldmask import check_paths, merge
+from server.domain.common.fieldmask import check_paths, merge
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from server.domain.listing import (
+from server.domain.common.errors import InvalidArgument
+from server.domain.common.listing import (
     MAX_FILTER_DEPTH,
     MAX_FILTER_TERMS,
     And,
@@ -32,7 +33,6 @@ from server.domain.listing import (
     PageTokenCodec,
     parse_filter,
 )
-from server.errors import InvalidArgument
 from server.storage.query import apply_list_query
 from server.storage.tables import UTCDateTime
 

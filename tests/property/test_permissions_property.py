@@ -1,4 +1,4 @@
-"""Property 3: permission enforcement consistency (server/domain/principal.py).
+"""Property 3: permission enforcement consistency (server/domain/identity/rules.py).
 
 ``authorize`` agrees with a reference predicate written here from the documented rules,
 and obeys the laws that make it safe to reason about: more permissions never hurt,
@@ -14,23 +14,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.domain.principal import (
+from server.domain.common.errors import PermissionDenied, Unauthenticated
+from server.domain.identity.model import CredentialKind, Principal, Role, Tier
+from server.domain.identity.rules import (
     ADMIN_PERMISSIONS,
     AGENT_PERMISSIONS,
     ALL_PERMISSIONS,
     KEY_ONLY_ROLES,
     ROLE_PERMISSIONS,
     SELF_PERMISSIONS,
-    CredentialKind,
-    Principal,
-    Role,
     Rule,
-    Tier,
     authorize,
     is_agent_key,
     permissions_for,
 )
-from server.errors import PermissionDenied, Unauthenticated
 
 Outcome = Literal["allow", "unauthenticated", "denied"]
 TIER_ORDER = [Tier.FREE, Tier.PREMIUM, Tier.ENTERPRISE]

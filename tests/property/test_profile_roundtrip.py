@@ -23,11 +23,19 @@ from tunnelplane.v1 import users_pb2
 
 from server.api import convert
 from server.app import App
-from server.domain.entities import Notifications, Preferences, Profile, Theme, User, UserState
-from server.domain.ids import new_id
-from server.domain.principal import Role, Tier
-from server.domain.validation import MAX_DISPLAY_NAME
-from server.storage.users import preferences_from_json, preferences_to_json
+from server.domain.common.ids import new_id
+from server.domain.common.validation import MAX_DISPLAY_NAME
+from server.domain.identity.model import (
+    Notifications,
+    Preferences,
+    Profile,
+    Role,
+    Theme,
+    Tier,
+    User,
+    UserState,
+)
+from server.storage.identity.users import preferences_from_json, preferences_to_json
 from tests.helpers import Client, TestUser
 
 MAX_EXAMPLES = 25

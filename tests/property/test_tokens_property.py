@@ -1,4 +1,4 @@
-"""Property 2: JWT validation round trip (server/domain/tokens.py).
+"""Property 2: JWT validation round trip (server/domain/identity/tokens.py).
 
 A token the service issues verifies to the same subject and session; anything else, a
 changed character, another key, another algorithm, other claims or another time, is
@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from server.domain.tokens import (
+from server.domain.common.errors import Unauthenticated
+from server.domain.identity.tokens import (
     LEEWAY_SECONDS,
     TOKEN_TYPE,
     KeySet,
@@ -30,7 +31,6 @@ from server.domain.tokens import (
     PublicKey,
     TokenService,
 )
-from server.errors import Unauthenticated
 
 ISSUER = "tunnelplane"
 AUDIENCE = "tunnelplane-api"

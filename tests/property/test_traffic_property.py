@@ -1,4 +1,4 @@
-"""Property 7: metrics aggregation consistency (server/domain/traffic.py).
+"""Property 7: metrics aggregation consistency (server/domain/tunnels/traffic.py).
 
 Agents retry reports, and reports arrive in any order. Whatever the order and however
 many copies, the totals and the daily roll-up are the same, and they equal the sum over
@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.domain.traffic import (
+from server.domain.tunnels.traffic import (
     HISTOGRAM_SIZE,
     LATENCY_BUCKETS_MS,
     DailyUsage,

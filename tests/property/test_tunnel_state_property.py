@@ -19,9 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.app import App
-from server.domain.principal import Tier
-from server.domain.tunnels import LEGAL, Status, Transition, TunnelState, transition
-from server.errors import FailedPrecondition
+from server.domain.common.errors import FailedPrecondition
+from server.domain.identity.model import Tier
+from server.domain.tunnels.model import Status, Transition, TunnelState
+from server.domain.tunnels.rules import LEGAL, transition
 from tests.helpers import Client, TestUser
 
 MAX_EXAMPLES = 25

@@ -1,6 +1,6 @@
 """What a tunnel's status says, whatever happened to it.
 
-Laws of ``server.domain.tunnels``: a tunnel that is not carrying traffic says why (every
+Laws of ``server.domain.tunnels.rules``: a tunnel that is not carrying traffic says why (every
 move into ``disconnected`` or ``error`` leaves a reason), a tunnel that is started or
 connected has no stale reason, and a tunnel's health is ``unknown`` until it is started
 and an agent has connected, whatever its endpoints say.
@@ -11,16 +11,15 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.domain.endpoints import EndpointHealth
-from server.domain.tunnels import (
+from server.domain.common.errors import FailedPrecondition
+from server.domain.tunnels.model import (
+    EndpointHealth,
     Status,
     Transition,
     TunnelHealth,
     TunnelState,
-    health_of,
-    transition,
 )
-from server.errors import FailedPrecondition
+from server.domain.tunnels.rules import health_of, transition
 
 operations = st.lists(
     st.tuples(st.sampled_from(Transition), st.integers(0, 3), st.sampled_from(["", "why"])),

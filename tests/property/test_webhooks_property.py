@@ -1,4 +1,4 @@
-"""Webhook laws (server/domain/webhooks.py): retry delays stay within the jittered schedule
+"""Webhook laws (server/domain/webhooks/rules.py): retry delays stay within the jittered schedule
 and above a capped Retry-After; filters match like a reference implementation; every
 signature verifies (ours and the independent ``standardwebhooks``) and any flipped bit
 of the body breaks it."""
@@ -16,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from server.domain import webhooks as wh
+from server.domain.webhooks import rules as wh
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 DAY = timedelta(hours=24)

@@ -9,7 +9,12 @@ import zlib
 
 import pytest
 
-from server.domain.apikeys import display_prefix, generate_secret, hash_secret, looks_like_key
+from server.domain.identity.rules import (
+    display_prefix,
+    generate_secret,
+    hash_secret,
+    looks_like_key,
+)
 
 BASE62 = string.digits + string.ascii_uppercase + string.ascii_lowercase
 #: Fixed examples: secret scanners depend on this format never changing.

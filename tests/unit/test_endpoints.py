@@ -1,4 +1,4 @@
-"""Endpoint rules (server/domain/endpoints.py): URLs, the endpoint list, probe thresholds,
+"""Endpoint rules (server/domain/tunnels/endpoints.py): URLs, the endpoint list, probe thresholds,
 and which endpoint traffic goes to."""
 
 from __future__ import annotations
@@ -7,10 +7,9 @@ from collections import Counter
 
 import pytest
 
-from server.domain.endpoints import (
+from server.domain.common.errors import FieldViolation, InvalidArgument
+from server.domain.tunnels.endpoints import (
     EndpointAddress,
-    EndpointHealth,
-    EndpointSpec,
     EndpointStatus,
     ProbeThresholds,
     apply_probe,
@@ -20,7 +19,7 @@ from server.domain.endpoints import (
     short_error,
     validate_endpoints,
 )
-from server.errors import FieldViolation, InvalidArgument
+from server.domain.tunnels.model import EndpointHealth, EndpointSpec
 
 HEALTHY, UNHEALTHY, UNKNOWN = (
     EndpointHealth.HEALTHY,

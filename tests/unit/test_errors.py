@@ -1,4 +1,5 @@
-"""The domain errors and the one mapping to ``google.rpc.Status`` (server/errors.py)."""
+"""The domain errors (server/domain/common/errors.py) and the one mapping to
+``google.rpc.Status`` (server/interceptors/status.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2
 
-from server import errors
-from server.errors import (
-    ERROR_DOMAIN,
+from server.domain.common import errors
+from server.domain.common.errors import (
     Aborted,
     AlreadyExists,
     Cancelled,
@@ -33,8 +33,8 @@ from server.errors import (
     Unimplemented,
     Violations,
     code_of,
-    to_status,
 )
+from server.interceptors.status import ERROR_DOMAIN, to_status
 
 ErrorInfo = error_details_pb2.ErrorInfo
 BadRequest = error_details_pb2.BadRequest

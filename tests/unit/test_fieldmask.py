@@ -1,4 +1,4 @@
-"""Field-mask paths and merges over nested dataclasses (server/domain/fieldmask.py)."""
+"""Field-mask paths and merges over nested dataclasses (server/domain/common/fieldmask.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from server.domain.fieldmask import check_paths, merge
-from server.errors import InvalidArgument
+from server.domain.common.errors import InvalidArgument
+from server.domain.common.fieldmask import check_paths, merge
 
 
 @dataclass(frozen=True, slots=True)

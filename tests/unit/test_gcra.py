@@ -11,15 +11,8 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.domain.ratelimit import (
-    TOLERANCE_MS,
-    Bucket,
-    Check,
-    Enforcement,
-    Outcome,
-    gcra,
-    rate_headers,
-)
+from server.domain.limits.model import Bucket, Check, Enforcement, Outcome
+from server.domain.limits.rules import TOLERANCE_MS, gcra, rate_headers
 from server.storage.limiter import MemoryLimiter
 
 EPOCH = 1_764_000_000_000.0  # a realistic "now" in ms: float error is largest here
@@ -187,7 +180,7 @@ async def test_dry_runs_count_nothing() -> None:
 
 
 async def test_an_address_that_keeps_violating_is_blocked_until_lifted() -> None:
-    from server.domain.ratelimit import BlockPolicy
+    from server.domain.limits.model import BlockPolicy
 
     limiter = MemoryLimiter()
     tight = Bucket(limit=60, burst=1)
@@ -213,7 +206,7 @@ async def test_an_address_that_keeps_violating_is_blocked_until_lifted() -> None
 async def test_an_authenticated_caller_is_neither_blocked_nor_limited_by_its_address() -> None:
     """Anonymous refusals block the address; a caller with credentials there is held to its
     own subject's limit, and its refusals never count towards a block."""
-    from server.domain.ratelimit import BlockPolicy
+    from server.domain.limits.model import BlockPolicy
 
     limiter = MemoryLimiter()
     tight = Bucket(limit=60, burst=1)
@@ -261,7 +254,7 @@ async def test_a_counter_made_again_says_so_and_takes_the_persisted_figure() -> 
 
 
 def test_only_a_genuine_retry_has_the_same_retry_key() -> None:
-    from server.domain.ratelimit import retry_key
+    from server.domain.limits.rules import retry_key
 
     base = ("users/u", "/tunnelplane.v1.UserService/GetUser", "req-1", b"\n\x08users/me")
     assert retry_key(*base) == retry_key(*base)

@@ -1,4 +1,5 @@
-"""AIP-160 filters, AIP-132 order_by, page sizes and page tokens (server/domain/listing.py)."""
+"""AIP-160 filters, AIP-132 order_by, page sizes and page tokens
+(server/domain/common/listing.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from server.domain.listing import (
+from server.domain.common.errors import InvalidArgument
+from server.domain.common.listing import (
     MAX_FILTER_DEPTH,
     MAX_FILTER_LENGTH,
     MAX_FILTER_TERMS,
@@ -24,7 +26,6 @@ from server.domain.listing import (
     parse_filter,
     parse_order_by,
 )
-from server.errors import InvalidArgument
 
 FIELDS = {
     "name": FilterField("string"),

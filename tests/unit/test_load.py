@@ -9,8 +9,8 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.domain.principal import Tier
-from server.domain.ratelimit import client_address
+from server.domain.identity.model import Tier
+from server.domain.limits.rules import client_address
 from server.load import LoadMonitor
 from server.settings import networks
 

@@ -110,7 +110,7 @@ async def test_a_silent_redis_times_out_and_the_connection_is_replaced() -> None
 
 
 def test_the_limiter_command_is_the_generic_encoding_of_its_keys_and_args() -> None:
-    from server.domain.ratelimit import Bucket, Check, Enforcement
+    from server.domain.limits.model import Bucket, Check, Enforcement
     from server.storage.limiter_script import args_of, evalsha_of, keys_of
 
     for check in (

@@ -8,14 +8,9 @@ from typing import Any
 
 import pytest
 
-from server.settings import (
-    DEFAULT_TIERS,
-    Settings,
-    SettingsError,
-    TierLimits,
-    documented_settings,
-    env_name,
-)
+from server.domain.identity.model import TierLimits
+from server.domain.identity.tiers import DEFAULT_TIERS
+from server.settings import Settings, SettingsError, documented_settings, env_name
 
 SECRET = "p" * 32
 PRODUCTION = {

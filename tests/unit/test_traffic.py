@@ -1,5 +1,5 @@
 """Agent reports, totals, percentiles, daily usage and usage date ranges
-(server/domain/traffic.py)."""
+(server/domain/tunnels/traffic.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from server.domain.traffic import (
+from server.domain.common.errors import InvalidArgument
+from server.domain.tunnels.traffic import (
     HISTOGRAM_SIZE,
     MAX_COUNT,
     DailyUsage,
@@ -22,7 +23,6 @@ from server.domain.traffic import (
     total,
     usage_of,
 )
-from server.errors import InvalidArgument
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 TODAY = NOW.date()

@@ -1,4 +1,4 @@
-"""Input rules shared by the domain services (server/domain/validation.py)."""
+"""Input rules shared by the domain services (server/domain/common/validation.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from server.domain import validation
-from server.errors import FieldViolation, InvalidArgument, Violations
+from server.domain.common import validation
+from server.domain.common.errors import FieldViolation, InvalidArgument, Violations
 
 
 def recorded(collected: Violations) -> list[FieldViolation]:

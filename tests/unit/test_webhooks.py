@@ -1,4 +1,4 @@
-"""Webhook rules (server/domain/webhooks.py): secrets, signatures checked by the independent
+"""Webhook rules (server/domain/webhooks/rules.py): secrets, signatures checked by the independent
 ``standardwebhooks`` library, payloads, filters, transformations, retries, outcomes, URLs."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from server.domain import webhooks as wh
-from server.domain.addresses import address_allowed
-from server.errors import Code, FailedPrecondition, InvalidArgument, Unauthenticated
+from server.domain.common.addresses import address_allowed
+from server.domain.common.errors import Code, FailedPrecondition, InvalidArgument, Unauthenticated
+from server.domain.webhooks import rules as wh
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 KNOWN = frozenset({"tunnel.created", "tunnel.deleted", "endpoint.disabled", "user.key.rotated"})

@@ -1,0 +1,2 @@
+"""Tunnels: the tunnel and its state machine, endpoints and their probes, agents' sessions
+and the traffic they report, and sharing (shares, share links, share chains)."""

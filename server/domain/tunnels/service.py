@@ -1,0 +1,436 @@
+"""Tunnel operations, once authorization has allowed them.
+
+Every change is one unit of work that also appends its event (outbox), so a change and its
+event exist together or not at all; watchers hear about it once it has committed.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from server.domain.audit import service as audit
+from server.domain.common import fieldmask
+from server.domain.common.clock import Clock
+from server.domain.common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PreconditionViolation,
+    ResourceExhausted,
+)
+from server.domain.common.ids import new_id
+from server.domain.common.listing import FilterField, Lister, ListSpec, OrderKey, Page
+from server.domain.events.ports import EventBus
+from server.domain.events.service import record
+from server.domain.identity.model import Tier, TierLimits
+from server.domain.identity.tiers import TierCatalog
+from server.domain.limits.rules import month_bounds
+from server.domain.tunnels.model import (
+    Endpoint,
+    Status,
+    Transition,
+    Tunnel,
+    TunnelDraft,
+    TunnelHealth,
+    TunnelState,
+)
+from server.domain.tunnels.rules import (
+    active_endpoint,
+    change_events,
+    check_draft,
+    check_etag,
+    draft_of,
+    failover_target,
+    probe_now,
+    refreshed,
+    snapshot,
+    stop_reason,
+    transfer_exhausted,
+    transition,
+    tunnels_exhausted,
+)
+from server.domain.unit_of_work import UnitOfWork, UnitOfWorkFactory
+
+UPDATABLE_PATHS = frozenset(
+    {
+        "display_name",
+        "description",
+        "config",
+        "config.max_connections",
+        "config.idle_timeout",
+        "config.compression",
+        "endpoints",
+    }
+)
+
+TUNNEL_LIST_SPEC = ListSpec(
+    filter_fields={
+        "display_name": FilterField("string"),
+        "state": FilterField("enum", frozenset(s.value for s in TunnelState)),
+        "health": FilterField("enum", frozenset(h.value for h in TunnelHealth)),
+        "create_time": FilterField("timestamp"),
+        "update_time": FilterField("timestamp"),
+    },
+    order_fields=frozenset({"display_name", "create_time", "update_time"}),
+    default_order=(OrderKey("create_time"),),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelSettings:
+    """Tunnel settings."""
+
+    listen_host: str = "127.0.0.1"
+    port_min: int = 20000
+    port_max: int = 29999
+    max_endpoints: int = 10
+
+
+class TunnelService:
+    """Every tunnel operation after authorization has allowed it."""
+
+    def __init__(
+        self,
+        uow: UnitOfWorkFactory,
+        bus: EventBus,
+        lister: Lister,
+        tiers: TierCatalog,
+        clock: Clock,
+        settings: TunnelSettings,
+    ) -> None:
+        self._uow = uow
+        self.bus = bus
+        self._lister = lister
+        self._tiers = tiers
+        self._clock = clock
+        self.settings = settings
+
+    def tier_limits(self, tier: Tier) -> TierLimits:
+        """The limits of ``tier``."""
+        return self._tiers.limits(tier)
+
+    def listen_address(self, tunnel: Tunnel) -> str:
+        """Where the tunnel's agents listen."""
+        return f"{self.settings.listen_host}:{tunnel.listen_port}"
+
+    async def get(self, owner_id: str, tunnel_id: str) -> Tunnel:
+        """A tunnel of ``owner_id``."""
+        async with self._uow(readonly=True) as uow:
+            return await _load(uow, owner_id, tunnel_id)
+
+    async def list(
+        self,
+        owner_id: str,
+        *,
+        page_size: int,
+        page_token: str,
+        filter: str,  # noqa: A002 - the AIP field is called filter
+        order_by: str,
+    ) -> Page[Tunnel]:
+        """A page of the owner's tunnels."""
+        query = self._lister.query(
+            TUNNEL_LIST_SPEC,
+            page_size=page_size,
+            page_token=page_token,
+            filter=filter,
+            order_by=order_by,
+            scope=f"owner={owner_id}",
+        )
+        async with self._uow(readonly=True) as uow:
+            rows = await uow.tunnels.list(owner_id, query)
+        return self._lister.page(query, rows)
+
+    async def create(
+        self, owner_id: str, tier: Tier, draft: TunnelDraft, *, request_id: str, actor: str
+    ) -> Tunnel:
+        """A new tunnel in the ``created`` state, within the tier's tunnel quota."""
+        if len(request_id) > 64:
+            raise InvalidArgument.single("request_id", "at most 64 characters")
+        clean = self._validated(draft, tier)
+        now = self._clock.now()
+        async with self._uow() as uow:
+            if request_id and (done := await uow.tunnels.find_by_request(owner_id, request_id)):
+                return done
+            await uow.tunnels.lock_owner(owner_id)
+            await self._check_quota(uow, owner_id, tier)
+            if await uow.tunnels.name_taken(owner_id, clean.display_name):
+                raise AlreadyExists("tunnel", clean.display_name)
+            tunnel = Tunnel(
+                id=new_id("tun", now.timestamp()),
+                user_id=owner_id,
+                display_name=clean.display_name,
+                description=clean.description,
+                status=Status(TunnelState.CREATED, running=False),
+                health=TunnelHealth.UNKNOWN,
+                config=clean.config,
+                endpoints=tuple(Endpoint(spec) for spec in clean.endpoints),
+                active_endpoint="",
+                listen_port=await self._free_port(uow),
+                connected_agents=0,
+                lost_agents=0,
+                version=1,
+                create_time=now,
+                update_time=now,
+                state_time=now,
+                request_id=request_id or None,
+            )
+            tunnel = replace(tunnel, active_endpoint=active_endpoint(tunnel))
+            await uow.tunnels.add(tunnel)
+            audit.annotate(subject_user_id=owner_id, resource=tunnel.name)
+            await record(
+                uow,
+                self.bus,
+                self._clock,
+                "tunnel.created",
+                subject=tunnel.name,
+                user_id=owner_id,
+                actor=actor,
+                payload=snapshot(tunnel),
+            )
+        return tunnel
+
+    async def update(
+        self,
+        owner_id: str,
+        tunnel_id: str,
+        tier: Tier,
+        requested: TunnelDraft,
+        paths: tuple[str, ...],
+        *,
+        etag: str,
+        actor: str,
+    ) -> Tunnel:
+        """Apply the masked paths of ``requested``; validated as a whole."""
+        paths = fieldmask.check_paths(paths, UPDATABLE_PATHS)
+        async with self._uow() as uow:
+            tunnel = await _load(uow, owner_id, tunnel_id, lock=True)
+            check_etag(tunnel, etag, "tunnel.etag")
+            merged = fieldmask.merge(draft_of(tunnel), requested, paths)
+            clean = self._validated(merged, tier)
+            if clean == draft_of(tunnel):
+                return tunnel
+            if clean.display_name != tunnel.display_name and await uow.tunnels.name_taken(
+                owner_id, clean.display_name, tunnel.id
+            ):
+                raise AlreadyExists("tunnel", clean.display_name)
+            kept = {e.spec.url: e for e in tunnel.endpoints}
+            endpoints = tuple(
+                replace(kept[s.url], spec=s) if s.url in kept else Endpoint(s)
+                for s in clean.endpoints
+            )
+            changed = replace(
+                tunnel,
+                display_name=clean.display_name,
+                description=clean.description,
+                config=clean.config,
+                endpoints=endpoints,
+                update_time=self._clock.now(),
+            )
+            changed = refreshed(changed)
+            audit.annotate(subject_user_id=owner_id, resource=tunnel.name, paths=list(paths))
+            saved = await uow.tunnels.save(changed, tunnel.version)
+            await self._emit_changes(uow, tunnel, saved, actor, "tunnel.updated")
+        return saved
+
+    async def delete(
+        self, owner_id: str, tunnel_id: str, *, force: bool, etag: str, actor: str
+    ) -> Tunnel:
+        """Delete; refused while connected unless ``force``."""
+        async with self._uow() as uow:
+            tunnel = await _load(uow, owner_id, tunnel_id, lock=True)
+            check_etag(tunnel, etag, "etag")
+            if tunnel.state is TunnelState.CONNECTED and not force:
+                raise FailedPrecondition(
+                    "the tunnel is connected; stop it first or delete with force",
+                    [PreconditionViolation("STATE", "tunnel", "the tunnel is connected")],
+                    reason="TUNNEL_CONNECTED",
+                    metadata={"state": tunnel.state.value},
+                )
+            await uow.tunnels.delete(tunnel_id)
+            audit.annotate(subject_user_id=owner_id, resource=tunnel.name, force=force)
+            await record(
+                uow,
+                self.bus,
+                self._clock,
+                "tunnel.deleted",
+                subject=tunnel.name,
+                user_id=owner_id,
+                actor=actor,
+                payload=snapshot(tunnel),
+            )
+        return tunnel
+
+    async def start(self, owner_id: str, tunnel_id: str, tier: Tier, *, actor: str) -> Tunnel:
+        """``created``/``disconnected``/``error`` → ``connecting`` (or ``connected``);
+        refused while the owner's monthly transfer quota is used up."""
+        async with self._uow(readonly=True) as uow:
+            await self.check_transfer(uow, owner_id, tier)
+        return await self._move(owner_id, tunnel_id, Transition.START, actor=actor)
+
+    async def transfer_used(self, uow: UnitOfWork, owner_id: str) -> int:
+        """Bytes the owner's tunnels carried this month."""
+        start, end = month_bounds(self._clock.now())
+        last = (end - timedelta(days=1)).date()
+        used, _ = await uow.agents.user_traffic(owner_id, start.date(), last)
+        return used
+
+    async def check_transfer(self, uow: UnitOfWork, owner_id: str, tier: Tier) -> None:
+        """``ResourceExhausted`` naming the quota if the month's transfer is used up."""
+        limit = self._tiers.limits(tier).transfer_bytes_per_month
+        if limit < 0 or await self.transfer_used(uow, owner_id) < limit:
+            return
+        raise transfer_exhausted(owner_id, tier, limit, self._clock.now())
+
+    async def stop(self, owner_id: str, tunnel_id: str, *, actor: str) -> Tunnel:
+        """A started tunnel → ``disconnected``; its agents are told to stop."""
+        reason = stop_reason(owner_id, actor)
+        return await self._move(owner_id, tunnel_id, Transition.STOP, actor=actor, reason=reason)
+
+    async def fail(self, owner_id: str, tunnel_id: str, reason: str) -> Tunnel:
+        """Any state → ``error`` with ``reason`` (the system noticed something wrong)."""
+        return await self._move(owner_id, tunnel_id, Transition.FAIL, actor="", reason=reason)
+
+    async def failover(
+        self, owner_id: str, tunnel_id: str, url: str, *, force: bool, actor: str
+    ) -> Tunnel:
+        """Switch traffic to ``url`` (or the next best endpoint) now."""
+        async with self._uow() as uow:
+            tunnel = await _load(uow, owner_id, tunnel_id, lock=True)
+            target = failover_target(tunnel, url, force=force)
+            changed = replace(tunnel, active_endpoint=target, update_time=self._clock.now())
+            saved = await uow.tunnels.save(changed, tunnel.version)
+            await record(
+                uow,
+                self.bus,
+                self._clock,
+                "tunnel.failover",
+                subject=tunnel.name,
+                user_id=owner_id,
+                actor=actor,
+                payload=snapshot(saved)
+                | {"from": tunnel.active_endpoint, "to": target, "reason": "manual"},
+            )
+        return saved
+
+    async def agents_changed(
+        self, tunnel_id: str, connected: int, lost: int, reason: str = ""
+    ) -> Tunnel | None:
+        """Agents came or went: move the state and health, with their events; ``reason``
+        says why a tunnel left without agents is disconnected."""
+        async with self._uow() as uow:
+            tunnel = await uow.tunnels.get(tunnel_id, lock=True)
+            if tunnel is None:
+                return None
+            event = Transition.AGENT_UP if connected else Transition.AGENT_DOWN
+            status = transition(tunnel.status, event, agents=connected, reason=reason)
+            changed = replace(tunnel, connected_agents=connected, lost_agents=lost)
+            changed = refreshed(self._with_status(changed, status))
+            if changed == tunnel:
+                return tunnel
+            saved = await uow.tunnels.save(changed, tunnel.version)
+            await self._emit_changes(uow, tunnel, saved, "", None)
+        return saved
+
+    async def probed(
+        self, tunnel_id: str, url: str, apply: Any, next_probe: datetime
+    ) -> Tunnel | None:
+        """Record a probe of one endpoint (``apply`` maps the old endpoint to the new);
+        fail over or back when the choice of endpoint changes."""
+        async with self._uow() as uow:
+            tunnel = await uow.tunnels.get(tunnel_id, lock=True)
+            if tunnel is None or all(e.spec.url != url for e in tunnel.endpoints):
+                return None
+            before = next(e for e in tunnel.endpoints if e.spec.url == url)
+            after = replace(apply(before), next_probe_time=next_probe)
+            endpoints = tuple(after if e.spec.url == url else e for e in tunnel.endpoints)
+            changed = refreshed(replace(tunnel, endpoints=endpoints))
+            moved = after.health is not before.health
+            if not moved and (changed.health, changed.active_endpoint) == (
+                tunnel.health,
+                tunnel.active_endpoint,
+            ):
+                # Probe bookkeeping only: the tunnel did not change (nor does its etag).
+                await uow.tunnels.save_endpoint(tunnel.id, after)
+                return changed
+            saved = await uow.tunnels.save(changed, tunnel.version)
+            await self._emit_changes(
+                uow, tunnel, saved, "", "tunnel.health_changed" if moved else None
+            )
+        return saved
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _move(
+        self, owner_id: str, tunnel_id: str, event: Transition, *, actor: str, reason: str = ""
+    ) -> Tunnel:
+        async with self._uow() as uow:
+            tunnel = await _load(uow, owner_id, tunnel_id, lock=True)
+            status = transition(tunnel.status, event, agents=tunnel.connected_agents, reason=reason)
+            changed = refreshed(self._with_status(tunnel, status))
+            if event is Transition.START:
+                changed = probe_now(changed)
+            audit.annotate(subject_user_id=owner_id, resource=tunnel.name)
+            saved = await uow.tunnels.save(changed, tunnel.version)
+            await self._emit_changes(uow, tunnel, saved, actor, None)
+        return saved
+
+    def _with_status(self, tunnel: Tunnel, status: Status) -> Tunnel:
+        if status == tunnel.status:
+            return tunnel
+        now = self._clock.now()
+        moved = status.state is not tunnel.state
+        return replace(
+            tunnel, status=status, update_time=now, state_time=now if moved else tunnel.state_time
+        )
+
+    async def _emit_changes(
+        self, uow: UnitOfWork, before: Tunnel, after: Tunnel, actor: str, other: str | None
+    ) -> None:
+        """Record the events of a change (:func:`change_events`), else ``other`` (if given)."""
+        emitted = change_events(before, after)
+        if not emitted and other is not None:
+            emitted = [(other, snapshot(after))]
+        for type_, payload in emitted:
+            await record(
+                uow,
+                self.bus,
+                self._clock,
+                type_,
+                subject=after.name,
+                user_id=after.user_id,
+                actor=actor,
+                payload=payload,
+            )
+
+    def _validated(self, draft: TunnelDraft, tier: Tier) -> TunnelDraft:
+        return check_draft(
+            draft,
+            tier,
+            self._tiers.limits(tier),
+            self._tiers.features(tier),
+            max_endpoints=self.settings.max_endpoints,
+        )
+
+    async def _check_quota(self, uow: UnitOfWork, owner_id: str, tier: Tier) -> None:
+        limit = self._tiers.limits(tier).max_tunnels
+        if limit >= 0 and await uow.tunnels.count(owner_id) >= limit:
+            raise tunnels_exhausted(owner_id, tier, limit)
+
+    async def _free_port(self, uow: UnitOfWork) -> int:
+        low, high = self.settings.port_min, self.settings.port_max
+        for _ in range(32):
+            port = random.randint(low, high)  # noqa: S311 - not a secret
+            if not await uow.tunnels.port_taken(port):
+                return port
+        raise ResourceExhausted("no listen port is free; try again", retry_after=1.0)
+
+
+async def _load(uow: UnitOfWork, owner_id: str, tunnel_id: str, *, lock: bool = False) -> Tunnel:
+    tunnel = await uow.tunnels.get(tunnel_id, lock=lock)
+    if tunnel is None or tunnel.user_id != owner_id:
+        raise NotFound("tunnel", f"users/{owner_id}/tunnels/{tunnel_id}")
+    return tunnel

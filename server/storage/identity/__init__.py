@@ -1,0 +1,1 @@
+"""Identity's repositories: users and avatars, sessions and refresh tokens, API keys."""

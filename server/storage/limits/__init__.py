@@ -1,0 +1,1 @@
+"""Limits' repositories: monthly request counts and aggregated rate-limit refusals."""

@@ -1,0 +1,1 @@
+"""Webhooks' repository: endpoints (secrets and headers sealed) and their delivery queue."""
