@@ -35,7 +35,8 @@ class _Server(uvicorn.Server):
 
 class HttpServer:
     """An HTTP/1.1 listener for an ASGI app (httptools parser), with read timeouts and a
-    per-address connection cap (:class:`gateway.guard.ConnectionGuard`)."""
+    per-address connection cap (:class:`gateway.guard.ConnectionGuard`). With
+    ``reuse_port``, other processes may listen on the same port (``SO_REUSEPORT``)."""
 
     def __init__(
         self,
@@ -47,7 +48,9 @@ class HttpServer:
         keyfile: str = "",
         graceful_seconds: float = 10.0,
         guard: ConnectionGuard | None = None,
+        reuse_port: bool = False,
     ) -> None:
+        self._reuse_port = reuse_port
         self._config = uvicorn.Config(
             app,
             lifespan="off",
@@ -77,6 +80,8 @@ class HttpServer:
         # without it every response (headers, then body) waits ~40 ms for a delayed ACK.
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self._reuse_port:  # processes of one group listen on one port; the kernel shares
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((self._host, self._port))
         sock.setblocking(False)  # noqa: FBT003 - the socket API
         self.port = sock.getsockname()[1]

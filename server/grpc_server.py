@@ -40,6 +40,13 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
 )
 
 
+def server_options(*, reuse_port: bool) -> list[tuple[str, Any]]:
+    """:data:`SERVER_OPTIONS`, with ``SO_REUSEPORT`` on for a worker of a group
+    (``TP_WORKERS``), whose processes listen on one port. Off otherwise, so that a port
+    already in use fails to bind instead of being shared."""
+    return [(k, int(reuse_port) if k == "grpc.so_reuseport" else v) for k, v in SERVER_OPTIONS]
+
+
 @functools.lru_cache(maxsize=4096)
 def peer_address(peer: str) -> str:
     """The IP address in a grpc peer string (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``)."""
@@ -239,9 +246,10 @@ def service_handlers(
     return [grpc.method_handlers_generic_handler(s, h) for s, h in by_service.items()]
 
 
-def add_health(server: grpc.aio.Server) -> HealthServicer:
-    """Register ``grpc.health.v1.Health`` (Check and Watch)."""
-    servicer = HealthServicer()
+def add_health(server: grpc.aio.Server, servicer: HealthServicer | None = None) -> HealthServicer:
+    """Register ``grpc.health.v1.Health`` (Check and Watch), served by ``servicer`` (a new
+    one if None)."""
+    servicer = servicer or HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     return servicer
 

@@ -3,7 +3,8 @@
 A service is SERVING only while every dependency it needs answers; the overall status
 (service name "") is SERVING only while every dependency answers. During shutdown every
 status is NOT_SERVING for good. :func:`evaluate` is the pure rule; :class:`HealthMonitor`
-applies it.
+applies it, a probe of every dependency per :meth:`~HealthMonitor.check_once` (the loop
+around it is :func:`server.workers.monitors.health_loop`).
 """
 
 from __future__ import annotations
@@ -72,11 +73,12 @@ class HealthMonitor:
         listeners: Mapping[str, Sequence[Listener]] | None = None,
     ) -> None:
         self.optional = optional
+        #: Seconds between probes.
+        self.interval = interval
         self._listeners = dict(listeners or {})
         self._servicer = servicer
         self._checks = dict(checks)
         self._needs = dict(needs)
-        self._interval = interval
         self._timeout = timeout
         self._status: dict[str, DependencyStatus] = {
             name: DependencyStatus(up=False, error="not checked yet") for name in checks
@@ -120,12 +122,6 @@ class HealthMonitor:
         await self._publish()
         async with self._changed:
             self._changed.notify_all()
-
-    async def run(self) -> None:
-        """Probe forever, every ``interval`` seconds."""
-        while True:
-            await self.check_once()
-            await asyncio.sleep(self._interval)
 
     async def shutdown(self) -> None:
         """Report NOT_SERVING everywhere from now on."""

@@ -93,19 +93,20 @@ class LoadMonitor:
             self._level = 0.0
 
     async def sampled(self) -> None:
-        """Return after the next measurement of :meth:`run`."""
+        """Return after the next measurement of :meth:`sample`."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         await waiter
 
-    async def run(self) -> None:
-        """Measure event-loop lag forever and keep the smoothed level current."""
+    async def sample(self) -> None:
+        """Measure event-loop lag once (how much later than asked a sleep of ``interval``
+        ends) and fold it into the level; the loop around it is
+        :func:`server.workers.monitors.load_loop`."""
         loop = asyncio.get_running_loop()
-        while True:
-            started = loop.time()
-            await asyncio.sleep(self._interval)
-            self.observe(max(0.0, loop.time() - started - self._interval))
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+        started = loop.time()
+        await asyncio.sleep(self._interval)
+        self.observe(max(0.0, loop.time() - started - self._interval))
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)

@@ -6,12 +6,18 @@ import contextvars
 import logging
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 trace_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("trace_id", default="")
+#: Which process of a group (``TP_WORKERS``) writes: set once by :func:`configure`, before
+#: the event loop starts, so that every task inherits it; empty for a single process.
+process_var: contextvars.ContextVar[tuple[tuple[str, object], ...]] = contextvars.ContextVar(
+    "process", default=()
+)
 
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message"}
 
@@ -34,6 +40,7 @@ class _Clock:
 def _entry(stamp: str, level: str, logger: str, message: str) -> dict[str, Any]:
     """The fields every JSON line starts with, including the ids bound to this call."""
     entry: dict[str, Any] = {"time": stamp, "level": level, "logger": logger, "message": message}
+    entry.update(process_var.get())
     request_id = request_id_var.get()
     if request_id:
         entry["request_id"] = request_id
@@ -96,13 +103,23 @@ class AccessLog:
         self._stream.write(orjson.dumps(entry).decode() + "\n")
 
 
-def configure(level: str, fmt: str) -> None:
-    """Send every log record to stderr as JSON (or plain text for ``fmt='text'``)."""
+def configure(level: str, fmt: str, process: Mapping[str, object] | None = None) -> None:
+    """Send every log record to stderr as JSON (or plain text for ``fmt='text'``).
+
+    ``process`` names the process of a group that writes (``{"worker": 1, "pid": 4242}``):
+    its fields go into every line written from this context on (call it before the event
+    loop starts).
+    """
+    fields = tuple((process or {}).items())
+    process_var.set(fields)
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        tag = "".join(f"{key}={value} " for key, value in fields)
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -17,6 +17,7 @@ from typing import Protocol
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 
+from server.domain.audit.model import AuditTrail
 from server.domain.common.errors import Cancelled, Code, Unauthenticated, code_of
 from server.domain.identity.model import ClientInfo, Principal
 from server.policy import MethodPolicy
@@ -40,6 +41,7 @@ class Call:
     """What a stage or servicer knows about the call being served."""
 
     __slots__ = (
+        "audit",
         "auth_error",
         "client_ip",
         "deadline",
@@ -87,6 +89,9 @@ class Call:
         self.trailers: list[tuple[str, str]] = []
         #: The message channel of a streaming call (None for a unary one).
         self.stream: CallStream | None = None
+        #: The audit trail of a call of an audited method, opened by the audit stage; the
+        #: servicer hands it to the use case (None when the method is not audited).
+        self.audit: AuditTrail | None = None
 
     def header(self, name: str) -> str:
         """A request metadata value ('' if absent). Names are lower case."""

@@ -1,33 +1,34 @@
 """One frozen settings object, read once from ``TP_*`` environment variables.
 
 Every setting has a safe default for local use. ``production`` mode refuses to start
-while a secret is missing (see :meth:`Settings.check_production`).
+while a secret is missing. How variables are named and parsed is
+:mod:`server.settings_env`; the checks beyond types are :mod:`server.settings_checks`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any
 
 from server.domain.identity.model import TierLimits
 from server.domain.identity.tiers import DEFAULT_TIERS
+from server.settings_checks import check
+from server.settings_env import (
+    AddressPolicy,
+    LogFormat,
+    Mode,
+    OtelExporter,
+    SettingsError,
+    env_name,
+    networks,
+    read_env,
+)
 
-Mode = Literal["development", "sandbox", "production"]
-OtelExporter = Literal["none", "console", "otlp"]
-LogFormat = Literal["json", "text"]
-AddressPolicy = Literal["auto", "any", "public"]
-
-T = TypeVar("T")
-
-
-class SettingsError(ValueError):
-    """A ``TP_*`` variable is missing or does not parse; the message names it."""
+__all__ = ["Settings", "SettingsError", "documented_settings", "env_name", "networks"]
 
 
 def _doc(text: str, env: str = "") -> dict[str, Any]:
@@ -139,6 +140,13 @@ class Settings:
     shutdown_grace: float = field(
         default=10.0, metadata=_doc("Seconds in-flight calls get to finish on SIGTERM")
     )
+    workers: int = field(
+        default=1,
+        metadata=_doc(
+            "Server processes sharing the gRPC and HTTP ports (SO_REUSEPORT); more than one "
+            "needs PostgreSQL and Redis"
+        ),
+    )
     default_deadline: float = field(
         default=30.0, metadata=_doc("Deadline of unary calls that set none, s (streams get none)")
     )
@@ -159,8 +167,8 @@ class Settings:
     password_hash_concurrency: int = field(
         default=0,
         metadata=_doc(
-            "Password hashes computed at once (0: one per CPU); one more is refused with "
-            "RESOURCE_EXHAUSTED, never queued"
+            "Password hashes computed at once per process (0: one per CPU, shared among "
+            "TP_WORKERS); one more is refused with RESOURCE_EXHAUSTED, never queued"
         ),
     )
     login_window: float = field(
@@ -188,6 +196,15 @@ class Settings:
         default=0.5, metadata=_doc("Longest a call waits for its slot instead of a refusal, s")
     )
     rate_queue_limit: int = field(default=20, metadata=_doc("Calls one subject may have waiting"))
+    rate_lease_max: int = field(
+        default=32,
+        metadata=_doc(
+            "Most calls one replica admits from one Redis lease; 1 asks Redis every call"
+        ),
+    )
+    rate_lease_ttl: float = field(
+        default=1.0, metadata=_doc("How long a Redis lease may be spent, and counts wait, s")
+    )
     ip_rate_per_minute: int = field(default=1200, metadata=_doc("Calls per minute per address"))
     ip_burst: int = field(default=200, metadata=_doc("Burst per address"))
     ip_block_after: int = field(
@@ -304,16 +321,14 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every ``TP_*`` variable; raise :class:`SettingsError` naming a bad one."""
         env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            name = env_name(f)
-            if name == "-" or name not in env:
-                continue
-            values[f.name] = _parse(name, env[name], f.type)
-        values["tiers"] = _tiers_from_env(env)
-        settings = cls(**values)
+        settings = cls(**read_env(dataclasses.fields(cls), env))
         settings.validate()
         return settings
+
+    def validate(self) -> None:
+        """Check value ranges and combinations that a type alone does not express, and in
+        production mode the secrets; raise :class:`SettingsError` naming the setting."""
+        check(self)
 
     @property
     def probe_public_only(self) -> bool:
@@ -340,121 +355,6 @@ class Settings:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'tunnelplane.db').as_posix()}"
 
-    def validate(self) -> None:  # noqa: PLR0912 - one flat list of checks reads best
-        """Check value ranges that a type alone does not express."""
-        positive = (
-            "access_token_ttl",
-            "refresh_token_ttl",
-            "refresh_token_idle_ttl",
-            "default_deadline",
-            "stream_recheck_interval",
-            "http_header_timeout",
-            "http_body_timeout",
-            "http_sse_keepalive",
-            "health_interval",
-            "argon2_time_cost",
-            "argon2_memory_kib",
-            "argon2_parallelism",
-            "database_pool_size",
-            "default_page_size",
-            "max_page_size",
-            "login_window",
-            "login_lock_duration",
-            "rate_queue_limit",
-            "ip_rate_per_minute",
-            "ip_burst",
-            "ip_block_after",
-            "ip_block_window",
-            "ip_block_duration",
-            "load_lag_threshold",
-            "load_inflight_threshold",
-            "violation_flush_interval",
-            "usage_flush_interval",
-            "tunnel_port_min",
-            "agent_heartbeat_interval",
-            "agent_heartbeat_timeout",
-            "agent_forget_after",
-            "probe_interval",
-            "probe_timeout",
-            "probe_unhealthy_after",
-            "probe_healthy_after",
-            "webhook_timeout",
-            "webhook_disable_after",
-            "webhook_claim_lease",
-            "webhook_batch",
-            "webhook_concurrency",
-            "webhook_endpoint_concurrency",
-            "webhook_max_per_user",
-        )
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise SettingsError(f"{env_name_of(name)} must be greater than zero")
-        if self.shutdown_grace < 0:
-            raise SettingsError("TP_SHUTDOWN_GRACE must not be negative")
-        if self.password_hash_concurrency < 0:
-            raise SettingsError("TP_PASSWORD_HASH_CONCURRENCY must not be negative")
-        for name in ("agent_reconnect_within", "tunnel_stop_grace"):
-            if not 0 <= getattr(self, name) <= 3600:
-                raise SettingsError(f"{env_name_of(name)} must be between 0 and 3600 seconds")
-        if not self.tunnel_port_min <= self.tunnel_port_max <= 65535:
-            raise SettingsError("TP_TUNNEL_PORT_MIN..TP_TUNNEL_PORT_MAX must be a port range")
-        if self.probe_timeout >= self.probe_interval:
-            raise SettingsError("TP_PROBE_TIMEOUT must be shorter than TP_PROBE_INTERVAL")
-        try:
-            schedule = self.webhook_schedule
-        except ValueError:
-            schedule = ()
-        if not schedule or any(not 0 < d < 10**7 for d in schedule):
-            raise SettingsError("TP_WEBHOOK_RETRY_SCHEDULE must be positive seconds, a,b,c")
-        if self.webhook_claim_lease <= self.webhook_timeout:
-            raise SettingsError("TP_WEBHOOK_CLAIM_LEASE must be longer than TP_WEBHOOK_TIMEOUT")
-        if self.default_page_size > self.max_page_size:
-            raise SettingsError("TP_DEFAULT_PAGE_SIZE must not exceed TP_MAX_PAGE_SIZE")
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise SettingsError("TP_TLS_CERT_FILE and TP_TLS_KEY_FILE must be set together")
-        if self.http_max_connections_per_address < 0:
-            raise SettingsError("TP_HTTP_MAX_CONNECTIONS_PER_ADDRESS must not be negative")
-        for name in ("trusted_proxies", "rate_exempt_ips", "grpc_tls_proxies"):
-            try:
-                networks(getattr(self, name))
-            except ValueError as exc:
-                raise SettingsError(f"{env_name_of(name)}: {exc}") from None
-        if self.otel_exporter == "otlp" and not self.otel_endpoint:
-            raise SettingsError("TP_OTEL_ENDPOINT is required when TP_OTEL_EXPORTER=otlp")
-        if self.mode == "production":
-            self.check_production()
-
-    def check_production(self) -> None:
-        """Refuse generated or default secrets; name every missing setting at once."""
-        missing = []
-        if not (self.jwt_private_key or self.jwt_private_key_file):
-            missing.append("TP_JWT_PRIVATE_KEY or TP_JWT_PRIVATE_KEY_FILE")
-        if len(self.page_token_secret) < 32:
-            missing.append("TP_PAGE_TOKEN_SECRET (at least 32 characters)")
-        if not self.secrets_key:
-            missing.append("TP_SECRETS_KEY")
-        if missing:
-            raise SettingsError(
-                "production mode refuses generated or default secrets; set " + ", ".join(missing)
-            )
-
-
-def networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    """Parse a comma-separated CIDR list (a bare address is a /32 or /128)."""
-    return tuple(
-        ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()
-    )
-
-
-def env_name(f: dataclasses.Field[Any]) -> str:
-    """The environment variable of a settings field."""
-    return str(f.metadata.get("env") or env_name_of(f.name))
-
-
-def env_name_of(field_name: str) -> str:
-    """``grpc_port`` -> ``TP_GRPC_PORT``."""
-    return "TP_" + field_name.upper()
-
 
 def documented_settings() -> list[tuple[str, str, str]]:
     """(variable, default, description) rows, for the README table."""
@@ -466,72 +366,3 @@ def documented_settings() -> list[tuple[str, str, str]]:
         name = "TP_TIER_<TIER>_<LIMIT>" if f.name == "tiers" else env_name(f)
         rows.append((name, shown, str(f.metadata.get("doc", ""))))
     return rows
-
-
-def _parse(name: str, raw: str, annotation: Any) -> Any:
-    kind = str(annotation)
-    parsers: dict[str, Callable[[str], Any]] = {
-        "int": int,
-        "float": _parse_float,
-        "str": str,
-        "Path": Path,
-        "bool": _parse_bool,
-    }
-    if kind in parsers:
-        try:
-            return parsers[kind](raw.strip() if kind != "str" else raw)
-        except ValueError:
-            raise SettingsError(f"{name} must be a {kind}, got {raw!r}") from None
-    choices = _literal_choices(kind)
-    if raw not in choices:
-        raise SettingsError(f"{name} must be one of {', '.join(choices)}; got {raw!r}")
-    return raw
-
-
-def _literal_choices(kind: str) -> tuple[str, ...]:
-    aliases: dict[str, Any] = {
-        "Mode": Mode,
-        "OtelExporter": OtelExporter,
-        "LogFormat": LogFormat,
-        "AddressPolicy": AddressPolicy,
-    }
-    return tuple(get_args(aliases[kind]))
-
-
-def _parse_float(raw: str) -> float:
-    value = float(raw)
-    if not math.isfinite(value):  # float() accepts "nan" and "inf"; no setting means them
-        raise ValueError(raw)
-    return value
-
-
-def _parse_bool(raw: str) -> bool:
-    lowered = raw.lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off", ""}:
-        return False
-    raise ValueError(raw)
-
-
-def _tiers_from_env(env: Mapping[str, str]) -> dict[str, TierLimits]:
-    known = {
-        f"TP_TIER_{tier.upper()}_{f.name.upper()}"
-        for tier in DEFAULT_TIERS
-        for f in dataclasses.fields(TierLimits)
-    }
-    unknown = sorted(name for name in env if name.startswith("TP_TIER_") and name not in known)
-    if unknown:
-        raise SettingsError(f"unknown tier setting {unknown[0]}; known: {', '.join(sorted(known))}")
-    tiers = {}
-    for tier, limits in DEFAULT_TIERS.items():
-        changes = {}
-        for f in dataclasses.fields(TierLimits):
-            name = f"TP_TIER_{tier.upper()}_{f.name.upper()}"
-            if name in env:
-                value = _parse(name, env[name], "int")
-                if value < -1:
-                    raise SettingsError(f"{name} must be -1 (unlimited) or more")
-                changes[f.name] = value
-        tiers[tier] = dataclasses.replace(limits, **changes)
-    return tiers

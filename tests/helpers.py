@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import httpx
@@ -44,6 +44,9 @@ STATUS_KEY = "grpc-status-details-bin"
 SETUP = (("x-forwarded-for", "10.250.0.1"),)
 BEHIND_PROXY = {"rate_exempt_ips": "10.250.0.0/16", "trusted_proxies": "127.0.0.1/32,::1/128"}
 _addresses = itertools.count(1)
+T = TypeVar("T")
+T = TypeVar("T")
+T = TypeVar("T")
 
 
 def status_of(error: grpc.aio.AioRpcError) -> status_pb2.Status:
@@ -118,18 +121,28 @@ class FakeClock:
 
 
 async def eventually(
-    check: Callable[[], bool | Awaitable[bool]], within: float = 20.0, every: float = 0.02
-) -> None:
-    """Poll ``check`` (a function, or a coroutine function) until it holds; fail after
-    ``within`` seconds. For state that announces nothing to await."""
-    async with asyncio.timeout(within):
+    check: Callable[[], T | Awaitable[T]],
+    within: float = 20.0,
+    every: float = 0.02,
+    *,
+    changed: asyncio.Condition | None = None,
+) -> T:
+    """Call ``check`` (a function, or a coroutine function) until it returns something
+    true, and return that; ``TimeoutError`` after ``within`` seconds. It is called again
+    every ``every`` seconds, or, when the state announces its changes through ``changed``,
+    each time that condition is notified (the check then runs under its lock). The one
+    waiting loop of the tests: every helper that waits for a state is built on it."""
+    async with asyncio.timeout(within), changed or contextlib.nullcontext():
         while True:
-            held = check()
-            if inspect.isawaitable(held):
-                held = await held
-            if held:
-                return
-            await asyncio.sleep(every)
+            found = check()
+            if inspect.isawaitable(found):
+                found = await found
+            if found:
+                return found  # type: ignore[return-value]
+            if changed is not None:
+                await changed.wait()
+            else:
+                await asyncio.sleep(every)
 
 
 @dataclass
@@ -201,9 +214,9 @@ class Client:
         user = await self.register(email)
         user_id = user.name.split("/")[1]
         if role is not None:
-            await self.app.users.promote(email, role)
+            await self.app.identity.users.promote(email, role)
         if tier is not None:
-            await self.app.users.change_tier(_billing_admin(), user_id, tier, etag="")
+            await self.app.identity.users.change_tier(_billing_admin(), user_id, tier, etag="")
         login = await self.login(email)
         return TestUser(
             user_id, email, PASSWORD, login.tokens.access_token, login.tokens.refresh_token
@@ -329,12 +342,10 @@ class Watch:
                 self._changed.notify_all()
 
     async def until(self, check: Callable[[W], bool], within: float = 20) -> W:
-        async with asyncio.timeout(within), self._changed:
-            while True:
-                found = next((m for m in self.seen if check(m)), None)
-                if found is not None:
-                    return found
-                await self._changed.wait()
+        """The first message seen that passes ``check`` (waiting for it if need be)."""
+        return await eventually(
+            lambda: next((m for m in self.seen if check(m)), None), within, changed=self._changed
+        )
 
     def close(self) -> None:
         self.stream.cancel()

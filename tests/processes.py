@@ -73,16 +73,23 @@ class ServerProcess:
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self.process = process
         self.grpc_port = 0
+        self.http_port = 0
         self.metrics_port = 0
         self.log: list[dict[str, object]] = []
+        #: The supervisor's (or the single process's) "serving" line.
+        self.serving: dict[str, object] = {}
 
     async def wait_until_serving(self) -> None:
+        """Until the server serves: with ``--workers``, the supervisor's line (each worker
+        also writes one, with its ``worker`` index)."""
         async with asyncio.timeout(30):
             while True:
                 entry = await self.next_log_entry()
-                if entry.get("message") == "serving":
+                if entry.get("message") == "serving" and "worker" not in entry:
+                    self.serving = entry
                     self.grpc_port = int(entry["grpc_port"])  # type: ignore[call-overload]
-                    self.metrics_port = int(entry["metrics_port"])  # type: ignore[call-overload]
+                    self.http_port = int(entry["http_port"])  # type: ignore[call-overload]
+                    self.metrics_port = int(entry.get("metrics_port", -1))  # type: ignore[call-overload]
                     return
 
     async def next_log_entry(self) -> dict[str, object]:
@@ -108,13 +115,14 @@ class ServerProcess:
 
 
 @asynccontextmanager
-async def serving(env: dict[str, str]) -> AsyncIterator[ServerProcess]:
-    """``python -m server serve`` with ``env``, killed on exit if still running."""
+async def serving(env: dict[str, str], *args: str) -> AsyncIterator[ServerProcess]:
+    """``python -m server serve [args]`` with ``env``, killed on exit if still running."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "server",
         "serve",
+        *args,
         env=env,
         cwd=ROOT,
         stderr=asyncio.subprocess.PIPE,

@@ -16,6 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.helpers import eventually
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -126,8 +128,7 @@ class Receiver:
     ) -> list[Seen]:
         """Wait until ``done(seen)``; the requests (to ``path``, if given)."""
         assert self._changed is not None
-        async with asyncio.timeout(within), self._changed:
-            await self._changed.wait_for(lambda: done(self.seen))
+        await eventually(lambda: done(self.seen), within, changed=self._changed)
         return [s for s in self.seen if path is None or s.path == path]
 
     async def _handle(self, request: web.Request) -> web.Response:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf import empty_pb2
@@ -12,12 +11,11 @@ from tunnelplane.v1 import admin_pb2
 from server.api import convert
 from server.domain.common.errors import InvalidArgument, NotFound
 from server.domain.common.listing import Lister, ListSpec, OrderKey
+from server.domain.limits.blocks import IpBlocks
 from server.domain.limits.ports import Limiter
 from server.domain.limits.service import ViolationLog
-from server.health import HealthMonitor
-from server.interceptors.ratelimit import RateLimitStage
-from server.load import LoadMonitor
 from server.pipeline import Call
+from server.status import StatusSource
 
 MAX_WINDOW = timedelta(days=30)
 BLOCKS_SPEC = ListSpec({}, frozenset({"create_time"}), (OrderKey("create_time", descending=True),))
@@ -32,51 +30,39 @@ class AdminApi:
 
     def __init__(
         self,
-        health: Callable[[], HealthMonitor | None],
+        status: StatusSource,
         limiter: Limiter,
-        load: LoadMonitor,
-        stage: RateLimitStage | None,
         violations: ViolationLog,
         lister: Lister,
+        blocks: IpBlocks,
     ) -> None:
-        self._health = health
+        self._status = status
         self._limiter = limiter
-        self._load = load
-        self._stage = stage
         self._violations = violations
         self._lister = lister
+        self._blocks = blocks
 
     async def GetSystemStatus(
         self, request: admin_pb2.GetSystemStatusRequest, call: Call
     ) -> admin_pb2.SystemStatus:
-        monitor = self._health()
-        dependencies = monitor.dependencies if monitor is not None else {}
-        optional = monitor.optional if monitor is not None else frozenset()
-        state = "SERVING"
-        if monitor is None or not monitor.serving():
-            state = "NOT_SERVING"
-        elif any(not s.up for s in dependencies.values()):
-            state = "DEGRADED"
-        queues = self._stage.queues() if self._stage is not None else []
-        load = self._load
+        now = self._status.status()
+        load = now.load
         return admin_pb2.SystemStatus(
-            state=state,
+            state=now.state,
             dependencies=[
-                admin_pb2.DependencyStatus(
-                    name=name, up=status.up, optional=name in optional, error=status.error
-                )
-                for name, status in sorted(dependencies.items())
+                admin_pb2.DependencyStatus(name=d.name, up=d.up, optional=d.optional, error=d.error)
+                for d in now.dependencies
             ],
-            limiter_backend=self._limiter.backend,
+            limiter_backend=now.limiter_backend,
             load=admin_pb2.LoadStatus(
                 in_flight=load.in_flight,
-                loop_lag_ms=round(load.lag * 1000, 3),
-                level=round(load.level, 3),
-                tier_factors=load.factors(),
+                loop_lag_ms=load.loop_lag_ms,
+                level=load.level,
+                tier_factors=load.tier_factors,
                 shedding=load.shedding,
             ),
-            queued_calls=sum(n for _, n in queues),
-            queues=[admin_pb2.QueueDepth(subject=s, waiting=n) for s, n in queues],
+            queued_calls=sum(n for _, n in now.queues),
+            queues=[admin_pb2.QueueDepth(subject=s, waiting=n) for s, n in now.queues],
         )
 
     async def ListRateLimitViolations(
@@ -157,6 +143,6 @@ class AdminApi:
             ip = ""
         if prefix != "ipBlocks" or not ip:
             raise InvalidArgument.single("name", "must look like ipBlocks/{address}")
-        if not await self._limiter.lift(ip):
+        if not await self._blocks.lift(ip, call.audit):
             raise NotFound("ip block", request.name)
         return empty_pb2.Empty()

@@ -33,12 +33,16 @@ class AuthApi:
     async def Register(
         self, request: auth_pb2.RegisterRequest, call: Call
     ) -> auth_pb2.RegisterResponse:
-        user = await self._accounts.register(request.email, request.password, request.display_name)
+        user = await self._accounts.register(
+            request.email, request.password, request.display_name, trail=call.audit
+        )
         return auth_pb2.RegisterResponse(user=convert.user(user))
 
     async def Login(self, request: auth_pb2.LoginRequest, call: Call) -> auth_pb2.LoginResponse:
         cookie = convert.cookie_delivery(request.refresh_token_delivery)
-        user, tokens = await self._accounts.login(request.email, request.password, call.client)
+        user, tokens = await self._accounts.login(
+            request.email, request.password, call.client, call.audit
+        )
         return auth_pb2.LoginResponse(
             tokens=self._tokens_message(tokens, call, cookie=cookie), user=convert.user(user)
         )
@@ -50,14 +54,16 @@ class AuthApi:
         from_cookie = not secret
         if from_cookie:
             secret = read_cookie(call, REFRESH_COOKIE)
-        tokens = await self._accounts.refresh(secret)
+        tokens = await self._accounts.refresh(secret, call.audit)
         return auth_pb2.RefreshTokenResponse(
             tokens=self._tokens_message(tokens, call, cookie=from_cookie)
         )
 
     async def Logout(self, request: auth_pb2.LogoutRequest, call: Call) -> empty_pb2.Empty:
         assert call.principal is not None
-        await self._accounts.logout(call.principal, all_sessions=request.all_sessions)
+        await self._accounts.logout(
+            call.principal, all_sessions=request.all_sessions, trail=call.audit
+        )
         call.set_header("set-cookie", refresh_cookie("", 0))
         call.set_header("set-cookie", access_cookie("", 0))
         return empty_pb2.Empty()
@@ -82,7 +88,13 @@ class AuthApi:
         )
         assert call.principal is not None  # the policy admits authenticated callers only
         created = await self._keys.create(
-            call.principal, owner, spec.display_name, list(spec.scopes), expire, tunnel=spec.tunnel
+            call.principal,
+            owner,
+            spec.display_name,
+            list(spec.scopes),
+            expire,
+            tunnel=spec.tunnel,
+            trail=call.audit,
         )
         return auth_pb2.CreateApiKeyResponse(
             api_key=convert.api_key(created.key, self._now()), secret=created.secret
@@ -118,7 +130,9 @@ class AuthApi:
             else None
         )
         assert call.principal is not None
-        created, previous = await self._keys.rotate(call.principal, owner, key_id, overlap)
+        created, previous = await self._keys.rotate(
+            call.principal, owner, key_id, overlap, call.audit
+        )
         now = self._now()
         return auth_pb2.RotateApiKeyResponse(
             api_key=convert.api_key(created.key, now),
@@ -130,7 +144,8 @@ class AuthApi:
         self, request: auth_pb2.RevokeApiKeyRequest, call: Call
     ) -> auth_pb2.ApiKey:
         owner, key_id = api_key_parts(request.name, "name", caller_id(call))
-        return convert.api_key(await self._keys.revoke(owner, key_id), self._now())
+        revoked = await self._keys.revoke(owner, key_id, call.audit)
+        return convert.api_key(revoked, self._now())
 
     def _now(self) -> datetime:
         return self._clock.now()

@@ -49,7 +49,10 @@ class OperationApi:
 
     async def CancelOperation(self, request: O.CancelOperationRequest, call: Call) -> O.Operation:
         owner, operation_id = operation_parts(request.name, "name", caller_id(call))
-        return operation(await self._operations.cancel(owner, operation_id, self._clock.now()))
+        cancelled = await self._operations.cancel(
+            owner, operation_id, self._clock.now(), call.audit
+        )
+        return operation(cancelled)
 
     async def GetOperation(self, request: O.GetOperationRequest, call: Call) -> O.Operation:
         owner, operation_id = operation_parts(request.name, "name", caller_id(call))

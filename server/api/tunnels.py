@@ -87,6 +87,7 @@ class TunnelApi:
             tc.draft(request.tunnel),
             request_id=request.request_id,
             actor=actor(call),
+            trail=call.audit,
         )
         return self._out(created)
 
@@ -117,29 +118,44 @@ class TunnelApi:
             paths,
             etag=request.tunnel.etag,
             actor=actor(call),
+            trail=call.audit,
         )
         return self._out(updated)
 
     async def DeleteTunnel(self, request: P.DeleteTunnelRequest, call: Call) -> P.Tunnel:
         owner, tunnel_id = tunnel_parts(request.name, "name", caller(call))
         deleted = await self._tunnels.delete(
-            owner, tunnel_id, force=request.force, etag=request.etag, actor=actor(call)
+            owner,
+            tunnel_id,
+            force=request.force,
+            etag=request.etag,
+            actor=actor(call),
+            trail=call.audit,
         )
         return self._out(deleted)
 
     async def StartTunnel(self, request: P.StartTunnelRequest, call: Call) -> P.Tunnel:
         owner, tunnel_id = tunnel_parts(request.name, "name", caller(call))
         tier = await self._tier(owner, call)
-        return self._out(await self._tunnels.start(owner, tunnel_id, tier, actor=actor(call)))
+        started = await self._tunnels.start(
+            owner, tunnel_id, tier, actor=actor(call), trail=call.audit
+        )
+        return self._out(started)
 
     async def StopTunnel(self, request: P.StopTunnelRequest, call: Call) -> P.Tunnel:
         owner, tunnel_id = tunnel_parts(request.name, "name", caller(call))
-        return self._out(await self._tunnels.stop(owner, tunnel_id, actor=actor(call)))
+        stopped = await self._tunnels.stop(owner, tunnel_id, actor=actor(call), trail=call.audit)
+        return self._out(stopped)
 
     async def FailoverTunnel(self, request: P.FailoverTunnelRequest, call: Call) -> P.Tunnel:
         owner, tunnel_id = tunnel_parts(request.name, "name", caller(call))
         moved = await self._tunnels.failover(
-            owner, tunnel_id, request.endpoint, force=request.force, actor=actor(call)
+            owner,
+            tunnel_id,
+            request.endpoint,
+            force=request.force,
+            actor=actor(call),
+            trail=call.audit,
         )
         return self._out(moved)
 
@@ -241,6 +257,7 @@ class TunnelApi:
             expire,
             creator_id=caller(call),
             through_share=_through_share(call, found),
+            trail=call.audit,
         )
         return tc.share(made, self._clock.now())
 
@@ -262,7 +279,11 @@ class TunnelApi:
         tunnel_name, grantee = _child(request.name, "shares", "usr")
         found = await self._load(tunnel_name, "name", call)
         revoked = await self._shares.revoke(
-            found, grantee, by=caller(call), through_share=_through_share(call, found)
+            found,
+            grantee,
+            by=caller(call),
+            through_share=_through_share(call, found),
+            trail=call.audit,
         )
         return tc.share(revoked, self._clock.now())
 
@@ -282,6 +303,7 @@ class TunnelApi:
             ttl,
             creator_id=caller(call),
             through_share=_through_share(call, found),
+            trail=call.audit,
         )
         return tc.share_link(link, self._clock.now(), token)
 
@@ -302,12 +324,16 @@ class TunnelApi:
         tunnel_name, link_id = _child(request.name, "shareLinks", "lnk")
         found = await self._load(tunnel_name, "name", call)
         revoked = await self._shares.revoke_link(
-            found, link_id, by=caller(call), through_share=_through_share(call, found)
+            found,
+            link_id,
+            by=caller(call),
+            through_share=_through_share(call, found),
+            trail=call.audit,
         )
         return tc.share_link(revoked, self._clock.now())
 
     async def AcceptShareLink(self, request: P.AcceptShareLinkRequest, call: Call) -> P.TunnelShare:
-        made = await self._shares.accept(request.token, caller(call))
+        made = await self._shares.accept(request.token, caller(call), call.audit)
         return tc.share(made, self._clock.now())
 
     async def ListSharedWithMe(

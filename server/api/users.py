@@ -55,20 +55,23 @@ class UserApi:
         user_id = user_id_of(request.user.name, "user.name", caller_id(call))
         paths = convert.mask_paths(request.update_mask, request.user, UPDATABLE_PATHS)
         updated = await self._users.update(
-            user_id, convert.profile(request.user), paths, request.user.etag
+            user_id, convert.profile(request.user), paths, request.user.etag, call.audit
         )
         return convert.user(updated)
 
     async def DeleteUser(self, request: users_pb2.DeleteUserRequest, call: Call) -> users_pb2.User:
         user_id = user_id_of(request.name, "name", caller_id(call))
-        deleted = await self._users.delete(user_id, etag=request.etag, purge=request.purge)
+        deleted = await self._users.delete(
+            user_id, etag=request.etag, purge=request.purge, trail=call.audit
+        )
         return convert.user(deleted)
 
     async def UndeleteUser(
         self, request: users_pb2.UndeleteUserRequest, call: Call
     ) -> users_pb2.User:
         user_id = user_id_of(request.name, "name", caller_id(call))
-        return convert.user(await self._users.undelete(user_id, etag=request.etag))
+        restored = await self._users.undelete(user_id, etag=request.etag, trail=call.audit)
+        return convert.user(restored)
 
     async def SetUserRole(
         self, request: users_pb2.SetUserRoleRequest, call: Call
@@ -76,7 +79,9 @@ class UserApi:
         user_id = user_id_of(request.name, "name", caller_id(call))
         role = convert.enum_in(convert.ROLES, request.role, "role")
         assert call.principal is not None
-        changed = await self._users.set_role(call.principal, user_id, role, etag=request.etag)
+        changed = await self._users.set_role(
+            call.principal, user_id, role, etag=request.etag, trail=call.audit
+        )
         return convert.user(changed)
 
     async def ListTiers(
@@ -93,7 +98,9 @@ class UserApi:
         user_id = user_id_of(request.name, "name", caller_id(call))
         tier = convert.enum_in(convert.TIERS, request.tier, "tier")
         assert call.principal is not None
-        changed = await self._users.change_tier(call.principal, user_id, tier, etag=request.etag)
+        changed = await self._users.change_tier(
+            call.principal, user_id, tier, etag=request.etag, trail=call.audit
+        )
         return convert.user(changed)
 
     async def ListActivity(
@@ -116,7 +123,7 @@ class UserApi:
     ) -> users_pb2.User:
         user_id = user_id_of(request.name, "name", caller_id(call), suffix="/avatar")
         body = request.avatar
-        updated = await self._users.upload_avatar(user_id, body.content_type, body.data)
+        updated = await self._users.upload_avatar(user_id, body.content_type, body.data, call.audit)
         return convert.user(updated)
 
     async def GetAvatar(
@@ -136,5 +143,5 @@ class UserApi:
         self, request: users_pb2.DeleteAvatarRequest, call: Call
     ) -> empty_pb2.Empty:
         user_id = user_id_of(request.name, "name", caller_id(call), suffix="/avatar")
-        await self._users.delete_avatar(user_id)
+        await self._users.delete_avatar(user_id, call.audit)
         return empty_pb2.Empty()

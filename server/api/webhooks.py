@@ -116,7 +116,7 @@ class WebhookApi:
     async def CreateWebhook(self, request: P.CreateWebhookRequest, call: Call) -> P.Webhook:
         owner = user_id_of(request.parent, "parent", caller_id(call))
         created = await self._webhooks.create(
-            owner, draft(request.webhook), request_id=request.request_id
+            owner, draft(request.webhook), request_id=request.request_id, trail=call.audit
         )
         return webhook(created, with_secret=True)
 
@@ -143,19 +143,28 @@ class WebhookApi:
         owner, webhook_id = webhook_parts(request.webhook.name, "webhook.name", caller_id(call))
         paths = convert.mask_paths(request.update_mask, request.webhook, UPDATABLE_PATHS)
         updated = await self._webhooks.update(
-            owner, webhook_id, draft(request.webhook), paths, etag=request.webhook.etag
+            owner,
+            webhook_id,
+            draft(request.webhook),
+            paths,
+            etag=request.webhook.etag,
+            trail=call.audit,
         )
         return webhook(updated)
 
     async def DeleteWebhook(self, request: P.DeleteWebhookRequest, call: Call) -> P.Webhook:
         owner, webhook_id = webhook_parts(request.name, "name", caller_id(call))
-        return webhook(await self._webhooks.delete(owner, webhook_id, etag=request.etag))
+        deleted = await self._webhooks.delete(
+            owner, webhook_id, etag=request.etag, trail=call.audit
+        )
+        return webhook(deleted)
 
     async def RotateWebhookSecret(
         self, request: P.RotateWebhookSecretRequest, call: Call
     ) -> P.Webhook:
         owner, webhook_id = webhook_parts(request.name, "name", caller_id(call))
-        return webhook(await self._webhooks.rotate_secret(owner, webhook_id), with_secret=True)
+        rotated = await self._webhooks.rotate_secret(owner, webhook_id, call.audit)
+        return webhook(rotated, with_secret=True)
 
     async def ListWebhookDeliveries(
         self, request: P.ListWebhookDeliveriesRequest, call: Call
@@ -183,7 +192,9 @@ class WebhookApi:
         if request.data.ByteSize() > MAX_TEST_DATA:
             raise InvalidArgument.single("data", f"at most {MAX_TEST_DATA // 1024} KiB")
         data = json_format.MessageToDict(request.data)
-        sent = await self._webhooks.test(owner, webhook_id, data, actor=f"users/{caller_id(call)}")
+        sent = await self._webhooks.test(
+            owner, webhook_id, data, actor=f"users/{caller_id(call)}", trail=call.audit
+        )
         return delivery(sent)
 
     async def ReplayWebhookEvents(
@@ -205,7 +216,7 @@ class WebhookApi:
             event_types=tuple(request.event_types),
         )
         started = await self._webhooks.replay(
-            owner, webhook_id, replay, request_id=request.request_id
+            owner, webhook_id, replay, request_id=request.request_id, trail=call.audit
         )
         return operation(started)
 
@@ -216,5 +227,5 @@ class WebhookApi:
         if not request.HasField("start_time"):
             raise InvalidArgument.single("start_time", "is required", "REQUIRED")
         since = convert.from_timestamp(request.start_time, "start_time")
-        count = await self._webhooks.recover(owner, webhook_id, since)
+        count = await self._webhooks.recover(owner, webhook_id, since, call.audit)
         return P.RecoverWebhookDeliveriesResponse(recovered=count)

@@ -25,7 +25,7 @@ included):
 3. An aggregate reaches another only through what that one publishes: its ``model``,
    ``ports`` and ``rules``, and the modules its ``__init__`` names in ``PUBLISHED``
    (``events.service``: every use case records its events; ``audit.service``: and
-   annotates its audit entry; ``identity.tiers``; ``webhooks.outbox``: an event's
+   records its audit entry; ``identity.tiers``; ``webhooks.outbox``: an event's
    deliveries are queued with it).
 4. ``model`` and ``ports`` modules import only pure modules: nothing that reaches a
    unit of work or a ``ports`` module. So a repository protocol never depends on a use case.

@@ -1,20 +1,25 @@
 """Audit: every call of an audited method, and every rejected credential, is recorded.
 
-A successful call's entry is written by the unit of work that commits its change, in the
-same transaction. A failed call's entry is written here, in a transaction of its own, so
-that the failure is kept although the call's own writes were rolled back.
+Which methods are audited is the policy's ``audited`` option in the contract. For such a
+method this stage opens the call's :class:`AuditTrail` (``call.audit``) from the call's
+context; the servicer hands it to the use case, which records the entry in the unit of
+work of its change (:mod:`server.domain.audit.service`). The stage runs after
+authentication, so the trail names the caller.
+
+A call that fails is recorded here, in a transaction of its own, so that the failure is
+kept although the call's own writes were rolled back: by correcting the outcome of the
+entry the use case committed, or else as a new entry with what the use case noted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from contextvars import Token
 
 from google.protobuf.message import Message
 
-from server.domain.audit import service as audit
-from server.domain.audit.model import AuditScope
+from server.domain.audit.model import AuditTrail, RequestContext
+from server.domain.audit.rules import action_name
 from server.domain.common.clock import Clock
 from server.domain.common.errors import DomainError, Unauthenticated
 from server.domain.unit_of_work import UnitOfWorkFactory
@@ -22,7 +27,7 @@ from server.pipeline import Call, Handler, MethodInfo, outcome_of
 
 
 class AuditStage:
-    """Opens the audit scope of audited calls and records failures."""
+    """Opens the audit trail of audited calls and records failures."""
 
     def __init__(self, uow: UnitOfWorkFactory, clock: Clock, logger: logging.Logger) -> None:
         self._uow = uow
@@ -30,24 +35,17 @@ class AuditStage:
         self._log = logger
 
     def wrap(self, method: MethodInfo, handler: Handler) -> Handler:
-        action = audit.action_name(method.full_name)
         if not method.policy.audited:
             return self._rejected_credentials_only(method, handler)
+        action = action_name(method.full_name)
 
         async def handle(request: Message, call: Call) -> Message:
-            scope = self._scope(method, call, action)
-            token: Token[AuditScope | None] | None = audit.open_scope(scope)
+            trail = call.audit = AuditTrail(context_of(call, action))
             try:
                 return await handler(request, call)
             except BaseException as exc:
-                if token is not None:
-                    audit.close_scope(token)
-                token = None
-                await self._record_failure(scope, exc)
+                await self._record_failure(trail, exc)
                 raise
-            finally:
-                if token is not None:
-                    audit.close_scope(token)
 
         return handle
 
@@ -57,32 +55,35 @@ class AuditStage:
                 return await handler(request, call)
             except Unauthenticated as exc:
                 if call.header("authorization"):
-                    scope = self._scope(method, call, "auth.credential_rejected")
-                    await self._record_failure(scope, exc)
+                    trail = AuditTrail(context_of(call, "auth.credential_rejected"))
+                    await self._record_failure(trail, exc)
                 raise
 
         return handle
 
-    @staticmethod
-    def _scope(method: MethodInfo, call: Call, action: str) -> AuditScope:
-        client = call.client
-        return AuditScope(
-            method=method.full_name,
-            action=action,
-            request_id=call.request_id,
-            ip_address=client.ip_address,
-            user_agent=client.user_agent[:512],
-        )
-
-    async def _record_failure(self, scope: AuditScope, exc: BaseException) -> None:
+    async def _record_failure(self, trail: AuditTrail, exc: BaseException) -> None:
         outcome = outcome_of(exc).name
         reason = exc.reason if isinstance(exc, DomainError) else ""
         try:
             async with self._uow() as uow:
-                if scope.recorded_id:
-                    await uow.audit.set_outcome(scope.recorded_id, outcome, reason)
-                else:
-                    await uow.audit.add(scope.entry(self._clock.now(), outcome, reason))
+                if not (trail.added and await uow.audit.set_outcome(trail.id, outcome, reason)):
+                    await uow.audit.add(trail.entry(self._clock.now(), outcome, reason))
         except (asyncio.CancelledError, Exception):  # noqa: BLE001 - see below
             # The call's own error is what the caller must see; a lost audit line is logged.
-            self._log.exception("could not write audit entry", extra={"method": scope.method})
+            method = trail.context.method
+            self._log.exception("could not write audit entry", extra={"method": method})
+
+
+def context_of(call: Call, action: str) -> RequestContext:
+    """What an audit entry says about ``call``: its method, caller and client."""
+    client = call.client
+    principal = call.principal
+    return RequestContext(
+        method=call.method.full_name,
+        action=action,
+        request_id=call.request_id,
+        ip_address=client.ip_address,
+        user_agent=client.user_agent[:512],
+        actor_user_id=principal.user_id if principal is not None else "",
+        api_key_id=principal.api_key_id if principal is not None else "",
+    )

@@ -19,7 +19,6 @@ from typing import Protocol
 from google.protobuf.message import Message
 
 from server.cookies import ACCESS_COOKIE, read_cookie
-from server.domain.audit import service as audit
 from server.domain.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from server.domain.common.names import owner_of
 from server.domain.identity.authentication import Authenticator
@@ -88,7 +87,6 @@ class AuthenticateStage:
             else:
                 if principal is not None:
                     call.principal = principal
-                    audit.set_actor(principal.user_id, principal.api_key_id)
             return await handler(request, call)
 
         return handle

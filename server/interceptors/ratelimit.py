@@ -118,6 +118,11 @@ class LimiterMetrics:
             "Limiter decisions Redis answered with an error (decided in-process instead).",
             registry=registry,
         )
+        self.redis_runs = PromCounter(
+            "tunnelplane_ratelimit_redis_runs_total",
+            "Decisions made by a script run in Redis (the others came from leased slices).",
+            registry=registry,
+        )
         self.switches = PromCounter(
             "tunnelplane_ratelimit_backend_switches_total",
             "Switches between Redis and the in-process limiter.",

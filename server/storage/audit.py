@@ -67,12 +67,13 @@ class SqlAuditRepository(Repository):
         if entries:
             await self._conn.execute(audit_log.insert(), [_row(e) for e in entries])
 
-    async def set_outcome(self, entry_id: str, outcome: str, reason: str) -> None:
-        await self._conn.execute(
+    async def set_outcome(self, entry_id: str, outcome: str, reason: str) -> bool:
+        result = await self._conn.execute(
             sa.update(audit_log)
             .where(_a.id == entry_id)
             .values(outcome=outcome, reason=reason[:100])
         )
+        return result.rowcount > 0
 
     async def list_for_user(self, user_id: str, query: ListQuery) -> builtins.list[AuditEntry]:
         stmt = sa.select(audit_log).where(_a.subject_user_id == user_id)

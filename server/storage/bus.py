@@ -4,7 +4,7 @@ Every replica publishes committed events on one Redis channel and reads that cha
 one subscription, handing each event to its own watchers (:class:`MemoryBus`). A replica
 therefore sees its own events through Redis too, in the same order as everyone else. While
 Redis is unreachable, events still reach this replica's watchers directly, and the reader
-reconnects with back-off.
+subscribes again with back-off.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from datetime import datetime
 from typing import Any
 
@@ -86,21 +85,10 @@ class RedisBus:
         """Until the channel subscription is in place (tests, start-up)."""
         await self._connected.wait()
 
-    async def run(self) -> None:
-        """Read the channel until cancelled, reconnecting with back-off."""
-        delay = 0.2
-        while True:
-            try:
-                await self._read()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - reconnect whatever went wrong
-                self._connected.clear()
-                log.warning("event bus subscription lost", extra={"error": type(exc).__name__})
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter
-            delay = min(delay * 2, 5.0)
-
-    async def _read(self) -> None:
+    async def read(self) -> None:
+        """Subscribe to the channel and hand what it carries to local subscribers until
+        the connection is lost (then this raises, and the supervisor's loop,
+        :func:`server.workers.events.bus_loop`, subscribes again after a back-off)."""
         pubsub = self._reader.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.channel)
@@ -109,6 +97,7 @@ class RedisBus:
                 if message.get("type") == "message":
                     self._deliver(message["data"])
         finally:
+            self._connected.clear()
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
 

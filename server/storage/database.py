@@ -23,7 +23,6 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from server.domain.audit import service as audit
 from server.domain.common.clock import Clock
 from server.domain.common.errors import Unavailable
 from server.storage import sqlite_inline
@@ -57,19 +56,23 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str, *, pool_size: int, statement_timeout: float) -> AsyncEngine:
+def make_engine(
+    url: str, *, pool_size: int, statement_timeout: float, sqlite_inline_driver: bool = True
+) -> AsyncEngine:
     """An async engine configured for its backend."""
     url = normalize_url(url)
     if url.startswith("sqlite"):
         path = sa.engine.make_url(url).database or ":memory:"
         if path != ":memory:" and not path.startswith("file:"):
             private_file(Path(path))
-        engine = create_async_engine(
-            url,
-            pool_size=pool_size,
-            max_overflow=pool_size,
-            async_creator=sqlite_inline.creator(path),
+        driver: dict[str, Any] = (
+            {"async_creator": sqlite_inline.creator(path)}
+            if sqlite_inline_driver
+            # Every unit of work ends its transaction itself: the pool's reset would be a
+            # second ROLLBACK, and with aiosqlite a second hop to its thread.
+            else {"connect_args": {"cached_statements": 256}, "pool_reset_on_return": None}
         )
+        engine = create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, **driver)
         _configure_sqlite(engine)
         return engine
     return create_async_engine(
@@ -190,11 +193,7 @@ _UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, OSError, Timeout
 
 
 class SqlUnitOfWork:
-    """One transaction and its repositories. Commits on a clean exit, else rolls back.
-
-    A write unit of work that commits during an audited call also writes that call's
-    audit entry, in the same transaction (see :mod:`server.domain.audit.service`).
-    """
+    """One transaction and its repositories. Commits on a clean exit, else rolls back."""
 
     users: SqlUserRepository
     avatars: SqlAvatarRepository
@@ -274,10 +273,7 @@ class SqlUnitOfWork:
         assert conn is not None
         try:
             if exc is None and self._write:
-                recorded = await self._record_audit()
                 await conn.commit()
-                if recorded and (scope := audit.current()) is not None:
-                    scope.recorded_id = recorded
             else:
                 await conn.rollback()
         except _UNAVAILABLE as failure:
@@ -300,14 +296,6 @@ class SqlUnitOfWork:
     def after_commit(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run ``callback`` after a successful commit."""
         self._callbacks.append(callback)
-
-    async def _record_audit(self) -> str:
-        scope = audit.current()
-        if scope is None or scope.recorded_id:
-            return ""
-        entry = scope.entry(self._clock.now(), "OK")
-        await self.audit.add(entry)
-        return entry.id
 
     async def _run_callbacks(self) -> None:
         for callback in self._callbacks:

@@ -1,17 +1,19 @@
 """Where rate-limit state lives: Redis (shared by every replica) or this process.
 
-One decision is one Lua script run (``EVALSHA``, :mod:`server.storage.limiter_script`):
-the address block and the address's bucket (anonymous callers only), the subject's bucket
-(with its queue reservation), the monthly quota and its retry de-duplication, checked and
-committed atomically. Each script run is written at
-once on a dedicated connection and its reply matched in order (:mod:`server.storage.resp`).
-The in-process limiter runs the same steps with the same arithmetic
-(:func:`server.domain.ratelimit.gcra`); :class:`FallbackLimiter` switches to it while
+A decision in Redis is one Lua script run (``EVALSHA`` through redis-py,
+:mod:`server.storage.limiter_script`): the address block and the address's bucket
+(anonymous callers only), the subject's bucket (with its queue reservation), the monthly
+quota and its retry de-duplication, checked and committed atomically. A signed-in
+caller's busy subject is mostly decided here instead, from a slice of its budget that the
+script leased to this replica (:mod:`server.storage.limiter_lease`, which states the
+over-admission bound). The in-process limiter runs the same steps with the same arithmetic
+(:func:`server.domain.limits.rules.gcra`); :class:`FallbackLimiter` switches to it while
 Redis is unreachable and back when it returns.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -20,57 +22,185 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from server.domain.limits.model import Check, Decision, Enforcement, GcraResult, IpBlock, Outcome
 from server.domain.limits.rules import gcra
+from server.storage.limiter_lease import Leases, leasable, slice_cap
 from server.storage.limiter_script import (
+    COUNTER_MARGIN_MS,
     DEDUPE_MS,
+    FLUSH_LUA,
     KEY_MARGIN_MS,
     LUA,
     SEED_LUA,
+    args_of,
     decision_of,
-    evalsha_of,
     keys_of,
 )
-from server.storage.resp import RespConnection
 
 log = logging.getLogger(__name__)
+#: A script run that takes longer fails, and the call is decided in process.
 REDIS_TIMEOUT = 0.25
+_REDIS_DOWN = (RedisError, OSError, TimeoutError)
+
+
+def _now(check: Check) -> float:
+    return time.time() * 1000 if check.now_ms is None else float(check.now_ms)
 
 
 class RedisLimiter:
-    """Decisions in Redis: each one ``EVALSHA`` written at once on a dedicated connection
-    (:mod:`server.storage.resp`); the admin reads go through redis-py."""
+    """Decisions in Redis, or from slices of budgets leased from Redis.
+
+    ``lease_max`` is the most calls one slice covers (1: no slices, every call is decided
+    in Redis); ``lease_ttl`` how long a slice may be spent, in seconds, and how long counts
+    made here may wait before they are added to Redis's counters. ``on_run`` is told of
+    every script run that decides a call.
+    """
 
     backend = "redis"
 
-    def __init__(self, client: aioredis.Redis, prefix: str, connection: RespConnection) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        prefix: str,
+        *,
+        lease_max: int = 1,
+        lease_ttl: float = 1.0,
+        on_run: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._on_run = on_run
         self._redis = client
         self._prefix = prefix
-        self._connection = connection
-        self._sha = b""
+        self._script = client.register_script(LUA)
         self._seed = client.register_script(SEED_LUA)
+        self._flush = client.register_script(FLUSH_LUA)
+        self._ttl = lease_ttl
+        self._leases = Leases(lease_ttl * 1000, lease_max, self._arm)
+        self._inflight: dict[str, asyncio.Task[Decision]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def decide(self, check: Check) -> Decision:
-        """One script run (the connection fails it after :data:`REDIS_TIMEOUT`)."""
-        connection = self._connection
-        if not self._sha:
-            self._sha = await connection.execute("SCRIPT", "LOAD", LUA)  # type: ignore[assignment]
+        """Decide from this replica's slice of the subject's budget if it has one; else in
+        Redis, one script run (failed after :data:`REDIS_TIMEOUT`), which may lease a new
+        slice. Calls of one subject that find no slice while one is being asked for wait
+        for that answer (one request per subject at a time)."""
+        leases = self._leases
+        if (
+            not leasable(check)
+            or slice_cap(check.subject_bucket, leases.ttl_ms, leases.maximum) < 2
+        ):
+            exact, _, _ = await self._run(check, 0, 0)
+            return exact
+        now = _now(check)
+        while (decision := leases.spend(check, now)) is None:
+            inflight = self._inflight.get(check.subject)
+            if inflight is None or inflight.done():
+                # Done: its answer left no slice for this call (awaiting a done task would
+                # not yield, and this loop would spin).
+                return await self._renew(check, now)
+            await asyncio.shield(inflight)
+            now = _now(check)
+        return decision
+
+    async def _renew(self, check: Check, now: float) -> Decision:
+        """Decide ``check`` in Redis and take a new slice with it."""
+        size, want, quota_want = self._leases.wants(check, now)
+        task = asyncio.ensure_future(self._lease(check, now, size, want, quota_want))
+        self._inflight[check.subject] = task
+        task.add_done_callback(lambda done: self._settled(check.subject, done))
+        return await asyncio.shield(task)
+
+    async def _lease(
+        self, check: Check, now: float, size: int, want: int, quota_want: int
+    ) -> Decision:
+        decision, extra, allowance = await self._run(check, want, quota_want)
+        self._leases.granted(check, now, size, decision, extra, allowance)
+        return decision
+
+    def _settled(self, subject: str, task: asyncio.Task[Decision]) -> None:
+        if self._inflight.get(subject) is task:
+            del self._inflight[subject]
+        if not task.cancelled():
+            task.exception()  # retrieved: the callers that awaited it have it
+
+    async def _run(self, check: Check, want: int, quota_want: int) -> tuple[Decision, int, int]:
+        """One script run for ``check``, carrying this replica's pending counts of its
+        monthly counter."""
+        sent = self._leases.take(check.quota_key) if check.quota_key else 0
+        args = args_of(check, want, quota_want, sent)
+        self._on_run()
         try:
-            reply = await connection.execute_encoded(evalsha_of(check, self._prefix, self._sha))
-        except NoScriptError:
-            self._sha = await connection.execute("SCRIPT", "LOAD", LUA)  # type: ignore[assignment]
-            reply = await connection.execute_encoded(evalsha_of(check, self._prefix, self._sha))
-        except RedisConnectionError:
-            # A connection from before a Redis restart: once more, on a fresh one.
-            reply = await connection.execute_encoded(evalsha_of(check, self._prefix, self._sha))
-        return decision_of(reply)  # type: ignore[arg-type]
+            async with asyncio.timeout(REDIS_TIMEOUT):
+                reply = await self._script(keys=keys_of(check, self._prefix), args=args)
+        except BaseException:
+            self._leases.returned(check.quota_key, sent)
+            raise
+        decision, extra, allowance = decision_of(reply)
+        return self._leases.flushed(check, _now(check), sent, decision), extra, allowance
+
+    def _arm(self, key: str) -> None:
+        """Flush ``key``'s pending counts one lease interval from now."""
+        loop = asyncio.get_running_loop()
+        self._timers[key] = loop.call_later(self._ttl, self._due, key)
+
+    def _due(self, key: str) -> None:
+        self._timers.pop(key, None)
+        task = asyncio.ensure_future(self._flush_counts(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _flush_counts(self, key: str) -> tuple[int, bool] | None:
+        """Add the counts of ``key`` made here to Redis (a failure keeps them for the next
+        try, one interval later); the counter's value and whether the flush made it
+        again, if counts were sent."""
+        flushed = None
+        sent = self._leases.take(key)
+        if sent:
+            now = time.time() * 1000
+            expiry = max(0, math.ceil(self._leases.month_end(key) - now)) + COUNTER_MARGIN_MS
+            try:
+                async with asyncio.timeout(REDIS_TIMEOUT):
+                    value, created = await self._flush(
+                        keys=[f"{self._prefix}{key}"], args=[sent, expiry]
+                    )
+            except _REDIS_DOWN as exc:
+                self._leases.returned(key, sent)
+                log.debug("monthly counts not flushed; will retry", extra={"error": repr(exc)})
+            except BaseException:
+                self._leases.returned(key, sent)
+                raise
+            else:
+                flushed = int(value), bool(created)
+                self._leases.counted_in_redis(key, sent, *flushed)
+        if key not in self._timers and self._leases.reschedule(key):
+            self._arm(key)
+        return flushed
+
+    async def flush_counts(self) -> dict[str, tuple[int, bool]]:
+        """Add every count made here to Redis now (see :meth:`Limiter.flush_counts`)."""
+        flushed = {}
+        for key in self._leases.pending_keys():
+            result = await self._flush_counts(key)
+            if result is not None:
+                flushed[key] = result
+        return flushed
 
     async def close(self) -> None:
-        """Close the dedicated connection."""
-        await self._connection.close()
+        """Add the counts made here to Redis, once, and stop the timers (the client is
+        the server's, closed by it)."""
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        if self._inflight:
+            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.flush_counts()
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
 
     async def blocks(self) -> list[IpBlock]:
         """Every address blocked now (one SCAN)."""
@@ -88,12 +218,14 @@ class RedisLimiter:
         return found
 
     async def counter(self, key: str) -> int:
-        """A quota counter's value."""
+        """A quota counter's value: Redis's, and the counts made here not yet in it."""
         value = await self._redis.get(f"{self._prefix}{key}")
-        return int(value or 0)
+        return int(value or 0) + self._leases.pending(key)
 
     async def seed(self, key: str, amount: int) -> bool:
-        """Add ``amount`` to a quota counter, if it exists."""
+        """Add ``amount`` to a quota counter, if it exists (and count here no more against
+        it without asking)."""
+        self._leases.revoke(key)
         added = await self._seed(keys=[f"{self._prefix}{key}"], args=[amount])
         return int(added) >= 0
 
@@ -220,6 +352,10 @@ class MemoryLimiter:
         self._data[key] = (item[0] + amount, item[1])
         return True
 
+    async def flush_counts(self) -> dict[str, tuple[int, bool]]:
+        """Every count is in this process already."""
+        return {}
+
     async def lift(self, ip: str) -> bool:
         """Delete a block."""
         self._data.pop(f"ipviol:{ip}", None)
@@ -273,7 +409,7 @@ class FallbackLimiter:
                 # Loud, decided locally, and Redis stays in use for the next call.
                 log.exception("rate limiter script failed", extra={"error": str(exc)})
                 self._on_error()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except _REDIS_DOWN as exc:
                 self.set_available(False, error=repr(exc))
         return await self._local.decide(check)
 
@@ -288,7 +424,7 @@ class FallbackLimiter:
         if self._primary is not None and self._up:
             try:
                 return await self._primary.counter(key)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except _REDIS_DOWN as exc:
                 self.set_available(False, error=repr(exc))
         return await self._local.counter(key)
 
@@ -297,7 +433,7 @@ class FallbackLimiter:
         if self._primary is not None and self._up:
             try:
                 return await self._primary.seed(key, amount)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except _REDIS_DOWN as exc:
                 self.set_available(False, error=repr(exc))
         return await self._local.seed(key, amount)
 
@@ -305,6 +441,16 @@ class FallbackLimiter:
         """Close Redis connections."""
         if self._primary is not None:
             await self._primary.close()
+
+    async def flush_counts(self) -> dict[str, tuple[int, bool]]:
+        """Counts made here under Redis's leases, added to Redis now (none while Redis is
+        down: they wait for it)."""
+        if self._primary is not None and self._up:
+            try:
+                return await self._primary.flush_counts()
+            except _REDIS_DOWN as exc:
+                self.set_available(False, error=repr(exc))
+        return {}
 
     async def lift(self, ip: str) -> bool:
         """Lift a block everywhere it may be."""

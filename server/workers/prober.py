@@ -239,18 +239,6 @@ class EndpointProber:
             self._log.debug("probed endpoints", extra={"due": len(targets), "recorded": recorded})
         return recorded
 
-    async def run(self, poll_interval: float) -> None:
-        """Call :meth:`run_once` every ``poll_interval`` seconds until cancelled; errors
-        are logged and the loop goes on after the same pause."""
-        if poll_interval <= 0:
-            raise ValueError("poll_interval must be positive")
-        while True:
-            try:
-                await self.run_once()
-            except Exception:  # noqa: BLE001 - logged; the next round retries
-                self._log.exception("endpoint probing failed; will retry")
-            await asyncio.sleep(poll_interval)
-
     async def _probe_and_record(self, target: ProbeTarget) -> bool:
         try:
             async with self._slots:

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from server.domain.identity.users import UserService
+from server.workers.supervisor import Loop
 
 INTERVAL = 3600.0
 
 
-async def purge_loop(
-    users: UserService,
-    log: logging.Logger,
-    interval: float = INTERVAL,
-) -> None:
+def purge_loop(users: UserService, log: logging.Logger, interval: float = INTERVAL) -> Loop:
     """Purge due users every ``interval`` seconds; deletion is idempotent, so replicas may
     run this loop side by side."""
-    while True:
-        try:
-            purged = await users.purge_expired()
-            if purged:
-                log.info("purged soft-deleted users", extra={"count": purged})
-        except Exception:
-            log.exception("purge failed; will retry")
-        await asyncio.sleep(interval)
+
+    async def purge() -> None:
+        purged = await users.purge_expired()
+        if purged:
+            log.info("purged soft-deleted users", extra={"count": purged})
+
+    return Loop("purge", purge, interval)

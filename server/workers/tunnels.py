@@ -1,4 +1,5 @@
-"""Background work for tunnels: endpoint probes (failover), and silent-agent sweeps.
+"""Background work for tunnels: endpoint probes (failover), and silent-agent sweeps, as
+loops of the supervisor (:mod:`server.workers.supervisor`).
 
 Both are safe on any number of replicas: a probe is claimed by moving its endpoint's next
 probe time with a conditional update (one replica wins), and a sweep's updates are
@@ -7,7 +8,6 @@ idempotent.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -24,7 +24,8 @@ from server.domain.tunnels.endpoints import (
 from server.domain.tunnels.model import Endpoint
 from server.domain.tunnels.service import TunnelService
 from server.domain.unit_of_work import UnitOfWorkFactory
-from server.workers.prober import ProbeResult, ProbeTarget
+from server.workers.prober import EndpointProber, ProbeResult, ProbeTarget
+from server.workers.supervisor import Loop
 
 log = logging.getLogger("tunnelplane.workers")
 
@@ -87,14 +88,24 @@ class ProbeStore:
         await self._tunnels.probed(target.tunnel_id, target.url, apply, next_probe)
 
 
-async def sweep_loop(agents: AgentSessions, interval: float) -> None:
-    """Mark silent agents disconnected, every ``interval`` seconds, until cancelled."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            changed = await agents.sweep()
-        except Exception:
-            log.exception("agent sweep failed")
-            continue
+def sweep_loop(agents: AgentSessions, interval: float) -> Loop:
+    """Mark silent agents disconnected every ``interval`` seconds (the first sweep one
+    interval after start)."""
+
+    async def sweep() -> None:
+        changed = await agents.sweep()
         if changed:
             log.info("agents swept", extra={"tunnels": changed})
+
+    return Loop("agent-sweep", sweep, interval, immediately=False)
+
+
+def probe_loop(prober: EndpointProber, poll_interval: float) -> Loop:
+    """Probe whatever endpoints are due every ``poll_interval`` seconds."""
+    if poll_interval <= 0:
+        raise ValueError("poll_interval must be positive")
+
+    async def probe() -> None:
+        await prober.run_once()
+
+    return Loop("prober", probe, poll_interval)

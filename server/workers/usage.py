@@ -4,13 +4,12 @@ figure written, so replicas need no coordination and a repeated write changes no
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from server.domain.limits.service import RequestUsage
+from server.workers.supervisor import Loop
 
 
 class RollupMetrics:
@@ -36,19 +35,11 @@ class RollupMetrics:
 
 
 class UsageRollup:
-    """Writes the noted counts every ``interval`` seconds."""
+    """Writes the noted counts, one roll-up at a time, and measures it."""
 
-    def __init__(
-        self,
-        usage: RequestUsage,
-        interval: float,
-        metrics: RollupMetrics,
-        log: logging.Logger,
-    ) -> None:
+    def __init__(self, usage: RequestUsage, metrics: RollupMetrics) -> None:
         self._usage = usage
-        self._interval = interval
         self._metrics = metrics
-        self._log = log
 
     async def flush(self) -> int:
         """One roll-up now; the number of rows written."""
@@ -62,11 +53,18 @@ class UsageRollup:
         self._metrics.rows.inc(rows)
         return rows
 
-    async def run(self) -> None:
-        """Roll up every interval until cancelled; a failed write is retried next time."""
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.flush()
-            except Exception:  # noqa: BLE001 - logged; the counts stay noted for the next try
-                self._log.exception("could not persist monthly request usage; will retry")
+    async def drain(self) -> None:
+        """The last roll-up (the server is stopping): once the counters being restored are,
+        the requests counted since the previous one."""
+        await self._usage.settled()
+        await self.flush()
+
+
+def rollup_loop(rollup: UsageRollup, interval: float) -> Loop:
+    """Roll up every ``interval`` seconds (the first one interval after start), and once
+    more on the way out; a failed write keeps the counts noted for the next."""
+
+    async def flush() -> None:
+        await rollup.flush()
+
+    return Loop("usage-rollup", flush, interval, immediately=False, drain=rollup.drain)

@@ -28,7 +28,7 @@ releases the deliveries it did not finish, for another replica to send at once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import random
 import secrets
@@ -36,8 +36,6 @@ from collections import Counter as Tally
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from server.domain.common.clock import Clock
 from server.domain.common.errors import DomainError
@@ -54,7 +52,9 @@ from server.domain.webhooks.model import (
     Webhook,
 )
 from server.domain.webhooks.rules import DISABLE_AFTER, RETRY_SCHEDULE
+from server.workers.supervisor import Loop
 from server.workers.webhook_http import AttemptResult, WebhookSender
+from server.workers.webhook_metrics import DispatchMetrics
 from server.workers.webhook_records import Outcome, ResultRecorder
 
 log = logging.getLogger("tunnelplane.webhooks")
@@ -85,39 +85,6 @@ class DispatchSettings:
     poll_interval: float = 1.0
     schedule: tuple[timedelta, ...] = RETRY_SCHEDULE
     disable_after: timedelta = DISABLE_AFTER
-
-
-class DispatchMetrics:
-    """Prometheus metrics of webhook delivery."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.deliveries = Counter(
-            "tunnelplane_webhook_deliveries",
-            "Delivery attempts by result (succeeded, retrying, failed), deliveries "
-            "held back by an endpoint's rate limit (postponed) and deliveries whose "
-            "endpoint does not open with the configured secrets keys (unreadable).",
-            ["result"],
-            registry=registry,
-        )
-        self.latency = Histogram(
-            "tunnelplane_webhook_attempt_seconds",
-            "Time from sending a webhook to its answer (or failure).",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15),
-            registry=registry,
-        )
-        self.queue_depth = Gauge(
-            "tunnelplane_webhook_queue_depth", "Deliveries due now.", registry=registry
-        )
-        self.oldest_due = Gauge(
-            "tunnelplane_webhook_oldest_due_seconds",
-            "How long the oldest due delivery has been waiting.",
-            registry=registry,
-        )
-        self.in_flight = Gauge(
-            "tunnelplane_webhook_in_flight",
-            "Webhook requests this process has in flight.",
-            registry=registry,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,26 +163,19 @@ class WebhookDispatcher:
         ]
         await self._records.record(outcomes)
 
-    async def run(self) -> None:
-        """Deliver until cancelled; then release what is still in flight."""
-        recorder = asyncio.create_task(self._record_landed(), name="webhook-results")
-        try:
-            while True:
-                idle = self._settings.poll_interval
-                self._wake.clear()  # before the claim: an event during it wakes the next
-                try:
-                    more = await self._fill()
-                    await self._update_stats()
-                    if more:
-                        continue  # what is claimable was not all seen: look again at once
-                    idle = await self._idle_time()
-                except Exception:
-                    log.exception("webhook dispatch failed; will retry")
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(idle):
-                        await self._wake.wait()
-        finally:
-            await self._land_all(recorder)
+    @property
+    def wakeup(self) -> asyncio.Event:
+        """Set when there may be due work (see :meth:`wake`): it ends the claim loop's pause."""
+        return self._wake
+
+    async def step(self) -> float:
+        """One round of the claim loop (:func:`dispatch_loops`): claim what there is room
+        for and start sending it; the pause before the next round (0: at once)."""
+        more = await self._fill()
+        await self._update_stats()
+        if more:
+            return 0.0  # what is claimable was not all seen: look again at once
+        return await self._idle_time()
 
     # -- claiming --------------------------------------------------------------------------
 
@@ -421,15 +381,17 @@ class WebhookDispatcher:
         self._landed.append(task.result())
         self._landing.set()
 
-    async def _record_landed(self) -> None:
-        """Record landed results until cancelled: whatever landed meanwhile, in one
-        transaction, so a slow send never holds back the others' records."""
-        while True:
-            await self._landing.wait()
-            if len(self._landed) < self._few() and self._flights:
-                await asyncio.sleep(GATHER)  # record what lands meanwhile with them
-            self._landing.clear()
-            await self._record_now()
+    async def record_landed(self) -> None:
+        """One round of the recording loop: wait for results to land and record whatever
+        landed meanwhile in one transaction, so a slow send never holds back the others'
+        records. If the write fails, their leases bring the deliveries back (sent again:
+        at least once)."""
+        await self._landing.wait()
+        if len(self._landed) < self._few() and self._flights:
+            await asyncio.sleep(GATHER)  # record what lands meanwhile with them
+        self._landing.clear()
+        batch, self._landed = self._landed, []
+        await self._records.record(batch)
 
     async def _record_now(self) -> None:
         batch, self._landed = self._landed, []
@@ -439,18 +401,15 @@ class WebhookDispatcher:
             # Their leases bring the deliveries back: sent again, at least once.
             log.exception("recording webhook results failed", extra={"results": len(batch)})
 
-    async def _land_all(self, recorder: asyncio.Task[None]) -> None:
-        """Stop: cancel the sends in flight, record what landed, and release the rest at
-        once (rather than at the end of their leases)."""
+    async def drain(self) -> None:
+        """The loops have stopped: cancel the sends in flight, record what landed, and
+        release the rest at once (rather than at the end of their leases)."""
         if self._wake_timer is not None:
             self._wake_timer.cancel()
         unfinished = list(self._flights.items())
         for task, _ in unfinished:
             task.cancel()
         await asyncio.gather(*(t for t, _ in unfinished), return_exceptions=True)
-        recorder.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await recorder
         await self._record_now()
         released = [c for t, c in unfinished if t.cancelled()]
         if not released:
@@ -464,17 +423,28 @@ class WebhookDispatcher:
             log.exception("releasing unfinished webhook deliveries failed")
 
 
+def dispatch_loops(dispatcher: WebhookDispatcher) -> list[Loop]:
+    """The recording loop, then the claim loop (which so stops and drains first; its step
+    names every pause)."""
+    return [
+        Loop("webhook-records", dispatcher.record_landed, 0.0),
+        Loop("webhooks", dispatcher.step, 0.0, wake=dispatcher.wakeup, drain=dispatcher.drain),
+    ]
+
+
 async def seal_plain_headers(uow: UnitOfWorkFactory, batch: int = 200) -> None:
-    """Seal the custom headers that rows written before migration 0008 hold in the clear;
-    run once at start-up (on every replica: sealing a row twice is harmless)."""
-    try:
-        while True:
-            async with uow() as work:
-                looked = await work.webhooks.seal_plain_headers(batch)
-            if looked < batch:
-                return
-    except Exception:
-        log.exception("sealing stored webhook headers failed; the next start tries again")
+    """Seal the custom headers that rows written before migration 0008 hold in the clear
+    (sealing a row twice is harmless)."""
+    while True:
+        async with uow() as work:
+            looked = await work.webhooks.seal_plain_headers(batch)
+        if looked < batch:
+            return
+
+
+def headers_loop(uow: UnitOfWorkFactory) -> Loop:
+    """:func:`seal_plain_headers`, once at start-up, on every replica."""
+    return Loop("webhook-headers", functools.partial(seal_plain_headers, uow), 0.0, once=True)
 
 
 async def _load(

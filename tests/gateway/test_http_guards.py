@@ -14,6 +14,7 @@ import pytest_asyncio
 
 from gateway.guard import ConnectionGuard
 from gateway.serve import HttpServer
+from tests.helpers import eventually
 
 HEAD = b"POST /echo HTTP/1.1\r\nhost: test\r\n"
 FAST = ConnectionGuard(header_timeout=0.5, body_timeout=0.5)
@@ -175,12 +176,12 @@ async def test_one_address_may_hold_only_so_many_connections(exempt: bool) -> No
 
 async def eventually_served(port: int) -> None:
     """A new connection is served once the server has seen a held one close."""
-    for _ in range(100):
+
+    async def served() -> bool:
         reader, writer = await connect(port)
         writer.write(HEAD + b"content-length: 0\r\nconnection: close\r\n\r\n")
         raw = await answer(reader, within=3)
         writer.close()
-        if status_of(raw) == 200:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("the freed slot was never given back")
+        return status_of(raw) == 200
+
+    await eventually(served, within=3, every=0.02)

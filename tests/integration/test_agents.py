@@ -27,6 +27,7 @@ from tests.helpers import (
     agent_key,
     bearer,
     detail,
+    eventually,
     fails,
     reason,
     refused_reports,
@@ -40,15 +41,14 @@ D = A.DesiredState
 
 async def wait_for_state(client: Client, owner: TestUser, name: str, **want: Any) -> P.Tunnel:
     """Poll until the tunnel has ``want`` (state changes land after the stream's calls)."""
-    found = None
-    for _ in range(200):
+
+    async def reached() -> P.Tunnel | None:
         found = await client.tunnels.GetTunnel(
             P.GetTunnelRequest(name=name), metadata=owner.metadata
         )
-        if all(getattr(found, k) == v for k, v in want.items()):
-            return found
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{name} never reached {want}: {found}")
+        return found if all(getattr(found, k) == v for k, v in want.items()) else None
+
+    return await eventually(reached, within=10, every=0.05)
 
 
 async def test_session_follows_the_desired_state_and_moves_the_tunnel(client: Client) -> None:

@@ -335,7 +335,7 @@ async def credentials_for(
 async def shared_user(client: Client, target: Target, role: ShareRole) -> TestUser:
     """A new user holding a ``role`` share of the target's tunnel."""
     user = await client.new_user(tag="shared")
-    parts = client.app.tunnel_parts
+    parts = client.app.tunnels
     owner_id, tunnel_id = target.user.id, target.tunnel.rsplit("/", 1)[1]
     tunnel = await parts.tunnels.get(owner_id, tunnel_id)
     await parts.shares.grant(tunnel, user.id, role, None, creator_id=owner_id)

@@ -157,13 +157,16 @@ class Events:
 
     async def until(self, kind: str, display_name: str = "") -> dict[str, Any]:
         """The next result of ``kind`` (naming ``display_name``, if given)."""
-        while True:
+
+        async def matching() -> dict[str, Any] | None:
             event, document = await self.next()
             assert event == "message", document
-            result = document["result"]
+            result: dict[str, Any] = document["result"]
             tunnel = result.get("tunnel", {})
-            if result["kind"] == kind and display_name in {"", tunnel.get("displayName")}:
-                return result
+            wanted = result["kind"] == kind and display_name in {"", tunnel.get("displayName")}
+            return result if wanted else None
+
+        return await eventually(matching, within=10, every=0)  # each message within 10 s too
 
     async def error(self) -> dict[str, Any]:
         """The error that ends the stream (results before it are skipped)."""
@@ -309,7 +312,7 @@ async def test_past_its_tokens_expiry_a_stream_reads_its_session_once_per_interv
         session_id = jwt.decode(access, options={"verify_signature": False})["sid"]
         server.clock.advance(ACCESS_TTL + 60)
         header = f"Bearer {access}"
-        recheck = server.app.authenticator.authenticate
+        recheck = server.app.identity.authenticator.authenticate
         loop = asyncio.get_running_loop()
         with session_reads(server.app, session_id) as reads:
             started = loop.time()

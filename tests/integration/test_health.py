@@ -96,7 +96,7 @@ async def test_database_outage_turns_health_not_serving_and_back(
         await next_status(watch, NOT_SERVING)
         for service in SERVICES:
             assert await status(channel, service) == NOT_SERVING
-        assert not server.health.dependencies["database"].up  # type: ignore[union-attr]
+        assert not server.health.monitor.dependencies["database"].up  # type: ignore[union-attr]
         # Calls that need the database fail as retryable UNAVAILABLE, never INTERNAL.
         client = Client(server, channel)
         await fails(client.register(), grpc.StatusCode.UNAVAILABLE)
@@ -130,7 +130,7 @@ async def test_redis_outage_degrades_without_refusing_calls(
         )
     )
     await server.start()
-    monitor = server.health
+    monitor = server.health.monitor
     assert monitor is not None
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:

@@ -78,8 +78,8 @@ async def test_a_connection_open_across_report_intervals_is_accepted_and_billed(
     assert (traffic.request_count, traffic.success_count, traffic.connection_count) == (1, 1, 1)
     assert traffic.bytes_in == traffic.bytes_out == sent
     assert traffic.HasField("latency_p50")
-    totals = await client.app.tunnel_parts.agents.traffic(
-        await client.app.tunnel_parts.tunnels.get(owner.id, made.name.rsplit("/", 1)[1])
+    totals = await client.app.tunnels.agents.traffic(
+        await client.app.tunnels.tunnels.get(owner.id, made.name.rsplit("/", 1)[1])
     )
     assert sum(totals.totals.latency_buckets) == 1  # the connection's one latency
     usage = await client.tunnels.GetTunnelUsage(

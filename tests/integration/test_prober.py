@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from prometheus_client import CollectorRegistry
 
 from server.domain.common.addresses import public_only
 from server.domain.tunnels.endpoints import (
@@ -25,6 +26,8 @@ from server.domain.tunnels.endpoints import (
 )
 from server.domain.tunnels.model import EndpointHealth
 from server.workers.prober import EndpointProber, ProbeResult, ProbeTarget, probe
+from server.workers.supervisor import Supervisor, WorkerMetrics
+from server.workers.tunnels import probe_loop
 from tests.certs import self_signed
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -394,15 +397,15 @@ async def test_run_survives_errors_and_cancels_cleanly(
     clock = Clock()
     store = MemoryTargets(ProbeThresholds(), [at(f"http://127.0.0.1:{port}/")], clock.time)
     store.unavailable = 2
-    with caplog.at_level(logging.ERROR, LOG.name):
-        loop = asyncio.create_task(prober_for(store, clock).run(poll_interval=0.01))
+    registry = CollectorRegistry()
+    supervisor = Supervisor(WorkerMetrics(registry))
+    with caplog.at_level(logging.ERROR, "tunnelplane.workers"):
+        supervisor.start([probe_loop(prober_for(store, clock), poll_interval=0.01)])
         async with asyncio.timeout(TIMEOUT):
             assert await store.recorded.get() == f"http://127.0.0.1:{port}/"
-        loop.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await loop
-    messages = [r.getMessage() for r in caplog.records]
-    assert messages == ["endpoint probing failed; will retry"] * 2
+        await supervisor.stop()
+    assert [getattr(r, "loop", None) for r in caplog.records] == ["prober"] * 2
+    assert registry.get_sample_value("tunnelplane_worker_errors_total", {"loop": "prober"}) == 2
     assert stub.requests.qsize() == 1
 
 

@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tunnelplane.v1 import auth_pb2, auth_pb2_grpc, users_pb2
 
-from tests.helpers import PASSWORD, fails, unique_email
+from tests.helpers import PASSWORD, eventually, fails, unique_email
 from tests.processes import ServerProcess, child_env, run_cli, serving
 
 pytestmark = pytest.mark.slow
@@ -62,10 +62,8 @@ async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(
         slow_login = asyncio.ensure_future(
             auth.Login(auth_pb2.LoginRequest(email=email, password=PASSWORD))
         )
-        async with asyncio.timeout(20):  # until the server has the call in hand
-            # Another process: poll its metrics until the call has started.
-            while started_logins(server_process.metrics_port) < 1:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
+        # Until the server has the call in hand: another process, so poll its metrics.
+        await eventually(lambda: started_logins(server_process.metrics_port) >= 1, within=20)
         server_process.process.send_signal(signal.SIGTERM)
 
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING

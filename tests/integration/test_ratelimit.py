@@ -26,7 +26,16 @@ from server.app import App
 from server.domain.identity.model import Role, Tier
 from server.domain.identity.tiers import DEFAULT_TIERS
 from tests.conftest import Backend, started
-from tests.helpers import BEHIND_PROXY, SETUP, Client, TestUser, client_of, fresh_ip, http_of
+from tests.helpers import (
+    BEHIND_PROXY,
+    SETUP,
+    Client,
+    TestUser,
+    client_of,
+    eventually,
+    fresh_ip,
+    http_of,
+)
 
 ME = users_pb2.GetUserRequest(name="users/me")
 #: Free: one call per 500 ms with three at once; premium: a tiny monthly quota.
@@ -220,7 +229,7 @@ async def test_far_over_the_rate_is_refused(rc: Client, ip: str) -> None:
 
 
 async def test_the_queue_is_bounded(limited: App, rc: Client, ip: str) -> None:
-    stage = limited.rate_limit_stage
+    stage = limited.limits.stage
     assert stage is not None
     user = await rc.new_user()
     await burst(rc, user, ip, 3)  # spend the burst
@@ -238,11 +247,9 @@ async def test_queue_depth_is_visible_to_admins(limited: App, rc: Client, ip: st
     admin = await rc.new_user(role=Role.SUPER_ADMIN, tag="admin")
     await burst(rc, user, ip, 3)
     waiting = asyncio.ensure_future(rc.users.GetUser(ME, metadata=as_from(ip, user)))
-    stage = limited.rate_limit_stage
+    stage = limited.limits.stage
     assert stage is not None
-    async with asyncio.timeout(5):
-        while not stage.waiting.get(user.name):  # noqa: ASYNC110 - it travels over gRPC
-            await asyncio.sleep(0.001)
+    await eventually(lambda: stage.waiting.get(user.name), within=5, every=0.001)
     status = await rc.admin.GetSystemStatus(
         admin_pb2.GetSystemStatusRequest(), metadata=as_from(ip, admin)
     )
@@ -422,7 +429,7 @@ async def test_exempt_role_is_never_limited_but_would_be_refusals_are_logged(
     limited: App, rc: Client, ip: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     support = await rc.new_user(role=Role.SUPPORT_ADMIN, tag="support")
-    counter = limited.limiter_metrics.decisions.labels("subject", "exempt_would_refuse")
+    counter = limited.limits.metrics.decisions.labels("subject", "exempt_would_refuse")
     before = counter._value.get()
     with caplog.at_level("INFO", logger="tunnelplane.ratelimit"):
         results = await burst(rc, support, ip, 10)
@@ -456,7 +463,7 @@ async def test_refusals_are_recorded_and_summarised(limited: App, rc: Client, ip
     reasons = [details(r[2])["ErrorInfo"].reason for r in results if r[2] is not None]
     refused = reasons.count("RATE_LIMITED")
     assert refused == len(reasons), "a signed-in caller is never blocked with its address"
-    await limited.violations.flush()
+    await limited.limits.violations.flush()
     metadata = SETUP + admin.metadata
     listed = await rc.admin.ListRateLimitViolations(
         admin_pb2.ListRateLimitViolationsRequest(
@@ -490,7 +497,7 @@ async def test_overload_tightens_limits_and_sheds_the_lowest_tier_first(
     premium_ip = ip.rsplit(".", 1)[0] + ".8"
     enterprise = await rc.new_user(tier=Tier.ENTERPRISE)
     admin = await rc.new_user(role=Role.SUPER_ADMIN, tag="admin")
-    load = limited.load
+    load = limited.limits.load
     load.synthetic = lambda: 0.85  # free sheds from 0.8, premium from 0.9
     try:
         code, _, error = await outcome(rc.users.GetUser(ME, metadata=as_from(ip, free)))
@@ -527,7 +534,7 @@ async def test_overload_tightens_limits_and_sheds_the_lowest_tier_first(
 
 async def test_the_configured_backend_made_every_decision(limited: App, backend: Backend) -> None:
     """Runs last here: no decision fell back or failed during the tests above."""
-    assert limited.limiter.backend == ("redis" if backend.redis_url else "memory")
+    assert limited.limits.limiter.backend == ("redis" if backend.redis_url else "memory")
     registry = limited.registry
     assert registry.get_sample_value("tunnelplane_ratelimit_errors_total") == 0
     for to in ("redis", "memory"):

@@ -13,7 +13,7 @@ from google.protobuf import timestamp_pb2
 from tunnelplane.v1 import common_pb2, events_pb2, tunnels_pb2, users_pb2
 
 from server.domain.identity.model import Role, Tier
-from tests.helpers import Client, TestUser, fails, reason
+from tests.helpers import Client, TestUser, eventually, fails, reason
 
 P = tunnels_pb2
 READ, WRITE, ADMIN = (
@@ -89,15 +89,16 @@ async def test_an_expired_share_grants_nothing(client: Client) -> None:
     soon.FromDatetime(datetime.now(UTC) + timedelta(seconds=1))
     await share(client, owner, made.name, guest, READ, expire_time=soon)
     assert (await get(client, guest, made.name)).name == made.name
-    for _ in range(100):  # the share lapses on the server's clock
+
+    async def lapsed() -> bool:  # on the server's clock
         try:
             await get(client, guest, made.name)
         except grpc.aio.AioRpcError as error:
             assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("the share never expired")
+            return True
+        return False
+
+    await eventually(lapsed, within=5, every=0.05)
     listed = await client.tunnels.ListTunnelShares(
         P.ListTunnelSharesRequest(parent=made.name), metadata=owner.metadata
     )

@@ -130,7 +130,7 @@ async def test_a_slot_is_given_back_when_its_stream_ends(lc: Client, limited: Ap
     streams[0].cancel()
 
     async def freed() -> bool:
-        return limited.stream_limits.open.held(owner.id, "max_watch_streams") < FREE_WATCHES
+        return limited.api.stream_limits.open.held(owner.id, "max_watch_streams") < FREE_WATCHES
 
     await eventually(freed, within=10)
     await watch_synced(grpc_watch(lc, owner))
@@ -148,7 +148,7 @@ async def test_an_http_watch_gives_its_slot_back_when_the_client_leaves(
             await anext(lines)
 
         async def released() -> bool:
-            return limited.stream_limits.open.held(owner.id, "max_watch_streams") == 0
+            return limited.api.stream_limits.open.held(owner.id, "max_watch_streams") == 0
 
         await eventually(released, within=10)
 

@@ -235,7 +235,7 @@ async def test_failures_from_many_addresses_lock_neither_the_owner_nor_them(
 ) -> None:
     server, clock = clocked
     email = unique_email("target")
-    await server.accounts.register(email, PASSWORD, "")
+    await server.identity.accounts.register(email, PASSWORD, "")
     tag = uuid.uuid4().int % 200
     attackers = [f"203.0.{tag}.{i}" for i in range(1, 3 * 3 + 1)]  # three times lock_after
     for address in attackers:
@@ -260,7 +260,7 @@ async def test_failures_from_one_address_lock_that_address_out_of_the_account(
 ) -> None:
     server, clock = clocked
     email = unique_email("target")
-    await server.accounts.register(email, PASSWORD, "")
+    await server.identity.accounts.register(email, PASSWORD, "")
     attacker = f"203.0.113.{uuid.uuid4().int % 250 + 1}"
     for _ in range(3):  # lock_after
         assert await sign_in(server, transport, email, "wrong password!!", attacker) == FAILED
@@ -281,14 +281,14 @@ async def test_soft_deleted_users_are_purged_after_retention(
     clocked: tuple[App, FakeClock],
 ) -> None:
     server, clock = clocked
-    user = await server.accounts.register(unique_email("purge"), PASSWORD, "")
-    deleted = await server.users.delete(user.id, etag="", purge=False)
+    user = await server.identity.accounts.register(unique_email("purge"), PASSWORD, "")
+    deleted = await server.identity.users.delete(user.id, etag="", purge=False)
     assert deleted.purge_time == clock.now() + timedelta(days=30)
-    assert await server.users.purge_expired() == 0
-    restored = await server.users.undelete(user.id, etag="")
+    assert await server.identity.users.purge_expired() == 0
+    restored = await server.identity.users.undelete(user.id, etag="")
     assert restored.state.value == "active"
-    await server.users.delete(user.id, etag="", purge=False)
+    await server.identity.users.delete(user.id, etag="", purge=False)
     clock.advance(timedelta(days=30, seconds=1).total_seconds())
-    assert await server.users.purge_expired() >= 1
+    assert await server.identity.users.purge_expired() >= 1
     async with server.db(readonly=True) as uow:
         assert await uow.users.get(user.id) is None

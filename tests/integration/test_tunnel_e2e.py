@@ -22,7 +22,7 @@ from server.app import App
 from server.domain.identity.model import Tier
 from server.settings import Settings
 from tests.conftest import REDIS_URL, Backend, migrate, own_database, require_redis
-from tests.helpers import Client, TestUser, Watch, bearer, state_is
+from tests.helpers import Client, TestUser, Watch, bearer, eventually, state_is
 from tests.processes import ROOT, replica_envs, serving
 
 pytestmark = pytest.mark.slow
@@ -101,14 +101,15 @@ async def start_agent(port: int, key: str, tunnel: str) -> asyncio.subprocess.Pr
 
 
 async def usage_bytes(client: Client, owner: TestUser, name: str, at_least: int) -> P.TunnelUsage:
-    for _ in range(200):
+    """The tunnel's usage once the agent's report of ``at_least`` bytes has arrived."""
+
+    async def reported() -> P.TunnelUsage | None:
         usage = await client.tunnels.GetTunnelUsage(
             P.GetTunnelUsageRequest(name=f"{name}/usage"), metadata=owner.metadata
         )
-        if usage.total.bytes_in >= at_least:
-            return usage
-        await asyncio.sleep(0.1)
-    raise AssertionError("the agent's report never arrived")
+        return usage if usage.total.bytes_in >= at_least else None
+
+    return await eventually(reported, within=20, every=0.1)
 
 
 async def test_reference_agent_relays_bytes_counts_usage_and_follows_restarts(
@@ -157,12 +158,14 @@ async def test_reference_agent_relays_bytes_counts_usage_and_follows_restarts(
 
 async def relay_connection(host: str, port: int) -> tuple[Any, Any]:
     """Connect to the agent's listener (it opens right after the desired state arrives)."""
-    for _ in range(100):
+
+    async def connected() -> tuple[Any, Any] | None:
         try:
             return await asyncio.open_connection(host, port)
         except OSError:
-            await asyncio.sleep(0.05)
-    raise AssertionError("the agent never listened")
+            return None
+
+    return await eventually(connected, within=5, every=0.05)
 
 
 # --- failover ---------------------------------------------------------------------------

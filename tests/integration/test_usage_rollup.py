@@ -105,7 +105,7 @@ async def test_usage_and_quota_resume_from_the_roll_up_when_the_limiter_loses_it
             await caller.get_user()
         assert await caller.requests_used() == 5
         assert await _persisted(first, user) == 0, "calls write nothing: the roll-up does"
-        assert await first.usage_rollup.flush() == 1
+        assert await first.limits.usage_rollup.flush() == 1
         assert await _persisted(first, user) == 5
         assert first.registry.get_sample_value("tunnelplane_usage_rollup_rows_total") == 1
         if backend.redis_url:
@@ -140,7 +140,7 @@ async def _resume(caller: Caller) -> None:
     for _ in range(3):
         await caller.get_user()
     # The first of them made the counter again, and started adding the persisted figure.
-    await caller.client.app.usage.settled()
+    await caller.client.app.limits.usage.settled()
     assert await caller.requests_used() == QUOTA
     error = await fails(caller.get_user(), grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert reason(error) == "QUOTA_EXCEEDED"

@@ -591,8 +591,8 @@ async def test_list_users_filters(client: Client) -> None:
     made = await make_users(client, marker, 4)
     names = [u.name for u in made]
     ids = [n.split("/")[1] for n in names]
-    await client.app.users.change_tier(_root(), ids[1], Tier.PREMIUM, etag="")
-    await client.app.users.promote(made[2].email, Role.FINANCE_ADMIN)
+    await client.app.identity.users.change_tier(_root(), ids[1], Tier.PREMIUM, etag="")
+    await client.app.identity.users.promote(made[2].email, Role.FINANCE_ADMIN)
 
     async def matching(flt: str, **fields: Any) -> list[str]:
         result, _ = await list_all(

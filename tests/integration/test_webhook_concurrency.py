@@ -1,4 +1,4 @@
-"""The dispatcher's continuous loop (``WebhookDispatcher.run``): a slow receiver slows only
+"""The dispatcher's continuous loops (``dispatch_loops``): a slow receiver slows only
 itself. One endpoint's receiver holds every request until the test releases it; another
 answers at once. Real database (SQLite and PostgreSQL), real HTTP, the rig of
 tests/integration/test_webhook_dispatch.py; every wait is on a condition, never a sleep.
@@ -6,15 +6,16 @@ tests/integration/test_webhook_dispatch.py; every wait is on a condition, never 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from server.domain.webhooks.model import DeliveryState
-from server.workers.webhooks import WebhookDispatcher
+from server.workers.supervisor import Supervisor, WorkerMetrics
+from server.workers.webhooks import WebhookDispatcher, dispatch_loops
 from tests.conftest import Backend
 from tests.helpers import eventually
 from tests.integration.test_webhook_dispatch import Rig, open_rig
@@ -30,14 +31,15 @@ async def rig(backend: Backend, tmp_path: Path) -> AsyncIterator[Rig]:
 
 @asynccontextmanager
 async def running(rig: Rig, dispatcher: WebhookDispatcher) -> AsyncIterator[None]:
-    """``dispatcher.run()`` in the background, woken by every event, as the server runs it."""
+    """The dispatcher's loops in the background, woken by every event, as the server runs
+    them."""
     rig.bus.listen(dispatcher.wake)
-    task = asyncio.create_task(dispatcher.run())
+    supervisor = Supervisor(WorkerMetrics(CollectorRegistry()))
+    supervisor.start(dispatch_loops(dispatcher))
     try:
         yield
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await supervisor.stop()
 
 
 async def states(rig: Rig, webhook_id: str) -> list[DeliveryState]:

@@ -6,7 +6,6 @@ per-endpoint rate limit, and the SSRF rules of production mode."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -32,7 +31,16 @@ from server.domain.webhooks.rules import new_secret
 from server.storage import tables
 from server.storage.sealing import new_key
 from tests.conftest import Backend, make_settings, own_database, own_server
-from tests.helpers import Client, TestUser, client_of, fails, http_of, reason, violations
+from tests.helpers import (
+    Client,
+    TestUser,
+    client_of,
+    eventually,
+    fails,
+    http_of,
+    reason,
+    violations,
+)
 from tests.webhook_receiver import Receiver, Seen
 
 W = webhooks_pb2
@@ -77,14 +85,14 @@ async def events_of(client: Client, owner: TestUser) -> list[events_pb2.Event]:
 
 async def settled(client: Client, owner: TestUser, name: str) -> W.WebhookDelivery:
     """The delivery once its attempt is recorded (the receiver hears it a moment before)."""
-    async with asyncio.timeout(10):
-        while True:
-            got = await client.webhooks.GetWebhookDelivery(
-                W.GetWebhookDeliveryRequest(name=name), metadata=owner.metadata
-            )
-            if got.attempts:
-                return got
-            await asyncio.sleep(0.02)
+
+    async def attempted() -> W.WebhookDelivery | None:
+        got = await client.webhooks.GetWebhookDelivery(
+            W.GetWebhookDeliveryRequest(name=name), metadata=owner.metadata
+        )
+        return got if got.attempts else None
+
+    return await eventually(attempted, within=10)
 
 
 # --- endpoints ---------------------------------------------------------------------------
@@ -466,9 +474,7 @@ async def test_a_replay_counts_the_events_it_will_deliver(client: Client, rx: Re
     )
     # user.created is outside the endpoint's filter, tunnel.deleted outside the replay's.
     assert started.metadata.total == 2
-    async with asyncio.timeout(20):
-        while not (done := await get_operation(client, owner, started.name)).done:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
+    done = await finished(client, owner, started.name)
     assert done.replay_webhook_events.queued == 2
     assert (done.metadata.processed, done.metadata.total) == (2, 2)
 
@@ -487,15 +493,25 @@ async def get_operation(client: Client, owner: TestUser, name: str) -> O.Operati
     )
 
 
-async def poll_operation(http: httpx.AsyncClient, owner: TestUser, name: str) -> dict[str, Any]:
+async def finished(client: Client, owner: TestUser, name: str) -> O.Operation:
     """GetOperation until it is done (the runner works in the background)."""
-    async with asyncio.timeout(20):
-        while True:
-            got = await http.get(f"/v1/{name}", headers=auth(owner))
-            assert got.status_code == 200, got.text
-            if got.json().get("done"):
-                return dict(got.json())
-            await asyncio.sleep(0.05)
+
+    async def done() -> O.Operation | None:
+        got = await get_operation(client, owner, name)
+        return got if got.done else None
+
+    return await eventually(done, within=20, every=0.05)
+
+
+async def poll_operation(http: httpx.AsyncClient, owner: TestUser, name: str) -> dict[str, Any]:
+    """GetOperation over HTTP until it is done (the runner works in the background)."""
+
+    async def done() -> dict[str, Any] | None:
+        got = await http.get(f"/v1/{name}", headers=auth(owner))
+        assert got.status_code == 200, got.text
+        return dict(got.json()) if got.json().get("done") else None
+
+    return await eventually(done, within=20, every=0.05)
 
 
 async def test_replaying_one_event_over_grpc(client: Client, rx: Receiver) -> None:
@@ -562,7 +578,7 @@ async def test_a_replay_cancelled_before_it_runs_queues_nothing_over_http(
         again = await http.post(f"/v1/{name}:cancel", json={}, headers=auth(owner))
         assert again.json() == body  # a finished operation stays as it is
         # A runner finds nothing to do: no step ran, no delivery was queued again.
-        assert await api_only.webhook_parts.runner.run_once() is False
+        assert await api_only.operations.runner.run_once() is False
         operation = await client.operations.GetOperation(
             O.GetOperationRequest(name=name), metadata=owner.metadata
         )
@@ -594,18 +610,16 @@ async def test_events_missed_while_disabled_are_recovered_over_http(
     assert recovered.json() == {"recovered": "1"}
     (seen,) = await rx.wait_for(1)
     assert seen.message_id == missed.message_id
-    filtered = await client.webhooks.ListWebhookDeliveries(
-        W.ListWebhookDeliveriesRequest(parent=hook.name, filter='state = "succeeded"'),
-        metadata=owner.metadata,
-    )
-    async with asyncio.timeout(10):
-        while not filtered.deliveries:
-            await asyncio.sleep(0.05)
-            filtered = await client.webhooks.ListWebhookDeliveries(
-                W.ListWebhookDeliveriesRequest(parent=hook.name, filter='state = "succeeded"'),
-                metadata=owner.metadata,
-            )
-    assert [d.message_id for d in filtered.deliveries] == [missed.message_id]
+
+    async def succeeded() -> list[W.WebhookDelivery]:
+        filtered = await client.webhooks.ListWebhookDeliveries(
+            W.ListWebhookDeliveriesRequest(parent=hook.name, filter='state = "succeeded"'),
+            metadata=owner.metadata,
+        )
+        return list(filtered.deliveries)
+
+    delivered = await eventually(succeeded, within=10, every=0.05)
+    assert [d.message_id for d in delivered] == [missed.message_id]
 
 
 # --- the per-endpoint rate limit -----------------------------------------------------

@@ -88,7 +88,7 @@ async def test_every_accepted_change_is_stored_with_its_event(
     app: App, owner: Fixture, examples: list[object], ops: list[tuple[Transition, int]]
 ) -> None:
     examples.append(ops)
-    tunnels = app.tunnel_parts.tunnels
+    tunnels = app.tunnels.tunnels
     made = await owner.client.tunnel(owner.owner)
     tunnel_id = made.name.rsplit("/", 1)[1]
     user_id = owner.owner.id
@@ -126,7 +126,7 @@ async def status_events(app: App, user_id: str, name: str) -> list[tuple[str, st
     found: list[tuple[str, str]] = []
     token = ""
     while True:
-        page = await app.tunnel_parts.events.list(
+        page = await app.events.log.list(
             user_id, page_size=1000, page_token=token, filter=f'subject = "{name}"'
         )
         found += [

@@ -8,11 +8,14 @@ import time
 
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from server.domain.identity.model import Tier
 from server.domain.limits.rules import client_address
 from server.load import LoadMonitor
 from server.settings import networks
+from server.workers.monitors import load_loop
+from server.workers.supervisor import Supervisor, WorkerMetrics
 
 TIERS = [Tier.FREE, Tier.PREMIUM, Tier.ENTERPRISE]
 
@@ -72,7 +75,8 @@ def test_disabled_reports_no_load() -> None:
 
 async def test_the_run_loop_measures_real_event_loop_lag() -> None:
     load = monitor()
-    task = asyncio.create_task(load.run())
+    supervisor = Supervisor(WorkerMetrics(CollectorRegistry()))
+    supervisor.start([load_loop(load)])
     try:
         await load.sampled()
         before = load.lag
@@ -82,7 +86,7 @@ async def test_the_run_loop_measures_real_event_loop_lag() -> None:
         assert load.lag > before + 0.05
         assert load.level > 0
     finally:
-        task.cancel()
+        await supervisor.stop()
 
 
 TRUSTED = networks("10.0.0.0/8, 127.0.0.1/32")

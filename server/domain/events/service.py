@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from server.domain.audit import service as audit
 from server.domain.common.clock import Clock
 from server.domain.common.ids import new_id
 from server.domain.common.listing import FilterField, Lister, ListQuery, ListSpec, OrderKey, Page
@@ -58,12 +57,6 @@ async def record(
 
     uow.after_commit(publish)
     return event
-
-
-def current_actor() -> str:
-    """The caller of the audited call being served, as an event's actor ("" if unknown)."""
-    scope = audit.current()
-    return f"users/{scope.actor_user_id}" if scope is not None and scope.actor_user_id else ""
 
 
 class EventLog:

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import NoReturn
 
 from server.domain.audit import service as audit
+from server.domain.audit.model import AuditTrail
 from server.domain.common import validation
 from server.domain.common.clock import Clock
 from server.domain.common.errors import AlreadyExists, Unauthenticated, Violations
@@ -76,7 +77,13 @@ class AccountService:
         self._policy = policy
 
     async def register(
-        self, email: str, password: str, display_name: str, *, role: Role = Role.USER
+        self,
+        email: str,
+        password: str,
+        display_name: str,
+        *,
+        role: Role = Role.USER,
+        trail: AuditTrail | None = None,
     ) -> User:
         """A new active user on the free tier."""
         violations = Violations()
@@ -107,7 +114,7 @@ class AccountService:
         )
         async with self._uow() as uow:
             await uow.users.add(user, password_hash)
-            audit.annotate(subject_user_id=user.id, resource=user.name)
+            await audit.record(uow, trail, now, subject_user_id=user.id, resource=user.name)
             await events.record(
                 uow,
                 self._bus,
@@ -121,7 +128,7 @@ class AccountService:
         return user
 
     async def login(
-        self, email: str, password: str, client: ClientInfo
+        self, email: str, password: str, client: ClientInfo, trail: AuditTrail | None = None
     ) -> tuple[User, SessionTokens]:
         """Check a password and start a session. Failures are throttled and never say which
         part was wrong."""
@@ -136,7 +143,7 @@ class AccountService:
             violations.add("email", "must not contain NUL characters")
         violations.raise_if_any()
         normalized = email.strip().lower()
-        audit.annotate(email=normalized)
+        audit.note(trail, email=normalized)
         await self._throttle.check(normalized, client.ip_address)
         async with self._uow(readonly=True) as uow:
             credentials = await uow.users.get_credentials(normalized)
@@ -145,19 +152,18 @@ class AccountService:
         if not await self._hasher.verify(stored, password):
             await self._throttle.failed(normalized, client.ip_address)
             if credentials is not None:
-                audit.annotate(subject_user_id=credentials.user.id)
+                audit.note(trail, subject_user_id=credentials.user.id)
             raise Unauthenticated("email or password is incorrect", reason="INVALID_CREDENTIALS")
         assert credentials is not None
         await self._throttle.succeeded(normalized, client.ip_address)
         user = credentials.user
-        audit.annotate(subject_user_id=user.id, resource=user.name)
         assert stored is not None
         rehash = await self._hasher.rehash(stored, password)
-        tokens = await self._start_session(user, client, rehash)
+        tokens = await self._start_session(user, client, rehash, trail)
         return replace(user, last_login_time=tokens.issue_time), tokens
 
     async def _start_session(
-        self, user: User, client: ClientInfo, rehash: str | None
+        self, user: User, client: ClientInfo, rehash: str | None, trail: AuditTrail | None
     ) -> SessionTokens:
         now = self._clock.now()
         session = Session(
@@ -175,6 +181,7 @@ class AccountService:
             await uow.users.touch(user.id, last_login_time=now)
             if rehash is not None:
                 await uow.users.set_password_hash(user.id, rehash)
+            await audit.record(uow, trail, now, subject_user_id=user.id, resource=user.name)
         access = self._tokens.issue(user.id, session.id)
         return SessionTokens(access, secret, token.expire_time, now)
 
@@ -191,7 +198,7 @@ class AccountService:
         )
         return secret, token
 
-    async def refresh(self, secret: str) -> SessionTokens:
+    async def refresh(self, secret: str, trail: AuditTrail | None = None) -> SessionTokens:
         """Spend a refresh token for a new pair. Reuse of a spent token revokes its session."""
         if not secret or len(secret) > 256:
             raise Unauthenticated(
@@ -202,30 +209,33 @@ class AccountService:
         async with self._uow() as uow:
             spent = await uow.sessions.spend_token(token_hash, now)
             if spent is not None:
-                new_secret, new_token = await self._renew(uow, spent, now)
+                new_secret, new_token = await self._renew(uow, spent, now, trail)
         if spent is None:
-            await self._refused_refresh(token_hash, now)
+            await self._refused_refresh(token_hash, now, trail)
         access = self._tokens.issue(spent.user_id, spent.session_id)
         return SessionTokens(access, new_secret, new_token.expire_time, now)
 
     async def _renew(
-        self, uow: UnitOfWork, spent: RefreshToken, now: datetime
+        self, uow: UnitOfWork, spent: RefreshToken, now: datetime, trail: AuditTrail | None
     ) -> tuple[str, RefreshToken]:
-        audit.annotate(subject_user_id=spent.user_id)
+        audit.note(trail, subject_user_id=spent.user_id)
         session = await uow.sessions.get_session(spent.session_id)
         user = await uow.users.get(spent.user_id)
         if session is None or user is None or user.state != UserState.ACTIVE:
             raise Unauthenticated("session has ended", reason="SESSION_ENDED")
         new_secret, new_token = self._new_refresh_token(session, now)
         await uow.sessions.add_token(new_token)
+        await audit.record(uow, trail, now)
         return new_secret, new_token
 
-    async def _refused_refresh(self, token_hash: str, now: datetime) -> NoReturn:
+    async def _refused_refresh(
+        self, token_hash: str, now: datetime, trail: AuditTrail | None
+    ) -> NoReturn:
         async with self._uow() as uow:
             token = await uow.sessions.find_token(token_hash)
             if token is None:
                 raise Unauthenticated("refresh token is not valid", reason=_INVALID_REFRESH)
-            audit.annotate(subject_user_id=token.user_id)
+            audit.note(trail, subject_user_id=token.user_id)
             if token.used_time is None:
                 raise Unauthenticated(
                     "refresh token expired or revoked", reason="REFRESH_TOKEN_EXPIRED"
@@ -235,13 +245,15 @@ class AccountService:
             )
         if revoked:
             await self._revocations.revoke_sessions([token.session_id])
-        audit.annotate(reuse_detected=True)
+        audit.note(trail, reuse_detected=True)
         raise Unauthenticated(
             "refresh token was already used; the session has been revoked",
             reason="REFRESH_TOKEN_REUSED",
         )
 
-    async def logout(self, principal: Principal, *, all_sessions: bool) -> None:
+    async def logout(
+        self, principal: Principal, *, all_sessions: bool, trail: AuditTrail | None = None
+    ) -> None:
         """End the caller's session (or all of them) and revoke the access token used."""
         now = self._clock.now()
         async with self._uow() as uow:
@@ -250,6 +262,8 @@ class AccountService:
             else:
                 await uow.sessions.revoke_session(principal.session_id, now, "logout")
                 ended = [principal.session_id]
-            audit.annotate(subject_user_id=principal.user_id, sessions_ended=len(ended))
+            await audit.record(
+                uow, trail, now, subject_user_id=principal.user_id, sessions_ended=len(ended)
+            )
         await self._revocations.revoke_sessions(ended)
         await self._revocations.revoke_token(principal.token_id, principal.token_expires_at)

@@ -15,6 +15,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 from server.domain.audit import service as audit
+from server.domain.audit.model import AuditTrail
 from server.domain.common.clock import Clock
 from server.domain.common.errors import FailedPrecondition, InvalidArgument, NotFound, Violations
 from server.domain.common.ids import is_id, new_id
@@ -97,6 +98,7 @@ class ApiKeyService:
         scopes: list[str],
         expire_time: datetime | None,
         tunnel: str = "",
+        trail: AuditTrail | None = None,
     ) -> CreatedKey:
         """A new key for ``owner_id``; scopes must be a subset of the owner's permissions,
         and the key may do nothing that ``actor`` cannot. An agent key may be bound to one
@@ -127,7 +129,7 @@ class ApiKeyService:
                 tunnel_id=tunnel_id,
             )
             await uow.api_keys.add(key)
-            audit.annotate(subject_user_id=owner_id, resource=key.name)
+            await audit.record(uow, trail, now, subject_user_id=owner_id, resource=key.name)
         return CreatedKey(key, secret)
 
     async def get(self, user_id: str, key_id: str) -> ApiKey:
@@ -151,7 +153,12 @@ class ApiKeyService:
         return self._lister.page(query, rows, lambda k: (k.create_time, k.id))
 
     async def rotate(
-        self, actor: Principal, user_id: str, key_id: str, overlap: timedelta | None
+        self,
+        actor: Principal,
+        user_id: str,
+        key_id: str,
+        overlap: timedelta | None,
+        trail: AuditTrail | None = None,
     ) -> tuple[CreatedKey, ApiKey]:
         """A new key with the old one's name and scopes; the old one expires after ``overlap``.
         Only an ``actor`` that may do everything the key may do gets its new secret."""
@@ -181,11 +188,13 @@ class ApiKeyService:
             old_end = end if old.expire_time is None else min(old.expire_time, end)
             await uow.api_keys.add(new)
             await uow.api_keys.update(old.id, expire_time=old_end, replaced_by=new.id)
-            audit.annotate(subject_user_id=user_id, resource=old.name, replaced_by=new.name)
+            await audit.record(
+                uow, trail, now, subject_user_id=user_id, resource=old.name, replaced_by=new.name
+            )
             uow.after_commit(lambda: self._lookup.invalidate(old.secret_hash))
         return CreatedKey(new, secret), replace(old, expire_time=old_end, replaced_by=new.id)
 
-    async def revoke(self, user_id: str, key_id: str) -> ApiKey:
+    async def revoke(self, user_id: str, key_id: str, trail: AuditTrail | None = None) -> ApiKey:
         """Revoke a key now; revoking twice is a no-op that returns the key."""
         now = self._clock.now()
         async with self._uow() as uow:
@@ -194,7 +203,7 @@ class ApiKeyService:
                 key = replace(key, revoke_time=now)
                 await uow.api_keys.update(key.id, revoke_time=now)
                 uow.after_commit(lambda: self._lookup.invalidate(key.secret_hash))
-            audit.annotate(subject_user_id=user_id, resource=key.name)
+            await audit.record(uow, trail, now, subject_user_id=user_id, resource=key.name)
         return key
 
     async def identify(self, secret: str) -> KeyIdentity | None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 
 from server.domain.audit import service as audit
-from server.domain.audit.model import AuditEntry
+from server.domain.audit.model import AuditEntry, AuditTrail
 from server.domain.common import fieldmask, validation
 from server.domain.common.clock import Clock
 from server.domain.common.errors import (
@@ -133,7 +133,12 @@ class UserService:
         return self._lister.page(query, rows, lambda u: _sort_key(u, query.order))
 
     async def update(
-        self, user_id: str, requested: Profile, paths: tuple[str, ...], etag: str
+        self,
+        user_id: str,
+        requested: Profile,
+        paths: tuple[str, ...],
+        etag: str,
+        trail: AuditTrail | None = None,
     ) -> User:
         """Apply the masked paths of ``requested`` to the user's profile."""
         paths = fieldmask.check_paths(paths, UPDATABLE_PATHS)
@@ -142,24 +147,31 @@ class UserService:
             _check_etag(user, etag, "user.etag")
             merged = fieldmask.merge(profile_of(user), requested, paths)
             clean = _validated_profile(merged)
+            now = self._clock.now()
             if clean == profile_of(user):
+                await audit.record(uow, trail, now)
                 return user
-            audit.annotate(subject_user_id=user_id, resource=user.name, paths=list(paths))
+            await audit.record(
+                uow, trail, now, subject_user_id=user_id, resource=user.name, paths=list(paths)
+            )
             return await uow.users.update(
                 user_id,
                 user.version,
                 display_name=clean.display_name,
                 preferences=clean.preferences,
-                update_time=self._clock.now(),
+                update_time=now,
             )
 
-    async def delete(self, user_id: str, *, etag: str, purge: bool) -> User:
-        """Soft delete (restorable until ``purge_time``) or, with ``purge``, erase now."""
+    async def delete(
+        self, user_id: str, *, etag: str, purge: bool, trail: AuditTrail | None = None
+    ) -> User:
+        """Soft delete (restorable until ``purge_time``) or, with ``purge``, erase now. The
+        call's own audit entry stays: it is recorded after the user's trail is erased."""
         now = self._clock.now()
         async with self._uow() as uow:
             user = await _load(uow, user_id, show_deleted=purge)
             _check_etag(user, etag, "etag")
-            audit.annotate(subject_user_id=user_id, resource=user.name, purge=purge)
+            audit.note(trail, subject_user_id=user_id, resource=user.name, purge=purge)
             sessions = await uow.sessions.revoke_user_sessions(user_id, now, "account_deleted")
             if purge:
                 await uow.audit.erase_user(user_id)
@@ -182,17 +194,18 @@ class UserService:
                     "user.deleted",
                     subject=user.name,
                     user_id=user_id,
-                    actor=events.current_actor(),
+                    actor=audit.actor(trail),
                     payload={
                         "name": user.name,
                         "purge_time": result.purge_time.isoformat() if result.purge_time else "",
                     },
                 )
             self._after_identity_change(uow, user_id)
+            await audit.record(uow, trail, now)
         await self._revocations.revoke_sessions(sessions)
         return result
 
-    async def undelete(self, user_id: str, *, etag: str) -> User:
+    async def undelete(self, user_id: str, *, etag: str, trail: AuditTrail | None = None) -> User:
         """Restore a soft-deleted user."""
         async with self._uow() as uow:
             user = await _load(uow, user_id, show_deleted=True)
@@ -203,26 +216,39 @@ class UserService:
                     [PreconditionViolation("STATE", user.name, f"state is {user.state.value}")],
                     reason="NOT_DELETED",
                 )
-            audit.annotate(subject_user_id=user_id, resource=user.name)
+            now = self._clock.now()
+            await audit.record(uow, trail, now, subject_user_id=user_id, resource=user.name)
             restored = await uow.users.update(
                 user_id,
                 user.version,
                 state=UserState.ACTIVE,
                 delete_time=None,
                 purge_time=None,
-                update_time=self._clock.now(),
+                update_time=now,
             )
             self._after_identity_change(uow, user_id)
         return restored
 
-    async def set_role(self, actor: Principal, user_id: str, role: Role, *, etag: str) -> User:
+    async def set_role(
+        self,
+        actor: Principal,
+        user_id: str,
+        role: Role,
+        *,
+        etag: str,
+        trail: AuditTrail | None = None,
+    ) -> User:
         """Give a user another role. Nobody changes their own role."""
         if user_id == actor.user_id:
             raise PermissionDenied("you cannot change your own role", reason="SELF_ROLE_CHANGE")
         async with self._uow() as uow:
             user = await _load(uow, user_id)
             _check_etag(user, etag, "etag")
-            audit.annotate(
+            now = self._clock.now()
+            await audit.record(
+                uow,
+                trail,
+                now,
                 subject_user_id=user_id,
                 resource=user.name,
                 role_from=user.role.value,
@@ -230,29 +256,36 @@ class UserService:
             )
             if user.role == role:
                 return user
-            updated = await uow.users.update(
-                user_id, user.version, role=role, update_time=self._clock.now()
-            )
+            updated = await uow.users.update(user_id, user.version, role=role, update_time=now)
             self._after_identity_change(uow, user_id)
         return updated
 
-    async def promote(self, email: str, role: Role) -> User:
+    async def promote(self, email: str, role: Role, trail: AuditTrail | None = None) -> User:
         """Give the user with ``email`` a role (operator bootstrap from the command line)."""
         async with self._uow() as uow:
             credentials = await uow.users.get_credentials(email.strip().lower())
             if credentials is None:
                 raise NotFound("user", email)
             user = credentials.user
-            audit.annotate(subject_user_id=user.id, resource=user.name, role_to=role.value)
+            now = self._clock.now()
+            await audit.record(
+                uow, trail, now, subject_user_id=user.id, resource=user.name, role_to=role.value
+            )
             if user.role == role:
                 return user
-            updated = await uow.users.update(
-                user.id, user.version, role=role, update_time=self._clock.now()
-            )
+            updated = await uow.users.update(user.id, user.version, role=role, update_time=now)
             self._after_identity_change(uow, user.id)
         return updated
 
-    async def change_tier(self, actor: Principal, user_id: str, tier: Tier, *, etag: str) -> User:
+    async def change_tier(
+        self,
+        actor: Principal,
+        user_id: str,
+        tier: Tier,
+        *,
+        etag: str,
+        trail: AuditTrail | None = None,
+    ) -> User:
         """Move a user to ``tier``. Self-service covers free and premium for oneself only."""
         as_billing_admin = actor.has("billing.write")
         if not as_billing_admin and (user_id != actor.user_id or tier not in SELF_SERVICE):
@@ -262,7 +295,11 @@ class UserService:
         async with self._uow() as uow:
             user = await _load(uow, user_id)
             _check_etag(user, etag, "etag")
-            audit.annotate(
+            now = self._clock.now()
+            await audit.record(
+                uow,
+                trail,
+                now,
                 subject_user_id=user_id,
                 resource=user.name,
                 tier_from=user.tier.value,
@@ -270,9 +307,7 @@ class UserService:
             )
             if user.tier == tier:
                 return user
-            updated = await uow.users.update(
-                user_id, user.version, tier=tier, update_time=self._clock.now()
-            )
+            updated = await uow.users.update(user_id, user.version, tier=tier, update_time=now)
             self._after_identity_change(uow, user_id)
             await events.record(
                 uow,
@@ -307,7 +342,9 @@ class UserService:
             rows = await uow.audit.list_for_user(user_id, query)
         return self._lister.page(query, rows, lambda e: (e.time, e.id))
 
-    async def upload_avatar(self, user_id: str, content_type: str, data: bytes) -> User:
+    async def upload_avatar(
+        self, user_id: str, content_type: str, data: bytes, trail: AuditTrail | None = None
+    ) -> User:
         """Store a new avatar after checking its size and that its bytes match its type."""
         content_type = content_type.split(";", maxsplit=1)[0].strip().lower()
         _check_avatar(content_type, data, self._policy.avatar_max_bytes)
@@ -315,7 +352,10 @@ class UserService:
         async with self._uow() as uow:
             user = await _load(uow, user_id)
             await uow.avatars.put(Avatar(user_id, content_type, data, now))
-            audit.annotate(
+            await audit.record(
+                uow,
+                trail,
+                now,
                 subject_user_id=user_id,
                 resource=f"{user.name}/avatar",
                 content_type=content_type,
@@ -332,14 +372,17 @@ class UserService:
             raise NotFound("avatar", f"users/{user_id}/avatar")
         return avatar
 
-    async def delete_avatar(self, user_id: str) -> None:
+    async def delete_avatar(self, user_id: str, trail: AuditTrail | None = None) -> None:
         """Remove the user's avatar."""
         async with self._uow() as uow:
             user = await _load(uow, user_id)
             if not await uow.avatars.delete(user_id):
                 raise NotFound("avatar", f"{user.name}/avatar")
-            audit.annotate(subject_user_id=user_id, resource=f"{user.name}/avatar")
-            await uow.users.update(user_id, None, has_avatar=False, update_time=self._clock.now())
+            now = self._clock.now()
+            await audit.record(
+                uow, trail, now, subject_user_id=user_id, resource=f"{user.name}/avatar"
+            )
+            await uow.users.update(user_id, None, has_avatar=False, update_time=now)
 
     async def purge_expired(self, limit: int = 100) -> int:
         """Erase soft-deleted users whose retention has ended; returns how many."""

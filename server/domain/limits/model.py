@@ -134,6 +134,11 @@ class Decision:
     #: the month's first call. The persisted figure is added to it
     #: (:class:`~server.domain.limits.service.RequestUsage`).
     quota_created: bool = False
+    #: How many of ``quota_used`` this replica counted and the store does not hold yet
+    #: (a leased slice's counts, added to the store within a lease interval). The
+    #: roll-up persists ``quota_used - quota_pending`` only: a figure the store holds, so
+    #: that restoring a lost counter never counts a call twice.
+    quota_pending: int = 0
 
     @property
     def allowed(self) -> bool:

@@ -42,6 +42,12 @@ class Limiter(Protocol):
         made again); whether it existed."""
         ...
 
+    async def flush_counts(self) -> dict[str, tuple[int, bool]]:
+        """Add the quota counts this replica made and the store does not hold yet to the
+        store now; per counter flushed, its value in the store and whether the flush made
+        it again (the store had lost it)."""
+        ...
+
 
 class ViolationRepository(Protocol):
     """Aggregated rate-limit refusals."""

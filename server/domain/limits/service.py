@@ -104,13 +104,18 @@ class RequestUsage:
     def counted(self, key: str, decision: Decision) -> None:
         """Note the value of the counter ``key`` that ``decision`` reports (per call: keep
         this cheap). A counter the call made is restored in the background."""
-        used = decision.quota_used
+        self._note(key, decision.quota_used - decision.quota_pending)
+        if decision.quota_created:
+            self._restore_soon(key)
+
+    def _note(self, key: str, used: int) -> None:
         if used > self._seen.get(key, 0):
             self._seen[key] = used
-        if decision.quota_created:
-            task = asyncio.create_task(self.restore(key))
-            self._restoring.add(task)
-            task.add_done_callback(self._restoring.discard)
+
+    def _restore_soon(self, key: str) -> None:
+        task = asyncio.create_task(self.restore(key))
+        self._restoring.add(task)
+        task.add_done_callback(self._restoring.discard)
 
     async def restore(self, key: str) -> None:
         """Add the persisted figure to the counter ``key``, which a call has just made.
@@ -131,13 +136,23 @@ class RequestUsage:
             self._log.exception("could not restore a monthly request count")
 
     async def settled(self) -> None:
-        """Wait for the restores under way (the server is stopping)."""
+        """Add the counts this replica made under leases to the store (restoring the
+        counters that flush finds lost), and wait for the restores under way."""
+        await self._flush_counts()
         while self._restoring:
             await asyncio.gather(*self._restoring, return_exceptions=True)
 
+    async def _flush_counts(self) -> None:
+        for key, (value, created) in (await self._limiter.flush_counts()).items():
+            self._note(key, value)
+            if created:
+                self._restore_soon(key)
+
     async def flush(self) -> int:
-        """Persist the figures noted since the last flush; the number of rows. On a failed
-        write they stay noted, for the next flush."""
+        """Persist the figures noted since the last flush, after adding this replica's
+        leased counts to the store; the number of rows. On a failed write they stay
+        noted, for the next flush."""
+        await self._flush_counts()
         seen, self._seen = self._seen, {}
         rows = rows_of(seen)
         if not rows:
@@ -236,20 +251,10 @@ class ViolationLog:
                 await uow.violations.add_counts(records)
         return len(records)
 
-    async def run(self, interval: float) -> None:
-        """Flush every ``interval`` seconds, and drop entries past retention hourly."""
-        ticks = 0
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.flush()
-                ticks += 1
-                if ticks * interval >= 3600:
-                    ticks = 0
-                    async with self._uow() as uow:
-                        await uow.violations.delete_before(self._clock.now() - RETENTION)
-            except Exception:  # noqa: BLE001 - a failed write is logged and retried
-                self._log.exception("could not write rate-limit violations; will retry")
+    async def prune(self) -> None:
+        """Drop the entries past retention."""
+        async with self._uow() as uow:
+            await uow.violations.delete_before(self._clock.now() - RETENTION)
 
     async def list(self, *, page_size: int, page_token: str, filter: str) -> Page[ViolationRecord]:  # noqa: A002
         """A page of aggregated refusals, newest first."""

@@ -1,5 +1,6 @@
 """The operation runner: carries unfinished operations forward, a step at a time, on any
-replica (:meth:`OperationRunner.run_once` is one step).
+replica (:meth:`OperationRunner.run_once` is one step; the loop around it is a worker,
+:func:`server.workers.operations.operations_loop`).
 
 The replica working on an operation holds a lease on it and renews it with each step;
 when a replica dies, the lease lapses and another replica carries on from the cursor.
@@ -8,9 +9,6 @@ Each step commits its effect together with the cursor, in one unit of work.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import timedelta
@@ -19,8 +17,6 @@ from server.domain.common.clock import Clock
 from server.domain.common.errors import Code, DomainError
 from server.domain.operations.model import Operation, Step
 from server.domain.unit_of_work import UnitOfWork, UnitOfWorkFactory
-
-log = logging.getLogger("tunnelplane.operations")
 
 #: Runs one step of an operation inside the unit of work that also saves its progress.
 StepFn = Callable[[UnitOfWork, Operation], Awaitable[Step]]
@@ -41,12 +37,7 @@ class OperationRunner:
         self._clock = clock
         self._steps = steps
         self._lease = timedelta(seconds=lease)
-        self._wake = asyncio.Event()
         self._current: Operation | None = None
-
-    def wake(self) -> None:
-        """Look for work now (an operation was just started)."""
-        self._wake.set()
 
     async def run_once(self) -> bool:
         """Run one step: of the operation this runner holds, or else of one whose lease
@@ -92,18 +83,3 @@ class OperationRunner:
             )
             await uow.operations.save(changed)
         return changed
-
-    async def run(self, poll_interval: float) -> None:
-        """Run operations until cancelled; errors are logged and retried after a pause."""
-        while True:
-            self._wake.clear()  # before the step: a start during it wakes the next
-            try:
-                busy = await self.run_once()
-            except Exception:
-                log.exception("running an operation failed; will retry")
-                busy = False
-            if busy:
-                continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(poll_interval):
-                    await self._wake.wait()

@@ -14,6 +14,7 @@ from dataclasses import replace
 from datetime import datetime
 
 from server.domain.audit import service as audit
+from server.domain.audit.model import AuditTrail
 from server.domain.common.errors import Code, NotFound
 from server.domain.common.listing import FilterField, Lister, ListSpec, OrderKey, Page
 from server.domain.operations.model import Operation
@@ -45,14 +46,16 @@ class OperationService:
             raise NotFound("operation", f"users/{owner_id}/operations/{operation_id}")
         return found
 
-    async def cancel(self, owner_id: str, operation_id: str, now: datetime) -> Operation:
+    async def cancel(
+        self, owner_id: str, operation_id: str, now: datetime, trail: AuditTrail | None = None
+    ) -> Operation:
         """End an unfinished operation with CANCELLED (a finished one is returned as it is).
         The runner's steps lock the row too, so a step never undoes a cancellation."""
         async with self._uow() as uow:
             found = await uow.operations.get(operation_id, lock=True)
             if found is None or found.user_id != owner_id:
                 raise NotFound("operation", f"users/{owner_id}/operations/{operation_id}")
-            audit.annotate(subject_user_id=owner_id, resource=found.name)
+            await audit.record(uow, trail, now, subject_user_id=owner_id, resource=found.name)
             if found.done:
                 return found
             cancelled = replace(

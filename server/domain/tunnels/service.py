@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from server.domain.audit import service as audit
+from server.domain.audit.model import AuditTrail
 from server.domain.common import fieldmask
 from server.domain.common.clock import Clock
 from server.domain.common.errors import (
@@ -145,7 +146,14 @@ class TunnelService:
         return self._lister.page(query, rows)
 
     async def create(
-        self, owner_id: str, tier: Tier, draft: TunnelDraft, *, request_id: str, actor: str
+        self,
+        owner_id: str,
+        tier: Tier,
+        draft: TunnelDraft,
+        *,
+        request_id: str,
+        actor: str,
+        trail: AuditTrail | None = None,
     ) -> Tunnel:
         """A new tunnel in the ``created`` state, within the tier's tunnel quota."""
         if len(request_id) > 64:
@@ -154,6 +162,7 @@ class TunnelService:
         now = self._clock.now()
         async with self._uow() as uow:
             if request_id and (done := await uow.tunnels.find_by_request(owner_id, request_id)):
+                await audit.record(uow, trail, now)
                 return done
             await uow.tunnels.lock_owner(owner_id)
             await self._check_quota(uow, owner_id, tier)
@@ -180,7 +189,7 @@ class TunnelService:
             )
             tunnel = replace(tunnel, active_endpoint=active_endpoint(tunnel))
             await uow.tunnels.add(tunnel)
-            audit.annotate(subject_user_id=owner_id, resource=tunnel.name)
+            await audit.record(uow, trail, now, subject_user_id=owner_id, resource=tunnel.name)
             await record(
                 uow,
                 self.bus,
@@ -203,6 +212,7 @@ class TunnelService:
         *,
         etag: str,
         actor: str,
+        trail: AuditTrail | None = None,
     ) -> Tunnel:
         """Apply the masked paths of ``requested``; validated as a whole."""
         paths = fieldmask.check_paths(paths, UPDATABLE_PATHS)
@@ -211,7 +221,9 @@ class TunnelService:
             check_etag(tunnel, etag, "tunnel.etag")
             merged = fieldmask.merge(draft_of(tunnel), requested, paths)
             clean = self._validated(merged, tier)
+            now = self._clock.now()
             if clean == draft_of(tunnel):
+                await audit.record(uow, trail, now)
                 return tunnel
             if clean.display_name != tunnel.display_name and await uow.tunnels.name_taken(
                 owner_id, clean.display_name, tunnel.id
@@ -228,16 +240,25 @@ class TunnelService:
                 description=clean.description,
                 config=clean.config,
                 endpoints=endpoints,
-                update_time=self._clock.now(),
+                update_time=now,
             )
             changed = refreshed(changed)
-            audit.annotate(subject_user_id=owner_id, resource=tunnel.name, paths=list(paths))
+            await audit.record(
+                uow, trail, now, subject_user_id=owner_id, resource=tunnel.name, paths=list(paths)
+            )
             saved = await uow.tunnels.save(changed, tunnel.version)
             await self._emit_changes(uow, tunnel, saved, actor, "tunnel.updated")
         return saved
 
     async def delete(
-        self, owner_id: str, tunnel_id: str, *, force: bool, etag: str, actor: str
+        self,
+        owner_id: str,
+        tunnel_id: str,
+        *,
+        force: bool,
+        etag: str,
+        actor: str,
+        trail: AuditTrail | None = None,
     ) -> Tunnel:
         """Delete; refused while connected unless ``force``."""
         async with self._uow() as uow:
@@ -251,7 +272,14 @@ class TunnelService:
                     metadata={"state": tunnel.state.value},
                 )
             await uow.tunnels.delete(tunnel_id)
-            audit.annotate(subject_user_id=owner_id, resource=tunnel.name, force=force)
+            await audit.record(
+                uow,
+                trail,
+                self._clock.now(),
+                subject_user_id=owner_id,
+                resource=tunnel.name,
+                force=force,
+            )
             await record(
                 uow,
                 self.bus,
@@ -264,12 +292,20 @@ class TunnelService:
             )
         return tunnel
 
-    async def start(self, owner_id: str, tunnel_id: str, tier: Tier, *, actor: str) -> Tunnel:
+    async def start(
+        self,
+        owner_id: str,
+        tunnel_id: str,
+        tier: Tier,
+        *,
+        actor: str,
+        trail: AuditTrail | None = None,
+    ) -> Tunnel:
         """``created``/``disconnected``/``error`` → ``connecting`` (or ``connected``);
         refused while the owner's monthly transfer quota is used up."""
         async with self._uow(readonly=True) as uow:
             await self.check_transfer(uow, owner_id, tier)
-        return await self._move(owner_id, tunnel_id, Transition.START, actor=actor)
+        return await self._move(owner_id, tunnel_id, Transition.START, actor=actor, trail=trail)
 
     async def transfer_used(self, uow: UnitOfWork, owner_id: str) -> int:
         """Bytes the owner's tunnels carried this month."""
@@ -285,24 +321,37 @@ class TunnelService:
             return
         raise transfer_exhausted(owner_id, tier, limit, self._clock.now())
 
-    async def stop(self, owner_id: str, tunnel_id: str, *, actor: str) -> Tunnel:
+    async def stop(
+        self, owner_id: str, tunnel_id: str, *, actor: str, trail: AuditTrail | None = None
+    ) -> Tunnel:
         """A started tunnel → ``disconnected``; its agents are told to stop."""
         reason = stop_reason(owner_id, actor)
-        return await self._move(owner_id, tunnel_id, Transition.STOP, actor=actor, reason=reason)
+        return await self._move(
+            owner_id, tunnel_id, Transition.STOP, actor=actor, reason=reason, trail=trail
+        )
 
     async def fail(self, owner_id: str, tunnel_id: str, reason: str) -> Tunnel:
         """Any state → ``error`` with ``reason`` (the system noticed something wrong)."""
         return await self._move(owner_id, tunnel_id, Transition.FAIL, actor="", reason=reason)
 
     async def failover(
-        self, owner_id: str, tunnel_id: str, url: str, *, force: bool, actor: str
+        self,
+        owner_id: str,
+        tunnel_id: str,
+        url: str,
+        *,
+        force: bool,
+        actor: str,
+        trail: AuditTrail | None = None,
     ) -> Tunnel:
         """Switch traffic to ``url`` (or the next best endpoint) now."""
         async with self._uow() as uow:
             tunnel = await _load(uow, owner_id, tunnel_id, lock=True)
             target = failover_target(tunnel, url, force=force)
-            changed = replace(tunnel, active_endpoint=target, update_time=self._clock.now())
+            now = self._clock.now()
+            changed = replace(tunnel, active_endpoint=target, update_time=now)
             saved = await uow.tunnels.save(changed, tunnel.version)
+            await audit.record(uow, trail, now)
             await record(
                 uow,
                 self.bus,
@@ -365,7 +414,14 @@ class TunnelService:
     # -- helpers ---------------------------------------------------------------------------
 
     async def _move(
-        self, owner_id: str, tunnel_id: str, event: Transition, *, actor: str, reason: str = ""
+        self,
+        owner_id: str,
+        tunnel_id: str,
+        event: Transition,
+        *,
+        actor: str,
+        reason: str = "",
+        trail: AuditTrail | None = None,
     ) -> Tunnel:
         async with self._uow() as uow:
             tunnel = await _load(uow, owner_id, tunnel_id, lock=True)
@@ -373,7 +429,9 @@ class TunnelService:
             changed = refreshed(self._with_status(tunnel, status))
             if event is Transition.START:
                 changed = probe_now(changed)
-            audit.annotate(subject_user_id=owner_id, resource=tunnel.name)
+            await audit.record(
+                uow, trail, self._clock.now(), subject_user_id=owner_id, resource=tunnel.name
+            )
             saved = await uow.tunnels.save(changed, tunnel.version)
             await self._emit_changes(uow, tunnel, saved, actor, None)
         return saved

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from server.domain.audit import service as audit
+from server.domain.audit.model import AuditTrail
 from server.domain.common.clock import Clock
 from server.domain.common.errors import (
     FailedPrecondition,
@@ -81,6 +82,7 @@ class ShareService:
         *,
         creator_id: str,
         through_share: bool = False,
+        trail: AuditTrail | None = None,
     ) -> Share:
         """Share ``tunnel`` with ``grantee_id`` (replacing an earlier share)."""
         now = self._clock.now()
@@ -111,7 +113,16 @@ class ShareService:
             )
             await uow.shares.put(share)
             await chain.narrow_below(uow.shares, share)
-            _annotate(share.name, tunnel, parent, grantee=f"users/{grantee_id}", role=role.name)
+            await _record(
+                uow,
+                trail,
+                now,
+                share.name,
+                tunnel,
+                parent,
+                grantee=f"users/{grantee_id}",
+                role=role.name,
+            )
         return share
 
     async def list(self, tunnel: Tunnel, *, page_size: int, page_token: str) -> Page[Share]:
@@ -133,7 +144,13 @@ class ShareService:
         )
 
     async def revoke(
-        self, tunnel: Tunnel, grantee_id: str, *, by: str = "", through_share: bool = False
+        self,
+        tunnel: Tunnel,
+        grantee_id: str,
+        *,
+        by: str = "",
+        through_share: bool = False,
+        trail: AuditTrail | None = None,
     ) -> Share:
         """Remove a share at once, with every share granted through it (at any depth) and
         the links their holders made. A share holder may revoke only their own share or
@@ -147,8 +164,12 @@ class ShareService:
                 raise chain.not_grantor()
             holders = [grantee_id, *await chain.descendants(uow.shares, tunnel.id, grantee_id)]
             await uow.shares.delete_many(tunnel.id, holders)
-            links = await uow.shares.revoke_links_through(tunnel.id, holders, self._clock.now())
-            _annotate(
+            now = self._clock.now()
+            links = await uow.shares.revoke_links_through(tunnel.id, holders, now)
+            await _record(
+                uow,
+                trail,
+                now,
                 share.name,
                 tunnel,
                 by if through_share else "",
@@ -167,6 +188,7 @@ class ShareService:
         *,
         creator_id: str = "",
         through_share: bool = False,
+        trail: AuditTrail | None = None,
     ) -> tuple[ShareLink, str]:
         """A new link and its token (shown once)."""
         now = self._clock.now()
@@ -207,7 +229,9 @@ class ShareService:
                 parent_grantee_id=parent,
             )
             await uow.shares.add_link(link, token_hash(token))
-            _annotate(link.name, tunnel, parent, role=role.name, max_uses=max_uses)
+            await _record(
+                uow, trail, now, link.name, tunnel, parent, role=role.name, max_uses=max_uses
+            )
         return link, token
 
     async def list_links(
@@ -220,7 +244,13 @@ class ShareService:
         return self._lister.page(query, rows, lambda link: (link.create_time, link.id))
 
     async def revoke_link(
-        self, tunnel: Tunnel, link_id: str, *, by: str = "", through_share: bool = False
+        self,
+        tunnel: Tunnel,
+        link_id: str,
+        *,
+        by: str = "",
+        through_share: bool = False,
+        trail: AuditTrail | None = None,
     ) -> ShareLink:
         """Stop a link from being accepted (shares made through it stay). A share holder may
         revoke only links made through their share or one granted through it."""
@@ -233,12 +263,13 @@ class ShareService:
                 or by not in await chain.lineage(uow.shares, tunnel.id, found.parent_grantee_id)
             ):
                 raise chain.not_grantor()
-            link = await uow.shares.revoke_link(tunnel.id, link_id, self._clock.now())
+            now = self._clock.now()
+            link = await uow.shares.revoke_link(tunnel.id, link_id, now)
             assert link is not None
-            _annotate(link.name, tunnel, by if through_share else "")
+            await _record(uow, trail, now, link.name, tunnel, by if through_share else "")
         return link
 
-    async def accept(self, token: str, user_id: str) -> Share:
+    async def accept(self, token: str, user_id: str, trail: AuditTrail | None = None) -> Share:
         """Spend one use of a link on the caller's share, unless the caller's share is
         already at least as good (then it stays, and the link is not spent)."""
         if not token.startswith(LINK_PREFIX) or len(token) > 100:
@@ -254,7 +285,9 @@ class ShareService:
             expire = await _accepted_expiry(uow, link, user_id, now)
             current = await chain.held_share(uow.shares, link.tunnel_id, user_id, now)
             if current is not None and _at_least(current, link.role, expire):
-                audit.annotate(subject_user_id=link.owner_id, resource=current.share.name)
+                await audit.record(
+                    uow, trail, now, subject_user_id=link.owner_id, resource=current.share.name
+                )
                 return current.share
             if not await uow.shares.spend_link(link.id, now):
                 raise _link_unusable()
@@ -270,7 +303,9 @@ class ShareService:
             )
             await uow.shares.put(share)
             await chain.narrow_below(uow.shares, share)
-            audit.annotate(subject_user_id=link.owner_id, resource=share.name, link=link.name)
+            await audit.record(
+                uow, trail, now, subject_user_id=link.owner_id, resource=share.name, link=link.name
+            )
         return share
 
     async def shared_with(
@@ -322,13 +357,23 @@ def _at_least(current: chain.Held, role: ShareRole, expire: datetime | None) -> 
     return current.role >= role and not chain.outlives(expire, current.expire_time)
 
 
-def _annotate(resource: str, tunnel: Tunnel, holder_id: str, **details: Any) -> None:
+async def _record(
+    uow: UnitOfWork,
+    trail: AuditTrail | None,
+    now: datetime,
+    resource: str,
+    tunnel: Tunnel,
+    holder_id: str,
+    **details: Any,
+) -> None:
     """The audit entry names what was changed, the owner whose tunnel it is, and the share
-    the caller acted through, if any (the actor is the caller, recorded by the pipeline)."""
+    the caller acted through, if any (the actor is the caller, in the trail's context)."""
     through = share_name(tunnel.user_id, tunnel.id, holder_id)
     if through:
         details["through_share"] = through
-    audit.annotate(subject_user_id=tunnel.user_id, resource=resource, **details)
+    await audit.record(
+        uow, trail, now, subject_user_id=tunnel.user_id, resource=resource, **details
+    )
 
 
 def _check_expiry(

@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from server.domain.audit import service as audit
+from server.domain.audit.model import AuditTrail
 from server.domain.common import fieldmask
 from server.domain.common.clock import Clock
 from server.domain.common.errors import (
@@ -102,17 +103,21 @@ class WebhookService:
         lister: Lister,
         clock: Clock,
         policy: WebhookPolicy,
+        *,
+        sender: Sender | None = None,
+        operation_started: Callable[[], None] = lambda: None,
+        resolver: Resolver = resolve,
     ) -> None:
+        """``sender``: the dispatcher of this process (test sends go through it; None: none
+        here); ``operation_started``: tells the operation runner there is work."""
         self._uow = uow
         self._bus = bus
         self._lister = lister
         self._clock = clock
         self.policy = policy
-        self.resolver: Resolver = resolve
-        #: The dispatcher of this process (test sends go through it).
-        self.sender: Sender | None = None
-        #: Called when an operation was started (the runner looks for work).
-        self.operation_started: Callable[[], None] = lambda: None
+        self._resolver = resolver
+        self._sender = sender
+        self._operation_started = operation_started
 
     # -- endpoints ------------------------------------------------------------------------
 
@@ -143,16 +148,24 @@ class WebhookService:
             rows = await uow.webhooks.list(owner_id, query)
         return self._lister.page(query, rows)
 
-    async def create(self, owner_id: str, draft: WebhookDraft, *, request_id: str) -> Webhook:
+    async def create(
+        self,
+        owner_id: str,
+        draft: WebhookDraft,
+        *,
+        request_id: str,
+        trail: AuditTrail | None = None,
+    ) -> Webhook:
         """A new endpoint with a fresh secret (returned with it, this once)."""
         if len(request_id) > 64:
             raise InvalidArgument.single("request_id", "at most 64 characters")
         clean = check_draft(draft, self.policy)
         if self.policy.public_only:
-            await check_reachable(clean.url, self.resolver)
+            await check_reachable(clean.url, self._resolver)
         now = self._clock.now()
         async with self._uow() as uow:
             if request_id and (done := await uow.webhooks.find_by_request(owner_id, request_id)):
+                await audit.record(uow, trail, now)
                 return done
             await uow.webhooks.lock_owner(owner_id)
             if await uow.webhooks.count(owner_id) >= self.policy.max_webhooks:
@@ -180,7 +193,7 @@ class WebhookService:
                 request_id=request_id or None,
             )
             await uow.webhooks.add(webhook)
-            audit.annotate(subject_user_id=owner_id, resource=webhook.name)
+            await audit.record(uow, trail, now, subject_user_id=owner_id, resource=webhook.name)
         return webhook
 
     async def update(
@@ -191,6 +204,7 @@ class WebhookService:
         paths: tuple[str, ...],
         *,
         etag: str,
+        trail: AuditTrail | None = None,
     ) -> Webhook:
         """Apply the masked paths of ``requested``; validated as a whole. Re-enabling clears
         the failure record. ``headers.<name>`` paths change single headers (see
@@ -199,7 +213,7 @@ class WebhookService:
         paths = fieldmask.check_paths(paths, UPDATABLE_PATHS)
         if "url" in paths and self.policy.public_only:
             check_url(requested.url, require_https=self.policy.require_https)
-            await check_reachable(requested.url, self.resolver)
+            await check_reachable(requested.url, self._resolver)
         async with self._uow() as uow:
             webhook = await _load(uow, owner_id, webhook_id, lock=True)
             _check_etag(webhook, etag, "webhook.etag")
@@ -208,7 +222,9 @@ class WebhookService:
                 headers = merge_headers(webhook.headers, requested.headers, header_names)
                 merged = replace(merged, headers=headers)
             clean = check_draft(merged, self.policy)
+            now = self._clock.now()
             if clean == draft_of(webhook):
+                await audit.record(uow, trail, now)
                 return webhook
             reason = webhook.disabled_reason
             if clean.disabled and not webhook.disabled:
@@ -226,25 +242,33 @@ class WebhookService:
                 disabled_reason=reason,
                 failing_since=None if not clean.disabled else webhook.failing_since,
                 version=webhook.version + 1,
-                update_time=self._clock.now(),
+                update_time=now,
             )
             await uow.webhooks.save(changed, webhook.version)
             if changed.disabled and not webhook.disabled:
                 await uow.webhooks.fail_pending(webhook.id, changed.update_time)
             masked = [*paths, *(f"headers.{name}" for name in header_names)]
-            audit.annotate(subject_user_id=owner_id, resource=webhook.name, paths=masked)
+            await audit.record(
+                uow, trail, now, subject_user_id=owner_id, resource=webhook.name, paths=masked
+            )
         return changed
 
-    async def delete(self, owner_id: str, webhook_id: str, *, etag: str) -> Webhook:
+    async def delete(
+        self, owner_id: str, webhook_id: str, *, etag: str, trail: AuditTrail | None = None
+    ) -> Webhook:
         """Delete an endpoint with its history."""
         async with self._uow() as uow:
             webhook = await _load(uow, owner_id, webhook_id, lock=True)
             _check_etag(webhook, etag, "etag")
             await uow.webhooks.delete(webhook.id)
-            audit.annotate(subject_user_id=owner_id, resource=webhook.name)
+            await audit.record(
+                uow, trail, self._clock.now(), subject_user_id=owner_id, resource=webhook.name
+            )
         return replace(webhook, secret="", previous_secret=None)
 
-    async def rotate_secret(self, owner_id: str, webhook_id: str) -> Webhook:
+    async def rotate_secret(
+        self, owner_id: str, webhook_id: str, trail: AuditTrail | None = None
+    ) -> Webhook:
         """A new secret; the current one keeps signing for :data:`ROTATION_OVERLAP`."""
         now = self._clock.now()
         async with self._uow() as uow:
@@ -258,7 +282,7 @@ class WebhookService:
                 update_time=now,
             )
             await uow.webhooks.save(changed, webhook.version)
-            audit.annotate(subject_user_id=owner_id, resource=webhook.name)
+            await audit.record(uow, trail, now, subject_user_id=owner_id, resource=webhook.name)
         return changed
 
     # -- deliveries -----------------------------------------------------------------------
@@ -296,10 +320,16 @@ class WebhookService:
         return found
 
     async def test(
-        self, owner_id: str, webhook_id: str, data: Mapping[str, Any], *, actor: str
+        self,
+        owner_id: str,
+        webhook_id: str,
+        data: Mapping[str, Any],
+        *,
+        actor: str,
+        trail: AuditTrail | None = None,
     ) -> Delivery:
         """Send a ``webhook.test`` event to the endpoint now; the delivery with its attempt."""
-        if self.sender is None:
+        if self._sender is None:
             raise FailedPrecondition("webhook delivery is not running on this server")
         now = self._clock.now()
         async with self._uow() as uow:
@@ -329,12 +359,18 @@ class WebhookService:
                 ],
                 now,
             )
-            audit.annotate(subject_user_id=owner_id, resource=webhook.name)
-        await self.sender.deliver_now(delivery_id)
+            await audit.record(uow, trail, now, subject_user_id=owner_id, resource=webhook.name)
+        await self._sender.deliver_now(delivery_id)
         return await self.delivery(owner_id, webhook_id, delivery_id)
 
     async def replay(
-        self, owner_id: str, webhook_id: str, request: ReplayRequest, *, request_id: str
+        self,
+        owner_id: str,
+        webhook_id: str,
+        request: ReplayRequest,
+        *,
+        request_id: str,
+        trail: AuditTrail | None = None,
     ) -> Operation:
         """Start delivering past events to the endpoint again; the operation (a runner on
         any replica carries it out, see :meth:`replay_step`)."""
@@ -344,6 +380,7 @@ class WebhookService:
         params = replay_params(owner_id, request, now)
         async with self._uow() as uow:
             if request_id and (done := await uow.operations.find_by_request(owner_id, request_id)):
+                await audit.record(uow, trail, now)
                 return done
             webhook = await _load(uow, owner_id, webhook_id)
             _assert_enabled(webhook)
@@ -371,21 +408,28 @@ class WebhookService:
                 request_id=request_id or None,
             )
             await uow.operations.add(operation)
-            audit.annotate(
-                subject_user_id=owner_id, resource=webhook.name, operation=operation.name
+            await audit.record(
+                uow,
+                trail,
+                now,
+                subject_user_id=owner_id,
+                resource=webhook.name,
+                operation=operation.name,
             )
             uow.after_commit(self._started)
         return operation
 
     async def _started(self) -> None:
-        self.operation_started()
+        self._operation_started()
 
     async def replay_step(self, uow: UnitOfWork, operation: Operation) -> Step:
         """Queue the next events of a replay; run by the operation runner in ``uow``."""
         webhook = await _load(uow, operation.user_id, operation.params["webhook_id"])
         return await replay_events(uow, webhook, operation, self._clock.now())
 
-    async def recover(self, owner_id: str, webhook_id: str, since: datetime) -> int:
+    async def recover(
+        self, owner_id: str, webhook_id: str, since: datetime, trail: AuditTrail | None = None
+    ) -> int:
         """Queue again, due now, the endpoint's failed deliveries queued since ``since``."""
         now = self._clock.now()
         if since < now - LOOKBACK or since > now:
@@ -396,7 +440,9 @@ class WebhookService:
             webhook = await _load(uow, owner_id, webhook_id)
             _assert_enabled(webhook)
             count = await uow.webhooks.recover(webhook_id, since, now)
-            audit.annotate(subject_user_id=owner_id, resource=webhook.name, recovered=count)
+            await audit.record(
+                uow, trail, now, subject_user_id=owner_id, resource=webhook.name, recovered=count
+            )
         return count
 
 

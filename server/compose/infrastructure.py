@@ -1,0 +1,102 @@
+"""Infrastructure: the database, Redis and the state shared through it, the metrics
+registry, tracing, and the listing rules every resource shares."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+)
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+from server import keys
+from server.domain.common.clock import Clock
+from server.domain.common.listing import Lister, PageTokenCodec
+from server.settings import Settings
+from server.storage.database import Database
+from server.storage.kv import MemoryStore, RedisStore, ResilientStore, redis_client
+from server.storage.sealing import Sealer
+from server.workers.supervisor import Loop
+
+
+@dataclass
+class Infrastructure:
+    """What every area builds on."""
+
+    settings: Settings
+    clock: Clock
+    keys: keys.KeyMaterial
+    db: Database
+    #: None without TP_REDIS_URL: shared state, limits and the bus stay in-process.
+    redis: Redis | None
+    kv: ResilientStore | MemoryStore
+    registry: CollectorRegistry
+    lister: Lister
+    tracer_provider: TracerProvider
+
+    def loops(self) -> Sequence[Loop]:
+        """None."""
+        return ()
+
+    async def aclose(self) -> None:
+        """Close the database's and Redis's connections; flush the spans."""
+        await self.db.dispose()
+        await self.kv.close()
+        self.tracer_provider.shutdown()
+
+
+def build(settings: Settings, clock: Clock) -> Infrastructure:
+    """Connections are opened lazily, on first use."""
+    material = keys.load(settings)
+    db = Database(
+        settings.effective_database_url,
+        replica_url=settings.database_replica_url,
+        pool_size=settings.database_pool_size,
+        statement_timeout=settings.database_statement_timeout,
+        clock=clock,
+        sealer=Sealer(material.secrets_keys),
+    )
+    redis = redis_client(settings.redis_url) if settings.redis_url else None
+    kv: ResilientStore | MemoryStore = MemoryStore()
+    if redis is not None:
+        kv = ResilientStore(RedisStore(redis, settings.redis_prefix), MemoryStore())
+    lister = Lister(
+        PageTokenCodec(material.page_token_secret),
+        settings.default_page_size,
+        settings.max_page_size,
+    )
+    return Infrastructure(
+        settings,
+        clock,
+        material,
+        db,
+        redis,
+        kv,
+        CollectorRegistry(),
+        lister,
+        tracer_provider(settings),
+    )
+
+
+def tracer_provider(settings: Settings) -> TracerProvider:
+    """Spans are always made (their trace ids reach the logs); exported only by setting."""
+    resource = Resource.create({"service.name": "tunnelplane"})
+    if settings.otel_exporter == "none":
+        return TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_OFF))
+    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(1.0)))
+    if settings.otel_exporter == "console":
+        provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=settings.otel_endpoint, insecure=True)
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider

@@ -1,0 +1,116 @@
+"""The checks a settings object must pass beyond its types: ranges, settings that go
+together, and the secrets production mode insists on (:meth:`server.settings.Settings.validate`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from server.settings_env import SettingsError, env_name_of, networks
+
+if TYPE_CHECKING:
+    from server.settings import Settings
+
+#: Settings that must be greater than zero.
+POSITIVE = (
+    "access_token_ttl",
+    "refresh_token_ttl",
+    "refresh_token_idle_ttl",
+    "default_deadline",
+    "stream_recheck_interval",
+    "http_header_timeout",
+    "http_body_timeout",
+    "http_sse_keepalive",
+    "health_interval",
+    "argon2_time_cost",
+    "argon2_memory_kib",
+    "argon2_parallelism",
+    "database_pool_size",
+    "default_page_size",
+    "max_page_size",
+    "login_window",
+    "login_lock_duration",
+    "rate_queue_limit",
+    "rate_lease_max",
+    "rate_lease_ttl",
+    "ip_rate_per_minute",
+    "ip_burst",
+    "ip_block_after",
+    "ip_block_window",
+    "ip_block_duration",
+    "load_lag_threshold",
+    "load_inflight_threshold",
+    "violation_flush_interval",
+    "usage_flush_interval",
+    "tunnel_port_min",
+    "agent_heartbeat_interval",
+    "agent_heartbeat_timeout",
+    "agent_forget_after",
+    "probe_interval",
+    "probe_timeout",
+    "probe_unhealthy_after",
+    "probe_healthy_after",
+    "webhook_timeout",
+    "webhook_disable_after",
+    "webhook_claim_lease",
+    "webhook_batch",
+    "webhook_concurrency",
+    "webhook_endpoint_concurrency",
+    "webhook_max_per_user",
+    "workers",
+)
+
+
+def check(settings: Settings) -> None:  # noqa: PLR0912 - one flat list of checks reads best
+    """Check value ranges that a type alone does not express."""
+    for name in POSITIVE:
+        if getattr(settings, name) <= 0:
+            raise SettingsError(f"{env_name_of(name)} must be greater than zero")
+    if settings.shutdown_grace < 0:
+        raise SettingsError("TP_SHUTDOWN_GRACE must not be negative")
+    if settings.password_hash_concurrency < 0:
+        raise SettingsError("TP_PASSWORD_HASH_CONCURRENCY must not be negative")
+    for name in ("agent_reconnect_within", "tunnel_stop_grace"):
+        if not 0 <= getattr(settings, name) <= 3600:
+            raise SettingsError(f"{env_name_of(name)} must be between 0 and 3600 seconds")
+    if not settings.tunnel_port_min <= settings.tunnel_port_max <= 65535:
+        raise SettingsError("TP_TUNNEL_PORT_MIN..TP_TUNNEL_PORT_MAX must be a port range")
+    if settings.probe_timeout >= settings.probe_interval:
+        raise SettingsError("TP_PROBE_TIMEOUT must be shorter than TP_PROBE_INTERVAL")
+    try:
+        schedule = settings.webhook_schedule
+    except ValueError:
+        schedule = ()
+    if not schedule or any(not 0 < d < 10**7 for d in schedule):
+        raise SettingsError("TP_WEBHOOK_RETRY_SCHEDULE must be positive seconds, a,b,c")
+    if settings.webhook_claim_lease <= settings.webhook_timeout:
+        raise SettingsError("TP_WEBHOOK_CLAIM_LEASE must be longer than TP_WEBHOOK_TIMEOUT")
+    if settings.default_page_size > settings.max_page_size:
+        raise SettingsError("TP_DEFAULT_PAGE_SIZE must not exceed TP_MAX_PAGE_SIZE")
+    if bool(settings.tls_cert_file) != bool(settings.tls_key_file):
+        raise SettingsError("TP_TLS_CERT_FILE and TP_TLS_KEY_FILE must be set together")
+    if settings.http_max_connections_per_address < 0:
+        raise SettingsError("TP_HTTP_MAX_CONNECTIONS_PER_ADDRESS must not be negative")
+    for name in ("trusted_proxies", "rate_exempt_ips", "grpc_tls_proxies"):
+        try:
+            networks(getattr(settings, name))
+        except ValueError as exc:
+            raise SettingsError(f"{env_name_of(name)}: {exc}") from None
+    if settings.otel_exporter == "otlp" and not settings.otel_endpoint:
+        raise SettingsError("TP_OTEL_ENDPOINT is required when TP_OTEL_EXPORTER=otlp")
+    if settings.mode == "production":
+        check_production(settings)
+
+
+def check_production(settings: Settings) -> None:
+    """Refuse generated or default secrets; name every missing setting at once."""
+    missing = []
+    if not (settings.jwt_private_key or settings.jwt_private_key_file):
+        missing.append("TP_JWT_PRIVATE_KEY or TP_JWT_PRIVATE_KEY_FILE")
+    if len(settings.page_token_secret) < 32:
+        missing.append("TP_PAGE_TOKEN_SECRET (at least 32 characters)")
+    if not settings.secrets_key:
+        missing.append("TP_SECRETS_KEY")
+    if missing:
+        raise SettingsError(
+            "production mode refuses generated or default secrets; set " + ", ".join(missing)
+        )

@@ -1,0 +1,51 @@
+"""What the supervisor of ``TP_WORKERS`` decides on its own: which shared backends are
+missing, and the settings each worker gets."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from server.process_group import Ports, missing_backends, worker_environment
+from server.settings import Settings
+
+POSTGRES = "postgresql+psycopg://u@db:5432/tp"
+
+
+@pytest.mark.parametrize(
+    ("database_url", "redis_url", "missing"),
+    [
+        ("", "", ["TP_DATABASE_URL", "TP_REDIS_URL"]),
+        ("sqlite+aiosqlite:///var/tp.db", "redis://r:6379/0", ["TP_DATABASE_URL"]),
+        (POSTGRES, "", ["TP_REDIS_URL"]),
+        ("postgresql://u@db/tp", "redis://r:6379/0", []),
+        (POSTGRES, "redis://r:6379/0", []),
+    ],
+)
+def test_missing_backends_are_named(database_url: str, redis_url: str, missing: list[str]) -> None:
+    settings = Settings(database_url=database_url, redis_url=redis_url, workers=2)
+    found = missing_backends(settings)
+    assert [text.split()[0] for text in found] == missing
+
+
+@pytest.mark.parametrize(
+    ("metrics", "expected"), [(9464, ["9464", "9465", "9466"]), (0, ["0"] * 3), (-1, ["-1"] * 3)]
+)
+def test_each_worker_has_a_metrics_port_of_its_own(metrics: int, expected: list[str]) -> None:
+    settings = Settings(workers=3, password_hash_concurrency=2)
+    ports = Ports(grpc=5000, http=-1, metrics=metrics)
+    envs = [worker_environment(settings, ports, index) for index in range(3)]
+    assert [env["TP_METRICS_PORT"] for env in envs] == expected
+    assert {(env["TP_GRPC_PORT"], env["TP_HTTP_PORT"], env["TP_WORKERS"]) for env in envs} == {
+        ("5000", "-1", "3")
+    }
+    # A hash concurrency the operator chose is left alone.
+    assert all("TP_PASSWORD_HASH_CONCURRENCY" not in env for env in envs)
+
+
+def test_the_default_hash_concurrency_is_shared_among_workers() -> None:
+    cpus = len(os.sched_getaffinity(0))
+    for workers in (1, 2, cpus, cpus * 4):
+        env = worker_environment(Settings(workers=workers), Ports(1, 2, -1), 0)
+        assert env["TP_PASSWORD_HASH_CONCURRENCY"] == str(max(1, cpus // workers))
