@@ -197,7 +197,7 @@ class Settings:
     )
     rate_queue_limit: int = field(default=20, metadata=_doc("Calls one subject may have waiting"))
     rate_lease_max: int = field(
-        default=32,
+        default=256,
         metadata=_doc(
             "Most calls one replica admits from one Redis lease; 1 asks Redis every call"
         ),

@@ -94,6 +94,8 @@ class RedisLimiter:
             exact, _, _ = await self._run(check, 0, 0)
             return exact
         now = _now(check)
+        if leases.running_low(check, now) and self._idle(check.subject):
+            return await self._renew(check, now)
         while (decision := leases.spend(check, now)) is None:
             inflight = self._inflight.get(check.subject)
             if inflight is None or inflight.done():
@@ -103,6 +105,11 @@ class RedisLimiter:
             await asyncio.shield(inflight)
             now = _now(check)
         return decision
+
+    def _idle(self, subject: str) -> bool:
+        """No request for a slice of ``subject`` is under way."""
+        inflight = self._inflight.get(subject)
+        return inflight is None or inflight.done()
 
     async def _renew(self, check: Check, now: float) -> Decision:
         """Decide ``check`` in Redis and take a new slice with it."""

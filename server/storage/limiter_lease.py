@@ -13,15 +13,21 @@ counter or, at the latest, one ``ttl`` after they were counted (a timer).
 replica spends it later. So in any window of length ``W`` the replicas together admit at
 most what the bucket allows, ``B + W / T``, plus the tokens the replicas held unspent when
 the window began: each holds at most one slice of at most ``k - 1`` tokens (a slice is
-asked for only when the last one is spent, expired or too small, and what was left of it
-is counted in). With ``R`` replicas: at most ``R * (k - 1)`` calls beyond the exact limit,
-and likewise at most ``R * (k - 1)`` monthly counts beyond the quota (a grant never
-exceeds what is left of the quota when it is made). ``k`` (:func:`slice_cap`) is at most
+asked for when the last one is half spent, spent, expired or too small, and what was left
+of it is counted in: the new grant tops it up to at most ``k - 1``). With ``R``
+replicas: at most ``R * (k - 1)`` calls beyond the exact limit, and likewise at most
+``R * (k - 1)`` monthly counts beyond the quota (a grant never exceeds what is left of the
+quota when it is made). ``k`` (:func:`slice_cap`) is at most
 a tenth of the burst (so ``R`` replicas exceed the limit by at most ``R / 10`` of the
 burst), what the rate refills in one ``ttl``, and ``maximum`` (``TP_RATE_LEASE_MAX``);
 where that is 1 (the default free tier: a burst of 20, 100 calls a minute), no slice is
 ever granted and every call is decided in Redis exactly as the in-process limiter
 decides it.
+
+**Renewal ahead of need.** The call that finds less than half of its subject's slice
+left is decided in Redis and asks for the top-up, while the subject's other calls keep
+spending what is left: with many calls in flight, none of them waits for a renewal unless
+the slice runs out before the answer comes back.
 
 **Unspent tokens are not returned**: giving credit back to a bucket is only safe when no
 refill happened meanwhile, which a replica cannot know. To waste little, a slice's size
@@ -199,6 +205,20 @@ class Leases:
             Outcome.ALLOWED, 0, 0, lease.tokens + lease.remaining, reset, used,
             quota_created=created, quota_pending=local,
         )  # fmt: skip
+
+    def running_low(self, check: Check, now: float) -> bool:
+        """Whether ``check``'s subject holds a live slice with less than half of it left:
+        the call that finds it so asks Redis for the next slice (its own call decided
+        there), while the subject's other calls go on spending what is left, instead of
+        all of them waiting for the renewal once the slice is spent."""
+        lease = self._leases.get(check.subject)
+        return (
+            lease is not None
+            and lease.size > 1
+            and 0 < lease.tokens * 2 < lease.size
+            and now < lease.expires_at
+            and lease.bucket == check.subject_bucket
+        )
 
     def wants(self, check: Check, now: float) -> tuple[int, int, int]:
         """The slice to ask for with ``check``: its size, the tokens and the monthly counts

@@ -157,3 +157,17 @@ def test_every_aggregate_says_what_it_holds() -> None:
         assert ast.get_docstring(ast.parse(init.read_text())), f"{init} needs a docstring"
         extra = published(aggregate) - PUBLIC
         assert extra <= {p.stem for p in init.parent.glob("*.py")}, f"{init}: no {extra}"
+
+
+#: The longest a module of the product may grow before it is split (issue 11).
+MAX_LINES = 500
+
+
+def test_no_module_of_the_product_is_longer_than_max_lines() -> None:
+    long = {
+        str(path.relative_to(ROOT)): lines
+        for package in ("server", "gateway", "agent", "proxy")
+        for path in (ROOT / package).rglob("*.py")
+        if (lines := len(path.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"split these modules: {long}"
