@@ -7,8 +7,9 @@ Every server runs in a child process of its own (``python -m bench.server``) on 
 migrated SQLite database in a temporary directory; the load tools load them over loopback
 in alternating order, and the medians of the measured rounds are compared. Then webhook
 delivery throughput on PostgreSQL, one server process dispatching against two
-(``bench/webhooks.py``; ``--only webhooks`` runs that part alone, ``--only getuser`` the
-rest). See ``bench/README.md``.
+(``bench/webhooks.py``), and the full server with two workers against one on PostgreSQL and
+Redis (``bench/workers.py``). ``--only getuser|webhooks|workers`` runs one part alone. See
+``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import grpc
 from tunnelplane.v1 import users_pb2
 
-from bench import h2load, limiter, probes, report, webhooks, wrk
+from bench import h2load, limiter, probes, report, webhooks, workers, workers_report, wrk
 from bench.errors import LoadError
 from bench.probes import Caller, Expected
 from bench.processes import SERVER_SETTINGS, ServerProcess, cpu_seconds, migrate, server_env
@@ -283,15 +284,16 @@ def _git(*args: str) -> str:
     result = subprocess.run(
         ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
     )
-    return result.stdout.strip() if result.returncode == 0 else ""
+    return result.stdout if result.returncode == 0 else ""
 
 
 def source_info() -> dict[str, object]:
     """The commit measured, and any uncommitted change to what the servers run."""
     changed = _git("status", "--porcelain", "--", *SOURCE_PATHS)
     return {
-        "commit": _git("rev-parse", "HEAD") or "unknown",
-        "uncommitted": [line[3:] for line in changed.splitlines()],
+        "commit": _git("rev-parse", "HEAD").strip() or "unknown",
+        # Each line is "XY path": the status's two columns (either may be a space).
+        "uncommitted": [line[3:] for line in changed.splitlines() if line.strip()],
     }
 
 
@@ -510,12 +512,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
         "--only",
-        choices=("getuser", "webhooks"),
-        help="run one part only: the GetUser servers, or webhook delivery (default: both)",
+        choices=("getuser", "webhooks", "workers", "sqlite"),
+        help="run one part only: the GetUser servers, webhook delivery, two workers "
+        "against one, or the SQLite drivers (default: all four)",
     )
     hooks = webhooks.Plan()
     parser.add_argument("--webhook-deliveries", type=int, default=hooks.deliveries)
     parser.add_argument("--webhook-rounds", type=int, default=hooks.rounds)
+    parser.add_argument("--workers-rounds", type=int, default=workers.Plan().rounds)
+    parser.add_argument("--sqlite-rounds", type=int, default=3)
     parser.add_argument(
         "--postgres-url",
         default=webhooks.DEFAULT_POSTGRES_URL,
@@ -547,6 +552,45 @@ def measure(plan: Plan, work_dir: Path, redis_url: str) -> Report:
     return build_report(plan, machine, runs, logs, setup, limiter_checks)
 
 
+def publish_workers(scaled: workers_report.Report | None, *, publish: bool) -> None:
+    """Print the workers part's tables, and unless told not to, write its results (if
+    the part ran)."""
+    if scaled is None:
+        return
+    if not publish:
+        print(f"\n{workers_report.render_table(scaled)}")
+        return
+    written = workers_report.publish(scaled, RESULTS_DIR, README)
+    print(f"\nwrote {', '.join(str(p.relative_to(ROOT)) for p in written)}")
+
+
+def publish_parts(
+    result: Report | None,
+    hooks: Any,
+    scaled: workers_report.Report | None,
+    drivers: Any,
+    args: argparse.Namespace,
+) -> None:
+    """Print each part that ran, and unless told not to, write its results."""
+    if result is not None and args.no_publish:
+        print(f"\n{report.render_all_tables(result)}")
+    elif result is not None:
+        publish(result)
+    if hooks is not None and args.no_publish:
+        print(f"\n{webhooks.render_table(hooks)}")
+    elif hooks is not None:
+        written = webhooks.publish(hooks, RESULTS_DIR, README)
+        print(f"\nwrote {', '.join(str(p.relative_to(ROOT)) for p in written)}")
+    publish_workers(scaled, publish=not args.no_publish)
+    if drivers is not None:
+        from bench import sqlite_ab
+
+        print(f"\n{sqlite_ab.render(drivers.runs, drivers.others, args.sqlite_rounds)}")
+        if not args.no_publish:
+            written = sqlite_ab.publish(drivers, RESULTS_DIR, README)
+            print(f"\nwrote {', '.join(str(p.relative_to(ROOT)) for p in written)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when it ran (targets met or not), 1 when a check failed."""
     args = parse_args(argv)
@@ -559,33 +603,40 @@ def main(argv: list[str] | None = None) -> int:
     hooks_plan = webhooks.Plan.on_this_machine(
         deliveries=args.webhook_deliveries, rounds=args.webhook_rounds
     )
+    # Before this process is pinned to the load CPU: two workers run on every CPU.
+    workers_plan = workers.Plan.on_this_machine(
+        requests=args.requests,
+        warmup_requests=args.warmup_requests,
+        wrk_seconds=args.wrk_seconds,
+        rounds=args.workers_rounds,
+    )
     if plan.load_cpu is not None:
         os.sched_setaffinity(0, {plan.load_cpu})  # h2load, wrk and the receiver inherit it
     work_dir = Path(tempfile.mkdtemp(prefix="tunnelplane-bench-"))
-    result, hooks = None, None
+    result, hooks, scaled, drivers = None, None, None, None
     try:
         with contextlib.ExitStack() as stack:
             redis_url = args.redis_url
             if redis_url == "private":
                 redis_url = stack.enter_context(limiter.private_redis())
-            if args.only != "webhooks":
+            if args.only in (None, "getuser"):
                 result = measure(plan, work_dir, redis_url)
-            if args.only != "getuser":
+            if args.only in (None, "webhooks"):
                 hooks = webhooks.measure(
                     hooks_plan, work_dir, redis_url, args.postgres_url, webhook_machine()
                 )
+            if args.only in (None, "workers"):
+                scaled = workers.measure(
+                    workers_plan, work_dir, redis_url, args.postgres_url, webhook_machine()
+                )
+            if args.only in (None, "sqlite"):
+                from bench import sqlite_ab  # it imports this module
+
+                drivers = sqlite_ab.compare(replace(plan, rounds=args.sqlite_rounds))
     except (LoadError, RuntimeError, grpc.RpcError) as exc:
         print(f"bench failed: {exc}\n(work directory kept: {work_dir})", file=sys.stderr)
         return 1
-    if result is not None and args.no_publish:
-        print(f"\n{report.render_all_tables(result)}")
-    elif result is not None:
-        publish(result)
-    if hooks is not None and args.no_publish:
-        print(f"\n{webhooks.render_table(hooks)}")
-    elif hooks is not None:
-        written = webhooks.publish(hooks, RESULTS_DIR, README)
-        print(f"\nwrote {', '.join(str(p.relative_to(ROOT)) for p in written)}")
+    publish_parts(result, hooks, scaled, drivers, args)
     if args.keep:
         print(f"work directory kept: {work_dir}")
     else:

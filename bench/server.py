@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -46,6 +47,7 @@ from server.domain.identity.rules import permissions_for
 from server.pipeline import Call, MethodInfo
 from server.runtime import tune_gc
 from server.settings import Settings
+from server.storage import database
 
 SERVICE = "tunnelplane.v1.UserService"
 GET_USER = f"/{SERVICE}/GetUser"
@@ -93,7 +95,7 @@ async def serve_full(settings: Settings) -> None:
 
 async def principal_of(app: App, user_id: str) -> Principal:
     """The principal the auth stage would set for this user's session token."""
-    user = await app.users.get(user_id)
+    user = await app.identity.users.get(user_id)
     return Principal(
         user_id=user.id,
         role=user.role,
@@ -106,7 +108,7 @@ async def principal_of(app: App, user_id: str) -> Principal:
 def bare_handler(app: App, principal: Principal) -> grpc.GenericRpcHandler:
     """GetUser served by the servicer method alone, with the caller already known."""
     method: MethodInfo = next(m for m in app.methods if m.full_name == GET_USER)
-    api = UserApi(app.users, app.tiers, app.quotas, app.clock)
+    api = UserApi(app.identity.users, app.identity.tiers, app.limits.quotas, app.clock)
 
     async def get_user(
         request: users_pb2.GetUserRequest, _context: grpc.aio.ServicerContext[Any, Any]
@@ -193,6 +195,14 @@ async def serve_fastapi(settings: Settings, jwks_url: str) -> None:
     await serving
 
 
+def use_sqlite_driver(driver: str) -> None:
+    """Bench only: open SQLite through ``driver`` in this process. ``inline`` is what the
+    server does (``server/storage/sqlite_inline.py``); ``aiosqlite`` is SQLAlchemy's
+    ``sqlite+aiosqlite`` dialect with aiosqlite's own connection thread."""
+    if driver == "aiosqlite":
+        database.make_engine = functools.partial(database.make_engine, sqlite_inline_driver=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, configure logging as the real server does, and serve."""
     parser = argparse.ArgumentParser(prog="python -m bench.server", description=__doc__)
@@ -201,6 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream", default="", help="the gRPC server, HOST:PORT (gateway)")
     parser.add_argument("--jwks-url", default="", help="where the token keys are (fastapi)")
     parser.add_argument("--cpu", type=int, help="run on this CPU only")
+    parser.add_argument(
+        "--sqlite-driver",
+        choices=("inline", "aiosqlite"),
+        default="inline",
+        help="how the server opens SQLite (full, bare)",
+    )
     args = parser.parse_args(argv)
     needed = {"bare": "user_id", "gateway": "upstream", "fastapi": "jwks_url"}.get(args.mode)
     if needed and not getattr(args, needed):
@@ -210,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "gateway":
         return serve_gateway(args.upstream)
     settings = Settings.from_env()
+    use_sqlite_driver(args.sqlite_driver)
     if args.mode == "fastapi":
         asyncio.run(serve_fastapi(settings, args.jwks_url))
         return 0
