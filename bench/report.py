@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import statistics
-from collections.abc import Mapping, Sequence
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from bench.errors import LoadError
+
+R = TypeVar("R")
 
 #: The gRPC comparison, its README section and the server that carries the h2load command.
 GRPC_SERVERS = ("full", "bare")
@@ -497,3 +504,23 @@ def write_results(report: Report, directory: Path, stem: str) -> tuple[Path, Pat
         sections += ["", f"--- round {run.round}, {run.server} ---", run.output.strip()]
     text_path.write_text("\n".join(sections) + "\n")
     return json_path, text_path
+
+
+def measure_alone(
+    name: str, measure: Callable[[Path], R], render: Callable[[R], str], *, keep: bool
+) -> int:
+    """One part of the bench run on its own (``python -m bench.<part>``): measure in a work
+    directory of its own (kept when a check fails, or with ``keep``), print the table;
+    0 when it ran, 1 when a check failed."""
+    work_dir = Path(tempfile.mkdtemp(prefix=f"tunnelplane-{name}-"))
+    try:
+        result = measure(work_dir)
+    except (LoadError, RuntimeError) as exc:
+        print(f"{name} bench failed: {exc}\n(work directory kept: {work_dir})", file=sys.stderr)
+        return 1
+    print(f"\n{render(result)}")
+    if keep:
+        print(f"work directory kept: {work_dir}")
+    else:
+        shutil.rmtree(work_dir)
+    return 0

@@ -33,11 +33,9 @@ import json
 import math
 import os
 import secrets
-import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -55,7 +53,7 @@ from psycopg import sql
 
 from bench.errors import LoadError
 from bench.processes import SERVER_SETTINGS, ServerProcess, cpu_seconds, migrate, server_env
-from bench.report import Ratio, TargetResult, update_readme
+from bench.report import Ratio, TargetResult, measure_alone, update_readme
 from server.domain.common.ids import new_id
 from server.domain.identity.model import Preferences
 from server.domain.webhooks.rules import new_secret
@@ -1139,18 +1137,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if plan.load_cpu is not None:
         os.sched_setaffinity(0, {plan.load_cpu})
-    work_dir = Path(tempfile.mkdtemp(prefix="tunnelplane-webhooks-"))
-    try:
-        report = measure(plan, work_dir, args.redis_url, args.postgres_url, {})
-    except (LoadError, RuntimeError) as exc:
-        print(f"webhook bench failed: {exc}\n(work directory kept: {work_dir})", file=sys.stderr)
-        return 1
-    print(f"\n{render_table(report)}")
-    if args.keep:
-        print(f"work directory kept: {work_dir}")
-    else:
-        shutil.rmtree(work_dir)
-    return 0
+    return measure_alone(
+        "webhooks",
+        lambda work_dir: measure(plan, work_dir, args.redis_url, args.postgres_url, {}),
+        render_table,
+        keep=args.keep,
+    )
 
 
 if __name__ == "__main__":

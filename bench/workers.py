@@ -25,11 +25,9 @@ import json
 import os
 import secrets
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,6 +40,7 @@ import redis
 from tunnelplane.v1 import users_pb2
 
 from bench import h2load, probes, wrk
+from bench import report as report_module
 from bench.errors import LoadError
 from bench.processes import ROOT, SERVER_SETTINGS, STARTUP_TIMEOUT, cpu_seconds, migrate, server_env
 from bench.server import GET_USER, HTTP_GET_ME
@@ -412,18 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.on_this_machine(
         requests=args.requests, wrk_seconds=args.wrk_seconds, rounds=args.rounds
     )
-    work_dir = Path(tempfile.mkdtemp(prefix="tunnelplane-workers-"))
-    try:
-        report = measure(plan, work_dir, args.redis_url, args.postgres_url, {})
-    except (LoadError, RuntimeError) as exc:
-        print(f"workers bench failed: {exc}\n(work directory kept: {work_dir})", file=sys.stderr)
-        return 1
-    print(f"\n{render_table(report)}")
-    if args.keep:
-        print(f"work directory kept: {work_dir}")
-    else:
-        shutil.rmtree(work_dir)
-    return 0
+    return report_module.measure_alone(
+        "workers",
+        lambda work_dir: measure(plan, work_dir, args.redis_url, args.postgres_url, {}),
+        render_table,
+        keep=args.keep,
+    )
 
 
 if __name__ == "__main__":

@@ -154,6 +154,14 @@ lease_step = st.fixed_dictionaries(
 sliced = st.builds(Bucket, st.integers(600, 60_000), st.integers(20, 200))
 
 
+async def _forget(client: Any, prefix: str) -> None:
+    """Delete a test's keys and close its client."""
+    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
 def _leasing(client: Any, prefix: str, runs: list[int]) -> list[RedisLimiter]:
     """Two replicas' limiters on one Redis state, counting each one's script runs."""
 
@@ -238,10 +246,7 @@ def test_replicas_spending_leased_slices_exceed_the_limit_by_at_most_their_slice
                 await limiter.close()  # adds the counts made locally to Redis
             stored = int(await client.get(f"{prefix}quota:requests:a:202611") or 0)
         finally:
-            keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-            if keys:
-                await client.delete(*keys)
-            await client.aclose()
+            await _forget(client, prefix)
         assert stored == counted, "every counted call reached Redis once"
         assert counted <= quota_limit + (REPLICAS - 1) * (k - 1)
         interval = bucket.interval_ms
@@ -294,10 +299,7 @@ def test_a_caller_at_or_under_the_rate_is_never_refused_by_leasing_replicas(
             for limiter in replicas:
                 await limiter.close()
         finally:
-            keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-            if keys:
-                await client.delete(*keys)
-            await client.aclose()
+            await _forget(client, prefix)
         assert refused == []
 
     asyncio.run(run())
@@ -330,10 +332,7 @@ async def test_the_excess_is_one_slice_per_replica_at_most() -> None:
     finally:
         for replica in replicas:
             await replica.close()
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
+        await _forget(client, prefix)
 
 
 async def test_a_busy_subject_is_mostly_decided_from_slices() -> None:
@@ -360,10 +359,7 @@ async def test_a_busy_subject_is_mostly_decided_from_slices() -> None:
             await limiter.close()
         assert int(await client.get(f"{prefix}quota:requests:a:202611") or 0) == 1000
     finally:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
+        await _forget(client, prefix)
 
 
 #: The bucket emptied with a queue of four intervals: a call that the queue would admit
@@ -418,10 +414,7 @@ def test_a_refusal_remembered_by_a_replica_is_one_redis_would_make(
                 assert not (await exact.decide(dry)).allowed, (now, cost, decision)
         finally:
             await replica.close()
-            keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-            if keys:
-                await client.delete(*keys)
-            await client.aclose()
+            await _forget(client, prefix)
 
     asyncio.run(run())
 
@@ -451,10 +444,7 @@ async def test_a_subject_past_its_limit_costs_redis_one_run_per_retry_interval()
         assert runs[0] == before + 1
     finally:
         await replica.close()
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if keys:
-            await client.delete(*keys)
-        await client.aclose()
+        await _forget(client, prefix)
 
 
 # --- one limit across replicas ----------------------------------------------------------

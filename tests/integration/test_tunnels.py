@@ -4,6 +4,7 @@ life cycle, the state machine, validation, quotas and tiers, events and watch st
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import grpc
@@ -66,6 +67,18 @@ async def test_create_get_list_update_delete(client: Client) -> None:
     )
     assert deleted.name == made.name
     await fails(get(client, owner, made.name), grpc.StatusCode.NOT_FOUND)
+
+
+async def test_listen_ports_do_not_depend_on_the_global_random(client: Client) -> None:
+    """A test framework (hypothesis) seeds the global ``random`` before each example; the
+    listen ports must not follow it, or every tunnel would try the same few ports."""
+    owner = await client.new_user(tier=Tier.ENTERPRISE)
+    ports = set()
+    for _ in range(40):
+        random.seed(7)
+        made = await client.tunnel(owner)
+        ports.add(made.listen_address)
+    assert len(ports) == 40
 
 
 async def test_names_are_unique_per_owner_and_creates_are_idempotent(client: Client) -> None:

@@ -56,6 +56,11 @@ from server.domain.tunnels.rules import (
 )
 from server.domain.unit_of_work import UnitOfWork, UnitOfWorkFactory
 
+#: Where listen ports are drawn from: a generator of its own, never the global ``random``
+#: that a test framework may seed (hypothesis does, making every example draw the same
+#: 32 ports until they are all taken).
+_PORTS = random.SystemRandom()
+
 UPDATABLE_PATHS = frozenset(
     {
         "display_name",
@@ -481,7 +486,7 @@ class TunnelService:
     async def _free_port(self, uow: UnitOfWork) -> int:
         low, high = self.settings.port_min, self.settings.port_max
         for _ in range(32):
-            port = random.randint(low, high)  # noqa: S311 - not a secret
+            port = _PORTS.randint(low, high)
             if not await uow.tunnels.port_taken(port):
                 return port
         raise ResourceExhausted("no listen port is free; try again", retry_after=1.0)
