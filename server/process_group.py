@@ -134,11 +134,14 @@ def reserve_port(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in bare else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        # SO_REUSEADDR as every server sets it: a restart must not wait for the previous
+        # process's connections in TIME_WAIT on this port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((bare, port))
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     return sock
 
 
@@ -419,10 +422,16 @@ async def supervise(settings: Settings) -> int:
     # Workers starting together would race to generate development keys in the data
     # directory (each its own): generate them here, once, before any starts.
     keys.load(settings)
-    grpc_socket = reserve_port(settings.grpc_host, settings.grpc_port)
-    http_socket = (
-        reserve_port(settings.http_host, settings.http_port) if settings.http_port >= 0 else None
-    )
+    try:
+        grpc_socket = reserve_port(settings.grpc_host, settings.grpc_port)
+        http_socket = (
+            reserve_port(settings.http_host, settings.http_port)
+            if settings.http_port >= 0
+            else None
+        )
+    except OSError as exc:
+        log.error("not serving: %s", exc.strerror)  # noqa: TRY400 - no traceback for a busy port
+        return 1
     ports = Ports(
         grpc=grpc_socket.getsockname()[1],
         http=http_socket.getsockname()[1] if http_socket is not None else -1,

@@ -4,10 +4,11 @@ missing, and the settings each worker gets."""
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
-from server.process_group import Ports, missing_backends, worker_environment
+from server.process_group import Ports, missing_backends, reserve_port, worker_environment
 from server.settings import Settings
 
 POSTGRES = "postgresql+psycopg://u@db:5432/tp"
@@ -49,3 +50,26 @@ def test_the_default_hash_concurrency_is_shared_among_workers() -> None:
     for workers in (1, 2, cpus, cpus * 4):
         env = worker_environment(Settings(workers=workers), Ports(1, 2, -1), 0)
         assert env["TP_PASSWORD_HASH_CONCURRENCY"] == str(max(1, cpus // workers))
+
+
+def test_a_port_another_server_listens_on_is_refused_naming_it() -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            reserve_port("127.0.0.1", port)
+
+
+def test_a_port_left_in_time_wait_by_the_last_server_is_reserved_again() -> None:
+    """A restart must not wait for the last process's connections on its port."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+        client.close()
+    reserve_port("127.0.0.1", port).close()
