@@ -524,3 +524,15 @@ def measure_alone(
     else:
         shutil.rmtree(work_dir)
     return 0
+
+
+def write_json_and_text(
+    directory: Path, stem: str, data: Mapping[str, Any], sections: Sequence[str]
+) -> tuple[Path, Path]:
+    """``<stem>.json`` (``data``) and ``<stem>.txt`` (``sections``, one per line) in
+    ``directory``; the two paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path, text_path = directory / f"{stem}.json", directory / f"{stem}.txt"
+    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    text_path.write_text("\n".join(sections) + "\n")
+    return json_path, text_path

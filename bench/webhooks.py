@@ -53,7 +53,13 @@ from psycopg import sql
 
 from bench.errors import LoadError
 from bench.processes import SERVER_SETTINGS, ServerProcess, cpu_seconds, migrate, server_env
-from bench.report import Ratio, TargetResult, measure_alone, update_readme
+from bench.report import (
+    Ratio,
+    TargetResult,
+    measure_alone,
+    update_readme,
+    write_json_and_text,
+)
 from server.domain.common.ids import new_id
 from server.domain.identity.model import Preferences
 from server.domain.webhooks.rules import new_secret
@@ -1017,9 +1023,6 @@ def render_block(report: Report, json_name: str) -> str:
 
 def write_results(report: Report, directory: Path, stem: str) -> tuple[Path, Path]:
     """``<stem>.json`` (the data) and ``<stem>.txt`` (the tables and every run)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    json_path, text_path = directory / f"{stem}.json", directory / f"{stem}.txt"
-    json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     sections = [render_table(report), "", "settings (on top of the bench's):"]
     sections += [f"  {k}={v}" for k, v in DISPATCH_SETTINGS.items()]
     for run in [*report.warmups, *report.runs]:
@@ -1028,8 +1031,7 @@ def write_results(report: Report, directory: Path, stem: str) -> tuple[Path, Pat
         sections += [
             f"  {k}: {v}" for k, v in dataclasses.asdict(run).items() if k not in {"case", "round"}
         ]
-    text_path.write_text("\n".join(sections) + "\n")
-    return json_path, text_path
+    return write_json_and_text(directory, stem, report.to_json(), sections)
 
 
 def publish(report: Report, results_dir: Path, readme: Path) -> list[Path]:

@@ -5,14 +5,13 @@ the two/one ratios against the target, and where they go (the printed table,
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.report import Ratio, TargetResult, update_readme
+from bench.report import Ratio, TargetResult, update_readme, write_json_and_text
 
 #: The two servers of a round, by their number of workers.
 CASES = {"one": 1, "two": 2}
@@ -172,15 +171,11 @@ def render_block(report: Report, json_name: str) -> str:
 
 def write_results(report: Report, directory: Path, stem: str) -> tuple[Path, Path]:
     """``<stem>.json`` (the data) and ``<stem>.txt`` (the tables and the tools' output)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    json_path, text_path = directory / f"{stem}.json", directory / f"{stem}.txt"
-    json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     sections = [render_table(report)]
     for run in report.runs:
         sections += ["", f"--- round {run.round}, {run.case} worker(s), {run.transport} ---"]
         sections += [run.command, run.output]
-    text_path.write_text("\n".join(sections) + "\n")
-    return json_path, text_path
+    return write_json_and_text(directory, stem, report.to_json(), sections)
 
 
 def publish(report: Report, results_dir: Path, readme: Path) -> list[Path]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import urlsplit
 
 
 class TcpProxy:
@@ -62,3 +63,11 @@ class TcpProxy:
                 await writer.drain()
         with contextlib.suppress(OSError):
             writer.write_eof()
+
+
+async def in_front_of_redis(url: str) -> TcpProxy:
+    """A started proxy in front of the Redis at ``url``, for a test to cut and restore."""
+    target = urlsplit(url)
+    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
+    await proxy.start()
+    return proxy

@@ -16,7 +16,7 @@ from server.app import App
 from server.domain.identity.model import Role
 from tests.conftest import REDIS_URL, make_settings, redis_prefix
 from tests.helpers import Client, fails
-from tests.tcpproxy import TcpProxy
+from tests.tcpproxy import TcpProxy, in_front_of_redis
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -117,9 +117,7 @@ async def test_redis_outage_degrades_without_refusing_calls(
     from tests.conftest import migrate, require_redis
 
     require_redis()
-    target = urlsplit(REDIS_URL)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
-    await proxy.start()
+    proxy = await in_front_of_redis(REDIS_URL)
     await migrate(postgres_database)
     server = App(
         make_settings(

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from urllib.parse import urlsplit
 from urllib.request import urlopen
 
 from server.app import App
 from server.storage.bus import RedisBus
 from tests.conftest import REDIS_URL, Backend, make_settings, own_server
 from tests.helpers import eventually
-from tests.tcpproxy import TcpProxy
+from tests.tcpproxy import in_front_of_redis
 
 TIMEOUT = 20.0
 #: The loops of a server with the default settings, in the order they start.
@@ -71,9 +70,7 @@ async def test_a_loop_whose_redis_goes_away_is_restarted_and_recovers(
     from tests.conftest import migrate, require_redis
 
     require_redis()
-    target = urlsplit(REDIS_URL)
-    proxy = TcpProxy(target.hostname or "127.0.0.1", target.port or 6379)
-    await proxy.start()
+    proxy = await in_front_of_redis(REDIS_URL)
     await migrate(postgres_database)
     server = App(
         make_settings(
