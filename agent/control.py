@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from tunnelplane.v1 import agents_pb2
 
 from agent.counters import Counters
+from agent.exchange import ReversePath
 from agent.relay import DEFAULT_IDLE_TIMEOUT, Relay, parse_address
 
 log = logging.getLogger("tunnelplane.agent.control")
@@ -49,7 +50,9 @@ class RelayController:
         default_target: str = "",
         listen_host: str | None = None,
         relay_factory: RelayFactory = Relay,
+        reverse: ReversePath | None = None,
     ) -> None:
+        self._reverse = reverse
         self._counters = counters
         self._default_target = default_target
         self._listen_host = listen_host
@@ -83,6 +86,8 @@ class RelayController:
         """Stop the relay, if any, and close at once what stopped relays still carry."""
         async with self._lock:
             await self._stop()
+            if self._reverse is not None:
+                await self._reverse.stop()
             draining, self._draining = self._draining, {}
             for task in draining:
                 task.cancel()
@@ -98,6 +103,11 @@ class RelayController:
             await self._start(state)
         elif state.run == DesiredState.RUN_STOPPED:
             self._drain(_stop_grace(state))
+        if self._reverse is not None:
+            started = state.run == DesiredState.RUN_STARTED
+            target = state.target or self._default_target
+            url = state.target_url or (f"http://{target}" if target else "")
+            await self._reverse.configure(state.proxy_links if started else (), url)
 
     async def _stop(self) -> None:
         relay, self._relay = self._relay, None

@@ -22,6 +22,7 @@ from agent import __version__
 from agent.backoff import Backoff, BackoffPolicy
 from agent.control import RelayController
 from agent.counters import Counters
+from agent.exchange import LinkSettings, ReversePath
 from agent.reports import ReportBook
 
 log = logging.getLogger("tunnelplane.agent.session")
@@ -120,6 +121,15 @@ class Session:
             self._counters,
             default_target=settings.default_target,
             listen_host=settings.listen_host,
+            reverse=ReversePath(
+                LinkSettings(
+                    tunnel=settings.tunnel,
+                    agent_id=settings.agent_id,
+                    key=settings.key,
+                    tls=settings.tls,
+                    root_certificates=settings.root_certificates,
+                )
+            ),
         )
         self._book = ReportBook()
         self._backoff = Backoff(settings.backoff)

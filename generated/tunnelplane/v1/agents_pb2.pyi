@@ -362,6 +362,8 @@ class DesiredState(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     STOP_GRACE_FIELD_NUMBER: _builtins.int
+    PROXY_LINKS_FIELD_NUMBER: _builtins.int
+    TARGET_URL_FIELD_NUMBER: _builtins.int
     run: Global___DesiredState.Run.ValueType
     """Start or stop."""
     listen_address: _builtins.str
@@ -372,6 +374,10 @@ class DesiredState(_message.Message):
     """
     version: _builtins.int
     """Increases with each change, so an agent can ignore stale messages."""
+    target_url: _builtins.str
+    """The active endpoint's URL (`http://…`, `https://…` or `tcp://…`), where
+    exchanges from proxies go; empty when no endpoint is known.
+    """
     @_builtins.property
     def config(self) -> _tunnels_pb2.TunnelConfig:
         """The tunnel's configuration."""
@@ -380,6 +386,12 @@ class DesiredState(_message.Message):
     def stop_grace(self) -> _duration_pb2.Duration:
         """With `RUN_STOPPED`: how long connections still open may go on before the
         agent closes them (10 s by default). Zero closes them at once.
+        """
+
+    @_builtins.property
+    def proxy_links(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Streaming proxies' link addresses (`host:port`) to open exchanges to
+        (ProxyLinkService) for HTTP tunnels; empty when no proxy serves them.
         """
 
     def __init__(
@@ -391,10 +403,12 @@ class DesiredState(_message.Message):
         config: _tunnels_pb2.TunnelConfig | None = ...,
         version: _builtins.int = ...,
         stop_grace: _duration_pb2.Duration | None = ...,
+        proxy_links: _abc.Iterable[_builtins.str] | None = ...,
+        target_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "stop_grace", b"stop_grace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "listen_address", b"listen_address", "run", b"run", "stop_grace", b"stop_grace", "target", b"target", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "listen_address", b"listen_address", "proxy_links", b"proxy_links", "run", b"run", "stop_grace", b"stop_grace", "target", b"target", "target_url", b"target_url", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,6 +24,40 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _WebAccess:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebAccessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebAccess.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEB_ACCESS_UNSPECIFIED: _WebAccess.ValueType  # 0
+    """Not set: private."""
+    WEB_ACCESS_PRIVATE: _WebAccess.ValueType  # 1
+    """An access token, or an API key with the scope `tunnels.use`, of the owner
+    or of someone the tunnel is shared with.
+    """
+    WEB_ACCESS_PUBLIC: _WebAccess.ValueType  # 2
+    """Anyone."""
+    WEB_ACCESS_IP_ALLOWLIST: _WebAccess.ValueType  # 3
+    """Clients whose address is in `allowed_networks`."""
+
+class WebAccess(_WebAccess, metaclass=_WebAccessEnumTypeWrapper):
+    """Who may reach a tunnel through a streaming proxy. A local service such as an
+    LLM server often has no authentication of its own, so the default is closed.
+    """
+
+WEB_ACCESS_UNSPECIFIED: WebAccess.ValueType  # 0
+"""Not set: private."""
+WEB_ACCESS_PRIVATE: WebAccess.ValueType  # 1
+"""An access token, or an API key with the scope `tunnels.use`, of the owner
+or of someone the tunnel is shared with.
+"""
+WEB_ACCESS_PUBLIC: WebAccess.ValueType  # 2
+"""Anyone."""
+WEB_ACCESS_IP_ALLOWLIST: WebAccess.ValueType  # 3
+"""Clients whose address is in `allowed_networks`."""
+Global___WebAccess: _TypeAlias = WebAccess  # noqa: Y015
+
 @_typing.final
 class Tunnel(_message.Message):
     """A tunnel."""
@@ -206,15 +240,25 @@ class TunnelConfig(_message.Message):
     MAX_CONNECTIONS_FIELD_NUMBER: _builtins.int
     IDLE_TIMEOUT_FIELD_NUMBER: _builtins.int
     COMPRESSION_FIELD_NUMBER: _builtins.int
+    WEB_ACCESS_FIELD_NUMBER: _builtins.int
+    ALLOWED_NETWORKS_FIELD_NUMBER: _builtins.int
     max_connections: _builtins.int
     """Most concurrent connections through the tunnel. 0 means the tier's limit;
     more than the tier's limit is refused.
     """
     compression: _builtins.bool
     """Compress traffic between agent and edge."""
+    web_access: Global___WebAccess.ValueType
+    """Who may reach the tunnel through a streaming proxy. Unset means private."""
     @_builtins.property
     def idle_timeout(self) -> _duration_pb2.Duration:
         """Idle timeout of a connection through the tunnel, 1 s to 1 h. Default 60 s."""
+
+    @_builtins.property
+    def allowed_networks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """With `WEB_ACCESS_IP_ALLOWLIST`: the CIDRs (or single addresses) allowed,
+        1-50 of them.
+        """
 
     def __init__(
         self,
@@ -222,10 +266,12 @@ class TunnelConfig(_message.Message):
         max_connections: _builtins.int = ...,
         idle_timeout: _duration_pb2.Duration | None = ...,
         compression: _builtins.bool = ...,
+        web_access: Global___WebAccess.ValueType = ...,
+        allowed_networks: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["idle_timeout", b"idle_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "idle_timeout", b"idle_timeout", "max_connections", b"max_connections"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_networks", b"allowed_networks", "compression", b"compression", "idle_timeout", b"idle_timeout", "max_connections", b"max_connections", "web_access", b"web_access"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

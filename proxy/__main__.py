@@ -1,0 +1,115 @@
+"""Command line: ``python -m proxy --control-plane HOST:PORT``.
+
+Each option falls back to a ``TP_PROXY_*`` environment variable (the control plane sets
+them when it runs an embedded proxy). SIGTERM or SIGINT stops the proxy cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy.app import ProxyApp, ProxySettings
+from proxy.web import WebSettings
+
+log = logging.getLogger("tunnelplane.proxy")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"TP_PROXY_{name}", default)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m proxy",
+        description="Carry web requests to tunnels' local services through their agents.",
+    )
+    p.add_argument("--control-plane", default=_env("CONTROL_PLANE", "127.0.0.1:50051"),
+                   metavar="HOST:PORT")  # fmt: skip
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="public address to bind")
+    p.add_argument("--port", type=int, default=int(_env("PORT", "8090")), help="public port")
+    p.add_argument("--link-host", default=_env("LINK_HOST", "127.0.0.1"))
+    p.add_argument("--link-port", type=int, default=int(_env("LINK_PORT", "8091")),
+                   help="port agents link to")  # fmt: skip
+    p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "0")))
+    p.add_argument("--public-domain", default=os.environ.get("TP_PUBLIC_DOMAIN", "localhost"))
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (public and link TLS)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key")
+    p.add_argument("--control-plane-ca", type=Path, help="PEM roots to trust (implies TLS)")
+    p.add_argument("--first-byte-timeout", type=float,
+                   default=float(_env("FIRST_BYTE_TIMEOUT", "300")))  # fmt: skip
+    p.add_argument("--idle-timeout", type=float, default=float(_env("IDLE_TIMEOUT", "30")))
+    p.add_argument("--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", str(1 << 30))))
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def settings_from(args: argparse.Namespace) -> ProxySettings:
+    """The proxy's settings; ValueError when the arguments cannot work."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.first_byte_timeout <= 0 or args.idle_timeout <= 0 or args.max_body_bytes <= 0:
+        raise ValueError("timeouts and --max-body-bytes must be positive")
+    roots = args.control_plane_ca.read_bytes() if args.control_plane_ca else None
+    return ProxySettings(
+        control_plane=args.control_plane,
+        host=args.host,
+        port=args.port,
+        link_host=args.link_host,
+        link_port=args.link_port,
+        metrics_port=args.metrics_port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        control_plane_roots=roots,
+        web=WebSettings(
+            public_domain=args.public_domain,
+            first_byte_timeout=args.first_byte_timeout,
+            idle_timeout=args.idle_timeout,
+            max_body_bytes=args.max_body_bytes,
+        ),
+    )
+
+
+async def serve(settings: ProxySettings) -> int:
+    """Run until SIGTERM or SIGINT; return the exit status."""
+    app = ProxyApp(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await app.start()
+    except OSError as exc:
+        log.error("cannot listen", extra={"error": str(exc)})  # noqa: TRY400 - no traceback
+        await app.stop(0)
+        return 1
+    print(f"proxy ready port={app.port} link_port={app.link_port}", flush=True)
+    await stopping.wait()
+    await app.stop()
+    log.info("proxy stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    try:
+        settings = settings_from(args)
+    except (ValueError, OSError) as exc:
+        log.error("cannot start: %s", exc)  # noqa: TRY400
+        return 2
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

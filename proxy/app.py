@@ -1,0 +1,136 @@
+"""The proxy's composition: the link server (gRPC, agents dial in), the public server
+(aiohttp, web clients), the control-plane client and the metrics endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import grpc
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from tunnelplane.v1 import proxy_link_pb2_grpc
+
+from proxy.control import ControlPlane
+from proxy.links import LinkService, Registry
+from proxy.metrics import ProxyMetrics
+from proxy.web import WebProxy, WebSettings
+
+log = logging.getLogger("tunnelplane.proxy")
+
+#: gRPC options of the link server: agents keep calls open for long, idle, so keepalive
+#: pings from them are welcome; one exchange's window stays gRPC's default (64 KiB
+#: initial, grown by BDP probing), which bounds what a slow web client makes either side
+#: hold.
+LINK_OPTIONS = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_concurrent_streams", 10_000),
+)
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """Where the proxy listens, where the control plane is, and the public side's limits."""
+
+    control_plane: str
+    host: str = "127.0.0.1"
+    port: int = 8090
+    link_host: str = "127.0.0.1"
+    link_port: int = 8091
+    metrics_port: int = 0  # 0: no metrics endpoint
+    tls_cert: Path | None = None
+    tls_key: Path | None = field(default=None, repr=False)
+    control_plane_roots: bytes | None = field(default=None, repr=False)
+    control_plane_tls: bool = False
+    web: WebSettings = field(default_factory=WebSettings)
+
+
+class ProxyApp:
+    """One proxy instance: :meth:`start`, then :meth:`stop`."""
+
+    def __init__(self, settings: ProxySettings) -> None:
+        self.settings = settings
+        self.registry = Registry()
+        self.prometheus = CollectorRegistry()
+        self.metrics = ProxyMetrics(self.prometheus)
+        self._channel = self._control_channel()
+        self.control = ControlPlane(self._channel)
+        self.web = WebProxy(settings.web, self.registry, self.control, self.metrics)
+        self._links = grpc.aio.server(options=LINK_OPTIONS)
+        proxy_link_pb2_grpc.add_ProxyLinkServiceServicer_to_server(
+            LinkService(self.registry, self.control), self._links
+        )
+        self._runners: list[web.BaseRunner] = []
+        self.port = self.link_port = self.metrics_port = 0
+
+    def _control_channel(self) -> grpc.aio.Channel:
+        target = self.settings.control_plane
+        if not (self.settings.control_plane_tls or self.settings.control_plane_roots):
+            return grpc.aio.insecure_channel(target)
+        credentials = grpc.ssl_channel_credentials(self.settings.control_plane_roots)
+        return grpc.aio.secure_channel(target, credentials)
+
+    def _tls(self) -> ssl.SSLContext | None:
+        if self.settings.tls_cert is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
+        return context
+
+    def _link_credentials(self) -> grpc.ServerCredentials | None:
+        if self.settings.tls_cert is None or self.settings.tls_key is None:
+            return None
+        pair = (self.settings.tls_key.read_bytes(), self.settings.tls_cert.read_bytes())
+        return grpc.ssl_server_credentials([pair])
+
+    async def start(self) -> None:
+        """Listen on the link, public and metrics ports (0 picks a free one)."""
+        s = self.settings
+        address = f"{s.link_host}:{s.link_port}"
+        credentials = self._link_credentials()
+        if credentials is None:
+            self.link_port = self._links.add_insecure_port(address)
+        else:
+            self.link_port = self._links.add_secure_port(address, credentials)
+        await self._links.start()
+        server = web.Server(self.web.handle, handler_cancellation=True)
+        runner = web.ServerRunner(server, shutdown_timeout=1.0)
+        self.port = await self._serve(runner, s.host, s.port, self._tls())
+        if s.metrics_port:
+            metrics = web.Server(self._metrics)
+            self.metrics_port = await self._serve(
+                web.ServerRunner(metrics, shutdown_timeout=1.0), s.host, s.metrics_port, None
+            )
+        log.info(
+            "proxy listening",
+            extra={"port": self.port, "link_port": self.link_port,
+                   "metrics_port": self.metrics_port, "domain": s.web.public_domain},
+        )  # fmt: skip
+
+    async def _serve(
+        self, runner: web.BaseRunner, host: str, port: int, tls: ssl.SSLContext | None
+    ) -> int:
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, host, port, ssl_context=tls)
+        await site.start()
+        server = cast(asyncio.Server, site._server)  # the bound port, when port is 0
+        return int(server.sockets[0].getsockname()[1])
+
+    async def _metrics(self, request: web.BaseRequest) -> web.Response:
+        self.metrics.spare.set(self.registry.spare_total())
+        if request.path != "/metrics":
+            return web.Response(status=404)
+        return web.Response(body=generate_latest(self.prometheus), content_type="text/plain")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking requests, let those in flight end within ``grace``, close."""
+        for runner in self._runners:
+            await runner.cleanup()
+        await self._links.stop(grace)
+        await self._channel.close()

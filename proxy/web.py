@@ -1,0 +1,276 @@
+"""The public side: web requests in, through an agent's exchange, and the response back.
+
+Per request: route it (:mod:`proxy.routing`), ask the control plane whether it may go in
+(cached), take one of the agent's waiting exchanges, send the head and stream the body
+while the response comes back; every piece of the response is written to the client as
+soon as it arrives, whatever its content type. Timeouts are idle timeouts: the first
+body byte (or the end of an empty response) has ``first_byte_timeout`` from the
+request's arrival; after that, ``idle_timeout`` is the longest silence allowed. A client
+that goes away cancels the exchange (aiohttp cancels this handler), and the agent drops
+the local request. Failures before the response starts are JSON answers (502, 503,
+504); after it started, the connection is closed without the final chunk, so the client
+sees a truncated response rather than a complete-looking one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from tunnelplane.v1 import proxies_pb2, proxy_link_pb2
+
+from proxy import fields, replies
+from proxy.control import ControlPlane, RefusedError, UnreachableError
+from proxy.links import Exchange, Registry
+from proxy.metrics import ProxyMetrics
+from proxy.replies import Refusal
+from proxy.routing import Route, route
+
+log = logging.getLogger("tunnelplane.proxy.web")
+
+Response = proxy_link_pb2.ExchangeResponse
+Failure = proxy_link_pb2.LinkFailure
+Decision = proxies_pb2.TunnelAccessDecision
+#: Largest piece of a request body per message (gRPC's default message limit is 4 MiB).
+PIECE = 256 * 1024
+
+_REFUSALS = {
+    Decision.REFUSAL_NOT_FOUND: replies.NOT_ROUTED,
+    Decision.REFUSAL_UNAUTHENTICATED: Refusal(
+        401,
+        "UNAUTHENTICATED",
+        "this tunnel is private: send an access token or an API key "
+        "with the scope tunnels.use as 'Authorization: Bearer …'",
+        WWW_Authenticate='Bearer realm="tunnelplane"',
+    ),
+    Decision.REFUSAL_FORBIDDEN: Refusal(403, "FORBIDDEN", "this client may not use this tunnel"),
+    Decision.REFUSAL_NOT_RUNNING: Refusal(
+        503, "TUNNEL_NOT_RUNNING", "the tunnel is not started", Retry_After="5"
+    ),
+}
+_FAILURES = {
+    Failure.CAUSE_REFUSED: (502, "UPSTREAM_REFUSED", "the local service refused the connection"),
+    Failure.CAUSE_RESET: (502, "UPSTREAM_RESET", "the local service closed the connection"),
+    Failure.CAUSE_TIMEOUT: (504, "UPSTREAM_TIMEOUT", "the local service did not answer in time"),
+    Failure.CAUSE_UNAVAILABLE: (503, "NO_AGENT", "the agent is not carrying this tunnel now"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class WebSettings:
+    """The public side's limits."""
+
+    public_domain: str = "localhost"
+    first_byte_timeout: float = 300.0
+    idle_timeout: float = 30.0
+    max_body_bytes: int = 1 << 30
+    #: How long a request waits for an exchange when every one of the agent's is busy.
+    claim_wait: float = 10.0
+
+
+class _TruncatedError(Exception):
+    """The response started and cannot be completed."""
+
+
+class WebProxy:
+    """The aiohttp handler of every public request."""
+
+    def __init__(
+        self,
+        settings: WebSettings,
+        registry: Registry,
+        control: ControlPlane,
+        metrics: ProxyMetrics,
+    ) -> None:
+        self._settings = settings
+        self._registry = registry
+        self._control = control
+        self._metrics = metrics
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Carry ``request`` to its tunnel's local service, or answer why not."""
+        started = time.monotonic()
+        found = route(request.host, request.raw_path, self._settings.public_domain)
+        if found is None:
+            return self._own(request)
+        self._metrics.active.inc()
+        status, outcome = 0, "ok"
+        try:
+            response = await self._forward(request, found, started)
+        except Refusal as refusal:
+            status, outcome = refusal.status, refusal.reason
+            return replies.reply(refusal)
+        except _TruncatedError as exc:
+            status, outcome = 502, str(exc)
+            raise
+        except asyncio.CancelledError:
+            status, outcome = 499, "CLIENT_GONE"
+            raise
+        else:
+            status = response.status
+            return response
+        finally:
+            self._metrics.active.dec()
+            self._metrics.finished(status, outcome, started, time.monotonic())
+
+    def _own(self, request: web.BaseRequest) -> web.Response:
+        if request.path == "/_proxy/health":
+            return web.json_response({"status": "SERVING"})
+        return replies.reply(replies.NOT_ROUTED)
+
+    async def _admit(self, request: web.BaseRequest, tunnel_id: str) -> tuple[str, bool]:
+        """The tunnel's name, and whether the credential was Tunnelplane's (to strip)."""
+        scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+        credential = credential.strip() if scheme.lower() == "bearer" else ""
+        client_ip = request.remote or ""
+        try:
+            access = await self._control.check_access(tunnel_id, credential, client_ip)
+        except UnreachableError as exc:
+            raise Refusal(
+                503, "CONTROL_PLANE_UNAVAILABLE", "cannot check access now", Retry_After="1"
+            ) from exc
+        except RefusedError as exc:
+            if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise Refusal(429, "RATE_LIMITED", "too many requests", Retry_After="1") from exc
+            if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+                raise Refusal(401, "INVALID_CREDENTIAL", "the credential is not valid") from exc
+            raise Refusal(403, "FORBIDDEN", "this client may not use this tunnel") from exc
+        if not access.allowed:
+            raise _REFUSALS.get(access.refusal, replies.NOT_ROUTED)
+        return access.tunnel, bool(credential)
+
+    async def _forward(
+        self, request: web.BaseRequest, found: Route, started: float
+    ) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            raise Refusal(501, "UPGRADE_UNSUPPORTED", "WebSocket upgrades are not carried yet")
+        length = request.content_length
+        if length is not None and length > self._settings.max_body_bytes:
+            raise Refusal(413, "BODY_TOO_LARGE", "the request body is too large")
+        tunnel, strip_credential = await self._admit(request, found.tunnel_id)
+        exchange = await self._registry.claim(tunnel, self._settings.claim_wait)
+        if exchange is None:
+            raise Refusal(503, "NO_AGENT", "no agent is connected for this tunnel",
+                          Retry_After="5")  # fmt: skip
+        cancel = "the web client went away"
+        try:
+            response = await self._carry(request, found, exchange, started, strip_credential)
+        except Refusal as refusal:
+            cancel = refusal.reason
+            raise
+        else:
+            cancel = ""
+            return response
+        finally:
+            exchange.finish(cancel)
+
+    def _head(
+        self, request: web.BaseRequest, found: Route, strip_credential: bool
+    ) -> proxy_link_pb2.HttpHead:
+        drop = fields.FORWARDED | ({"authorization"} if strip_credential else frozenset())
+        pairs = fields.end_to_end(request.headers.items(), drop=frozenset(drop))
+        pairs += [
+            ("X-Forwarded-For", request.remote or ""),
+            ("X-Forwarded-Proto", request.scheme),
+            ("X-Forwarded-Host", request.host),
+        ]
+        return proxy_link_pb2.HttpHead(
+            method=request.method,
+            target=found.target,
+            headers=fields.to_proto(pairs),
+            has_body=request.body_exists,
+        )
+
+    async def _carry(
+        self,
+        request: web.BaseRequest,
+        found: Route,
+        exchange: Exchange,
+        started: float,
+        strip_credential: bool,
+    ) -> web.StreamResponse:
+        head = self._head(request, found, strip_credential)
+        await exchange.send(Response(head=head))
+        if head.has_body:
+            pump = asyncio.create_task(self._pump(request, exchange))
+        else:
+            pump = asyncio.create_task(exchange.send(Response(end=proxy_link_pb2.HttpEnd())))
+        try:
+            return await self._respond(request, exchange, started)
+        finally:
+            if not pump.done():
+                pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+
+    async def _pump(self, request: web.BaseRequest, exchange: Exchange) -> None:
+        sent, limit = 0, self._settings.max_body_bytes
+        async for chunk in request.content.iter_any():
+            sent += len(chunk)
+            if sent > limit:
+                raise Refusal(413, "BODY_TOO_LARGE", "the request body is too large")
+            for offset in range(0, len(chunk), PIECE):
+                await exchange.send(Response(data=chunk[offset : offset + PIECE]))
+        self._metrics.bytes.labels("in").inc(sent)
+        await exchange.send(Response(end=proxy_link_pb2.HttpEnd()))
+
+    async def _next(
+        self, exchange: Exchange, within: float, what: str
+    ) -> proxy_link_pb2.ExchangeRequest:
+        try:
+            async with asyncio.timeout(max(within, 0.0)):
+                message = await exchange.receive()
+        except TimeoutError:
+            raise Refusal(504, what, "the local service did not answer in time") from None
+        except grpc.aio.AioRpcError:
+            message = None
+        if message is None:
+            raise Refusal(502, "AGENT_GONE", "the agent's link closed during the request")
+        if message.HasField("failure"):
+            status, reason, text = _FAILURES.get(
+                message.failure.cause, (502, "UPSTREAM_FAILED", "the local service failed")
+            )
+            raise Refusal(status, reason, text)
+        return message
+
+    async def _respond(
+        self, request: web.BaseRequest, exchange: Exchange, started: float
+    ) -> web.StreamResponse:
+        settings = self._settings
+        first_byte_by = started + settings.first_byte_timeout
+        first = await self._next(exchange, first_byte_by - time.monotonic(), "FIRST_BYTE_TIMEOUT")
+        if not first.HasField("head") or not 100 <= first.head.status <= 599:
+            raise Refusal(502, "AGENT_PROTOCOL", "the agent sent no valid response head")
+        response = web.StreamResponse(status=first.head.status)
+        for name, value in fields.end_to_end(fields.from_proto(first.head.headers)):
+            response.headers.add(name, value)
+        await response.prepare(request)
+        out, flowing = 0, False
+        while True:
+            try:
+                if flowing:
+                    message = await self._next(exchange, settings.idle_timeout, "IDLE_TIMEOUT")
+                else:
+                    budget = first_byte_by - time.monotonic()
+                    message = await self._next(exchange, budget, "FIRST_BYTE_TIMEOUT")
+            except Refusal as refusal:
+                self._truncate(request, refusal)
+                raise _TruncatedError(refusal.reason) from refusal
+            if message.HasField("end"):
+                break
+            if not flowing:
+                flowing = True
+                self._metrics.first_byte.observe(time.monotonic() - started)
+            out += len(message.data)
+            await response.write(message.data)
+        self._metrics.bytes.labels("out").inc(out)
+        await response.write_eof()
+        return response
+
+    def _truncate(self, request: web.BaseRequest, refusal: Refusal) -> None:
+        log.info("response cut short", extra={"reason": refusal.reason})
+        if request.transport is not None:
+            request.transport.close()

@@ -1,0 +1,73 @@
+"""Fixtures of the proxy's tests: a local service, a test-double control plane, a proxy
+instance and the agent's reverse path, all real and on loopback, in the test's process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest_asyncio
+
+from agent.exchange import LinkSettings, ReversePath
+from proxy.app import ProxyApp, ProxySettings
+from proxy.web import WebSettings
+from tests.helpers import eventually
+from tests.proxy.fake_plane import KEY, FakePlane
+from tests.proxy.local_service import LocalService
+
+TUNNEL_ID = "tun_01jd3k0000000000000000000a"
+TUNNEL = f"users/usr_01jd3k0000000000000000000u/tunnels/{TUNNEL_ID}"
+OTHER_ID = "tun_01jd3k0000000000000000000b"
+
+
+@dataclass
+class Stack:
+    """Everything between a web client and the local service."""
+
+    local: LocalService
+    plane: FakePlane
+    proxy: ProxyApp
+    agent: ReversePath
+    client: httpx.AsyncClient
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.proxy.port}/t/{TUNNEL_ID}"
+
+    @property
+    def link(self) -> str:
+        return f"127.0.0.1:{self.proxy.link_port}"
+
+
+async def open_stack(web: WebSettings | None = None, spare: int = 4) -> Stack:
+    local = await LocalService().start()
+    plane = await FakePlane().start()
+    plane.tunnels[TUNNEL_ID] = (TUNNEL, "public")
+    settings = ProxySettings(
+        control_plane=f"127.0.0.1:{plane.port}", port=0, link_port=0, metrics_port=0,
+        web=web or WebSettings(),
+    )  # fmt: skip
+    proxy = ProxyApp(settings)
+    await proxy.start()
+    agent = ReversePath(LinkSettings(tunnel=TUNNEL, agent_id="a1", key=KEY, spare=spare))
+    await agent.configure([f"127.0.0.1:{proxy.link_port}"], local.url)
+    await eventually(lambda: proxy.registry.spare(TUNNEL) == spare)
+    client = httpx.AsyncClient(timeout=30)
+    return Stack(local, plane, proxy, agent, client)
+
+
+async def close_stack(stack: Stack) -> None:
+    await stack.client.aclose()
+    await stack.agent.stop()
+    await stack.proxy.stop(0)
+    await stack.plane.stop()
+    await stack.local.close()
+
+
+@pytest_asyncio.fixture
+async def stack() -> AsyncIterator[Stack]:
+    """The whole path with default settings."""
+    opened = await open_stack()
+    yield opened
+    await close_stack(opened)

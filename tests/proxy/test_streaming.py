@@ -1,0 +1,185 @@
+"""The data path in one process: web client -> proxy -> agent's exchange -> local service.
+
+Every content type streams chunk by chunk (nothing waits for the end of the response),
+bodies stream both ways, and failures answer with a JSON body that says which."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+import orjson
+import pytest
+
+from proxy.web import WebSettings
+from tests.helpers import eventually
+from tests.proxy.conftest import OTHER_ID, TUNNEL, TUNNEL_ID, Stack, close_stack, open_stack
+
+
+async def test_a_request_reaches_the_local_service_and_back(stack: Stack) -> None:
+    response = await stack.client.post(
+        f"{stack.base}/echo/x?q=1", content=b"hello", headers={"X-Custom": "v"}
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body == {"method": "POST", "path": "/echo/x?q=1", "body": "hello",
+                    "host": f"127.0.0.1:{stack.local.port}"}  # fmt: skip
+    assert response.headers["x-local"] == "yes"
+    seen = stack.local.seen_headers[-1]
+    assert seen["X-Custom"] == "v"
+    assert seen["X-Forwarded-For"] == "127.0.0.1"
+    assert seen["X-Forwarded-Host"] == f"127.0.0.1:{stack.proxy.port}"
+
+
+async def test_routing_by_host(stack: Stack) -> None:
+    host = f"tun-{TUNNEL_ID.removeprefix('tun_')}.localhost:{stack.proxy.port}"
+    response = await stack.client.get(
+        f"http://127.0.0.1:{stack.proxy.port}/echo/by-host", headers={"Host": host}
+    )
+    assert response.status_code == 200
+    assert response.json()["path"] == "/echo/by-host"
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type"),
+    [
+        ("/api/generate?n=6&every=0.3", "application/x-ndjson"),
+        ("/sse?n=6&every=0.3", "text/event-stream"),
+        ("/text?n=6&every=0.3&type=text/plain", "text/plain"),
+        ("/text?n=6&every=0.3&type=text/html", "text/html"),
+        ("/text?n=6&every=0.3&type=application/octet-stream", "application/octet-stream"),
+    ],
+)
+async def test_every_content_type_streams_chunk_by_chunk(
+    stack: Stack, path: str, content_type: str
+) -> None:
+    """Each piece arrives about when the local service wrote it: six pieces 0.3 s apart
+    arrive over 1.5 s or more, not all at the end."""
+    async with stack.client.stream("GET", stack.base + path) as response:
+        assert response.headers["content-type"].startswith(content_type)
+        started = time.monotonic()
+        arrivals = [time.monotonic() - started async for _ in response.aiter_raw()]
+    assert len(arrivals) >= 5, arrivals
+    assert arrivals[0] < 0.25, arrivals  # the first piece did not wait for the others
+    assert arrivals[-1] - arrivals[0] > 1.0, arrivals
+
+
+async def test_a_late_first_token_is_waited_for() -> None:
+    stack = await open_stack(WebSettings(first_byte_timeout=5, idle_timeout=0.5))
+    try:
+        response = await stack.client.get(stack.base + "/late?after=1.5")
+        assert response.status_code == 200
+        assert response.text == '{"response":"first"}\n'
+    finally:
+        await close_stack(stack)
+
+
+async def test_no_first_byte_in_time_is_504_with_a_body() -> None:
+    stack = await open_stack(WebSettings(first_byte_timeout=0.5, idle_timeout=5))
+    try:
+        response = await stack.client.get(stack.base + "/hang")
+        assert response.status_code == 504
+        assert response.json()["error"]["reason"] == "FIRST_BYTE_TIMEOUT"
+        await asyncio.wait_for(stack.local.dropped.wait(), 5)  # the local request was dropped
+    finally:
+        await close_stack(stack)
+
+
+async def test_a_flowing_response_outlives_the_idle_timeout() -> None:
+    """Pieces 0.3 s apart for 3 s with a 1 s idle timeout: never cut."""
+    stack = await open_stack(WebSettings(first_byte_timeout=5, idle_timeout=1))
+    try:
+        response = await stack.client.get(stack.base + "/sse?n=10&every=0.3")
+        assert response.status_code == 200
+        assert response.text.count("data: token") == 10
+    finally:
+        await close_stack(stack)
+
+
+async def test_a_large_download_arrives_whole(stack: Stack) -> None:
+    size = 50 * 1024 * 1024
+    digest, got = hashlib.sha256(), 0
+    async with stack.client.stream("GET", f"{stack.base}/download?size={size}") as response:
+        assert response.headers["content-length"] == str(size)
+        async for chunk in response.aiter_raw():
+            digest.update(chunk)
+            got += len(chunk)
+    block = bytes(range(256)) * 256
+    expected = hashlib.sha256(block * (size // len(block))).hexdigest()
+    assert got == size
+    assert digest.hexdigest() == expected
+
+
+async def test_a_large_upload_streams_through(stack: Stack) -> None:
+    size = 20 * 1024 * 1024
+    payload = bytes(range(256)) * (size // 256)
+
+    async def pieces():
+        for offset in range(0, size, 1 << 20):
+            yield payload[offset : offset + (1 << 20)]
+
+    response = await stack.client.post(f"{stack.base}/upload", content=pieces())
+    assert response.status_code == 200
+    assert response.json() == {"size": size, "sha256": hashlib.sha256(payload).hexdigest()}
+
+
+async def test_a_client_that_goes_away_cancels_the_local_request(stack: Stack) -> None:
+    task = asyncio.create_task(stack.client.get(stack.base + "/hang"))
+    await asyncio.wait_for(stack.local.started.wait(), 5)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await asyncio.wait_for(stack.local.dropped.wait(), 5)
+
+
+async def test_refused_and_reset_local_service_are_502(stack: Stack) -> None:
+    response = await stack.client.get(stack.base + "/reset")
+    assert response.status_code == 502
+    assert response.json()["error"]["reason"] == "UPSTREAM_RESET"
+    await stack.local.close()
+    response = await stack.client.get(stack.base + "/echo")
+    assert response.status_code == 502
+    assert response.json()["error"]["reason"] == "UPSTREAM_REFUSED"
+    stack.local = await type(stack.local)().start()  # for the fixture's close
+
+
+async def test_no_agent_is_503_and_unknown_tunnel_is_404(stack: Stack) -> None:
+    stack.plane.tunnels[OTHER_ID] = (TUNNEL.replace(TUNNEL_ID, OTHER_ID), "public")
+    response = await stack.client.get(f"http://127.0.0.1:{stack.proxy.port}/t/{OTHER_ID}/")
+    assert response.status_code == 503
+    assert response.json()["error"]["reason"] == "NO_AGENT"
+    unknown = "tun_01jd3k0000000000000000000c"
+    response = await stack.client.get(f"http://127.0.0.1:{stack.proxy.port}/t/{unknown}/")
+    assert response.status_code == 404
+    response = await stack.client.get(f"http://127.0.0.1:{stack.proxy.port}/elsewhere")
+    assert response.status_code == 404
+
+
+async def test_private_tunnel_needs_a_credential_which_never_reaches_the_local_service(
+    stack: Stack,
+) -> None:
+    stack.plane.tunnels[TUNNEL_ID] = (TUNNEL, "private")
+    stack.proxy.control._access.clear()
+    response = await stack.client.get(stack.base + "/echo")
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    response = await stack.client.get(stack.base + "/echo", headers={"Authorization": "Bearer x"})
+    assert response.status_code == 401
+    assert response.json()["error"]["reason"] == "INVALID_CREDENTIAL"
+    response = await stack.client.get(
+        stack.base + "/echo", headers={"Authorization": "Bearer good-token"}
+    )
+    assert response.status_code == 200
+    assert "Authorization" not in stack.local.seen_headers[-1]
+
+
+async def test_many_concurrent_streams_share_one_link(stack: Stack) -> None:
+    async def one(i: int) -> int:
+        response = await stack.client.get(f"{stack.base}/api/generate?n=5&every=0.05")
+        lines = [orjson.loads(line) for line in response.text.splitlines()]
+        assert lines[-1] == {"done": True}
+        return len(lines)
+
+    counts = await asyncio.gather(*(one(i) for i in range(200)))
+    assert counts == [6] * 200
+    await eventually(lambda: stack.proxy.registry.spare(TUNNEL) >= 4)
