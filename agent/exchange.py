@@ -33,6 +33,15 @@ Failure = proxy_link_pb2.LinkFailure
 Call = grpc.aio.StreamStreamCall[proxy_link_pb2.ExchangeRequest, proxy_link_pb2.ExchangeResponse]
 #: Largest response piece per message (gRPC's default message limit is 4 MiB).
 PIECE = 256 * 1024
+#: The link's channel: no BDP probing, so each exchange keeps gRPC's initial 64 KiB window
+#: (probing grew windows to megabytes per stream, which a slow web client would then
+#: hold in buffers, and measured no faster on loopback).
+LINK_OPTIONS = (
+    ("grpc.primary_user_agent", "tunnelplane-agent-link"),
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+)
 #: Request fields the agent sets itself.
 _REPLACED = frozenset({"host"})
 
@@ -182,7 +191,7 @@ class _Link:
         self.idle = 0
 
     def _open_channel(self) -> grpc.aio.Channel:
-        options = (("grpc.primary_user_agent", "tunnelplane-agent-link"),)
+        options = LINK_OPTIONS
         if not self._settings.tls:
             return grpc.aio.insecure_channel(self.address, options=options)
         credentials = grpc.ssl_channel_credentials(self._settings.root_certificates)

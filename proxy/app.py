@@ -23,13 +23,14 @@ from proxy.web import WebProxy, WebSettings
 log = logging.getLogger("tunnelplane.proxy")
 
 #: gRPC options of the link server: agents keep calls open for long, idle, so keepalive
-#: pings from them are welcome; one exchange's window stays gRPC's default (64 KiB
-#: initial, grown by BDP probing), which bounds what a slow web client makes either side
-#: hold.
+#: pings from them are welcome; no BDP probing, so one exchange's window stays gRPC's
+#: initial 64 KiB, which bounds what a slow web client makes either side hold.
 LINK_OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.keepalive_time_ms", 60_000),
     ("grpc.max_concurrent_streams", 10_000),
+    ("grpc.http2.bdp_probe", 0),
 )
 
 

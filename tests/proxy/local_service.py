@@ -16,6 +16,7 @@ class LocalService:
 
     def __init__(self) -> None:
         self.seen_headers: list[dict[str, str]] = []
+        self.written = 0  # body bytes /download has handed to its connection
         self.dropped = asyncio.Event()
         self.started = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -100,8 +101,10 @@ class LocalService:
         await response.prepare(request)
         left = size
         while left > 0:
-            await response.write(block[: min(left, len(block))])
-            left -= len(block)
+            piece = block[: min(left, len(block))]
+            await response.write(piece)
+            self.written += len(piece)
+            left -= len(piece)
         await response.write_eof()
         return response
 

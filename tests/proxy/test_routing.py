@@ -27,7 +27,8 @@ def test_host_and_path_routes_name_the_same_tunnel_and_target(
     host = url.split("/")[2]
     by_host = route(host, path + query, "example.test")
     by_path = route("anything.else", f"/t/{tid}{path}{query}", "example.test")
-    assert by_host is not None and by_path is not None
+    assert by_host is not None
+    assert by_path is not None
     assert by_host.tunnel_id == by_path.tunnel_id == tid
     assert by_host.target == by_path.target == path + query
 

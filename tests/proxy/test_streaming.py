@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import time
 
 import orjson
@@ -183,3 +184,24 @@ async def test_many_concurrent_streams_share_one_link(stack: Stack) -> None:
     counts = await asyncio.gather(*(one(i) for i in range(200)))
     assert counts == [6] * 200
     await eventually(lambda: stack.proxy.registry.spare(TUNNEL) >= 4)
+
+
+async def test_a_slow_reader_holds_back_the_local_service(stack: Stack) -> None:
+    """A client that stops reading a 400 MB download: the local service is held back
+    after a bounded amount (socket buffers and one flow-control window per hop), and that
+    amount does not grow while the client waits."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.setblocking(False)  # noqa: FBT003
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", stack.proxy.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=65536)
+    size = 400 * 1024 * 1024
+    writer.write(f"GET /t/{TUNNEL_ID}/download?size={size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await reader.read(65536)
+    held = await eventually(lambda: stack.local.written > 0 and stack.local.written)
+    await asyncio.sleep(0.5)  # whatever flows now would keep flowing without back-pressure
+    settled = stack.local.written
+    await asyncio.sleep(1.0)
+    assert stack.local.written == settled, (held, settled, stack.local.written)
+    assert settled < 32 * 1024 * 1024, settled
+    writer.close()
