@@ -57,6 +57,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--listen-host", help="listen on this host instead of the one sent")
     p.add_argument("--tls", action="store_true", help="connect to the control plane over TLS")
     p.add_argument("--ca-file", type=Path, help="PEM roots to trust (implies --tls)")
+    p.add_argument(
+        "--link-ca-file",
+        type=Path,
+        help="PEM roots to verify streaming proxies' links with (TLS on the links)",
+    )
     p.add_argument("--heartbeat", type=float, default=15.0, metavar="SECONDS")
     p.add_argument("--report-interval", type=float, default=10.0, metavar="SECONDS")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -86,6 +91,7 @@ def settings_from(args: argparse.Namespace, key: str) -> SessionSettings:
             parse_address(address)
         agent_id = resolve_agent_id(args.agent_id, args.tunnel)
         roots = args.ca_file.read_bytes() if args.ca_file else None
+        link_roots = args.link_ca_file.read_bytes() if args.link_ca_file else None
     except (ValueError, OSError) as exc:
         raise UsageError(str(exc)) from exc
     return SessionSettings(
@@ -97,6 +103,7 @@ def settings_from(args: argparse.Namespace, key: str) -> SessionSettings:
         listen_host=args.listen_host,
         tls=args.tls or roots is not None,
         root_certificates=roots,
+        link_root_certificates=link_roots,
         heartbeat_interval=args.heartbeat,
         report_interval=args.report_interval,
     )

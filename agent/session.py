@@ -70,6 +70,8 @@ class SessionSettings:
     listen_host: str | None = None
     tls: bool = False
     root_certificates: bytes | None = field(default=None, repr=False)
+    #: Roots to verify proxies' links with; None: links without TLS (local use).
+    link_root_certificates: bytes | None = field(default=None, repr=False)
     heartbeat_interval: float = 15.0
     report_interval: float = 10.0
     #: An agent with nothing new to report still reports every this many intervals.
@@ -126,8 +128,8 @@ class Session:
                     tunnel=settings.tunnel,
                     agent_id=settings.agent_id,
                     key=settings.key,
-                    tls=settings.tls,
-                    root_certificates=settings.root_certificates,
+                    tls=settings.link_root_certificates is not None,
+                    root_certificates=settings.link_root_certificates,
                 )
             ),
         )

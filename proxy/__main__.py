@@ -40,8 +40,10 @@ def parser() -> argparse.ArgumentParser:
                    help="port agents link to")  # fmt: skip
     p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "0")))
     p.add_argument("--public-domain", default=os.environ.get("TP_PUBLIC_DOMAIN", "localhost"))
-    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (public and link TLS)")
-    p.add_argument("--tls-key", type=Path, help="PEM private key")
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate chain of the public side")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of the public side")
+    p.add_argument("--link-tls-cert", type=Path, help="PEM certificate chain of the link")
+    p.add_argument("--link-tls-key", type=Path, help="PEM private key of the link")
     p.add_argument("--control-plane-ca", type=Path, help="PEM roots to trust (implies TLS)")
     p.add_argument("--first-byte-timeout", type=float,
                    default=float(_env("FIRST_BYTE_TIMEOUT", "300")))  # fmt: skip
@@ -55,6 +57,8 @@ def settings_from(args: argparse.Namespace) -> ProxySettings:
     """The proxy's settings; ValueError when the arguments cannot work."""
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
+    if (args.link_tls_cert is None) != (args.link_tls_key is None):
+        raise ValueError("--link-tls-cert and --link-tls-key go together")
     if args.first_byte_timeout <= 0 or args.idle_timeout <= 0 or args.max_body_bytes <= 0:
         raise ValueError("timeouts and --max-body-bytes must be positive")
     roots = args.control_plane_ca.read_bytes() if args.control_plane_ca else None
@@ -67,6 +71,8 @@ def settings_from(args: argparse.Namespace) -> ProxySettings:
         metrics_port=args.metrics_port,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        link_tls_cert=args.link_tls_cert,
+        link_tls_key=args.link_tls_key,
         control_plane_roots=roots,
         web=WebSettings(
             public_domain=args.public_domain,

@@ -44,8 +44,10 @@ class ProxySettings:
     link_host: str = "127.0.0.1"
     link_port: int = 8091
     metrics_port: int = 0  # 0: no metrics endpoint
-    tls_cert: Path | None = None
+    tls_cert: Path | None = None  # the public side's certificate chain (PEM)
     tls_key: Path | None = field(default=None, repr=False)
+    link_tls_cert: Path | None = None  # the link's (agents verify it)
+    link_tls_key: Path | None = field(default=None, repr=False)
     control_plane_roots: bytes | None = field(default=None, repr=False)
     control_plane_tls: bool = False
     web: WebSettings = field(default_factory=WebSettings)
@@ -84,9 +86,10 @@ class ProxyApp:
         return context
 
     def _link_credentials(self) -> grpc.ServerCredentials | None:
-        if self.settings.tls_cert is None or self.settings.tls_key is None:
+        cert, key = self.settings.link_tls_cert, self.settings.link_tls_key
+        if cert is None or key is None:
             return None
-        pair = (self.settings.tls_key.read_bytes(), self.settings.tls_cert.read_bytes())
+        pair = (key.read_bytes(), cert.read_bytes())
         return grpc.ssl_server_credentials([pair])
 
     async def start(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest_asyncio
@@ -40,17 +41,25 @@ class Stack:
         return f"127.0.0.1:{self.proxy.link_port}"
 
 
-async def open_stack(web: WebSettings | None = None, spare: int = 4) -> Stack:
+async def open_stack(
+    web: WebSettings | None = None, spare: int = 4, link_tls: tuple[Path, Path] | None = None
+) -> Stack:
+    """The whole path; ``link_tls`` (certificate and key files) puts TLS on the link."""
     local = await LocalService().start()
     plane = await FakePlane().start()
     plane.tunnels[TUNNEL_ID] = (TUNNEL, "public")
+    cert, key = link_tls or (None, None)
     settings = ProxySettings(
         control_plane=f"127.0.0.1:{plane.port}", port=0, link_port=0, metrics_port=0,
-        web=web or WebSettings(),
+        web=web or WebSettings(), link_tls_cert=cert, link_tls_key=key,
     )  # fmt: skip
     proxy = ProxyApp(settings)
     await proxy.start()
-    agent = ReversePath(LinkSettings(tunnel=TUNNEL, agent_id="a1", key=KEY, spare=spare))
+    roots = cert.read_bytes() if cert else None
+    agent = ReversePath(
+        LinkSettings(tunnel=TUNNEL, agent_id="a1", key=KEY, spare=spare, tls=bool(roots),
+                     root_certificates=roots)
+    )  # fmt: skip
     await agent.configure([f"127.0.0.1:{proxy.link_port}"], local.url)
     await eventually(lambda: proxy.registry.spare(TUNNEL) == spare)
     client = httpx.AsyncClient(timeout=30)

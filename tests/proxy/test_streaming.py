@@ -9,13 +9,17 @@ import asyncio
 import hashlib
 import socket
 import time
+from pathlib import Path
 
 import orjson
 import pytest
 
+from agent.exchange import LinkSettings, ReversePath
 from proxy.web import WebSettings
+from tests.certs import self_signed
 from tests.helpers import eventually
 from tests.proxy.conftest import OTHER_ID, TUNNEL, TUNNEL_ID, Stack, close_stack, open_stack
+from tests.proxy.fake_plane import KEY
 
 
 async def test_a_request_reaches_the_local_service_and_back(stack: Stack) -> None:
@@ -205,3 +209,25 @@ async def test_a_slow_reader_holds_back_the_local_service(stack: Stack) -> None:
     assert stack.local.written == settled, (held, settled, stack.local.written)
     assert settled < 32 * 1024 * 1024, settled
     writer.close()
+
+
+async def test_the_link_runs_over_tls_and_an_agent_that_cannot_verify_it_stays_out(
+    tmp_path: Path,
+) -> None:
+    cert, key = self_signed(tmp_path)
+    stack = await open_stack(link_tls=(cert, key))
+    try:
+        response = await stack.client.get(stack.base + "/sse?n=3&every=0.01")
+        assert response.text.count("data:") == 3
+        (tmp_path / "other").mkdir()
+        other_cert, _ = self_signed(tmp_path / "other")
+        doubtful = ReversePath(
+            LinkSettings(tunnel=TUNNEL, agent_id="a2", key=KEY, spare=1, tls=True,
+                         root_certificates=other_cert.read_bytes())
+        )  # fmt: skip
+        await doubtful.configure([stack.link], stack.local.url)
+        await asyncio.sleep(0.5)
+        assert stack.proxy.registry.spare(TUNNEL) == 4  # the first agent's only
+        await doubtful.stop()
+    finally:
+        await close_stack(stack)
