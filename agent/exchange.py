@@ -24,6 +24,7 @@ import aiohttp
 import grpc
 from tunnelplane.v1 import proxy_link_pb2, proxy_link_pb2_grpc
 
+from agent import websocket
 from agent.backoff import Backoff, BackoffPolicy
 
 log = logging.getLogger("tunnelplane.agent.exchange")
@@ -123,6 +124,13 @@ class ReversePath:
         headers = [(h.name, h.value.decode("latin-1")) for h in head.headers
                    if h.name.lower() not in _REPLACED]  # fmt: skip
         headers.append(("Host", netloc))
+        if head.websocket:
+            await call.read()  # the request's end: an upgrade has no body
+            try:
+                await websocket.carry(call, session, websocket.ws_url(base, head.target), headers)
+            except aiohttp.ClientConnectorError as exc:
+                await _fail(call, Failure.CAUSE_REFUSED, type(exc).__name__)
+            return
         body = _body(call, body_ended) if head.has_body else None
         if body is None:
             await call.read()  # the request's end

@@ -23,7 +23,7 @@ import grpc
 from aiohttp import web
 from tunnelplane.v1 import proxies_pb2, proxy_link_pb2
 
-from proxy import fields, replies
+from proxy import fields, replies, websocket
 from proxy.control import ControlPlane, RefusedError, UnreachableError
 from proxy.links import Exchange, Registry
 from proxy.metrics import ProxyMetrics
@@ -70,6 +70,10 @@ class WebSettings:
     max_body_bytes: int = 1 << 30
     #: How long a request waits for an exchange when every one of the agent's is busy.
     claim_wait: float = 10.0
+
+
+def _wants_websocket(request: web.BaseRequest) -> bool:
+    return request.headers.get("Upgrade", "").lower() == "websocket" and request.method == "GET"
 
 
 class _TruncatedError(Exception):
@@ -146,8 +150,6 @@ class WebProxy:
     async def _forward(
         self, request: web.BaseRequest, found: Route, started: float
     ) -> web.StreamResponse:
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            raise Refusal(501, "UPGRADE_UNSUPPORTED", "WebSocket upgrades are not carried yet")
         length = request.content_length
         if length is not None and length > self._settings.max_body_bytes:
             raise Refusal(413, "BODY_TOO_LARGE", "the request body is too large")
@@ -171,7 +173,10 @@ class WebProxy:
     def _head(
         self, request: web.BaseRequest, found: Route, strip_credential: bool
     ) -> proxy_link_pb2.HttpHead:
+        upgrade = _wants_websocket(request)
         drop = fields.FORWARDED | ({"authorization"} if strip_credential else frozenset())
+        if upgrade:
+            drop |= websocket.HANDSHAKE
         pairs = fields.end_to_end(request.headers.items(), drop=frozenset(drop))
         pairs += [
             ("X-Forwarded-For", request.remote or ""),
@@ -182,7 +187,8 @@ class WebProxy:
             method=request.method,
             target=found.target,
             headers=fields.to_proto(pairs),
-            has_body=request.body_exists,
+            has_body=request.body_exists and not upgrade,
+            websocket=upgrade,
         )
 
     async def _carry(
@@ -244,6 +250,10 @@ class WebProxy:
         first = await self._next(exchange, first_byte_by - time.monotonic(), "FIRST_BYTE_TIMEOUT")
         if not first.HasField("head") or not 100 <= first.head.status <= 599:
             raise Refusal(502, "AGENT_PROTOCOL", "the agent sent no valid response head")
+        if first.head.status == 101:
+            if not _wants_websocket(request):
+                raise Refusal(502, "AGENT_PROTOCOL", "an upgrade nobody asked for")
+            return await websocket.bridge(request, exchange, first.head)
         response = web.StreamResponse(status=first.head.status)
         for name, value in fields.end_to_end(fields.from_proto(first.head.headers)):
             response.headers.add(name, value)

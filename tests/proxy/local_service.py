@@ -17,6 +17,7 @@ class LocalService:
     def __init__(self) -> None:
         self.seen_headers: list[dict[str, str]] = []
         self.written = 0  # body bytes /download has handed to its connection
+        self.ws_closed = asyncio.Event()
         self.dropped = asyncio.Event()
         self.started = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -37,6 +38,7 @@ class LocalService:
         app.router.add_post("/upload", self.upload)
         app.router.add_get("/hang", self.hang)
         app.router.add_get("/reset", self.reset)
+        app.router.add_get("/ws", self.websocket)
         self._runner = web.AppRunner(app, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -123,6 +125,21 @@ class LocalService:
             self.dropped.set()
             raise
         return web.Response()
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        """Echoes each message (text upper-cased); "close" closes with 4000."""
+        ws = web.WebSocketResponse(protocols=("chat.v1",))
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type == web.WSMsgType.TEXT:
+                if message.data == "close":
+                    await ws.close(code=4000, message=b"asked to")
+                    break
+                await ws.send_str(message.data.upper())
+            elif message.type == web.WSMsgType.BINARY:
+                await ws.send_bytes(message.data[::-1])
+        self.ws_closed.set()
+        return ws
 
     async def reset(self, request: web.Request) -> web.StreamResponse:
         assert request.transport is not None

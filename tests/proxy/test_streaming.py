@@ -11,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 
@@ -231,3 +232,27 @@ async def test_the_link_runs_over_tls_and_an_agent_that_cannot_verify_it_stays_o
         await doubtful.stop()
     finally:
         await close_stack(stack)
+
+
+async def test_websocket_upgrades_pass_through(stack: Stack) -> None:
+    url = stack.base.replace("http://", "ws://") + "/ws"
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(url, protocols=("chat.v1",)) as ws:
+            assert ws.protocol == "chat.v1"
+            await ws.send_str("hello")
+            assert await ws.receive_str(timeout=5) == "HELLO"
+            await ws.send_bytes(b"\x00\x01\x02")
+            assert await ws.receive_bytes(timeout=5) == b"\x02\x01\x00"
+            await ws.send_str("close")  # the local service closes: the client sees its code
+            message = await ws.receive(timeout=5)
+            assert message.type == aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == 4000
+        async with session.ws_connect(url) as ws:  # the client closes: the local side sees it
+            stack.local.ws_closed.clear()
+            await ws.send_str("x")
+            assert await ws.receive_str(timeout=5) == "X"
+        await asyncio.wait_for(stack.local.ws_closed.wait(), 5)
+        refused = stack.base.replace("http://", "ws://") + "/echo/not-a-websocket"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refusal:
+            await session.ws_connect(refused)
+        assert refusal.value.status != 101

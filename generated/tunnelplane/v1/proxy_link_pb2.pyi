@@ -30,6 +30,7 @@ class ExchangeRequest(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
+    WEBSOCKET_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """A piece of the response body, as the local service produced it."""
     @_builtins.property
@@ -48,6 +49,10 @@ class ExchangeRequest(_message.Message):
     def failure(self) -> Global___LinkFailure:
         """The local service could not be reached or failed; no (more) response."""
 
+    @_builtins.property
+    def websocket(self) -> Global___WebSocketMessage:
+        """A WebSocket message from the local service, after a `101` head."""
+
     def __init__(
         self,
         *,
@@ -56,12 +61,13 @@ class ExchangeRequest(_message.Message):
         data: _builtins.bytes = ...,
         end: Global___HttpEnd | None = ...,
         failure: Global___LinkFailure | None = ...,
+        websocket: Global___WebSocketMessage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "end", b"end", "failure", b"failure", "head", b"head", "hello", b"hello", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "end", b"end", "failure", b"failure", "head", b"head", "hello", b"hello", "kind", b"kind", "websocket", b"websocket"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "end", b"end", "failure", b"failure", "head", b"head", "hello", b"hello", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "end", b"end", "failure", b"failure", "head", b"head", "hello", b"hello", "kind", b"kind", "websocket", b"websocket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "head", "data", "end", "failure"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "head", "data", "end", "failure", "websocket"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -76,6 +82,7 @@ class ExchangeResponse(_message.Message):
     HEAD_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
+    WEBSOCKET_FIELD_NUMBER: _builtins.int
     data: _builtins.bytes
     """A piece of the request body."""
     @_builtins.property
@@ -86,18 +93,23 @@ class ExchangeResponse(_message.Message):
     def end(self) -> Global___HttpEnd:
         """The request body ended."""
 
+    @_builtins.property
+    def websocket(self) -> Global___WebSocketMessage:
+        """A WebSocket message from the web client, after the agent's `101` head."""
+
     def __init__(
         self,
         *,
         head: Global___HttpHead | None = ...,
         data: _builtins.bytes = ...,
         end: Global___HttpEnd | None = ...,
+        websocket: Global___WebSocketMessage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "end", b"end", "head", b"head", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "end", b"end", "head", b"head", "kind", b"kind", "websocket", b"websocket"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "end", b"end", "head", b"head", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "end", b"end", "head", b"head", "kind", b"kind", "websocket", b"websocket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["head", "data", "end"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["head", "data", "end", "websocket"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -166,6 +178,7 @@ class HttpHead(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
     HAS_BODY_FIELD_NUMBER: _builtins.int
+    WEBSOCKET_FIELD_NUMBER: _builtins.int
     method: _builtins.str
     """The request method (requests only)."""
     target: _builtins.str
@@ -174,6 +187,12 @@ class HttpHead(_message.Message):
     """The status code (responses only)."""
     has_body: _builtins.bool
     """The body follows in `data` messages; false: `end` follows at once."""
+    websocket: _builtins.bool
+    """A request: the web client asks to upgrade to WebSocket (the agent opens a
+    WebSocket to the local service, which negotiates its own key). A response
+    with status 101: the local service accepted; `websocket` messages follow
+    both ways until one of them closes.
+    """
     @_builtins.property
     def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___HttpHeader]:
         """Header fields in order, hop-by-hop fields removed."""
@@ -186,14 +205,47 @@ class HttpHead(_message.Message):
         status: _builtins.int = ...,
         headers: _abc.Iterable[Global___HttpHeader] | None = ...,
         has_body: _builtins.bool = ...,
+        websocket: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_body", b"has_body", "headers", b"headers", "method", b"method", "status", b"status", "target", b"target"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_body", b"has_body", "headers", b"headers", "method", b"method", "status", b"status", "target", b"target", "websocket", b"websocket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HttpHead: _TypeAlias = HttpHead  # noqa: Y015
+
+@_typing.final
+class WebSocketMessage(_message.Message):
+    """One WebSocket message, carried whole (control frames are answered at each
+    end, not carried).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    CLOSE_CODE_FIELD_NUMBER: _builtins.int
+    text: _builtins.bool
+    """A text message (its data is UTF-8) rather than a binary one."""
+    data: _builtins.bytes
+    """The payload; with `close_code`, the close reason."""
+    close_code: _builtins.int
+    """Set on the last message: the side closed with this code (1000: normal)."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.bool = ...,
+        data: _builtins.bytes = ...,
+        close_code: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close_code", b"close_code", "data", b"data", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebSocketMessage: _TypeAlias = WebSocketMessage  # noqa: Y015
 
 @_typing.final
 class HttpEnd(_message.Message):
