@@ -257,6 +257,28 @@ class Settings:
         default=10.0,
         metadata=_doc("Seconds a stopped tunnel's open connections go on before agents close them"),
     )
+    proxy_port: int = field(
+        default=8090,
+        metadata=_doc("Public HTTP port of the embedded streaming proxy; 0: no embedded proxy"),
+    )
+    proxy_link_port: int = field(
+        default=8091, metadata=_doc("Port on which the embedded proxy takes agents' links")
+    )
+    proxy_host: str = field(
+        default="127.0.0.1",
+        metadata=_doc("Address the embedded proxy binds, and agents are told to link to"),
+    )
+    proxy_links: str = field(
+        default="",
+        metadata=_doc(
+            "Comma-separated host:port link addresses of other streaming proxies that agents "
+            "link to"
+        ),
+    )
+    public_domain: str = field(
+        default="localhost",
+        metadata=_doc("Domain under which proxies serve tunnels by host: {tunnel}.{domain}"),
+    )
     probe_interval: float = field(default=30.0, metadata=_doc("Endpoint probe interval, s"))
     probe_timeout: float = field(default=5.0, metadata=_doc("Endpoint probe timeout, s"))
     probe_unhealthy_after: int = field(
@@ -342,6 +364,17 @@ class Settings:
 
     def _public_only(self, policy: AddressPolicy) -> bool:
         return self.mode == "production" if policy == "auto" else policy == "public"
+
+    @property
+    def agent_proxy_links(self) -> tuple[str, ...]:
+        """Where agents link to streaming proxies, each once, in order: the embedded
+        proxy's link address (unless TP_PROXY_PORT is 0 or TP_WORKERS is above 1: no embedded
+        proxy runs then), then TP_PROXY_LINKS."""
+        host = f"[{self.proxy_host}]" if ":" in self.proxy_host else self.proxy_host
+        runs_embedded = self.proxy_port and self.workers == 1  # see server/compose/proxies.py
+        embedded = [f"{host}:{self.proxy_link_port}"] if runs_embedded else []
+        listed = [part.strip() for part in self.proxy_links.split(",") if part.strip()]
+        return tuple(dict.fromkeys(embedded + listed))
 
     @property
     def webhook_schedule(self) -> tuple[float, ...]:

@@ -3,6 +3,8 @@ together, and the secrets production mode insists on (:meth:`server.settings.Set
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import TYPE_CHECKING
 
 from server.settings_env import SettingsError, env_name_of, networks
@@ -95,10 +97,56 @@ def check(settings: Settings) -> None:  # noqa: PLR0912 - one flat list of check
             networks(getattr(settings, name))
         except ValueError as exc:
             raise SettingsError(f"{env_name_of(name)}: {exc}") from None
+    check_proxies(settings)
     if settings.otel_exporter == "otlp" and not settings.otel_endpoint:
         raise SettingsError("TP_OTEL_ENDPOINT is required when TP_OTEL_EXPORTER=otlp")
     if settings.mode == "production":
         check_production(settings)
+
+
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def check_proxies(settings: Settings) -> None:
+    """The embedded proxy's ports and address, the other proxies' link addresses, and the
+    public domain."""
+    if not 0 <= settings.proxy_port <= 65535:
+        raise SettingsError("TP_PROXY_PORT must be a port, or 0 for no embedded proxy")
+    if not 1 <= settings.proxy_link_port <= 65535:
+        raise SettingsError("TP_PROXY_LINK_PORT must be a port")
+    if settings.proxy_port and settings.proxy_port == settings.proxy_link_port:
+        raise SettingsError("TP_PROXY_PORT and TP_PROXY_LINK_PORT must differ")
+    if not is_host(settings.proxy_host):
+        raise SettingsError("TP_PROXY_HOST must be an IP address or a host name")
+    for link in settings.proxy_links.split(","):
+        if link.strip() and not is_host_port(link.strip()):
+            raise SettingsError(f"TP_PROXY_LINKS: {link.strip()[:100]!r} is not host:port")
+    if not is_host_name(settings.public_domain):
+        raise SettingsError("TP_PUBLIC_DOMAIN must be a host name, for example tunnels.example.com")
+
+
+def is_host_name(text: str) -> bool:
+    """Whether ``text`` is a DNS host name (letters, digits and hyphens, dot-separated)."""
+    return 0 < len(text) <= 253 and all(_LABEL.fullmatch(label) for label in text.split("."))
+
+
+def is_host(text: str) -> bool:
+    """Whether ``text`` is an IP address or a host name."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return is_host_name(text)
+    return "%" not in text
+
+
+def is_host_port(text: str) -> bool:
+    """Whether ``text`` is ``host:port`` (an IPv6 host in brackets, ``[::1]:8091``)."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        return ":" in host and is_host(host[1:-1])
+    return ":" not in host and is_host(host)
 
 
 def check_production(settings: Settings) -> None:

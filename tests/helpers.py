@@ -25,6 +25,7 @@ from tunnelplane.v1 import (
     auth_pb2_grpc,
     events_pb2_grpc,
     operations_pb2_grpc,
+    proxies_pb2_grpc,
     tunnels_pb2,
     tunnels_pb2_grpc,
     users_pb2,
@@ -191,6 +192,7 @@ class Client:
         self.events = events_pb2_grpc.EventServiceStub(channel)
         self.webhooks = webhooks_pb2_grpc.WebhookServiceStub(channel)
         self.operations = operations_pb2_grpc.OperationServiceStub(channel)
+        self.proxies = proxies_pb2_grpc.ProxyServiceStub(channel)
 
     async def register(self, email: str | None = None, password: str = PASSWORD) -> users_pb2.User:
         """Register a user and return it."""

@@ -22,7 +22,8 @@ from server.domain.events.model import Event
 from server.domain.identity.model import Principal
 from server.domain.tunnels.agents import LEFT, SILENT, AgentSessions
 from server.domain.tunnels.endpoints import parse_endpoint_url
-from server.domain.tunnels.model import Tunnel, TunnelState
+from server.domain.tunnels.model import Tunnel
+from server.domain.tunnels.rules import carrying
 from server.domain.tunnels.service import TunnelService
 from server.domain.tunnels.traffic import Report
 from server.pipeline import Call
@@ -144,23 +145,20 @@ class AgentStream:
         target = ""
         if tunnel.active_endpoint:
             target = parse_endpoint_url(tunnel.active_endpoint, "endpoint").target
-        carrying = tunnel.status.running and tunnel.state is not TunnelState.ERROR
         config = tc.config(tunnel.config)
         if not config.max_connections:  # the tier's limit (unlimited: 0)
             limits = self._parts.tunnels.tier_limits(self._principal.tier)
             config.max_connections = max(0, limits.max_concurrent_connections)
-        if not carrying:
-            return self._stopped(
-                listen_address=self._parts.tunnels.listen_address(tunnel),
-                target=target,
-                config=config,
-            )
-        return A.DesiredState(
-            run=A.DesiredState.RUN_STARTED,
-            listen_address=self._parts.tunnels.listen_address(tunnel),
-            target=target,
-            config=config,
-        )
+        fields: dict[str, Any] = {
+            "listen_address": self._parts.tunnels.listen_address(tunnel),
+            "target": target,
+            "config": config,
+            "proxy_links": self._parts.agents.settings.proxy_links,
+            "target_url": tunnel.active_endpoint,
+        }
+        if not carrying(tunnel):
+            return self._stopped(**fields)
+        return A.DesiredState(run=A.DesiredState.RUN_STARTED, **fields)
 
     def _stopped(self, **fields: Any) -> A.DesiredState:
         grace = tc.duration(self._parts.agents.settings.stop_grace)

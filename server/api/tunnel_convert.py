@@ -26,6 +26,7 @@ from server.domain.tunnels.model import (
     TunnelDraft,
     TunnelHealth,
     TunnelState,
+    WebAccess,
     share_name,
 )
 from server.domain.tunnels.traffic import DailyUsage
@@ -49,6 +50,12 @@ ENDPOINT_HEALTH: Mapping[EndpointHealth, int] = {
     EndpointHealth.HEALTHY: P.TunnelEndpoint.HEALTH_HEALTHY,
     EndpointHealth.UNHEALTHY: P.TunnelEndpoint.HEALTH_UNHEALTHY,
 }
+WEB_ACCESS: Mapping[WebAccess, int] = {
+    WebAccess.PRIVATE: P.WEB_ACCESS_PRIVATE,
+    WebAccess.PUBLIC: P.WEB_ACCESS_PUBLIC,
+    WebAccess.IP_ALLOWLIST: P.WEB_ACCESS_IP_ALLOWLIST,
+}
+_WEB_ACCESS_OF = {number: access for access, number in WEB_ACCESS.items()}
 TIERS: Mapping[Tier, int] = {
     Tier.FREE: common_pb2.TIER_FREE,
     Tier.PREMIUM: common_pb2.TIER_PREMIUM,
@@ -102,7 +109,18 @@ def config(c: TunnelConfig) -> tunnels_pb2.TunnelConfig:
         max_connections=c.max_connections,
         idle_timeout=duration(c.idle_timeout),
         compression=c.compression,
+        web_access=WEB_ACCESS[c.web_access],  # type: ignore[arg-type]
+        allowed_networks=list(c.allowed_networks),
     )
+
+
+def web_access(number: int, field: str) -> WebAccess:
+    """The web access a request asks for (unset: private)."""
+    if number == P.WEB_ACCESS_UNSPECIFIED:
+        return WebAccess.PRIVATE
+    if number not in _WEB_ACCESS_OF:
+        raise InvalidArgument.single(field, "must be PRIVATE, PUBLIC or IP_ALLOWLIST")
+    return _WEB_ACCESS_OF[number]
 
 
 def draft(message: tunnels_pb2.Tunnel) -> TunnelDraft:
@@ -114,7 +132,13 @@ def draft(message: tunnels_pb2.Tunnel) -> TunnelDraft:
     return TunnelDraft(
         display_name=message.display_name,
         description=message.description,
-        config=TunnelConfig(c.max_connections, idle, c.compression),
+        config=TunnelConfig(
+            c.max_connections,
+            idle,
+            c.compression,
+            web_access(c.web_access, "tunnel.config.web_access"),
+            tuple(c.allowed_networks),
+        ),
         endpoints=tuple(EndpointSpec(e.url, e.priority, e.weight) for e in message.endpoints),
     )
 

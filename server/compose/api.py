@@ -17,6 +17,7 @@ from tunnelplane.v1 import (
     auth_pb2,
     events_pb2,
     operations_pb2,
+    proxies_pb2,
     tunnels_pb2,
     users_pb2,
     webhooks_pb2,
@@ -28,6 +29,7 @@ from server.api.agents import AgentApi
 from server.api.auth import AuthApi
 from server.api.events import EventApi
 from server.api.operations import OperationApi
+from server.api.proxies import ProxyApi
 from server.api.tunnels import TunnelApi
 from server.api.users import UserApi
 from server.api.webhooks import WebhookApi
@@ -39,6 +41,7 @@ from server.compose.limits import LimitsArea
 from server.compose.operations import OperationsArea
 from server.compose.tunnels import TunnelsArea
 from server.compose.webhooks import WebhooksArea
+from server.domain.proxies.service import ProxyAccess
 from server.interceptors.audit import AuditStage
 from server.interceptors.auth import AuthenticateStage, AuthorizeStage
 from server.interceptors.context import RequestContextStage
@@ -66,6 +69,7 @@ SERVICES: Sequence[ServiceDescriptor] = (
     events_pb2.DESCRIPTOR.services_by_name["EventService"],
     webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"],
     operations_pb2.DESCRIPTOR.services_by_name["OperationService"],
+    proxies_pb2.DESCRIPTOR.services_by_name["ProxyService"],
 )
 
 
@@ -137,6 +141,7 @@ def _servicers(infra: Infrastructure, areas: Areas, agents: AgentApi) -> dict[st
         "tunnelplane.v1.EventService": EventApi(areas.events.log),
         "tunnelplane.v1.WebhookService": WebhookApi(areas.webhooks.webhooks),
         "tunnelplane.v1.OperationService": OperationApi(areas.operations.operations, clock),
+        "tunnelplane.v1.ProxyService": ProxyApi(ProxyAccess(infra.db, tunnels.shares)),
         "tunnelplane.v1.AdminService": AdminApi(
             areas.health.status, limits.limiter, limits.violations, infra.lister, limits.blocks
         ),

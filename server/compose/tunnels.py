@@ -70,6 +70,7 @@ def build(infra: Infrastructure, events: EventsArea, tiers: TierCatalog) -> Tunn
             forget_after=settings.agent_forget_after,
             stop_grace=settings.tunnel_stop_grace,
             reconnect_within=settings.agent_reconnect_within,
+            proxy_links=settings.agent_proxy_links,
         ),
     )
     thresholds = ProbeThresholds(

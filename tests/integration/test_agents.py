@@ -7,11 +7,13 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import pytest_asyncio
+from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from google.type import date_pb2
 from tunnelplane.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, tunnels_pb2, users_pb2
@@ -19,13 +21,14 @@ from tunnelplane.v1 import agents_pb2, agents_pb2_grpc, auth_pb2, tunnels_pb2, u
 from server.app import App
 from server.domain.identity.model import Role
 from server.domain.identity.tiers import DEFAULT_TIERS
-from tests.conftest import Backend, own_database
+from tests.conftest import Backend, own_database, own_server
 from tests.helpers import (
     Agent,
     Client,
     TestUser,
     agent_key,
     bearer,
+    client_of,
     detail,
     eventually,
     fails,
@@ -405,3 +408,44 @@ async def test_revoking_the_agent_key_ends_its_session(client: Client) -> None:
         await agent.next()
     assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
     await wait_for_state(client, owner, made.name, connected_agents=0)
+
+
+async def test_the_desired_state_names_the_proxy_links_and_the_target_url(
+    backend: Backend, tmp_path: Path
+) -> None:
+    """Agents are told where to link to proxies (TP_PROXY_LINKS, each once, in order; no
+    embedded proxy here) and the active endpoint's URL, and told again when it moves."""
+    links = "proxy-a.internal:8091, [2001:db8::7]:9000,proxy-a.internal:8091"
+    async with (
+        own_server(backend, tmp_path, proxy_port=0, proxy_links=links) as server,
+        client_of(server) as client,
+    ):
+        owner = await client.new_user()
+        made = await client.tunnel(owner, endpoints=[P.TunnelEndpoint(url="http://127.0.0.1:7/v1")])
+        agent = Agent(client.agents, await agent_key(client, owner), made.name)
+        await agent.hello()
+        first = await agent.desired()
+        proxies = ["proxy-a.internal:8091", "[2001:db8::7]:9000"]
+        assert list(first.proxy_links) == proxies
+        assert (first.target_url, first.target) == (made.active_endpoint, "127.0.0.1:7")
+        assert first.target_url.startswith("http://127.0.0.1:7")
+
+        def endpoints(*urls: str) -> P.UpdateTunnelRequest:
+            return P.UpdateTunnelRequest(
+                tunnel=P.Tunnel(name=made.name, endpoints=[P.TunnelEndpoint(url=u) for u in urls]),
+                update_mask=field_mask_pb2.FieldMask(paths=["endpoints"]),
+            )
+
+        await client.tunnels.UpdateTunnel(endpoints("tcp://127.0.0.1:9"), metadata=owner.metadata)
+        moved = await agent.desired()
+        assert (moved.target_url, moved.target) == ("tcp://127.0.0.1:9", "127.0.0.1:9")
+        await client.tunnels.StartTunnel(
+            P.StartTunnelRequest(name=made.name), metadata=owner.metadata
+        )
+        started = await agent.desired()
+        assert (started.run, list(started.proxy_links)) == (D.RUN_STARTED, proxies)
+        assert started.target_url == "tcp://127.0.0.1:9"
+        await client.tunnels.UpdateTunnel(endpoints(), metadata=owner.metadata)
+        none = await agent.desired()
+        assert (none.target_url, none.target, list(none.proxy_links)) == ("", "", proxies)
+        agent.stream.cancel()

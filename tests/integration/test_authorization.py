@@ -28,6 +28,7 @@ from tunnelplane.v1 import (
     events_pb2,
     operations_pb2,
     options_pb2,
+    proxies_pb2,
     tunnels_pb2,
     users_pb2,
     webhooks_pb2,
@@ -212,6 +213,14 @@ BUILDERS: dict[str, Builder] = {
     "OperationService/ListOperations": lambda t: operations_pb2.ListOperationsRequest(
         parent=t.user.name
     ),
+    # Public: the answer is a decision for any caller (the proxy forwards its web client's
+    # credential); which decision each caller gets is tests/integration/test_tunnel_access.py.
+    "ProxyService/CheckTunnelAccess": lambda t: proxies_pb2.CheckTunnelAccessRequest(
+        tunnel_id=t.tunnel.rsplit("/", 1)[1], client_ip="203.0.113.9"
+    ),
+    "ProxyService/AuthorizeAgentLink": lambda t: proxies_pb2.AuthorizeAgentLinkRequest(
+        tunnel=t.tunnel
+    ),
 }
 
 METHODS = [(s.name, m) for s in SERVICES for m in s.methods]
@@ -232,18 +241,32 @@ SHARED = {"shared_read": 1, "shared_write": 2, "shared_admin": 3}
 #: listed, and an administrator's key scoped to the method's permission and admin
 #: permission only.
 KEY_CALLERS = ["key_whole_role", "key_every_scope", "admin_key_narrow"]
+#: Agent keys that may not carry the target's tunnel, where agents are let in (methods that
+#: need ``agent.connect``): another user's, and the owner's own bound to another tunnel.
+#: The policy lets them through; the domain refuses them.
+AGENT_CALLERS = ["stranger_agent_key", "bound_agent_key"]
+#: Services where a share of the owner's tunnel can matter.
+SHARING = frozenset({"TunnelService", "ProxyService"})
 #: Methods that hand out a working key (a new one, or a new secret for an existing one):
 #: the key may do nothing the caller cannot. The key created here and the target key
 #: have no scopes: their owner's whole role.
 HANDS_OUT_KEYS = frozenset({"AuthService/CreateApiKey", "AuthService/RotateApiKey"})
+
+
+def carries_tunnels(method: Any) -> bool:
+    """Whether the method is for agents carrying tunnels (its permission is agent.connect)."""
+    return bool(method.GetOptions().Extensions[options_pb2.policy].permission == "agent.connect")
+
+
 #: Every (service, method, caller) cell; shared callers only where shares can matter, the
-#: extra key callers where keys are handed out.
+#: extra key callers where keys are handed out, the misfit agent keys where agents go.
 CASES = [
     (service, method, caller)
     for service, method in METHODS
     for caller in CALLERS
-    + (list(SHARED) if service == "TunnelService" else [])
+    + (list(SHARED) if service in SHARING else [])
     + (KEY_CALLERS if service == "AuthService" else [])
+    + (AGENT_CALLERS if carries_tunnels(method) else [])
 ]
 ALLOWED, UNAUTHENTICATED, DENIED = "allowed", "unauthenticated", "denied"
 SESSION, API_KEY = options_pb2.CREDENTIAL_KIND_SESSION, options_pb2.CREDENTIAL_KIND_API_KEY
@@ -259,11 +282,18 @@ def expected(policy: options_pb2.Policy, caller: str, name: str) -> str:
     if caller == "anonymous":
         return UNAUTHENTICATED
     credentials = list(policy.credentials)
-    key_caller = caller in {"key_without_scope", "key_with_scope", "agent_key", *KEY_CALLERS}
+    key_caller = caller in {
+        "key_without_scope",
+        "key_with_scope",
+        "agent_key",
+        *KEY_CALLERS,
+        *AGENT_CALLERS,
+    }
     if credentials and (API_KEY if key_caller else SESSION) not in credentials:
         return DENIED
-    if caller == "agent_key":
-        return ALLOWED if policy.permission == "agent.connect" else DENIED
+    if caller in {"agent_key", *AGENT_CALLERS}:
+        # The agent keys that may not carry the tunnel: NOT_OWNER, KEY_BOUND_TO_ANOTHER_TUNNEL.
+        return ALLOWED if caller == "agent_key" and policy.permission == "agent.connect" else DENIED
     if caller == "admin":
         return ALLOWED
     if caller == "key_without_scope":
@@ -296,6 +326,8 @@ async def others(client: Client, caller: str) -> dict[str, TestUser]:
         return {"other_user": await client.new_user(tag="other")}
     if caller == "admin_key_narrow":
         return {"admin_key_owner": await client.new_user(role=Role.SUPER_ADMIN, tag="admin")}
+    if caller == "stranger_agent_key":
+        return {"stranger": await client.new_user(tag="stranger")}
     return {}
 
 
@@ -319,6 +351,8 @@ async def credentials_for(
     if caller == "admin_key_narrow":
         narrow = [p for p in (policy.permission, policy.admin_permission) if p]
         return bearer(await client.api_key(others["admin_key_owner"], narrow or ["profile.read"]))
+    if caller in AGENT_CALLERS:
+        return bearer(await misfit_agent_key(caller, client, target, others))
     if caller == "agent_key":
         scopes = ["agent.connect"]
     elif caller == "key_without_scope":
@@ -340,6 +374,26 @@ async def shared_user(client: Client, target: Target, role: ShareRole) -> TestUs
     tunnel = await parts.tunnels.get(owner_id, tunnel_id)
     await parts.shares.grant(tunnel, user.id, role, None, creator_id=owner_id)
     return user
+
+
+async def misfit_agent_key(
+    caller: str, client: Client, target: Target, others: dict[str, TestUser]
+) -> str:
+    """An agent key that may not carry the target's tunnel: a stranger's, or one of the
+    target's owner bound to another tunnel of theirs."""
+    if caller == "stranger_agent_key":
+        return await client.api_key(others["stranger"], ["agent.connect"])
+    other = await client.tunnel(target.user, "matrix-other")
+    made = await client.auth.CreateApiKey(
+        auth_pb2.CreateApiKeyRequest(
+            parent=target.user.name,
+            api_key=auth_pb2.ApiKey(
+                display_name="bound", scopes=["agent.connect"], tunnel=other.name
+            ),
+        ),
+        metadata=target.user.metadata,
+    )
+    return made.secret
 
 
 async def make_target(client: Client) -> Target:
@@ -366,6 +420,7 @@ async def call_rpc(
         "EventService": client.events,
         "WebhookService": client.webhooks,
         "OperationService": client.operations,
+        "ProxyService": client.proxies,
     }[service]
     rpc = getattr(stub, method.name)
     try:

@@ -30,6 +30,7 @@ from tunnelplane.v1 import (
     common_pb2,
     events_pb2,
     operations_pb2,
+    proxies_pb2,
     tunnels_pb2,
     users_pb2,
     webhooks_pb2,
@@ -39,7 +40,7 @@ from server.app import SERVICES, App
 from server.domain.identity.model import Role
 from server.storage import tables
 from tests.conftest import Backend, own_server
-from tests.helpers import PASSWORD, Client, TestUser, fails, unique_email, violations
+from tests.helpers import PASSWORD, Client, TestUser, bearer, fails, unique_email, violations
 
 #: Tables a refused request must leave exactly as they were.
 WATCHED = (
@@ -76,6 +77,8 @@ class Ctx:
     users_page_token: str
     tunnel: str = ""
     webhook: str = ""
+    #: The user's agent key (``agent.connect``), for the methods only agents may call.
+    agent_key: str = ""
 
     @property
     def uid(self) -> str:
@@ -89,7 +92,8 @@ Build = Callable[[Ctx], Message]
 @dataclass(frozen=True)
 class Bad:
     """One bad request: ``Service.Method``, how to build it, the field it must name, and
-    who calls (``user``, ``admin`` (super admin) or ``anon``)."""
+    who calls (``user``, ``admin`` (super admin), ``agent`` (the user's agent key) or
+    ``anon``)."""
 
     method: str
     build: Build
@@ -186,6 +190,37 @@ def tunnel(**fields: Any) -> Build:
     fields.setdefault("display_name", "bad-input")
     return lambda c: tunnels_pb2.CreateTunnelRequest(
         parent="users/me", tunnel=tunnels_pb2.Tunnel(**fields)
+    )
+
+
+def access(web_access: int = 0, networks: tuple[str, ...] = ()) -> Build:
+    """A CreateTunnel request with this web access and these allowed networks."""
+    config = P.TunnelConfig(web_access=web_access, allowed_networks=list(networks))
+    return tunnel(config=config)
+
+
+def patch_access(
+    paths: tuple[str, ...], web_access: int = 0, networks: tuple[str, ...] = ()
+) -> Build:
+    """An UpdateTunnel of the context's tunnel's web access, with these mask paths."""
+    config = P.TunnelConfig(web_access=web_access, allowed_networks=list(networks))
+    return lambda c: P.UpdateTunnelRequest(
+        tunnel=P.Tunnel(name=c.tunnel, config=config),
+        update_mask=field_mask_pb2.FieldMask(paths=list(paths)),
+    )
+
+
+def check_access(client_ip: str) -> Build:
+    """A CheckTunnelAccess of the context's tunnel from ``client_ip``."""
+    return lambda c: proxies_pb2.CheckTunnelAccessRequest(
+        tunnel_id=c.tunnel.rsplit("/", 1)[1], client_ip=client_ip
+    )
+
+
+def link_for(name: str) -> Build:
+    """An AuthorizeAgentLink for ``name`` (``{uid}`` and ``{tunnel}`` filled in)."""
+    return lambda c: proxies_pb2.AuthorizeAgentLinkRequest(
+        tunnel=name.format(uid=c.uid, tunnel=c.tunnel)
     )
 
 
@@ -331,7 +366,10 @@ WH = "WebhookService"
 OP = "OperationService"
 W = webhooks_pb2
 AG = "AgentService"
+PX = "ProxyService"
 P = tunnels_pb2
+ALLOWLIST, PUBLIC = P.WEB_ACCESS_IP_ALLOWLIST, P.WEB_ACCESS_PUBLIC
+NETWORKS = "tunnel.config.allowed_networks"
 PAST, FAR = ts(1_000_000_000), ts(4_000_000_000)
 NEST = "(" * 10 + 'email : "a"' + ")" * 10
 MANY_TERMS = " AND ".join(['email : "a"'] * 31)
@@ -811,6 +849,23 @@ BAD_REQUESTS = [
         priority=("tunnel.endpoints[0].priority", endpoint(priority=101)),
         weight=("tunnel.endpoints[0].weight", endpoint(weight=1001)),
         negative_weight=("tunnel.endpoints[0].weight", endpoint(weight=-1)),
+        undefined_web_access=("tunnel.config.web_access", access(web_access=99)),
+        negative_web_access=("tunnel.config.web_access", access(web_access=-1)),
+        networks_when_private=(NETWORKS, access(networks=("10.0.0.0/8",))),
+        networks_when_public=(NETWORKS, access(PUBLIC, ("10.0.0.0/8",))),
+        allowlist_without_networks=(NETWORKS, access(ALLOWLIST)),
+        allowlist_of_51=(NETWORKS, access(ALLOWLIST, tuple(f"10.0.{i}.0/24" for i in range(51)))),
+        network_prefix_over=(f"{NETWORKS}[1]", access(ALLOWLIST, ("10.0.0.0/8", "10.0.0.0/33"))),
+        network_word=(f"{NETWORKS}[0]", access(ALLOWLIST, ("localhost",))),
+        network_empty=(f"{NETWORKS}[0]", access(ALLOWLIST, ("",))),
+        network_spaced=(f"{NETWORKS}[0]", access(ALLOWLIST, (" 10.0.0.0/8",))),
+        network_zone=(f"{NETWORKS}[0]", access(ALLOWLIST, ("fe80::1%eth0/64",))),
+        network_nul=(f"{NETWORKS}[0]", access(ALLOWLIST, ("10.0.0.0/8\x00",))),
+        network_huge=(f"{NETWORKS}[0]", access(ALLOWLIST, ("1" * 20_000,))),
+        network_statement=(
+            f"{NETWORKS}[0]",
+            access(ALLOWLIST, ("10.0.0.0/8'; DROP TABLE tunnels; --",)),
+        ),
         request_id=(
             "request_id",
             lambda c: P.CreateTunnelRequest(
@@ -868,6 +923,25 @@ BAD_REQUESTS = [
             lambda c: P.UpdateTunnelRequest(
                 tunnel=P.Tunnel(name=c.tunnel, endpoints=[P.TunnelEndpoint(url="gopher://x")])
             ),
+        ),
+        undefined_web_access=(
+            "tunnel.config.web_access",
+            patch_access(("config.web_access",), web_access=7),
+        ),
+        networks_of_a_private_tunnel=(
+            NETWORKS,
+            patch_access(("config.allowed_networks",), networks=("10.0.0.0/8",)),
+        ),
+        allowlist_without_networks=(NETWORKS, patch_access(("config.web_access",), ALLOWLIST)),
+        bad_network=(
+            f"{NETWORKS}[0]",
+            patch_access(
+                ("config.web_access", "config.allowed_networks"), ALLOWLIST, ("10.0.0.0/8/8",)
+            ),
+        ),
+        unmasked_bad_network=(
+            f"{NETWORKS}[1]",
+            patch_access((), ALLOWLIST, ("10.0.0.0/8", "10.0.0.300")),
         ),
     ),
     *rows(f"{T}.DeleteTunnel", bad_name=("name", named(P.DeleteTunnelRequest, "tun_x"))),
@@ -1138,6 +1212,35 @@ BAD_REQUESTS = [
         ),
     ),
     *rows(
+        f"{PX}.CheckTunnelAccess",
+        "anon",
+        word=("client_ip", check_access("localhost")),
+        cidr=("client_ip", check_access("10.0.0.0/8")),
+        octet_over=("client_ip", check_access("10.0.0.256")),
+        port=("client_ip", check_access("10.0.0.1:443")),
+        forwarded_list=("client_ip", check_access("10.0.0.1, 10.0.0.2")),
+        spaced=("client_ip", check_access(" 10.0.0.1")),
+        nul=("client_ip", check_access("10.0.0.1\x00")),
+        huge=("client_ip", check_access("1" * 20_000)),
+        statement=("client_ip", check_access("1.2.3.4' OR 1=1 --")),
+    ),
+    *rows(
+        f"{PX}.CheckTunnelAccess",
+        with_credential=("client_ip", check_access("::1::2")),
+    ),
+    *rows(
+        f"{PX}.AuthorizeAgentLink",
+        "agent",
+        empty=("tunnel", link_for("")),
+        user_only=("tunnel", link_for("users/me")),
+        bad_id=("tunnel", link_for("users/me/tunnels/nope")),
+        collection=("tunnel", link_for("users/me/tunnels")),
+        extra=("tunnel", link_for("{tunnel}/agents/x")),
+        dot_dot=("tunnel", link_for("users/../tunnels/x")),
+        nul=("tunnel", link_for("{tunnel}\x00")),
+        huge=("tunnel", link_for("users/me/tunnels/" + "x" * 20_000)),
+    ),
+    *rows(
         f"{OP}.ListOperations",
         negative_size=(
             "page_size",
@@ -1195,7 +1298,8 @@ async def channel(app: App) -> AsyncIterator[grpc.aio.Channel]:
 
 @pytest_asyncio.fixture(scope="module")
 async def ctx(app: App, channel: grpc.aio.Channel) -> Ctx:
-    """An ordinary user with two API keys, a super admin, and real page tokens."""
+    """An ordinary user with two API keys and an agent key, a super admin, and real page
+    tokens."""
     client = Client(app, channel)
     user = await client.new_user(tag="badinput")
     admin = await client.new_user(role=Role.SUPER_ADMIN, tag="badadmin")
@@ -1211,6 +1315,7 @@ async def ctx(app: App, channel: grpc.aio.Channel) -> Ctx:
     assert users.next_page_token
     made = await client.tunnel(user, "bad-input-target")
     target = await client.webhook(user, "http://127.0.0.1:9/bad-input")
+    agent = await client.api_key(user, ["agent.connect"])
     return Ctx(
         user,
         admin,
@@ -1219,6 +1324,7 @@ async def ctx(app: App, channel: grpc.aio.Channel) -> Ctx:
         users.next_page_token,
         made.name,
         target.name,
+        agent,
     )
 
 
@@ -1233,6 +1339,7 @@ def stub_method(client: Client, method: str) -> Callable[..., Any]:
         EV: client.events,
         WH: client.webhooks,
         OP: client.operations,
+        PX: client.proxies,
     }[service]
     rpc = getattr(stub, name)
     if name != "WatchTunnels":
@@ -1250,7 +1357,20 @@ def stub_method(client: Client, method: str) -> Callable[..., Any]:
 
 def metadata_for(ctx: Ctx, caller: str) -> tuple[tuple[str, str], ...]:
     """Call metadata of ``caller``."""
-    return {"user": ctx.user.metadata, "admin": ctx.admin.metadata, "anon": ()}[caller]
+    return {
+        "user": ctx.user.metadata,
+        "admin": ctx.admin.metadata,
+        "agent": bearer(ctx.agent_key),
+        "anon": (),
+    }[caller]
+
+
+async def use_agent_key(client: Client, ctx: Ctx) -> None:
+    """Use the agent key once now: an API key records its last use (at most once a
+    minute), and that write belongs to this call, not to the bad one that follows."""
+    await client.proxies.AuthorizeAgentLink(
+        proxies_pb2.AuthorizeAgentLinkRequest(tunnel=ctx.tunnel), metadata=bearer(ctx.agent_key)
+    )
 
 
 async def snapshot(app: App) -> dict[str, tuple[int, str]]:
@@ -1275,6 +1395,8 @@ async def test_bad_request_is_refused_and_writes_nothing(
     client: Client, ctx: Ctx, bad: Bad
 ) -> None:
     request = bad.build(ctx)
+    if bad.caller == "agent":
+        await use_agent_key(client, ctx)
     before = await snapshot(client.app)
     error = await fails(
         stub_method(client, bad.method)(request, metadata=metadata_for(ctx, bad.caller)),

@@ -25,6 +25,7 @@ SERVICES = [
     "tunnelplane.v1.AuthService",
     "tunnelplane.v1.UserService",
     "tunnelplane.v1.AdminService",
+    "tunnelplane.v1.ProxyService",
 ]
 
 

@@ -186,4 +186,27 @@ async def test_health_and_readiness_follow_the_grpc_health_service(
         "tunnelplane.v1.EventService": "SERVING",  # AgentService has no HTTP binding
         "tunnelplane.v1.WebhookService": "SERVING",
         "tunnelplane.v1.OperationService": "SERVING",
+        "tunnelplane.v1.ProxyService": "SERVING",
     }
+
+
+async def test_the_proxies_questions_are_documented(http: httpx.AsyncClient) -> None:
+    spec = await document(http)
+    check = spec["paths"]["/v1/tunnelAccess:check"]["post"]
+    assert check["security"] == []
+    assert check["x-tunnelplane-policy"] == {"access": "public", "audited": False}
+    assert check["summary"].startswith("Decides whether a web request may use a tunnel")
+    link = spec["paths"]["/v1/users/{user}/tunnels/{tunnel}:authorizeAgentLink"]["post"]
+    assert link["security"] == [{"bearer": []}]
+    assert link["x-tunnelplane-policy"] == {
+        "access": "authenticated",
+        "audited": False,
+        "permission": "agent.connect",
+        "credentials": ["api_key"],
+    }
+    schemas = spec["components"]["schemas"]
+    config = schemas["tunnelplane.v1.TunnelConfig"]["properties"]
+    assert config["webAccess"]["$ref"] == "#/components/schemas/tunnelplane.v1.WebAccess"
+    assert "WEB_ACCESS_IP_ALLOWLIST" in schemas["tunnelplane.v1.WebAccess"]["enum"]
+    decision = schemas["tunnelplane.v1.TunnelAccessDecision"]["properties"]
+    assert set(decision) == {"allowed", "refusal", "tunnel", "cacheFor"}

@@ -18,6 +18,7 @@ EXPECTED = {
     "tunnelplane.v1.EventService",
     "tunnelplane.v1.WebhookService",
     "tunnelplane.v1.OperationService",
+    "tunnelplane.v1.ProxyService",
     "grpc.health.v1.Health",
     "grpc.reflection.v1alpha.ServerReflection",
     "grpc.reflection.v1.ServerReflection",

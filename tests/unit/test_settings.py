@@ -87,6 +87,24 @@ def test_every_setting_reads_back_its_own_default(f: dataclasses.Field[Any]) -> 
         ({"TP_OTEL_EXPORTER": "otlp"}, "TP_OTEL_ENDPOINT is required when TP_OTEL_EXPORTER=otlp"),
         ({"TP_TIER_FREE_MAX_TUNNELS": "many"}, "TP_TIER_FREE_MAX_TUNNELS must be a int"),
         ({"TP_TIER_PREMIUM_REQUESTS_PER_MINUTE": "-2"}, "TP_TIER_PREMIUM_REQUESTS_PER_MINUTE must"),
+        ({"TP_PROXY_PORT": "-1"}, "TP_PROXY_PORT must be a port, or 0"),
+        ({"TP_PROXY_PORT": "65536"}, "TP_PROXY_PORT must be a port"),
+        ({"TP_PROXY_LINK_PORT": "0"}, "TP_PROXY_LINK_PORT must be a port"),
+        ({"TP_PROXY_PORT": "9000", "TP_PROXY_LINK_PORT": "9000"}, "must differ"),
+        ({"TP_PROXY_HOST": ""}, "TP_PROXY_HOST must be"),
+        ({"TP_PROXY_HOST": "proxy host"}, "TP_PROXY_HOST must be"),
+        ({"TP_PROXY_LINKS": "proxy-a:8091,proxy-b"}, "TP_PROXY_LINKS: 'proxy-b' is not host:port"),
+        ({"TP_PROXY_LINKS": "proxy-a:0"}, "TP_PROXY_LINKS"),
+        ({"TP_PROXY_LINKS": "proxy-a:80000"}, "TP_PROXY_LINKS"),
+        ({"TP_PROXY_LINKS": "::1:8091"}, "TP_PROXY_LINKS"),  # IPv6 needs brackets
+        ({"TP_PROXY_LINKS": "[proxy-a]:8091"}, "TP_PROXY_LINKS"),
+        ({"TP_PROXY_LINKS": "http://proxy-a:8091"}, "TP_PROXY_LINKS"),
+        ({"TP_PROXY_LINKS": "proxy-a:\uff18\uff10\uff19\uff11"}, "TP_PROXY_LINKS"),  # fullwidth
+        ({"TP_PUBLIC_DOMAIN": ""}, "TP_PUBLIC_DOMAIN must be a host name"),
+        ({"TP_PUBLIC_DOMAIN": "tunnels.example.com."}, "TP_PUBLIC_DOMAIN"),
+        ({"TP_PUBLIC_DOMAIN": "-bad.example.com"}, "TP_PUBLIC_DOMAIN"),
+        ({"TP_PUBLIC_DOMAIN": "*.example.com"}, "TP_PUBLIC_DOMAIN"),
+        ({"TP_PUBLIC_DOMAIN": "https://example.com"}, "TP_PUBLIC_DOMAIN"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(env: dict[str, str], message: str) -> None:
@@ -101,12 +119,34 @@ def test_bad_values_are_refused_naming_the_variable(env: dict[str, str], message
         {"TP_TLS_CERT_FILE": "c.pem", "TP_TLS_KEY_FILE": "k.pem"},
         {"TP_OTEL_EXPORTER": "otlp", "TP_OTEL_ENDPOINT": "collector:4317"},
         {"TP_DEFAULT_PAGE_SIZE": "1000", "TP_MAX_PAGE_SIZE": "1000"},
+        {"TP_PROXY_PORT": "0", "TP_PROXY_LINK_PORT": "8091"},
+        {"TP_PROXY_LINKS": "proxy-a.internal:8091,10.0.0.5:8091,[2001:db8::1]:9000"},
+        {"TP_PUBLIC_DOMAIN": "tunnels.example.com", "TP_PROXY_HOST": "::1"},
     ],
 )
 def test_consistent_combinations_are_accepted(env: dict[str, str]) -> None:
     settings = Settings.from_env(env)
     for variable, value in env.items():
         assert str(getattr(settings, variable.removeprefix("TP_").lower())) == value
+
+
+@pytest.mark.parametrize(
+    ("env", "links"),
+    [
+        ({}, ("127.0.0.1:8091",)),  # the embedded proxy
+        ({"TP_PROXY_PORT": "0"}, ()),  # none
+        ({"TP_PROXY_HOST": "::1", "TP_PROXY_LINK_PORT": "9001"}, ("[::1]:9001",)),
+        (
+            {"TP_PROXY_LINKS": " proxy-b:8091 ,proxy-a:8091,,127.0.0.1:8091,proxy-b:8091"},
+            ("127.0.0.1:8091", "proxy-b:8091", "proxy-a:8091"),
+        ),
+        ({"TP_PROXY_PORT": "0", "TP_PROXY_LINKS": "proxy-a:8091"}, ("proxy-a:8091",)),
+    ],
+)
+def test_agents_link_to_the_embedded_proxy_then_the_listed_ones_each_once(
+    env: dict[str, str], links: tuple[str, ...]
+) -> None:
+    assert Settings.from_env(env).agent_proxy_links == links
 
 
 # --- production mode -------------------------------------------------------------------

@@ -31,6 +31,8 @@ from server.domain.identity.model import (
 
 # --- roles, permissions and the one decision -------------------------------------------
 
+#: Reaching one's own tunnels, and those shared with one, through a streaming proxy.
+TUNNEL_USE = "tunnels.use"
 #: What a user may do to their own resources.
 SELF_PERMISSIONS = frozenset(
     {
@@ -40,6 +42,7 @@ SELF_PERMISSIONS = frozenset(
         "apikeys.write",
         "tunnels.read",
         "tunnels.write",
+        TUNNEL_USE,
         "webhooks.read",
         "webhooks.write",
     }

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
 from server.domain.common.clock import Clock
-from server.domain.common.errors import NotFound, PermissionDenied, ResourceExhausted, Violations
+from server.domain.common.errors import ResourceExhausted, Violations
 from server.domain.identity.model import Principal, Tier
 from server.domain.tunnels.model import (
     AgentSession,
@@ -24,7 +24,7 @@ from server.domain.tunnels.model import (
     TunnelTraffic,
     UsageRow,
 )
-from server.domain.tunnels.rules import tunnel_parts
+from server.domain.tunnels.rules import carried_tunnel, owned
 from server.domain.tunnels.service import TunnelService
 from server.domain.tunnels.traffic import DateRange, Report
 from server.domain.unit_of_work import UnitOfWorkFactory
@@ -49,6 +49,8 @@ class AgentSettings:
     stop_grace: float = 10.0
     #: Agents told to go away (the server is stopping) reconnect within this long.
     reconnect_within: float = 1.0
+    #: Where agents open their links to streaming proxies (``host:port``), in order.
+    proxy_links: tuple[str, ...] = ()
 
 
 class AgentSessions:
@@ -68,21 +70,11 @@ class AgentSessions:
 
     async def hello(self, principal: Principal, hello: Hello) -> tuple[Tunnel, int]:
         """Open (or resume) the agent's session; the tunnel and the last counted sequence."""
-        owner_id, tunnel_id = tunnel_parts(hello.tunnel, "hello.tunnel", principal.user_id)
+        owner_id, tunnel_id = carried_tunnel(principal, hello.tunnel, "hello.tunnel")
         _check_hello(hello)
-        if owner_id != principal.user_id:
-            raise PermissionDenied(
-                "an agent key carries its owner's tunnels only", reason="NOT_OWNER"
-            )
-        if principal.bound_tunnel and principal.bound_tunnel != tunnel_id:
-            raise PermissionDenied(
-                "this agent key is bound to another tunnel", reason="KEY_BOUND_TO_ANOTHER_TUNNEL"
-            )
         now = self._clock.now()
         async with self._uow() as uow:
-            tunnel = await uow.tunnels.get(tunnel_id)
-            if tunnel is None or tunnel.user_id != owner_id:
-                raise NotFound("tunnel", hello.tunnel)
+            tunnel = owned(await uow.tunnels.get(tunnel_id), owner_id, tunnel_id)
             session = AgentSession(
                 tunnel_id=tunnel_id,
                 agent_id=hello.agent_id,

@@ -76,13 +76,24 @@ class Status:
     reason: str = ""
 
 
+class WebAccess(enum.StrEnum):
+    """Who may reach a tunnel through a streaming proxy (stored in its config)."""
+
+    PRIVATE = "private"  # the owner and share holders, with a credential that may use it
+    PUBLIC = "public"  # anyone
+    IP_ALLOWLIST = "ip_allowlist"  # clients whose address is in ``allowed_networks``
+
+
 @dataclass(frozen=True, slots=True)
 class TunnelConfig:
-    """How a tunnel carries traffic."""
+    """How a tunnel carries traffic, and who may reach it through a proxy."""
 
     max_connections: int = 0  # 0: the tier's limit
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     compression: bool = False
+    web_access: WebAccess = WebAccess.PRIVATE
+    #: With ``IP_ALLOWLIST``: the networks allowed, as normalized CIDRs.
+    allowed_networks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,10 +10,12 @@ from datetime import datetime
 from typing import Any
 
 from server.domain.common import validation
+from server.domain.common.addresses import parse_network
 from server.domain.common.errors import (
     Aborted,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     PermissionDenied,
     PreconditionViolation,
     QuotaViolation,
@@ -22,7 +24,7 @@ from server.domain.common.errors import (
 )
 from server.domain.common.ids import is_id
 from server.domain.common.names import user_id_of
-from server.domain.identity.model import Tier, TierLimits
+from server.domain.identity.model import Principal, Tier, TierLimits
 from server.domain.limits.rules import month_bounds
 from server.domain.tunnels.endpoints import choose_active, next_best, validate_endpoints
 from server.domain.tunnels.model import (
@@ -35,11 +37,13 @@ from server.domain.tunnels.model import (
     TunnelDraft,
     TunnelHealth,
     TunnelState,
+    WebAccess,
 )
 
 MAX_NAME = 255
 MAX_DESCRIPTION = 1000
 MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT = 1.0, 3600.0
+MAX_ALLOWED_NETWORKS = 50
 
 
 def transition(  # noqa: PLR0911 - one return per edge of the machine reads best
@@ -155,6 +159,32 @@ def tunnel_parts(
     return owner, parts[3]
 
 
+def owned(tunnel: Tunnel | None, owner_id: str, tunnel_id: str) -> Tunnel:
+    """``tunnel`` if it is there and ``owner_id``'s; ``NotFound`` naming it otherwise."""
+    if tunnel is None or tunnel.user_id != owner_id:
+        raise NotFound("tunnel", f"users/{owner_id}/tunnels/{tunnel_id}")
+    return tunnel
+
+
+def carried_tunnel(principal: Principal, name: str, field: str) -> tuple[str, str]:
+    """(owner id, tunnel id) of the tunnel ``name`` that an agent key may carry (serve, or
+    link to proxies for): its owner's own, and the one it is bound to if it is bound;
+    ``PermissionDenied`` otherwise. Whether the tunnel exists is the caller's to check."""
+    owner_id, tunnel_id = tunnel_parts(name, field, principal.user_id)
+    if owner_id != principal.user_id:
+        raise PermissionDenied("an agent key carries its owner's tunnels only", reason="NOT_OWNER")
+    if principal.bound_tunnel and principal.bound_tunnel != tunnel_id:
+        raise PermissionDenied(
+            "this agent key is bound to another tunnel", reason="KEY_BOUND_TO_ANOTHER_TUNNEL"
+        )
+    return owner_id, tunnel_id
+
+
+def carrying(tunnel: Tunnel) -> bool:
+    """Whether the tunnel should carry traffic: started by its owner and not failed."""
+    return tunnel.status.running and tunnel.state is not TunnelState.ERROR
+
+
 def check_text(display_name: str, description: str, violations: Violations) -> tuple[str, str]:
     """The cleaned name (1-255 characters) and description (at most 1000)."""
     name = validation.display_name(display_name, "tunnel.display_name", violations, MAX_NAME)
@@ -162,8 +192,9 @@ def check_text(display_name: str, description: str, violations: Violations) -> t
     return name, text
 
 
-def check_config(config: TunnelConfig, limits: TierLimits, violations: Violations) -> None:
-    """Max connections within the tier's limit; timeout within bounds."""
+def check_config(config: TunnelConfig, limits: TierLimits, violations: Violations) -> TunnelConfig:
+    """The config with its networks normalized: max connections within the tier's limit,
+    timeout within bounds, web access as :func:`check_networks` says."""
     prefix = "tunnel.config."
     tier_max = limits.max_concurrent_connections
     if config.max_connections < 0:
@@ -174,6 +205,28 @@ def check_config(config: TunnelConfig, limits: TierLimits, violations: Violation
         )
     if not MIN_IDLE_TIMEOUT <= config.idle_timeout <= MAX_IDLE_TIMEOUT:
         violations.add(prefix + "idle_timeout", "must be between 1 s and 1 h")
+    networks = check_networks(config, prefix + "allowed_networks", violations)
+    return replace(config, allowed_networks=networks)
+
+
+def check_networks(config: TunnelConfig, field: str, violations: Violations) -> tuple[str, ...]:
+    """The allowed networks normalized (``10.0.0.0/8``, ``203.0.113.7/32``), each once:
+    1-50 CIDRs or addresses with ``IP_ALLOWLIST``, none otherwise."""
+    given = config.allowed_networks
+    if config.web_access is not WebAccess.IP_ALLOWLIST:
+        if given:
+            violations.add(field, "must be empty unless web_access is IP_ALLOWLIST")
+        return ()
+    if not 1 <= len(given) <= MAX_ALLOWED_NETWORKS:
+        violations.add(field, f"IP_ALLOWLIST needs 1-{MAX_ALLOWED_NETWORKS} networks")
+        return ()
+    cleaned: list[str] = []
+    for index, text in enumerate(given):
+        try:
+            cleaned.append(str(parse_network(text)))
+        except ValueError:
+            violations.add(f"{field}[{index}]", "must be a CIDR (10.0.0.0/8) or an IP address")
+    return tuple(dict.fromkeys(cleaned))
 
 
 def draft_of(tunnel: Tunnel) -> TunnelDraft:
@@ -292,7 +345,7 @@ def check_draft(
     naming every bad field, or :class:`PermissionDenied` for a feature the tier lacks."""
     violations = Violations()
     name, description = check_text(draft.display_name, draft.description, violations)
-    check_config(draft.config, limits, violations)
+    config = check_config(draft.config, limits, violations)
     endpoints: list[EndpointSpec] = []
     try:
         endpoints = validate_endpoints(list(draft.endpoints), max_endpoints=max_endpoints)
@@ -305,7 +358,7 @@ def check_draft(
             reason="TIER_TOO_LOW",
             metadata={"feature": "endpoint_failover", "tier": tier.value},
         )
-    return TunnelDraft(name, description, draft.config, tuple(endpoints))
+    return TunnelDraft(name, description, config, tuple(endpoints))
 
 
 def tunnels_exhausted(owner_id: str, tier: Tier, limit: int) -> ResourceExhausted:

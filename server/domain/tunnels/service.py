@@ -19,7 +19,6 @@ from server.domain.common.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     PreconditionViolation,
     ResourceExhausted,
 )
@@ -46,6 +45,7 @@ from server.domain.tunnels.rules import (
     check_etag,
     draft_of,
     failover_target,
+    owned,
     probe_now,
     refreshed,
     snapshot,
@@ -69,6 +69,8 @@ UPDATABLE_PATHS = frozenset(
         "config.max_connections",
         "config.idle_timeout",
         "config.compression",
+        "config.web_access",
+        "config.allowed_networks",
         "endpoints",
     }
 )
@@ -493,7 +495,4 @@ class TunnelService:
 
 
 async def _load(uow: UnitOfWork, owner_id: str, tunnel_id: str, *, lock: bool = False) -> Tunnel:
-    tunnel = await uow.tunnels.get(tunnel_id, lock=lock)
-    if tunnel is None or tunnel.user_id != owner_id:
-        raise NotFound("tunnel", f"users/{owner_id}/tunnels/{tunnel_id}")
-    return tunnel
+    return owned(await uow.tunnels.get(tunnel_id, lock=lock), owner_id, tunnel_id)

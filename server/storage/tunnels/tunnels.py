@@ -20,6 +20,7 @@ from server.domain.tunnels.model import (
     TunnelConfig,
     TunnelHealth,
     TunnelState,
+    WebAccess,
 )
 from server.storage.base import Repository
 from server.storage.query import apply_list_query
@@ -43,14 +44,19 @@ def config_to_json(config: TunnelConfig) -> dict[str, Any]:
         "max_connections": config.max_connections,
         "idle_timeout": config.idle_timeout,
         "compression": config.compression,
+        "web_access": config.web_access.value,
+        "allowed_networks": list(config.allowed_networks),
     }
 
 
 def _config(data: dict[str, Any]) -> TunnelConfig:
+    # Configs stored before web access existed have neither key: private, no networks.
     return TunnelConfig(
         int(data.get("max_connections", 0)),
         float(data.get("idle_timeout", 60.0)),
         bool(data.get("compression", False)),
+        WebAccess(data.get("web_access", WebAccess.PRIVATE.value)),
+        tuple(str(n) for n in data.get("allowed_networks", ())),
     )
 
 

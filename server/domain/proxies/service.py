@@ -1,0 +1,49 @@
+"""What the streaming proxies ask: whether a web request may use a tunnel, and whether an
+agent may link to proxies for one. Both only read."""
+
+from __future__ import annotations
+
+from server.domain.common.ids import is_id
+from server.domain.identity.model import Principal, ShareRole
+from server.domain.proxies.model import AccessDecision, LinkGrant
+from server.domain.proxies.ports import ShareLookup
+from server.domain.proxies.rules import LINK_GRANT_FOR, client_address, decide, needs_share
+from server.domain.tunnels.model import Tunnel
+from server.domain.tunnels.rules import carried_tunnel, owned
+from server.domain.unit_of_work import UnitOfWorkFactory
+
+
+class ProxyAccess:
+    """The proxies' questions about tunnels, after authorization has allowed the call."""
+
+    def __init__(self, uow: UnitOfWorkFactory, shares: ShareLookup) -> None:
+        self._uow = uow
+        self._shares = shares
+
+    async def check(
+        self, principal: Principal | None, tunnel_id: str, client_ip: str
+    ) -> AccessDecision:
+        """Whether a web request from ``client_ip``, with the credential of ``principal``
+        (None: none), may use the tunnel ``tunnel_id``: a decision for any tunnel id, an
+        error only for an address that is not one."""
+        client = client_address(client_ip)
+        tunnel = await self._find(tunnel_id)
+        shared = False
+        if tunnel is not None and principal is not None and needs_share(tunnel, principal):
+            role = await self._shares.share_role(tunnel.name, principal.user_id)
+            shared = role is not ShareRole.NONE
+        return decide(tunnel, principal, client, shared=shared)
+
+    async def authorize_link(self, principal: Principal, name: str) -> LinkGrant:
+        """Whether the agent key of ``principal`` may link to proxies for the tunnel
+        ``name``: as it may carry it on its Connect stream (the same rules)."""
+        owner_id, tunnel_id = carried_tunnel(principal, name, "tunnel")
+        async with self._uow(readonly=True) as uow:
+            tunnel = owned(await uow.tunnels.get(tunnel_id), owner_id, tunnel_id)
+        return LinkGrant(tunnel.name, LINK_GRANT_FOR)
+
+    async def _find(self, tunnel_id: str) -> Tunnel | None:
+        if not is_id(tunnel_id, "tun"):
+            return None
+        async with self._uow(readonly=True) as uow:
+            return await uow.tunnels.get(tunnel_id)
