@@ -42,7 +42,14 @@ LINK_OPTIONS = (
     ("grpc.http2.bdp_probe", 0),
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
+    # Exchanges wait for the link to be up (wait_for_ready): a proxy that restarts is
+    # linked to again within 5 s of being back.
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.min_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
 )
+#: Responses with a Content-Length up to this travel whole in the head's message.
+INLINE = 64 * 1024
 #: Request fields the agent sets itself.
 _REPLACED = frozenset({"host"})
 
@@ -115,25 +122,29 @@ class ReversePath:
 
     async def _carry(
         self, call: Call, head: proxy_link_pb2.HttpHead, body_ended: Callable[[], None]
-    ) -> None:
+    ) -> bool:
+        """Carry one request; whether the exchange is whole and may take the next one."""
         base, session = self._base, self._session
         if base is None or session is None:
             await _fail(call, Failure.CAUSE_UNAVAILABLE, "not carrying HTTP for this tunnel")
-            return
+            return False
         netloc = urlsplit(base).netloc
         headers = [(h.name, h.value.decode("latin-1")) for h in head.headers
                    if h.name.lower() not in _REPLACED]  # fmt: skip
         headers.append(("Host", netloc))
         if head.websocket:
-            await call.read()  # the request's end: an upgrade has no body
             try:
                 await websocket.carry(call, session, websocket.ws_url(base, head.target), headers)
             except aiohttp.ClientConnectorError as exc:
                 await _fail(call, Failure.CAUSE_REFUSED, type(exc).__name__)
-            return
-        body = _body(call, body_ended) if head.has_body else None
-        if body is None:
-            await call.read()  # the request's end
+            return False
+        reader: asyncio.Task[None] | None = None
+        body: AsyncIterator[bytes] | None = None
+        if head.has_body:
+            pieces: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=1)
+            reader = asyncio.create_task(_read_request(call, pieces, body_ended))
+            body = _body(pieces)
+        else:
             body_ended()
         try:
             async with session.request(
@@ -144,18 +155,38 @@ class ReversePath:
                 allow_redirects=False,
                 compress=None,
             ) as response:
-                await call.write(Request(head=_response_head(response)))
-                async for chunk in response.content.iter_any():
-                    for offset in range(0, len(chunk), PIECE):
-                        await call.write(Request(data=chunk[offset : offset + PIECE]))
-                await call.write(Request(end=proxy_link_pb2.HttpEnd()))
+                await _send_response(call, response)
+            if reader is not None:  # aiohttp stops at Content-Length: the end may be due
+                await reader
         except aiohttp.ClientConnectorError as exc:
             await _fail(call, Failure.CAUSE_REFUSED, type(exc).__name__)
-            return
+            return False
         except (aiohttp.ClientError, ConnectionError) as exc:
             await _fail(call, Failure.CAUSE_RESET, type(exc).__name__)
-            return
-        await call.done_writing()
+            return False
+        finally:
+            if reader is not None and not reader.done():
+                reader.cancel()  # the exchange is over: cancelling its read cancels it
+        return True
+
+
+async def _send_response(call: Call, response: aiohttp.ClientResponse) -> None:
+    """The local service's response to the proxy: one message when it is small and whole,
+    else the head at once and each piece of the body as it comes."""
+    reply = _response_head(response)
+    length = response.content_length
+    if reply.has_body and length is not None and length <= INLINE:
+        reply.body = await response.read()
+        reply.complete = True
+    elif not reply.has_body:
+        reply.complete = True
+    await call.write(Request(head=reply))
+    if reply.complete:
+        return
+    async for chunk in response.content.iter_any():
+        for offset in range(0, len(chunk), PIECE):
+            await call.write(Request(data=chunk[offset : offset + PIECE]))
+    await call.write(Request(end=proxy_link_pb2.HttpEnd()))
 
 
 def _response_head(response: aiohttp.ClientResponse) -> proxy_link_pb2.HttpHead:
@@ -165,16 +196,31 @@ def _response_head(response: aiohttp.ClientResponse) -> proxy_link_pb2.HttpHead:
     return proxy_link_pb2.HttpHead(status=response.status, headers=headers, has_body=not bodiless)
 
 
-async def _body(call: Call, ended: Callable[[], None]) -> AsyncIterator[bytes]:
-    while True:
-        message = await call.read()
-        if message is grpc.aio.EOF:
-            raise ConnectionResetError("the proxy ended the request early")
-        assert isinstance(message, proxy_link_pb2.ExchangeResponse)
-        if message.HasField("end"):
-            ended()
-            return
-        yield message.data
+async def _read_request(
+    call: Call, pieces: asyncio.Queue[bytes | BaseException | None], ended: Callable[[], None]
+) -> None:
+    """The one reader of a request's body: its pieces into ``pieces`` (one at a time, so
+    the exchange's window holds the rest back), None at its end, or the error."""
+    try:
+        while isinstance(message := await call.read(), proxy_link_pb2.ExchangeResponse):
+            if message.HasField("end"):
+                await pieces.put(None)
+                ended()
+                return
+            await pieces.put(message.data)
+        failure: BaseException = ConnectionResetError("the proxy ended the request early")
+    except grpc.aio.AioRpcError as exc:
+        failure = exc
+    with contextlib.suppress(asyncio.QueueFull):
+        pieces.put_nowait(failure)
+    raise failure
+
+
+async def _body(pieces: asyncio.Queue[bytes | BaseException | None]) -> AsyncIterator[bytes]:
+    while (piece := await pieces.get()) is not None:
+        if isinstance(piece, BaseException):
+            raise ConnectionResetError("the request body did not arrive whole") from piece
+        yield piece
 
 
 async def _fail(call: Call, cause: int, message: str) -> None:
@@ -231,61 +277,68 @@ class _Link:
         self._wanted.set()
 
     async def _exchange(self) -> None:
-        settings, waiting = self._settings, True
-        call: Call = self._stub.Exchange(metadata=(("authorization", f"Bearer {settings.key}"),))
+        """One lane: wait for a request, carry it, wait for the next, until the lane ends
+        (the proxy cancelled a request or went away, or the link was stopped)."""
+        settings, idle, used = self._settings, True, False
+        metadata = (("authorization", f"Bearer {settings.key}"),)
+        call: Call = self._stub.Exchange(metadata=metadata, wait_for_ready=True)
         try:
             hello = proxy_link_pb2.LinkHello(tunnel=settings.tunnel, agent_id=settings.agent_id)
             await call.write(Request(hello=hello))
             message = await call.read()
-            waiting = False
-            self._taken()
-            if not isinstance(message, proxy_link_pb2.ExchangeResponse):
-                return  # EOF: the proxy ended the call
-            if not message.HasField("head"):
-                return
-            self._backoff.failures = 0
-            await self._carry_cancellable(call, message.head)
-            await call.code()  # the proxy has read everything and ended the call
+            while isinstance(message, proxy_link_pb2.ExchangeResponse) and message.HasField("head"):
+                idle, used = False, True
+                self._taken()
+                self._backoff.failures = 0
+                upcoming = await self._carry_cancellable(call, message.head)
+                if upcoming is None:
+                    return
+                idle = True
+                self.idle += 1
+                message = await upcoming
         except grpc.aio.AioRpcError as exc:
-            if waiting:
+            if not used:
                 await self._after_error(exc)
+        except asyncio.InvalidStateError:
+            pass  # the proxy ended the exchange while the response was being written
         finally:
-            if waiting:
+            if idle:
                 self._taken()
             if not call.done():
                 call.cancel()
 
-    async def _carry_cancellable(self, call: Call, head: proxy_link_pb2.HttpHead) -> None:
-        """Carry one request; drop it as soon as the proxy cancels the exchange.
+    async def _carry_cancellable(
+        self, call: Call, head: proxy_link_pb2.HttpHead
+    ) -> asyncio.Task[object] | None:
+        """Carry one request, dropping it as soon as the proxy cancels the exchange; the
+        read of the lane's next message, or None when the lane is over.
 
-        Once the request body has ended, a watcher keeps reading the call: the next thing
-        the proxy sends is the end of the call, normal or cancelled (gRPC delivers a
-        call's status only after its messages have been read, so someone must read).
+        Once the request has been read whole, the next read begins at once: what comes is
+        the next request once this one is answered, or, earlier, the end of the call
+        (cancelled: gRPC delivers a call's status only to someone reading it).
         """
         task = asyncio.current_task()
         assert task is not None
-        finished, watchers = False, []
-
-        async def watch() -> None:
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                await call.read()
-            if not finished:
-                task.cancel()
+        upcoming: list[asyncio.Task[object]] = []
+        carrying = True
 
         def body_ended() -> None:
-            watchers.append(asyncio.create_task(watch()))
+            read = asyncio.create_task(call.read())
+            read.add_done_callback(lambda _: task.cancel() if carrying else None)
+            upcoming.append(read)
 
         try:
-            await self._carry(call, head, body_ended)
+            reusable = await self._carry(call, head, body_ended)
         except asyncio.CancelledError:
-            if call.done() and not finished:
+            if upcoming and upcoming[0].done():
                 log.info("exchange cancelled by the proxy", extra={"target": head.target[:200]})
-                return
+                return None
             raise
         finally:
-            # The watcher is left to end with the call: cancelling a pending read would
-            # cancel the call, losing what the proxy has not read yet.
-            finished = True
+            carrying = False  # from here on, the next read's end is the lane's business
+        # A lane that is over keeps its read: cancelling a pending read cancels the call,
+        # which would lose what the proxy has not read yet.
+        return upcoming[0] if upcoming and reusable else None
 
     async def _after_error(self, exc: grpc.aio.AioRpcError) -> None:
         delay = self._backoff.next_delay(0.0)
@@ -300,4 +353,4 @@ class _Link:
 class _Carry(Protocol):  # ReversePath._carry's shape
     async def __call__(
         self, call: Call, head: proxy_link_pb2.HttpHead, body_ended: Callable[[], None]
-    ) -> None: ...
+    ) -> bool: ...

@@ -8,7 +8,9 @@ migrated SQLite database in a temporary directory; the load tools load them over
 in alternating order, and the medians of the measured rounds are compared. Then webhook
 delivery throughput on PostgreSQL, one server process dispatching against two
 (``bench/webhooks.py``), and the full server with two workers against one on PostgreSQL and
-Redis (``bench/workers.py``). ``--only getuser|webhooks|workers`` runs one part alone. See
+Redis (``bench/workers.py``), and the streaming proxy against ``ssh -R``
+(``bench/proxies.py``). ``--only getuser|webhooks|workers|sqlite|proxy`` runs one part
+alone. See
 ``bench/README.md``.
 """
 
@@ -512,9 +514,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
         "--only",
-        choices=("getuser", "webhooks", "workers", "sqlite"),
+        choices=("getuser", "webhooks", "workers", "sqlite", "proxy"),
         help="run one part only: the GetUser servers, webhook delivery, two workers "
-        "against one, or the SQLite drivers (default: all four)",
+        "against one, the SQLite drivers, or the streaming proxy against ssh -R "
+        "(default: all five)",
     )
     hooks = webhooks.Plan()
     parser.add_argument("--webhook-deliveries", type=int, default=hooks.deliveries)
@@ -637,6 +640,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench failed: {exc}\n(work directory kept: {work_dir})", file=sys.stderr)
         return 1
     publish_parts(result, hooks, scaled, drivers, args)
+    if args.only in (None, "proxy"):
+        from bench import proxies
+
+        proxies.main(["--no-publish"] if args.no_publish else [])
     if args.keep:
         print(f"work directory kept: {work_dir}")
     else:

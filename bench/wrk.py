@@ -32,14 +32,14 @@ class Load:
     def command(self, *, redact: bool = False) -> list[str]:
         """The wrk argument list; ``redact`` hides the bearer token."""
         token = REDACTED if redact else self.token
+        auth = ["-H", f"Authorization: Bearer {token}"] if self.token else []
         return [
             EXECUTABLE,
             "-t1",
             f"-c{self.connections}",
             f"-d{self.seconds}s",
             "--latency",
-            "-H",
-            f"Authorization: Bearer {token}",
+            *auth,
             self.url,
         ]
 

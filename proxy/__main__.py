@@ -17,6 +17,7 @@ from pathlib import Path
 
 from proxy.app import ProxyApp, ProxySettings
 from proxy.web import WebSettings
+from server import logs
 
 log = logging.getLogger("tunnelplane.proxy")
 
@@ -44,12 +45,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path, help="PEM private key of the public side")
     p.add_argument("--link-tls-cert", type=Path, help="PEM certificate chain of the link")
     p.add_argument("--link-tls-key", type=Path, help="PEM private key of the link")
-    p.add_argument("--control-plane-ca", type=Path, help="PEM roots to trust (implies TLS)")
+    ca = _env("CONTROL_PLANE_CA", "")
+    p.add_argument("--control-plane-ca", type=Path, default=Path(ca) if ca else None,
+                   help="PEM roots to verify the control plane with (implies TLS)")  # fmt: skip
     p.add_argument("--first-byte-timeout", type=float,
                    default=float(_env("FIRST_BYTE_TIMEOUT", "300")))  # fmt: skip
     p.add_argument("--idle-timeout", type=float, default=float(_env("IDLE_TIMEOUT", "30")))
     p.add_argument("--max-body-bytes", type=int, default=int(_env("MAX_BODY_BYTES", str(1 << 30))))
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"),
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])  # fmt: skip
+    p.add_argument("--log-format", default=_env("LOG_FORMAT", "json"), choices=["json", "text"])
     return p
 
 
@@ -97,18 +102,29 @@ async def serve(settings: ProxySettings) -> int:
         await app.stop(0)
         return 1
     print(f"proxy ready port={app.port} link_port={app.link_port}", flush=True)
+    watchdog = asyncio.create_task(_orphaned(int(_env("PARENT_PID", "0")), stopping))
     await stopping.wait()
+    watchdog.cancel()
     await app.stop()
     log.info("proxy stopped")
     return 0
 
 
+async def _orphaned(parent: int, stopping: asyncio.Event) -> None:
+    """An embedded proxy (``TP_PROXY_PARENT_PID``) stops when its server is gone, even if
+    the server could not stop it (SIGKILL): no orphan keeps the ports."""
+    if not parent:
+        return
+    while os.getppid() == parent:  # noqa: ASYNC110 - no event tells of a parent's death
+        await asyncio.sleep(1.0)
+    log.warning("the server that started this proxy is gone; stopping")
+    stopping.set()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logs.configure(args.log_level, args.log_format, {"component": "proxy"})
     try:
         settings = settings_from(args)
     except (ValueError, OSError) as exc:

@@ -80,6 +80,11 @@ class Registry:
         """Exchanges waiting, all tunnels."""
         return sum(len(spare) for spare in self._spare.values())
 
+    def release(self, exchange: Exchange) -> None:
+        """A request on ``exchange`` is over and both sides are whole: the next may come."""
+        if not exchange.finished:
+            self._offer(exchange)
+
     def opened(self, exchange: Exchange) -> None:
         """An agent opened ``exchange``: give it to a waiting request, or keep it."""
         self._open[exchange.tunnel] += 1
@@ -132,7 +137,8 @@ class Registry:
             if not future.done():
                 future.set_result(exchange)
                 return
-        self._spare.setdefault(exchange.tunnel, collections.deque()).append(exchange)
+        # Last in, first out: the lane used last is the warmest, and the others can idle.
+        self._spare.setdefault(exchange.tunnel, collections.deque()).appendleft(exchange)
 
 
 def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:

@@ -37,6 +37,8 @@ Failure = proxy_link_pb2.LinkFailure
 Decision = proxies_pb2.TunnelAccessDecision
 #: Largest piece of a request body per message (gRPC's default message limit is 4 MiB).
 PIECE = 256 * 1024
+#: How long a request body may go on being sent once the response is whole.
+PUMP_GRACE = 1.0
 
 _REFUSALS = {
     Decision.REFUSAL_NOT_FOUND: replies.NOT_ROUTED,
@@ -158,17 +160,21 @@ class WebProxy:
         if exchange is None:
             raise Refusal(503, "NO_AGENT", "no agent is connected for this tunnel",
                           Retry_After="5")  # fmt: skip
-        cancel = "the web client went away"
+        cancel, reusable = "the web client went away", False
         try:
-            response = await self._carry(request, found, exchange, started, strip_credential)
+            response, reusable = await self._carry(
+                request, found, exchange, started, strip_credential
+            )
         except Refusal as refusal:
             cancel = refusal.reason
             raise
         else:
-            cancel = ""
             return response
         finally:
-            exchange.finish(cancel)
+            if reusable:  # both messages were whole: the lane takes the next request
+                self._registry.release(exchange)
+            else:
+                exchange.finish(cancel)
 
     def _head(
         self, request: web.BaseRequest, found: Route, strip_credential: bool
@@ -183,11 +189,13 @@ class WebProxy:
             ("X-Forwarded-Proto", request.scheme),
             ("X-Forwarded-Host", request.host),
         ]
+        has_body = request.body_exists and not upgrade
         return proxy_link_pb2.HttpHead(
             method=request.method,
             target=found.target,
             headers=fields.to_proto(pairs),
-            has_body=request.body_exists and not upgrade,
+            has_body=has_body,
+            complete=not has_body,
             websocket=upgrade,
         )
 
@@ -198,19 +206,29 @@ class WebProxy:
         exchange: Exchange,
         started: float,
         strip_credential: bool,
-    ) -> web.StreamResponse:
+    ) -> tuple[web.StreamResponse, bool]:
+        """The response, and whether the exchange is clean for the next request (the
+        request went out whole and the response came back whole)."""
         head = self._head(request, found, strip_credential)
         await exchange.send(Response(head=head))
-        if head.has_body:
-            pump = asyncio.create_task(self._pump(request, exchange))
-        else:
-            pump = asyncio.create_task(exchange.send(Response(end=proxy_link_pb2.HttpEnd())))
+        pump = asyncio.create_task(self._pump(request, exchange)) if head.has_body else None
         try:
-            return await self._respond(request, exchange, started)
-        finally:
+            response = await self._respond(request, exchange, started)
+        except BaseException:
+            if pump is not None:
+                pump.cancel()
+                await asyncio.gather(pump, return_exceptions=True)
+            raise
+        if pump is not None:
+            # The agent may answer before it has read the request's end (aiohttp stops at
+            # Content-Length): let the pump finish, briefly. Cancelling a pending write
+            # would cancel the exchange.
+            await asyncio.wait([pump], timeout=PUMP_GRACE)
             if not pump.done():
                 pump.cancel()
             await asyncio.gather(pump, return_exceptions=True)
+        sent = pump is None or (not pump.cancelled() and pump.exception() is None)
+        return response, sent and not isinstance(response, web.WebSocketResponse)
 
     async def _pump(self, request: web.BaseRequest, exchange: Exchange) -> None:
         sent, limit = 0, self._settings.max_body_bytes
@@ -254,12 +272,18 @@ class WebProxy:
             if not _wants_websocket(request):
                 raise Refusal(502, "AGENT_PROTOCOL", "an upgrade nobody asked for")
             return await websocket.bridge(request, exchange, first.head)
-        response = web.StreamResponse(status=first.head.status)
-        for name, value in fields.end_to_end(fields.from_proto(first.head.headers)):
+        head = first.head
+        response = web.StreamResponse(status=head.status)
+        for name, value in fields.end_to_end(fields.from_proto(head.headers)):
             response.headers.add(name, value)
+        if head.complete and response.content_length is None:
+            response.content_length = len(head.body)
         await response.prepare(request)
-        out, flowing = 0, False
-        while True:
+        out, flowing = len(head.body), bool(head.body or head.complete)
+        if flowing:
+            self._metrics.first_byte.observe(time.monotonic() - started)
+            await response.write(head.body)
+        while not head.complete:
             try:
                 if flowing:
                     message = await self._next(exchange, settings.idle_timeout, "IDLE_TIMEOUT")

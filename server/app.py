@@ -30,6 +30,7 @@ from server.compose import (
     infrastructure,
     limits,
     operations,
+    proxies,
     tunnels,
     webhooks,
 )
@@ -64,6 +65,7 @@ class App:
             self.infra, {REPLAY: self.webhooks.webhooks.replay_step}, operation_started
         )
         self.health = health.build(self.infra, self.limits, [s.full_name for s in SERVICES])
+        self.proxies = proxies.build(settings, lambda: self.grpc_port)
         self._stopping = asyncio.Event()
         self.api = api.build(
             self.infra,
@@ -99,6 +101,7 @@ class App:
             self.operations,
             self.health,
             self.api,
+            self.proxies,
         ]
 
     async def start(self) -> None:

@@ -121,6 +121,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         # never refused; the rate-limit tests turn this off.
         "rate_exempt_ips": "127.0.0.0/8,::1",
         "health_interval": 0.2,
+        "proxy_port": 0,  # no embedded proxy child: the proxy tests start their own
         # Keys in this run's namespace, never the default one (the run deletes them).
         "redis_prefix": redis_prefix(),
         **FAST_HASHING,

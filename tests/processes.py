@@ -26,6 +26,7 @@ def child_env(data_dir: Path, **extra: str) -> dict[str, str]:
         TP_HTTP_PORT="0",
         TP_METRICS_PORT="0",
         TP_LOG_LEVEL="INFO",
+        TP_PROXY_PORT="0",
         **{f"TP_{k.upper()}": str(v) for k, v in FAST_HASHING.items()},
     )
     env.update(extra)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from tunnelplane.v1 import options_pb2 as tunnelplane_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftunnelplane/v1/proxy_link.proto\x12\x0etunnelplane.v1\x1a\x1ctunnelplane/v1/options.proto\"\x8e\x02\n\x0f\x45xchangeRequest\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x19.tunnelplane.v1.LinkHelloH\x00\x12(\n\x04head\x18\x02 \x01(\x0b\x32\x18.tunnelplane.v1.HttpHeadH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12&\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x17.tunnelplane.v1.HttpEndH\x00\x12.\n\x07\x66\x61ilure\x18\x05 \x01(\x0b\x32\x1b.tunnelplane.v1.LinkFailureH\x00\x12\x35\n\twebsocket\x18\x06 \x01(\x0b\x32 .tunnelplane.v1.WebSocketMessageH\x00\x42\x06\n\x04kind\"\xb3\x01\n\x10\x45xchangeResponse\x12(\n\x04head\x18\x01 \x01(\x0b\x32\x18.tunnelplane.v1.HttpHeadH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12&\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x17.tunnelplane.v1.HttpEndH\x00\x12\x35\n\twebsocket\x18\x04 \x01(\x0b\x32 .tunnelplane.v1.WebSocketMessageH\x00\x42\x06\n\x04kind\"-\n\tLinkHello\x12\x0e\n\x06tunnel\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\")\n\nHttpHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x8c\x01\n\x08HttpHead\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\x05\x12+\n\x07headers\x18\x04 \x03(\x0b\x32\x1a.tunnelplane.v1.HttpHeader\x12\x10\n\x08has_body\x18\x05 \x01(\x08\x12\x11\n\twebsocket\x18\x06 \x01(\x08\"B\n\x10WebSocketMessage\x12\x0c\n\x04text\x18\x01 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\nclose_code\x18\x03 \x01(\x05\"7\n\x07HttpEnd\x12,\n\x08trailers\x18\x01 \x03(\x0b\x32\x1a.tunnelplane.v1.HttpHeader\"\xbe\x01\n\x0bLinkFailure\x12\x30\n\x05\x63\x61use\x18\x01 \x01(\x0e\x32!.tunnelplane.v1.LinkFailure.Cause\x12\x0f\n\x07message\x18\x02 \x01(\t\"l\n\x05\x43\x61use\x12\x15\n\x11\x43\x41USE_UNSPECIFIED\x10\x00\x12\x11\n\rCAUSE_REFUSED\x10\x01\x12\x0f\n\x0b\x43\x41USE_RESET\x10\x02\x12\x11\n\rCAUSE_TIMEOUT\x10\x03\x12\x15\n\x11\x43\x41USE_UNAVAILABLE\x10\x04\x32\x7f\n\x10ProxyLinkService\x12k\n\x08\x45xchange\x12\x1f.tunnelplane.v1.ExchangeRequest\x1a .tunnelplane.v1.ExchangeResponse\"\x18\x92\x82\x19\x14\x08\x02\x12\ragent.connect2\x01\x02(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftunnelplane/v1/proxy_link.proto\x12\x0etunnelplane.v1\x1a\x1ctunnelplane/v1/options.proto\"\x8e\x02\n\x0f\x45xchangeRequest\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x19.tunnelplane.v1.LinkHelloH\x00\x12(\n\x04head\x18\x02 \x01(\x0b\x32\x18.tunnelplane.v1.HttpHeadH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12&\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x17.tunnelplane.v1.HttpEndH\x00\x12.\n\x07\x66\x61ilure\x18\x05 \x01(\x0b\x32\x1b.tunnelplane.v1.LinkFailureH\x00\x12\x35\n\twebsocket\x18\x06 \x01(\x0b\x32 .tunnelplane.v1.WebSocketMessageH\x00\x42\x06\n\x04kind\"\xb3\x01\n\x10\x45xchangeResponse\x12(\n\x04head\x18\x01 \x01(\x0b\x32\x18.tunnelplane.v1.HttpHeadH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12&\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x17.tunnelplane.v1.HttpEndH\x00\x12\x35\n\twebsocket\x18\x04 \x01(\x0b\x32 .tunnelplane.v1.WebSocketMessageH\x00\x42\x06\n\x04kind\"-\n\tLinkHello\x12\x0e\n\x06tunnel\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\")\n\nHttpHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xac\x01\n\x08HttpHead\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\x05\x12+\n\x07headers\x18\x04 \x03(\x0b\x32\x1a.tunnelplane.v1.HttpHeader\x12\x10\n\x08has_body\x18\x05 \x01(\x08\x12\x0c\n\x04\x62ody\x18\x07 \x01(\x0c\x12\x10\n\x08\x63omplete\x18\x08 \x01(\x08\x12\x11\n\twebsocket\x18\x06 \x01(\x08\"B\n\x10WebSocketMessage\x12\x0c\n\x04text\x18\x01 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\nclose_code\x18\x03 \x01(\x05\"7\n\x07HttpEnd\x12,\n\x08trailers\x18\x01 \x03(\x0b\x32\x1a.tunnelplane.v1.HttpHeader\"\xbe\x01\n\x0bLinkFailure\x12\x30\n\x05\x63\x61use\x18\x01 \x01(\x0e\x32!.tunnelplane.v1.LinkFailure.Cause\x12\x0f\n\x07message\x18\x02 \x01(\t\"l\n\x05\x43\x61use\x12\x15\n\x11\x43\x41USE_UNSPECIFIED\x10\x00\x12\x11\n\rCAUSE_REFUSED\x10\x01\x12\x0f\n\x0b\x43\x41USE_RESET\x10\x02\x12\x11\n\rCAUSE_TIMEOUT\x10\x03\x12\x15\n\x11\x43\x41USE_UNAVAILABLE\x10\x04\x32\x7f\n\x10ProxyLinkService\x12k\n\x08\x45xchange\x12\x1f.tunnelplane.v1.ExchangeRequest\x1a .tunnelplane.v1.ExchangeResponse\"\x18\x92\x82\x19\x14\x08\x02\x12\ragent.connect2\x01\x02(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,15 +43,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HTTPHEADER']._serialized_start=583
   _globals['_HTTPHEADER']._serialized_end=624
   _globals['_HTTPHEAD']._serialized_start=627
-  _globals['_HTTPHEAD']._serialized_end=767
-  _globals['_WEBSOCKETMESSAGE']._serialized_start=769
-  _globals['_WEBSOCKETMESSAGE']._serialized_end=835
-  _globals['_HTTPEND']._serialized_start=837
-  _globals['_HTTPEND']._serialized_end=892
-  _globals['_LINKFAILURE']._serialized_start=895
-  _globals['_LINKFAILURE']._serialized_end=1085
-  _globals['_LINKFAILURE_CAUSE']._serialized_start=977
-  _globals['_LINKFAILURE_CAUSE']._serialized_end=1085
-  _globals['_PROXYLINKSERVICE']._serialized_start=1087
-  _globals['_PROXYLINKSERVICE']._serialized_end=1214
+  _globals['_HTTPHEAD']._serialized_end=799
+  _globals['_WEBSOCKETMESSAGE']._serialized_start=801
+  _globals['_WEBSOCKETMESSAGE']._serialized_end=867
+  _globals['_HTTPEND']._serialized_start=869
+  _globals['_HTTPEND']._serialized_end=924
+  _globals['_LINKFAILURE']._serialized_start=927
+  _globals['_LINKFAILURE']._serialized_end=1117
+  _globals['_LINKFAILURE_CAUSE']._serialized_start=1009
+  _globals['_LINKFAILURE_CAUSE']._serialized_end=1117
+  _globals['_PROXYLINKSERVICE']._serialized_start=1119
+  _globals['_PROXYLINKSERVICE']._serialized_end=1246
 # @@protoc_insertion_point(module_scope)

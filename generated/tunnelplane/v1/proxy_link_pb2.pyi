@@ -178,6 +178,8 @@ class HttpHead(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
     HAS_BODY_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
     WEBSOCKET_FIELD_NUMBER: _builtins.int
     method: _builtins.str
     """The request method (requests only)."""
@@ -187,6 +189,14 @@ class HttpHead(_message.Message):
     """The status code (responses only)."""
     has_body: _builtins.bool
     """The body follows in `data` messages; false: `end` follows at once."""
+    body: _builtins.bytes
+    """The start of the body, sent with the head: a small body travels in the
+    head's message.
+    """
+    complete: _builtins.bool
+    """Nothing follows: the head (with `body`) is the whole message, no `data`
+    and no `end` come after it.
+    """
     websocket: _builtins.bool
     """A request: the web client asks to upgrade to WebSocket (the agent opens a
     WebSocket to the local service, which negotiates its own key). A response
@@ -205,11 +215,13 @@ class HttpHead(_message.Message):
         status: _builtins.int = ...,
         headers: _abc.Iterable[Global___HttpHeader] | None = ...,
         has_body: _builtins.bool = ...,
+        body: _builtins.bytes = ...,
+        complete: _builtins.bool = ...,
         websocket: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["has_body", b"has_body", "headers", b"headers", "method", b"method", "status", b"status", "target", b"target", "websocket", b"websocket"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "complete", b"complete", "has_body", b"has_body", "headers", b"headers", "method", b"method", "status", b"status", "target", b"target", "websocket", b"websocket"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -31,9 +31,9 @@ class ProxyLinkServiceStub:
 
     The agent dials out (TLS in production) and authenticates with its agent key
     (`authorization: Bearer tp_…`), which the proxy checks with
-    ProxyService.AuthorizeAgentLink. Each Exchange carries one HTTP request and
-    its response; the agent keeps a few exchanges open in advance, so that a web
-    request never waits for one to be opened. gRPC's HTTP/2 streams give every
+    ProxyService.AuthorizeAgentLink. An Exchange carries HTTP requests one after
+    another, each with its response; the agent keeps a few exchanges waiting, so
+    that a web request never waits for one to be opened. gRPC's HTTP/2 streams give every
     exchange its own flow-control window (a slow web client holds back only its
     own stream, within a bounded window) and cancellation both ways.
     """
@@ -57,19 +57,21 @@ class ProxyLinkServiceServicer:
 
     The agent dials out (TLS in production) and authenticates with its agent key
     (`authorization: Bearer tp_…`), which the proxy checks with
-    ProxyService.AuthorizeAgentLink. Each Exchange carries one HTTP request and
-    its response; the agent keeps a few exchanges open in advance, so that a web
-    request never waits for one to be opened. gRPC's HTTP/2 streams give every
+    ProxyService.AuthorizeAgentLink. An Exchange carries HTTP requests one after
+    another, each with its response; the agent keeps a few exchanges waiting, so
+    that a web request never waits for one to be opened. gRPC's HTTP/2 streams give every
     exchange its own flow-control window (a slow web client holds back only its
     own stream, within a bounded window) and cancellation both ways.
     """
 
     def Exchange(self, request_iterator, context):
-        """One HTTP exchange. The agent sends `hello` and waits. When a web request
-        for the tunnel arrives, the proxy sends its `head`, then its body as
-        `data` messages, then `end`; the agent answers with the local service's
-        response the same way, or with `failure`. A web client that goes away
-        cancels the exchange, and the agent drops the local request at once.
+        """A lane of HTTP exchanges. The agent sends `hello` and waits. When a web
+        request for the tunnel arrives, the proxy sends its `head`, then its body
+        as `data` messages, then `end` (or only a `complete` head); the agent
+        answers with the local service's response the same way, or with `failure`.
+        Once both are whole the exchange waits for the next request. A web client
+        that goes away cancels the exchange (and the lane), and the agent drops the
+        local request at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -97,9 +99,9 @@ class ProxyLinkService:
 
     The agent dials out (TLS in production) and authenticates with its agent key
     (`authorization: Bearer tp_…`), which the proxy checks with
-    ProxyService.AuthorizeAgentLink. Each Exchange carries one HTTP request and
-    its response; the agent keeps a few exchanges open in advance, so that a web
-    request never waits for one to be opened. gRPC's HTTP/2 streams give every
+    ProxyService.AuthorizeAgentLink. An Exchange carries HTTP requests one after
+    another, each with its response; the agent keeps a few exchanges waiting, so
+    that a web request never waits for one to be opened. gRPC's HTTP/2 streams give every
     exchange its own flow-control window (a slow web client holds back only its
     own stream, within a bounded window) and cancellation both ways.
     """

@@ -32,9 +32,9 @@ class ProxyLinkServiceStub:
 
     The agent dials out (TLS in production) and authenticates with its agent key
     (`authorization: Bearer tp_…`), which the proxy checks with
-    ProxyService.AuthorizeAgentLink. Each Exchange carries one HTTP request and
-    its response; the agent keeps a few exchanges open in advance, so that a web
-    request never waits for one to be opened. gRPC's HTTP/2 streams give every
+    ProxyService.AuthorizeAgentLink. An Exchange carries HTTP requests one after
+    another, each with its response; the agent keeps a few exchanges waiting, so
+    that a web request never waits for one to be opened. gRPC's HTTP/2 streams give every
     exchange its own flow-control window (a slow web client holds back only its
     own stream, within a bounded window) and cancellation both ways.
     """
@@ -44,11 +44,13 @@ class ProxyLinkServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ProxyLinkServiceAsyncStub: ...
     Exchange: _grpc.StreamStreamMultiCallable[_proxy_link_pb2.ExchangeRequest, _proxy_link_pb2.ExchangeResponse]
-    """One HTTP exchange. The agent sends `hello` and waits. When a web request
-    for the tunnel arrives, the proxy sends its `head`, then its body as
-    `data` messages, then `end`; the agent answers with the local service's
-    response the same way, or with `failure`. A web client that goes away
-    cancels the exchange, and the agent drops the local request at once.
+    """A lane of HTTP exchanges. The agent sends `hello` and waits. When a web
+    request for the tunnel arrives, the proxy sends its `head`, then its body
+    as `data` messages, then `end` (or only a `complete` head); the agent
+    answers with the local service's response the same way, or with `failure`.
+    Once both are whole the exchange waits for the next request. A web client
+    that goes away cancels the exchange (and the lane), and the agent drops the
+    local request at once.
     """
 
 @_typing.type_check_only
@@ -58,20 +60,22 @@ class ProxyLinkServiceAsyncStub(ProxyLinkServiceStub):
 
     The agent dials out (TLS in production) and authenticates with its agent key
     (`authorization: Bearer tp_…`), which the proxy checks with
-    ProxyService.AuthorizeAgentLink. Each Exchange carries one HTTP request and
-    its response; the agent keeps a few exchanges open in advance, so that a web
-    request never waits for one to be opened. gRPC's HTTP/2 streams give every
+    ProxyService.AuthorizeAgentLink. An Exchange carries HTTP requests one after
+    another, each with its response; the agent keeps a few exchanges waiting, so
+    that a web request never waits for one to be opened. gRPC's HTTP/2 streams give every
     exchange its own flow-control window (a slow web client holds back only its
     own stream, within a bounded window) and cancellation both ways.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Exchange: _aio.StreamStreamMultiCallable[_proxy_link_pb2.ExchangeRequest, _proxy_link_pb2.ExchangeResponse]  # type: ignore[assignment]
-    """One HTTP exchange. The agent sends `hello` and waits. When a web request
-    for the tunnel arrives, the proxy sends its `head`, then its body as
-    `data` messages, then `end`; the agent answers with the local service's
-    response the same way, or with `failure`. A web client that goes away
-    cancels the exchange, and the agent drops the local request at once.
+    """A lane of HTTP exchanges. The agent sends `hello` and waits. When a web
+    request for the tunnel arrives, the proxy sends its `head`, then its body
+    as `data` messages, then `end` (or only a `complete` head); the agent
+    answers with the local service's response the same way, or with `failure`.
+    Once both are whole the exchange waits for the next request. A web client
+    that goes away cancels the exchange (and the lane), and the agent drops the
+    local request at once.
     """
 
 class ProxyLinkServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -80,9 +84,9 @@ class ProxyLinkServiceServicer(metaclass=_abc_1.ABCMeta):
 
     The agent dials out (TLS in production) and authenticates with its agent key
     (`authorization: Bearer tp_…`), which the proxy checks with
-    ProxyService.AuthorizeAgentLink. Each Exchange carries one HTTP request and
-    its response; the agent keeps a few exchanges open in advance, so that a web
-    request never waits for one to be opened. gRPC's HTTP/2 streams give every
+    ProxyService.AuthorizeAgentLink. An Exchange carries HTTP requests one after
+    another, each with its response; the agent keeps a few exchanges waiting, so
+    that a web request never waits for one to be opened. gRPC's HTTP/2 streams give every
     exchange its own flow-control window (a slow web client holds back only its
     own stream, within a bounded window) and cancellation both ways.
     """
@@ -93,11 +97,13 @@ class ProxyLinkServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_proxy_link_pb2.ExchangeRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_proxy_link_pb2.ExchangeResponse], _abc.AsyncIterator[_proxy_link_pb2.ExchangeResponse]]:
-        """One HTTP exchange. The agent sends `hello` and waits. When a web request
-        for the tunnel arrives, the proxy sends its `head`, then its body as
-        `data` messages, then `end`; the agent answers with the local service's
-        response the same way, or with `failure`. A web client that goes away
-        cancels the exchange, and the agent drops the local request at once.
+        """A lane of HTTP exchanges. The agent sends `hello` and waits. When a web
+        request for the tunnel arrives, the proxy sends its `head`, then its body
+        as `data` messages, then `end` (or only a `complete` head); the agent
+        answers with the local service's response the same way, or with `failure`.
+        Once both are whole the exchange waits for the next request. A web client
+        that goes away cancels the exchange (and the lane), and the agent drops the
+        local request at once.
         """
 
 def add_ProxyLinkServiceServicer_to_server(servicer: ProxyLinkServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
