@@ -402,8 +402,8 @@ def render(summary: Mapping[str, Any], measured: Mapping[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.proxies")
-    parser.add_argument("--rounds", type=int, default=Plan.rounds)
-    parser.add_argument("--seconds", type=int, default=Plan.seconds)
+    parser.add_argument("--rounds", type=int, default=Plan().rounds)
+    parser.add_argument("--seconds", type=int, default=Plan().seconds)
     parser.add_argument("--no-publish", action="store_true", help="print, write no results")
     args = parser.parse_args(argv)
     plan = Plan(rounds=args.rounds, seconds=args.seconds)
