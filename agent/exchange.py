@@ -96,7 +96,8 @@ class ReversePath:
 
     async def configure(self, proxies: Sequence[str], target_url: str) -> None:
         """Link to ``proxies`` (and only them) and carry requests to ``target_url``."""
-        base = local_base(target_url) if target_url else None
+        # A state that names no target (the endpoint's probes failed, say) keeps the last.
+        base = local_base(target_url) if target_url else self._base
         wanted = set(proxies) if base else set()
         self._base = base
         for address in set(self._links) - wanted:

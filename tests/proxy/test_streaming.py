@@ -257,3 +257,13 @@ async def test_websocket_upgrades_pass_through(stack: Stack) -> None:
         with pytest.raises(aiohttp.WSServerHandshakeError) as refusal:
             await session.ws_connect(refused)
         assert refusal.value.status != 101
+
+
+async def test_a_state_without_a_target_keeps_the_last_one(stack: Stack) -> None:
+    """The control plane names no target when no endpoint is healthy (a service whose
+    ``/`` answers 404, say): the agent keeps carrying to the last one it knew."""
+    await stack.agent.configure([stack.link], "")
+    assert (await stack.client.get(stack.base + "/echo")).status_code == 200
+    await stack.agent.configure([], "")
+    await eventually(lambda: stack.proxy.registry.spare(TUNNEL) == 0)
+    assert (await stack.client.get(stack.base + "/echo")).status_code == 503
