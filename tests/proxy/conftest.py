@@ -42,7 +42,10 @@ class Stack:
 
 
 async def open_stack(
-    web: WebSettings | None = None, spare: int = 4, link_tls: tuple[Path, Path] | None = None
+    web: WebSettings | None = None,
+    spare: int = 4,
+    link_tls: tuple[Path, Path] | None = None,
+    metrics_port: int = 0,
 ) -> Stack:
     """The whole path; ``link_tls`` (certificate and key files) puts TLS on the link."""
     local = await LocalService().start()
@@ -50,7 +53,7 @@ async def open_stack(
     plane.tunnels[TUNNEL_ID] = (TUNNEL, "public")
     cert, key = link_tls or (None, None)
     settings = ProxySettings(
-        control_plane=f"127.0.0.1:{plane.port}", port=0, link_port=0, metrics_port=0,
+        control_plane=f"127.0.0.1:{plane.port}", port=0, link_port=0, metrics_port=metrics_port,
         web=web or WebSettings(), link_tls_cert=cert, link_tls_key=key,
     )  # fmt: skip
     proxy = ProxyApp(settings)

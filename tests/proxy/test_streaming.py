@@ -267,3 +267,28 @@ async def test_a_state_without_a_target_keeps_the_last_one(stack: Stack) -> None
     await stack.agent.configure([], "")
     await eventually(lambda: stack.proxy.registry.spare(TUNNEL) == 0)
     assert (await stack.client.get(stack.base + "/echo")).status_code == 503
+
+
+async def test_metrics_count_requests_bytes_and_first_bytes() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    stack = await open_stack(metrics_port=port)
+    try:
+        await stack.client.get(stack.base + "/sse?n=3&every=0.01")
+        await stack.client.get(
+            f"http://127.0.0.1:{stack.proxy.port}/t/tun_01jd3k0000000000000000000z/"
+        )
+        text = (await stack.client.get(f"http://127.0.0.1:{port}/metrics")).text
+        assert 'tunnelplane_proxy_requests_total{code_class="2xx",outcome="ok"} 1.0' in text
+        assert (
+            'tunnelplane_proxy_requests_total{code_class="4xx",outcome="NO_SUCH_TUNNEL"} 1.0'
+            in text
+        )
+        assert (
+            'tunnelplane_proxy_bytes_total{direction="out"} 45.0' in text
+        )  # 3 x "data: token i\n\n"
+        assert "tunnelplane_proxy_first_byte_seconds_count 1.0" in text
+        assert "tunnelplane_proxy_active_streams 0.0" in text
+    finally:
+        await close_stack(stack)

@@ -171,3 +171,26 @@ def test_no_module_of_the_product_is_longer_than_max_lines() -> None:
         if (lines := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert not long, f"split these modules: {long}"
+
+
+def _package_imports(package: str) -> set[str]:
+    found: set[str] = set()
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_the_deployables_stay_apart() -> None:
+    """The agent runs on users' machines: it imports nothing of the server, the proxy or
+    the gateway. The proxy borrows only the server's log format. The gateway is generic."""
+
+    def of(package: str, *others: str) -> set[str]:
+        return {m for m in _package_imports(package) if m.split(".")[0] in others}
+
+    assert of("agent", "server", "proxy", "gateway") == set()
+    assert of("proxy", "server", "agent", "gateway") == {"server.logs"}
+    assert of("gateway", "server", "proxy", "agent") == set()
