@@ -211,24 +211,49 @@ class WebProxy:
         request went out whole and the response came back whole)."""
         head = self._head(request, found, strip_credential)
         await exchange.send(Response(head=head))
-        pump = asyncio.create_task(self._pump(request, exchange)) if head.has_body else None
+        prepared: list[bool] = []  # set once the response's head went to the client
+        if not head.has_body:
+            return await self._respond(request, exchange, started, prepared), True
+        pump = asyncio.create_task(self._pump(request, exchange))
+        respond = asyncio.create_task(self._respond(request, exchange, started, prepared))
+        failure: Exception | None = None
         try:
-            response = await self._respond(request, exchange, started)
+            await asyncio.wait({pump, respond}, return_when=asyncio.FIRST_COMPLETED)
+            failed = pump.done() and not pump.cancelled() and pump.exception() is not None
+            if failed and not respond.done():  # too large, or the upload broke off
+                respond.cancel()
+                await asyncio.gather(respond, return_exceptions=True)
+                failure = self._body_failure(request, pump.exception(), prepared)
+            else:
+                response = await respond
         except BaseException:
-            if pump is not None:
-                pump.cancel()
-                await asyncio.gather(pump, return_exceptions=True)
+            for task in (pump, respond):
+                task.cancel()
+            await asyncio.gather(pump, respond, return_exceptions=True)
             raise
-        if pump is not None:
+        if failure is not None:
+            raise failure
+        if not pump.done():
             # The agent may answer before it has read the request's end (aiohttp stops at
             # Content-Length): let the pump finish, briefly. Cancelling a pending write
             # would cancel the exchange.
             await asyncio.wait([pump], timeout=PUMP_GRACE)
             if not pump.done():
                 pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
-        sent = pump is None or (not pump.cancelled() and pump.exception() is None)
+        await asyncio.gather(pump, return_exceptions=True)
+        sent = not pump.cancelled() and pump.exception() is None
         return response, sent and not isinstance(response, web.WebSocketResponse)
+
+    def _body_failure(
+        self, request: web.BaseRequest, cause: BaseException | None, prepared: list[bool]
+    ) -> Exception:
+        """What to raise when the request body failed before the response ended."""
+        if prepared:  # the response started: too late for an answer of our own
+            self._truncate(request, Refusal(502, "BODY_FAILED", "the request body failed"))
+            return _TruncatedError("BODY_FAILED")
+        if isinstance(cause, Refusal):
+            return cause
+        return Refusal(400, "BODY_INCOMPLETE", "the request body did not arrive whole")
 
     async def _pump(self, request: web.BaseRequest, exchange: Exchange) -> None:
         sent, limit = 0, self._settings.max_body_bytes
@@ -261,7 +286,7 @@ class WebProxy:
         return message
 
     async def _respond(
-        self, request: web.BaseRequest, exchange: Exchange, started: float
+        self, request: web.BaseRequest, exchange: Exchange, started: float, prepared: list[bool]
     ) -> web.StreamResponse:
         settings = self._settings
         first_byte_by = started + settings.first_byte_timeout
@@ -271,6 +296,7 @@ class WebProxy:
         if first.head.status == 101:
             if not _wants_websocket(request):
                 raise Refusal(502, "AGENT_PROTOCOL", "an upgrade nobody asked for")
+            prepared.append(True)
             return await websocket.bridge(request, exchange, first.head)
         head = first.head
         response = web.StreamResponse(status=head.status)
@@ -279,6 +305,7 @@ class WebProxy:
         if head.complete and response.content_length is None:
             response.content_length = len(head.body)
         await response.prepare(request)
+        prepared.append(True)
         out, flowing = len(head.body), bool(head.body or head.complete)
         if flowing:
             self._metrics.first_byte.observe(time.monotonic() - started)

@@ -292,3 +292,22 @@ async def test_metrics_count_requests_bytes_and_first_bytes() -> None:
         assert "tunnelplane_proxy_active_streams 0.0" in text
     finally:
         await close_stack(stack)
+
+
+async def test_a_body_over_the_limit_is_413_whether_announced_or_streamed() -> None:
+    stack = await open_stack(WebSettings(max_body_bytes=1000))
+    try:
+        response = await stack.client.post(stack.base + "/upload", content=b"x" * 1001)
+        assert response.status_code == 413
+        assert response.json()["error"]["reason"] == "BODY_TOO_LARGE"
+
+        async def pieces():
+            for _ in range(4):
+                yield b"y" * 400
+
+        response = await stack.client.post(stack.base + "/upload", content=pieces())
+        assert response.status_code == 413
+        response = await stack.client.post(stack.base + "/upload", content=b"z" * 1000)
+        assert response.json()["size"] == 1000
+    finally:
+        await close_stack(stack)
