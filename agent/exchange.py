@@ -26,6 +26,7 @@ from tunnelplane.v1 import proxy_link_pb2, proxy_link_pb2_grpc
 
 from agent import websocket
 from agent.backoff import Backoff, BackoffPolicy
+from agent.counters import Counters
 
 log = logging.getLogger("tunnelplane.agent.exchange")
 
@@ -75,11 +76,27 @@ def local_base(target_url: str) -> str | None:
     return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
 
 
-class ReversePath:
-    """The links to every proxy for one tunnel; reconfigured by each desired state."""
+@dataclass
+class _Tally:
+    """One request as the agent's reports count it (like one connection of a TCP tunnel)."""
 
-    def __init__(self, settings: LinkSettings) -> None:
+    started: float
+    head_seconds: float | None = None  # until the local service's response head
+    ok: bool = False  # answered below 500, and carried whole
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class ReversePath:
+    """The links to every proxy for one tunnel; reconfigured by each desired state.
+
+    Each request carried counts in ``counters`` as one connection of a TCP tunnel does:
+    opened when it starts, its latency the time to the local service's response head,
+    its bytes both ways, its outcome when it ends (once, whatever its length)."""
+
+    def __init__(self, settings: LinkSettings, counters: Counters | None = None) -> None:
         self._settings = settings
+        self._counters = Counters() if counters is None else counters
         self._links: dict[str, _Link] = {}
         self._base: str | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -124,7 +141,23 @@ class ReversePath:
     async def _carry(
         self, call: Call, head: proxy_link_pb2.HttpHead, body_ended: Callable[[], None]
     ) -> bool:
-        """Carry one request; whether the exchange is whole and may take the next one."""
+        """Carry one request, counted; whether the exchange may take the next one."""
+        tally = _Tally(started=asyncio.get_running_loop().time())
+        self._counters.opened()
+        try:
+            return await self._carry_request(call, head, body_ended, tally)
+        finally:
+            self._counters.bytes_in += tally.bytes_in
+            self._counters.bytes_out += tally.bytes_out
+            self._counters.closed(ok=tally.ok, connect_seconds=tally.head_seconds)
+
+    async def _carry_request(
+        self,
+        call: Call,
+        head: proxy_link_pb2.HttpHead,
+        body_ended: Callable[[], None],
+        tally: _Tally,
+    ) -> bool:
         base, session = self._base, self._session
         if base is None or session is None:
             await _fail(call, Failure.CAUSE_UNAVAILABLE, "not carrying HTTP for this tunnel")
@@ -136,6 +169,7 @@ class ReversePath:
         if head.websocket:
             try:
                 await websocket.carry(call, session, websocket.ws_url(base, head.target), headers)
+                tally.ok = True
             except aiohttp.ClientConnectorError as exc:
                 await _fail(call, Failure.CAUSE_REFUSED, type(exc).__name__)
             return False
@@ -143,7 +177,7 @@ class ReversePath:
         body: AsyncIterator[bytes] | None = None
         if head.has_body:
             pieces: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=1)
-            reader = asyncio.create_task(_read_request(call, pieces, body_ended))
+            reader = asyncio.create_task(_read_request(call, pieces, body_ended, tally))
             body = _body(pieces)
         else:
             body_ended()
@@ -156,7 +190,9 @@ class ReversePath:
                 allow_redirects=False,
                 compress=None,
             ) as response:
-                await _send_response(call, response)
+                tally.head_seconds = asyncio.get_running_loop().time() - tally.started
+                await _send_response(call, response, tally)
+                tally.ok = response.status < 500
             if reader is not None:  # aiohttp stops at Content-Length: the end may be due
                 await reader
         except aiohttp.ClientConnectorError as exc:
@@ -171,7 +207,7 @@ class ReversePath:
         return True
 
 
-async def _send_response(call: Call, response: aiohttp.ClientResponse) -> None:
+async def _send_response(call: Call, response: aiohttp.ClientResponse, tally: _Tally) -> None:
     """The local service's response to the proxy: one message when it is small and whole,
     else the head at once and each piece of the body as it comes."""
     reply = _response_head(response)
@@ -179,12 +215,14 @@ async def _send_response(call: Call, response: aiohttp.ClientResponse) -> None:
     if reply.has_body and length is not None and length <= INLINE:
         reply.body = await response.read()
         reply.complete = True
+        tally.bytes_out += len(reply.body)
     elif not reply.has_body:
         reply.complete = True
     await call.write(Request(head=reply))
     if reply.complete:
         return
     async for chunk in response.content.iter_any():
+        tally.bytes_out += len(chunk)
         for offset in range(0, len(chunk), PIECE):
             await call.write(Request(data=chunk[offset : offset + PIECE]))
     await call.write(Request(end=proxy_link_pb2.HttpEnd()))
@@ -198,7 +236,10 @@ def _response_head(response: aiohttp.ClientResponse) -> proxy_link_pb2.HttpHead:
 
 
 async def _read_request(
-    call: Call, pieces: asyncio.Queue[bytes | BaseException | None], ended: Callable[[], None]
+    call: Call,
+    pieces: asyncio.Queue[bytes | BaseException | None],
+    ended: Callable[[], None],
+    tally: _Tally,
 ) -> None:
     """The one reader of a request's body: its pieces into ``pieces`` (one at a time, so
     the exchange's window holds the rest back), None at its end, or the error."""
@@ -208,6 +249,7 @@ async def _read_request(
                 await pieces.put(None)
                 ended()
                 return
+            tally.bytes_in += len(message.data)
             await pieces.put(message.data)
         failure: BaseException = ConnectionResetError("the proxy ended the request early")
     except grpc.aio.AioRpcError as exc:

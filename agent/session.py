@@ -130,7 +130,8 @@ class Session:
                     key=settings.key,
                     tls=settings.link_root_certificates is not None,
                     root_certificates=settings.link_root_certificates,
-                )
+                ),
+                self._counters,
             ),
         )
         self._book = ReportBook()

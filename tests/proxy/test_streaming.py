@@ -311,3 +311,21 @@ async def test_a_body_over_the_limit_is_413_whether_announced_or_streamed() -> N
         assert response.json()["size"] == 1000
     finally:
         await close_stack(stack)
+
+
+async def test_each_request_counts_once_in_the_agents_reports(stack: Stack) -> None:
+    """A proxied request counts as a TCP tunnel's connection does: once, when it ends,
+    with its bytes both ways and its latency to the response head; a 502 is an error."""
+    counters = stack.agent._counters
+    counters.take()
+    await stack.client.post(stack.base + "/echo", content=b"12345")
+    await stack.client.get(stack.base + "/sse?n=3&every=0.01")
+    await stack.client.get(stack.base + "/reset")
+    await eventually(lambda: counters.active == 0)  # the agent ends its side just after
+    snapshot = counters.take()
+    assert snapshot.connections == 3
+    assert (snapshot.successes, snapshot.errors) == (2, 1)
+    assert snapshot.bytes_in == 5
+    assert snapshot.bytes_out > 45  # the echo's JSON and the three events
+    assert sum(snapshot.latency_buckets) == 2  # the reset one never got a head
+    assert snapshot.active == 0
