@@ -101,11 +101,6 @@ class ReversePath:
         self._base: str | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    @property
-    def proxies(self) -> list[str]:
-        """The proxies linked to now."""
-        return sorted(self._links)
-
     def spare(self, proxy: str) -> int:
         """Exchanges open and waiting at ``proxy``."""
         link = self._links.get(proxy)

@@ -20,8 +20,9 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from server.domain.common.addresses import Network
 from server.domain.common.errors import DomainError, Internal, InvalidArgument
-from server.domain.limits.rules import Network, in_networks
+from server.domain.limits.rules import in_networks
 from server.interceptors.status import to_status
 from server.pipeline import Call, Handler, MethodInfo
 

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 from google.protobuf.message import Message
 
-from server.domain.limits.rules import Network, client_address
+from server.domain.common.addresses import Network
+from server.domain.limits.rules import client_address
 from server.logs import request_id_var, trace_id_var
 from server.pipeline import Call, Handler, MethodInfo
 

@@ -26,13 +26,13 @@ from google.protobuf.message import Message
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 
+from server.domain.common.addresses import Network
 from server.domain.common.clock import Clock
 from server.domain.common.errors import QuotaViolation, ResourceExhausted, Unavailable
 from server.domain.identity.model import CredentialKind, Principal, Role, Tier, TierLimits
 from server.domain.limits.model import BlockPolicy, Bucket, Check, Decision, Enforcement, Outcome
 from server.domain.limits.ports import Limiter
 from server.domain.limits.rules import (
-    Network,
     in_networks,
     month_bounds,
     month_tag,

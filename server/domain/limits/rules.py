@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
 
+from server.domain.common.addresses import Network
 from server.domain.limits.model import Bucket, Decision, GcraResult, Key, MonthlyRequests
 
 # --- GCRA ------------------------------------------------------------------------------
@@ -86,8 +87,6 @@ def rate_headers(decision: Decision, bucket: Bucket) -> list[tuple[str, str]]:
 
 
 # --- callers' addresses ----------------------------------------------------------------
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def client_address(peer: str, forwarded_for: str, trusted: Sequence[Network]) -> str:
