@@ -1,11 +1,23 @@
-"""What proxies' use cases need besides the unit of work (whose tunnel repository they
-read): a user's share of a tunnel, as the tunnels' sharing rules count it."""
+"""What proxies' use cases need besides the unit of work: a user's share of a tunnel, as
+the tunnels' sharing rules count it; where proxy resources are stored; and a provisioner
+that runs their instances (local child processes, or a Kubernetes Deployment)."""
 
 from __future__ import annotations
 
+import builtins
+from collections.abc import Sequence
+from datetime import date
 from typing import Protocol
 
+from server.domain.common.listing import ListQuery
 from server.domain.identity.model import ShareRole
+from server.domain.proxies.model import (
+    ConfigRevision,
+    Instance,
+    Pool,
+    Proxy,
+    ScalingEvent,
+)
 
 
 class ShareLookup(Protocol):
@@ -14,4 +26,70 @@ class ShareLookup(Protocol):
     async def share_role(self, resource: str, user_id: str) -> ShareRole:
         """The share role of ``user_id`` on the tunnel ``resource`` names, as it counts now:
         NONE without a share, or once it (or a share it was granted through) has ended."""
+        ...
+
+
+class ProxyRepository(Protocol):
+    """Proxies with their config history and scaling events."""
+
+    async def get(self, proxy_id: str, *, lock: bool = False) -> Proxy | None: ...
+    async def find_by_request(self, user_id: str, request_id: str) -> Proxy | None: ...
+    async def lock_owner(self, user_id: str) -> None: ...
+    async def count_active(self, user_id: str) -> int: ...
+    async def add(self, proxy: Proxy) -> None: ...
+    async def save(self, proxy: Proxy, expected_version: int) -> Proxy: ...
+    async def list(self, user_id: str, query: ListQuery) -> builtins.list[Proxy]: ...
+    async def active(self) -> builtins.list[Proxy]: ...
+    async def add_revision(self, revision: ConfigRevision) -> None: ...
+    async def revision(self, proxy_id: str, version: int) -> ConfigRevision | None: ...
+    async def revisions(self, proxy_id: str, query: ListQuery) -> builtins.list[ConfigRevision]: ...
+    async def add_scaling_event(self, event: ScalingEvent) -> None: ...
+    async def scaling_events(
+        self, proxy_id: str, query: ListQuery
+    ) -> builtins.list[ScalingEvent]: ...
+    async def last_scaling(
+        self, proxy_id: str, applied_only: bool = True
+    ) -> ScalingEvent | None: ...
+    async def add_usage(
+        self,
+        user_id: str,
+        day: date,
+        requests: int,
+        bytes_in: int,
+        bytes_out: int,
+        stream_seconds: float,
+    ) -> None: ...
+    async def usage(
+        self, user_id: str, first: date, last: date
+    ) -> builtins.list[tuple[date, int, int, int, float]]: ...
+
+
+class Provisioner(Protocol):
+    """Runs proxies' instances somewhere: declarative, idempotent calls."""
+
+    #: "local" or "kubernetes", as reported in diagnostics.
+    kind: str
+
+    async def apply(self, pool: Pool, admin_token: str) -> Sequence[Instance]:
+        """Run ``pool.replicas`` instances of the proxy with its config (starting or
+        stopping some as needed, pushing nothing live: the caller does that through each
+        instance's admin URL); the instances placed now, some perhaps still starting.
+        ``admin_token`` is what the instances require on their admin URL."""
+        ...
+
+    async def restart(self, proxy_id: str, instance_id: str) -> Instance | None:
+        """Replace one instance (a new one takes its place); None if there is no such
+        instance."""
+        ...
+
+    async def remove(self, proxy_id: str) -> None:
+        """Stop every instance of the proxy; nothing to do if there is none."""
+        ...
+
+    async def instances(self, proxy_id: str) -> Sequence[Instance]:
+        """The instances placed for the proxy now."""
+        ...
+
+    async def close(self) -> None:
+        """Let go of what the provisioner holds (local: stop every child)."""
         ...
