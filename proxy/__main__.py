@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -40,6 +41,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--link-port", type=int, default=int(_env("LINK_PORT", "8091")),
                    help="port agents link to")  # fmt: skip
     p.add_argument("--metrics-port", type=int, default=int(_env("METRICS_PORT", "0")))
+    p.add_argument("--admin-port", type=int, default=int(_env("ADMIN_PORT", "0")),
+                   help="admin port (0: a free one); runs with TP_PROXY_ADMIN_TOKEN")  # fmt: skip
+    p.add_argument("--owner", default=_env("OWNER", ""),
+                   help="serve only this user's tunnels (a user id)")  # fmt: skip
     p.add_argument("--public-domain", default=os.environ.get("TP_PUBLIC_DOMAIN", "localhost"))
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain of the public side")
     p.add_argument("--tls-key", type=Path, help="PEM private key of the public side")
@@ -67,6 +72,12 @@ def settings_from(args: argparse.Namespace) -> ProxySettings:
     if args.first_byte_timeout <= 0 or args.idle_timeout <= 0 or args.max_body_bytes <= 0:
         raise ValueError("timeouts and --max-body-bytes must be positive")
     roots = args.control_plane_ca.read_bytes() if args.control_plane_ca else None
+    token = _env("ADMIN_TOKEN", "")
+    if token and len(token) < 16:
+        raise ValueError("TP_PROXY_ADMIN_TOKEN must be 16 characters or more")
+    config = json.loads(_env("CONFIG", "null"))
+    if config is not None and not isinstance(config, dict):
+        raise ValueError("TP_PROXY_CONFIG must be a JSON object")
     return ProxySettings(
         control_plane=args.control_plane,
         host=args.host,
@@ -84,7 +95,12 @@ def settings_from(args: argparse.Namespace) -> ProxySettings:
             first_byte_timeout=args.first_byte_timeout,
             idle_timeout=args.idle_timeout,
             max_body_bytes=args.max_body_bytes,
+            owner=args.owner,
         ),
+        admin_port=args.admin_port,
+        admin_token=token,
+        config=config,
+        config_version=int(_env("CONFIG_VERSION", "0")),
     )
 
 
@@ -101,7 +117,8 @@ async def serve(settings: ProxySettings) -> int:
         log.error("cannot listen", extra={"error": str(exc)})  # noqa: TRY400 - no traceback
         await app.stop(0)
         return 1
-    print(f"proxy ready port={app.port} link_port={app.link_port}", flush=True)
+    ports = f"port={app.port} link_port={app.link_port} admin_port={app.admin_port}"
+    print(f"proxy ready {ports}", flush=True)
     watchdog = asyncio.create_task(_orphaned(int(_env("PARENT_PID", "0")), stopping))
     await stopping.wait()
     watchdog.cancel()

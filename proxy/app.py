@@ -8,13 +8,14 @@ import logging
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import grpc
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from tunnelplane.v1 import proxy_link_pb2_grpc
 
+from proxy.admin import AdminApi, Recent, configured
 from proxy.control import ControlPlane
 from proxy.links import LinkService, Registry
 from proxy.metrics import ProxyMetrics
@@ -51,6 +52,13 @@ class ProxySettings:
     control_plane_roots: bytes | None = field(default=None, repr=False)
     control_plane_tls: bool = False
     web: WebSettings = field(default_factory=WebSettings)
+    #: The admin side (health, live config, diagnostics) for the control plane: it runs
+    #: when there is a token, on this port (0: a free one).
+    admin_port: int = 0
+    admin_token: str = field(default="", repr=False)
+    #: A proxy's config as the control plane gave it at start, and its revision.
+    config: dict[str, Any] | None = None
+    config_version: int = 0
 
 
 class ProxyApp:
@@ -63,13 +71,26 @@ class ProxyApp:
         self.metrics = ProxyMetrics(self.prometheus)
         self._channel = self._control_channel()
         self.control = ControlPlane(self._channel)
-        self.web = WebProxy(settings.web, self.registry, self.control, self.metrics)
+        web_settings = settings.web
+        if settings.config is not None:
+            web_settings = configured(web_settings, settings.config)
+        self.web = WebProxy(web_settings, self.registry, self.control, self.metrics)
+        self.recent = Recent()
+        self.admin = AdminApi(
+            settings.admin_token,
+            self.web,
+            self.registry,
+            self.prometheus,
+            self.recent,
+            settings.config or {},
+            settings.config_version,
+        )
         self._links = grpc.aio.server(options=LINK_OPTIONS)
         proxy_link_pb2_grpc.add_ProxyLinkServiceServicer_to_server(
             LinkService(self.registry, self.control), self._links
         )
         self._runners: list[web.BaseRunner] = []
-        self.port = self.link_port = self.metrics_port = 0
+        self.port = self.link_port = self.metrics_port = self.admin_port = 0
 
     def _control_channel(self) -> grpc.aio.Channel:
         target = self.settings.control_plane
@@ -111,10 +132,17 @@ class ProxyApp:
             self.metrics_port = await self._serve(
                 web.ServerRunner(metrics, shutdown_timeout=1.0), s.host, s.metrics_port, None
             )
+        if s.admin_token:
+            logging.getLogger().addHandler(self.recent)
+            admin = web.Server(self.admin.handle, access_log=None)
+            self.admin_port = await self._serve(
+                web.ServerRunner(admin, shutdown_timeout=1.0), s.link_host, s.admin_port, None
+            )
         log.info(
             "proxy listening",
             extra={"port": self.port, "link_port": self.link_port,
-                   "metrics_port": self.metrics_port, "domain": s.web.public_domain},
+                   "metrics_port": self.metrics_port, "admin_port": self.admin_port,
+                   "domain": s.web.public_domain},
         )  # fmt: skip
 
     async def _serve(
@@ -135,6 +163,7 @@ class ProxyApp:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking requests, let those in flight end within ``grace``, close."""
+        logging.getLogger().removeHandler(self.recent)
         for runner in self._runners:
             await runner.cleanup()
         await self._links.stop(grace)

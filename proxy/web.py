@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from tunnelplane.v1 import proxies_pb2, proxy_link_pb2
 
 from proxy import fields, replies, websocket
 from proxy.control import ControlPlane, RefusedError, UnreachableError
+from proxy.encoding import Gzip, gzip_for
+from proxy.limits import Admission
 from proxy.links import Exchange, Registry
 from proxy.metrics import ProxyMetrics
 from proxy.replies import Refusal
@@ -72,6 +75,15 @@ class WebSettings:
     max_body_bytes: int = 1 << 30
     #: How long a request waits for an exchange when every one of the agent's is busy.
     claim_wait: float = 10.0
+    #: Serve only this user's tunnels ("": anyone's, as the shared embedded proxy does).
+    owner: str = ""
+    #: Requests carried at once (0: no limit); more get 503.
+    max_connections: int = 0
+    #: Requests a second with a burst above it (0: no limit); more get 429.
+    rate_limit_rps: float = 0.0
+    rate_limit_burst: int = 0
+    #: gzip level of compressible responses (0: off).
+    gzip_level: int = 0
 
 
 def _wants_websocket(request: web.BaseRequest) -> bool:
@@ -92,10 +104,32 @@ class WebProxy:
         control: ControlPlane,
         metrics: ProxyMetrics,
     ) -> None:
-        self._settings = settings
         self._registry = registry
         self._control = control
         self._metrics = metrics
+        self._admission = Admission(0, 0, 0)
+        self.configure(settings)
+        #: When the last request for a tunnel arrived (wall clock; 0: none yet).
+        self.last_request = 0.0
+
+    @property
+    def active(self) -> int:
+        """Requests being carried now."""
+        return self._admission.active
+
+    @property
+    def settings(self) -> WebSettings:
+        """The settings in effect."""
+        return self._settings
+
+    def configure(self, settings: WebSettings) -> None:
+        """Use ``settings`` from the next request on (a config pushed live)."""
+        active = self._admission.active
+        self._settings = settings
+        self._admission = Admission(
+            settings.max_connections, settings.rate_limit_rps, settings.rate_limit_burst
+        )
+        self._admission.active = active
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Carry ``request`` to its tunnel's local service, or answer why not."""
@@ -103,6 +137,14 @@ class WebProxy:
         found = route(request.host, request.raw_path, self._settings.public_domain)
         if found is None:
             return self._own(request)
+        self.last_request = time.time()
+        admission = self._admission
+        if (limited := admission.refusal()) is not None:
+            status, reason, wait = limited
+            self._metrics.finished(status, reason, started, time.monotonic())
+            message = "too many requests" if status == 429 else "too many requests at once"
+            after = str(max(1, math.ceil(wait)))
+            return replies.reply(Refusal(status, reason, message, Retry_After=after))
         self._metrics.active.inc()
         status, outcome = 0, "ok"
         try:
@@ -120,6 +162,7 @@ class WebProxy:
             status = response.status
             return response
         finally:
+            admission.done()
             self._metrics.active.dec()
             self._metrics.finished(status, outcome, started, time.monotonic())
 
@@ -147,6 +190,9 @@ class WebProxy:
             raise Refusal(403, "FORBIDDEN", "this client may not use this tunnel") from exc
         if not access.allowed:
             raise _REFUSALS.get(access.refusal, replies.NOT_ROUTED)
+        owner = self._settings.owner
+        if owner and not access.tunnel.startswith(f"users/{owner}/"):
+            raise replies.NOT_ROUTED  # another user's proxy: their tunnels are not here
         return access.tunnel, bool(credential)
 
     async def _forward(
@@ -299,17 +345,13 @@ class WebProxy:
             prepared.append(True)
             return await websocket.bridge(request, exchange, first.head)
         head = first.head
-        response = web.StreamResponse(status=head.status)
-        for name, value in fields.end_to_end(fields.from_proto(head.headers)):
-            response.headers.add(name, value)
-        if head.complete and response.content_length is None:
-            response.content_length = len(head.body)
+        response, gzip = self._response(request, head)
         await response.prepare(request)
         prepared.append(True)
         out, flowing = len(head.body), bool(head.body or head.complete)
         if flowing:
             self._metrics.first_byte.observe(time.monotonic() - started)
-            await response.write(head.body)
+            await response.write(gzip.piece(head.body) if gzip else head.body)
         while not head.complete:
             try:
                 if flowing:
@@ -326,10 +368,26 @@ class WebProxy:
                 flowing = True
                 self._metrics.first_byte.observe(time.monotonic() - started)
             out += len(message.data)
-            await response.write(message.data)
+            await response.write(gzip.piece(message.data) if gzip else message.data)
         self._metrics.bytes.labels("out").inc(out)
-        await response.write_eof()
+        await response.write_eof(gzip.finish() if gzip else b"")
         return response
+
+    def _response(
+        self, request: web.BaseRequest, head: proxy_link_pb2.HttpHead
+    ) -> tuple[web.StreamResponse, Gzip | None]:
+        """The response to ``head``, gzipped when the config and the client allow it."""
+        response = web.StreamResponse(status=head.status)
+        for name, value in fields.end_to_end(fields.from_proto(head.headers)):
+            response.headers.add(name, value)
+        gzip = gzip_for(self._settings.gzip_level, request.headers, response.headers)
+        if gzip is not None:
+            response.headers.popall("Content-Length", None)
+            response.headers["Content-Encoding"] = "gzip"
+            response.headers.add("Vary", "Accept-Encoding")
+        elif head.complete and response.content_length is None:
+            response.content_length = len(head.body)
+        return response, gzip
 
     def _truncate(self, request: web.BaseRequest, refusal: Refusal) -> None:
         log.info("response cut short", extra={"reason": refusal.reason})

@@ -65,7 +65,7 @@ class App:
             self.infra, {REPLAY: self.webhooks.webhooks.replay_step}, operation_started
         )
         self.health = health.build(self.infra, self.limits, [s.full_name for s in SERVICES])
-        self.proxies = proxies.build(settings, lambda: self.grpc_port)
+        self.proxies = proxies.build(self.infra, self.events, self.tunnels, lambda: self.grpc_port)
         self._stopping = asyncio.Event()
         self.api = api.build(
             self.infra,
@@ -77,6 +77,7 @@ class App:
                 self.webhooks,
                 self.operations,
                 self.health,
+                self.proxies,
             ),
             self._stopping.is_set,
         )

@@ -22,6 +22,7 @@ from server.settings_env import (
     LogFormat,
     Mode,
     OtelExporter,
+    Provisioner,
     SettingsError,
     env_name,
     networks,
@@ -274,6 +275,16 @@ class Settings:
             "Comma-separated host:port link addresses of other streaming proxies that agents "
             "link to"
         ),
+    )
+    proxy_provisioner: Provisioner = field(
+        default="local",
+        metadata=_doc(
+            "Where users' own proxies (StartProxy) run: local child processes of this server "
+            "(one server process only), or off"
+        ),
+    )
+    max_proxies_per_user: int = field(
+        default=3, metadata=_doc("Proxies a user may have running at once (StartProxy)")
     )
     public_domain: str = field(
         default="localhost",

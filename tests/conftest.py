@@ -122,6 +122,7 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
         "rate_exempt_ips": "127.0.0.0/8,::1",
         "health_interval": 0.2,
         "proxy_port": 0,  # no embedded proxy child: the proxy tests start their own
+        "proxy_provisioner": "off",  # no fleet loop: the fleet tests turn it on
         # Keys in this run's namespace, never the default one (the run deletes them).
         "redis_prefix": redis_prefix(),
         **FAST_HASHING,

@@ -62,6 +62,8 @@ class StreamParts:
     metrics: AgentMetrics
     #: Set when the server is going away: every stream says so and ends.
     going_away: asyncio.Event
+    #: Where an owner's agents link to the owner's own proxies (ProxyService.StartProxy).
+    owner_links: Callable[[str], Awaitable[tuple[str, ...]]]
 
 
 def go_away_message(reconnect_within: float) -> A.ConnectResponse:
@@ -85,6 +87,7 @@ class AgentStream:
         self._lock = asyncio.Lock()
         self._version = -1
         self._sent: A.DesiredState | None = None
+        self._links: tuple[str, ...] = ()
 
     async def send(self, message: A.ConnectResponse) -> None:
         """Send one message (the two halves must not write at once)."""
@@ -107,6 +110,7 @@ class AgentStream:
         )
         subscription = self._parts.tunnels.bus.subscribe(self._tunnel.user_id)
         try:
+            self._links = await self._parts.owner_links(self._tunnel.user_id)
             await self.desired(self._tunnel)
             watching = asyncio.create_task(self._watch(subscription))
             try:
@@ -127,9 +131,9 @@ class AgentStream:
         await self._parts.going_away.wait()
         return None
 
-    async def desired(self, tunnel: Tunnel) -> None:
+    async def desired(self, tunnel: Tunnel, *, links_changed: bool = False) -> None:
         """Tell the agent what the tunnel should do, if that changed."""
-        if tunnel.version == self._version:
+        if tunnel.version == self._version and not links_changed:
             return
         self._version = tunnel.version
         self._tunnel = tunnel
@@ -153,7 +157,9 @@ class AgentStream:
             "listen_address": self._parts.tunnels.listen_address(tunnel),
             "target": target,
             "config": config,
-            "proxy_links": self._parts.agents.settings.proxy_links,
+            "proxy_links": tuple(
+                dict.fromkeys(self._parts.agents.settings.proxy_links + self._links)
+            ),
             "target_url": tunnel.active_endpoint,
         }
         if not carrying(tunnel):
@@ -222,7 +228,11 @@ class AgentStream:
         await self.send(A.ConnectResponse(ack=ack))
 
     async def _watch(self, subscription: object) -> None:
+        proxies = f"users/{self._tunnel.user_id}/proxies/"
         async for event in subscription:  # type: ignore[attr-defined]
+            if isinstance(event, Event) and event.subject.startswith(proxies):
+                await self._relink()
+                continue
             if not isinstance(event, Event) or event.subject != self._tunnel.name:
                 continue
             if event.type == "tunnel.deleted":
@@ -234,6 +244,13 @@ class AgentStream:
             except DomainError:
                 continue
             await self.desired(fresh)
+
+    async def _relink(self) -> None:
+        """The owner's proxies changed: tell the agent where to link if that moved."""
+        links = await self._parts.owner_links(self._tunnel.user_id)
+        if links != self._links:
+            self._links = links
+            await self.desired(self._tunnel, links_changed=True)
 
 
 def _report(message: A.AgentReport, agent_id: str, now: datetime) -> Report:

@@ -32,11 +32,12 @@ class AgentApi:
         stopping: Callable[[], bool],
         recheck: Callable[[Call], Awaitable[object]],
         metrics: AgentMetrics,
+        owner_links: Callable[[str], Awaitable[tuple[str, ...]]],
     ) -> None:
         self.agents = agents
         self.tunnels = tunnels
         self._stopping = stopping
-        self._parts = StreamParts(agents, tunnels, recheck, metrics, asyncio.Event())
+        self._parts = StreamParts(agents, tunnels, recheck, metrics, asyncio.Event(), owner_links)
 
     def go_away(self) -> None:
         """This server is stopping: every agent stream tells its agent to reconnect (to

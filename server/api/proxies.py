@@ -6,8 +6,14 @@ from collections.abc import Mapping
 
 from tunnelplane.v1 import proxies_pb2
 
+from server.api import convert
+from server.api import proxy_convert as pc
 from server.api.tunnel_convert import duration
-from server.domain.proxies.model import AccessDecision, Refusal
+from server.domain.common.errors import InvalidArgument
+from server.domain.common.ids import is_id
+from server.domain.common.names import user_id_of
+from server.domain.proxies.fleet import UPDATABLE_PATHS, ProxyFleet
+from server.domain.proxies.model import AccessDecision, Proxy, Refusal
 from server.domain.proxies.service import ProxyAccess
 from server.pipeline import Call
 
@@ -32,11 +38,46 @@ def decision(d: AccessDecision) -> X.TunnelAccessDecision:
     )
 
 
+def _wire(path: str) -> str:
+    """The API's name of an updatable path."""
+    for domain, wire in pc.POLICY_WIRE.items():
+        if path == f"config.scaling.{domain}":
+            return f"config.scaling.{wire}"
+    return path
+
+
+#: The mask paths a request may name, to the config's paths they change.
+WIRE_PATHS = {_wire(p): p for p in UPDATABLE_PATHS} | {"config.never_idle_stop": "config.idle_stop"}
+
+
+def caller(call: Call) -> str:
+    """The caller's user id (the policy made sure there is one)."""
+    assert call.principal is not None
+    return call.principal.user_id
+
+
+def actor(call: Call) -> str:
+    """The caller as an event's actor."""
+    return f"users/{caller(call)}"
+
+
+def proxy_parts(name: str, field: str, call: Call) -> tuple[str, str]:
+    """(owner id, proxy id) of ``users/{user}/proxies/{proxy}``."""
+    parts = name.split("/")
+    if len(parts) != 4 or parts[2] != "proxies":
+        raise InvalidArgument.single(field, "must look like users/{user}/proxies/{proxy}")
+    owner = user_id_of("/".join(parts[:2]), field, caller(call))
+    if not is_id(parts[3], "prx"):
+        raise InvalidArgument.single(field, "is not a valid proxy id")
+    return owner, parts[3]
+
+
 class ProxyApi:
     """Serves ``tunnelplane.v1.ProxyService``."""
 
-    def __init__(self, access: ProxyAccess) -> None:
+    def __init__(self, access: ProxyAccess, fleet: ProxyFleet) -> None:
         self._access = access
+        self._fleet = fleet
 
     async def CheckTunnelAccess(
         self, request: X.CheckTunnelAccessRequest, call: Call
@@ -51,3 +92,108 @@ class ProxyApi:
         assert call.principal is not None  # the policy needs an agent key
         grant = await self._access.authorize_link(call.principal, request.tunnel)
         return X.AgentLinkGrant(tunnel=grant.tunnel, cache_for=duration(grant.cache_for))
+
+    # -- proxies ---------------------------------------------------------------------------
+
+    async def StartProxy(self, request: X.StartProxyRequest, call: Call) -> X.Proxy:
+        owner = user_id_of(request.parent, "parent", caller(call))
+        started = await self._fleet.start(
+            owner,
+            pc.draft(request.proxy),
+            request_id=request.request_id,
+            actor=actor(call),
+            trail=call.audit,
+        )
+        return pc.proxy(started)
+
+    async def GetProxy(self, request: X.GetProxyRequest, call: Call) -> X.Proxy:
+        return pc.proxy(await self._load(request.name, "name", call))
+
+    async def ListProxies(self, request: X.ListProxiesRequest, call: Call) -> X.ListProxiesResponse:
+        owner = user_id_of(request.parent, "parent", caller(call))
+        page = await self._fleet.list(
+            owner,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            filter=request.filter,
+            order_by=request.order_by,
+        )
+        return X.ListProxiesResponse(
+            proxies=[pc.proxy(p) for p in page.items], next_page_token=page.next_page_token
+        )
+
+    async def StopProxy(self, request: X.StopProxyRequest, call: Call) -> X.Proxy:
+        owner, proxy_id = proxy_parts(request.name, "name", call)
+        stopped = await self._fleet.stop(owner, proxy_id, actor=actor(call), trail=call.audit)
+        return pc.proxy(stopped)
+
+    async def UpdateProxy(self, request: X.UpdateProxyRequest, call: Call) -> X.Proxy:
+        owner, proxy_id = proxy_parts(request.proxy.name, "proxy.name", call)
+        wire = convert.mask_paths(request.update_mask, request.proxy, frozenset(WIRE_PATHS))
+        paths = tuple(WIRE_PATHS.get(p, p) for p in wire)
+        updated = await self._fleet.update(
+            owner,
+            proxy_id,
+            pc.draft(request.proxy),
+            paths,
+            etag=request.proxy.etag,
+            actor=actor(call),
+            trail=call.audit,
+        )
+        return pc.proxy(updated)
+
+    async def ListProxyConfigRevisions(
+        self, request: X.ListProxyConfigRevisionsRequest, call: Call
+    ) -> X.ListProxyConfigRevisionsResponse:
+        owner, proxy_id = proxy_parts(request.parent, "parent", call)
+        page = await self._fleet.revisions(
+            owner, proxy_id, page_size=request.page_size, page_token=request.page_token
+        )
+        name = f"users/{owner}/proxies/{proxy_id}"
+        return X.ListProxyConfigRevisionsResponse(
+            revisions=[pc.revision(r, name) for r in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def RollbackProxyConfig(
+        self, request: X.RollbackProxyConfigRequest, call: Call
+    ) -> X.Proxy:
+        owner, proxy_id = proxy_parts(request.name, "name", call)
+        rolled = await self._fleet.rollback(
+            owner,
+            proxy_id,
+            request.version,
+            etag=request.etag,
+            actor=actor(call),
+            trail=call.audit,
+        )
+        return pc.proxy(rolled)
+
+    async def ScaleProxy(self, request: X.ScaleProxyRequest, call: Call) -> X.Proxy:
+        owner, proxy_id = proxy_parts(request.name, "name", call)
+        scaled = await self._fleet.scale(
+            owner,
+            proxy_id,
+            request.instances,
+            validate_only=request.validate_only,
+            actor=actor(call),
+            trail=call.audit,
+        )
+        return pc.proxy(scaled)
+
+    async def ListProxyScalingEvents(
+        self, request: X.ListProxyScalingEventsRequest, call: Call
+    ) -> X.ListProxyScalingEventsResponse:
+        owner, proxy_id = proxy_parts(request.parent, "parent", call)
+        page = await self._fleet.scaling_events(
+            owner, proxy_id, page_size=request.page_size, page_token=request.page_token
+        )
+        name = f"users/{owner}/proxies/{proxy_id}"
+        return X.ListProxyScalingEventsResponse(
+            events=[pc.scaling_event(e, name) for e in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def _load(self, name: str, field: str, call: Call) -> Proxy:
+        owner, proxy_id = proxy_parts(name, field, call)
+        return await self._fleet.get(owner, proxy_id)

@@ -39,9 +39,9 @@ from server.compose.identity import IdentityArea
 from server.compose.infrastructure import Infrastructure
 from server.compose.limits import LimitsArea
 from server.compose.operations import OperationsArea
+from server.compose.proxies import ProxiesArea
 from server.compose.tunnels import TunnelsArea
 from server.compose.webhooks import WebhooksArea
-from server.domain.proxies.service import ProxyAccess
 from server.interceptors.audit import AuditStage
 from server.interceptors.auth import AuthenticateStage, AuthorizeStage
 from server.interceptors.context import RequestContextStage
@@ -84,6 +84,7 @@ class Areas:
     webhooks: WebhooksArea
     operations: OperationsArea
     health: HealthArea
+    proxies: ProxiesArea
 
 
 @dataclass
@@ -112,6 +113,7 @@ def build(infra: Infrastructure, areas: Areas, stopping: Callable[[], bool]) -> 
         stopping,
         areas.identity.credentials.recheck,
         AgentMetrics(infra.registry),
+        areas.proxies.fleet.links,
     )
     stream_limits = StreamLimitStage(areas.identity.tiers, infra.registry)
     pipeline = Pipeline(_stages(infra, areas, stream_limits))
@@ -141,7 +143,7 @@ def _servicers(infra: Infrastructure, areas: Areas, agents: AgentApi) -> dict[st
         "tunnelplane.v1.EventService": EventApi(areas.events.log),
         "tunnelplane.v1.WebhookService": WebhookApi(areas.webhooks.webhooks),
         "tunnelplane.v1.OperationService": OperationApi(areas.operations.operations, clock),
-        "tunnelplane.v1.ProxyService": ProxyApi(ProxyAccess(infra.db, tunnels.shares)),
+        "tunnelplane.v1.ProxyService": ProxyApi(areas.proxies.access, areas.proxies.fleet),
         "tunnelplane.v1.AdminService": AdminApi(
             areas.health.status, limits.limiter, limits.violations, infra.lister, limits.blocks
         ),

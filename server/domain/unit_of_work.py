@@ -20,6 +20,7 @@ from server.domain.identity.ports import (
 )
 from server.domain.limits.ports import RequestUsageRepository, ViolationRepository
 from server.domain.operations.ports import OperationRepository
+from server.domain.proxies.ports import ProxyRepository
 from server.domain.tunnels.ports import AgentRepository, ShareRepository, TunnelRepository
 from server.domain.webhooks.ports import WebhookRepository
 
@@ -53,6 +54,8 @@ class UnitOfWork(Protocol):
     def webhooks(self) -> WebhookRepository: ...
     @property
     def operations(self) -> OperationRepository: ...
+    @property
+    def proxies(self) -> ProxyRepository: ...
 
     async def __aenter__(self) -> Self: ...
     async def __aexit__(

@@ -34,6 +34,7 @@ from server.storage.identity.users import SqlAvatarRepository, SqlUserRepository
 from server.storage.limits.usage import SqlRequestUsageRepository
 from server.storage.limits.violations import SqlViolationRepository
 from server.storage.operations import SqlOperationRepository
+from server.storage.proxies.proxies import SqlProxyRepository
 from server.storage.sealing import Sealer
 from server.storage.tunnels.agents import SqlAgentRepository
 from server.storage.tunnels.sharing import SqlShareRepository
@@ -208,6 +209,7 @@ class SqlUnitOfWork:
     agents: SqlAgentRepository
     webhooks: SqlWebhookRepository
     operations: SqlOperationRepository
+    proxies: SqlProxyRepository
 
     def __init__(
         self,
@@ -261,6 +263,7 @@ class SqlUnitOfWork:
         self.agents = SqlAgentRepository(conn)
         self.webhooks = SqlWebhookRepository(conn, self._sealer)
         self.operations = SqlOperationRepository(conn)
+        self.proxies = SqlProxyRepository(conn)
         return self
 
     async def __aexit__(

@@ -468,3 +468,7 @@ operations = sa.Table(
     sa.Index(None, "user_id", "create_time", "id"),
     sa.Index(None, "done", "lease_until"),
 )
+
+# The proxies' tables live in their own module, on this metadata (a cycle by design: it
+# needs the helpers above, and whoever reads this metadata needs its tables).
+from server.storage.proxies import tables as _proxy_tables  # noqa: E402, F401

@@ -72,6 +72,11 @@ def webhook(t: Target) -> str:
     return f"{t.user.name}/webhooks/whk_01jd3k0000000000000000000a"
 
 
+def proxy(t: Target) -> str:
+    """A proxy of the target's owner that does not exist (as :func:`webhook`)."""
+    return f"{t.user.name}/proxies/prx_01jd3k0000000000000000000a"
+
+
 BUILDERS: dict[str, Builder] = {
     "AuthService/Register": lambda t: auth_pb2.RegisterRequest(
         email=unique_email("matrix"), password=PASSWORD
@@ -220,6 +225,26 @@ BUILDERS: dict[str, Builder] = {
     ),
     "ProxyService/AuthorizeAgentLink": lambda t: proxies_pb2.AuthorizeAgentLinkRequest(
         tunnel=t.tunnel
+    ),
+    "ProxyService/StartProxy": lambda t: proxies_pb2.StartProxyRequest(
+        parent=t.user.name, proxy=proxies_pb2.Proxy(display_name="matrix")
+    ),
+    "ProxyService/GetProxy": lambda t: proxies_pb2.GetProxyRequest(name=proxy(t)),
+    "ProxyService/ListProxies": lambda t: proxies_pb2.ListProxiesRequest(parent=t.user.name),
+    "ProxyService/StopProxy": lambda t: proxies_pb2.StopProxyRequest(name=proxy(t)),
+    "ProxyService/UpdateProxy": lambda t: proxies_pb2.UpdateProxyRequest(
+        proxy=proxies_pb2.Proxy(name=proxy(t), display_name="renamed"),
+        update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+    ),
+    "ProxyService/ListProxyConfigRevisions": lambda t: proxies_pb2.ListProxyConfigRevisionsRequest(
+        parent=proxy(t)
+    ),
+    "ProxyService/RollbackProxyConfig": lambda t: proxies_pb2.RollbackProxyConfigRequest(
+        name=proxy(t), version=1
+    ),
+    "ProxyService/ScaleProxy": lambda t: proxies_pb2.ScaleProxyRequest(name=proxy(t), instances=1),
+    "ProxyService/ListProxyScalingEvents": lambda t: proxies_pb2.ListProxyScalingEventsRequest(
+        parent=proxy(t)
     ),
 }
 

@@ -39,6 +39,7 @@ from tunnelplane.v1 import (
 from server.app import SERVICES, App
 from server.domain.identity.model import Role
 from server.storage import tables
+from server.storage.proxies import tables as proxy_tables
 from tests.conftest import Backend, own_server
 from tests.helpers import PASSWORD, Client, TestUser, bearer, fails, unique_email, violations
 
@@ -61,6 +62,9 @@ WATCHED = (
     tables.webhook_attempts,
     tables.operations,
     tables.events,
+    proxy_tables.proxies,
+    proxy_tables.proxy_config_revisions,
+    proxy_tables.proxy_scaling_events,
 )
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 24
 DAY = 86_400
@@ -79,6 +83,8 @@ class Ctx:
     webhook: str = ""
     #: The user's agent key (``agent.connect``), for the methods only agents may call.
     agent_key: str = ""
+    #: A proxy of the user's (never provisioned: this server runs no fleet loop).
+    proxy: str = ""
 
     @property
     def uid(self) -> str:
@@ -222,6 +228,30 @@ def link_for(name: str) -> Build:
     return lambda c: proxies_pb2.AuthorizeAgentLinkRequest(
         tunnel=name.format(uid=c.uid, tunnel=c.tunnel)
     )
+
+
+X = proxies_pb2
+
+
+def start_proxy(**config: Any) -> Build:
+    """A StartProxy with these config fields (``scaling`` a dict of the policy's)."""
+    scaling = X.ProxyScalingPolicy(**config.pop("scaling", {}))
+    return lambda c: X.StartProxyRequest(
+        parent="users/me", proxy=X.Proxy(config=X.ProxyConfig(scaling=scaling, **config))
+    )
+
+
+def patch_proxy(paths: tuple[str, ...], **fields: Any) -> Build:
+    """An UpdateProxy of the context's proxy with these fields and mask paths."""
+    return lambda c: X.UpdateProxyRequest(
+        proxy=X.Proxy(name=c.proxy, **fields),
+        update_mask=field_mask_pb2.FieldMask(paths=list(paths)),
+    )
+
+
+def proxy_named(message: type[Message], name: str, field: str = "name", **more: Any) -> Build:
+    """``message(field=name, **more)`` with ``{uid}`` and ``{proxy}`` filled in."""
+    return lambda c: message(**{field: name.format(uid=c.uid, proxy=c.proxy)}, **more)
 
 
 def endpoint(**fields: Any) -> Build:
@@ -1241,6 +1271,157 @@ BAD_REQUESTS = [
         huge=("tunnel", link_for("users/me/tunnels/" + "x" * 20_000)),
     ),
     *rows(
+        f"{PX}.StartProxy",
+        parent=("parent", lambda c: X.StartProxyRequest(parent="users")),
+        request_id=(
+            "request_id",
+            lambda c: X.StartProxyRequest(parent="users/me", request_id="r" * 65),
+        ),
+        name_markup=(
+            "proxy.display_name",
+            lambda c: X.StartProxyRequest(
+                parent="users/me", proxy=X.Proxy(display_name="<b>x</b>")
+            ),
+        ),
+        name_long=(
+            "proxy.display_name",
+            lambda c: X.StartProxyRequest(parent="users/me", proxy=X.Proxy(display_name="x" * 256)),
+        ),
+        connections=("proxy.config.max_connections", start_proxy(max_connections=-5)),
+        connections_over=("proxy.config.max_connections", start_proxy(max_connections=10_001)),
+        timeout_short=("proxy.config.timeout", start_proxy(timeout=dur(0, 5_000_000))),
+        timeout_long=("proxy.config.timeout", start_proxy(timeout=dur(3601))),
+        timeout_bad=("proxy.config.timeout", start_proxy(timeout=dur(5, -1))),
+        timeout_huge=("proxy.config.timeout", start_proxy(timeout=dur(10**12))),
+        first_byte=("proxy.config.first_byte_timeout", start_proxy(first_byte_timeout=dur(-1))),
+        gzip=("proxy.config.gzip_level", start_proxy(gzip_level=10)),
+        gzip_negative=("proxy.config.gzip_level", start_proxy(gzip_level=-2)),
+        rps=("proxy.config.rate_limit_rps", start_proxy(rate_limit_rps=-1)),
+        burst=("proxy.config.rate_limit_burst", start_proxy(rate_limit_burst=100_001)),
+        retries=("proxy.config.retries", start_proxy(retries=11)),
+        retry_delay=("proxy.config.retry_delay", start_proxy(retry_delay=dur(11))),
+        body=("proxy.config.max_body_bytes", start_proxy(max_body_bytes=10)),
+        check_period=(
+            "proxy.config.health_check_interval",
+            start_proxy(health_check_interval=dur(601)),
+        ),
+        check_timeout=(
+            "proxy.config.health_check_timeout",
+            start_proxy(health_check_interval=dur(5), health_check_timeout=dur(5)),
+        ),
+        idle=("proxy.config.idle_stop", start_proxy(idle_stop=dur(30))),
+        min_instances=(
+            "proxy.config.scaling.min_instances",
+            start_proxy(scaling={"min_instances": 11}),
+        ),
+        max_below_min=(
+            "proxy.config.scaling.max_instances",
+            start_proxy(scaling={"min_instances": 3, "max_instances": 2}),
+        ),
+        cpu_order=(
+            "proxy.config.scaling.target_cpu_percent",
+            start_proxy(scaling={"target_cpu_percent": 90}),
+        ),
+        cpu_over=(
+            "proxy.config.scaling.scale_up_cpu_percent",
+            start_proxy(scaling={"scale_up_cpu_percent": 101}),
+        ),
+        streams=(
+            "proxy.config.scaling.max_streams_per_instance",
+            start_proxy(scaling={"max_streams_per_instance": -1}),
+        ),
+        cooldown=(
+            "proxy.config.scaling.scale_down_cooldown",
+            start_proxy(scaling={"scale_down_cooldown": dur(3601)}),
+        ),
+    ),
+    *rows(
+        f"{PX}.GetProxy",
+        empty=("name", proxy_named(X.GetProxyRequest, "")),
+        tunnel=("name", proxy_named(X.GetProxyRequest, "users/me/tunnels/{proxy}")),
+        bad_id=("name", proxy_named(X.GetProxyRequest, "users/me/proxies/tun_x")),
+        extra=("name", proxy_named(X.GetProxyRequest, "{proxy}/x")),
+        nul=("name", proxy_named(X.GetProxyRequest, "{proxy}\x00")),
+        huge=("name", proxy_named(X.GetProxyRequest, "users/me/proxies/" + "x" * 20_000)),
+    ),
+    *rows(
+        f"{PX}.ListProxies",
+        parent=("parent", lambda c: X.ListProxiesRequest(parent="users")),
+        negative_size=(
+            "page_size",
+            lambda c: X.ListProxiesRequest(parent="users/me", page_size=-1),
+        ),
+        bad_filter=(
+            "filter",
+            lambda c: X.ListProxiesRequest(parent="users/me", filter='state = "asleep"'),
+        ),
+        bad_order=(
+            "order_by",
+            lambda c: X.ListProxiesRequest(parent="users/me", order_by="config"),
+        ),
+        bad_token=(
+            "page_token",
+            lambda c: X.ListProxiesRequest(parent="users/me", page_token="garbage"),
+        ),
+    ),
+    *rows(
+        f"{PX}.StopProxy",
+        bad_id=("name", proxy_named(X.StopProxyRequest, "users/me/proxies/prx_")),
+    ),
+    *rows(
+        f"{PX}.UpdateProxy",
+        no_name=(
+            "proxy.name",
+            lambda c: X.UpdateProxyRequest(
+                proxy=X.Proxy(display_name="x"),
+                update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+            ),
+        ),
+        bad_path=("update_mask", patch_proxy(("state",))),
+        unknown_path=("update_mask", patch_proxy(("config.nope",))),
+        empty_name=("proxy.display_name", patch_proxy(("display_name",), display_name=" ")),
+        timeout=(
+            "proxy.config.timeout",
+            patch_proxy(("config.timeout",), config=X.ProxyConfig(timeout=dur(0, 1))),
+        ),
+        scaling=(
+            "proxy.config.scaling.min_instances",
+            patch_proxy(
+                ("config.scaling.min_instances",),
+                config=X.ProxyConfig(scaling=X.ProxyScalingPolicy(min_instances=-1)),
+            ),
+        ),
+    ),
+    *rows(
+        f"{PX}.ListProxyConfigRevisions",
+        parent=("parent", proxy_named(X.ListProxyConfigRevisionsRequest, "users/me", "parent")),
+        negative_size=(
+            "page_size",
+            proxy_named(X.ListProxyConfigRevisionsRequest, "{proxy}", "parent", page_size=-1),
+        ),
+    ),
+    *rows(
+        f"{PX}.RollbackProxyConfig",
+        zero=("version", proxy_named(X.RollbackProxyConfigRequest, "{proxy}", version=0)),
+        negative=("version", proxy_named(X.RollbackProxyConfigRequest, "{proxy}", version=-3)),
+        bad_name=("name", proxy_named(X.RollbackProxyConfigRequest, "{proxy}/x", version=1)),
+    ),
+    *rows(
+        f"{PX}.ScaleProxy",
+        zero=("instances", proxy_named(X.ScaleProxyRequest, "{proxy}", instances=0)),
+        over=("instances", proxy_named(X.ScaleProxyRequest, "{proxy}", instances=11)),
+        negative=("instances", proxy_named(X.ScaleProxyRequest, "{proxy}", instances=-1)),
+        bad_name=("name", proxy_named(X.ScaleProxyRequest, "users/me/proxies", instances=1)),
+    ),
+    *rows(
+        f"{PX}.ListProxyScalingEvents",
+        parent=("parent", proxy_named(X.ListProxyScalingEventsRequest, "{uid}", "parent")),
+        bad_token=(
+            "page_token",
+            proxy_named(X.ListProxyScalingEventsRequest, "{proxy}", "parent", page_token="nope"),
+        ),
+    ),
+    *rows(
         f"{OP}.ListOperations",
         negative_size=(
             "page_size",
@@ -1316,6 +1497,9 @@ async def ctx(app: App, channel: grpc.aio.Channel) -> Ctx:
     made = await client.tunnel(user, "bad-input-target")
     target = await client.webhook(user, "http://127.0.0.1:9/bad-input")
     agent = await client.api_key(user, ["agent.connect"])
+    proxy = await client.proxies.StartProxy(
+        proxies_pb2.StartProxyRequest(parent="users/me"), metadata=user.metadata
+    )
     return Ctx(
         user,
         admin,
@@ -1325,6 +1509,7 @@ async def ctx(app: App, channel: grpc.aio.Channel) -> Ctx:
         made.name,
         target.name,
         agent,
+        proxy.name,
     )
 
 

@@ -24,11 +24,14 @@ _sym_db = _symbol_database.Default()
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from tunnelplane.v1 import options_pb2 as tunnelplane_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctunnelplane/v1/proxies.proto\x12\x0etunnelplane.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1ctunnelplane/v1/options.proto\"F\n\x18\x43heckTunnelAccessRequest\x12\x17\n\ttunnel_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tclient_ip\x18\x02 \x01(\t\"\xad\x02\n\x14TunnelAccessDecision\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12=\n\x07refusal\x18\x02 \x01(\x0e\x32,.tunnelplane.v1.TunnelAccessDecision.Refusal\x12\x0e\n\x06tunnel\x18\x03 \x01(\t\x12,\n\tcache_for\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x86\x01\n\x07Refusal\x12\x17\n\x13REFUSAL_UNSPECIFIED\x10\x00\x12\x15\n\x11REFUSAL_NOT_FOUND\x10\x01\x12\x1b\n\x17REFUSAL_UNAUTHENTICATED\x10\x02\x12\x15\n\x11REFUSAL_FORBIDDEN\x10\x03\x12\x17\n\x13REFUSAL_NOT_RUNNING\x10\x04\"1\n\x19\x41uthorizeAgentLinkRequest\x12\x14\n\x06tunnel\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"N\n\x0e\x41gentLinkGrant\x12\x0e\n\x06tunnel\x18\x01 \x01(\t\x12,\n\tcache_for\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration2\xd5\x02\n\x0cProxyService\x12\x8c\x01\n\x11\x43heckTunnelAccess\x12(.tunnelplane.v1.CheckTunnelAccessRequest\x1a$.tunnelplane.v1.TunnelAccessDecision\"\'\x92\x82\x19\x02\x08\x01\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/tunnelAccess:check:\x01*\x12\xb5\x01\n\x12\x41uthorizeAgentLink\x12).tunnelplane.v1.AuthorizeAgentLinkRequest\x1a\x1e.tunnelplane.v1.AgentLinkGrant\"T\x92\x82\x19\x14\x08\x02\x12\ragent.connect2\x01\x02\x82\xd3\xe4\x93\x02\x36\"1/v1/{tunnel=users/*/tunnels/*}:authorizeAgentLink:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctunnelplane/v1/proxies.proto\x12\x0etunnelplane.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ctunnelplane/v1/options.proto\"F\n\x18\x43heckTunnelAccessRequest\x12\x17\n\ttunnel_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tclient_ip\x18\x02 \x01(\t\"\xad\x02\n\x14TunnelAccessDecision\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12=\n\x07refusal\x18\x02 \x01(\x0e\x32,.tunnelplane.v1.TunnelAccessDecision.Refusal\x12\x0e\n\x06tunnel\x18\x03 \x01(\t\x12,\n\tcache_for\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x86\x01\n\x07Refusal\x12\x17\n\x13REFUSAL_UNSPECIFIED\x10\x00\x12\x15\n\x11REFUSAL_NOT_FOUND\x10\x01\x12\x1b\n\x17REFUSAL_UNAUTHENTICATED\x10\x02\x12\x15\n\x11REFUSAL_FORBIDDEN\x10\x03\x12\x17\n\x13REFUSAL_NOT_RUNNING\x10\x04\"1\n\x19\x41uthorizeAgentLinkRequest\x12\x14\n\x06tunnel\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"N\n\x0e\x41gentLinkGrant\x12\x0e\n\x06tunnel\x18\x01 \x01(\t\x12,\n\tcache_for\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xf4\x05\n\x05Proxy\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x30\n\x05state\x18\x03 \x01(\x0e\x32\x1b.tunnelplane.v1.Proxy.StateB\x04\xe2\x41\x01\x03\x12\x1a\n\x0cstate_reason\x18\x04 \x01(\tB\x04\xe2\x41\x01\x03\x12+\n\x06\x63onfig\x18\x05 \x01(\x0b\x32\x1b.tunnelplane.v1.ProxyConfig\x12\x1c\n\x0e\x63onfig_version\x18\x06 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x1f\n\x11\x64\x65sired_instances\x18\x07 \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x36\n\tinstances\x18\x08 \x03(\x0b\x32\x1d.tunnelplane.v1.ProxyInstanceB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nstate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12:\n\x10last_active_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x0c\n\x04\x65tag\x18\r \x01(\t\"\x96\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12STATE_PROVISIONING\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x12\n\x0eSTATE_DEGRADED\x10\x03\x12\x12\n\x0eSTATE_STOPPING\x10\x04\x12\x11\n\rSTATE_STOPPED\x10\x05\x12\x10\n\x0cSTATE_FAILED\x10\x06:H\xea\x41\x45\n\x15tunnelplane.dev/Proxy\x12\x1cusers/{user}/proxies/{proxy}*\x07proxies2\x05proxy\"\xfb\x02\n\rProxyInstance\x12\n\n\x02id\x18\x01 \x01(\t\x12\x34\n\x06health\x18\x02 \x01(\x0e\x32$.tunnelplane.v1.ProxyInstance.Health\x12\x12\n\npublic_url\x18\x03 \x01(\t\x12\x14\n\x0clink_address\x18\x04 \x01(\t\x12\x10\n\x08restarts\x18\x05 \x01(\x05\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_check_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\x08 \x01(\t\"s\n\x06Health\x12\x16\n\x12HEALTH_UNSPECIFIED\x10\x00\x12\x12\n\x0eHEALTH_UNKNOWN\x10\x01\x12\x12\n\x0eHEALTH_HEALTHY\x10\x02\x12\x13\n\x0fHEALTH_DEGRADED\x10\x03\x12\x14\n\x10HEALTH_UNHEALTHY\x10\x04\"\x97\x04\n\x0bProxyConfig\x12\x17\n\x0fmax_connections\x18\x01 \x01(\x05\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12\x66irst_byte_timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\ngzip_level\x18\x04 \x01(\x05\x12\x16\n\x0erate_limit_rps\x18\x05 \x01(\x05\x12\x18\n\x10rate_limit_burst\x18\x06 \x01(\x05\x12\x0f\n\x07retries\x18\x07 \x01(\x05\x12.\n\x0bretry_delay\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0emax_body_bytes\x18\t \x01(\x03\x12\x38\n\x15health_check_interval\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x37\n\x14health_check_timeout\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\tidle_stop\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fnever_idle_stop\x18\r \x01(\x08\x12\x33\n\x07scaling\x18\x0e \x01(\x0b\x32\".tunnelplane.v1.ProxyScalingPolicy\"\xbd\x02\n\x12ProxyScalingPolicy\x12\x15\n\rmin_instances\x18\x01 \x01(\x05\x12\x15\n\rmax_instances\x18\x02 \x01(\x05\x12\x1a\n\x12target_cpu_percent\x18\x03 \x01(\x05\x12\x1c\n\x14scale_up_cpu_percent\x18\x04 \x01(\x05\x12\x1e\n\x16scale_down_cpu_percent\x18\x05 \x01(\x05\x12 \n\x18max_streams_per_instance\x18\x06 \x01(\x05\x12\x34\n\x11scale_up_cooldown\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13scale_down_cooldown\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07\x64ry_run\x18\t \x01(\x08\"\xbb\x01\n\x13ProxyConfigRevision\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12+\n\x06\x63onfig\x18\x03 \x01(\x0b\x32\x1b.tunnelplane.v1.ProxyConfig\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x05 \x01(\t\x12\x18\n\x10restored_version\x18\x06 \x01(\x05\"\xdc\x02\n\x11ProxyScalingEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12:\n\x07trigger\x18\x02 \x01(\x0e\x32).tunnelplane.v1.ProxyScalingEvent.Trigger\x12\x16\n\x0e\x66rom_instances\x18\x03 \x01(\x05\x12\x14\n\x0cto_instances\x18\x04 \x01(\x05\x12\x0f\n\x07\x61pplied\x18\x05 \x01(\x08\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x13\n\x0b\x63pu_percent\x18\x07 \x01(\x01\x12\x0f\n\x07streams\x18\x08 \x01(\x05\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\n \x01(\t\"H\n\x07Trigger\x12\x17\n\x13TRIGGER_UNSPECIFIED\x10\x00\x12\x10\n\x0cTRIGGER_LOAD\x10\x01\x12\x12\n\x0eTRIGGER_MANUAL\x10\x02\"|\n\x11StartProxyRequest\x12-\n\x06parent\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14tunnelplane.dev/User\x12$\n\x05proxy\x18\x02 \x01(\x0b\x32\x15.tunnelplane.v1.Proxy\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"?\n\x0fGetProxyRequest\x12,\n\x04name\x18\x01 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15tunnelplane.dev/Proxy\"\x8c\x01\n\x12ListProxiesRequest\x12-\n\x06parent\x18\x01 \x01(\tB\x1d\xe2\x41\x01\x02\xfa\x41\x16\n\x14tunnelplane.dev/User\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\t\x12\x10\n\x08order_by\x18\x05 \x01(\t\"V\n\x13ListProxiesResponse\x12&\n\x07proxies\x18\x01 \x03(\x0b\x32\x15.tunnelplane.v1.Proxy\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"@\n\x10StopProxyRequest\x12,\n\x04name\x18\x01 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15tunnelplane.dev/Proxy\"w\n\x12UpdateProxyRequest\x12*\n\x05proxy\x18\x01 \x01(\x0b\x32\x15.tunnelplane.v1.ProxyB\x04\xe2\x41\x01\x02\x12\x35\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMaskB\x04\xe2\x41\x01\x02\"x\n\x1fListProxyConfigRevisionsRequest\x12.\n\x06parent\x18\x01 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15tunnelplane.dev/Proxy\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"s\n ListProxyConfigRevisionsResponse\x12\x36\n\trevisions\x18\x01 \x03(\x0b\x32#.tunnelplane.v1.ProxyConfigRevision\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"o\n\x1aRollbackProxyConfigRequest\x12,\n\x04name\x18\x01 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15tunnelplane.dev/Proxy\x12\x15\n\x07version\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\"q\n\x11ScaleProxyRequest\x12,\n\x04name\x18\x01 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15tunnelplane.dev/Proxy\x12\x17\n\tinstances\x18\x02 \x01(\x05\x42\x04\xe2\x41\x01\x02\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"v\n\x1dListProxyScalingEventsRequest\x12.\n\x06parent\x18\x01 \x01(\tB\x1e\xe2\x41\x01\x02\xfa\x41\x17\n\x15tunnelplane.dev/Proxy\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"l\n\x1eListProxyScalingEventsResponse\x12\x31\n\x06\x65vents\x18\x01 \x03(\x0b\x32!.tunnelplane.v1.ProxyScalingEvent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xa9\x0f\n\x0cProxyService\x12\x8c\x01\n\x11\x43heckTunnelAccess\x12(.tunnelplane.v1.CheckTunnelAccessRequest\x1a$.tunnelplane.v1.TunnelAccessDecision\"\'\x92\x82\x19\x02\x08\x01\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/tunnelAccess:check:\x01*\x12\xb5\x01\n\x12\x41uthorizeAgentLink\x12).tunnelplane.v1.AuthorizeAgentLinkRequest\x1a\x1e.tunnelplane.v1.AgentLinkGrant\"T\x92\x82\x19\x14\x08\x02\x12\ragent.connect2\x01\x02\x82\xd3\xe4\x93\x02\x36\"1/v1/{tunnel=users/*/tunnels/*}:authorizeAgentLink:\x01*\x12\xa1\x01\n\nStartProxy\x12!.tunnelplane.v1.StartProxyRequest\x1a\x15.tunnelplane.v1.Proxy\"Y\x92\x82\x19*\x08\x02\x12\rtunnels.write\x1a\x06parent\"\rtunnels.admin@\x01\x82\xd3\xe4\x93\x02%\"\x1c/v1/{parent=users/*}/proxies:\x05proxy\x12\x91\x01\n\x08GetProxy\x12\x1f.tunnelplane.v1.GetProxyRequest\x1a\x15.tunnelplane.v1.Proxy\"M\x92\x82\x19%\x08\x02\x12\x0ctunnels.read\x1a\x04name\"\rtunnels.admin\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{name=users/*/proxies/*}\x12\xa7\x01\n\x0bListProxies\x12\".tunnelplane.v1.ListProxiesRequest\x1a#.tunnelplane.v1.ListProxiesResponse\"O\x92\x82\x19\'\x08\x02\x12\x0ctunnels.read\x1a\x06parent\"\rtunnels.admin\x82\xd3\xe4\x93\x02\x1e\x12\x1c/v1/{parent=users/*}/proxies\x12\x9e\x01\n\tStopProxy\x12 .tunnelplane.v1.StopProxyRequest\x1a\x15.tunnelplane.v1.Proxy\"X\x92\x82\x19(\x08\x02\x12\rtunnels.write\x1a\x04name\"\rtunnels.admin@\x01\x82\xd3\xe4\x93\x02&\"!/v1/{name=users/*/proxies/*}:stop:\x01*\x12\xad\x01\n\x0bUpdateProxy\x12\".tunnelplane.v1.UpdateProxyRequest\x1a\x15.tunnelplane.v1.Proxy\"c\x92\x82\x19.\x08\x02\x12\rtunnels.write\x1a\nproxy.name\"\rtunnels.admin@\x01\x82\xd3\xe4\x93\x02+2\"/v1/{proxy.name=users/*/proxies/*}:\x05proxy\x12\xe0\x01\n\x18ListProxyConfigRevisions\x12/.tunnelplane.v1.ListProxyConfigRevisionsRequest\x1a\x30.tunnelplane.v1.ListProxyConfigRevisionsResponse\"a\x92\x82\x19\'\x08\x02\x12\x0ctunnels.read\x1a\x06parent\"\rtunnels.admin\x82\xd3\xe4\x93\x02\x30\x12./v1/{parent=users/*/proxies/*}/configRevisions\x12\xbc\x01\n\x13RollbackProxyConfig\x12*.tunnelplane.v1.RollbackProxyConfigRequest\x1a\x15.tunnelplane.v1.Proxy\"b\x92\x82\x19(\x08\x02\x12\rtunnels.write\x1a\x04name\"\rtunnels.admin@\x01\x82\xd3\xe4\x93\x02\x30\"+/v1/{name=users/*/proxies/*}:rollbackConfig:\x01*\x12\xa1\x01\n\nScaleProxy\x12!.tunnelplane.v1.ScaleProxyRequest\x1a\x15.tunnelplane.v1.Proxy\"Y\x92\x82\x19(\x08\x02\x12\rtunnels.write\x1a\x04name\"\rtunnels.admin@\x01\x82\xd3\xe4\x93\x02\'\"\"/v1/{name=users/*/proxies/*}:scale:\x01*\x12\xd8\x01\n\x16ListProxyScalingEvents\x12-.tunnelplane.v1.ListProxyScalingEventsRequest\x1a..tunnelplane.v1.ListProxyScalingEventsResponse\"_\x92\x82\x19\'\x08\x02\x12\x0ctunnels.read\x1a\x06parent\"\rtunnels.admin\x82\xd3\xe4\x93\x02.\x12,/v1/{parent=users/*/proxies/*}/scalingEventsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,20 +42,126 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHECKTUNNELACCESSREQUEST'].fields_by_name['tunnel_id']._serialized_options = b'\342A\001\002'
   _globals['_AUTHORIZEAGENTLINKREQUEST'].fields_by_name['tunnel']._loaded_options = None
   _globals['_AUTHORIZEAGENTLINKREQUEST'].fields_by_name['tunnel']._serialized_options = b'\342A\001\002'
+  _globals['_PROXY'].fields_by_name['name']._loaded_options = None
+  _globals['_PROXY'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_PROXY'].fields_by_name['state']._loaded_options = None
+  _globals['_PROXY'].fields_by_name['state']._serialized_options = b'\342A\001\003'
+  _globals['_PROXY'].fields_by_name['state_reason']._loaded_options = None
+  _globals['_PROXY'].fields_by_name['state_reason']._serialized_options = b'\342A\001\003'
+  _globals['_PROXY'].fields_by_name['config_version']._loaded_options = None
+  _globals['_PROXY'].fields_by_name['config_version']._serialized_options = b'\342A\001\003'
+  _globals['_PROXY'].fields_by_name['desired_instances']._loaded_options = None
+  _globals['_PROXY'].fields_by_name['desired_instances']._serialized_options = b'\342A\001\003'
+  _globals['_PROXY'].fields_by_name['instances']._loaded_options = None
+  _globals['_PROXY'].fields_by_name['instances']._serialized_options = b'\342A\001\003'
+  _globals['_PROXY'].fields_by_name['create_time']._loaded_options = None
+  _globals['_PROXY'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_PROXY'].fields_by_name['update_time']._loaded_options = None
+  _globals['_PROXY'].fields_by_name['update_time']._serialized_options = b'\342A\001\003'
+  _globals['_PROXY'].fields_by_name['state_time']._loaded_options = None
+  _globals['_PROXY'].fields_by_name['state_time']._serialized_options = b'\342A\001\003'
+  _globals['_PROXY'].fields_by_name['last_active_time']._loaded_options = None
+  _globals['_PROXY'].fields_by_name['last_active_time']._serialized_options = b'\342A\001\003'
+  _globals['_PROXY']._loaded_options = None
+  _globals['_PROXY']._serialized_options = b'\352AE\n\025tunnelplane.dev/Proxy\022\034users/{user}/proxies/{proxy}*\007proxies2\005proxy'
+  _globals['_STARTPROXYREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_STARTPROXYREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\026\n\024tunnelplane.dev/User'
+  _globals['_GETPROXYREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETPROXYREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\027\n\025tunnelplane.dev/Proxy'
+  _globals['_LISTPROXIESREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTPROXIESREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\026\n\024tunnelplane.dev/User'
+  _globals['_STOPPROXYREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_STOPPROXYREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\027\n\025tunnelplane.dev/Proxy'
+  _globals['_UPDATEPROXYREQUEST'].fields_by_name['proxy']._loaded_options = None
+  _globals['_UPDATEPROXYREQUEST'].fields_by_name['proxy']._serialized_options = b'\342A\001\002'
+  _globals['_UPDATEPROXYREQUEST'].fields_by_name['update_mask']._loaded_options = None
+  _globals['_UPDATEPROXYREQUEST'].fields_by_name['update_mask']._serialized_options = b'\342A\001\002'
+  _globals['_LISTPROXYCONFIGREVISIONSREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTPROXYCONFIGREVISIONSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\027\n\025tunnelplane.dev/Proxy'
+  _globals['_ROLLBACKPROXYCONFIGREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_ROLLBACKPROXYCONFIGREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\027\n\025tunnelplane.dev/Proxy'
+  _globals['_ROLLBACKPROXYCONFIGREQUEST'].fields_by_name['version']._loaded_options = None
+  _globals['_ROLLBACKPROXYCONFIGREQUEST'].fields_by_name['version']._serialized_options = b'\342A\001\002'
+  _globals['_SCALEPROXYREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_SCALEPROXYREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\027\n\025tunnelplane.dev/Proxy'
+  _globals['_SCALEPROXYREQUEST'].fields_by_name['instances']._loaded_options = None
+  _globals['_SCALEPROXYREQUEST'].fields_by_name['instances']._serialized_options = b'\342A\001\002'
+  _globals['_LISTPROXYSCALINGEVENTSREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTPROXYSCALINGEVENTSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\027\n\025tunnelplane.dev/Proxy'
   _globals['_PROXYSERVICE'].methods_by_name['CheckTunnelAccess']._loaded_options = None
   _globals['_PROXYSERVICE'].methods_by_name['CheckTunnelAccess']._serialized_options = b'\222\202\031\002\010\001\202\323\344\223\002\033\"\026/v1/tunnelAccess:check:\001*'
   _globals['_PROXYSERVICE'].methods_by_name['AuthorizeAgentLink']._loaded_options = None
   _globals['_PROXYSERVICE'].methods_by_name['AuthorizeAgentLink']._serialized_options = b'\222\202\031\024\010\002\022\ragent.connect2\001\002\202\323\344\223\0026\"1/v1/{tunnel=users/*/tunnels/*}:authorizeAgentLink:\001*'
-  _globals['_CHECKTUNNELACCESSREQUEST']._serialized_start=173
-  _globals['_CHECKTUNNELACCESSREQUEST']._serialized_end=243
-  _globals['_TUNNELACCESSDECISION']._serialized_start=246
-  _globals['_TUNNELACCESSDECISION']._serialized_end=547
-  _globals['_TUNNELACCESSDECISION_REFUSAL']._serialized_start=413
-  _globals['_TUNNELACCESSDECISION_REFUSAL']._serialized_end=547
-  _globals['_AUTHORIZEAGENTLINKREQUEST']._serialized_start=549
-  _globals['_AUTHORIZEAGENTLINKREQUEST']._serialized_end=598
-  _globals['_AGENTLINKGRANT']._serialized_start=600
-  _globals['_AGENTLINKGRANT']._serialized_end=678
-  _globals['_PROXYSERVICE']._serialized_start=681
-  _globals['_PROXYSERVICE']._serialized_end=1022
+  _globals['_PROXYSERVICE'].methods_by_name['StartProxy']._loaded_options = None
+  _globals['_PROXYSERVICE'].methods_by_name['StartProxy']._serialized_options = b'\222\202\031*\010\002\022\rtunnels.write\032\006parent\"\rtunnels.admin@\001\202\323\344\223\002%\"\034/v1/{parent=users/*}/proxies:\005proxy'
+  _globals['_PROXYSERVICE'].methods_by_name['GetProxy']._loaded_options = None
+  _globals['_PROXYSERVICE'].methods_by_name['GetProxy']._serialized_options = b'\222\202\031%\010\002\022\014tunnels.read\032\004name\"\rtunnels.admin\202\323\344\223\002\036\022\034/v1/{name=users/*/proxies/*}'
+  _globals['_PROXYSERVICE'].methods_by_name['ListProxies']._loaded_options = None
+  _globals['_PROXYSERVICE'].methods_by_name['ListProxies']._serialized_options = b'\222\202\031\'\010\002\022\014tunnels.read\032\006parent\"\rtunnels.admin\202\323\344\223\002\036\022\034/v1/{parent=users/*}/proxies'
+  _globals['_PROXYSERVICE'].methods_by_name['StopProxy']._loaded_options = None
+  _globals['_PROXYSERVICE'].methods_by_name['StopProxy']._serialized_options = b'\222\202\031(\010\002\022\rtunnels.write\032\004name\"\rtunnels.admin@\001\202\323\344\223\002&\"!/v1/{name=users/*/proxies/*}:stop:\001*'
+  _globals['_PROXYSERVICE'].methods_by_name['UpdateProxy']._loaded_options = None
+  _globals['_PROXYSERVICE'].methods_by_name['UpdateProxy']._serialized_options = b'\222\202\031.\010\002\022\rtunnels.write\032\nproxy.name\"\rtunnels.admin@\001\202\323\344\223\002+2\"/v1/{proxy.name=users/*/proxies/*}:\005proxy'
+  _globals['_PROXYSERVICE'].methods_by_name['ListProxyConfigRevisions']._loaded_options = None
+  _globals['_PROXYSERVICE'].methods_by_name['ListProxyConfigRevisions']._serialized_options = b'\222\202\031\'\010\002\022\014tunnels.read\032\006parent\"\rtunnels.admin\202\323\344\223\0020\022./v1/{parent=users/*/proxies/*}/configRevisions'
+  _globals['_PROXYSERVICE'].methods_by_name['RollbackProxyConfig']._loaded_options = None
+  _globals['_PROXYSERVICE'].methods_by_name['RollbackProxyConfig']._serialized_options = b'\222\202\031(\010\002\022\rtunnels.write\032\004name\"\rtunnels.admin@\001\202\323\344\223\0020\"+/v1/{name=users/*/proxies/*}:rollbackConfig:\001*'
+  _globals['_PROXYSERVICE'].methods_by_name['ScaleProxy']._loaded_options = None
+  _globals['_PROXYSERVICE'].methods_by_name['ScaleProxy']._serialized_options = b'\222\202\031(\010\002\022\rtunnels.write\032\004name\"\rtunnels.admin@\001\202\323\344\223\002\'\"\"/v1/{name=users/*/proxies/*}:scale:\001*'
+  _globals['_PROXYSERVICE'].methods_by_name['ListProxyScalingEvents']._loaded_options = None
+  _globals['_PROXYSERVICE'].methods_by_name['ListProxyScalingEvents']._serialized_options = b'\222\202\031\'\010\002\022\014tunnels.read\032\006parent\"\rtunnels.admin\202\323\344\223\002.\022,/v1/{parent=users/*/proxies/*}/scalingEvents'
+  _globals['_CHECKTUNNELACCESSREQUEST']._serialized_start=267
+  _globals['_CHECKTUNNELACCESSREQUEST']._serialized_end=337
+  _globals['_TUNNELACCESSDECISION']._serialized_start=340
+  _globals['_TUNNELACCESSDECISION']._serialized_end=641
+  _globals['_TUNNELACCESSDECISION_REFUSAL']._serialized_start=507
+  _globals['_TUNNELACCESSDECISION_REFUSAL']._serialized_end=641
+  _globals['_AUTHORIZEAGENTLINKREQUEST']._serialized_start=643
+  _globals['_AUTHORIZEAGENTLINKREQUEST']._serialized_end=692
+  _globals['_AGENTLINKGRANT']._serialized_start=694
+  _globals['_AGENTLINKGRANT']._serialized_end=772
+  _globals['_PROXY']._serialized_start=775
+  _globals['_PROXY']._serialized_end=1531
+  _globals['_PROXY_STATE']._serialized_start=1307
+  _globals['_PROXY_STATE']._serialized_end=1457
+  _globals['_PROXYINSTANCE']._serialized_start=1534
+  _globals['_PROXYINSTANCE']._serialized_end=1913
+  _globals['_PROXYINSTANCE_HEALTH']._serialized_start=1798
+  _globals['_PROXYINSTANCE_HEALTH']._serialized_end=1913
+  _globals['_PROXYCONFIG']._serialized_start=1916
+  _globals['_PROXYCONFIG']._serialized_end=2451
+  _globals['_PROXYSCALINGPOLICY']._serialized_start=2454
+  _globals['_PROXYSCALINGPOLICY']._serialized_end=2771
+  _globals['_PROXYCONFIGREVISION']._serialized_start=2774
+  _globals['_PROXYCONFIGREVISION']._serialized_end=2961
+  _globals['_PROXYSCALINGEVENT']._serialized_start=2964
+  _globals['_PROXYSCALINGEVENT']._serialized_end=3312
+  _globals['_PROXYSCALINGEVENT_TRIGGER']._serialized_start=3240
+  _globals['_PROXYSCALINGEVENT_TRIGGER']._serialized_end=3312
+  _globals['_STARTPROXYREQUEST']._serialized_start=3314
+  _globals['_STARTPROXYREQUEST']._serialized_end=3438
+  _globals['_GETPROXYREQUEST']._serialized_start=3440
+  _globals['_GETPROXYREQUEST']._serialized_end=3503
+  _globals['_LISTPROXIESREQUEST']._serialized_start=3506
+  _globals['_LISTPROXIESREQUEST']._serialized_end=3646
+  _globals['_LISTPROXIESRESPONSE']._serialized_start=3648
+  _globals['_LISTPROXIESRESPONSE']._serialized_end=3734
+  _globals['_STOPPROXYREQUEST']._serialized_start=3736
+  _globals['_STOPPROXYREQUEST']._serialized_end=3800
+  _globals['_UPDATEPROXYREQUEST']._serialized_start=3802
+  _globals['_UPDATEPROXYREQUEST']._serialized_end=3921
+  _globals['_LISTPROXYCONFIGREVISIONSREQUEST']._serialized_start=3923
+  _globals['_LISTPROXYCONFIGREVISIONSREQUEST']._serialized_end=4043
+  _globals['_LISTPROXYCONFIGREVISIONSRESPONSE']._serialized_start=4045
+  _globals['_LISTPROXYCONFIGREVISIONSRESPONSE']._serialized_end=4160
+  _globals['_ROLLBACKPROXYCONFIGREQUEST']._serialized_start=4162
+  _globals['_ROLLBACKPROXYCONFIGREQUEST']._serialized_end=4273
+  _globals['_SCALEPROXYREQUEST']._serialized_start=4275
+  _globals['_SCALEPROXYREQUEST']._serialized_end=4388
+  _globals['_LISTPROXYSCALINGEVENTSREQUEST']._serialized_start=4390
+  _globals['_LISTPROXYSCALINGEVENTSREQUEST']._serialized_end=4508
+  _globals['_LISTPROXYSCALINGEVENTSRESPONSE']._serialized_start=4510
+  _globals['_LISTPROXYSCALINGEVENTSRESPONSE']._serialized_end=4618
+  _globals['_PROXYSERVICE']._serialized_start=4621
+  _globals['_PROXYSERVICE']._serialized_end=6582
 # @@protoc_insertion_point(module_scope)

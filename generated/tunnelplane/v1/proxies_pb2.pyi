@@ -3,9 +3,13 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
@@ -162,3 +166,858 @@ class AgentLinkGrant(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentLinkGrant: _TypeAlias = AgentLinkGrant  # noqa: Y015
+
+@_typing.final
+class Proxy(_message.Message):
+    """A user's streaming proxy: one or more instances that serve the user's
+    tunnels.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Proxy._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: Proxy._State.ValueType  # 0
+        """Not set."""
+        STATE_PROVISIONING: Proxy._State.ValueType  # 1
+        """Started; instances are coming up."""
+        STATE_RUNNING: Proxy._State.ValueType  # 2
+        """Every instance is healthy."""
+        STATE_DEGRADED: Proxy._State.ValueType  # 3
+        """Serving, but an instance is unhealthy or missing."""
+        STATE_STOPPING: Proxy._State.ValueType  # 4
+        """Asked to stop; instances are going away."""
+        STATE_STOPPED: Proxy._State.ValueType  # 5
+        """No instance left (final)."""
+        STATE_FAILED: Proxy._State.ValueType  # 6
+        """Could not be provisioned or kept up (final; see `state_reason`)."""
+
+    class State(_State, metaclass=_StateEnumTypeWrapper):
+        """Life-cycle state: `provisioning` → `running` ⇄ `degraded` → `stopping` →
+        `stopped`, and from any state but `stopped` to `failed`.
+        """
+
+    STATE_UNSPECIFIED: Proxy.State.ValueType  # 0
+    """Not set."""
+    STATE_PROVISIONING: Proxy.State.ValueType  # 1
+    """Started; instances are coming up."""
+    STATE_RUNNING: Proxy.State.ValueType  # 2
+    """Every instance is healthy."""
+    STATE_DEGRADED: Proxy.State.ValueType  # 3
+    """Serving, but an instance is unhealthy or missing."""
+    STATE_STOPPING: Proxy.State.ValueType  # 4
+    """Asked to stop; instances are going away."""
+    STATE_STOPPED: Proxy.State.ValueType  # 5
+    """No instance left (final)."""
+    STATE_FAILED: Proxy.State.ValueType  # 6
+    """Could not be provisioned or kept up (final; see `state_reason`)."""
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STATE_REASON_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    CONFIG_VERSION_FIELD_NUMBER: _builtins.int
+    DESIRED_INSTANCES_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    STATE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_ACTIVE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `users/{user}/proxies/{proxy}`."""
+    display_name: _builtins.str
+    """1-255 characters. Default: the id."""
+    state: Global___Proxy.State.ValueType
+    """Life-cycle state."""
+    state_reason: _builtins.str
+    """Why the proxy is in its state ("stopped by the owner", "idle for 600 s")."""
+    config_version: _builtins.int
+    """The config's revision, 1 for the first; every change adds one."""
+    desired_instances: _builtins.int
+    """How many instances it should have."""
+    etag: _builtins.str
+    """Changes on every update; send it back to update only the version you read."""
+    @_builtins.property
+    def config(self) -> Global___ProxyConfig:
+        """How the instances serve. Unset fields take the defaults."""
+
+    @_builtins.property
+    def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProxyInstance]:
+        """The instances placed now, with their health."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the proxy was started."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed."""
+
+    @_builtins.property
+    def state_time(self) -> _timestamp_pb2.Timestamp:
+        """When its state last changed."""
+
+    @_builtins.property
+    def last_active_time(self) -> _timestamp_pb2.Timestamp:
+        """When an instance last served a request (or the start): an idle proxy
+        stops after `config.idle_stop`.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        state: Global___Proxy.State.ValueType = ...,
+        state_reason: _builtins.str = ...,
+        config: Global___ProxyConfig | None = ...,
+        config_version: _builtins.int = ...,
+        desired_instances: _builtins.int = ...,
+        instances: _abc.Iterable[Global___ProxyInstance] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        state_time: _timestamp_pb2.Timestamp | None = ...,
+        last_active_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "last_active_time", b"last_active_time", "state_time", b"state_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "config_version", b"config_version", "create_time", b"create_time", "desired_instances", b"desired_instances", "display_name", b"display_name", "etag", b"etag", "instances", b"instances", "last_active_time", b"last_active_time", "name", b"name", "state", b"state", "state_reason", b"state_reason", "state_time", b"state_time", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Proxy: _TypeAlias = Proxy  # noqa: Y015
+
+@_typing.final
+class ProxyInstance(_message.Message):
+    """One running copy of a proxy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Health:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _HealthEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ProxyInstance._Health.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        HEALTH_UNSPECIFIED: ProxyInstance._Health.ValueType  # 0
+        """Not set."""
+        HEALTH_UNKNOWN: ProxyInstance._Health.ValueType  # 1
+        """Not checked often enough yet."""
+        HEALTH_HEALTHY: ProxyInstance._Health.ValueType  # 2
+        """Two checks in a row passed."""
+        HEALTH_DEGRADED: ProxyInstance._Health.ValueType  # 3
+        """Answers, but cannot serve fully (e.g. the control plane is away)."""
+        HEALTH_UNHEALTHY: ProxyInstance._Health.ValueType  # 4
+        """Three checks in a row failed; it is being restarted."""
+
+    class Health(_Health, metaclass=_HealthEnumTypeWrapper):
+        """What health checks say."""
+
+    HEALTH_UNSPECIFIED: ProxyInstance.Health.ValueType  # 0
+    """Not set."""
+    HEALTH_UNKNOWN: ProxyInstance.Health.ValueType  # 1
+    """Not checked often enough yet."""
+    HEALTH_HEALTHY: ProxyInstance.Health.ValueType  # 2
+    """Two checks in a row passed."""
+    HEALTH_DEGRADED: ProxyInstance.Health.ValueType  # 3
+    """Answers, but cannot serve fully (e.g. the control plane is away)."""
+    HEALTH_UNHEALTHY: ProxyInstance.Health.ValueType  # 4
+    """Three checks in a row failed; it is being restarted."""
+
+    ID_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    PUBLIC_URL_FIELD_NUMBER: _builtins.int
+    LINK_ADDRESS_FIELD_NUMBER: _builtins.int
+    RESTARTS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    LAST_CHECK_TIME_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The provisioner's name for it (a process or a pod)."""
+    health: Global___ProxyInstance.Health.ValueType
+    """Health."""
+    public_url: _builtins.str
+    """Where web clients reach it: `{public_url}/t/{tunnel}/...`."""
+    link_address: _builtins.str
+    """Where agents link to it (`host:port`)."""
+    restarts: _builtins.int
+    """Restarts since it was last healthy (after failing its checks, or after its
+    process died); at 5 the proxy fails.
+    """
+    last_error: _builtins.str
+    """The last check's error, if it failed."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When it started."""
+
+    @_builtins.property
+    def last_check_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was last checked."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        health: Global___ProxyInstance.Health.ValueType = ...,
+        public_url: _builtins.str = ...,
+        link_address: _builtins.str = ...,
+        restarts: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        last_check_time: _timestamp_pb2.Timestamp | None = ...,
+        last_error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_check_time", b"last_check_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["health", b"health", "id", b"id", "last_check_time", b"last_check_time", "last_error", b"last_error", "link_address", b"link_address", "public_url", b"public_url", "restarts", b"restarts", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyInstance: _TypeAlias = ProxyInstance  # noqa: Y015
+
+@_typing.final
+class ProxyConfig(_message.Message):
+    """How a proxy's instances serve. Validated as a whole on every write; unset
+    (zero) fields take the defaults.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_CONNECTIONS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    FIRST_BYTE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    GZIP_LEVEL_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_RPS_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_BURST_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
+    RETRY_DELAY_FIELD_NUMBER: _builtins.int
+    MAX_BODY_BYTES_FIELD_NUMBER: _builtins.int
+    HEALTH_CHECK_INTERVAL_FIELD_NUMBER: _builtins.int
+    HEALTH_CHECK_TIMEOUT_FIELD_NUMBER: _builtins.int
+    IDLE_STOP_FIELD_NUMBER: _builtins.int
+    NEVER_IDLE_STOP_FIELD_NUMBER: _builtins.int
+    SCALING_FIELD_NUMBER: _builtins.int
+    max_connections: _builtins.int
+    """Concurrent requests per instance, 1-10000; more wait for none: they get
+    503. Default 100.
+    """
+    gzip_level: _builtins.int
+    """gzip level for compressible responses the local service did not encode,
+    1-9; -1 turns compression off. Default 6.
+    """
+    rate_limit_rps: _builtins.int
+    """Requests per second per instance, 1-100000. Default 1000."""
+    rate_limit_burst: _builtins.int
+    """Requests above the rate allowed in a burst, 1-100000. Default 100."""
+    retries: _builtins.int
+    """Tries to reach an agent before a request is given up with 503, 0-10; -1
+    means none. Default 3.
+    """
+    max_body_bytes: _builtins.int
+    """Largest request body, 1 KiB to 10 GiB. Default 100 MiB."""
+    never_idle_stop: _builtins.bool
+    """Never stop for idleness."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """Longest silence between chunks once a response has started, 1 s to 1 h.
+        Default 30 s.
+        """
+
+    @_builtins.property
+    def first_byte_timeout(self) -> _duration_pb2.Duration:
+        """Longest wait for a response's first byte, 1 s to 1 h. Default 5 min."""
+
+    @_builtins.property
+    def retry_delay(self) -> _duration_pb2.Duration:
+        """Wait between those tries, 10 ms to 10 s. Default 1 s."""
+
+    @_builtins.property
+    def health_check_interval(self) -> _duration_pb2.Duration:
+        """Health check period, 1 s to 10 min. Default 30 s."""
+
+    @_builtins.property
+    def health_check_timeout(self) -> _duration_pb2.Duration:
+        """Health check timeout, 100 ms to 1 min, less than the period. Default 5 s."""
+
+    @_builtins.property
+    def idle_stop(self) -> _duration_pb2.Duration:
+        """Stop the proxy after this long without a request, 1 min to 30 days.
+        Default 10 min; `never_idle_stop` turns it off.
+        """
+
+    @_builtins.property
+    def scaling(self) -> Global___ProxyScalingPolicy:
+        """When to grow and shrink."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: _builtins.int = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+        first_byte_timeout: _duration_pb2.Duration | None = ...,
+        gzip_level: _builtins.int = ...,
+        rate_limit_rps: _builtins.int = ...,
+        rate_limit_burst: _builtins.int = ...,
+        retries: _builtins.int = ...,
+        retry_delay: _duration_pb2.Duration | None = ...,
+        max_body_bytes: _builtins.int = ...,
+        health_check_interval: _duration_pb2.Duration | None = ...,
+        health_check_timeout: _duration_pb2.Duration | None = ...,
+        idle_stop: _duration_pb2.Duration | None = ...,
+        never_idle_stop: _builtins.bool = ...,
+        scaling: Global___ProxyScalingPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_byte_timeout", b"first_byte_timeout", "health_check_interval", b"health_check_interval", "health_check_timeout", b"health_check_timeout", "idle_stop", b"idle_stop", "retry_delay", b"retry_delay", "scaling", b"scaling", "timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_byte_timeout", b"first_byte_timeout", "gzip_level", b"gzip_level", "health_check_interval", b"health_check_interval", "health_check_timeout", b"health_check_timeout", "idle_stop", b"idle_stop", "max_body_bytes", b"max_body_bytes", "max_connections", b"max_connections", "never_idle_stop", b"never_idle_stop", "rate_limit_burst", b"rate_limit_burst", "rate_limit_rps", b"rate_limit_rps", "retries", b"retries", "retry_delay", b"retry_delay", "scaling", b"scaling", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyConfig: _TypeAlias = ProxyConfig  # noqa: Y015
+
+@_typing.final
+class ProxyScalingPolicy(_message.Message):
+    """When a proxy grows or shrinks. Unset (zero) fields take the defaults."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MIN_INSTANCES_FIELD_NUMBER: _builtins.int
+    MAX_INSTANCES_FIELD_NUMBER: _builtins.int
+    TARGET_CPU_PERCENT_FIELD_NUMBER: _builtins.int
+    SCALE_UP_CPU_PERCENT_FIELD_NUMBER: _builtins.int
+    SCALE_DOWN_CPU_PERCENT_FIELD_NUMBER: _builtins.int
+    MAX_STREAMS_PER_INSTANCE_FIELD_NUMBER: _builtins.int
+    SCALE_UP_COOLDOWN_FIELD_NUMBER: _builtins.int
+    SCALE_DOWN_COOLDOWN_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    min_instances: _builtins.int
+    """Fewest instances, 1-10. Default 1."""
+    max_instances: _builtins.int
+    """Most instances, `min_instances`-10. Default 10."""
+    target_cpu_percent: _builtins.int
+    """CPU percent the autoscaler aims at, 1-100. Default 70."""
+    scale_up_cpu_percent: _builtins.int
+    """Grow above this average CPU percent. Default 80."""
+    scale_down_cpu_percent: _builtins.int
+    """Shrink below this average CPU percent. Default 30."""
+    max_streams_per_instance: _builtins.int
+    """In-flight streams per instance above which it counts as busy, 1-100000.
+    Default 500.
+    """
+    dry_run: _builtins.bool
+    """Record decisions as scaling events without acting on them."""
+    @_builtins.property
+    def scale_up_cooldown(self) -> _duration_pb2.Duration:
+        """Least time between two growths, 0 s to 1 h. Default 60 s."""
+
+    @_builtins.property
+    def scale_down_cooldown(self) -> _duration_pb2.Duration:
+        """Least time between two shrinks, 0 s to 1 h. Default 300 s."""
+
+    def __init__(
+        self,
+        *,
+        min_instances: _builtins.int = ...,
+        max_instances: _builtins.int = ...,
+        target_cpu_percent: _builtins.int = ...,
+        scale_up_cpu_percent: _builtins.int = ...,
+        scale_down_cpu_percent: _builtins.int = ...,
+        max_streams_per_instance: _builtins.int = ...,
+        scale_up_cooldown: _duration_pb2.Duration | None = ...,
+        scale_down_cooldown: _duration_pb2.Duration | None = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["scale_down_cooldown", b"scale_down_cooldown", "scale_up_cooldown", b"scale_up_cooldown"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "max_instances", b"max_instances", "max_streams_per_instance", b"max_streams_per_instance", "min_instances", b"min_instances", "scale_down_cooldown", b"scale_down_cooldown", "scale_down_cpu_percent", b"scale_down_cpu_percent", "scale_up_cooldown", b"scale_up_cooldown", "scale_up_cpu_percent", b"scale_up_cpu_percent", "target_cpu_percent", b"target_cpu_percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyScalingPolicy: _TypeAlias = ProxyScalingPolicy  # noqa: Y015
+
+@_typing.final
+class ProxyConfigRevision(_message.Message):
+    """A proxy's config as one revision set it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    RESTORED_VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`users/{user}/proxies/{proxy}/configRevisions/{version}`."""
+    version: _builtins.int
+    """The revision, from 1."""
+    actor: _builtins.str
+    """Who: `users/{user}`, or empty for the system."""
+    restored_version: _builtins.int
+    """For a rollback, the revision whose config it restored (else 0)."""
+    @_builtins.property
+    def config(self) -> Global___ProxyConfig:
+        """The config it set."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        config: Global___ProxyConfig | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        restored_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "config", b"config", "create_time", b"create_time", "name", b"name", "restored_version", b"restored_version", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyConfigRevision: _TypeAlias = ProxyConfigRevision  # noqa: Y015
+
+@_typing.final
+class ProxyScalingEvent(_message.Message):
+    """One scaling decision, with what it was based on."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Trigger:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _TriggerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ProxyScalingEvent._Trigger.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        TRIGGER_UNSPECIFIED: ProxyScalingEvent._Trigger.ValueType  # 0
+        """Not set."""
+        TRIGGER_LOAD: ProxyScalingEvent._Trigger.ValueType  # 1
+        """The autoscaler, on CPU and in-flight streams."""
+        TRIGGER_MANUAL: ProxyScalingEvent._Trigger.ValueType  # 2
+        """ScaleProxy."""
+
+    class Trigger(_Trigger, metaclass=_TriggerEnumTypeWrapper):
+        """What asked for it."""
+
+    TRIGGER_UNSPECIFIED: ProxyScalingEvent.Trigger.ValueType  # 0
+    """Not set."""
+    TRIGGER_LOAD: ProxyScalingEvent.Trigger.ValueType  # 1
+    """The autoscaler, on CPU and in-flight streams."""
+    TRIGGER_MANUAL: ProxyScalingEvent.Trigger.ValueType  # 2
+    """ScaleProxy."""
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    FROM_INSTANCES_FIELD_NUMBER: _builtins.int
+    TO_INSTANCES_FIELD_NUMBER: _builtins.int
+    APPLIED_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CPU_PERCENT_FIELD_NUMBER: _builtins.int
+    STREAMS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`users/{user}/proxies/{proxy}/scalingEvents/{event}`."""
+    trigger: Global___ProxyScalingEvent.Trigger.ValueType
+    """What asked for it."""
+    from_instances: _builtins.int
+    """Instances before."""
+    to_instances: _builtins.int
+    """Instances decided."""
+    applied: _builtins.bool
+    """False when it was only recorded (dry run, or `validate_only`)."""
+    reason: _builtins.str
+    """Why, in words."""
+    cpu_percent: _builtins.float
+    """Average CPU percent over the instances when decided; -1 when not measured."""
+    streams: _builtins.int
+    """In-flight streams over the instances when decided."""
+    actor: _builtins.str
+    """Who, for a manual one: `users/{user}`."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        trigger: Global___ProxyScalingEvent.Trigger.ValueType = ...,
+        from_instances: _builtins.int = ...,
+        to_instances: _builtins.int = ...,
+        applied: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        cpu_percent: _builtins.float = ...,
+        streams: _builtins.int = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "applied", b"applied", "cpu_percent", b"cpu_percent", "create_time", b"create_time", "from_instances", b"from_instances", "name", b"name", "reason", b"reason", "streams", b"streams", "to_instances", b"to_instances", "trigger", b"trigger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyScalingEvent: _TypeAlias = ProxyScalingEvent  # noqa: Y015
+
+@_typing.final
+class StartProxyRequest(_message.Message):
+    """Request for StartProxy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PROXY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The owner, `users/{user}` or `users/me`."""
+    request_id: _builtins.str
+    """Makes a retried call safe: at most 64 characters."""
+    @_builtins.property
+    def proxy(self) -> Global___Proxy:
+        """The proxy's display name and config (both optional)."""
+
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        proxy: Global___Proxy | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["proxy", b"proxy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["parent", b"parent", "proxy", b"proxy", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartProxyRequest: _TypeAlias = StartProxyRequest  # noqa: Y015
+
+@_typing.final
+class GetProxyRequest(_message.Message):
+    """Request for GetProxy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The proxy."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProxyRequest: _TypeAlias = GetProxyRequest  # noqa: Y015
+
+@_typing.final
+class ListProxiesRequest(_message.Message):
+    """Request for ListProxies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    ORDER_BY_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The owner, `users/{user}` or `users/me`."""
+    page_size: _builtins.int
+    """Maximum proxies to return. Default 50, coerced to at most 1000; negative
+    is an error.
+    """
+    page_token: _builtins.str
+    """`next_page_token` of a previous call with the same filter and order."""
+    filter: _builtins.str
+    """AIP-160 filter, for example `state = "running"`."""
+    order_by: _builtins.str
+    """Comma-separated fields with optional ` desc`. Default `create_time`."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        filter: _builtins.str = ...,
+        order_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProxiesRequest: _TypeAlias = ListProxiesRequest  # noqa: Y015
+
+@_typing.final
+class ListProxiesResponse(_message.Message):
+    """Response for ListProxies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROXIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def proxies(self) -> _containers.RepeatedCompositeFieldContainer[Global___Proxy]:
+        """The page of proxies."""
+
+    def __init__(
+        self,
+        *,
+        proxies: _abc.Iterable[Global___Proxy] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "proxies", b"proxies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProxiesResponse: _TypeAlias = ListProxiesResponse  # noqa: Y015
+
+@_typing.final
+class StopProxyRequest(_message.Message):
+    """Request for StopProxy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The proxy."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopProxyRequest: _TypeAlias = StopProxyRequest  # noqa: Y015
+
+@_typing.final
+class UpdateProxyRequest(_message.Message):
+    """Request for UpdateProxy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROXY_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def proxy(self) -> Global___Proxy:
+        """The proxy, with `name` and the new values of the fields in the mask."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change: `display_name`, `config` (all of it) or
+        `config.{field}`, `config.scaling.{field}`; `*` for all.
+        """
+
+    def __init__(
+        self,
+        *,
+        proxy: Global___Proxy | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["proxy", b"proxy", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["proxy", b"proxy", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateProxyRequest: _TypeAlias = UpdateProxyRequest  # noqa: Y015
+
+@_typing.final
+class ListProxyConfigRevisionsRequest(_message.Message):
+    """Request for ListProxyConfigRevisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The proxy."""
+    page_size: _builtins.int
+    """Maximum revisions to return. Default 50, coerced to at most 1000."""
+    page_token: _builtins.str
+    """`next_page_token` of a previous call."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProxyConfigRevisionsRequest: _TypeAlias = ListProxyConfigRevisionsRequest  # noqa: Y015
+
+@_typing.final
+class ListProxyConfigRevisionsResponse(_message.Message):
+    """Response for ListProxyConfigRevisions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISIONS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def revisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProxyConfigRevision]:
+        """The page of revisions, newest first."""
+
+    def __init__(
+        self,
+        *,
+        revisions: _abc.Iterable[Global___ProxyConfigRevision] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "revisions", b"revisions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProxyConfigRevisionsResponse: _TypeAlias = ListProxyConfigRevisionsResponse  # noqa: Y015
+
+@_typing.final
+class RollbackProxyConfigRequest(_message.Message):
+    """Request for RollbackProxyConfig."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The proxy."""
+    version: _builtins.int
+    """The revision whose config becomes current again."""
+    etag: _builtins.str
+    """The proxy's etag, to roll back only the version read."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollbackProxyConfigRequest: _TypeAlias = RollbackProxyConfigRequest  # noqa: Y015
+
+@_typing.final
+class ScaleProxyRequest(_message.Message):
+    """Request for ScaleProxy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The proxy."""
+    instances: _builtins.int
+    """The instance count, within the policy's `min_instances`-`max_instances`."""
+    validate_only: _builtins.bool
+    """Record the decision without acting on it."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        instances: _builtins.int = ...,
+        validate_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "name", b"name", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScaleProxyRequest: _TypeAlias = ScaleProxyRequest  # noqa: Y015
+
+@_typing.final
+class ListProxyScalingEventsRequest(_message.Message):
+    """Request for ListProxyScalingEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The proxy."""
+    page_size: _builtins.int
+    """Maximum events to return. Default 50, coerced to at most 1000."""
+    page_token: _builtins.str
+    """`next_page_token` of a previous call."""
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProxyScalingEventsRequest: _TypeAlias = ListProxyScalingEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListProxyScalingEventsResponse(_message.Message):
+    """Response for ListProxyScalingEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProxyScalingEvent]:
+        """The page of events, newest first."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___ProxyScalingEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProxyScalingEventsResponse: _TypeAlias = ListProxyScalingEventsResponse  # noqa: Y015

@@ -53,6 +53,51 @@ class ProxyServiceStub:
                 request_serializer=tunnelplane_dot_v1_dot_proxies__pb2.AuthorizeAgentLinkRequest.SerializeToString,
                 response_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.AgentLinkGrant.FromString,
                 _registered_method=True)
+        self.StartProxy = channel.unary_unary(
+                '/tunnelplane.v1.ProxyService/StartProxy',
+                request_serializer=tunnelplane_dot_v1_dot_proxies__pb2.StartProxyRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.Proxy.FromString,
+                _registered_method=True)
+        self.GetProxy = channel.unary_unary(
+                '/tunnelplane.v1.ProxyService/GetProxy',
+                request_serializer=tunnelplane_dot_v1_dot_proxies__pb2.GetProxyRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.Proxy.FromString,
+                _registered_method=True)
+        self.ListProxies = channel.unary_unary(
+                '/tunnelplane.v1.ProxyService/ListProxies',
+                request_serializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxiesRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxiesResponse.FromString,
+                _registered_method=True)
+        self.StopProxy = channel.unary_unary(
+                '/tunnelplane.v1.ProxyService/StopProxy',
+                request_serializer=tunnelplane_dot_v1_dot_proxies__pb2.StopProxyRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.Proxy.FromString,
+                _registered_method=True)
+        self.UpdateProxy = channel.unary_unary(
+                '/tunnelplane.v1.ProxyService/UpdateProxy',
+                request_serializer=tunnelplane_dot_v1_dot_proxies__pb2.UpdateProxyRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.Proxy.FromString,
+                _registered_method=True)
+        self.ListProxyConfigRevisions = channel.unary_unary(
+                '/tunnelplane.v1.ProxyService/ListProxyConfigRevisions',
+                request_serializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxyConfigRevisionsRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxyConfigRevisionsResponse.FromString,
+                _registered_method=True)
+        self.RollbackProxyConfig = channel.unary_unary(
+                '/tunnelplane.v1.ProxyService/RollbackProxyConfig',
+                request_serializer=tunnelplane_dot_v1_dot_proxies__pb2.RollbackProxyConfigRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.Proxy.FromString,
+                _registered_method=True)
+        self.ScaleProxy = channel.unary_unary(
+                '/tunnelplane.v1.ProxyService/ScaleProxy',
+                request_serializer=tunnelplane_dot_v1_dot_proxies__pb2.ScaleProxyRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.Proxy.FromString,
+                _registered_method=True)
+        self.ListProxyScalingEvents = channel.unary_unary(
+                '/tunnelplane.v1.ProxyService/ListProxyScalingEvents',
+                request_serializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxyScalingEventsRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxyScalingEventsResponse.FromString,
+                _registered_method=True)
 
 
 class ProxyServiceServicer:
@@ -93,6 +138,81 @@ class ProxyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartProxy(self, request, context):
+        """Starts a proxy of the user's own: instances (local processes, or a
+        Kubernetes Deployment) that serve the user's tunnels and nobody else's.
+        The new proxy is `provisioning` until every instance answers its health
+        checks, then `running`. At most `TP_MAX_PROXIES_PER_USER` active proxies
+        per user. A retried call with the same `request_id` returns the same
+        proxy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProxy(self, request, context):
+        """Returns a proxy with its instances.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProxies(self, request, context):
+        """Lists a user's proxies, stopped ones included.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopProxy(self, request, context):
+        """Stops a proxy: it becomes `stopping`, its instances go away, then it is
+        `stopped` (final). Stopping a stopped or failed proxy returns it as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateProxy(self, request, context):
+        """Changes a proxy's display name or config (AIP-134: the fields the mask
+        names, e.g. `config.timeout`). A config change is validated as a whole,
+        stored as a new revision (`config_version` + 1) and pushed live to the
+        running instances.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProxyConfigRevisions(self, request, context):
+        """Lists a proxy's config revisions, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackProxyConfig(self, request, context):
+        """Makes an earlier revision's config the current one again, as a new
+        revision that records which one it rolled back to; pushed live.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScaleProxy(self, request, context):
+        """Sets how many instances a running proxy has, within its scaling policy's
+        bounds; recorded as a scaling event. With `validate_only` (or a policy in
+        dry-run mode) the event is recorded and nothing changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProxyScalingEvents(self, request, context):
+        """Lists a proxy's scaling decisions, newest first, each with its inputs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProxyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +225,51 @@ def add_ProxyServiceServicer_to_server(servicer, server):
                     servicer.AuthorizeAgentLink,
                     request_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.AuthorizeAgentLinkRequest.FromString,
                     response_serializer=tunnelplane_dot_v1_dot_proxies__pb2.AgentLinkGrant.SerializeToString,
+            ),
+            'StartProxy': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartProxy,
+                    request_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.StartProxyRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_proxies__pb2.Proxy.SerializeToString,
+            ),
+            'GetProxy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProxy,
+                    request_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.GetProxyRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_proxies__pb2.Proxy.SerializeToString,
+            ),
+            'ListProxies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProxies,
+                    request_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxiesRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxiesResponse.SerializeToString,
+            ),
+            'StopProxy': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopProxy,
+                    request_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.StopProxyRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_proxies__pb2.Proxy.SerializeToString,
+            ),
+            'UpdateProxy': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateProxy,
+                    request_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.UpdateProxyRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_proxies__pb2.Proxy.SerializeToString,
+            ),
+            'ListProxyConfigRevisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProxyConfigRevisions,
+                    request_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxyConfigRevisionsRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxyConfigRevisionsResponse.SerializeToString,
+            ),
+            'RollbackProxyConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackProxyConfig,
+                    request_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.RollbackProxyConfigRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_proxies__pb2.Proxy.SerializeToString,
+            ),
+            'ScaleProxy': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleProxy,
+                    request_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.ScaleProxyRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_proxies__pb2.Proxy.SerializeToString,
+            ),
+            'ListProxyScalingEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProxyScalingEvents,
+                    request_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxyScalingEventsRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxyScalingEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -170,6 +335,249 @@ class ProxyService:
             '/tunnelplane.v1.ProxyService/AuthorizeAgentLink',
             tunnelplane_dot_v1_dot_proxies__pb2.AuthorizeAgentLinkRequest.SerializeToString,
             tunnelplane_dot_v1_dot_proxies__pb2.AgentLinkGrant.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartProxy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.ProxyService/StartProxy',
+            tunnelplane_dot_v1_dot_proxies__pb2.StartProxyRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_proxies__pb2.Proxy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProxy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.ProxyService/GetProxy',
+            tunnelplane_dot_v1_dot_proxies__pb2.GetProxyRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_proxies__pb2.Proxy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProxies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.ProxyService/ListProxies',
+            tunnelplane_dot_v1_dot_proxies__pb2.ListProxiesRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_proxies__pb2.ListProxiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopProxy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.ProxyService/StopProxy',
+            tunnelplane_dot_v1_dot_proxies__pb2.StopProxyRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_proxies__pb2.Proxy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateProxy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.ProxyService/UpdateProxy',
+            tunnelplane_dot_v1_dot_proxies__pb2.UpdateProxyRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_proxies__pb2.Proxy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProxyConfigRevisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.ProxyService/ListProxyConfigRevisions',
+            tunnelplane_dot_v1_dot_proxies__pb2.ListProxyConfigRevisionsRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_proxies__pb2.ListProxyConfigRevisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackProxyConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.ProxyService/RollbackProxyConfig',
+            tunnelplane_dot_v1_dot_proxies__pb2.RollbackProxyConfigRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_proxies__pb2.Proxy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleProxy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.ProxyService/ScaleProxy',
+            tunnelplane_dot_v1_dot_proxies__pb2.ScaleProxyRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_proxies__pb2.Proxy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProxyScalingEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.ProxyService/ListProxyScalingEvents',
+            tunnelplane_dot_v1_dot_proxies__pb2.ListProxyScalingEventsRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_proxies__pb2.ListProxyScalingEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,41 @@ class ProxyServiceStub:
     AgentService.Connect checks it. A key bound to another tunnel, or of a
     user who may not carry this tunnel, is refused (PERMISSION_DENIED).
     """
+    StartProxy: _grpc.UnaryUnaryMultiCallable[_proxies_pb2.StartProxyRequest, _proxies_pb2.Proxy]
+    """Starts a proxy of the user's own: instances (local processes, or a
+    Kubernetes Deployment) that serve the user's tunnels and nobody else's.
+    The new proxy is `provisioning` until every instance answers its health
+    checks, then `running`. At most `TP_MAX_PROXIES_PER_USER` active proxies
+    per user. A retried call with the same `request_id` returns the same
+    proxy.
+    """
+    GetProxy: _grpc.UnaryUnaryMultiCallable[_proxies_pb2.GetProxyRequest, _proxies_pb2.Proxy]
+    """Returns a proxy with its instances."""
+    ListProxies: _grpc.UnaryUnaryMultiCallable[_proxies_pb2.ListProxiesRequest, _proxies_pb2.ListProxiesResponse]
+    """Lists a user's proxies, stopped ones included."""
+    StopProxy: _grpc.UnaryUnaryMultiCallable[_proxies_pb2.StopProxyRequest, _proxies_pb2.Proxy]
+    """Stops a proxy: it becomes `stopping`, its instances go away, then it is
+    `stopped` (final). Stopping a stopped or failed proxy returns it as it is.
+    """
+    UpdateProxy: _grpc.UnaryUnaryMultiCallable[_proxies_pb2.UpdateProxyRequest, _proxies_pb2.Proxy]
+    """Changes a proxy's display name or config (AIP-134: the fields the mask
+    names, e.g. `config.timeout`). A config change is validated as a whole,
+    stored as a new revision (`config_version` + 1) and pushed live to the
+    running instances.
+    """
+    ListProxyConfigRevisions: _grpc.UnaryUnaryMultiCallable[_proxies_pb2.ListProxyConfigRevisionsRequest, _proxies_pb2.ListProxyConfigRevisionsResponse]
+    """Lists a proxy's config revisions, newest first."""
+    RollbackProxyConfig: _grpc.UnaryUnaryMultiCallable[_proxies_pb2.RollbackProxyConfigRequest, _proxies_pb2.Proxy]
+    """Makes an earlier revision's config the current one again, as a new
+    revision that records which one it rolled back to; pushed live.
+    """
+    ScaleProxy: _grpc.UnaryUnaryMultiCallable[_proxies_pb2.ScaleProxyRequest, _proxies_pb2.Proxy]
+    """Sets how many instances a running proxy has, within its scaling policy's
+    bounds; recorded as a scaling event. With `validate_only` (or a policy in
+    dry-run mode) the event is recorded and nothing changes.
+    """
+    ListProxyScalingEvents: _grpc.UnaryUnaryMultiCallable[_proxies_pb2.ListProxyScalingEventsRequest, _proxies_pb2.ListProxyScalingEventsResponse]
+    """Lists a proxy's scaling decisions, newest first, each with its inputs."""
 
 @_typing.type_check_only
 class ProxyServiceAsyncStub(ProxyServiceStub):
@@ -93,6 +128,41 @@ class ProxyServiceAsyncStub(ProxyServiceStub):
     AgentService.Connect checks it. A key bound to another tunnel, or of a
     user who may not carry this tunnel, is refused (PERMISSION_DENIED).
     """
+    StartProxy: _aio.UnaryUnaryMultiCallable[_proxies_pb2.StartProxyRequest, _proxies_pb2.Proxy]  # type: ignore[assignment]
+    """Starts a proxy of the user's own: instances (local processes, or a
+    Kubernetes Deployment) that serve the user's tunnels and nobody else's.
+    The new proxy is `provisioning` until every instance answers its health
+    checks, then `running`. At most `TP_MAX_PROXIES_PER_USER` active proxies
+    per user. A retried call with the same `request_id` returns the same
+    proxy.
+    """
+    GetProxy: _aio.UnaryUnaryMultiCallable[_proxies_pb2.GetProxyRequest, _proxies_pb2.Proxy]  # type: ignore[assignment]
+    """Returns a proxy with its instances."""
+    ListProxies: _aio.UnaryUnaryMultiCallable[_proxies_pb2.ListProxiesRequest, _proxies_pb2.ListProxiesResponse]  # type: ignore[assignment]
+    """Lists a user's proxies, stopped ones included."""
+    StopProxy: _aio.UnaryUnaryMultiCallable[_proxies_pb2.StopProxyRequest, _proxies_pb2.Proxy]  # type: ignore[assignment]
+    """Stops a proxy: it becomes `stopping`, its instances go away, then it is
+    `stopped` (final). Stopping a stopped or failed proxy returns it as it is.
+    """
+    UpdateProxy: _aio.UnaryUnaryMultiCallable[_proxies_pb2.UpdateProxyRequest, _proxies_pb2.Proxy]  # type: ignore[assignment]
+    """Changes a proxy's display name or config (AIP-134: the fields the mask
+    names, e.g. `config.timeout`). A config change is validated as a whole,
+    stored as a new revision (`config_version` + 1) and pushed live to the
+    running instances.
+    """
+    ListProxyConfigRevisions: _aio.UnaryUnaryMultiCallable[_proxies_pb2.ListProxyConfigRevisionsRequest, _proxies_pb2.ListProxyConfigRevisionsResponse]  # type: ignore[assignment]
+    """Lists a proxy's config revisions, newest first."""
+    RollbackProxyConfig: _aio.UnaryUnaryMultiCallable[_proxies_pb2.RollbackProxyConfigRequest, _proxies_pb2.Proxy]  # type: ignore[assignment]
+    """Makes an earlier revision's config the current one again, as a new
+    revision that records which one it rolled back to; pushed live.
+    """
+    ScaleProxy: _aio.UnaryUnaryMultiCallable[_proxies_pb2.ScaleProxyRequest, _proxies_pb2.Proxy]  # type: ignore[assignment]
+    """Sets how many instances a running proxy has, within its scaling policy's
+    bounds; recorded as a scaling event. With `validate_only` (or a policy in
+    dry-run mode) the event is recorded and nothing changes.
+    """
+    ListProxyScalingEvents: _aio.UnaryUnaryMultiCallable[_proxies_pb2.ListProxyScalingEventsRequest, _proxies_pb2.ListProxyScalingEventsResponse]  # type: ignore[assignment]
+    """Lists a proxy's scaling decisions, newest first, each with its inputs."""
 
 class ProxyServiceServicer(metaclass=_abc_1.ABCMeta):
     """Streaming proxies: the cloud side of a tunnel.
@@ -135,5 +205,94 @@ class ProxyServiceServicer(metaclass=_abc_1.ABCMeta):
         AgentService.Connect checks it. A key bound to another tunnel, or of a
         user who may not carry this tunnel, is refused (PERMISSION_DENIED).
         """
+
+    @_abc_1.abstractmethod
+    def StartProxy(
+        self,
+        request: _proxies_pb2.StartProxyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_proxies_pb2.Proxy, _abc.Awaitable[_proxies_pb2.Proxy]]:
+        """Starts a proxy of the user's own: instances (local processes, or a
+        Kubernetes Deployment) that serve the user's tunnels and nobody else's.
+        The new proxy is `provisioning` until every instance answers its health
+        checks, then `running`. At most `TP_MAX_PROXIES_PER_USER` active proxies
+        per user. A retried call with the same `request_id` returns the same
+        proxy.
+        """
+
+    @_abc_1.abstractmethod
+    def GetProxy(
+        self,
+        request: _proxies_pb2.GetProxyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_proxies_pb2.Proxy, _abc.Awaitable[_proxies_pb2.Proxy]]:
+        """Returns a proxy with its instances."""
+
+    @_abc_1.abstractmethod
+    def ListProxies(
+        self,
+        request: _proxies_pb2.ListProxiesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_proxies_pb2.ListProxiesResponse, _abc.Awaitable[_proxies_pb2.ListProxiesResponse]]:
+        """Lists a user's proxies, stopped ones included."""
+
+    @_abc_1.abstractmethod
+    def StopProxy(
+        self,
+        request: _proxies_pb2.StopProxyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_proxies_pb2.Proxy, _abc.Awaitable[_proxies_pb2.Proxy]]:
+        """Stops a proxy: it becomes `stopping`, its instances go away, then it is
+        `stopped` (final). Stopping a stopped or failed proxy returns it as it is.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateProxy(
+        self,
+        request: _proxies_pb2.UpdateProxyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_proxies_pb2.Proxy, _abc.Awaitable[_proxies_pb2.Proxy]]:
+        """Changes a proxy's display name or config (AIP-134: the fields the mask
+        names, e.g. `config.timeout`). A config change is validated as a whole,
+        stored as a new revision (`config_version` + 1) and pushed live to the
+        running instances.
+        """
+
+    @_abc_1.abstractmethod
+    def ListProxyConfigRevisions(
+        self,
+        request: _proxies_pb2.ListProxyConfigRevisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_proxies_pb2.ListProxyConfigRevisionsResponse, _abc.Awaitable[_proxies_pb2.ListProxyConfigRevisionsResponse]]:
+        """Lists a proxy's config revisions, newest first."""
+
+    @_abc_1.abstractmethod
+    def RollbackProxyConfig(
+        self,
+        request: _proxies_pb2.RollbackProxyConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_proxies_pb2.Proxy, _abc.Awaitable[_proxies_pb2.Proxy]]:
+        """Makes an earlier revision's config the current one again, as a new
+        revision that records which one it rolled back to; pushed live.
+        """
+
+    @_abc_1.abstractmethod
+    def ScaleProxy(
+        self,
+        request: _proxies_pb2.ScaleProxyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_proxies_pb2.Proxy, _abc.Awaitable[_proxies_pb2.Proxy]]:
+        """Sets how many instances a running proxy has, within its scaling policy's
+        bounds; recorded as a scaling event. With `validate_only` (or a policy in
+        dry-run mode) the event is recorded and nothing changes.
+        """
+
+    @_abc_1.abstractmethod
+    def ListProxyScalingEvents(
+        self,
+        request: _proxies_pb2.ListProxyScalingEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_proxies_pb2.ListProxyScalingEventsResponse, _abc.Awaitable[_proxies_pb2.ListProxyScalingEventsResponse]]:
+        """Lists a proxy's scaling decisions, newest first, each with its inputs."""
 
 def add_ProxyServiceServicer_to_server(servicer: ProxyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -12,7 +12,9 @@ import time
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 BODY_LENGTH = 26
-PREFIXES = frozenset({"usr", "ses", "rtk", "key", "aud", "tun", "evt", "lnk", "whk", "dlv", "opr"})
+PREFIXES = frozenset(
+    {"usr", "ses", "rtk", "key", "aud", "tun", "evt", "lnk", "whk", "dlv", "opr", "prx", "pse"}
+)
 _ID = re.compile(rf"^([a-z]{{3}})_([{_ALPHABET}]{{{BODY_LENGTH}}})$")
 
 

@@ -22,6 +22,15 @@ EVENT_TYPES = frozenset(
         "tunnel.deleted",
         "endpoint.disabled",
         "webhook.test",
+        "proxy.started",
+        "proxy.state_changed",
+        "proxy.recovered",
+        "proxy.instance_restarted",
+        "proxy.failed",
+        "proxy.stopped",
+        "proxy.scaled",
+        "proxy.config_changed",
+        "proxy.updated",
     }
 )
 

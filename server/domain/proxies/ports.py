@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Sequence
-from datetime import date
+from datetime import datetime
 from typing import Protocol
 
 from server.domain.common.listing import ListQuery
@@ -38,8 +38,18 @@ class ProxyRepository(Protocol):
     async def count_active(self, user_id: str) -> int: ...
     async def add(self, proxy: Proxy) -> None: ...
     async def save(self, proxy: Proxy, expected_version: int) -> Proxy: ...
+    async def save_instances(
+        self, proxy_id: str, instances: Sequence[Instance], last_active_time: datetime
+    ) -> None:
+        """Write the instances' bookkeeping and the last activity, the version kept (health
+        checks are not changes an etag guards)."""
+        ...
+
     async def list(self, user_id: str, query: ListQuery) -> builtins.list[Proxy]: ...
-    async def active(self) -> builtins.list[Proxy]: ...
+    async def active(self, user_id: str = "") -> builtins.list[Proxy]:
+        """Proxies not stopped or failed: of ``user_id``, or ("") of every user."""
+        ...
+
     async def add_revision(self, revision: ConfigRevision) -> None: ...
     async def revision(self, proxy_id: str, version: int) -> ConfigRevision | None: ...
     async def revisions(self, proxy_id: str, query: ListQuery) -> builtins.list[ConfigRevision]: ...
@@ -50,18 +60,6 @@ class ProxyRepository(Protocol):
     async def last_scaling(
         self, proxy_id: str, applied_only: bool = True
     ) -> ScalingEvent | None: ...
-    async def add_usage(
-        self,
-        user_id: str,
-        day: date,
-        requests: int,
-        bytes_in: int,
-        bytes_out: int,
-        stream_seconds: float,
-    ) -> None: ...
-    async def usage(
-        self, user_id: str, first: date, last: date
-    ) -> builtins.list[tuple[date, int, int, int, float]]: ...
 
 
 class Provisioner(Protocol):

@@ -1,0 +1,1 @@
+"""Proxies in SQL: the resources, their config revisions and scaling events."""

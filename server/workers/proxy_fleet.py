@@ -1,0 +1,199 @@
+"""The fleet loop: makes users' proxies' instances match what is stored, and keeps them
+healthy.
+
+Each round, for every proxy not stopped or failed: a stopping one has its instances
+removed and becomes ``stopped``; otherwise the provisioner is asked to run the desired
+count (idempotent), and when checks are due each instance's admin side is asked for its
+health and load, a config it does not have yet is pushed to it, unhealthy instances are
+restarted after their back-off, an idle proxy is stopped and the autoscaler decides.
+Checks run every second while an instance is not yet healthy, then at the config's
+period. Proxies are tended concurrently; one failing does not hold up the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import UTC, datetime
+
+import aiohttp
+
+from server.domain.proxies.config import Load
+from server.domain.proxies.lifecycle import restart_due
+from server.domain.proxies.model import Instance, InstanceHealth, Pool, Proxy, ProxyState
+from server.domain.proxies.ports import Provisioner
+from server.domain.proxies.upkeep import Check, ProxyUpkeep
+from server.workers.supervisor import Backoff, Loop
+
+log = logging.getLogger("tunnelplane.workers.proxy_fleet")
+
+#: Check period while an instance is coming up (or down).
+FAST_CHECKS = 1.0
+
+
+def admin_tokens(key: bytes) -> Callable[[str], str]:
+    """Each proxy's admin token, derived from ``key`` (so every replica of the server
+    knows it, and a restarted one still does)."""
+
+    def token(proxy_id: str) -> str:
+        return hmac.new(key, f"proxy-admin:{proxy_id}".encode(), hashlib.sha256).hexdigest()
+
+    return token
+
+
+class ProxyFleetLoop:
+    """One round of the fleet loop per :meth:`step`."""
+
+    def __init__(
+        self,
+        upkeep: ProxyUpkeep,
+        provisioner: Provisioner,
+        token: Callable[[str], str],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._upkeep = upkeep
+        self._provisioner = provisioner
+        self._token = token
+        self._clock = clock
+        self._next_check: dict[str, float] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def step(self) -> float | None:
+        """Tend every proxy once."""
+        proxies = await self._upkeep.active()
+        for stale in set(self._next_check) - {p.id for p in proxies}:
+            del self._next_check[stale]
+        await asyncio.gather(*(self._guarded(p) for p in proxies))
+        return None
+
+    async def close(self) -> None:
+        """Stop every instance and let go of the HTTP pool."""
+        await self._provisioner.close()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _guarded(self, proxy: Proxy) -> None:
+        try:
+            await self.tend(proxy)
+        except Exception:
+            log.exception("tending a proxy failed", extra={"proxy": proxy.name})
+
+    async def tend(self, proxy: Proxy) -> None:
+        """One round for one proxy."""
+        if proxy.state is ProxyState.STOPPING:
+            await self._provisioner.remove(proxy.id)
+            await self._upkeep.stopped(proxy.id)
+            return
+        pool = Pool(
+            proxy.id, proxy.user_id, proxy.desired_instances, proxy.config, proxy.config_version
+        )
+        placed = await self._provisioner.apply(pool, self._token(proxy.id))
+        current = await self._upkeep.placed(proxy.id, placed)
+        if current is None or not await self._alive(current):
+            return
+        if self._clock() < self._next_check.get(proxy.id, 0.0):
+            return
+        checks = await self._check_all(current)
+        current = await self._upkeep.checked(proxy.id, checks)
+        if current is None or not await self._alive(current):
+            return
+        self._schedule(current)
+        await self._restart_unhealthy(current)
+        if await self._upkeep.stop_if_idle(current):
+            return
+        answered = [c for c in checks.values() if c.ok]
+        cpu = [c.cpu_percent for c in answered if c.cpu_percent >= 0]
+        load = Load(sum(cpu) / len(cpu) if cpu else -1.0, sum(c.streams for c in answered))
+        event = await self._upkeep.autoscale(proxy.id, load)
+        if event is not None:
+            log.info("proxy scaling decision", extra={"proxy": proxy.name,
+                     "to": event.to_instances, "applied": event.applied})  # fmt: skip
+
+    async def _alive(self, proxy: Proxy) -> bool:
+        """Whether the proxy still runs; a failed one has its instances removed."""
+        if proxy.state is ProxyState.FAILED:
+            await self._provisioner.remove(proxy.id)
+            return False
+        return proxy.active
+
+    def _schedule(self, proxy: Proxy) -> None:
+        settling = proxy.state is ProxyState.PROVISIONING or any(
+            i.health is not InstanceHealth.HEALTHY for i in proxy.instances
+        )
+        period = FAST_CHECKS if settling else proxy.config.health_check_interval
+        self._next_check[proxy.id] = self._clock() + period
+
+    async def _restart_unhealthy(self, proxy: Proxy) -> None:
+        now = datetime.now(UTC)
+        due = [i for i in proxy.instances if restart_due(i, now)]
+        for instance in due:
+            facts = {"proxy": proxy.name, "instance": instance.id, "error": instance.last_error}
+            log.warning("restarting an unhealthy proxy instance", extra=facts)
+            await self._provisioner.restart(proxy.id, instance.id)
+        if due:
+            await self._upkeep.placed(proxy.id, await self._provisioner.instances(proxy.id))
+
+    async def _check_all(self, proxy: Proxy) -> dict[str, Check]:
+        results = await asyncio.gather(*(self._check(proxy, i) for i in proxy.instances))
+        return {i.id: r for i, r in zip(proxy.instances, results, strict=True)}
+
+    async def _check(self, proxy: Proxy, instance: Instance) -> Check:
+        """Ask one instance for its health; push the proxy's config if it has an older one."""
+        headers = {"Authorization": f"Bearer {self._token(proxy.id)}"}
+        timeout = aiohttp.ClientTimeout(total=proxy.config.health_check_timeout)
+        session = self._http()
+        try:
+            url = f"{instance.admin_url}/_proxy/health"
+            async with session.get(url, headers=headers, timeout=timeout) as response:
+                if response.status != 200:
+                    return Check(ok=False, error=f"health check answered {response.status}")
+                health = await response.json()
+            if health.get("config_version") != proxy.config_version:
+                await self._push(proxy, instance, headers, limit=timeout)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            return Check(ok=False, error=_describe(exc))
+        last = health.get("last_request_time")
+        return Check(
+            ok=True,
+            degraded=health.get("status") != "SERVING",
+            cpu_percent=float(health.get("cpu_percent", -1.0)),
+            streams=int(health.get("streams", 0)),
+            last_request=datetime.fromtimestamp(last, UTC) if last else None,
+        )
+
+    async def _push(
+        self,
+        proxy: Proxy,
+        instance: Instance,
+        headers: dict[str, str],
+        *,
+        limit: aiohttp.ClientTimeout,
+    ) -> None:
+        body = {"version": proxy.config_version, "config": asdict(proxy.config)}
+        url = f"{instance.admin_url}/_proxy/config"
+        async with self._http().put(url, json=body, headers=headers, timeout=limit) as response:
+            if response.status != 200:
+                raise ValueError(f"the instance refused config {proxy.config_version}")
+        log.info("proxy config pushed", extra={"proxy": proxy.name, "instance": instance.id,
+                 "config_version": proxy.config_version})  # fmt: skip
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "health check timed out"
+    return f"health check failed: {type(exc).__name__}"
+
+
+def fleet_loop(loop: ProxyFleetLoop) -> Loop:
+    """The supervised loop: a round a second; stopping it stops every instance."""
+    return Loop("proxy-fleet", loop.step, 1.0, drain=loop.close, backoff=Backoff(cap=10.0))
