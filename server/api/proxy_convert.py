@@ -131,6 +131,9 @@ def config_of(message: X.ProxyConfig, field: str = "proxy.config") -> ProxyConfi
         values[f.name] = _value(message, f.name, getattr(DEFAULTS, f.name), field)
     idle = _value(message, "idle_stop", DEFAULTS.idle_stop, field)
     values["idle_stop"] = 0.0 if message.never_idle_stop else idle
+    if not message.HasField("health_check_timeout"):  # within a short period, by default
+        period = values["health_check_interval"]
+        values["health_check_timeout"] = min(DEFAULTS.health_check_timeout, period / 2)
     policy: dict[str, Any] = {}
     for f in fields(ScalingPolicy):
         wire = POLICY_WIRE.get(f.name, f.name)

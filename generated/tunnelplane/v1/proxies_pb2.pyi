@@ -443,7 +443,9 @@ class ProxyConfig(_message.Message):
 
     @_builtins.property
     def health_check_timeout(self) -> _duration_pb2.Duration:
-        """Health check timeout, 100 ms to 1 min, less than the period. Default 5 s."""
+        """Health check timeout, 100 ms to 1 min, less than the period. Default 5 s,
+        or half the period when that is shorter.
+        """
 
     @_builtins.property
     def idle_stop(self) -> _duration_pb2.Duration:
