@@ -6,12 +6,27 @@ loop (tests/proxy/test_fleet_processes.py runs the instances)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import httpx
 from google.protobuf import duration_pb2, field_mask_pb2
 from tunnelplane.v1 import proxies_pb2
 
-from tests.helpers import Client, TestUser, fails, reason, violations
+from server.domain.proxies.fleet import ProxyDraft
+from server.domain.proxies.model import Instance, ProxyState
+from server.domain.proxies.upkeep import Check
+from tests.conftest import Backend, own_server
+from tests.helpers import (
+    PASSWORD,
+    Client,
+    FakeClock,
+    TestUser,
+    fails,
+    reason,
+    unique_email,
+    violations,
+)
 
 X = proxies_pb2
 Mask = field_mask_pb2.FieldMask
@@ -249,3 +264,27 @@ async def test_the_journey_over_http(client: Client, http: httpx.AsyncClient) ->
     stranger = await client.new_user(tag="stranger")
     hidden = await http.get(f"/v1/{name}", headers=dict(stranger.metadata))
     assert hidden.status_code == 403
+
+
+async def test_an_idle_proxy_stops_and_served_requests_keep_it_up(
+    backend: Backend, tmp_path: Path
+) -> None:
+    clock = FakeClock()
+    async with own_server(backend, tmp_path, clock=clock) as app:
+        user = await app.identity.accounts.register(unique_email("idle"), PASSWORD, "")
+        fleet, upkeep = app.proxies.fleet, app.proxies.upkeep
+        made = await fleet.start(user.id, ProxyDraft("idle"), request_id="", actor="")
+        await upkeep.placed(made.id, [Instance(f"{made.id}-0", "http://a", "a:1", "http://a:2")])
+        for _ in range(2):
+            await upkeep.checked(made.id, {f"{made.id}-0": Check(ok=True)})
+        assert (await fleet.get(user.id, made.id)).state is ProxyState.RUNNING
+        clock.advance(500)
+        served = clock.now()
+        await upkeep.checked(made.id, {f"{made.id}-0": Check(ok=True, last_request=served)})
+        clock.advance(500)  # 1000 s since the start, 500 since the last request
+        assert not await upkeep.stop_if_idle(await fleet.get(user.id, made.id))
+        clock.advance(100)
+        assert await upkeep.stop_if_idle(await fleet.get(user.id, made.id))
+        stopped = await fleet.get(user.id, made.id)
+        assert (stopped.state, stopped.state_reason) == (ProxyState.STOPPING, "idle for 600 s")
+        assert stopped.last_active_time == served
