@@ -20,6 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
 from proxy.links import Registry
+from proxy.metrics import ProxyMetrics
 from proxy.web import WebProxy, WebSettings
 
 #: The settings a pushed config may set, with their bounds (the control plane validates
@@ -103,9 +104,11 @@ class AdminApi:
         registry: Registry,
         prometheus: CollectorRegistry,
         recent: Recent,
+        metrics: ProxyMetrics,
         config: Mapping[str, Any],
         config_version: int,
     ) -> None:
+        self._metrics = metrics
         self._token = token.encode()
         self._web = web_proxy
         self._registry = registry
@@ -121,14 +124,17 @@ class AdminApi:
             return web.Response(body=generate_latest(self._prometheus), content_type="text/plain")
         if not self._authorized(request):
             return _json({"error": "the admin token is missing or wrong"}, 401)
-        route = (request.method, request.path)
-        if route == ("GET", "/_proxy/health"):
-            return _json(self.health())
-        if route == ("PUT", "/_proxy/config"):
+        if (request.method, request.path) == ("PUT", "/_proxy/config"):
             return await self._configure(request)
-        if route == ("GET", "/_proxy/diagnostics"):
-            return _json(self.diagnostics())
-        return _json({"error": "no such admin path"}, 404)
+        reads = {
+            "/_proxy/health": self.health,
+            "/_proxy/diagnostics": self.diagnostics,
+            "/_proxy/stats": self._metrics.summary,
+        }
+        read = reads.get(request.path) if request.method == "GET" else None
+        if read is None:
+            return _json({"error": "no such admin path"}, 404)
+        return _json(read())
 
     def health(self) -> dict[str, Any]:
         """What the control plane's checks read: alive, and the load it carries."""

@@ -82,6 +82,7 @@ class ProxyApp:
             self.registry,
             self.prometheus,
             self.recent,
+            self.metrics,
             settings.config or {},
             settings.config_version,
         )

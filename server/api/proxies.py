@@ -13,6 +13,7 @@ from server.domain.common.errors import InvalidArgument
 from server.domain.common.ids import is_id
 from server.domain.common.names import user_id_of
 from server.domain.proxies.fleet import UPDATABLE_PATHS, ProxyFleet
+from server.domain.proxies.insight import ProxyInsight
 from server.domain.proxies.model import AccessDecision, Proxy, Refusal
 from server.domain.proxies.service import ProxyAccess
 from server.pipeline import Call
@@ -61,11 +62,14 @@ def actor(call: Call) -> str:
     return f"users/{caller(call)}"
 
 
-def proxy_parts(name: str, field: str, call: Call) -> tuple[str, str]:
-    """(owner id, proxy id) of ``users/{user}/proxies/{proxy}``."""
+def proxy_parts(name: str, field: str, call: Call, suffix: str = "") -> tuple[str, str]:
+    """(owner id, proxy id) of ``users/{user}/proxies/{proxy}{suffix}``."""
     parts = name.split("/")
-    if len(parts) != 4 or parts[2] != "proxies":
-        raise InvalidArgument.single(field, "must look like users/{user}/proxies/{proxy}")
+    tail = [suffix.strip("/")] if suffix else []
+    if len(parts) != 4 + len(tail) or parts[2] != "proxies" or parts[4:] != tail:
+        raise InvalidArgument.single(
+            field, f"must look like users/{{user}}/proxies/{{proxy}}{suffix}"
+        )
     owner = user_id_of("/".join(parts[:2]), field, caller(call))
     if not is_id(parts[3], "prx"):
         raise InvalidArgument.single(field, "is not a valid proxy id")
@@ -75,9 +79,10 @@ def proxy_parts(name: str, field: str, call: Call) -> tuple[str, str]:
 class ProxyApi:
     """Serves ``tunnelplane.v1.ProxyService``."""
 
-    def __init__(self, access: ProxyAccess, fleet: ProxyFleet) -> None:
+    def __init__(self, access: ProxyAccess, fleet: ProxyFleet, insight: ProxyInsight) -> None:
         self._access = access
         self._fleet = fleet
+        self._insight = insight
 
     async def CheckTunnelAccess(
         self, request: X.CheckTunnelAccessRequest, call: Call
@@ -193,6 +198,23 @@ class ProxyApi:
             events=[pc.scaling_event(e, name) for e in page.items],
             next_page_token=page.next_page_token,
         )
+
+    async def GetProxyMetrics(
+        self, request: X.GetProxyMetricsRequest, call: Call
+    ) -> X.ProxyMetrics:
+        owner, proxy_id = proxy_parts(request.name, "name", call, "/metrics")
+        asked, total = await self._insight.traffic(owner, proxy_id)
+        return X.ProxyMetrics(
+            name=request.name,
+            total=pc.traffic(total, ""),
+            instances=[pc.asked_traffic(a) for a in asked],
+        )
+
+    async def GetProxyDiagnostics(
+        self, request: X.GetProxyDiagnosticsRequest, call: Call
+    ) -> X.ProxyDiagnostics:
+        owner, proxy_id = proxy_parts(request.name, "name", call, "/diagnostics")
+        return pc.diagnostics(request.name, await self._insight.diagnostics(owner, proxy_id))
 
     async def _load(self, name: str, field: str, call: Call) -> Proxy:
         owner, proxy_id = proxy_parts(name, field, call)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import fields
+from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from google.protobuf import duration_pb2
 from tunnelplane.v1 import proxies_pb2
 
 from server.api.convert import from_duration, timestamp
 from server.api.tunnel_convert import duration
 from server.domain.proxies.fleet import ProxyDraft
+from server.domain.proxies.insight import Asked, Diagnostics, Traffic, percentile
 from server.domain.proxies.model import (
     ConfigRevision,
     Instance,
@@ -91,6 +94,9 @@ def instance(i: Instance) -> X.ProxyInstance:
         start_time=timestamp(i.start_time),
         last_check_time=timestamp(i.last_check_time),
         last_error=i.last_error,
+        checks=[
+            X.ProxyHealthCheck(time=timestamp(c.time), ok=c.ok, error=c.error) for c in i.checks
+        ],
     )
 
 
@@ -188,3 +194,74 @@ def scaling_event(e: ScalingEvent, proxy_name: str) -> X.ProxyScalingEvent:
         create_time=timestamp(e.create_time),
         actor=e.actor,
     )
+
+
+def traffic(t: Traffic, instance: str) -> X.ProxyTraffic:
+    """The API form of traffic (``instance`` "" for a total)."""
+    return X.ProxyTraffic(
+        instance=instance,
+        reachable=True,
+        requests=t.requests,
+        requests_by_class=dict(t.requests_by_class),
+        errors_by_cause=dict(t.errors_by_cause),
+        bytes_in=t.bytes_in,
+        bytes_out=t.bytes_out,
+        active_streams=t.active,
+        first_byte_p50=duration(percentile(t.first_byte, 0.5)),
+        first_byte_p95=duration(percentile(t.first_byte, 0.95)),
+        duration_p50=duration(percentile(t.duration, 0.5)),
+        duration_p95=duration(percentile(t.duration, 0.95)),
+    )
+
+
+def asked_traffic(a: Asked) -> X.ProxyTraffic:
+    """One instance's traffic, or why it is not known."""
+    if a.answer is None:
+        return X.ProxyTraffic(instance=a.instance.id, reachable=False, error=a.error)
+    return traffic(Traffic.from_json(a.answer), a.instance.id)
+
+
+def diagnostics(name: str, d: Diagnostics) -> X.ProxyDiagnostics:
+    """The API form of the bundle."""
+    proxy_name = d.proxy.name
+    return X.ProxyDiagnostics(
+        name=name,
+        proxy=proxy(d.proxy),
+        scaling_events=[scaling_event(e, proxy_name) for e in d.scaling_events],
+        config_revisions=[revision(r, proxy_name) for r in d.revisions],
+        instances=[instance_diagnostics(a) for a in d.instances],
+        create_time=timestamp(d.time),
+    )
+
+
+def instance_diagnostics(a: Asked) -> X.ProxyInstanceDiagnostics:
+    """What one instance said of itself (what parses of it)."""
+    out = X.ProxyInstanceDiagnostics(
+        instance=a.instance.id,
+        reachable=a.answer is not None,
+        error=a.error,
+        start_time=timestamp(a.instance.start_time),
+    )
+    if a.answer is None:
+        return out
+    data = a.answer
+    try:
+        out.config_version = int(data.get("config_version", 0))
+        out.effective_config = orjson.dumps(data.get("config", {})).decode()[:20_000]
+        out.recent_logs.extend(_lines(data.get("recent_logs", ()))[-200:])
+        out.recent_errors.extend(_lines(data.get("recent_errors", ()))[-50:])
+    except (TypeError, ValueError, OverflowError, orjson.JSONEncodeError):
+        out.reachable, out.error = False, "the instance's diagnostics do not parse"
+    return out
+
+
+def _lines(items: Any) -> list[X.ProxyLogLine]:
+    return [
+        X.ProxyLogLine(
+            time=timestamp(datetime.fromtimestamp(float(i["time"]), UTC)),
+            level=str(i.get("level", ""))[:20],
+            logger=str(i.get("logger", ""))[:100],
+            message=str(i.get("message", ""))[:500],
+        )
+        for i in items
+    ]

@@ -19,12 +19,14 @@ from server.compose.events import EventsArea
 from server.compose.infrastructure import Infrastructure
 from server.compose.tunnels import TunnelsArea
 from server.domain.proxies.fleet import FleetSettings, ProxyFleet
+from server.domain.proxies.insight import ProxyInsight
 from server.domain.proxies.service import ProxyAccess
 from server.domain.proxies.upkeep import ProxyUpkeep
+from server.provision.admin import InstanceAdminClient, admin_tokens
 from server.provision.local import LocalProvisioner, LocalSettings
 from server.settings import Settings
 from server.workers.embedded_proxy import EmbeddedProxy, embedded_proxy_loop
-from server.workers.proxy_fleet import ProxyFleetLoop, admin_tokens, fleet_loop
+from server.workers.proxy_fleet import ProxyFleetLoop, fleet_loop
 from server.workers.supervisor import Loop
 
 
@@ -35,6 +37,7 @@ class ProxiesArea:
     access: ProxyAccess
     fleet: ProxyFleet
     upkeep: ProxyUpkeep
+    insight: ProxyInsight
     #: The embedded proxy, if this process runs one.
     embedded: EmbeddedProxy | None
     #: The loop that runs users' proxies' instances, if this process owns them.
@@ -67,7 +70,11 @@ def build(
         FleetSettings(max_per_user=settings.max_proxies_per_user),
     )
     upkeep = ProxyUpkeep(infra.db, fleet, infra.clock)
+    keys = infra.keys
+    tokens = admin_tokens(keys.secrets_keys[0] if keys.secrets_keys else keys.page_token_secret)
     control_plane = _control_plane(settings, grpc_port)
+    admin = InstanceAdminClient(tokens)
+    insight = ProxyInsight(infra.db, infra.lister, admin, infra.clock)
     loop = None
     if settings.proxy_provisioner == "local" and settings.workers == 1:
         provisioner = LocalProvisioner(
@@ -78,13 +85,12 @@ def build(
                 control_plane_ca=settings.tls_cert_file or "",
             )
         )
-        keys = infra.keys
-        key = keys.secrets_keys[0] if keys.secrets_keys else keys.page_token_secret
-        loop = ProxyFleetLoop(upkeep, provisioner, admin_tokens(key))
+        loop = ProxyFleetLoop(upkeep, provisioner, admin, tokens)
     return ProxiesArea(
         ProxyAccess(infra.db, tunnels.shares),
         fleet,
         upkeep,
+        insight,
         _embedded(settings, control_plane),
         loop,
     )

@@ -13,37 +13,24 @@ period. Proxies are tended concurrently; one failing does not hold up the rest.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
 
-import aiohttp
-
 from server.domain.proxies.config import Load
 from server.domain.proxies.lifecycle import restart_due
 from server.domain.proxies.model import Instance, InstanceHealth, Pool, Proxy, ProxyState
 from server.domain.proxies.ports import Provisioner
 from server.domain.proxies.upkeep import Check, ProxyUpkeep
+from server.provision.admin import AdminError, InstanceAdminClient
 from server.workers.supervisor import Backoff, Loop
 
 log = logging.getLogger("tunnelplane.workers.proxy_fleet")
 
 #: Check period while an instance is coming up (or down).
 FAST_CHECKS = 1.0
-
-
-def admin_tokens(key: bytes) -> Callable[[str], str]:
-    """Each proxy's admin token, derived from ``key`` (so every replica of the server
-    knows it, and a restarted one still does)."""
-
-    def token(proxy_id: str) -> str:
-        return hmac.new(key, f"proxy-admin:{proxy_id}".encode(), hashlib.sha256).hexdigest()
-
-    return token
 
 
 class ProxyFleetLoop:
@@ -53,15 +40,16 @@ class ProxyFleetLoop:
         self,
         upkeep: ProxyUpkeep,
         provisioner: Provisioner,
+        admin: InstanceAdminClient,
         token: Callable[[str], str],
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._upkeep = upkeep
         self._provisioner = provisioner
+        self._admin = admin
         self._token = token
         self._clock = clock
         self._next_check: dict[str, float] = {}
-        self._session: aiohttp.ClientSession | None = None
 
     async def step(self) -> float | None:
         """Tend every proxy once."""
@@ -74,8 +62,7 @@ class ProxyFleetLoop:
     async def close(self) -> None:
         """Stop every instance and let go of the HTTP pool."""
         await self._provisioner.close()
-        if self._session is not None:
-            await self._session.close()
+        await self._admin.close()
 
     async def _guarded(self, proxy: Proxy) -> None:
         try:
@@ -144,54 +131,28 @@ class ProxyFleetLoop:
 
     async def _check(self, proxy: Proxy, instance: Instance) -> Check:
         """Ask one instance for its health; push the proxy's config if it has an older one."""
-        headers = {"Authorization": f"Bearer {self._token(proxy.id)}"}
-        timeout = aiohttp.ClientTimeout(total=proxy.config.health_check_timeout)
-        session = self._http()
+        limit = proxy.config.health_check_timeout
         try:
-            url = f"{instance.admin_url}/_proxy/health"
-            async with session.get(url, headers=headers, timeout=timeout) as response:
-                if response.status != 200:
-                    return Check(ok=False, error=f"health check answered {response.status}")
-                health = await response.json()
+            health = await self._admin.get(proxy, instance, "/_proxy/health", limit)
             if health.get("config_version") != proxy.config_version:
-                await self._push(proxy, instance, headers, limit=timeout)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            return Check(ok=False, error=_describe(exc))
+                body = {"version": proxy.config_version, "config": asdict(proxy.config)}
+                await self._admin.put(proxy, instance, "/_proxy/config", body, limit)
+                facts = {"proxy": proxy.name, "instance": instance.id,
+                         "config_version": proxy.config_version}  # fmt: skip
+                log.info("proxy config pushed", extra=facts)
+        except AdminError as exc:
+            return Check(ok=False, error=f"health check failed: {exc}")
         last = health.get("last_request_time")
-        return Check(
-            ok=True,
-            degraded=health.get("status") != "SERVING",
-            cpu_percent=float(health.get("cpu_percent", -1.0)),
-            streams=int(health.get("streams", 0)),
-            last_request=datetime.fromtimestamp(last, UTC) if last else None,
-        )
-
-    async def _push(
-        self,
-        proxy: Proxy,
-        instance: Instance,
-        headers: dict[str, str],
-        *,
-        limit: aiohttp.ClientTimeout,
-    ) -> None:
-        body = {"version": proxy.config_version, "config": asdict(proxy.config)}
-        url = f"{instance.admin_url}/_proxy/config"
-        async with self._http().put(url, json=body, headers=headers, timeout=limit) as response:
-            if response.status != 200:
-                raise ValueError(f"the instance refused config {proxy.config_version}")
-        log.info("proxy config pushed", extra={"proxy": proxy.name, "instance": instance.id,
-                 "config_version": proxy.config_version})  # fmt: skip
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-        return self._session
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "health check timed out"
-    return f"health check failed: {type(exc).__name__}"
+        try:
+            return Check(
+                ok=True,
+                degraded=health.get("status") != "SERVING",
+                cpu_percent=float(health.get("cpu_percent", -1.0)),
+                streams=int(health.get("streams", 0)),
+                last_request=datetime.fromtimestamp(float(last), UTC) if last else None,
+            )
+        except (TypeError, ValueError, OverflowError):
+            return Check(ok=False, error="health check failed: an answer that does not parse")
 
 
 def fleet_loop(loop: ProxyFleetLoop) -> Loop:

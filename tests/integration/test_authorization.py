@@ -246,6 +246,12 @@ BUILDERS: dict[str, Builder] = {
     "ProxyService/ListProxyScalingEvents": lambda t: proxies_pb2.ListProxyScalingEventsRequest(
         parent=proxy(t)
     ),
+    "ProxyService/GetProxyMetrics": lambda t: proxies_pb2.GetProxyMetricsRequest(
+        name=f"{proxy(t)}/metrics"
+    ),
+    "ProxyService/GetProxyDiagnostics": lambda t: proxies_pb2.GetProxyDiagnosticsRequest(
+        name=f"{proxy(t)}/diagnostics"
+    ),
 }
 
 METHODS = [(s.name, m) for s in SERVICES for m in s.methods]

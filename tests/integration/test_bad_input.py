@@ -1422,6 +1422,17 @@ BAD_REQUESTS = [
         ),
     ),
     *rows(
+        f"{PX}.GetProxyMetrics",
+        no_suffix=("name", proxy_named(X.GetProxyMetricsRequest, "{proxy}")),
+        wrong_suffix=("name", proxy_named(X.GetProxyMetricsRequest, "{proxy}/usage")),
+        bad_id=("name", proxy_named(X.GetProxyMetricsRequest, "users/me/proxies/x/metrics")),
+    ),
+    *rows(
+        f"{PX}.GetProxyDiagnostics",
+        no_suffix=("name", proxy_named(X.GetProxyDiagnosticsRequest, "{proxy}")),
+        extra=("name", proxy_named(X.GetProxyDiagnosticsRequest, "{proxy}/diagnostics/x")),
+    ),
+    *rows(
         f"{OP}.ListOperations",
         negative_size=(
             "page_size",

@@ -116,6 +116,20 @@ async def test_a_users_own_proxy_serves_recovers_takes_configs_and_stops(tmp_pat
 
             await eventually(plain, within=15, every=0.2)
 
+            # Its traffic, asked of the instance now, and the diagnostics bundle.
+            metrics = (await api.get(f"/v1/{name}/metrics", headers=auth)).json()
+            assert int(metrics["total"]["requests"]) >= 2  # int64: a JSON string
+            assert int(metrics["total"]["requestsByClass"]["2xx"]) >= 2
+            assert int(metrics["total"]["bytesOut"]) > 0
+            assert [i["reachable"] for i in metrics["instances"]] == [True]
+            bundle = (await api.get(f"/v1/{name}/diagnostics", headers=auth)).json()
+            (seen,) = bundle["instances"]
+            assert (seen["reachable"], seen["configVersion"]) == (True, 2)
+            assert '"gzip_level": 0' in seen["effectiveConfig"].replace('":0', '": 0')
+            assert any(line["message"] == "config applied" for line in seen["recentLogs"])
+            assert bundle["proxy"]["instances"][0]["checks"][-1]["ok"] is True
+            assert [r["version"] for r in bundle["configRevisions"]] == [2, 1]
+
             # Killed, the instance is started again in its place; traffic resumes.
             os.kill(instance_pids(server)[-1], signal.SIGKILL)
 

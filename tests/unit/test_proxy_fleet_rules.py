@@ -6,6 +6,7 @@ proxy/limits.py)."""
 
 from __future__ import annotations
 
+import math
 import zlib
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -20,6 +21,7 @@ from server.api import proxy_convert as pc
 from server.domain.common.errors import InvalidArgument, Violations
 from server.domain.proxies import config as configs
 from server.domain.proxies import lifecycle
+from server.domain.proxies.insight import Traffic, merged, percentile
 from server.domain.proxies.model import (
     Instance,
     InstanceHealth,
@@ -347,3 +349,43 @@ def test_admission_limits_connections_then_rate() -> None:
     assert admission.refusal() == (503, "TOO_MANY_CONNECTIONS", 1.0)
     admission.done()
     assert admission.refusal() is None
+
+
+# --- traffic added up --------------------------------------------------------------------
+
+
+def traffic_of(requests: int, slow: int) -> Traffic:
+    """``requests`` answered, ``slow`` of them in the 1-2.5 s bucket, the rest under 10 ms."""
+    fast = requests - slow
+    buckets = ((0.01, fast), (1.0, fast), (2.5, requests), (math.inf, requests))
+    return Traffic({"2xx": fast, "5xx": slow}, {"UPSTREAM_TIMEOUT": slow}, 10, 20, 1,
+                   buckets, buckets)  # fmt: skip
+
+
+def test_traffic_adds_up_bucket_by_bucket() -> None:
+    total = merged([traffic_of(10, 1), traffic_of(10, 9)])
+    assert total.requests == 20
+    assert dict(total.requests_by_class) == {"2xx": 10, "5xx": 10}
+    assert dict(total.errors_by_cause) == {"UPSTREAM_TIMEOUT": 10}
+    assert (total.bytes_in, total.bytes_out, total.active) == (20, 40, 2)
+    assert percentile(total.duration, 0.5) == 0.01
+    assert percentile(total.duration, 0.95) == 2.5
+    assert percentile((), 0.5) == 0.0
+    assert percentile(((1.0, 0.0), (math.inf, 3.0)), 0.5) == 1.0  # beyond every bound
+
+
+def test_an_instances_stats_read_back() -> None:
+    stats = {
+        "requests_by_class": {"2xx": 3},
+        "errors_by_cause": {},
+        "bytes_in": 1,
+        "bytes_out": 2,
+        "active": 0,
+        "first_byte": [[0.5, 3], [-1, 3]],
+        "duration": [[0.5, 3], [-1, 3]],
+    }
+    read = Traffic.from_json(stats)
+    assert read.requests == 3
+    assert read.first_byte == ((0.5, 3.0), (math.inf, 3.0))
+    with pytest.raises(ValueError, match="unreadable"):
+        Traffic.from_json({"requests_by_class": {}})

@@ -339,6 +339,7 @@ class ProxyInstance(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     LAST_CHECK_TIME_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The provisioner's name for it (a process or a pod)."""
     health: Global___ProxyInstance.Health.ValueType
@@ -361,6 +362,10 @@ class ProxyInstance(_message.Message):
     def last_check_time(self) -> _timestamp_pb2.Timestamp:
         """When it was last checked."""
 
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProxyHealthCheck]:
+        """The last checks, oldest first (at most 20)."""
+
     def __init__(
         self,
         *,
@@ -372,14 +377,47 @@ class ProxyInstance(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         last_check_time: _timestamp_pb2.Timestamp | None = ...,
         last_error: _builtins.str = ...,
+        checks: _abc.Iterable[Global___ProxyHealthCheck] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_check_time", b"last_check_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["health", b"health", "id", b"id", "last_check_time", b"last_check_time", "last_error", b"last_error", "link_address", b"link_address", "public_url", b"public_url", "restarts", b"restarts", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "health", b"health", "id", b"id", "last_check_time", b"last_check_time", "last_error", b"last_error", "link_address", b"link_address", "public_url", b"public_url", "restarts", b"restarts", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProxyInstance: _TypeAlias = ProxyInstance  # noqa: Y015
+
+@_typing.final
+class ProxyHealthCheck(_message.Message):
+    """One health check of an instance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    """Whether the instance answered."""
+    error: _builtins.str
+    """Why not."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        ok: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "ok", b"ok", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyHealthCheck: _TypeAlias = ProxyHealthCheck  # noqa: Y015
 
 @_typing.final
 class ProxyConfig(_message.Message):
@@ -1023,3 +1061,349 @@ class ListProxyScalingEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListProxyScalingEventsResponse: _TypeAlias = ListProxyScalingEventsResponse  # noqa: Y015
+
+@_typing.final
+class GetProxyMetricsRequest(_message.Message):
+    """Request for GetProxyMetrics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`users/{user}/proxies/{proxy}/metrics`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProxyMetricsRequest: _TypeAlias = GetProxyMetricsRequest  # noqa: Y015
+
+@_typing.final
+class ProxyMetrics(_message.Message):
+    """A proxy's traffic."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`users/{user}/proxies/{proxy}/metrics`."""
+    @_builtins.property
+    def total(self) -> Global___ProxyTraffic:
+        """Added up over the instances that answered."""
+
+    @_builtins.property
+    def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProxyTraffic]:
+        """Per instance."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        total: Global___ProxyTraffic | None = ...,
+        instances: _abc.Iterable[Global___ProxyTraffic] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instances", b"instances", "name", b"name", "total", b"total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyMetrics: _TypeAlias = ProxyMetrics  # noqa: Y015
+
+@_typing.final
+class ProxyTraffic(_message.Message):
+    """Traffic of one instance, or of all of them, since each started."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class RequestsByClassEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class ErrorsByCauseEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    REACHABLE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    REQUESTS_BY_CLASS_FIELD_NUMBER: _builtins.int
+    ERRORS_BY_CAUSE_FIELD_NUMBER: _builtins.int
+    BYTES_IN_FIELD_NUMBER: _builtins.int
+    BYTES_OUT_FIELD_NUMBER: _builtins.int
+    ACTIVE_STREAMS_FIELD_NUMBER: _builtins.int
+    FIRST_BYTE_P50_FIELD_NUMBER: _builtins.int
+    FIRST_BYTE_P95_FIELD_NUMBER: _builtins.int
+    DURATION_P50_FIELD_NUMBER: _builtins.int
+    DURATION_P95_FIELD_NUMBER: _builtins.int
+    instance: _builtins.str
+    """The instance's id; empty for the total."""
+    reachable: _builtins.bool
+    """Whether the instance answered (a total is always reachable)."""
+    error: _builtins.str
+    """Why it did not."""
+    requests: _builtins.int
+    """Requests answered, the proxy's own answers included."""
+    bytes_in: _builtins.int
+    """Request body bytes carried to local services."""
+    bytes_out: _builtins.int
+    """Response body bytes carried to web clients."""
+    active_streams: _builtins.int
+    """Requests being carried now."""
+    @_builtins.property
+    def requests_by_class(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Requests by status class: "2xx", "4xx" ..."""
+
+    @_builtins.property
+    def errors_by_cause(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Requests that did not end well, by cause (the proxy's reason: NO_AGENT,
+        UPSTREAM_TIMEOUT, CLIENT_GONE ...).
+        """
+
+    @_builtins.property
+    def first_byte_p50(self) -> _duration_pb2.Duration:
+        """Time to first byte, median and 95th percentile (bucket bounds)."""
+
+    @_builtins.property
+    def first_byte_p95(self) -> _duration_pb2.Duration:
+        """See first_byte_p50."""
+
+    @_builtins.property
+    def duration_p50(self) -> _duration_pb2.Duration:
+        """Request duration, median and 95th percentile (bucket bounds)."""
+
+    @_builtins.property
+    def duration_p95(self) -> _duration_pb2.Duration:
+        """See duration_p50."""
+
+    def __init__(
+        self,
+        *,
+        instance: _builtins.str = ...,
+        reachable: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        requests: _builtins.int = ...,
+        requests_by_class: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        errors_by_cause: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        bytes_in: _builtins.int = ...,
+        bytes_out: _builtins.int = ...,
+        active_streams: _builtins.int = ...,
+        first_byte_p50: _duration_pb2.Duration | None = ...,
+        first_byte_p95: _duration_pb2.Duration | None = ...,
+        duration_p50: _duration_pb2.Duration | None = ...,
+        duration_p95: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration_p50", b"duration_p50", "duration_p95", b"duration_p95", "first_byte_p50", b"first_byte_p50", "first_byte_p95", b"first_byte_p95"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_streams", b"active_streams", "bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "duration_p50", b"duration_p50", "duration_p95", b"duration_p95", "error", b"error", "errors_by_cause", b"errors_by_cause", "first_byte_p50", b"first_byte_p50", "first_byte_p95", b"first_byte_p95", "instance", b"instance", "reachable", b"reachable", "requests", b"requests", "requests_by_class", b"requests_by_class"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyTraffic: _TypeAlias = ProxyTraffic  # noqa: Y015
+
+@_typing.final
+class GetProxyDiagnosticsRequest(_message.Message):
+    """Request for GetProxyDiagnostics."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`users/{user}/proxies/{proxy}/diagnostics`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProxyDiagnosticsRequest: _TypeAlias = GetProxyDiagnosticsRequest  # noqa: Y015
+
+@_typing.final
+class ProxyDiagnostics(_message.Message):
+    """The diagnostics bundle of a proxy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    PROXY_FIELD_NUMBER: _builtins.int
+    SCALING_EVENTS_FIELD_NUMBER: _builtins.int
+    CONFIG_REVISIONS_FIELD_NUMBER: _builtins.int
+    INSTANCES_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`users/{user}/proxies/{proxy}/diagnostics`."""
+    @_builtins.property
+    def proxy(self) -> Global___Proxy:
+        """The proxy as stored, with its instances' health histories."""
+
+    @_builtins.property
+    def scaling_events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProxyScalingEvent]:
+        """Its last scaling events, newest first (at most 20)."""
+
+    @_builtins.property
+    def config_revisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProxyConfigRevision]:
+        """Its last config revisions, newest first (at most 5)."""
+
+    @_builtins.property
+    def instances(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProxyInstanceDiagnostics]:
+        """What each instance says of itself, asked now."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the bundle was made."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        proxy: Global___Proxy | None = ...,
+        scaling_events: _abc.Iterable[Global___ProxyScalingEvent] | None = ...,
+        config_revisions: _abc.Iterable[Global___ProxyConfigRevision] | None = ...,
+        instances: _abc.Iterable[Global___ProxyInstanceDiagnostics] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "proxy", b"proxy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_revisions", b"config_revisions", "create_time", b"create_time", "instances", b"instances", "name", b"name", "proxy", b"proxy", "scaling_events", b"scaling_events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyDiagnostics: _TypeAlias = ProxyDiagnostics  # noqa: Y015
+
+@_typing.final
+class ProxyInstanceDiagnostics(_message.Message):
+    """What one instance says of itself."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_FIELD_NUMBER: _builtins.int
+    REACHABLE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CONFIG_VERSION_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_CONFIG_FIELD_NUMBER: _builtins.int
+    RECENT_LOGS_FIELD_NUMBER: _builtins.int
+    RECENT_ERRORS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    instance: _builtins.str
+    """The instance's id."""
+    reachable: _builtins.bool
+    """Whether it answered."""
+    error: _builtins.str
+    """Why it did not."""
+    config_version: _builtins.int
+    """The config revision it runs."""
+    effective_config: _builtins.str
+    """The config it runs, as JSON."""
+    @_builtins.property
+    def recent_logs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProxyLogLine]:
+        """Its last log lines, oldest first (at most 200)."""
+
+    @_builtins.property
+    def recent_errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProxyLogLine]:
+        """Its last warnings and errors, oldest first (at most 50)."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When it started."""
+
+    def __init__(
+        self,
+        *,
+        instance: _builtins.str = ...,
+        reachable: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        config_version: _builtins.int = ...,
+        effective_config: _builtins.str = ...,
+        recent_logs: _abc.Iterable[Global___ProxyLogLine] | None = ...,
+        recent_errors: _abc.Iterable[Global___ProxyLogLine] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_version", b"config_version", "effective_config", b"effective_config", "error", b"error", "instance", b"instance", "reachable", b"reachable", "recent_errors", b"recent_errors", "recent_logs", b"recent_logs", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyInstanceDiagnostics: _TypeAlias = ProxyInstanceDiagnostics  # noqa: Y015
+
+@_typing.final
+class ProxyLogLine(_message.Message):
+    """One log line of an instance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    LOGGER_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    level: _builtins.str
+    """`info`, `warning`, `error` ..."""
+    logger: _builtins.str
+    """The logger."""
+    message: _builtins.str
+    """The message (at most 500 characters)."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        level: _builtins.str = ...,
+        logger: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "logger", b"logger", "message", b"message", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProxyLogLine: _TypeAlias = ProxyLogLine  # noqa: Y015

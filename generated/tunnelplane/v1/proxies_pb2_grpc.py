@@ -98,6 +98,16 @@ class ProxyServiceStub:
                 request_serializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxyScalingEventsRequest.SerializeToString,
                 response_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxyScalingEventsResponse.FromString,
                 _registered_method=True)
+        self.GetProxyMetrics = channel.unary_unary(
+                '/tunnelplane.v1.ProxyService/GetProxyMetrics',
+                request_serializer=tunnelplane_dot_v1_dot_proxies__pb2.GetProxyMetricsRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.ProxyMetrics.FromString,
+                _registered_method=True)
+        self.GetProxyDiagnostics = channel.unary_unary(
+                '/tunnelplane.v1.ProxyService/GetProxyDiagnostics',
+                request_serializer=tunnelplane_dot_v1_dot_proxies__pb2.GetProxyDiagnosticsRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.ProxyDiagnostics.FromString,
+                _registered_method=True)
 
 
 class ProxyServiceServicer:
@@ -213,6 +223,23 @@ class ProxyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetProxyMetrics(self, request, context):
+        """Returns a proxy's traffic: requests, bytes, streams in flight, time to first
+        byte and duration, errors by cause; per instance (asked now) and added up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProxyDiagnostics(self, request, context):
+        """Returns everything needed to see what a proxy is doing, as one bundle: the
+        proxy, its recent scaling events and config revisions, and per instance its
+        health history, effective config, recent log lines and recent errors.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProxyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -270,6 +297,16 @@ def add_ProxyServiceServicer_to_server(servicer, server):
                     servicer.ListProxyScalingEvents,
                     request_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxyScalingEventsRequest.FromString,
                     response_serializer=tunnelplane_dot_v1_dot_proxies__pb2.ListProxyScalingEventsResponse.SerializeToString,
+            ),
+            'GetProxyMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProxyMetrics,
+                    request_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.GetProxyMetricsRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_proxies__pb2.ProxyMetrics.SerializeToString,
+            ),
+            'GetProxyDiagnostics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProxyDiagnostics,
+                    request_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.GetProxyDiagnosticsRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_proxies__pb2.ProxyDiagnostics.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -578,6 +615,60 @@ class ProxyService:
             '/tunnelplane.v1.ProxyService/ListProxyScalingEvents',
             tunnelplane_dot_v1_dot_proxies__pb2.ListProxyScalingEventsRequest.SerializeToString,
             tunnelplane_dot_v1_dot_proxies__pb2.ListProxyScalingEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProxyMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.ProxyService/GetProxyMetrics',
+            tunnelplane_dot_v1_dot_proxies__pb2.GetProxyMetricsRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_proxies__pb2.ProxyMetrics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProxyDiagnostics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.ProxyService/GetProxyDiagnostics',
+            tunnelplane_dot_v1_dot_proxies__pb2.GetProxyDiagnosticsRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_proxies__pb2.ProxyDiagnostics.FromString,
             options,
             channel_credentials,
             insecure,

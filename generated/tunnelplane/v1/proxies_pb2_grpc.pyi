@@ -95,6 +95,15 @@ class ProxyServiceStub:
     """
     ListProxyScalingEvents: _grpc.UnaryUnaryMultiCallable[_proxies_pb2.ListProxyScalingEventsRequest, _proxies_pb2.ListProxyScalingEventsResponse]
     """Lists a proxy's scaling decisions, newest first, each with its inputs."""
+    GetProxyMetrics: _grpc.UnaryUnaryMultiCallable[_proxies_pb2.GetProxyMetricsRequest, _proxies_pb2.ProxyMetrics]
+    """Returns a proxy's traffic: requests, bytes, streams in flight, time to first
+    byte and duration, errors by cause; per instance (asked now) and added up.
+    """
+    GetProxyDiagnostics: _grpc.UnaryUnaryMultiCallable[_proxies_pb2.GetProxyDiagnosticsRequest, _proxies_pb2.ProxyDiagnostics]
+    """Returns everything needed to see what a proxy is doing, as one bundle: the
+    proxy, its recent scaling events and config revisions, and per instance its
+    health history, effective config, recent log lines and recent errors.
+    """
 
 @_typing.type_check_only
 class ProxyServiceAsyncStub(ProxyServiceStub):
@@ -163,6 +172,15 @@ class ProxyServiceAsyncStub(ProxyServiceStub):
     """
     ListProxyScalingEvents: _aio.UnaryUnaryMultiCallable[_proxies_pb2.ListProxyScalingEventsRequest, _proxies_pb2.ListProxyScalingEventsResponse]  # type: ignore[assignment]
     """Lists a proxy's scaling decisions, newest first, each with its inputs."""
+    GetProxyMetrics: _aio.UnaryUnaryMultiCallable[_proxies_pb2.GetProxyMetricsRequest, _proxies_pb2.ProxyMetrics]  # type: ignore[assignment]
+    """Returns a proxy's traffic: requests, bytes, streams in flight, time to first
+    byte and duration, errors by cause; per instance (asked now) and added up.
+    """
+    GetProxyDiagnostics: _aio.UnaryUnaryMultiCallable[_proxies_pb2.GetProxyDiagnosticsRequest, _proxies_pb2.ProxyDiagnostics]  # type: ignore[assignment]
+    """Returns everything needed to see what a proxy is doing, as one bundle: the
+    proxy, its recent scaling events and config revisions, and per instance its
+    health history, effective config, recent log lines and recent errors.
+    """
 
 class ProxyServiceServicer(metaclass=_abc_1.ABCMeta):
     """Streaming proxies: the cloud side of a tunnel.
@@ -294,5 +312,26 @@ class ProxyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_proxies_pb2.ListProxyScalingEventsResponse, _abc.Awaitable[_proxies_pb2.ListProxyScalingEventsResponse]]:
         """Lists a proxy's scaling decisions, newest first, each with its inputs."""
+
+    @_abc_1.abstractmethod
+    def GetProxyMetrics(
+        self,
+        request: _proxies_pb2.GetProxyMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_proxies_pb2.ProxyMetrics, _abc.Awaitable[_proxies_pb2.ProxyMetrics]]:
+        """Returns a proxy's traffic: requests, bytes, streams in flight, time to first
+        byte and duration, errors by cause; per instance (asked now) and added up.
+        """
+
+    @_abc_1.abstractmethod
+    def GetProxyDiagnostics(
+        self,
+        request: _proxies_pb2.GetProxyDiagnosticsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_proxies_pb2.ProxyDiagnostics, _abc.Awaitable[_proxies_pb2.ProxyDiagnostics]]:
+        """Returns everything needed to see what a proxy is doing, as one bundle: the
+        proxy, its recent scaling events and config revisions, and per instance its
+        health history, effective config, recent log lines and recent errors.
+        """
 
 def add_ProxyServiceServicer_to_server(servicer: ProxyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -18,6 +18,8 @@ from typing import Any
 
 from server.domain.proxies.model import (
     ACTIVE_STATES,
+    CHECKS_KEPT,
+    HealthCheck,
     Instance,
     InstanceHealth,
     Proxy,
@@ -60,7 +62,9 @@ def checked(
     instance: Instance, now: datetime, *, ok: bool, degraded: bool = False, error: str = ""
 ) -> Instance:
     """``instance`` after one health check: ``ok`` (it answered), ``degraded`` (it said
-    it cannot serve fully), or failed with ``error``."""
+    it cannot serve fully), or failed with ``error``; the check joins its history."""
+    history = (*instance.checks, HealthCheck(now, ok, "" if ok else error[:300]))
+    instance = replace(instance, checks=history[-CHECKS_KEPT:])
     if ok:
         successes = instance.successes + 1
         health = instance.health

@@ -112,6 +112,10 @@ class ProxyConfig:
     scaling: ScalingPolicy = field(default_factory=ScalingPolicy)
 
 
+#: Health checks an instance's history keeps.
+CHECKS_KEPT = 20
+
+
 @dataclass(frozen=True, slots=True)
 class Instance:
     """One running copy of a proxy, as the provisioner placed it and checks see it."""
@@ -127,6 +131,8 @@ class Instance:
     start_time: datetime | None = None
     last_check_time: datetime | None = None
     last_error: str = ""
+    #: The last checks, oldest first (at most :data:`CHECKS_KEPT`).
+    checks: tuple[HealthCheck, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,3 +226,12 @@ class Pool:
     replicas: int
     config: ProxyConfig
     config_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """One health check of an instance, as its history keeps it."""
+
+    time: datetime
+    ok: bool
+    error: str = ""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from server.domain.common.listing import ListQuery
 from server.domain.identity.model import ShareRole
@@ -90,4 +90,19 @@ class Provisioner(Protocol):
 
     async def close(self) -> None:
         """Let go of what the provisioner holds (local: stop every child)."""
+        ...
+
+
+class InstanceUnreachableError(Exception):
+    """An instance's admin side did not answer as it should; the message says how."""
+
+
+class InstanceAdmin(Protocol):
+    """The instances' admin sides (``proxy/admin.py``), as the control plane reads them."""
+
+    async def get(
+        self, proxy: Proxy, instance: Instance, path: str, within: float | None = None
+    ) -> dict[str, Any]:
+        """The JSON object an admin path answers; :class:`InstanceUnreachableError`
+        otherwise."""
         ...

@@ -15,6 +15,7 @@ from server.domain.common.listing import ListQuery
 from server.domain.proxies.model import (
     ACTIVE_STATES,
     ConfigRevision,
+    HealthCheck,
     Instance,
     InstanceHealth,
     Proxy,
@@ -70,6 +71,7 @@ def _instance_json(i: Instance) -> dict[str, Any]:
     for key in ("start_time", "last_check_time"):
         value = out[key]
         out[key] = None if value is None else value.isoformat()
+    out["checks"] = [[c.time.isoformat(), c.ok, c.error] for c in i.checks]
     return out
 
 
@@ -86,6 +88,10 @@ def _instance(data: dict[str, Any]) -> Instance:
         start_time=_time(data.get("start_time")),
         last_check_time=_time(data.get("last_check_time")),
         last_error=str(data.get("last_error", "")),
+        checks=tuple(
+            HealthCheck(datetime.fromisoformat(t), bool(ok), str(error))
+            for t, ok, error in data.get("checks", ())
+        ),
     )
 
 
