@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
+from google.protobuf.message import Message
 from tunnelplane.v1 import proxies_pb2
 
 from server.api import convert
 from server.api import proxy_convert as pc
+from server.api.proxy_watch import ProxyWatch
 from server.api.tunnel_convert import duration
 from server.domain.common.errors import InvalidArgument
 from server.domain.common.ids import is_id
 from server.domain.common.names import user_id_of
+from server.domain.events.service import EventLog
 from server.domain.proxies.fleet import UPDATABLE_PATHS, ProxyFleet
 from server.domain.proxies.insight import ProxyInsight
 from server.domain.proxies.model import AccessDecision, Proxy, Refusal
@@ -79,10 +82,19 @@ def proxy_parts(name: str, field: str, call: Call, suffix: str = "") -> tuple[st
 class ProxyApi:
     """Serves ``tunnelplane.v1.ProxyService``."""
 
-    def __init__(self, access: ProxyAccess, fleet: ProxyFleet, insight: ProxyInsight) -> None:
+    def __init__(
+        self,
+        access: ProxyAccess,
+        fleet: ProxyFleet,
+        insight: ProxyInsight,
+        events: EventLog,
+        recheck: Callable[[Call], Awaitable[object]],
+    ) -> None:
         self._access = access
         self._fleet = fleet
         self._insight = insight
+        #: ``recheck`` verifies the call's credential again at each change it sends.
+        self._watch = ProxyWatch(fleet, events, recheck)
 
     async def CheckTunnelAccess(
         self, request: X.CheckTunnelAccessRequest, call: Call
@@ -215,6 +227,10 @@ class ProxyApi:
     ) -> X.ProxyDiagnostics:
         owner, proxy_id = proxy_parts(request.name, "name", call, "/diagnostics")
         return pc.diagnostics(request.name, await self._insight.diagnostics(owner, proxy_id))
+
+    async def WatchProxies(self, request: X.WatchProxiesRequest, call: Call) -> Message:
+        """The current state (or the changes since ``resume_after``), then each change."""
+        return await self._watch.watch(request, call)
 
     async def _load(self, name: str, field: str, call: Call) -> Proxy:
         owner, proxy_id = proxy_parts(name, field, call)

@@ -144,7 +144,11 @@ def _servicers(infra: Infrastructure, areas: Areas, agents: AgentApi) -> dict[st
         "tunnelplane.v1.WebhookService": WebhookApi(areas.webhooks.webhooks),
         "tunnelplane.v1.OperationService": OperationApi(areas.operations.operations, clock),
         "tunnelplane.v1.ProxyService": ProxyApi(
-            areas.proxies.access, areas.proxies.fleet, areas.proxies.insight
+            areas.proxies.access,
+            areas.proxies.fleet,
+            areas.proxies.insight,
+            areas.events.log,
+            identity.credentials.recheck,
         ),
         "tunnelplane.v1.AdminService": AdminApi(
             areas.health.status, limits.limiter, limits.violations, infra.lister, limits.blocks

@@ -1428,6 +1428,13 @@ BAD_REQUESTS = [
         bad_id=("name", proxy_named(X.GetProxyMetricsRequest, "users/me/proxies/x/metrics")),
     ),
     *rows(
+        f"{PX}.WatchProxies",
+        empty=("name", proxy_named(X.WatchProxiesRequest, "")),
+        collection=("name", proxy_named(X.WatchProxiesRequest, "users/me/proxies")),
+        bad_id=("name", proxy_named(X.WatchProxiesRequest, "users/me/proxies/tun_x")),
+        resume=("resume_after", proxy_named(X.WatchProxiesRequest, "{proxy}", resume_after="x")),
+    ),
+    *rows(
         f"{PX}.GetProxyDiagnostics",
         no_suffix=("name", proxy_named(X.GetProxyDiagnosticsRequest, "{proxy}")),
         extra=("name", proxy_named(X.GetProxyDiagnosticsRequest, "{proxy}/diagnostics/x")),
@@ -1538,7 +1545,7 @@ def stub_method(client: Client, method: str) -> Callable[..., Any]:
         PX: client.proxies,
     }[service]
     rpc = getattr(stub, name)
-    if name != "WatchTunnels":
+    if name not in {"WatchTunnels", "WatchProxies"}:
         return rpc  # type: ignore[no-any-return]
 
     async def first_message(request: Message, **kwargs: Any) -> Any:

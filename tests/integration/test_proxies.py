@@ -29,6 +29,7 @@ from tests.helpers import (
 )
 
 X = proxies_pb2
+W = X.WatchProxiesResponse
 Mask = field_mask_pb2.FieldMask
 
 
@@ -288,3 +289,38 @@ async def test_an_idle_proxy_stops_and_served_requests_keep_it_up(
         stopped = await fleet.get(user.id, made.id)
         assert (stopped.state, stopped.state_reason) == (ProxyState.STOPPING, "idle for 600 s")
         assert stopped.last_active_time == served
+
+
+async def test_a_watch_sends_the_current_proxies_then_each_change(
+    client: Client, http: httpx.AsyncClient
+) -> None:
+    user = await client.new_user(tag="proxy-watch")
+    made = await start(client, user, display_name="watched")
+    stream = client.proxies.WatchProxies(
+        X.WatchProxiesRequest(name="users/me"), metadata=user.metadata
+    )
+    current = await stream.read()
+    assert (current.kind, current.proxy.name) == (W.KIND_CURRENT, made.name)
+    assert (await stream.read()).kind == W.KIND_SYNCED
+    await client.proxies.ScaleProxy(
+        X.ScaleProxyRequest(name=made.name, instances=2), metadata=user.metadata
+    )
+    changed = await stream.read()
+    assert (changed.kind, changed.event_type) == (W.KIND_CHANGED, "proxy.scaled")
+    assert changed.proxy.desired_instances == 2
+    stream.cancel()
+    # Resumed after the scaling, over HTTP as SSE: the stop that came since, then live.
+    await client.proxies.StopProxy(X.StopProxyRequest(name=made.name), metadata=user.metadata)
+    headers = dict(user.metadata) | {"Accept": "text/event-stream",
+                                     "Last-Event-ID": changed.event_id}  # fmt: skip
+    async with http.stream("GET", f"/v1/{made.name}:watch", headers=headers) as response:
+        assert response.status_code == 200
+        lines: list[str] = []
+        async for line in response.aiter_lines():
+            lines.append(line)
+            if "KIND_SYNCED" in line:
+                break
+    text = "\n".join(lines)
+    assert "proxy.state_changed" in text
+    assert "STATE_STOPPING" in text
+    assert "proxy.scaled" not in text  # seen before the resume point

@@ -1407,3 +1407,95 @@ class ProxyLogLine(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ProxyLogLine: _TypeAlias = ProxyLogLine  # noqa: Y015
+
+@_typing.final
+class WatchProxiesRequest(_message.Message):
+    """Request for WatchProxies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RESUME_AFTER_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """One proxy, `users/{user}/proxies/{proxy}`, or all of a user's, `users/{user}`."""
+    resume_after: _builtins.str
+    """Resume after this event (an `evt_...` id a watcher saw): every change after it
+    from the event log, then live changes. If the event is no longer in the log,
+    the watch starts over with the current state.
+    """
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        resume_after: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "resume_after", b"resume_after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchProxiesRequest: _TypeAlias = WatchProxiesRequest  # noqa: Y015
+
+@_typing.final
+class WatchProxiesResponse(_message.Message):
+    """One message of WatchProxies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[WatchProxiesResponse._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: WatchProxiesResponse._Kind.ValueType  # 0
+        """Not set."""
+        KIND_CURRENT: WatchProxiesResponse._Kind.ValueType  # 1
+        """The proxy as it is when the watch starts."""
+        KIND_CHANGED: WatchProxiesResponse._Kind.ValueType  # 2
+        """The proxy changed; `proxy` is its new version."""
+        KIND_SYNCED: WatchProxiesResponse._Kind.ValueType  # 3
+        """Every current proxy has been sent (or every change since `resume_after`)."""
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
+        """What the message says."""
+
+    KIND_UNSPECIFIED: WatchProxiesResponse.Kind.ValueType  # 0
+    """Not set."""
+    KIND_CURRENT: WatchProxiesResponse.Kind.ValueType  # 1
+    """The proxy as it is when the watch starts."""
+    KIND_CHANGED: WatchProxiesResponse.Kind.ValueType  # 2
+    """The proxy changed; `proxy` is its new version."""
+    KIND_SYNCED: WatchProxiesResponse.Kind.ValueType  # 3
+    """Every current proxy has been sent (or every change since `resume_after`)."""
+
+    KIND_FIELD_NUMBER: _builtins.int
+    PROXY_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    kind: Global___WatchProxiesResponse.Kind.ValueType
+    """What happened."""
+    event_type: _builtins.str
+    """The event behind a change (`proxy.state_changed`, ...)."""
+    event_id: _builtins.str
+    """The event's id in the event log."""
+    @_builtins.property
+    def proxy(self) -> Global___Proxy:
+        """The proxy (unset for `KIND_SYNCED`)."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___WatchProxiesResponse.Kind.ValueType = ...,
+        proxy: Global___Proxy | None = ...,
+        event_type: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["proxy", b"proxy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "event_type", b"event_type", "kind", b"kind", "proxy", b"proxy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchProxiesResponse: _TypeAlias = WatchProxiesResponse  # noqa: Y015

@@ -108,6 +108,11 @@ class ProxyServiceStub:
                 request_serializer=tunnelplane_dot_v1_dot_proxies__pb2.GetProxyDiagnosticsRequest.SerializeToString,
                 response_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.ProxyDiagnostics.FromString,
                 _registered_method=True)
+        self.WatchProxies = channel.unary_stream(
+                '/tunnelplane.v1.ProxyService/WatchProxies',
+                request_serializer=tunnelplane_dot_v1_dot_proxies__pb2.WatchProxiesRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.WatchProxiesResponse.FromString,
+                _registered_method=True)
 
 
 class ProxyServiceServicer:
@@ -240,6 +245,17 @@ class ProxyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchProxies(self, request, context):
+        """Streams one proxy, or all of a user's proxies: first each as it is now
+        (`KIND_CURRENT`), then `KIND_SYNCED`, then each change as it happens
+        (`KIND_CHANGED`, with the event behind it). `resume_after` (or an SSE
+        client's `Last-Event-ID`) resumes after an event instead, as WatchTunnels
+        does. Over HTTP, NDJSON, or SSE with `Accept: text/event-stream`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProxyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -307,6 +323,11 @@ def add_ProxyServiceServicer_to_server(servicer, server):
                     servicer.GetProxyDiagnostics,
                     request_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.GetProxyDiagnosticsRequest.FromString,
                     response_serializer=tunnelplane_dot_v1_dot_proxies__pb2.ProxyDiagnostics.SerializeToString,
+            ),
+            'WatchProxies': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchProxies,
+                    request_deserializer=tunnelplane_dot_v1_dot_proxies__pb2.WatchProxiesRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_proxies__pb2.WatchProxiesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -669,6 +690,33 @@ class ProxyService:
             '/tunnelplane.v1.ProxyService/GetProxyDiagnostics',
             tunnelplane_dot_v1_dot_proxies__pb2.GetProxyDiagnosticsRequest.SerializeToString,
             tunnelplane_dot_v1_dot_proxies__pb2.ProxyDiagnostics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchProxies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tunnelplane.v1.ProxyService/WatchProxies',
+            tunnelplane_dot_v1_dot_proxies__pb2.WatchProxiesRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_proxies__pb2.WatchProxiesResponse.FromString,
             options,
             channel_credentials,
             insecure,

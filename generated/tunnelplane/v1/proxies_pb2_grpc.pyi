@@ -104,6 +104,13 @@ class ProxyServiceStub:
     proxy, its recent scaling events and config revisions, and per instance its
     health history, effective config, recent log lines and recent errors.
     """
+    WatchProxies: _grpc.UnaryStreamMultiCallable[_proxies_pb2.WatchProxiesRequest, _proxies_pb2.WatchProxiesResponse]
+    """Streams one proxy, or all of a user's proxies: first each as it is now
+    (`KIND_CURRENT`), then `KIND_SYNCED`, then each change as it happens
+    (`KIND_CHANGED`, with the event behind it). `resume_after` (or an SSE
+    client's `Last-Event-ID`) resumes after an event instead, as WatchTunnels
+    does. Over HTTP, NDJSON, or SSE with `Accept: text/event-stream`.
+    """
 
 @_typing.type_check_only
 class ProxyServiceAsyncStub(ProxyServiceStub):
@@ -180,6 +187,13 @@ class ProxyServiceAsyncStub(ProxyServiceStub):
     """Returns everything needed to see what a proxy is doing, as one bundle: the
     proxy, its recent scaling events and config revisions, and per instance its
     health history, effective config, recent log lines and recent errors.
+    """
+    WatchProxies: _aio.UnaryStreamMultiCallable[_proxies_pb2.WatchProxiesRequest, _proxies_pb2.WatchProxiesResponse]  # type: ignore[assignment]
+    """Streams one proxy, or all of a user's proxies: first each as it is now
+    (`KIND_CURRENT`), then `KIND_SYNCED`, then each change as it happens
+    (`KIND_CHANGED`, with the event behind it). `resume_after` (or an SSE
+    client's `Last-Event-ID`) resumes after an event instead, as WatchTunnels
+    does. Over HTTP, NDJSON, or SSE with `Accept: text/event-stream`.
     """
 
 class ProxyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -332,6 +346,19 @@ class ProxyServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns everything needed to see what a proxy is doing, as one bundle: the
         proxy, its recent scaling events and config revisions, and per instance its
         health history, effective config, recent log lines and recent errors.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchProxies(
+        self,
+        request: _proxies_pb2.WatchProxiesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_proxies_pb2.WatchProxiesResponse], _abc.AsyncIterator[_proxies_pb2.WatchProxiesResponse]]:
+        """Streams one proxy, or all of a user's proxies: first each as it is now
+        (`KIND_CURRENT`), then `KIND_SYNCED`, then each change as it happens
+        (`KIND_CHANGED`, with the event behind it). `resume_after` (or an SSE
+        client's `Last-Event-ID`) resumes after an event instead, as WatchTunnels
+        does. Over HTTP, NDJSON, or SSE with `Accept: text/event-stream`.
         """
 
 def add_ProxyServiceServicer_to_server(servicer: ProxyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
