@@ -41,6 +41,8 @@ class Snapshot:
     latency_buckets: tuple[int, ...] = (0,) * BUCKET_COUNT
     peak: int = 0
     active: int = 0
+    #: How long the connections that ended in the interval were open, added up.
+    stream_milliseconds: int = 0
 
     @property
     def requests(self) -> int:
@@ -70,6 +72,7 @@ class Counters:
     successes: int = 0
     errors: int = 0
     latency_buckets: list[int] = field(default_factory=_zero_buckets)
+    stream_milliseconds: int = 0
 
     def opened(self) -> None:
         """A client connection was accepted and is being relayed."""
@@ -77,11 +80,15 @@ class Counters:
         self.active += 1
         self.peak = max(self.peak, self.active)
 
-    def closed(self, *, ok: bool, connect_seconds: float | None = None) -> None:
+    def closed(
+        self, *, ok: bool, connect_seconds: float | None = None, open_seconds: float = 0.0
+    ) -> None:
         """A relayed connection ended, normally or not; ``connect_seconds`` is the time it
-        took to connect to the target (None: it never got that far)."""
+        took to connect to the target (None: it never got that far), ``open_seconds`` how
+        long it was open."""
         self.active -= 1
         self.ended(ok=ok)
+        self.stream_milliseconds += max(0, round(open_seconds * 1000.0))
         if connect_seconds is not None:
             self.latency_buckets[bucket_of(connect_seconds * 1000.0)] += 1
 
@@ -108,8 +115,9 @@ class Counters:
             latency_buckets=tuple(self.latency_buckets),
             peak=self.peak,
             active=self.active,
+            stream_milliseconds=self.stream_milliseconds,
         )
-        self.connections = self.bytes_in = self.bytes_out = 0
+        self.connections = self.bytes_in = self.bytes_out = self.stream_milliseconds = 0
         self.successes = self.errors = 0
         self.latency_buckets = _zero_buckets()
         self.peak = self.active

@@ -144,7 +144,10 @@ class ReversePath:
         finally:
             self._counters.bytes_in += tally.bytes_in
             self._counters.bytes_out += tally.bytes_out
-            self._counters.closed(ok=tally.ok, connect_seconds=tally.head_seconds)
+            open_for = asyncio.get_running_loop().time() - tally.started
+            self._counters.closed(
+                ok=tally.ok, connect_seconds=tally.head_seconds, open_seconds=open_for
+            )
 
     async def _carry_request(
         self,

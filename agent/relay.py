@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -182,6 +183,7 @@ class Relay:
     async def _serve(self, client: _Stream) -> None:
         self._counters.opened()
         outcome = _Outcome()
+        opened = time.monotonic()
         try:
             await self._relay(client, outcome)
         except ConnectionError as exc:  # a peer reset or closed the connection: its choice
@@ -192,7 +194,11 @@ class Relay:
         finally:
             # The whole connection is counted now, its connect latency included, so that
             # no report holds a latency whose request belongs to a later report.
-            self._counters.closed(ok=outcome.ok, connect_seconds=outcome.connect_seconds)
+            self._counters.closed(
+                ok=outcome.ok,
+                connect_seconds=outcome.connect_seconds,
+                open_seconds=time.monotonic() - opened,
+            )
             await _close(client.writer)
 
     async def _relay(self, client: _Stream, outcome: _Outcome) -> None:

@@ -84,5 +84,6 @@ def to_report(sequence: int, snapshot: Snapshot, now: datetime) -> agents_pb2.Ag
         bytes_in=snapshot.bytes_in,
         bytes_out=snapshot.bytes_out,
         peak_concurrency=snapshot.peak,
+        stream_milliseconds=snapshot.stream_milliseconds,
         active_connections=snapshot.active,
     )

@@ -270,6 +270,7 @@ def _report(message: A.AgentReport, agent_id: str, now: datetime) -> Report:
         bytes_in=message.bytes_in,
         bytes_out=message.bytes_out,
         peak_concurrency=message.peak_concurrency,
+        stream_milliseconds=message.stream_milliseconds,
         active_connections=message.active_connections,
     )
 

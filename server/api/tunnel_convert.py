@@ -205,6 +205,8 @@ def daily(usage: DailyUsage, *, with_date: bool = True) -> tunnels_pb2.DailyUsag
         bytes_in=usage.bytes_in,
         bytes_out=usage.bytes_out,
         peak_concurrency=usage.peak_concurrency,
+        requests=usage.requests,
+        stream_seconds=usage.stream_milliseconds / 1000.0,
     )
 
 

@@ -335,6 +335,7 @@ tunnel_usage = sa.Table(
     sa.Column("success_count", sa.BigInteger(), nullable=False),
     sa.Column("error_count", sa.BigInteger(), nullable=False),
     *(sa.Column(name, sa.BigInteger(), nullable=False) for name in LATENCY_COLUMNS),
+    sa.Column("stream_milliseconds", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Index(None, "user_id", "day"),
     sa.Index(None, "day"),
 )

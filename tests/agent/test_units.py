@@ -45,6 +45,17 @@ def test_a_connection_is_reported_whole_in_the_interval_it_ends() -> None:
     assert sum(ended.latency_buckets) == 1
 
 
+def test_stream_time_counts_in_the_interval_a_connection_ends() -> None:
+    counters = Counters()
+    counters.opened()
+    counters.opened()
+    counters.closed(ok=True, open_seconds=30.0004)
+    assert counters.take().stream_milliseconds == 30_000
+    counters.closed(ok=False, open_seconds=0.25)
+    assert counters.take().stream_milliseconds == 250
+    assert counters.take().stream_milliseconds == 0
+
+
 def test_a_connection_that_never_reached_its_target_has_no_latency() -> None:
     counters = Counters()
     counters.opened()

@@ -110,6 +110,7 @@ async def test_reports_count_once_and_feed_metrics_and_usage(client: Client) -> 
         "bytes_out": 5000,
         "peak_concurrency": 4,
         "active_connections": 2,
+        "stream_milliseconds": 45_500,
     }
     assert (await agent.report(1, **counts)).counted
     assert not (await agent.report(1, **counts)).counted  # a re-sent report
@@ -137,6 +138,8 @@ async def test_reports_count_once_and_feed_metrics_and_usage(client: Client) -> 
         2000,
         4,
     )
+    # Requests and how long they were open: counted once, the re-sent report not again.
+    assert (usage.total.requests, usage.total.stream_seconds) == (20, 91.0)
     report = await client.tunnels.GetUsageReport(
         P.GetUsageReportRequest(name="users/me/usageReport"), metadata=owner.metadata
     )

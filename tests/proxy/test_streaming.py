@@ -329,3 +329,4 @@ async def test_each_request_counts_once_in_the_agents_reports(stack: Stack) -> N
     assert snapshot.bytes_out > 45  # the echo's JSON and the three events
     assert sum(snapshot.latency_buckets) == 2  # the reset one never got a head
     assert snapshot.active == 0
+    assert snapshot.stream_milliseconds >= 20  # the event stream was open 2 x 10 ms at least

@@ -105,6 +105,9 @@ def test_boundary_reports_are_accepted(changes: dict[str, Any]) -> None:
         pytest.param({"bytes_in": -1}, ["report.bytes_in"], id="negative-bytes-in"),
         pytest.param({"bytes_out": MAX_COUNT + 1}, ["report.bytes_out"], id="huge-bytes-out"),
         pytest.param({"connections": -1}, ["report.connections"], id="negative-connections"),
+        pytest.param(
+            {"stream_milliseconds": -1}, ["report.stream_milliseconds"], id="negative-stream-time"
+        ),
         pytest.param({"success_count": 8}, ["report.request_count"], id="outcomes-exceed"),
         pytest.param({"error_count": 4}, ["report.request_count"], id="errors-exceed"),
         pytest.param(
@@ -221,21 +224,26 @@ def test_a_reused_key_resolves_the_same_way_in_any_order() -> None:
 def test_rollup_groups_by_utc_day_and_ignores_duplicates() -> None:
     late = datetime(2026, 3, 9, 23, 30, tzinfo=timezone(timedelta(hours=-2)))  # 10th UTC
     reports = [
-        report(sequence=1, time=NOW - timedelta(days=1), connections=1, peak_concurrency=5),
-        report(sequence=2, time=late, connections=2, peak_concurrency=4),
-        report(sequence=3, time=NOW, connections=3, peak_concurrency=7),
-        report(sequence=3, time=NOW, connections=3, peak_concurrency=7),
-    ]
+        report(sequence=1, time=NOW - timedelta(days=1), connections=1, peak_concurrency=5,
+               stream_milliseconds=40_000),
+        report(sequence=2, time=late, connections=2, peak_concurrency=4, stream_milliseconds=1),
+        report(sequence=3, time=NOW, connections=3, peak_concurrency=7, stream_milliseconds=2),
+        report(sequence=3, time=NOW, connections=3, peak_concurrency=7, stream_milliseconds=2),
+    ]  # fmt: skip
     days = rollup(reports)
     assert list(days) == [date(2026, 3, 9), date(2026, 3, 10)]
-    assert days[date(2026, 3, 9)] == DailyUsage(date(2026, 3, 9), 1, 1000, 5000, 5)
-    assert days[date(2026, 3, 10)] == DailyUsage(date(2026, 3, 10), 5, 2000, 10000, 7)
+    # Each report holds 10 requests; the duplicate counts once, its stream time too.
+    assert days[date(2026, 3, 9)] == DailyUsage(date(2026, 3, 9), 1, 1000, 5000, 5, 10, 40_000)
+    assert days[date(2026, 3, 10)] == DailyUsage(date(2026, 3, 10), 5, 2000, 10000, 7, 20, 3)
     assert usage_of(reports[1]).day == date(2026, 3, 10)
 
 
 def test_total_sums_and_keeps_the_highest_peak() -> None:
-    days = [DailyUsage(date(2026, 3, 2), 1, 2, 3, 9), DailyUsage(date(2026, 3, 1), 4, 5, 6, 7)]
-    assert total(days) == DailyUsage(date(2026, 3, 1), 5, 7, 9, 9)
+    days = [
+        DailyUsage(date(2026, 3, 2), 1, 2, 3, 9, 4, 500),
+        DailyUsage(date(2026, 3, 1), 4, 5, 6, 7, 1, 1500),
+    ]
+    assert total(days) == DailyUsage(date(2026, 3, 1), 5, 7, 9, 9, 5, 2000)
     assert total(days, date(2026, 2, 1)).day == date(2026, 2, 1)
     assert total([], TODAY) == DailyUsage(TODAY)
 

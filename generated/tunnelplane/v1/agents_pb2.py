@@ -28,7 +28,7 @@ from tunnelplane.v1 import options_pb2 as tunnelplane_dot_v1_dot_options__pb2
 from tunnelplane.v1 import tunnels_pb2 as tunnelplane_dot_v1_dot_tunnels__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btunnelplane/v1/agents.proto\x12\x0etunnelplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ctunnelplane/v1/options.proto\x1a\x1ctunnelplane/v1/tunnels.proto\"\xa9\x01\n\x0e\x43onnectRequest\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.tunnelplane.v1.AgentHelloH\x00\x12\x33\n\theartbeat\x18\x02 \x01(\x0b\x32\x1e.tunnelplane.v1.AgentHeartbeatH\x00\x12-\n\x06report\x18\x03 \x01(\x0b\x32\x1b.tunnelplane.v1.AgentReportH\x00\x42\x06\n\x04kind\"]\n\nAgentHello\x12\x0e\n\x06tunnel\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\n\n\x02os\x18\x05 \x01(\t\",\n\x0e\x41gentHeartbeat\x12\x1a\n\x12\x61\x63tive_connections\x18\x01 \x01(\x03\"\x95\x02\n\x0b\x41gentReport\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrequest_count\x18\x03 \x01(\x03\x12\x15\n\rsuccess_count\x18\x04 \x01(\x03\x12\x13\n\x0b\x65rror_count\x18\x05 \x01(\x03\x12\x17\n\x0flatency_buckets\x18\x06 \x03(\x03\x12\x13\n\x0b\x63onnections\x18\x07 \x01(\x03\x12\x10\n\x08\x62ytes_in\x18\x08 \x01(\x03\x12\x11\n\tbytes_out\x18\t \x01(\x03\x12\x18\n\x10peak_concurrency\x18\n \x01(\x03\x12\x1a\n\x12\x61\x63tive_connections\x18\x0b \x01(\x03\"\xd6\x01\n\x0f\x43onnectResponse\x12/\n\x07welcome\x18\x01 \x01(\x0b\x32\x1c.tunnelplane.v1.AgentWelcomeH\x00\x12\x35\n\rdesired_state\x18\x02 \x01(\x0b\x32\x1c.tunnelplane.v1.DesiredStateH\x00\x12(\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x19.tunnelplane.v1.ReportAckH\x00\x12)\n\x07go_away\x18\x04 \x01(\x0b\x32\x16.tunnelplane.v1.GoAwayH\x00\x42\x06\n\x04kind\"M\n\x06GoAway\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x33\n\x10reconnect_within\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"m\n\x0c\x41gentWelcome\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rlast_sequence\x18\x03 \x01(\x03\"\xba\x02\n\x0c\x44\x65siredState\x12-\n\x03run\x18\x01 \x01(\x0e\x32 .tunnelplane.v1.DesiredState.Run\x12\x16\n\x0elisten_address\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12,\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x1c.tunnelplane.v1.TunnelConfig\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12-\n\nstop_grace\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bproxy_links\x18\x07 \x03(\t\x12\x12\n\ntarget_url\x18\x08 \x01(\t\"<\n\x03Run\x12\x13\n\x0fRUN_UNSPECIFIED\x10\x00\x12\x0f\n\x0bRUN_STARTED\x10\x01\x12\x0f\n\x0bRUN_STOPPED\x10\x02\"P\n\tReportAck\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0f\n\x07\x63ounted\x18\x02 \x01(\x08\x12\x0f\n\x07refused\x18\x03 \x01(\x08\x12\x0f\n\x07refusal\x18\x04 \x01(\t2\x8d\x01\n\x0c\x41gentService\x12}\n\x07\x43onnect\x12\x1e.tunnelplane.v1.ConnectRequest\x1a\x1f.tunnelplane.v1.ConnectResponse\"-\x92\x82\x19)\x08\x02\x12\ragent.connect2\x01\x02H\x01\x62\x11max_agent_streams(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btunnelplane/v1/agents.proto\x12\x0etunnelplane.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ctunnelplane/v1/options.proto\x1a\x1ctunnelplane/v1/tunnels.proto\"\xa9\x01\n\x0e\x43onnectRequest\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.tunnelplane.v1.AgentHelloH\x00\x12\x33\n\theartbeat\x18\x02 \x01(\x0b\x32\x1e.tunnelplane.v1.AgentHeartbeatH\x00\x12-\n\x06report\x18\x03 \x01(\x0b\x32\x1b.tunnelplane.v1.AgentReportH\x00\x42\x06\n\x04kind\"]\n\nAgentHello\x12\x0e\n\x06tunnel\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\n\n\x02os\x18\x05 \x01(\t\",\n\x0e\x41gentHeartbeat\x12\x1a\n\x12\x61\x63tive_connections\x18\x01 \x01(\x03\"\xb2\x02\n\x0b\x41gentReport\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrequest_count\x18\x03 \x01(\x03\x12\x15\n\rsuccess_count\x18\x04 \x01(\x03\x12\x13\n\x0b\x65rror_count\x18\x05 \x01(\x03\x12\x17\n\x0flatency_buckets\x18\x06 \x03(\x03\x12\x13\n\x0b\x63onnections\x18\x07 \x01(\x03\x12\x10\n\x08\x62ytes_in\x18\x08 \x01(\x03\x12\x11\n\tbytes_out\x18\t \x01(\x03\x12\x18\n\x10peak_concurrency\x18\n \x01(\x03\x12\x1a\n\x12\x61\x63tive_connections\x18\x0b \x01(\x03\x12\x1b\n\x13stream_milliseconds\x18\x0c \x01(\x03\"\xd6\x01\n\x0f\x43onnectResponse\x12/\n\x07welcome\x18\x01 \x01(\x0b\x32\x1c.tunnelplane.v1.AgentWelcomeH\x00\x12\x35\n\rdesired_state\x18\x02 \x01(\x0b\x32\x1c.tunnelplane.v1.DesiredStateH\x00\x12(\n\x03\x61\x63k\x18\x03 \x01(\x0b\x32\x19.tunnelplane.v1.ReportAckH\x00\x12)\n\x07go_away\x18\x04 \x01(\x0b\x32\x16.tunnelplane.v1.GoAwayH\x00\x42\x06\n\x04kind\"M\n\x06GoAway\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x33\n\x10reconnect_within\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"m\n\x0c\x41gentWelcome\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rlast_sequence\x18\x03 \x01(\x03\"\xba\x02\n\x0c\x44\x65siredState\x12-\n\x03run\x18\x01 \x01(\x0e\x32 .tunnelplane.v1.DesiredState.Run\x12\x16\n\x0elisten_address\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12,\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x1c.tunnelplane.v1.TunnelConfig\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12-\n\nstop_grace\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0bproxy_links\x18\x07 \x03(\t\x12\x12\n\ntarget_url\x18\x08 \x01(\t\"<\n\x03Run\x12\x13\n\x0fRUN_UNSPECIFIED\x10\x00\x12\x0f\n\x0bRUN_STARTED\x10\x01\x12\x0f\n\x0bRUN_STOPPED\x10\x02\"P\n\tReportAck\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0f\n\x07\x63ounted\x18\x02 \x01(\x08\x12\x0f\n\x07refused\x18\x03 \x01(\x08\x12\x0f\n\x07refusal\x18\x04 \x01(\t2\x8d\x01\n\x0c\x41gentService\x12}\n\x07\x43onnect\x12\x1e.tunnelplane.v1.ConnectRequest\x1a\x1f.tunnelplane.v1.ConnectResponse\"-\x92\x82\x19)\x08\x02\x12\ragent.connect2\x01\x02H\x01\x62\x11max_agent_streams(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,19 +44,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTHEARTBEAT']._serialized_start=439
   _globals['_AGENTHEARTBEAT']._serialized_end=483
   _globals['_AGENTREPORT']._serialized_start=486
-  _globals['_AGENTREPORT']._serialized_end=763
-  _globals['_CONNECTRESPONSE']._serialized_start=766
-  _globals['_CONNECTRESPONSE']._serialized_end=980
-  _globals['_GOAWAY']._serialized_start=982
-  _globals['_GOAWAY']._serialized_end=1059
-  _globals['_AGENTWELCOME']._serialized_start=1061
-  _globals['_AGENTWELCOME']._serialized_end=1170
-  _globals['_DESIREDSTATE']._serialized_start=1173
-  _globals['_DESIREDSTATE']._serialized_end=1487
-  _globals['_DESIREDSTATE_RUN']._serialized_start=1427
-  _globals['_DESIREDSTATE_RUN']._serialized_end=1487
-  _globals['_REPORTACK']._serialized_start=1489
-  _globals['_REPORTACK']._serialized_end=1569
-  _globals['_AGENTSERVICE']._serialized_start=1572
-  _globals['_AGENTSERVICE']._serialized_end=1713
+  _globals['_AGENTREPORT']._serialized_end=792
+  _globals['_CONNECTRESPONSE']._serialized_start=795
+  _globals['_CONNECTRESPONSE']._serialized_end=1009
+  _globals['_GOAWAY']._serialized_start=1011
+  _globals['_GOAWAY']._serialized_end=1088
+  _globals['_AGENTWELCOME']._serialized_start=1090
+  _globals['_AGENTWELCOME']._serialized_end=1199
+  _globals['_DESIREDSTATE']._serialized_start=1202
+  _globals['_DESIREDSTATE']._serialized_end=1516
+  _globals['_DESIREDSTATE_RUN']._serialized_start=1456
+  _globals['_DESIREDSTATE_RUN']._serialized_end=1516
+  _globals['_REPORTACK']._serialized_start=1518
+  _globals['_REPORTACK']._serialized_end=1598
+  _globals['_AGENTSERVICE']._serialized_start=1601
+  _globals['_AGENTSERVICE']._serialized_end=1742
 # @@protoc_insertion_point(module_scope)

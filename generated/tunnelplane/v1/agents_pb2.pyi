@@ -158,6 +158,7 @@ class AgentReport(_message.Message):
     BYTES_OUT_FIELD_NUMBER: _builtins.int
     PEAK_CONCURRENCY_FIELD_NUMBER: _builtins.int
     ACTIVE_CONNECTIONS_FIELD_NUMBER: _builtins.int
+    STREAM_MILLISECONDS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """Increases by one with each new report of this agent (from 1)."""
     request_count: _builtins.int
@@ -176,6 +177,10 @@ class AgentReport(_message.Message):
     """Most connections open at once in the interval."""
     active_connections: _builtins.int
     """Connections open at the end of the interval."""
+    stream_milliseconds: _builtins.int
+    """How long the requests (TCP: connections) that ended in the interval were
+    open, added up, in milliseconds: a proxied LLM stream of 40 s counts 40000.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the interval ended, on the agent's clock."""
@@ -202,10 +207,11 @@ class AgentReport(_message.Message):
         bytes_out: _builtins.int = ...,
         peak_concurrency: _builtins.int = ...,
         active_connections: _builtins.int = ...,
+        stream_milliseconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_connections", b"active_connections", "bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "connections", b"connections", "error_count", b"error_count", "latency_buckets", b"latency_buckets", "peak_concurrency", b"peak_concurrency", "request_count", b"request_count", "sequence", b"sequence", "success_count", b"success_count", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_connections", b"active_connections", "bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "connections", b"connections", "error_count", b"error_count", "latency_buckets", b"latency_buckets", "peak_concurrency", b"peak_concurrency", "request_count", b"request_count", "sequence", b"sequence", "stream_milliseconds", b"stream_milliseconds", "success_count", b"success_count", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -721,6 +721,8 @@ class DailyUsage(_message.Message):
     BYTES_IN_FIELD_NUMBER: _builtins.int
     BYTES_OUT_FIELD_NUMBER: _builtins.int
     PEAK_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    STREAM_SECONDS_FIELD_NUMBER: _builtins.int
     connections: _builtins.int
     """Connections opened."""
     bytes_in: _builtins.int
@@ -729,6 +731,10 @@ class DailyUsage(_message.Message):
     """Bytes from the service to clients."""
     peak_concurrency: _builtins.int
     """Most connections open at once."""
+    requests: _builtins.int
+    """Requests (TCP: connections) that ended, proxied web requests included."""
+    stream_seconds: _builtins.float
+    """How long those requests were open, added up, in seconds."""
     @_builtins.property
     def date(self) -> _date_pb2.Date:
         """The day."""
@@ -741,10 +747,12 @@ class DailyUsage(_message.Message):
         bytes_in: _builtins.int = ...,
         bytes_out: _builtins.int = ...,
         peak_concurrency: _builtins.int = ...,
+        requests: _builtins.int = ...,
+        stream_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["date", b"date"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "connections", b"connections", "date", b"date", "peak_concurrency", b"peak_concurrency"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes_in", b"bytes_in", "bytes_out", b"bytes_out", "connections", b"connections", "date", b"date", "peak_concurrency", b"peak_concurrency", "requests", b"requests", "stream_seconds", b"stream_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

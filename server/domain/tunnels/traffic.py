@@ -41,6 +41,7 @@ _COUNT_FIELDS = (
     "bytes_out",
     "peak_concurrency",
     "active_connections",
+    "stream_milliseconds",
 )
 
 ReportKey = tuple[str, int]
@@ -68,6 +69,8 @@ class Report:
     bytes_out: int
     peak_concurrency: int
     active_connections: int
+    #: How long the requests that ended in the interval were open, added up.
+    stream_milliseconds: int = 0
 
     @property
     def key(self) -> ReportKey:
@@ -91,6 +94,7 @@ class Report:
         bytes_out: int = 0,
         peak_concurrency: int = 0,
         active_connections: int = 0,
+        stream_milliseconds: int = 0,
     ) -> Report:
         """A validated report, its histogram padded to :data:`HISTOGRAM_SIZE` counts.
 
@@ -113,6 +117,7 @@ class Report:
             bytes_out,
             peak_concurrency,
             active_connections,
+            stream_milliseconds,
         )
         if _check_counts(report, violations):
             _check_consistency(report, violations)
@@ -300,6 +305,10 @@ class DailyUsage:
     bytes_in: int = 0
     bytes_out: int = 0
     peak_concurrency: int = 0
+    #: Requests (TCP: connections) that ended.
+    requests: int = 0
+    #: How long they were open, added up.
+    stream_milliseconds: int = 0
 
     def __add__(self, other: DailyUsage) -> DailyUsage:
         """Both records of this day together; ``ValueError`` for different days."""
@@ -315,6 +324,8 @@ def _combined(day: date, a: DailyUsage, b: DailyUsage) -> DailyUsage:
         a.bytes_in + b.bytes_in,
         a.bytes_out + b.bytes_out,
         max(a.peak_concurrency, b.peak_concurrency),
+        a.requests + b.requests,
+        a.stream_milliseconds + b.stream_milliseconds,
     )
 
 
@@ -326,6 +337,8 @@ def usage_of(report: Report) -> DailyUsage:
         report.bytes_in,
         report.bytes_out,
         report.peak_concurrency,
+        report.request_count,
+        report.stream_milliseconds,
     )
 
 

@@ -144,6 +144,7 @@ class SqlAgentRepository(Repository):
             "request_count": report.request_count,
             "success_count": report.success_count,
             "error_count": report.error_count,
+            "stream_milliseconds": report.stream_milliseconds,
         }
         added |= dict(zip(LATENCY_COLUMNS, report.latency_buckets, strict=True))
         stmt = self._upsert(tunnel_usage).values(
@@ -212,6 +213,8 @@ class SqlAgentRepository(Repository):
                     row["bytes_in"],
                     row["bytes_out"],
                     row["peak_concurrency"],
+                    row["request_count"],
+                    row["stream_milliseconds"],
                 ),
             )
             for row in rows
