@@ -8,6 +8,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
+# The Kubernetes release the provisioner's requests are validated against: the oldest minor
+# still supported upstream (lightkube-models in pyproject.toml matches it).
+KUBERNETES_VERSION := 1.35.0
 PROTOS := $(shell find proto/tunnelplane -name '*.proto' | sort)
 GRPC_INCLUDE = $(shell $(BIN)/python -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
 
