@@ -8,6 +8,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
+# The Kubernetes release deploy/ and the provisioner's requests are validated against: the
+# oldest minor still supported upstream (lightkube-models in pyproject.toml matches it).
+KUBERNETES_VERSION := 1.35.0
+MANIFESTS := $(filter-out deploy/kustomization.yaml,$(sort $(wildcard deploy/*.yaml)))
 PROTOS := $(shell find proto/tunnelplane -name '*.proto' | sort)
 GRPC_INCLUDE = $(shell $(BIN)/python -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')
 
@@ -17,7 +21,7 @@ LOCK := requirements.lock
 LOCK_COMPILE = $(BIN)/uv pip compile pyproject.toml --extra dev --universal --generate-hashes \
   --python-version 3.11 --custom-compile-command 'make lock'
 
-.PHONY: help install lock check-lock generate check-generated lint typecheck test run migrate bench clean
+.PHONY: help install lock check-lock generate check-generated lint lint-deploy typecheck test run migrate bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -66,12 +70,21 @@ check-generated: generate ## Regenerate and fail if generated/ differs from what
 	  git diff --stat -- generated; echo "generated/ is stale: run 'make generate' and commit it"; exit 1; fi
 	@echo "generated/ is up to date"
 
-lint: $(STAMP) $(BUF) ## ruff (lint + format check); buf lint, format check and breaking check against main
+lint: $(STAMP) $(BUF) ## ruff (lint + format check); buf lint, format check and breaking check against main; deploy/ against the Kubernetes schema
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 	BUF=$(BUF) .ci/buf-breaking
+	$(MAKE) --no-print-directory lint-deploy
+
+# kubernetes-validate ships the schemas (offline). --quiet prints only problems, and a kind
+# it has no schema for is only a warning to it, so any output at all fails the target.
+lint-deploy: $(STAMP) ## Validate deploy/*.yaml (strict) against the Kubernetes $(KUBERNETES_VERSION) schema, offline
+	@test -n "$(MANIFESTS)" || { echo "no manifests in deploy/"; exit 1; }
+	@out=$$($(BIN)/kubernetes-validate --strict --quiet -k $(KUBERNETES_VERSION) $(MANIFESTS) 2>&1); \
+	  rc=$$?; if [ $$rc -ne 0 ] || [ -n "$$out" ]; then echo "$$out"; exit 1; fi
+	@echo "deploy/: $(words $(MANIFESTS)) files valid against Kubernetes $(KUBERNETES_VERSION) (strict)"
 
 typecheck: $(STAMP) ## mypy --strict on server/ and gateway/
 	$(BIN)/mypy

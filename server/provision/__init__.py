@@ -1,2 +1,5 @@
-"""Provisioners: where proxies' instances run (local child processes by default; a
-Kubernetes Deployment per proxy for those who outgrow one machine)."""
+"""Provisioners: what runs proxies' instances, behind the proxies' ``Provisioner`` port
+(:mod:`server.domain.proxies.ports`): ``local`` as child processes of this server (the
+embedded default), ``kubernetes`` as a Deployment per proxy pool in a cluster; ``admin``
+is the control plane's client of the instances' admin sides. Each module here imports the
+domain, and the domain none of them."""
