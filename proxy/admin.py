@@ -2,7 +2,8 @@
 with what it says of its load, its config pushed live, its diagnostics and its metrics.
 
 Only the control plane reaches it: every path but ``/metrics`` needs the instance's admin
-token (``Authorization: Bearer …``), given at start in ``TP_PROXY_ADMIN_TOKEN``.
+token (``Authorization: Bearer …``), given at start in ``TP_PROXY_ADMIN_TOKEN`` — except
+that ``/_proxy/health`` without it answers a bare ``SERVING`` (for liveness probes).
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ class AdminApi:
         if request.path == "/metrics" and request.method == "GET":
             return web.Response(body=generate_latest(self._prometheus), content_type="text/plain")
         if not self._authorized(request):
+            if (request.method, request.path) == ("GET", "/_proxy/health"):
+                return _json({"status": "SERVING"})  # a probe's answer: alive, nothing more
             return _json({"error": "the admin token is missing or wrong"}, 401)
         if (request.method, request.path) == ("PUT", "/_proxy/config"):
             return await self._configure(request)

@@ -46,6 +46,7 @@ async def open_stack(
     spare: int = 4,
     link_tls: tuple[Path, Path] | None = None,
     metrics_port: int = 0,
+    admin_token: str = "",
 ) -> Stack:
     """The whole path; ``link_tls`` (certificate and key files) puts TLS on the link."""
     local = await LocalService().start()
@@ -54,7 +55,7 @@ async def open_stack(
     cert, key = link_tls or (None, None)
     settings = ProxySettings(
         control_plane=f"127.0.0.1:{plane.port}", port=0, link_port=0, metrics_port=metrics_port,
-        web=web or WebSettings(), link_tls_cert=cert, link_tls_key=key,
+        web=web or WebSettings(), link_tls_cert=cert, link_tls_key=key, admin_token=admin_token,
     )  # fmt: skip
     proxy = ProxyApp(settings)
     await proxy.start()
