@@ -280,7 +280,22 @@ class Settings:
         default="local",
         metadata=_doc(
             "Where users' own proxies (StartProxy) run: local child processes of this server "
-            "(one server process only), or off"
+            "(one server process only), a Deployment per proxy in Kubernetes, or off"
+        ),
+    )
+    kubernetes_namespace: str = field(
+        default="tunnelplane",
+        metadata=_doc("Namespace of the proxies' Deployments (TP_PROXY_PROVISIONER=kubernetes)"),
+    )
+    proxy_image: str = field(
+        default="tunnelplane:0.1.0",
+        metadata=_doc("Container image of the proxies' pods (TP_PROXY_PROVISIONER=kubernetes)"),
+    )
+    kubernetes_control_plane: str = field(
+        default="tunnelplane-server:50051",
+        metadata=_doc(
+            "The control plane's gRPC address as the proxies' pods reach it "
+            "(TP_PROXY_PROVISIONER=kubernetes)"
         ),
     )
     max_proxies_per_user: int = field(

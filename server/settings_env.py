@@ -17,7 +17,7 @@ Mode = Literal["development", "sandbox", "production"]
 OtelExporter = Literal["none", "console", "otlp"]
 LogFormat = Literal["json", "text"]
 AddressPolicy = Literal["auto", "any", "public"]
-Provisioner = Literal["local", "off"]
+Provisioner = Literal["local", "kubernetes", "off"]
 
 #: The literal kinds of value, by the name a field's annotation gives them.
 CHOICES: Mapping[str, Any] = {

@@ -6,8 +6,10 @@ provisioner), and the access questions the proxies ask.
 The embedded proxy runs when ``TP_PROXY_PORT`` is not 0 and the server is one process.
 With ``TP_WORKERS`` above 1 the workers share ports, but a proxy is a process of its own:
 run ``python -m proxy`` beside the group (``TP_PROXY_LINKS`` tells agents where it is).
-Users' proxies run as local children (``TP_PROXY_PROVISIONER=local``) in a one-process
-server only: one process must own them.
+Users' proxies run as local children (``TP_PROXY_PROVISIONER=local``, a one-process server
+only: one process must own them) or as Kubernetes Deployments
+(``TP_PROXY_PROVISIONER=kubernetes``); either way one replica at a time runs the fleet loop
+(a PostgreSQL advisory lock; with SQLite the one process).
 """
 
 from __future__ import annotations
@@ -20,11 +22,14 @@ from server.compose.infrastructure import Infrastructure
 from server.compose.tunnels import TunnelsArea
 from server.domain.proxies.fleet import FleetSettings, ProxyFleet
 from server.domain.proxies.insight import ProxyInsight
+from server.domain.proxies.ports import Provisioner
 from server.domain.proxies.service import ProxyAccess
 from server.domain.proxies.upkeep import ProxyUpkeep
 from server.provision.admin import InstanceAdminClient, admin_tokens
+from server.provision.kubernetes import KubernetesProvisioner
 from server.provision.local import LocalProvisioner, LocalSettings
 from server.settings import Settings
+from server.storage.leader import Leadership
 from server.workers.embedded_proxy import EmbeddedProxy, embedded_proxy_loop
 from server.workers.proxy_fleet import ProxyFleetLoop, fleet_loop
 from server.workers.supervisor import Loop
@@ -75,17 +80,11 @@ def build(
     control_plane = _control_plane(settings, grpc_port)
     admin = InstanceAdminClient(tokens)
     insight = ProxyInsight(infra.db, infra.lister, admin, infra.clock)
+    provisioner = _provisioner(settings, control_plane)
     loop = None
-    if settings.proxy_provisioner == "local" and settings.workers == 1:
-        provisioner = LocalProvisioner(
-            LocalSettings(
-                control_plane=control_plane,
-                host=settings.proxy_host,
-                public_domain=settings.public_domain,
-                control_plane_ca=settings.tls_cert_file or "",
-            )
-        )
-        loop = ProxyFleetLoop(upkeep, provisioner, admin, tokens)
+    if provisioner is not None:
+        leader = Leadership(infra.db.engine, "proxy-fleet")
+        loop = ProxyFleetLoop(upkeep, provisioner, admin, tokens, leader=leader)
     return ProxiesArea(
         ProxyAccess(infra.db, tunnels.shares),
         fleet,
@@ -94,6 +93,27 @@ def build(
         _embedded(settings, control_plane),
         loop,
     )
+
+
+def _provisioner(settings: Settings, control_plane: Callable[[], str]) -> Provisioner | None:
+    """The provisioner the settings name; None when users' proxies do not run here."""
+    if settings.proxy_provisioner == "kubernetes":
+        return KubernetesProvisioner(
+            settings.kubernetes_namespace,
+            settings.proxy_image,
+            settings.kubernetes_control_plane,
+            public_domain=settings.public_domain,
+        )
+    if settings.proxy_provisioner == "local" and settings.workers == 1:
+        return LocalProvisioner(
+            LocalSettings(
+                control_plane=control_plane,
+                host=settings.proxy_host,
+                public_domain=settings.public_domain,
+                control_plane_ca=settings.tls_cert_file or "",
+            )
+        )
+    return None
 
 
 def _control_plane(settings: Settings, grpc_port: Callable[[], int]) -> Callable[[], str]:

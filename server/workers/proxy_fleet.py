@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
+from typing import Protocol
 
 from server.domain.proxies.config import Load
 from server.domain.proxies.lifecycle import restart_due
@@ -28,6 +29,14 @@ from server.provision.admin import AdminError, InstanceAdminClient
 from server.workers.supervisor import Backoff, Loop
 
 log = logging.getLogger("tunnelplane.workers.proxy_fleet")
+
+
+class Leader(Protocol):
+    """Whether this replica runs the fleet (one at a time does)."""
+
+    async def hold(self) -> bool: ...
+    async def release(self) -> None: ...
+
 
 #: Check period while an instance is coming up (or down).
 FAST_CHECKS = 1.0
@@ -43,7 +52,10 @@ class ProxyFleetLoop:
         admin: InstanceAdminClient,
         token: Callable[[str], str],
         clock: Callable[[], float] = time.monotonic,
+        *,
+        leader: Leader | None = None,
     ) -> None:
+        self._leader = leader
         self._upkeep = upkeep
         self._provisioner = provisioner
         self._admin = admin
@@ -52,7 +64,10 @@ class ProxyFleetLoop:
         self._next_check: dict[str, float] = {}
 
     async def step(self) -> float | None:
-        """Tend every proxy once."""
+        """Tend every proxy once, if this replica leads the fleet."""
+        if self._leader is not None and not await self._leader.hold():
+            self._next_check.clear()  # another replica tends them; start afresh on taking over
+            return None
         proxies = await self._upkeep.active()
         for stale in set(self._next_check) - {p.id for p in proxies}:
             del self._next_check[stale]
@@ -63,6 +78,8 @@ class ProxyFleetLoop:
         """Stop every instance and let go of the HTTP pool."""
         await self._provisioner.close()
         await self._admin.close()
+        if self._leader is not None:
+            await self._leader.release()
 
     async def _guarded(self, proxy: Proxy) -> None:
         try:

@@ -16,6 +16,7 @@ from tunnelplane.v1 import proxies_pb2
 from server.domain.proxies.fleet import ProxyDraft
 from server.domain.proxies.model import Instance, ProxyState
 from server.domain.proxies.upkeep import Check
+from server.storage.leader import Leadership
 from tests.conftest import Backend, own_server
 from tests.helpers import (
     PASSWORD,
@@ -324,3 +325,22 @@ async def test_a_watch_sends_the_current_proxies_then_each_change(
     assert "proxy.state_changed" in text
     assert "STATE_STOPPING" in text
     assert "proxy.scaled" not in text  # seen before the resume point
+
+
+async def test_one_replica_at_a_time_leads_the_fleet(client: Client) -> None:
+    engine = client.app.db.engine
+    name = f"test-{unique_email('lead')}"
+    first, second = Leadership(engine, name), Leadership(engine, name)
+    try:
+        assert await first.hold()
+        if engine.dialect.name == "sqlite":  # one process's database: it leads
+            assert await second.hold()
+            return
+        assert not await second.hold()
+        assert await first.hold()  # still, and again
+        await first.release()
+        assert await second.hold()
+        assert not await first.hold()
+    finally:
+        await first.release()
+        await second.release()
