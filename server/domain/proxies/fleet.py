@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Any
 
 from server.domain.audit import service as audit
 from server.domain.audit.model import AuditTrail
@@ -305,34 +306,33 @@ class ProxyFleet:
         self, owner_id: str, proxy_id: str, *, page_size: int, page_token: str
     ) -> Page[ConfigRevision]:
         """A page of a proxy's config revisions, newest first."""
-        query = self._lister.query(
-            NEWEST_FIRST,
-            page_size=page_size,
-            page_token=page_token,
-            filter="",
-            order_by="",
-            scope=f"revisions:{proxy_id}",
+        return await self._history(
+            owner_id, proxy_id, "revisions", page_size=page_size, page_token=page_token
         )
-        async with self._uow(readonly=True) as uow:
-            await load(uow, owner_id, proxy_id)
-            rows = await uow.proxies.revisions(proxy_id, query)
-        return self._lister.page(query, rows)
 
     async def scaling_events(
         self, owner_id: str, proxy_id: str, *, page_size: int, page_token: str
     ) -> Page[ScalingEvent]:
         """A page of a proxy's scaling decisions, newest first."""
+        return await self._history(
+            owner_id, proxy_id, "scaling_events", page_size=page_size, page_token=page_token
+        )
+
+    async def _history(
+        self, owner_id: str, proxy_id: str, kind: str, *, page_size: int, page_token: str
+    ) -> Page[Any]:
+        """A page of one of a proxy's histories (a repository method named ``kind``)."""
         query = self._lister.query(
             NEWEST_FIRST,
             page_size=page_size,
             page_token=page_token,
             filter="",
             order_by="",
-            scope=f"scaling:{proxy_id}",
+            scope=f"{kind}:{proxy_id}",
         )
         async with self._uow(readonly=True) as uow:
             await load(uow, owner_id, proxy_id)
-            rows = await uow.proxies.scaling_events(proxy_id, query)
+            rows = await getattr(uow.proxies, kind)(proxy_id, query)
         return self._lister.page(query, rows)
 
     async def save(self, uow: UnitOfWork, before: Proxy, after: Proxy, actor: str) -> Proxy:
