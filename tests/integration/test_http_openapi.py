@@ -207,6 +207,13 @@ async def test_the_proxies_questions_are_documented(http: httpx.AsyncClient) -> 
     schemas = spec["components"]["schemas"]
     config = schemas["tunnelplane.v1.TunnelConfig"]["properties"]
     assert config["webAccess"]["$ref"] == "#/components/schemas/tunnelplane.v1.WebAccess"
-    assert "WEB_ACCESS_IP_ALLOWLIST" in schemas["tunnelplane.v1.WebAccess"]["enum"]
+    assert {"WEB_ACCESS_IP_ALLOWLIST", "WEB_ACCESS_BASIC"} <= set(
+        schemas["tunnelplane.v1.WebAccess"]["enum"]
+    )
+    # The basic password is write-only, and whether one is set is read-only.
+    assert config["basicPassword"]["writeOnly"] is True
+    assert config["basicPasswordSet"]["readOnly"] is True
+    request = schemas["tunnelplane.v1.CheckTunnelAccessRequest"]["properties"]
+    assert {"basicUsername", "basicPassword"} <= set(request)
     decision = schemas["tunnelplane.v1.TunnelAccessDecision"]["properties"]
-    assert set(decision) == {"allowed", "refusal", "tunnel", "cacheFor"}
+    assert set(decision) == {"allowed", "refusal", "tunnel", "cacheFor", "basicAuth"}

@@ -28,7 +28,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from tunnelplane.v1 import options_pb2 as tunnelplane_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctunnelplane/v1/proxies.proto\x12\x0etunnelplane.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1ctunnelplane/v1/options.proto\"F\n\x18\x43heckTunnelAccessRequest\x12\x17\n\ttunnel_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tclient_ip\x18\x02 \x01(\t\"\xad\x02\n\x14TunnelAccessDecision\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12=\n\x07refusal\x18\x02 \x01(\x0e\x32,.tunnelplane.v1.TunnelAccessDecision.Refusal\x12\x0e\n\x06tunnel\x18\x03 \x01(\t\x12,\n\tcache_for\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x86\x01\n\x07Refusal\x12\x17\n\x13REFUSAL_UNSPECIFIED\x10\x00\x12\x15\n\x11REFUSAL_NOT_FOUND\x10\x01\x12\x1b\n\x17REFUSAL_UNAUTHENTICATED\x10\x02\x12\x15\n\x11REFUSAL_FORBIDDEN\x10\x03\x12\x17\n\x13REFUSAL_NOT_RUNNING\x10\x04\"1\n\x19\x41uthorizeAgentLinkRequest\x12\x14\n\x06tunnel\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"N\n\x0e\x41gentLinkGrant\x12\x0e\n\x06tunnel\x18\x01 \x01(\t\x12,\n\tcache_for\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration2\xd5\x02\n\x0cProxyService\x12\x8c\x01\n\x11\x43heckTunnelAccess\x12(.tunnelplane.v1.CheckTunnelAccessRequest\x1a$.tunnelplane.v1.TunnelAccessDecision\"\'\x92\x82\x19\x02\x08\x01\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/tunnelAccess:check:\x01*\x12\xb5\x01\n\x12\x41uthorizeAgentLink\x12).tunnelplane.v1.AuthorizeAgentLinkRequest\x1a\x1e.tunnelplane.v1.AgentLinkGrant\"T\x92\x82\x19\x14\x08\x02\x12\ragent.connect2\x01\x02\x82\xd3\xe4\x93\x02\x36\"1/v1/{tunnel=users/*/tunnels/*}:authorizeAgentLink:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctunnelplane/v1/proxies.proto\x12\x0etunnelplane.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1ctunnelplane/v1/options.proto\"|\n\x18\x43heckTunnelAccessRequest\x12\x17\n\ttunnel_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tclient_ip\x18\x02 \x01(\t\x12\x16\n\x0e\x62\x61sic_username\x18\x03 \x01(\t\x12\x1c\n\x0e\x62\x61sic_password\x18\x04 \x01(\tB\x04\xe2\x41\x01\x04\"\xc1\x02\n\x14TunnelAccessDecision\x12\x0f\n\x07\x61llowed\x18\x01 \x01(\x08\x12=\n\x07refusal\x18\x02 \x01(\x0e\x32,.tunnelplane.v1.TunnelAccessDecision.Refusal\x12\x0e\n\x06tunnel\x18\x03 \x01(\t\x12,\n\tcache_for\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nbasic_auth\x18\x05 \x01(\x08\"\x86\x01\n\x07Refusal\x12\x17\n\x13REFUSAL_UNSPECIFIED\x10\x00\x12\x15\n\x11REFUSAL_NOT_FOUND\x10\x01\x12\x1b\n\x17REFUSAL_UNAUTHENTICATED\x10\x02\x12\x15\n\x11REFUSAL_FORBIDDEN\x10\x03\x12\x17\n\x13REFUSAL_NOT_RUNNING\x10\x04\"1\n\x19\x41uthorizeAgentLinkRequest\x12\x14\n\x06tunnel\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"N\n\x0e\x41gentLinkGrant\x12\x0e\n\x06tunnel\x18\x01 \x01(\t\x12,\n\tcache_for\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration2\xd5\x02\n\x0cProxyService\x12\x8c\x01\n\x11\x43heckTunnelAccess\x12(.tunnelplane.v1.CheckTunnelAccessRequest\x1a$.tunnelplane.v1.TunnelAccessDecision\"\'\x92\x82\x19\x02\x08\x01\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/tunnelAccess:check:\x01*\x12\xb5\x01\n\x12\x41uthorizeAgentLink\x12).tunnelplane.v1.AuthorizeAgentLinkRequest\x1a\x1e.tunnelplane.v1.AgentLinkGrant\"T\x92\x82\x19\x14\x08\x02\x12\ragent.connect2\x01\x02\x82\xd3\xe4\x93\x02\x36\"1/v1/{tunnel=users/*/tunnels/*}:authorizeAgentLink:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHECKTUNNELACCESSREQUEST'].fields_by_name['tunnel_id']._loaded_options = None
   _globals['_CHECKTUNNELACCESSREQUEST'].fields_by_name['tunnel_id']._serialized_options = b'\342A\001\002'
+  _globals['_CHECKTUNNELACCESSREQUEST'].fields_by_name['basic_password']._loaded_options = None
+  _globals['_CHECKTUNNELACCESSREQUEST'].fields_by_name['basic_password']._serialized_options = b'\342A\001\004'
   _globals['_AUTHORIZEAGENTLINKREQUEST'].fields_by_name['tunnel']._loaded_options = None
   _globals['_AUTHORIZEAGENTLINKREQUEST'].fields_by_name['tunnel']._serialized_options = b'\342A\001\002'
   _globals['_PROXYSERVICE'].methods_by_name['CheckTunnelAccess']._loaded_options = None
@@ -44,15 +46,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROXYSERVICE'].methods_by_name['AuthorizeAgentLink']._loaded_options = None
   _globals['_PROXYSERVICE'].methods_by_name['AuthorizeAgentLink']._serialized_options = b'\222\202\031\024\010\002\022\ragent.connect2\001\002\202\323\344\223\0026\"1/v1/{tunnel=users/*/tunnels/*}:authorizeAgentLink:\001*'
   _globals['_CHECKTUNNELACCESSREQUEST']._serialized_start=173
-  _globals['_CHECKTUNNELACCESSREQUEST']._serialized_end=243
-  _globals['_TUNNELACCESSDECISION']._serialized_start=246
-  _globals['_TUNNELACCESSDECISION']._serialized_end=547
-  _globals['_TUNNELACCESSDECISION_REFUSAL']._serialized_start=413
-  _globals['_TUNNELACCESSDECISION_REFUSAL']._serialized_end=547
-  _globals['_AUTHORIZEAGENTLINKREQUEST']._serialized_start=549
-  _globals['_AUTHORIZEAGENTLINKREQUEST']._serialized_end=598
-  _globals['_AGENTLINKGRANT']._serialized_start=600
-  _globals['_AGENTLINKGRANT']._serialized_end=678
-  _globals['_PROXYSERVICE']._serialized_start=681
-  _globals['_PROXYSERVICE']._serialized_end=1022
+  _globals['_CHECKTUNNELACCESSREQUEST']._serialized_end=297
+  _globals['_TUNNELACCESSDECISION']._serialized_start=300
+  _globals['_TUNNELACCESSDECISION']._serialized_end=621
+  _globals['_TUNNELACCESSDECISION_REFUSAL']._serialized_start=487
+  _globals['_TUNNELACCESSDECISION_REFUSAL']._serialized_end=621
+  _globals['_AUTHORIZEAGENTLINKREQUEST']._serialized_start=623
+  _globals['_AUTHORIZEAGENTLINKREQUEST']._serialized_end=672
+  _globals['_AGENTLINKGRANT']._serialized_start=674
+  _globals['_AGENTLINKGRANT']._serialized_end=752
+  _globals['_PROXYSERVICE']._serialized_start=755
+  _globals['_PROXYSERVICE']._serialized_end=1096
 # @@protoc_insertion_point(module_scope)
