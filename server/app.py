@@ -57,7 +57,7 @@ class App:
         self.events = events.build(self.infra)
         self.identity = identity.build(self.infra, self.events)
         self.limits = limits.build(self.infra, self.identity.tiers)
-        self.tunnels = tunnels.build(self.infra, self.events, self.identity.tiers)
+        self.tunnels = tunnels.build(self.infra, self.events, self.identity)
         # Made before both: a replay the webhooks start wakes the operations' runner.
         operation_started = asyncio.Event()
         self.webhooks = webhooks.build(self.infra, self.events, operation_started.set)
