@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from tunnelplane.v1 import proxies_pb2
 
 from server.api.tunnel_convert import duration
-from server.domain.proxies.model import AccessDecision, Refusal
+from server.domain.proxies.model import AccessDecision, BasicCredentials, Refusal
 from server.domain.proxies.service import ProxyAccess
 from server.pipeline import Call
 
@@ -29,7 +29,15 @@ def decision(d: AccessDecision) -> X.TunnelAccessDecision:
         refusal=REFUSALS[d.refusal],  # type: ignore[arg-type]
         tunnel=d.tunnel,
         cache_for=duration(d.cache_for),
+        basic_auth=d.basic,
     )
+
+
+def offered(request: X.CheckTunnelAccessRequest) -> BasicCredentials | None:
+    """The web client's basic credentials, if the proxy sent any."""
+    if not request.basic_username and not request.basic_password:
+        return None
+    return BasicCredentials(request.basic_username, request.basic_password)
 
 
 class ProxyApi:
@@ -42,7 +50,9 @@ class ProxyApi:
         self, request: X.CheckTunnelAccessRequest, call: Call
     ) -> X.TunnelAccessDecision:
         # The principal is the web client's, from the credential the proxy forwarded.
-        found = await self._access.check(call.principal, request.tunnel_id, request.client_ip)
+        found = await self._access.check(
+            call.principal, request.tunnel_id, request.client_ip, offered(request)
+        )
         return decision(found)
 
     async def AuthorizeAgentLink(

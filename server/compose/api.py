@@ -41,6 +41,7 @@ from server.compose.limits import LimitsArea
 from server.compose.operations import OperationsArea
 from server.compose.tunnels import TunnelsArea
 from server.compose.webhooks import WebhooksArea
+from server.domain.proxies.basic import BasicCheck
 from server.domain.proxies.service import ProxyAccess
 from server.interceptors.audit import AuditStage
 from server.interceptors.auth import AuthenticateStage, AuthorizeStage
@@ -141,7 +142,11 @@ def _servicers(infra: Infrastructure, areas: Areas, agents: AgentApi) -> dict[st
         "tunnelplane.v1.EventService": EventApi(areas.events.log),
         "tunnelplane.v1.WebhookService": WebhookApi(areas.webhooks.webhooks),
         "tunnelplane.v1.OperationService": OperationApi(areas.operations.operations, clock),
-        "tunnelplane.v1.ProxyService": ProxyApi(ProxyAccess(infra.db, tunnels.shares)),
+        "tunnelplane.v1.ProxyService": ProxyApi(
+            ProxyAccess(
+                infra.db, tunnels.shares, BasicCheck(identity.hasher, identity.basic_throttle)
+            )
+        ),
         "tunnelplane.v1.AdminService": AdminApi(
             areas.health.status, limits.limiter, limits.violations, infra.lister, limits.blocks
         ),
