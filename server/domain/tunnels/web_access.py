@@ -54,10 +54,9 @@ def check_basic(config: TunnelConfig, prefix: str, violations: Violations) -> Tu
     both normalized; with any other web access, neither, and no hash."""
     name_field, password_field = prefix + "basic_username", prefix + "basic_password"
     if config.web_access is not WebAccess.BASIC:
-        for field, value in ((name_field, config.basic_username),
-                             (password_field, config.basic_password)):  # fmt: skip
-            if value:
-                violations.add(field, "must be empty unless web_access is BASIC")
+        given = {name_field: config.basic_username, password_field: config.basic_password}
+        for field in (name for name, value in given.items() if value):
+            violations.add(field, "must be empty unless web_access is BASIC")
         return replace(config, basic_username="", basic_password="", basic_password_hash="")
     username = basic_username(config.basic_username, name_field, violations)
     password = normalized(config.basic_password)
