@@ -2,8 +2,9 @@
 answer says (ProxyService.CheckTunnelAccess and AuthorizeAgentLink).
 
 Concurrent identical questions share one call. Credentials are kept only as their
-SHA-256 in cache keys. A control plane that cannot be reached is :class:`UnreachableError`;
-the web side answers 503 then.
+SHA-256 in cache keys: a Tunnelplane credential goes as the call's ``authorization``,
+basic credentials in the request. A control plane that cannot be reached is
+:class:`UnreachableError`; the web side answers 503 then.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Generic, TypeVar
 
 import grpc
 from tunnelplane.v1 import proxies_pb2, proxies_pb2_grpc
+
+from proxy.credentials import Offered
 
 T = TypeVar("T")
 Decision = proxies_pb2.TunnelAccessDecision
@@ -46,6 +49,8 @@ class Access:
     allowed: bool
     refusal: Decision.Refusal.ValueType
     tunnel: str
+    #: The tunnel takes basic credentials: ask for them, and strip them.
+    basic: bool = False
 
 
 class TtlCache(Generic[T]):
@@ -107,19 +112,24 @@ class ControlPlane:
         self._access: TtlCache[Access] = TtlCache(cache_size)
         self._links: TtlCache[str] = TtlCache(cache_size)
 
-    async def check_access(self, tunnel_id: str, credential: str, client_ip: str) -> Access:
-        """May a web request from ``client_ip`` with ``credential`` ("" for none) go in?"""
-        key = (tunnel_id, _digest(credential) if credential else b"", client_ip)
+    async def check_access(self, tunnel_id: str, offered: Offered, client_ip: str) -> Access:
+        """May a web request from ``client_ip`` with the credentials ``offered`` go in?"""
+        key = (tunnel_id, offered.digest(), client_ip)
 
         async def load() -> tuple[Access, float]:
             metadata = [("x-forwarded-for", client_ip)]
-            if credential:
-                metadata.append(("authorization", f"Bearer {credential}"))
-            request = proxies_pb2.CheckTunnelAccessRequest(tunnel_id=tunnel_id, client_ip=client_ip)
+            if offered.bearer:
+                metadata.append(("authorization", f"Bearer {offered.bearer}"))
+            request = proxies_pb2.CheckTunnelAccessRequest(
+                tunnel_id=tunnel_id,
+                client_ip=client_ip,
+                basic_username=offered.username,
+                basic_password=offered.password,
+            )
             answer = await self._call(
                 self._stub.CheckTunnelAccess(request, metadata=metadata, timeout=self._timeout)
             )
-            access = Access(answer.allowed, answer.refusal, answer.tunnel)
+            access = Access(answer.allowed, answer.refusal, answer.tunnel, answer.basic_auth)
             return access, _seconds(answer.cache_for)
 
         return await self._access.get(key, load)

@@ -24,8 +24,8 @@ import grpc
 from aiohttp import web
 from tunnelplane.v1 import proxies_pb2, proxy_link_pb2
 
-from proxy import fields, replies, websocket
-from proxy.control import ControlPlane, RefusedError, UnreachableError
+from proxy import credentials, fields, replies, websocket
+from proxy.control import Access, ControlPlane, RefusedError, UnreachableError
 from proxy.encoding import Gzip, gzip_for
 from proxy.limits import Admission
 from proxy.links import Exchange, Registry
@@ -63,6 +63,19 @@ _FAILURES = {
     Failure.CAUSE_TIMEOUT: (504, "UPSTREAM_TIMEOUT", "the local service did not answer in time"),
     Failure.CAUSE_UNAVAILABLE: (503, "NO_AGENT", "the agent is not carrying this tunnel now"),
 }
+
+
+def _refusal(access: Access, tunnel_id: str) -> Refusal:
+    """The answer to a refused request: for a tunnel with basic access that got no (right)
+    credentials, a challenge that makes a browser ask for them."""
+    if access.basic and access.refusal == Decision.REFUSAL_UNAUTHENTICATED:
+        return Refusal(
+            401,
+            "UNAUTHENTICATED",
+            "this tunnel asks for its user name and password (HTTP Basic)",
+            WWW_Authenticate=f'Basic realm="{tunnel_id}", charset="UTF-8"',
+        )
+    return _REFUSALS.get(access.refusal, replies.NOT_ROUTED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,12 +185,13 @@ class WebProxy:
         return replies.reply(replies.NOT_ROUTED)
 
     async def _admit(self, request: web.BaseRequest, tunnel_id: str) -> tuple[str, bool]:
-        """The tunnel's name, and whether the credential was Tunnelplane's (to strip)."""
-        scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
-        credential = credential.strip() if scheme.lower() == "bearer" else ""
+        """The tunnel's name, and whether the ``Authorization`` header was for the proxy (to
+        strip): a Tunnelplane credential, or the basic credentials of a tunnel that takes
+        them (any other tunnel's local service gets its own Basic credentials)."""
+        offered = credentials.offered(request.headers.get("Authorization", ""))
         client_ip = request.remote or ""
         try:
-            access = await self._control.check_access(tunnel_id, credential, client_ip)
+            access = await self._control.check_access(tunnel_id, offered, client_ip)
         except UnreachableError as exc:
             raise Refusal(
                 503, "CONTROL_PLANE_UNAVAILABLE", "cannot check access now", Retry_After="1"
@@ -189,11 +203,11 @@ class WebProxy:
                 raise Refusal(401, "INVALID_CREDENTIAL", "the credential is not valid") from exc
             raise Refusal(403, "FORBIDDEN", "this client may not use this tunnel") from exc
         if not access.allowed:
-            raise _REFUSALS.get(access.refusal, replies.NOT_ROUTED)
+            raise _refusal(access, tunnel_id)
         owner = self._settings.owner
         if owner and not access.tunnel.startswith(f"users/{owner}/"):
             raise replies.NOT_ROUTED  # another user's proxy: their tunnels are not here
-        return access.tunnel, bool(credential)
+        return access.tunnel, bool(offered.bearer) or access.basic
 
     async def _forward(
         self, request: web.BaseRequest, found: Route, started: float

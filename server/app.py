@@ -57,7 +57,7 @@ class App:
         self.events = events.build(self.infra)
         self.identity = identity.build(self.infra, self.events)
         self.limits = limits.build(self.infra, self.identity.tiers)
-        self.tunnels = tunnels.build(self.infra, self.events, self.identity.tiers)
+        self.tunnels = tunnels.build(self.infra, self.events, self.identity)
         # Made before both: a replay the webhooks start wakes the operations' runner.
         operation_started = asyncio.Event()
         self.webhooks = webhooks.build(self.infra, self.events, operation_started.set)
@@ -65,7 +65,9 @@ class App:
             self.infra, {REPLAY: self.webhooks.webhooks.replay_step}, operation_started
         )
         self.health = health.build(self.infra, self.limits, [s.full_name for s in SERVICES])
-        self.proxies = proxies.build(self.infra, self.events, self.tunnels, lambda: self.grpc_port)
+        self.proxies = proxies.build(
+            self.infra, self.events, self.identity, self.tunnels, lambda: self.grpc_port
+        )
         self._stopping = asyncio.Event()
         self.api = api.build(
             self.infra,

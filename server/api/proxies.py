@@ -17,7 +17,7 @@ from server.domain.common.names import user_id_of
 from server.domain.events.service import EventLog
 from server.domain.proxies.fleet import UPDATABLE_PATHS, ProxyFleet
 from server.domain.proxies.insight import ProxyInsight
-from server.domain.proxies.model import AccessDecision, Proxy, Refusal
+from server.domain.proxies.model import AccessDecision, BasicCredentials, Proxy, Refusal
 from server.domain.proxies.service import ProxyAccess
 from server.pipeline import Call
 
@@ -39,6 +39,7 @@ def decision(d: AccessDecision) -> X.TunnelAccessDecision:
         refusal=REFUSALS[d.refusal],  # type: ignore[arg-type]
         tunnel=d.tunnel,
         cache_for=duration(d.cache_for),
+        basic_auth=d.basic,
     )
 
 
@@ -79,6 +80,13 @@ def proxy_parts(name: str, field: str, call: Call, suffix: str = "") -> tuple[st
     return owner, parts[3]
 
 
+def offered(request: X.CheckTunnelAccessRequest) -> BasicCredentials | None:
+    """The web client's basic credentials, if the proxy sent any."""
+    if not request.basic_username and not request.basic_password:
+        return None
+    return BasicCredentials(request.basic_username, request.basic_password)
+
+
 class ProxyApi:
     """Serves ``tunnelplane.v1.ProxyService``."""
 
@@ -100,7 +108,9 @@ class ProxyApi:
         self, request: X.CheckTunnelAccessRequest, call: Call
     ) -> X.TunnelAccessDecision:
         # The principal is the web client's, from the credential the proxy forwarded.
-        found = await self._access.check(call.principal, request.tunnel_id, request.client_ip)
+        found = await self._access.check(
+            call.principal, request.tunnel_id, request.client_ip, offered(request)
+        )
         return decision(found)
 
     async def AuthorizeAgentLink(

@@ -54,6 +54,7 @@ WEB_ACCESS: Mapping[WebAccess, int] = {
     WebAccess.PRIVATE: P.WEB_ACCESS_PRIVATE,
     WebAccess.PUBLIC: P.WEB_ACCESS_PUBLIC,
     WebAccess.IP_ALLOWLIST: P.WEB_ACCESS_IP_ALLOWLIST,
+    WebAccess.BASIC: P.WEB_ACCESS_BASIC,
 }
 _WEB_ACCESS_OF = {number: access for access, number in WEB_ACCESS.items()}
 TIERS: Mapping[Tier, int] = {
@@ -111,6 +112,8 @@ def config(c: TunnelConfig) -> tunnels_pb2.TunnelConfig:
         compression=c.compression,
         web_access=WEB_ACCESS[c.web_access],  # type: ignore[arg-type]
         allowed_networks=list(c.allowed_networks),
+        basic_username=c.basic_username,
+        basic_password_set=bool(c.basic_password_hash),
     )
 
 
@@ -119,7 +122,7 @@ def web_access(number: int, field: str) -> WebAccess:
     if number == P.WEB_ACCESS_UNSPECIFIED:
         return WebAccess.PRIVATE
     if number not in _WEB_ACCESS_OF:
-        raise InvalidArgument.single(field, "must be PRIVATE, PUBLIC or IP_ALLOWLIST")
+        raise InvalidArgument.single(field, "must be PRIVATE, PUBLIC, IP_ALLOWLIST or BASIC")
     return _WEB_ACCESS_OF[number]
 
 
@@ -138,6 +141,8 @@ def draft(message: tunnels_pb2.Tunnel) -> TunnelDraft:
             c.compression,
             web_access(c.web_access, "tunnel.config.web_access"),
             tuple(c.allowed_networks),
+            basic_username=c.basic_username,
+            basic_password=c.basic_password,
         ),
         endpoints=tuple(EndpointSpec(e.url, e.priority, e.weight) for e in message.endpoints),
     )

@@ -37,6 +37,8 @@ class IdentityArea:
     accounts: AccountService
     users: UserService
     tiers: TierCatalog
+    #: The sign-in throttle's rules, under keys of their own, for tunnels' basic passwords.
+    basic_throttle: LoginThrottle
 
     def loops(self) -> Sequence[Loop]:
         """The purge of soft-deleted users past retention."""
@@ -112,6 +114,7 @@ def build(infra: Infrastructure, events: EventsArea) -> IdentityArea:
         accounts,
         users,
         TierCatalog(settings.tiers),
+        _throttle(infra, prefix="basic"),
     )
 
 
@@ -124,7 +127,7 @@ def _hasher(settings: Settings) -> PasswordHasher:
     )
 
 
-def _throttle(infra: Infrastructure) -> LoginThrottle:
+def _throttle(infra: Infrastructure, prefix: str = "login") -> LoginThrottle:
     settings = infra.settings
     policy = ThrottlePolicy(
         window=settings.login_window,
@@ -133,4 +136,4 @@ def _throttle(infra: Infrastructure) -> LoginThrottle:
         ip_lock_after=settings.login_ip_lock_after,
         lock_duration=settings.login_lock_duration,
     )
-    return LoginThrottle(infra.kv, policy, infra.clock)
+    return LoginThrottle(infra.kv, policy, infra.clock, prefix=prefix)

@@ -18,8 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from server.compose.events import EventsArea
+from server.compose.identity import IdentityArea
 from server.compose.infrastructure import Infrastructure
 from server.compose.tunnels import TunnelsArea
+from server.domain.proxies.basic import BasicCheck
 from server.domain.proxies.fleet import FleetSettings, ProxyFleet
 from server.domain.proxies.insight import ProxyInsight
 from server.domain.proxies.ports import Provisioner
@@ -62,6 +64,7 @@ class ProxiesArea:
 def build(
     infra: Infrastructure,
     events: EventsArea,
+    identity: IdentityArea,
     tunnels: TunnelsArea,
     grpc_port: Callable[[], int],
 ) -> ProxiesArea:
@@ -86,7 +89,7 @@ def build(
         leader = Leadership(infra.db.engine, "proxy-fleet")
         loop = ProxyFleetLoop(upkeep, provisioner, admin, tokens, leader=leader)
     return ProxiesArea(
-        ProxyAccess(infra.db, tunnels.shares),
+        ProxyAccess(infra.db, tunnels.shares, BasicCheck(identity.hasher, identity.basic_throttle)),
         fleet,
         upkeep,
         insight,

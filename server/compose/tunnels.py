@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from server.compose.events import EventsArea
+from server.compose.identity import IdentityArea
 from server.compose.infrastructure import Infrastructure
 from server.domain.common.addresses import public_only
-from server.domain.identity.tiers import TierCatalog
 from server.domain.tunnels.agents import AgentSessions, AgentSettings
 from server.domain.tunnels.endpoints import ProbeThresholds
 from server.domain.tunnels.service import TunnelService, TunnelSettings
@@ -45,20 +45,22 @@ class TunnelsArea:
         """Nothing to release."""
 
 
-def build(infra: Infrastructure, events: EventsArea, tiers: TierCatalog) -> TunnelsArea:
-    """Tunnels, shares and agents over ``infra``, publishing on ``events``' bus."""
+def build(infra: Infrastructure, events: EventsArea, identity: IdentityArea) -> TunnelsArea:
+    """Tunnels, shares and agents over ``infra``, publishing on ``events``' bus; tiers and
+    the password hasher (of basic access) from ``identity``."""
     settings, db, clock = infra.settings, infra.db, infra.clock
     tunnels = TunnelService(
         db,
         events.bus,
         infra.lister,
-        tiers,
+        identity.tiers,
         clock,
         TunnelSettings(
             listen_host=settings.tunnel_listen_host,
             port_min=settings.tunnel_port_min,
             port_max=settings.tunnel_port_max,
         ),
+        identity.hasher,
     )
     agents = AgentSessions(
         db,

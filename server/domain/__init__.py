@@ -26,7 +26,8 @@ included):
    ``ports`` and ``rules``, and the modules its ``__init__`` names in ``PUBLISHED``
    (``events.service``: every use case records its events; ``audit.service``: and
    records its audit entry; ``identity.tiers``; ``webhooks.outbox``: an event's
-   deliveries are queued with it).
+   deliveries are queued with it; ``tunnels.web_access``: the proxies' basic check
+   compares credentials as the tunnel's rules store them).
 4. ``model`` and ``ports`` modules import only pure modules: nothing that reaches a
    unit of work or a ``ports`` module. So a repository protocol never depends on a use case.
 5. The domain's import graph has no cycle.

@@ -199,17 +199,18 @@ def tunnel(**fields: Any) -> Build:
     )
 
 
-def access(web_access: int = 0, networks: tuple[str, ...] = ()) -> Build:
-    """A CreateTunnel request with this web access and these allowed networks."""
-    config = P.TunnelConfig(web_access=web_access, allowed_networks=list(networks))
+def access(web_access: int = 0, networks: tuple[str, ...] = (), **basic: str) -> Build:
+    """A CreateTunnel request with this web access, these allowed networks and these
+    ``basic_username``/``basic_password``."""
+    config = P.TunnelConfig(web_access=web_access, allowed_networks=list(networks), **basic)
     return tunnel(config=config)
 
 
 def patch_access(
-    paths: tuple[str, ...], web_access: int = 0, networks: tuple[str, ...] = ()
+    paths: tuple[str, ...], web_access: int = 0, networks: tuple[str, ...] = (), **basic: str
 ) -> Build:
     """An UpdateTunnel of the context's tunnel's web access, with these mask paths."""
-    config = P.TunnelConfig(web_access=web_access, allowed_networks=list(networks))
+    config = P.TunnelConfig(web_access=web_access, allowed_networks=list(networks), **basic)
     return lambda c: P.UpdateTunnelRequest(
         tunnel=P.Tunnel(name=c.tunnel, config=config),
         update_mask=field_mask_pb2.FieldMask(paths=list(paths)),
@@ -398,8 +399,10 @@ W = webhooks_pb2
 AG = "AgentService"
 PX = "ProxyService"
 P = tunnels_pb2
-ALLOWLIST, PUBLIC = P.WEB_ACCESS_IP_ALLOWLIST, P.WEB_ACCESS_PUBLIC
+ALLOWLIST, PUBLIC, BASIC = P.WEB_ACCESS_IP_ALLOWLIST, P.WEB_ACCESS_PUBLIC, P.WEB_ACCESS_BASIC
 NETWORKS = "tunnel.config.allowed_networks"
+USERNAME, BASIC_PASSWORD = "tunnel.config.basic_username", "tunnel.config.basic_password"
+GOOD_BASIC = {"basic_username": "ann", "basic_password": "correct horse"}
 PAST, FAR = ts(1_000_000_000), ts(4_000_000_000)
 NEST = "(" * 10 + 'email : "a"' + ")" * 10
 MANY_TERMS = " AND ".join(['email : "a"'] * 31)
@@ -888,6 +891,37 @@ BAD_REQUESTS = [
         network_prefix_over=(f"{NETWORKS}[1]", access(ALLOWLIST, ("10.0.0.0/8", "10.0.0.0/33"))),
         network_word=(f"{NETWORKS}[0]", access(ALLOWLIST, ("localhost",))),
         network_empty=(f"{NETWORKS}[0]", access(ALLOWLIST, ("",))),
+        basic_without_username=(USERNAME, access(BASIC, basic_password="correct horse")),
+        basic_without_password=(BASIC_PASSWORD, access(BASIC, basic_username="ann")),
+        basic_username_colon=(USERNAME, access(BASIC, **{**GOOD_BASIC, "basic_username": "a:b"})),
+        basic_username_65=(USERNAME, access(BASIC, **{**GOOD_BASIC, "basic_username": "a" * 65})),
+        basic_username_newline=(
+            USERNAME,
+            access(BASIC, **{**GOOD_BASIC, "basic_username": "ann\r\nSet-Cookie"}),
+        ),
+        basic_username_nul=(USERNAME, access(BASIC, **{**GOOD_BASIC, "basic_username": "a\x00"})),
+        basic_password_short=(
+            BASIC_PASSWORD,
+            access(BASIC, **{**GOOD_BASIC, "basic_password": "short"}),
+        ),
+        basic_password_129=(
+            BASIC_PASSWORD,
+            access(BASIC, **{**GOOD_BASIC, "basic_password": "ab" * 64 + "c"}),
+        ),
+        basic_password_control=(
+            BASIC_PASSWORD,
+            access(BASIC, **{**GOOD_BASIC, "basic_password": "correct\x00horse"}),
+        ),
+        basic_password_is_username=(
+            BASIC_PASSWORD,
+            access(BASIC, basic_username="correct horse", basic_password="correct horse"),
+        ),
+        username_when_public=(USERNAME, access(PUBLIC, basic_username="ann")),
+        password_when_private=(BASIC_PASSWORD, access(basic_password="correct horse")),
+        password_when_allowlist=(
+            BASIC_PASSWORD,
+            access(ALLOWLIST, ("10.0.0.0/8",), basic_password="correct horse"),
+        ),
         network_spaced=(f"{NETWORKS}[0]", access(ALLOWLIST, (" 10.0.0.0/8",))),
         network_zone=(f"{NETWORKS}[0]", access(ALLOWLIST, ("fe80::1%eth0/64",))),
         network_nul=(f"{NETWORKS}[0]", access(ALLOWLIST, ("10.0.0.0/8\x00",))),
@@ -972,6 +1006,35 @@ BAD_REQUESTS = [
         unmasked_bad_network=(
             f"{NETWORKS}[1]",
             patch_access((), ALLOWLIST, ("10.0.0.0/8", "10.0.0.300")),
+        ),
+        basic_without_password=(
+            BASIC_PASSWORD,
+            patch_access(
+                ("config.web_access", "config.basic_username"), BASIC, basic_username="ann"
+            ),
+        ),
+        basic_without_username=(
+            USERNAME,
+            patch_access(
+                ("config.web_access", "config.basic_password"),
+                BASIC,
+                basic_password="correct horse",
+            ),
+        ),
+        basic_bad_password=(
+            BASIC_PASSWORD,
+            patch_access((), BASIC, basic_username="ann", basic_password="aaaaaaaaaaaa"),
+        ),
+        password_of_a_private_tunnel=(
+            BASIC_PASSWORD,
+            patch_access(("config.basic_password",), basic_password="correct horse"),
+        ),
+        password_set_is_output_only=(
+            "update_mask",
+            lambda c: P.UpdateTunnelRequest(
+                tunnel=P.Tunnel(name=c.tunnel),
+                update_mask=field_mask_pb2.FieldMask(paths=["config.basic_password_set"]),
+            ),
         ),
     ),
     *rows(f"{T}.DeleteTunnel", bad_name=("name", named(P.DeleteTunnelRequest, "tun_x"))),

@@ -74,7 +74,7 @@ async def test_operations_carry_policy_security_and_errors(http: httpx.AsyncClie
     assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
 
-async def test_only_the_watch_may_be_authenticated_by_the_access_cookie(
+async def test_only_the_watches_may_be_authenticated_by_the_access_cookie(
     http: httpx.AsyncClient,
 ) -> None:
     spec = await document(http)
@@ -89,6 +89,8 @@ async def test_only_the_watch_may_be_authenticated_by_the_access_cookie(
     assert by_cookie == {
         ("/v1/users/{user}/tunnels/{tunnel}:watch", "get"),
         ("/v1/users/{user}/tunnels:watch", "get"),
+        ("/v1/users/{user}/proxies/{proxy}:watch", "get"),
+        ("/v1/users/{user}/proxies:watch", "get"),
     }
     watch = spec["paths"]["/v1/users/{user}/tunnels:watch"]["get"]
     assert watch["security"] == [{"bearer": []}, {"accessCookie": []}]
@@ -207,6 +209,13 @@ async def test_the_proxies_questions_are_documented(http: httpx.AsyncClient) -> 
     schemas = spec["components"]["schemas"]
     config = schemas["tunnelplane.v1.TunnelConfig"]["properties"]
     assert config["webAccess"]["$ref"] == "#/components/schemas/tunnelplane.v1.WebAccess"
-    assert "WEB_ACCESS_IP_ALLOWLIST" in schemas["tunnelplane.v1.WebAccess"]["enum"]
+    assert {"WEB_ACCESS_IP_ALLOWLIST", "WEB_ACCESS_BASIC"} <= set(
+        schemas["tunnelplane.v1.WebAccess"]["enum"]
+    )
+    # The basic password is write-only, and whether one is set is read-only.
+    assert config["basicPassword"]["writeOnly"] is True
+    assert config["basicPasswordSet"]["readOnly"] is True
+    request = schemas["tunnelplane.v1.CheckTunnelAccessRequest"]["properties"]
+    assert {"basicUsername", "basicPassword"} <= set(request)
     decision = schemas["tunnelplane.v1.TunnelAccessDecision"]["properties"]
-    assert set(decision) == {"allowed", "refusal", "tunnel", "cacheFor"}
+    assert set(decision) == {"allowed", "refusal", "tunnel", "cacheFor", "basicAuth"}

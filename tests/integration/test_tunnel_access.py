@@ -475,6 +475,7 @@ async def test_decisions_and_grants_over_http(client: Client, http: httpx.AsyncC
         "refusal": "REFUSAL_UNSPECIFIED",
         "tunnel": public.name,
         "cacheFor": "5s",
+        "basicAuth": False,
     }
     body = {"tunnelId": tunnel_id(private)}
     anonymous = await http.post("/v1/tunnelAccess:check", json=body)

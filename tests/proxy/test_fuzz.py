@@ -105,7 +105,8 @@ tokens = st.sampled_from(
      b"Transfer-Encoding: chunked, identity", b"Transfer-Encoding:\x0bchunked",
      b"0\r\n\r\n", b"ffffffffffffffff\r\n", b"5\r\nhello\r\n", b" folded", b"\t", b":",
      b"Upgrade: websocket", b"Connection: Upgrade, Authorization", b"Expect: 100-continue",
-     b"X-Forwarded-For: 10.0.0.1", b"Authorization: Bearer bad", b"\xff\xfe"]
+     b"X-Forwarded-For: 10.0.0.1", b"Authorization: Bearer bad", b"\xff\xfe",
+     b"Authorization: Basic Og==", b"Authorization: Basic //79:", b"Authorization: Basic"]
 )  # fmt: skip
 requests = st.lists(tokens, max_size=25).map(b" ".join) | st.lists(tokens, max_size=25).map(
     b"\r\n".join

@@ -168,6 +168,9 @@ def test_cookie_auth_is_allowed_on_a_server_stream_bound_to_get() -> None:
     assert unbound.cookie_auth  # gRPC only: no HTTP binding to be unsafe
 
 
-def test_only_the_watch_accepts_the_access_cookie() -> None:
+def test_only_the_watches_accept_the_access_cookie() -> None:
     cookie_methods = {m.full_name for m in method_table(SERVICES) if m.policy.cookie_auth}
-    assert cookie_methods == {"/tunnelplane.v1.TunnelService/WatchTunnels"}
+    assert cookie_methods == {
+        "/tunnelplane.v1.TunnelService/WatchTunnels",
+        "/tunnelplane.v1.ProxyService/WatchProxies",
+    }

@@ -1,19 +1,23 @@
 """The access rule of server/domain/proxies/rules.py, case by case, and the address and
-network reading it relies on (server/domain/common/addresses.py)."""
+network reading it relies on (server/domain/common/addresses.py); basic access case by
+case and as a law."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from server.domain.common.addresses import in_any, parse_address, parse_network
 from server.domain.common.errors import InvalidArgument
 from server.domain.identity.model import CredentialKind, Principal, Role, Tier
 from server.domain.identity.rules import AGENT_PERMISSIONS, SELF_PERMISSIONS, permissions_for
 from server.domain.proxies.model import Refusal
-from server.domain.proxies.rules import client_address, decide, needs_share
+from server.domain.proxies.rules import client_address, decide, needs_share, takes_basic
 from server.domain.tunnels.model import (
     Status,
     Tunnel,
@@ -159,3 +163,68 @@ def test_client_addresses_are_read_as_the_allowlist_compares_them() -> None:
         with pytest.raises(InvalidArgument) as caught:
             client_address(bad)
         assert [v.field for v in caught.value.violations] == ["client_ip"]
+
+
+# --- basic access ------------------------------------------------------------------------
+
+BASIC = WebAccess.BASIC
+
+
+@pytest.mark.parametrize(
+    ("case", "who", "basic", "refusal"),
+    [
+        (tunnel(BASIC), None, True, None),
+        (tunnel(BASIC), None, False, Refusal.UNAUTHENTICATED),  # none given, or wrong ones
+        (tunnel(BASIC, stopped=True), None, True, Refusal.NOT_RUNNING),
+        (tunnel(BASIC, stopped=True), None, False, Refusal.UNAUTHENTICATED),
+        # The credentials decide alone: the owner's own token does not open it.
+        (tunnel(BASIC), principal(OWNER), False, Refusal.UNAUTHENTICATED),
+        (tunnel(BASIC), principal(OTHER, NO_USE), True, None),
+        (tunnel(BASIC), ADMIN, False, Refusal.UNAUTHENTICATED),
+    ],
+)
+def test_a_basic_tunnel_lets_in_whoever_gives_its_credentials(
+    case: Tunnel, who: Principal | None, basic: bool, refusal: Refusal | None
+) -> None:
+    decision = decide(case, who, LAN, shared=False, basic=basic)
+    assert decision.refusal is refusal
+    assert decision.basic  # the proxy asks a browser for them, and strips them
+    named = refusal in (None, Refusal.NOT_RUNNING)
+    assert decision.tunnel == (TUNNEL.name if named else "")
+
+
+def test_only_a_basic_tunnel_takes_basic_credentials() -> None:
+    assert takes_basic(tunnel(BASIC))
+    assert not any(takes_basic(tunnel(a)) for a in WebAccess if a is not BASIC)
+    assert not takes_basic(None)
+    assert not decide(None, None, None, shared=False, basic=True).basic
+
+
+principals = st.sampled_from(
+    [None, principal(OWNER), principal(OTHER), principal(OWNER, NO_USE), ADMIN]
+)
+
+
+@given(
+    access=st.sampled_from(list(WebAccess)),
+    who=principals,
+    client=st.sampled_from([None, LAN, parse_address("192.0.2.1")]),
+    shared=st.booleans(),
+    stopped=st.booleans(),
+)
+def test_basic_credentials_count_for_a_basic_tunnel_and_nothing_else(
+    access: WebAccess, who: Principal | None, client: Any, shared: bool, stopped: bool
+) -> None:
+    """A basic tunnel is let into with its credentials alone, whoever the caller and
+    wherever from; for any other tunnel they change no decision."""
+    case = tunnel(access, "10.0.0.0/8", stopped=True) if stopped else tunnel(access, "10.0.0.0/8")
+    with_basic = decide(case, who, client, shared=shared, basic=True)
+    without = decide(case, who, client, shared=shared, basic=False)
+    if access is BASIC:
+        assert with_basic.refusal is (Refusal.NOT_RUNNING if stopped else None)
+        assert without.refusal is Refusal.UNAUTHENTICATED
+        assert with_basic.basic
+        assert without.basic
+    else:
+        assert with_basic == without
+        assert not with_basic.basic

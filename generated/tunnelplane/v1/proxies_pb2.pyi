@@ -30,19 +30,34 @@ class CheckTunnelAccessRequest(_message.Message):
 
     TUNNEL_ID_FIELD_NUMBER: _builtins.int
     CLIENT_IP_FIELD_NUMBER: _builtins.int
+    BASIC_USERNAME_FIELD_NUMBER: _builtins.int
+    BASIC_PASSWORD_FIELD_NUMBER: _builtins.int
     tunnel_id: _builtins.str
     """The tunnel's id (`tun_…`), as the web request named it."""
     client_ip: _builtins.str
-    """The web client's address, as the proxy saw it (for `ip_allowlist`)."""
+    """The web client's address, as the proxy saw it (for `ip_allowlist`, and
+    to throttle wrong basic credentials).
+    """
+    basic_username: _builtins.str
+    """The user name of the web client's `Authorization: Basic` header, decoded
+    (for `basic`; other web access ignores it). Never sent as metadata: it is
+    no Tunnelplane credential.
+    """
+    basic_password: _builtins.str
+    """The password of that header, decoded. Secret: the control plane checks it
+    against the tunnel's hash and neither logs nor keeps it.
+    """
     def __init__(
         self,
         *,
         tunnel_id: _builtins.str = ...,
         client_ip: _builtins.str = ...,
+        basic_username: _builtins.str = ...,
+        basic_password: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_ip", b"client_ip", "tunnel_id", b"tunnel_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basic_password", b"basic_password", "basic_username", b"basic_username", "client_ip", b"client_ip", "tunnel_id", b"tunnel_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -65,7 +80,10 @@ class TunnelAccessDecision(_message.Message):
         REFUSAL_NOT_FOUND: TunnelAccessDecision._Refusal.ValueType  # 1
         """No such tunnel, or one the caller may not know of (HTTP 404)."""
         REFUSAL_UNAUTHENTICATED: TunnelAccessDecision._Refusal.ValueType  # 2
-        """The tunnel is private and the request carries no credential (HTTP 401)."""
+        """The tunnel is private and the request carries no credential, or the
+        tunnel is `basic` and the request carries no basic credentials or wrong
+        ones (HTTP 401).
+        """
         REFUSAL_FORBIDDEN: TunnelAccessDecision._Refusal.ValueType  # 3
         """The credential, or the address, is not allowed to use it (HTTP 403)."""
         REFUSAL_NOT_RUNNING: TunnelAccessDecision._Refusal.ValueType  # 4
@@ -79,7 +97,10 @@ class TunnelAccessDecision(_message.Message):
     REFUSAL_NOT_FOUND: TunnelAccessDecision.Refusal.ValueType  # 1
     """No such tunnel, or one the caller may not know of (HTTP 404)."""
     REFUSAL_UNAUTHENTICATED: TunnelAccessDecision.Refusal.ValueType  # 2
-    """The tunnel is private and the request carries no credential (HTTP 401)."""
+    """The tunnel is private and the request carries no credential, or the
+    tunnel is `basic` and the request carries no basic credentials or wrong
+    ones (HTTP 401).
+    """
     REFUSAL_FORBIDDEN: TunnelAccessDecision.Refusal.ValueType  # 3
     """The credential, or the address, is not allowed to use it (HTTP 403)."""
     REFUSAL_NOT_RUNNING: TunnelAccessDecision.Refusal.ValueType  # 4
@@ -89,12 +110,20 @@ class TunnelAccessDecision(_message.Message):
     REFUSAL_FIELD_NUMBER: _builtins.int
     TUNNEL_FIELD_NUMBER: _builtins.int
     CACHE_FOR_FIELD_NUMBER: _builtins.int
+    BASIC_AUTH_FIELD_NUMBER: _builtins.int
     allowed: _builtins.bool
     """True when the request may go through."""
     refusal: Global___TunnelAccessDecision.Refusal.ValueType
     """Why not, when not allowed."""
     tunnel: _builtins.str
     """The tunnel, `users/{user}/tunnels/{tunnel}`; empty with `REFUSAL_NOT_FOUND`."""
+    basic_auth: _builtins.bool
+    """The tunnel takes HTTP Basic credentials (its web access is `basic`): with
+    `REFUSAL_UNAUTHENTICATED` the proxy asks the web client for them
+    (`WWW-Authenticate: Basic`), and once they let it in, the proxy removes
+    them before the request reaches the local service. False with
+    `REFUSAL_NOT_FOUND`.
+    """
     @_builtins.property
     def cache_for(self) -> _duration_pb2.Duration:
         """How long the proxy may reuse this decision for the same tunnel, credential
@@ -108,10 +137,11 @@ class TunnelAccessDecision(_message.Message):
         refusal: Global___TunnelAccessDecision.Refusal.ValueType = ...,
         tunnel: _builtins.str = ...,
         cache_for: _duration_pb2.Duration | None = ...,
+        basic_auth: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cache_for", b"cache_for"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "cache_for", b"cache_for", "refusal", b"refusal", "tunnel", b"tunnel"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed", b"allowed", "basic_auth", b"basic_auth", "cache_for", b"cache_for", "refusal", b"refusal", "tunnel", b"tunnel"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -129,15 +129,19 @@ class ProxyServiceServicer:
 
     def CheckTunnelAccess(self, request, context):
         """Decides whether a web request may use a tunnel, for the proxy that
-        received it. The proxy forwards the web client's credential, if any, as
-        this call's own (`authorization` metadata): the decision follows the
-        tunnel's `web_access` — `public` lets anyone in, `ip_allowlist` checks
-        `client_ip`, and `private` (the default) needs a session or an API key
-        with the scope `tunnels.use` of the owner or of someone the tunnel is
-        shared with. The answer is a decision, never an error, for any tunnel id
-        (an unknown tunnel and a tunnel the caller may not see answer alike), so
-        that the proxy can say 401, 403 or 404 to its client. A bad credential is
-        refused like on every other call (UNAUTHENTICATED).
+        received it. The proxy forwards the web client's Tunnelplane credential
+        (`Authorization: Bearer`), if any, as this call's own (`authorization`
+        metadata), and HTTP Basic credentials in `basic_username` and
+        `basic_password`: the decision follows the tunnel's `web_access` —
+        `public` lets anyone in, `ip_allowlist` checks `client_ip`, `basic` checks
+        the basic credentials against the tunnel's, and `private` (the default)
+        needs a session or an API key with the scope `tunnels.use` of the owner or
+        of someone the tunnel is shared with. The answer is a decision, never an
+        error, for any tunnel id (an unknown tunnel and a tunnel the caller may not
+        see answer alike), so that the proxy can say 401, 403 or 404 to its
+        client. A bad credential is refused like on every other call
+        (UNAUTHENTICATED). Wrong basic credentials are throttled as sign-ins are:
+        after a few for a tunnel, RESOURCE_EXHAUSTED with RetryInfo.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -44,15 +44,19 @@ class ProxyServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ProxyServiceAsyncStub: ...
     CheckTunnelAccess: _grpc.UnaryUnaryMultiCallable[_proxies_pb2.CheckTunnelAccessRequest, _proxies_pb2.TunnelAccessDecision]
     """Decides whether a web request may use a tunnel, for the proxy that
-    received it. The proxy forwards the web client's credential, if any, as
-    this call's own (`authorization` metadata): the decision follows the
-    tunnel's `web_access` — `public` lets anyone in, `ip_allowlist` checks
-    `client_ip`, and `private` (the default) needs a session or an API key
-    with the scope `tunnels.use` of the owner or of someone the tunnel is
-    shared with. The answer is a decision, never an error, for any tunnel id
-    (an unknown tunnel and a tunnel the caller may not see answer alike), so
-    that the proxy can say 401, 403 or 404 to its client. A bad credential is
-    refused like on every other call (UNAUTHENTICATED).
+    received it. The proxy forwards the web client's Tunnelplane credential
+    (`Authorization: Bearer`), if any, as this call's own (`authorization`
+    metadata), and HTTP Basic credentials in `basic_username` and
+    `basic_password`: the decision follows the tunnel's `web_access` —
+    `public` lets anyone in, `ip_allowlist` checks `client_ip`, `basic` checks
+    the basic credentials against the tunnel's, and `private` (the default)
+    needs a session or an API key with the scope `tunnels.use` of the owner or
+    of someone the tunnel is shared with. The answer is a decision, never an
+    error, for any tunnel id (an unknown tunnel and a tunnel the caller may not
+    see answer alike), so that the proxy can say 401, 403 or 404 to its
+    client. A bad credential is refused like on every other call
+    (UNAUTHENTICATED). Wrong basic credentials are throttled as sign-ins are:
+    after a few for a tunnel, RESOURCE_EXHAUSTED with RetryInfo.
     """
     AuthorizeAgentLink: _grpc.UnaryUnaryMultiCallable[_proxies_pb2.AuthorizeAgentLinkRequest, _proxies_pb2.AgentLinkGrant]
     """Lets an agent link to proxies for a tunnel: the proxy calls it with the
@@ -128,15 +132,19 @@ class ProxyServiceAsyncStub(ProxyServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CheckTunnelAccess: _aio.UnaryUnaryMultiCallable[_proxies_pb2.CheckTunnelAccessRequest, _proxies_pb2.TunnelAccessDecision]  # type: ignore[assignment]
     """Decides whether a web request may use a tunnel, for the proxy that
-    received it. The proxy forwards the web client's credential, if any, as
-    this call's own (`authorization` metadata): the decision follows the
-    tunnel's `web_access` — `public` lets anyone in, `ip_allowlist` checks
-    `client_ip`, and `private` (the default) needs a session or an API key
-    with the scope `tunnels.use` of the owner or of someone the tunnel is
-    shared with. The answer is a decision, never an error, for any tunnel id
-    (an unknown tunnel and a tunnel the caller may not see answer alike), so
-    that the proxy can say 401, 403 or 404 to its client. A bad credential is
-    refused like on every other call (UNAUTHENTICATED).
+    received it. The proxy forwards the web client's Tunnelplane credential
+    (`Authorization: Bearer`), if any, as this call's own (`authorization`
+    metadata), and HTTP Basic credentials in `basic_username` and
+    `basic_password`: the decision follows the tunnel's `web_access` —
+    `public` lets anyone in, `ip_allowlist` checks `client_ip`, `basic` checks
+    the basic credentials against the tunnel's, and `private` (the default)
+    needs a session or an API key with the scope `tunnels.use` of the owner or
+    of someone the tunnel is shared with. The answer is a decision, never an
+    error, for any tunnel id (an unknown tunnel and a tunnel the caller may not
+    see answer alike), so that the proxy can say 401, 403 or 404 to its
+    client. A bad credential is refused like on every other call
+    (UNAUTHENTICATED). Wrong basic credentials are throttled as sign-ins are:
+    after a few for a tunnel, RESOURCE_EXHAUSTED with RetryInfo.
     """
     AuthorizeAgentLink: _aio.UnaryUnaryMultiCallable[_proxies_pb2.AuthorizeAgentLinkRequest, _proxies_pb2.AgentLinkGrant]  # type: ignore[assignment]
     """Lets an agent link to proxies for a tunnel: the proxy calls it with the
@@ -215,15 +223,19 @@ class ProxyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_proxies_pb2.TunnelAccessDecision, _abc.Awaitable[_proxies_pb2.TunnelAccessDecision]]:
         """Decides whether a web request may use a tunnel, for the proxy that
-        received it. The proxy forwards the web client's credential, if any, as
-        this call's own (`authorization` metadata): the decision follows the
-        tunnel's `web_access` — `public` lets anyone in, `ip_allowlist` checks
-        `client_ip`, and `private` (the default) needs a session or an API key
-        with the scope `tunnels.use` of the owner or of someone the tunnel is
-        shared with. The answer is a decision, never an error, for any tunnel id
-        (an unknown tunnel and a tunnel the caller may not see answer alike), so
-        that the proxy can say 401, 403 or 404 to its client. A bad credential is
-        refused like on every other call (UNAUTHENTICATED).
+        received it. The proxy forwards the web client's Tunnelplane credential
+        (`Authorization: Bearer`), if any, as this call's own (`authorization`
+        metadata), and HTTP Basic credentials in `basic_username` and
+        `basic_password`: the decision follows the tunnel's `web_access` —
+        `public` lets anyone in, `ip_allowlist` checks `client_ip`, `basic` checks
+        the basic credentials against the tunnel's, and `private` (the default)
+        needs a session or an API key with the scope `tunnels.use` of the owner or
+        of someone the tunnel is shared with. The answer is a decision, never an
+        error, for any tunnel id (an unknown tunnel and a tunnel the caller may not
+        see answer alike), so that the proxy can say 401, 403 or 404 to its
+        client. A bad credential is refused like on every other call
+        (UNAUTHENTICATED). Wrong basic credentials are throttled as sign-ins are:
+        after a few for a tunnel, RESOURCE_EXHAUSTED with RetryInfo.
         """
 
     @_abc_1.abstractmethod

@@ -40,6 +40,10 @@ class _WebAccessEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebAccess.V
     """Anyone."""
     WEB_ACCESS_IP_ALLOWLIST: _WebAccess.ValueType  # 3
     """Clients whose address is in `allowed_networks`."""
+    WEB_ACCESS_BASIC: _WebAccess.ValueType  # 4
+    """Clients that give the tunnel's `basic_username` and `basic_password` by
+    HTTP Basic authentication (RFC 7617): a browser asks for them.
+    """
 
 class WebAccess(_WebAccess, metaclass=_WebAccessEnumTypeWrapper):
     """Who may reach a tunnel through a streaming proxy. A local service such as an
@@ -56,6 +60,10 @@ WEB_ACCESS_PUBLIC: WebAccess.ValueType  # 2
 """Anyone."""
 WEB_ACCESS_IP_ALLOWLIST: WebAccess.ValueType  # 3
 """Clients whose address is in `allowed_networks`."""
+WEB_ACCESS_BASIC: WebAccess.ValueType  # 4
+"""Clients that give the tunnel's `basic_username` and `basic_password` by
+HTTP Basic authentication (RFC 7617): a browser asks for them.
+"""
 Global___WebAccess: _TypeAlias = WebAccess  # noqa: Y015
 
 @_typing.final
@@ -242,6 +250,9 @@ class TunnelConfig(_message.Message):
     COMPRESSION_FIELD_NUMBER: _builtins.int
     WEB_ACCESS_FIELD_NUMBER: _builtins.int
     ALLOWED_NETWORKS_FIELD_NUMBER: _builtins.int
+    BASIC_USERNAME_FIELD_NUMBER: _builtins.int
+    BASIC_PASSWORD_FIELD_NUMBER: _builtins.int
+    BASIC_PASSWORD_SET_FIELD_NUMBER: _builtins.int
     max_connections: _builtins.int
     """Most concurrent connections through the tunnel. 0 means the tier's limit;
     more than the tier's limit is refused.
@@ -250,6 +261,20 @@ class TunnelConfig(_message.Message):
     """Compress traffic between agent and edge."""
     web_access: Global___WebAccess.ValueType
     """Who may reach the tunnel through a streaming proxy. Unset means private."""
+    basic_username: _builtins.str
+    """With `WEB_ACCESS_BASIC`: the user name web clients give, 1-64 printable
+    characters, no `:` and no space at either end. Empty with any other web
+    access.
+    """
+    basic_password: _builtins.str
+    """With `WEB_ACCESS_BASIC`: the password web clients give, 10-128 printable
+    characters, not the user name. Write-only: it is stored as an Argon2id
+    hash and never returned (`basic_password_set` says whether there is one).
+    Needed when the tunnel becomes `WEB_ACCESS_BASIC`; afterwards, an update
+    that leaves it out keeps the stored one. Leaving `WEB_ACCESS_BASIC` drops it.
+    """
+    basic_password_set: _builtins.bool
+    """Whether a basic password is stored (only with `WEB_ACCESS_BASIC`)."""
     @_builtins.property
     def idle_timeout(self) -> _duration_pb2.Duration:
         """Idle timeout of a connection through the tunnel, 1 s to 1 h. Default 60 s."""
@@ -268,10 +293,13 @@ class TunnelConfig(_message.Message):
         compression: _builtins.bool = ...,
         web_access: Global___WebAccess.ValueType = ...,
         allowed_networks: _abc.Iterable[_builtins.str] | None = ...,
+        basic_username: _builtins.str = ...,
+        basic_password: _builtins.str = ...,
+        basic_password_set: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["idle_timeout", b"idle_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_networks", b"allowed_networks", "compression", b"compression", "idle_timeout", b"idle_timeout", "max_connections", b"max_connections", "web_access", b"web_access"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_networks", b"allowed_networks", "basic_password", b"basic_password", "basic_password_set", b"basic_password_set", "basic_username", b"basic_username", "compression", b"compression", "idle_timeout", b"idle_timeout", "max_connections", b"max_connections", "web_access", b"web_access"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

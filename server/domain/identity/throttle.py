@@ -9,6 +9,9 @@ address that fails across many accounts is locked out of all of them. The owner 
 from an address that has not failed is never locked out, only spaced like everyone else.
 Counters live in the shared key/value store, so every replica sees the same counts.
 Attempts are refused before the password is checked.
+
+The same throttle guards other passwords under a key prefix of their own: the basic
+credentials of tunnels (``basic``), where the "account" is the tunnel.
 """
 
 from __future__ import annotations
@@ -42,40 +45,46 @@ def _digest(value: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class _Keys:
-    """Where the counters and waits of one attempt live."""
+    """Where the counters and waits of one attempt live: ``{prefix}:{fail|wait}:{kind}:…``
+    for the account (``a``), the (account, address) pair (``p``) and the address (``i``)."""
 
+    prefix: str
     account: str
     pair: str
     address: str
 
     @classmethod
-    def of(cls, email: str, ip: str) -> _Keys:
+    def of(cls, prefix: str, email: str, ip: str) -> _Keys:
         account, address = _digest(email), _digest(ip)
-        return cls(account, f"{account}:{address}", address)
+        return cls(prefix, account, f"{account}:{address}", address)
+
+    def key(self, what: str, kind: str) -> str:
+        """The ``fail`` counter or the ``wait`` of the account, pair or address."""
+        subject = {"a": self.account, "p": self.pair, "i": self.address}[kind]
+        return f"{self.prefix}:{what}:{kind}:{subject}"
 
     @property
     def waits(self) -> list[str]:
-        return [f"login:wait:a:{self.account}", f"login:wait:p:{self.pair}", self.address_wait]
-
-    @property
-    def address_wait(self) -> str:
-        return f"login:wait:i:{self.address}"
+        return [self.key("wait", "a"), self.key("wait", "p"), self.key("wait", "i")]
 
 
 class LoginThrottle:
     """Decides whether a sign-in attempt may proceed and records its outcome."""
 
-    def __init__(self, kv: KeyValueStore, policy: ThrottlePolicy, clock: Clock) -> None:
+    def __init__(
+        self, kv: KeyValueStore, policy: ThrottlePolicy, clock: Clock, *, prefix: str = "login"
+    ) -> None:
         self._kv = kv
         self._policy = policy
         self._clock = clock
+        self._prefix = prefix
 
     async def check(self, email: str, ip: str) -> None:
         """Refuse with ``RESOURCE_EXHAUSTED`` while this account, this address, or this
         address for this account must wait (a lock is reported before a slowdown)."""
         now = self._clock.time()
         waits = []
-        for raw in await self._kv.get_many(_Keys.of(email, ip).waits):
+        for raw in await self._kv.get_many(_Keys.of(self._prefix, email, ip).waits):
             if raw is not None:
                 kind, _, until_text = raw.decode().partition(":")
                 if float(until_text) > now:
@@ -92,27 +101,27 @@ class LoginThrottle:
 
     async def failed(self, email: str, ip: str) -> None:
         """Count a failure and set the waits that follow it."""
-        policy, keys = self._policy, _Keys.of(email, ip)
-        account = await self._kv.incr(f"login:fail:a:{keys.account}", policy.window)
-        pair = await self._kv.incr(f"login:fail:p:{keys.pair}", policy.window)
-        address = await self._kv.incr(f"login:fail:i:{keys.address}", policy.window)
+        policy, keys = self._policy, _Keys.of(self._prefix, email, ip)
+        account = await self._kv.incr(keys.key("fail", "a"), policy.window)
+        pair = await self._kv.incr(keys.key("fail", "p"), policy.window)
+        address = await self._kv.incr(keys.key("fail", "i"), policy.window)
         if account >= policy.slowdown_after:
             delay = min(2.0 ** (account - policy.slowdown_after), MAX_DELAY)
-            await self._wait(f"login:wait:a:{keys.account}", _SLOW, delay)
+            await self._wait(keys.key("wait", "a"), _SLOW, delay)
         if pair >= policy.lock_after:
-            await self._wait(f"login:wait:p:{keys.pair}", _LOCK, policy.lock_duration)
+            await self._wait(keys.key("wait", "p"), _LOCK, policy.lock_duration)
         if address >= policy.ip_lock_after:
-            await self._wait(keys.address_wait, _LOCK, policy.lock_duration)
+            await self._wait(keys.key("wait", "i"), _LOCK, policy.lock_duration)
 
     async def succeeded(self, email: str, ip: str) -> None:
         """Clear the account's failures and this address's for it (the address keeps its
         own count, and other addresses theirs for this account)."""
-        keys = _Keys.of(email, ip)
+        keys = _Keys.of(self._prefix, email, ip)
         await self._kv.delete(
-            f"login:fail:a:{keys.account}",
-            f"login:wait:a:{keys.account}",
-            f"login:fail:p:{keys.pair}",
-            f"login:wait:p:{keys.pair}",
+            keys.key("fail", "a"),
+            keys.key("wait", "a"),
+            keys.key("fail", "p"),
+            keys.key("wait", "p"),
         )
 
     async def _wait(self, key: str, kind: str, seconds: float) -> None:

@@ -12,7 +12,9 @@ class Refusal(enum.StrEnum):
     """Why a web request may not use a tunnel."""
 
     NOT_FOUND = "not_found"  # no such tunnel, or one the caller may not know of
-    UNAUTHENTICATED = "unauthenticated"  # private, and no credential came with the request
+    #: Private, and no credential came with the request; or basic, and no basic
+    #: credentials came with it, or wrong ones.
+    UNAUTHENTICATED = "unauthenticated"
     FORBIDDEN = "forbidden"  # the credential, or the client's address, may not use it
     NOT_RUNNING = "not_running"  # the owner has not started it (or it failed)
 
@@ -27,6 +29,8 @@ class AccessDecision:
     tunnel: str
     #: Seconds the proxy may reuse the decision for the same tunnel, credential and address.
     cache_for: float
+    #: The tunnel takes HTTP Basic credentials (the proxy asks for them, and strips them).
+    basic: bool = False
 
     @property
     def allowed(self) -> bool:
@@ -235,3 +239,12 @@ class HealthCheck:
     time: datetime
     ok: bool
     error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BasicCredentials:
+    """The user name and password of a web client's ``Authorization: Basic`` header, as the
+    proxy decoded them. The password is secret: it is neither logged nor kept."""
+
+    username: str
+    password: str = field(repr=False)

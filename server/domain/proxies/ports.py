@@ -1,6 +1,7 @@
 """What proxies' use cases need besides the unit of work: a user's share of a tunnel, as
-the tunnels' sharing rules count it; where proxy resources are stored; and a provisioner
-that runs their instances (local child processes, or a Kubernetes Deployment)."""
+the tunnels' sharing rules count it; for basic access, a password check and a throttle of
+wrong guesses; where proxy resources are stored; and a provisioner that runs their
+instances (local child processes, or a Kubernetes Deployment)."""
 
 from __future__ import annotations
 
@@ -105,4 +106,28 @@ class InstanceAdmin(Protocol):
     ) -> dict[str, Any]:
         """The JSON object an admin path answers; :class:`InstanceUnreachableError`
         otherwise."""
+
+
+class PasswordCheck(Protocol):
+    """Verification of a password against its hash (identity's Argon2id hasher)."""
+
+    async def verify(self, stored_hash: str | None, password: str) -> bool:
+        """Whether ``password`` matches; with no hash, the same time spent and False.
+        ``RESOURCE_EXHAUSTED`` when the hasher is busy."""
+        ...
+
+
+class AttemptThrottle(Protocol):
+    """Spaces out password guesses per account, address and both (identity's throttle)."""
+
+    async def check(self, account: str, address: str, /) -> None:
+        """``RESOURCE_EXHAUSTED`` while an attempt for ``account`` from ``address`` must wait."""
+        ...
+
+    async def failed(self, account: str, address: str, /) -> None:
+        """Count a wrong guess."""
+        ...
+
+    async def succeeded(self, account: str, address: str, /) -> None:
+        """Clear the account's failures from this address."""
         ...

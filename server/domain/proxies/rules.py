@@ -1,11 +1,12 @@
 """Who may use a tunnel through a streaming proxy. Pure functions, no I/O.
 
 The tunnel's web access decides first: ``public`` lets anyone in, ``ip_allowlist`` the
-clients whose address is in its networks, and ``private`` a credential that holds
-``tunnels.use`` of the owner or of someone the tunnel is shared with (administrators get
-no way around it: a tunnel is its owner's data plane). A caller who may not know of a
-private tunnel is told it does not exist; only a caller who would be let in learns that
-the tunnel is not running.
+clients whose address is in its networks, ``basic`` the clients that give its user name
+and password (checked by :mod:`server.domain.proxies.basic`), and ``private`` a credential
+that holds ``tunnels.use`` of the owner or of someone the tunnel is shared with
+(administrators get no way around it: a tunnel is its owner's data plane). A caller who
+may not know of a private tunnel is told it does not exist; only a caller who would be let
+in learns that the tunnel is not running.
 """
 
 from __future__ import annotations
@@ -40,15 +41,19 @@ def client_address(text: str) -> Address | None:
 
 
 def by_web_access(
-    tunnel: Tunnel, principal: Principal | None, client: Address | None
+    tunnel: Tunnel, principal: Principal | None, client: Address | None, *, basic: bool = False
 ) -> Refusal | None:
-    """The refusal the tunnel's web access makes before ownership and shares count."""
+    """The refusal the tunnel's web access makes before ownership and shares count;
+    ``basic``: the request's basic credentials are the tunnel's."""
     config = tunnel.config
     if config.web_access is WebAccess.PUBLIC:
         return None
     if config.web_access is WebAccess.IP_ALLOWLIST:
         allowed = client is not None and in_any(client, config.allowed_networks)
         return None if allowed else Refusal.FORBIDDEN
+    if config.web_access is WebAccess.BASIC:
+        # No credentials and wrong ones alike: a browser asks its user again.
+        return None if basic else Refusal.UNAUTHENTICATED
     if principal is None:
         return Refusal.UNAUTHENTICATED
     return None if principal.has(TUNNEL_USE) else Refusal.FORBIDDEN
@@ -64,24 +69,37 @@ def needs_share(tunnel: Tunnel, principal: Principal | None) -> bool:
     )
 
 
+def takes_basic(tunnel: Tunnel | None) -> bool:
+    """Whether ``tunnel`` admits by basic credentials (so check those a request gives)."""
+    return tunnel is not None and tunnel.config.web_access is WebAccess.BASIC
+
+
 def decide(
-    tunnel: Tunnel | None, principal: Principal | None, client: Address | None, *, shared: bool
+    tunnel: Tunnel | None,
+    principal: Principal | None,
+    client: Address | None,
+    *,
+    shared: bool,
+    basic: bool = False,
 ) -> AccessDecision:
     """Whether a web request of ``principal`` (None: it carries no credential) from
     ``client`` may use ``tunnel`` (None: there is none); ``shared``: the principal holds an
-    unexpired share of it (looked up when :func:`needs_share` says so)."""
+    unexpired share of it (looked up when :func:`needs_share` says so); ``basic``: the
+    request gave the tunnel's basic credentials (checked when :func:`takes_basic` says so)."""
     if tunnel is None:
         return refused(Refusal.NOT_FOUND)
-    refusal = by_web_access(tunnel, principal, client)
+    asks = takes_basic(tunnel)
+    refusal = by_web_access(tunnel, principal, client, basic=basic)
     if refusal is not None:
-        return refused(refusal)
+        return refused(refusal, basic=asks)
     if needs_share(tunnel, principal) and not shared:
         return refused(Refusal.NOT_FOUND)  # a private tunnel of someone else: not there
     if not carrying(tunnel):
-        return refused(Refusal.NOT_RUNNING, tunnel.name)
-    return AccessDecision(None, tunnel.name, ALLOWED_FOR)
+        return refused(Refusal.NOT_RUNNING, tunnel.name, basic=asks)
+    return AccessDecision(None, tunnel.name, ALLOWED_FOR, basic=asks)
 
 
-def refused(refusal: Refusal, tunnel: str = "") -> AccessDecision:
-    """A refusal; ``tunnel`` is named only to a caller who would otherwise be let in."""
-    return AccessDecision(refusal, tunnel, REFUSED_FOR)
+def refused(refusal: Refusal, tunnel: str = "", *, basic: bool = False) -> AccessDecision:
+    """A refusal; ``tunnel`` is named only to a caller who would otherwise be let in;
+    ``basic``: the tunnel takes basic credentials."""
+    return AccessDecision(refusal, tunnel, REFUSED_FOR, basic=basic)

@@ -82,11 +82,17 @@ class WebAccess(enum.StrEnum):
     PRIVATE = "private"  # the owner and share holders, with a credential that may use it
     PUBLIC = "public"  # anyone
     IP_ALLOWLIST = "ip_allowlist"  # clients whose address is in ``allowed_networks``
+    BASIC = "basic"  # clients that give the tunnel's user name and password (HTTP Basic)
 
 
 @dataclass(frozen=True, slots=True)
 class TunnelConfig:
-    """How a tunnel carries traffic, and who may reach it through a proxy."""
+    """How a tunnel carries traffic, and who may reach it through a proxy.
+
+    The basic password is never kept as it was given: a request carries it in
+    ``basic_password``, which the use case replaces by its hash before anything is stored
+    (a stored config has an empty ``basic_password``).
+    """
 
     max_connections: int = 0  # 0: the tier's limit
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
@@ -94,6 +100,12 @@ class TunnelConfig:
     web_access: WebAccess = WebAccess.PRIVATE
     #: With ``IP_ALLOWLIST``: the networks allowed, as normalized CIDRs.
     allowed_networks: tuple[str, ...] = ()
+    #: With ``BASIC``: the user name web clients give.
+    basic_username: str = ""
+    #: A new basic password, as a request gave it ("": keep the stored one).
+    basic_password: str = field(default="", repr=False)
+    #: With ``BASIC``: the stored password's Argon2id hash.
+    basic_password_hash: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,5 @@
 """What tunnels need from storage: tunnels with their endpoints, shares and share links,
-agents' sessions with their counted reports and usage.
+agents' sessions with their counted reports and usage; and the hashing of basic passwords.
 """
 
 from __future__ import annotations
@@ -101,3 +101,11 @@ class AgentRepository(Protocol):
     async def usage(
         self, user_id: str | None, tunnel_id: str | None, start: date, end: date
     ) -> builtins.list[UsageRow]: ...
+
+
+class PasswordHashing(Protocol):
+    """Slow, salted hashing of the basic passwords (identity's Argon2id hasher)."""
+
+    async def hash(self, password: str) -> str:
+        """The hash of ``password``; ``RESOURCE_EXHAUSTED`` when the hasher is busy."""
+        ...

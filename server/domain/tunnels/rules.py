@@ -10,7 +10,6 @@ from datetime import datetime
 from typing import Any
 
 from server.domain.common import validation
-from server.domain.common.addresses import parse_network
 from server.domain.common.errors import (
     Aborted,
     FailedPrecondition,
@@ -23,6 +22,7 @@ from server.domain.common.errors import (
     Violations,
 )
 from server.domain.common.ids import is_id
+from server.domain.common.listing import FilterField, ListSpec, OrderKey
 from server.domain.common.names import user_id_of
 from server.domain.identity.model import Principal, Tier, TierLimits
 from server.domain.limits.rules import month_bounds
@@ -37,13 +37,24 @@ from server.domain.tunnels.model import (
     TunnelDraft,
     TunnelHealth,
     TunnelState,
-    WebAccess,
 )
+from server.domain.tunnels.web_access import check_web_access
 
 MAX_NAME = 255
 MAX_DESCRIPTION = 1000
 MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT = 1.0, 3600.0
-MAX_ALLOWED_NETWORKS = 50
+#: How an owner's tunnels may be filtered and ordered.
+TUNNEL_LIST_SPEC = ListSpec(
+    filter_fields={
+        "display_name": FilterField("string"),
+        "state": FilterField("enum", frozenset(s.value for s in TunnelState)),
+        "health": FilterField("enum", frozenset(h.value for h in TunnelHealth)),
+        "create_time": FilterField("timestamp"),
+        "update_time": FilterField("timestamp"),
+    },
+    order_fields=frozenset({"display_name", "create_time", "update_time"}),
+    default_order=(OrderKey("create_time"),),
+)
 
 
 def transition(  # noqa: PLR0911 - one return per edge of the machine reads best
@@ -193,8 +204,8 @@ def check_text(display_name: str, description: str, violations: Violations) -> t
 
 
 def check_config(config: TunnelConfig, limits: TierLimits, violations: Violations) -> TunnelConfig:
-    """The config with its networks normalized: max connections within the tier's limit,
-    timeout within bounds, web access as :func:`check_networks` says."""
+    """The config cleaned: max connections within the tier's limit, timeout within bounds,
+    web access as :func:`~server.domain.tunnels.web_access.check_web_access` says."""
     prefix = "tunnel.config."
     tier_max = limits.max_concurrent_connections
     if config.max_connections < 0:
@@ -205,28 +216,7 @@ def check_config(config: TunnelConfig, limits: TierLimits, violations: Violation
         )
     if not MIN_IDLE_TIMEOUT <= config.idle_timeout <= MAX_IDLE_TIMEOUT:
         violations.add(prefix + "idle_timeout", "must be between 1 s and 1 h")
-    networks = check_networks(config, prefix + "allowed_networks", violations)
-    return replace(config, allowed_networks=networks)
-
-
-def check_networks(config: TunnelConfig, field: str, violations: Violations) -> tuple[str, ...]:
-    """The allowed networks normalized (``10.0.0.0/8``, ``203.0.113.7/32``), each once:
-    1-50 CIDRs or addresses with ``IP_ALLOWLIST``, none otherwise."""
-    given = config.allowed_networks
-    if config.web_access is not WebAccess.IP_ALLOWLIST:
-        if given:
-            violations.add(field, "must be empty unless web_access is IP_ALLOWLIST")
-        return ()
-    if not 1 <= len(given) <= MAX_ALLOWED_NETWORKS:
-        violations.add(field, f"IP_ALLOWLIST needs 1-{MAX_ALLOWED_NETWORKS} networks")
-        return ()
-    cleaned: list[str] = []
-    for index, text in enumerate(given):
-        try:
-            cleaned.append(str(parse_network(text)))
-        except ValueError:
-            violations.add(f"{field}[{index}]", "must be a CIDR (10.0.0.0/8) or an IP address")
-    return tuple(dict.fromkeys(cleaned))
+    return check_web_access(config, prefix, violations)
 
 
 def draft_of(tunnel: Tunnel) -> TunnelDraft:

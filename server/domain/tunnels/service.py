@@ -23,7 +23,7 @@ from server.domain.common.errors import (
     ResourceExhausted,
 )
 from server.domain.common.ids import new_id
-from server.domain.common.listing import FilterField, Lister, ListSpec, OrderKey, Page
+from server.domain.common.listing import Lister, Page
 from server.domain.events.ports import EventBus
 from server.domain.events.service import record
 from server.domain.identity.model import Tier, TierLimits
@@ -38,7 +38,9 @@ from server.domain.tunnels.model import (
     TunnelHealth,
     TunnelState,
 )
+from server.domain.tunnels.ports import PasswordHashing
 from server.domain.tunnels.rules import (
+    TUNNEL_LIST_SPEC,
     active_endpoint,
     change_events,
     check_draft,
@@ -54,6 +56,7 @@ from server.domain.tunnels.rules import (
     transition,
     tunnels_exhausted,
 )
+from server.domain.tunnels.web_access import sealed, with_stored_hash
 from server.domain.unit_of_work import UnitOfWork, UnitOfWorkFactory
 
 #: Where listen ports are drawn from: a generator of its own, never the global ``random``
@@ -71,20 +74,10 @@ UPDATABLE_PATHS = frozenset(
         "config.compression",
         "config.web_access",
         "config.allowed_networks",
+        "config.basic_username",
+        "config.basic_password",
         "endpoints",
     }
-)
-
-TUNNEL_LIST_SPEC = ListSpec(
-    filter_fields={
-        "display_name": FilterField("string"),
-        "state": FilterField("enum", frozenset(s.value for s in TunnelState)),
-        "health": FilterField("enum", frozenset(h.value for h in TunnelHealth)),
-        "create_time": FilterField("timestamp"),
-        "update_time": FilterField("timestamp"),
-    },
-    order_fields=frozenset({"display_name", "create_time", "update_time"}),
-    default_order=(OrderKey("create_time"),),
 )
 
 
@@ -109,8 +102,10 @@ class TunnelService:
         tiers: TierCatalog,
         clock: Clock,
         settings: TunnelSettings,
+        hasher: PasswordHashing,
     ) -> None:
         self._uow = uow
+        self._hasher = hasher
         self.bus = bus
         self._lister = lister
         self._tiers = tiers
@@ -165,7 +160,7 @@ class TunnelService:
         """A new tunnel in the ``created`` state, within the tier's tunnel quota."""
         if len(request_id) > 64:
             raise InvalidArgument.single("request_id", "at most 64 characters")
-        clean = self._validated(draft, tier)
+        clean = await self._checked(draft, tier)
         now = self._clock.now()
         async with self._uow() as uow:
             if request_id and (done := await uow.tunnels.find_by_request(owner_id, request_id)):
@@ -227,7 +222,9 @@ class TunnelService:
             tunnel = await _load(uow, owner_id, tunnel_id, lock=True)
             check_etag(tunnel, etag, "tunnel.etag")
             merged = fieldmask.merge(draft_of(tunnel), requested, paths)
-            clean = self._validated(merged, tier)
+            merged = replace(merged, config=with_stored_hash(merged.config, tunnel.config))
+            # A new basic password is hashed here, with the row locked: such updates are rare.
+            clean = await self._checked(merged, tier)
             now = self._clock.now()
             if clean == draft_of(tunnel):
                 await audit.record(uow, trail, now)
@@ -471,14 +468,16 @@ class TunnelService:
                 payload=payload,
             )
 
-    def _validated(self, draft: TunnelDraft, tier: Tier) -> TunnelDraft:
-        return check_draft(
-            draft,
-            tier,
-            self._tiers.limits(tier),
-            self._tiers.features(tier),
-            max_endpoints=self.settings.max_endpoints,
+    async def _checked(self, draft: TunnelDraft, tier: Tier) -> TunnelDraft:
+        """The draft validated, with a new basic password replaced by its hash."""
+        limits, features = self._tiers.limits(tier), self._tiers.features(tier)
+        clean = check_draft(
+            draft, tier, limits, features, max_endpoints=self.settings.max_endpoints
         )
+        if not clean.config.basic_password:
+            return clean
+        hashed = await self._hasher.hash(clean.config.basic_password)
+        return replace(clean, config=sealed(clean.config, hashed))
 
     async def _check_quota(self, uow: UnitOfWork, owner_id: str, tier: Tier) -> None:
         limit = self._tiers.limits(tier).max_tunnels

@@ -46,17 +46,23 @@ def config_to_json(config: TunnelConfig) -> dict[str, Any]:
         "compression": config.compression,
         "web_access": config.web_access.value,
         "allowed_networks": list(config.allowed_networks),
+        "basic_username": config.basic_username,
+        # The hash only: a password as given never reaches storage.
+        "basic_password_hash": config.basic_password_hash,
     }
 
 
 def _config(data: dict[str, Any]) -> TunnelConfig:
-    # Configs stored before web access existed have neither key: private, no networks.
+    # Configs stored before web access existed have none of its keys: private, no networks;
+    # those stored before basic access, no basic credentials.
     return TunnelConfig(
         int(data.get("max_connections", 0)),
         float(data.get("idle_timeout", 60.0)),
         bool(data.get("compression", False)),
         WebAccess(data.get("web_access", WebAccess.PRIVATE.value)),
         tuple(str(n) for n in data.get("allowed_networks", ())),
+        basic_username=str(data.get("basic_username", "")),
+        basic_password_hash=str(data.get("basic_password_hash", "")),
     )
 
 
