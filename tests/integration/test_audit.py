@@ -27,6 +27,7 @@ from tunnelplane.v1 import (
     common_pb2,
     operations_pb2,
     options_pb2,
+    proxies_pb2,
     tunnels_pb2,
     users_pb2,
     webhooks_pb2,
@@ -60,7 +61,7 @@ from tests.helpers import (
 from tests.integration.test_authorization import tiny_png
 from tests.webhook_receiver import Receiver
 
-P, W = tunnels_pb2, webhooks_pb2
+P, W, X = tunnels_pb2, webhooks_pb2, proxies_pb2
 #: Where the calls come from: the address a trusted proxy (loopback) forwards, exempt from
 #: the small address limits below.
 CLIENT_IP = dict(SETUP)["x-forwarded-for"]
@@ -356,6 +357,27 @@ def on_webhook(make: Callable[[str], Message]) -> Setup:
     return setup
 
 
+async def a_proxy(w: World) -> str:
+    made = await w.client.proxies.StartProxy(
+        X.StartProxyRequest(parent=w.owner.name), metadata=SETUP + w.owner.metadata
+    )
+    return made.name
+
+
+def on_proxy(make: Callable[[str], Message]) -> Setup:
+    """A scene calling ``make(name)`` on a new proxy of the owner's."""
+
+    async def setup(w: World) -> Scene:
+        name = await a_proxy(w)
+        return Scene(make(name), w.owner, resource=name)
+
+    return setup
+
+
+async def start_proxy(w: World) -> Scene:
+    return Scene(X.StartProxyRequest(parent=w.owner.name), w.owner)
+
+
 def stamp(minutes: float) -> timestamp_pb2.Timestamp:
     value = timestamp_pb2.Timestamp()
     value.FromDatetime(datetime.now(UTC) + timedelta(minutes=minutes))
@@ -389,6 +411,18 @@ SCENES: dict[str, Setup] = {
     "TunnelService/DeleteShareLink": delete_link,
     "TunnelService/AcceptShareLink": accept_link,
     "OperationService/CancelOperation": cancel_operation,
+    "ProxyService/StartProxy": start_proxy,
+    "ProxyService/StopProxy": on_proxy(lambda n: X.StopProxyRequest(name=n)),
+    "ProxyService/UpdateProxy": on_proxy(
+        lambda n: X.UpdateProxyRequest(
+            proxy=X.Proxy(name=n, display_name="renamed"),
+            update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+        )
+    ),
+    "ProxyService/RollbackProxyConfig": on_proxy(
+        lambda n: X.RollbackProxyConfigRequest(name=n, version=1)
+    ),
+    "ProxyService/ScaleProxy": on_proxy(lambda n: X.ScaleProxyRequest(name=n, instances=2)),
     "AdminService/DeleteIpBlock": delete_ip_block,
     "WebhookService/CreateWebhook": create_webhook,
     "WebhookService/UpdateWebhook": update_webhook,
@@ -415,6 +449,7 @@ def rpc(client: Client, service: str, method: Any) -> Any:
         "TunnelService": client.tunnels,
         "WebhookService": client.webhooks,
         "OperationService": client.operations,
+        "ProxyService": client.proxies,
     }[service]
     return getattr(stub, method.name)
 
