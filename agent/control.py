@@ -98,7 +98,6 @@ class RelayController:
         if state.version < self._version:
             log.info("stale desired state ignored", extra={"version": state.version})
             return
-        self._version = state.version
         if state.run == DesiredState.RUN_STARTED:
             await self._start(state)
         elif state.run == DesiredState.RUN_STOPPED:
@@ -108,6 +107,9 @@ class RelayController:
             target = state.target or self._default_target
             url = state.target_url or (f"http://{target}" if target else "")
             await self._reverse.configure(state.proxy_links if started else (), url)
+        # Only now: whoever waits for this version (wait_applied) finds it applied whole,
+        # not a relay still being built.
+        self._version = state.version
 
     async def _stop(self) -> None:
         relay, self._relay = self._relay, None
