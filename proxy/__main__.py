@@ -101,6 +101,9 @@ def settings_from(args: argparse.Namespace) -> ProxySettings:
         admin_token=token,
         config=config,
         config_version=int(_env("CONFIG_VERSION", "0")),
+        peers_redis_url=_env("REDIS_URL", ""),
+        peers_prefix=_env("REDIS_PREFIX", "tp:"),
+        advertise_url=_env("ADVERTISE_URL", ""),
     )
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import grpc
+import redis.asyncio as redis
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from tunnelplane.v1 import proxy_link_pb2_grpc
@@ -19,6 +21,7 @@ from proxy.admin import AdminApi, Recent, configured
 from proxy.control import ControlPlane
 from proxy.links import LinkService, Registry
 from proxy.metrics import ProxyMetrics
+from proxy.peers import RENEW, Peers, RedisPeers
 from proxy.web import WebProxy, WebSettings
 
 log = logging.getLogger("tunnelplane.proxy")
@@ -59,12 +62,19 @@ class ProxySettings:
     #: A proxy's config as the control plane gave it at start, and its revision.
     config: dict[str, Any] | None = None
     config_version: int = 0
+    #: The registry the instances of one proxy share (proxy/peers.py): Redis at this URL
+    #: ("": none, no relaying), under this key prefix.
+    peers_redis_url: str = field(default="", repr=False)
+    peers_prefix: str = "tp:"
+    #: This instance's public base URL as other instances reach it ("": from the host the
+    #: public side binds and its port).
+    advertise_url: str = ""
 
 
 class ProxyApp:
     """One proxy instance: :meth:`start`, then :meth:`stop`."""
 
-    def __init__(self, settings: ProxySettings) -> None:
+    def __init__(self, settings: ProxySettings, peers: Peers | None = None) -> None:
         self.settings = settings
         self.registry = Registry()
         self.prometheus = CollectorRegistry()
@@ -74,7 +84,12 @@ class ProxyApp:
         web_settings = settings.web
         if settings.config is not None:
             web_settings = configured(web_settings, settings.config)
-        self.web = WebProxy(web_settings, self.registry, self.control, self.metrics)
+        self.peers: Peers | None = peers
+        self.web = WebProxy(
+            web_settings, self.registry, self.control, self.metrics,
+            shared=peers, hop_token=settings.admin_token,
+        )  # fmt: skip
+        self._publishing: asyncio.Task[None] | None = None
         self.recent = Recent()
         self.admin = AdminApi(
             settings.admin_token,
@@ -139,6 +154,7 @@ class ProxyApp:
             self.admin_port = await self._serve(
                 web.ServerRunner(admin, shutdown_timeout=1.0), s.link_host, s.admin_port, None
             )
+        self._start_peers()
         log.info(
             "proxy listening",
             extra={"port": self.port, "link_port": self.link_port,
@@ -162,8 +178,39 @@ class ProxyApp:
             return web.Response(status=404)
         return web.Response(body=generate_latest(self.prometheus), content_type="text/plain")
 
+    @property
+    def public_url(self) -> str:
+        """Where other instances reach this one's public side."""
+        host = self.settings.host if self.settings.host not in {"", "0.0.0.0"} else "127.0.0.1"  # noqa: S104
+        return self.settings.advertise_url or f"http://{host}:{self.port}"
+
+    def _start_peers(self) -> None:
+        """Join the instances' shared registry, if there is one, and keep publishing."""
+        s = self.settings
+        if self.peers is None and s.peers_redis_url and s.admin_token:
+            client = redis.Redis.from_url(s.peers_redis_url)
+            self.peers = RedisPeers(client, self.public_url, s.peers_prefix)
+            self.web.join(self.peers)
+        if self.peers is not None:
+            self._publishing = asyncio.create_task(self._publish(self.peers))
+
+    async def _publish(self, shared: Peers) -> None:
+        while True:
+            try:
+                await shared.publish(self.registry.tunnels())
+            except Exception as exc:  # noqa: BLE001 - the registry may be away; try again
+                log.warning("cannot publish to the peers' registry", extra={"error": repr(exc)})
+            await asyncio.sleep(RENEW)
+
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking requests, let those in flight end within ``grace``, close."""
+        if self._publishing is not None:
+            self._publishing.cancel()
+            await asyncio.gather(self._publishing, return_exceptions=True)
+        if self.peers is not None:
+            with contextlib.suppress(Exception):
+                await self.peers.close()
+        await self.web.close()
         logging.getLogger().removeHandler(self.recent)
         for runner in self._runners:
             await runner.cleanup()

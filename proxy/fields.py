@@ -27,7 +27,17 @@ HOP_BY_HOP = frozenset(
     }
 )
 #: Fields the proxy sets itself on the way to the local service.
-FORWARDED = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
+FORWARDED = frozenset(
+    {
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+        # Between instances of one proxy (proxy/peers.py), never further.
+        "x-tunnelplane-hop",
+        "x-tunnelplane-client-ip",
+    }
+)
 
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

@@ -72,6 +72,10 @@ class Registry:
         """Whether any agent has an exchange open for ``tunnel`` (waiting or busy)."""
         return self._open[tunnel] > 0
 
+    def tunnels(self) -> list[str]:
+        """The tunnels agents hold lanes for here."""
+        return list(self._open)
+
     def spare(self, tunnel: str) -> int:
         """Exchanges waiting for a request."""
         return len(self._spare.get(tunnel, ()))

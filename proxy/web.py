@@ -20,11 +20,12 @@ import math
 import time
 from dataclasses import dataclass
 
+import aiohttp
 import grpc
 from aiohttp import web
 from tunnelplane.v1 import proxies_pb2, proxy_link_pb2
 
-from proxy import credentials, fields, replies, websocket
+from proxy import credentials, fields, peers, replies, websocket
 from proxy.control import Access, ControlPlane, RefusedError, UnreachableError
 from proxy.encoding import Gzip, gzip_for
 from proxy.limits import Admission
@@ -42,6 +43,8 @@ Decision = proxies_pb2.TunnelAccessDecision
 PIECE = 256 * 1024
 #: How long a request body may go on being sent once the response is whole.
 PUMP_GRACE = 1.0
+#: Per-request key: whether it came through a hop from another instance.
+HOPPED = web.RequestKey("tp_hopped", bool)
 
 _REFUSALS = {
     Decision.REFUSAL_NOT_FOUND: replies.NOT_ROUTED,
@@ -116,7 +119,14 @@ class WebProxy:
         registry: Registry,
         control: ControlPlane,
         metrics: ProxyMetrics,
+        *,
+        shared: peers.Peers | None = None,
+        hop_token: str = "",
     ) -> None:
+        #: The instances' shared registry, to relay a request whose agent has no lane here.
+        self._peers = shared
+        self._hop_token = hop_token
+        self._session: aiohttp.ClientSession | None = None
         self._registry = registry
         self._control = control
         self._metrics = metrics
@@ -151,6 +161,7 @@ class WebProxy:
         if found is None:
             return self._own(request)
         self.last_request = time.time()
+        request[peers.CLIENT_KEY], request[HOPPED] = peers.client_ip(request, self._hop_token)
         admission = self._admission
         if (limited := admission.refusal()) is not None:
             status, reason, wait = limited
@@ -189,7 +200,7 @@ class WebProxy:
         strip): a Tunnelplane credential, or the basic credentials of a tunnel that takes
         them (any other tunnel's local service gets its own Basic credentials)."""
         offered = credentials.offered(request.headers.get("Authorization", ""))
-        client_ip = request.remote or ""
+        client_ip = request.get(peers.CLIENT_KEY, request.remote or "")
         try:
             access = await self._control.check_access(tunnel_id, offered, client_ip)
         except UnreachableError as exc:
@@ -216,6 +227,10 @@ class WebProxy:
         if length is not None and length > self._settings.max_body_bytes:
             raise Refusal(413, "BODY_TOO_LARGE", "the request body is too large")
         tunnel, strip_credential = await self._admit(request, found.tunnel_id)
+        if self._peers is not None and not self._registry.linked(tunnel):
+            relayed = await self._relay(request, tunnel)
+            if relayed is not None:
+                return relayed
         exchange = await self._registry.claim(tunnel, self._settings.claim_wait)
         if exchange is None:
             raise Refusal(503, "NO_AGENT", "no agent is connected for this tunnel",
@@ -236,6 +251,38 @@ class WebProxy:
             else:
                 exchange.finish(cancel)
 
+    async def _relay(self, request: web.BaseRequest, tunnel: str) -> web.StreamResponse | None:
+        """The answer of another instance that holds the tunnel's agent, if one does (a
+        request that came through a hop, or an upgrade, is not relayed again)."""
+        if request[HOPPED] or _wants_websocket(request) or self._peers is None:
+            return None
+        for base_url in await self._peers.holders(tunnel):
+            try:
+                return await peers.relay(
+                    request, base_url, self._hop_token, self._http(),
+                    self._settings.first_byte_timeout,
+                )  # fmt: skip
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                if request.get(peers.STARTED):
+                    raise
+                log.warning("a peer did not take a relayed request",
+                            extra={"peer": base_url, "error": type(exc).__name__})  # fmt: skip
+        return None
+
+    def join(self, shared: peers.Peers) -> None:
+        """Relay through ``shared`` from now on (the registry is known once bound)."""
+        self._peers = shared
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(auto_decompress=False)
+        return self._session
+
+    async def close(self) -> None:
+        """Let go of the pool of connections to peers."""
+        if self._session is not None:
+            await self._session.close()
+
     def _head(
         self, request: web.BaseRequest, found: Route, strip_credential: bool
     ) -> proxy_link_pb2.HttpHead:
@@ -245,7 +292,7 @@ class WebProxy:
             drop |= websocket.HANDSHAKE
         pairs = fields.end_to_end(request.headers.items(), drop=frozenset(drop))
         pairs += [
-            ("X-Forwarded-For", request.remote or ""),
+            ("X-Forwarded-For", request.get(peers.CLIENT_KEY, request.remote or "")),
             ("X-Forwarded-Proto", request.scheme),
             ("X-Forwarded-Host", request.host),
         ]

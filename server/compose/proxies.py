@@ -114,6 +114,8 @@ def _provisioner(settings: Settings, control_plane: Callable[[], str]) -> Provis
                 host=settings.proxy_host,
                 public_domain=settings.public_domain,
                 control_plane_ca=settings.tls_cert_file or "",
+                redis_url=settings.redis_url,
+                redis_prefix=settings.redis_prefix,
             )
         )
     return None

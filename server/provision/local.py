@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from server.domain.proxies.model import Instance, Pool
@@ -44,6 +44,10 @@ class LocalSettings:
     host: str = "127.0.0.1"
     public_domain: str = "localhost"
     control_plane_ca: str = ""
+    #: The registry the instances share to relay requests to each other (proxy/peers.py):
+    #: the server's Redis ("": none).
+    redis_url: str = field(default="", repr=False)
+    redis_prefix: str = "tp:"
     start_timeout: float = 20.0
     stop_grace: float = 5.0
 
@@ -133,6 +137,8 @@ class LocalProvisioner:
             "TP_PROXY_CONFIG_VERSION": str(pool.config_version),
             "TP_PUBLIC_DOMAIN": s.public_domain,
             "TP_PROXY_PARENT_PID": str(os.getpid()),
+            "TP_PROXY_REDIS_URL": s.redis_url,
+            "TP_PROXY_REDIS_PREFIX": s.redis_prefix,
             "TP_PROXY_LOG_LEVEL": os.environ.get("TP_LOG_LEVEL", "INFO").upper(),
             "TP_PROXY_LOG_FORMAT": os.environ.get("TP_LOG_FORMAT", "json"),
         }

@@ -12,6 +12,7 @@ import pytest_asyncio
 
 from agent.exchange import LinkSettings, ReversePath
 from proxy.app import ProxyApp, ProxySettings
+from proxy.peers import Peers
 from proxy.web import WebSettings
 from tests.helpers import eventually
 from tests.proxy.fake_plane import KEY, FakePlane
@@ -47,17 +48,20 @@ async def open_stack(
     link_tls: tuple[Path, Path] | None = None,
     metrics_port: int = 0,
     admin_token: str = "",
+    peers: Peers | None = None,
+    plane: FakePlane | None = None,
 ) -> Stack:
     """The whole path; ``link_tls`` (certificate and key files) puts TLS on the link."""
     local = await LocalService().start()
-    plane = await FakePlane().start()
+    if plane is None:
+        plane = await FakePlane().start()
     plane.tunnels[TUNNEL_ID] = (TUNNEL, "public")
     cert, key = link_tls or (None, None)
     settings = ProxySettings(
         control_plane=f"127.0.0.1:{plane.port}", port=0, link_port=0, metrics_port=metrics_port,
         web=web or WebSettings(), link_tls_cert=cert, link_tls_key=key, admin_token=admin_token,
     )  # fmt: skip
-    proxy = ProxyApp(settings)
+    proxy = ProxyApp(settings, peers=peers)
     await proxy.start()
     roots = cert.read_bytes() if cert else None
     agent = ReversePath(
