@@ -106,6 +106,8 @@ def _provisioner(settings: Settings, control_plane: Callable[[], str]) -> Provis
             settings.proxy_image,
             settings.kubernetes_control_plane,
             public_domain=settings.public_domain,
+            redis_url=settings.redis_url,
+            redis_prefix=settings.redis_prefix,
         )
     if settings.proxy_provisioner == "local" and settings.workers == 1:
         return LocalProvisioner(

@@ -60,9 +60,17 @@ class KubernetesProvisioner:
         client: AsyncClient | None = None,
         public_domain: str = "localhost",
         resources: PodResources | None = None,
+        redis_url: str = "",
+        redis_prefix: str = "tp:",
     ) -> None:
         self._template = PoolTemplate(
-            namespace, image, control_plane, public_domain, resources or PodResources()
+            namespace,
+            image,
+            control_plane,
+            public_domain,
+            resources or PodResources(),
+            redis_url,
+            redis_prefix,
         )
         self._client = client or AsyncClient(field_manager=FIELD_MANAGER)
 

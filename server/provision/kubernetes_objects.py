@@ -27,7 +27,9 @@ from lightkube.models.core_v1 import (
     EmptyDirVolumeSource,
     EnvFromSource,
     EnvVar,
+    EnvVarSource,
     HTTPGetAction,
+    ObjectFieldSelector,
     PodSecurityContext,
     PodSpec,
     PodTemplateSpec,
@@ -87,6 +89,11 @@ class PoolTemplate:
     control_plane: str
     public_domain: str = "localhost"
     resources: PodResources = dataclasses.field(default_factory=PodResources)
+    #: The registry the pods share to relay requests to each other (proxy/peers.py): the
+    #: server's Redis ("": none), with its key prefix. In the Secret: a URL may hold a
+    #: password.
+    redis_url: str = dataclasses.field(default="", repr=False)
+    redis_prefix: str = "tp:"
 
 
 def object_name(proxy_id: str) -> str:
@@ -120,9 +127,14 @@ def _meta(
 
 
 def secret(pool: Pool, template: PoolTemplate, admin_token: str) -> Secret:
-    """The admin token, given to the pods as ``TP_PROXY_ADMIN_TOKEN``."""
-    encoded = base64.b64encode(admin_token.encode()).decode()
-    return Secret(metadata=_meta(pool, template), type="Opaque", data={ADMIN_TOKEN_KEY: encoded})
+    """The admin token, given to the pods as ``TP_PROXY_ADMIN_TOKEN``, and the shared
+    registry's Redis (``TP_PROXY_REDIS_URL``, ``TP_PROXY_REDIS_PREFIX``) when there is one."""
+    values = {ADMIN_TOKEN_KEY: admin_token}
+    if template.redis_url:
+        values |= {"TP_PROXY_REDIS_URL": template.redis_url,
+                   "TP_PROXY_REDIS_PREFIX": template.redis_prefix}  # fmt: skip
+    data = {key: base64.b64encode(value.encode()).decode() for key, value in values.items()}
+    return Secret(metadata=_meta(pool, template), type="Opaque", data=data)
 
 
 def config_env(pool: Pool) -> dict[str, str]:
@@ -155,8 +167,14 @@ def placement_env(pool: Pool, template: PoolTemplate) -> list[EnvVar]:
         "TP_PROXY_OWNER": pool.user_id,
         "TP_PROXY_CONTROL_PLANE": template.control_plane,
         "TP_PUBLIC_DOMAIN": template.public_domain,
+        # Where the other pods relay to this one (proxy/peers.py): its own address.
+        "TP_PROXY_ADVERTISE_URL": f"http://$(POD_IP):{PUBLIC_PORT}",
     }
-    return [EnvVar(name=name, value=value) for name, value in values.items()]
+    pod_ip = EnvVar(
+        name="POD_IP",
+        valueFrom=EnvVarSource(fieldRef=ObjectFieldSelector(fieldPath="status.podIP")),
+    )
+    return [pod_ip] + [EnvVar(name=name, value=value) for name, value in values.items()]
 
 
 def _probe(failures: int) -> Probe:

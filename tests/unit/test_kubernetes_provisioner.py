@@ -56,6 +56,9 @@ async def api() -> AsyncIterator[FakeKubernetes]:
     await fake.stop()
 
 
+REDIS = "redis://:hunter2@redis.tunnelplane.svc:6379/0"
+
+
 @pytest.fixture
 async def provisioner(api: FakeKubernetes) -> AsyncIterator[KubernetesProvisioner]:
     config = KubeConfig.from_one(cluster=Cluster(server=api.url), user=User(token="sa-token"))
@@ -66,6 +69,8 @@ async def provisioner(api: FakeKubernetes) -> AsyncIterator[KubernetesProvisione
         "tunnelplane-server.tunnelplane.svc:50051",
         client=client,
         public_domain="tunnels.example.com",
+        redis_url=REDIS,
+        redis_prefix="tp:prod:",
     )
     yield kube
     await kube.close()
@@ -169,7 +174,12 @@ async def test_the_pod_template_runs_the_proxy_locked_down_with_probes_on_the_ad
     assert container["command"] == ["python", "-m", "proxy"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"public": 8090, "link": 8091, "admin": 8092}
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    (pod_ip,) = [e for e in container["env"] if e["name"] == "POD_IP"]
+    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    # Other pods relay to this one at its own address (defined after POD_IP, so it expands).
+    assert env["TP_PROXY_ADVERTISE_URL"] == "http://$(POD_IP):8090"
+    assert list(env).index("POD_IP") < list(env).index("TP_PROXY_ADVERTISE_URL")
     assert env["TP_PROXY_OWNER"] == USER
     assert env["TP_PROXY_CONTROL_PLANE"] == "tunnelplane-server.tunnelplane.svc:50051"
     assert env["TP_PROXY_PORT"] == "8090"
@@ -201,11 +211,17 @@ async def test_the_config_and_the_admin_token_reach_the_pods_through_their_objec
     assert config["data"]["TP_PROXY_MAX_BODY_BYTES"] == str(1 << 20)
     assert config["metadata"]["annotations"] == {"tunnelplane.dev/config-version": "4"}
     secret = body_of(api, "PATCH", f"{CORE}/secrets/{NAME}")
-    assert base64.b64decode(secret["data"]["TP_PROXY_ADMIN_TOKEN"]).decode() == TOKEN
-    # The token appears in no other object; only its hash, to roll the pods when it changes.
+    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    assert data == {
+        "TP_PROXY_ADMIN_TOKEN": TOKEN,
+        "TP_PROXY_REDIS_URL": REDIS,  # the registry the pods relay through (a password in it)
+        "TP_PROXY_REDIS_PREFIX": "tp:prod:",
+    }
+    # Token and URL appear in no other object; only the token's hash, to roll the pods.
     for request in api.sent("PATCH"):
         if request.path != f"{CORE}/secrets/{NAME}":
             assert TOKEN not in json.dumps(request.body)
+            assert "hunter2" not in json.dumps(request.body)
 
 
 async def test_a_new_config_does_not_roll_the_pods_but_a_new_admin_token_does(
