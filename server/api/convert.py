@@ -231,6 +231,7 @@ def tier_details(info: TierInfo) -> users_pb2.TierDetails:
         burst=limits.burst,
         max_watch_streams=limits.max_watch_streams,
         max_agent_streams=limits.max_agent_streams,
+        stream_seconds_per_month=limits.stream_seconds_per_month,
     )
 
 

@@ -366,6 +366,54 @@ async def test_the_transfer_quota_stops_the_tunnel_and_is_reported(metered: App)
         agent.stream.cancel()
 
 
+@pytest_asyncio.fixture(scope="module")
+async def timed(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
+    """A server whose free tier may stream for a minute a month."""
+    tiers = dict(DEFAULT_TIERS)
+    tiers["free"] = replace(DEFAULT_TIERS["free"], stream_seconds_per_month=60)
+    directory = tmp_path_factory.mktemp("timed")
+    async with own_database(backend, directory) as isolated:
+        server = App(isolated.settings(directory, tiers=tiers))
+        await server.start()
+        yield server
+        await server.stop(grace=0)
+
+
+async def test_the_stream_time_quota_stops_the_tunnel_and_is_reported(timed: App) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{timed.grpc_port}") as channel:
+        client = Client(timed, channel)
+        owner = await client.new_user()
+        made = await client.tunnel(owner)
+        started = P.StartTunnelRequest(name=made.name)
+        await client.tunnels.StartTunnel(started, metadata=owner.metadata)
+        agent = Agent(
+            agents_pb2_grpc.AgentServiceStub(channel), await agent_key(client, owner), made.name
+        )
+        await agent.hello()
+        assert (await agent.desired()).run == D.RUN_STARTED
+        # One long LLM answer: 61 s open, few bytes.
+        long_answer = {"stream_milliseconds": 61_000, "bytes_out": 10, "peak_concurrency": 1}
+        await agent.report(1, connections=1, request_count=1, success_count=1, **long_answer)
+        assert (await agent.desired()).run == D.RUN_STOPPED
+        failed = await wait_for_state(client, owner, made.name, state=P.Tunnel.STATE_ERROR)
+        assert "stream time" in failed.state_reason
+        error = await fails(
+            client.tunnels.StartTunnel(started, metadata=owner.metadata),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+        assert detail(error, error_details_pb2.QuotaFailure).violations[0].quota_id == (
+            "StreamSecondsPerMonth"
+        )
+        usage = await client.users.GetUsage(
+            users_pb2.GetUsageRequest(name="users/me/usage"), metadata=owner.metadata
+        )
+        quotas = {q.metric: (q.used, q.limit) for q in usage.quotas}
+        assert quotas["stream_seconds"] == (61, 60)
+        tier = await client.users.GetTier(users_pb2.GetTierRequest(name="tiers/free"))
+        assert tier.stream_seconds_per_month == 60
+        agent.stream.cancel()
+
+
 async def test_an_agent_key_bound_to_a_tunnel_serves_that_tunnel_only(client: Client) -> None:
     owner = await client.new_user()
     mine, other = await client.tunnel(owner), await client.tunnel(owner)

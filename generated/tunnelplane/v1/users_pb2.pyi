@@ -462,6 +462,7 @@ class TierDetails(_message.Message):
     BURST_FIELD_NUMBER: _builtins.int
     MAX_WATCH_STREAMS_FIELD_NUMBER: _builtins.int
     MAX_AGENT_STREAMS_FIELD_NUMBER: _builtins.int
+    STREAM_SECONDS_PER_MONTH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, for example `tiers/free`."""
     tier: _common_pb2.Tier.ValueType
@@ -490,6 +491,11 @@ class TierDetails(_message.Message):
     """Agent streams (AgentService.Connect) one user's agents may hold open at
     once, per server replica; -1 means unlimited.
     """
+    stream_seconds_per_month: _builtins.int
+    """Seconds requests (TCP: connections) through a user's tunnels may be open in
+    all per calendar month (stream time: a 40 s LLM answer counts 40); -1 means
+    unlimited.
+    """
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Features this tier unlocks, for example `endpoint_failover`."""
@@ -510,10 +516,11 @@ class TierDetails(_message.Message):
         burst: _builtins.int = ...,
         max_watch_streams: _builtins.int = ...,
         max_agent_streams: _builtins.int = ...,
+        stream_seconds_per_month: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "display_name", b"display_name", "features", b"features", "max_agent_streams", b"max_agent_streams", "max_concurrent_connections", b"max_concurrent_connections", "max_tunnels", b"max_tunnels", "max_watch_streams", b"max_watch_streams", "name", b"name", "requests_per_minute", b"requests_per_minute", "requests_per_month", b"requests_per_month", "self_service", b"self_service", "tier", b"tier", "transfer_bytes_per_month", b"transfer_bytes_per_month"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "display_name", b"display_name", "features", b"features", "max_agent_streams", b"max_agent_streams", "max_concurrent_connections", b"max_concurrent_connections", "max_tunnels", b"max_tunnels", "max_watch_streams", b"max_watch_streams", "name", b"name", "requests_per_minute", b"requests_per_minute", "requests_per_month", b"requests_per_month", "self_service", b"self_service", "stream_seconds_per_month", b"stream_seconds_per_month", "tier", b"tier", "transfer_bytes_per_month", b"transfer_bytes_per_month"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -824,7 +831,9 @@ class QuotaUsage(_message.Message):
     USED_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     metric: _builtins.str
-    """`requests`, `transfer_bytes`, `tunnels` or `concurrent_connections`."""
+    """`requests`, `transfer_bytes`, `stream_seconds`, `tunnels` or
+    `concurrent_connections`.
+    """
     used: _builtins.int
     """Used so far this period (or now, for tunnels and connections)."""
     limit: _builtins.int

@@ -96,6 +96,8 @@ class TierLimits:
     max_watch_streams: int = -1
     #: Agent streams (AgentService.Connect) one user's agents may hold open at once, per replica.
     max_agent_streams: int = -1
+    #: Seconds requests through a user's tunnels may be open in all per month (stream time).
+    stream_seconds_per_month: int = -1
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,10 +11,29 @@ from server.domain.identity.model import Tier, TierInfo, TierLimits
 
 GIB = 1024**3
 
+HOUR = 3600
 DEFAULT_TIERS: Mapping[str, TierLimits] = {
-    "free": TierLimits(100, 3, 5, 10_000, 1 * GIB, 20, max_watch_streams=5, max_agent_streams=5),
+    "free": TierLimits(
+        100,
+        3,
+        5,
+        10_000,
+        1 * GIB,
+        20,
+        max_watch_streams=5,
+        max_agent_streams=5,
+        stream_seconds_per_month=100 * HOUR,
+    ),
     "premium": TierLimits(
-        1_000, 50, 100, 1_000_000, 100 * GIB, 200, max_watch_streams=50, max_agent_streams=100
+        1_000,
+        50,
+        100,
+        1_000_000,
+        100 * GIB,
+        200,
+        max_watch_streams=50,
+        max_agent_streams=100,
+        stream_seconds_per_month=10_000 * HOUR,
     ),
     "enterprise": TierLimits(
         10_000, -1, -1, -1, -1, 2_000, max_watch_streams=1_000, max_agent_streams=1_000

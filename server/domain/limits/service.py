@@ -59,10 +59,12 @@ class QuotaService:
             requests = max(requests, await uow.request_usage.get(user_id, start.date()))
             tunnels = await uow.tunnels.count(user_id)
             last_day = (end - timedelta(days=1)).date()
-            transfer, active = await uow.agents.user_traffic(user_id, start.date(), last_day)
+            traffic = await uow.agents.user_traffic(user_id, start.date(), last_day)
+            transfer, active, stream_seconds = traffic
         quotas = [
             QuotaUse("requests", requests, limits.requests_per_month),
             QuotaUse("transfer_bytes", transfer, limits.transfer_bytes_per_month),
+            QuotaUse("stream_seconds", stream_seconds, limits.stream_seconds_per_month),
             QuotaUse("tunnels", tunnels, limits.max_tunnels),
             QuotaUse("concurrent_connections", active, limits.max_concurrent_connections),
         ]

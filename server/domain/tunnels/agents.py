@@ -106,22 +106,21 @@ class AgentSessions:
         async with self._uow() as uow:
             counted = await uow.agents.add_report(tunnel, agent_id, report, tier, now)
             await uow.agents.seen(tunnel.id, agent_id, now, report.active_connections)
-        if counted and (report.bytes_in or report.bytes_out):
+        if counted and (report.bytes_in or report.bytes_out or report.stream_milliseconds):
             await self._enforce_transfer(tunnel, tier)
         return counted
 
     async def _enforce_transfer(self, tunnel: Tunnel, tier: Tier) -> None:
-        """A tunnel whose owner used up the month's transfer goes to ``error`` (its agents
-        stop carrying traffic) until the owner starts it again with quota to spare."""
+        """A tunnel whose owner used up the month's transfer (or stream time) goes to
+        ``error`` (its agents stop carrying traffic) until the owner starts it again with
+        quota to spare."""
         try:
             async with self._uow(readonly=True) as uow:
                 await self._tunnels.check_transfer(uow, tunnel.user_id, tier)
-        except ResourceExhausted:
+        except ResourceExhausted as exhausted:
             current = await self._tunnels.get(tunnel.user_id, tunnel.id)
             if current.status.running and current.state is not TunnelState.ERROR:
-                await self._tunnels.fail(
-                    tunnel.user_id, tunnel.id, "the monthly transfer quota is used up"
-                )
+                await self._tunnels.fail(tunnel.user_id, tunnel.id, str(exhausted))
 
     async def goodbye(self, tunnel_id: str, agent_id: str, reason: str) -> None:
         """The agent's stream ended; ``reason`` (:data:`LEFT`, :data:`SILENT`) is what its

@@ -384,3 +384,23 @@ def transfer_exhausted(owner_id: str, tier: Tier, limit: int, now: datetime) -> 
         ],
         reason="TRANSFER_QUOTA_EXCEEDED",
     )
+
+
+def stream_time_exhausted(
+    owner_id: str, tier: Tier, limit: int, now: datetime
+) -> ResourceExhausted:
+    """The refusal once the month's stream time (``limit`` seconds) is used up."""
+    return ResourceExhausted(
+        "the monthly stream time quota is used up",
+        retry_after=(month_bounds(now)[1] - now).total_seconds(),
+        violations=[
+            QuotaViolation(
+                f"users/{owner_id}",
+                f"{limit} stream seconds per month on the {tier.value} tier",
+                quota_id="StreamSecondsPerMonth",
+                quota_metric="tunnelplane.v1/stream_seconds",
+                quota_value=limit,
+            )
+        ],
+        reason="STREAM_TIME_QUOTA_EXCEEDED",
+    )

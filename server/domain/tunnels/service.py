@@ -52,6 +52,7 @@ from server.domain.tunnels.rules import (
     refreshed,
     snapshot,
     stop_reason,
+    stream_time_exhausted,
     transfer_exhausted,
     transition,
     tunnels_exhausted,
@@ -306,24 +307,22 @@ class TunnelService:
         trail: AuditTrail | None = None,
     ) -> Tunnel:
         """``created``/``disconnected``/``error`` → ``connecting`` (or ``connected``);
-        refused while the owner's monthly transfer quota is used up."""
+        refused while the owner's monthly transfer or stream time is used up."""
         async with self._uow(readonly=True) as uow:
             await self.check_transfer(uow, owner_id, tier)
         return await self._move(owner_id, tunnel_id, Transition.START, actor=actor, trail=trail)
 
-    async def transfer_used(self, uow: UnitOfWork, owner_id: str) -> int:
-        """Bytes the owner's tunnels carried this month."""
-        start, end = month_bounds(self._clock.now())
-        last = (end - timedelta(days=1)).date()
-        used, _ = await uow.agents.user_traffic(owner_id, start.date(), last)
-        return used
-
     async def check_transfer(self, uow: UnitOfWork, owner_id: str, tier: Tier) -> None:
-        """``ResourceExhausted`` naming the quota if the month's transfer is used up."""
-        limit = self._tiers.limits(tier).transfer_bytes_per_month
-        if limit < 0 or await self.transfer_used(uow, owner_id) < limit:
-            return
-        raise transfer_exhausted(owner_id, tier, limit, self._clock.now())
+        """``ResourceExhausted`` naming the quota if the month's transfer or stream time is
+        used up."""
+        limits, now = self._tiers.limits(tier), self._clock.now()
+        start, end = month_bounds(now)
+        last = (end - timedelta(days=1)).date()
+        used, _, streamed = await uow.agents.user_traffic(owner_id, start.date(), last)
+        if 0 <= limits.transfer_bytes_per_month <= used:
+            raise transfer_exhausted(owner_id, tier, limits.transfer_bytes_per_month, now)
+        if 0 <= limits.stream_seconds_per_month <= streamed:
+            raise stream_time_exhausted(owner_id, tier, limits.stream_seconds_per_month, now)
 
     async def stop(
         self, owner_id: str, tunnel_id: str, *, actor: str, trail: AuditTrail | None = None

@@ -179,18 +179,21 @@ class SqlAgentRepository(Repository):
             bytes_out=values["bytes_out"],
         )
 
-    async def user_traffic(self, user_id: str, start: date, end: date) -> tuple[int, int]:
-        """(bytes in + out over ``start``..``end``, connections open now) of a user."""
-        transfer = sa.select(sa.func.coalesce(sa.func.sum(_u.bytes_in + _u.bytes_out), 0)).where(
-            _u.user_id == user_id, _u.day >= start, _u.day <= end
-        )
+    async def user_traffic(self, user_id: str, start: date, end: date) -> tuple[int, int, int]:
+        """(bytes in + out over ``start``..``end``, connections open now, stream seconds
+        over ``start``..``end``) of a user."""
+        transfer = sa.select(
+            sa.func.coalesce(sa.func.sum(_u.bytes_in + _u.bytes_out), 0),
+            sa.func.coalesce(sa.func.sum(_u.stream_milliseconds), 0),
+        ).where(_u.user_id == user_id, _u.day >= start, _u.day <= end)
         active = (
             sa.select(sa.func.coalesce(sa.func.sum(_a.active_connections), 0))
             .join(tunnels, tunnels.c.id == _a.tunnel_id)
             .where(tunnels.c.user_id == user_id, _a.connected.is_(True))
         )
-        used = int((await self._conn.execute(transfer)).scalar_one())
-        return used, int((await self._conn.execute(active)).scalar_one())
+        used, stream_ms = (await self._conn.execute(transfer)).one()
+        now_open = int((await self._conn.execute(active)).scalar_one())
+        return int(used), now_open, int(stream_ms) // 1000
 
     async def usage(
         self, user_id: str | None, tunnel_id: str | None, start: date, end: date
