@@ -246,7 +246,7 @@ BUILDERS: dict[str, Builder] = {
     "ProxyService/ListProxyScalingEvents": lambda t: proxies_pb2.ListProxyScalingEventsRequest(
         parent=proxy(t)
     ),
-    "ProxyService/WatchProxies": lambda t: proxies_pb2.WatchProxiesRequest(name=t.user.name),
+    "ProxyService/WatchProxies": lambda t: proxies_pb2.WatchProxiesRequest(name=proxy(t)),
     "ProxyService/GetProxyMetrics": lambda t: proxies_pb2.GetProxyMetricsRequest(
         name=f"{proxy(t)}/metrics"
     ),
