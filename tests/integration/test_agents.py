@@ -4,6 +4,7 @@ state and health following the agents, idempotent reports, metrics and usage."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -319,17 +320,28 @@ async def test_a_silent_agent_counts_as_gone_and_several_agents_share_a_tunnel(
         assert none.state_reason == "the last agent went silent"
 
 
-@pytest_asyncio.fixture(scope="module")
-async def metered(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
-    """A server whose free tier may move 1000 bytes a month."""
+@contextlib.asynccontextmanager
+async def free_tier_with(
+    backend: Backend, tmp_path_factory: pytest.TempPathFactory, **limits: int
+) -> AsyncIterator[App]:
+    """A server of its own whose free tier has these limits changed."""
     tiers = dict(DEFAULT_TIERS)
-    tiers["free"] = replace(DEFAULT_TIERS["free"], transfer_bytes_per_month=1000)
-    directory = tmp_path_factory.mktemp("metered")
+    tiers["free"] = replace(DEFAULT_TIERS["free"], **limits)
+    directory = tmp_path_factory.mktemp("tiered")
     async with own_database(backend, directory) as isolated:
         server = App(isolated.settings(directory, tiers=tiers))
         await server.start()
-        yield server
-        await server.stop(grace=0)
+        try:
+            yield server
+        finally:
+            await server.stop(grace=0)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def metered(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
+    """A server whose free tier may move 1000 bytes a month."""
+    async with free_tier_with(backend, tmp_path_factory, transfer_bytes_per_month=1000) as app:
+        yield app
 
 
 async def test_the_transfer_quota_stops_the_tunnel_and_is_reported(metered: App) -> None:
@@ -369,14 +381,8 @@ async def test_the_transfer_quota_stops_the_tunnel_and_is_reported(metered: App)
 @pytest_asyncio.fixture(scope="module")
 async def timed(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[App]:
     """A server whose free tier may stream for a minute a month."""
-    tiers = dict(DEFAULT_TIERS)
-    tiers["free"] = replace(DEFAULT_TIERS["free"], stream_seconds_per_month=60)
-    directory = tmp_path_factory.mktemp("timed")
-    async with own_database(backend, directory) as isolated:
-        server = App(isolated.settings(directory, tiers=tiers))
-        await server.start()
-        yield server
-        await server.stop(grace=0)
+    async with free_tier_with(backend, tmp_path_factory, stream_seconds_per_month=60) as app:
+        yield app
 
 
 async def test_the_stream_time_quota_stops_the_tunnel_and_is_reported(timed: App) -> None:

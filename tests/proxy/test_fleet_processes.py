@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
 from tests.helpers import eventually
-from tests.processes import ROOT, ServerProcess, child_env, serving
+from tests.processes import ServerProcess, child_env, run_cli, serving
 from tests.proxy.local_service import LocalService
 from tests.proxy.test_processes import agent, setup_tunnel
 from tests.webhook_receiver import Receiver
@@ -44,11 +43,7 @@ async def fleet_server(directory: Path) -> AsyncIterator[ServerProcess]:
     user's own proxies."""
     env = child_env(directory, TP_PROXY_PORT="0", TP_PROXY_PROVISIONER="local",
                     TP_RATE_LIMIT_ENABLED="false")  # fmt: skip
-    migrate = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server", "migrate", cwd=ROOT, env=env,
-        stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    assert await migrate.wait() == 0
+    assert run_cli("migrate", env=env).returncode == 0
     async with serving(env) as server:
         log = asyncio.create_task(server.follow_log())
         try:

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.helpers import eventually
-from tests.processes import ROOT, ServerProcess, child_env, serving
+from tests.processes import ROOT, ServerProcess, child_env, run_cli, serving
 from tests.proxy.local_service import LocalService
 
 pytestmark = pytest.mark.slow
@@ -72,11 +72,7 @@ async def test_a_web_client_reaches_the_local_service_through_the_embedded_proxy
     proxy_port, link_port = free_port(), free_port()
     env = child_env(tmp_path, TP_PROXY_PORT=str(proxy_port), TP_PROXY_LINK_PORT=str(link_port),
                     TP_RATE_LIMIT_ENABLED="false")  # fmt: skip
-    migrate = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server", "migrate", cwd=ROOT, env=env,
-        stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    assert await migrate.wait() == 0
+    assert run_cli("migrate", env=env).returncode == 0
     async with serving(env) as server:
         log = asyncio.create_task(server.follow_log())
         api = httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30)
