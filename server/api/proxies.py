@@ -229,7 +229,7 @@ class ProxyApi:
         return X.ProxyMetrics(
             name=request.name,
             total=pc.traffic(total, ""),
-            instances=[pc.asked_traffic(a) for a in asked],
+            instances=[pc.instance_traffic(t) for t in asked],
         )
 
     async def GetProxyDiagnostics(

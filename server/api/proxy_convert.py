@@ -18,7 +18,13 @@ from tunnelplane.v1 import proxies_pb2
 from server.api.convert import from_duration, timestamp
 from server.api.tunnel_convert import duration
 from server.domain.proxies.fleet import ProxyDraft
-from server.domain.proxies.insight import Asked, Diagnostics, Traffic, percentile
+from server.domain.proxies.insight import (
+    Asked,
+    Diagnostics,
+    InstanceTraffic,
+    Traffic,
+    percentile,
+)
 from server.domain.proxies.model import (
     ConfigRevision,
     Instance,
@@ -214,11 +220,11 @@ def traffic(t: Traffic, instance: str) -> X.ProxyTraffic:
     )
 
 
-def asked_traffic(a: Asked) -> X.ProxyTraffic:
+def instance_traffic(t: InstanceTraffic) -> X.ProxyTraffic:
     """One instance's traffic, or why it is not known."""
-    if a.answer is None:
-        return X.ProxyTraffic(instance=a.instance.id, reachable=False, error=a.error)
-    return traffic(Traffic.from_json(a.answer), a.instance.id)
+    if t.traffic is None:
+        return X.ProxyTraffic(instance=t.instance.id, reachable=False, error=t.error)
+    return traffic(t.traffic, t.instance.id)
 
 
 def diagnostics(name: str, d: Diagnostics) -> X.ProxyDiagnostics:

@@ -7,7 +7,9 @@ count (idempotent), and when checks are due each instance's admin side is asked 
 health and load, a config it does not have yet is pushed to it, unhealthy instances are
 restarted after their back-off, an idle proxy is stopped and the autoscaler decides.
 Checks run every second while an instance is not yet healthy, then at the config's
-period. Proxies are tended concurrently; one failing does not hold up the rest.
+period; between checks the provisioner is asked again only when what it must run has
+changed (a new count or config), so a quiet proxy costs nothing per round. Proxies are
+tended concurrently; one failing does not hold up the rest.
 """
 
 from __future__ import annotations
@@ -62,15 +64,23 @@ class ProxyFleetLoop:
         self._token = token
         self._clock = clock
         self._next_check: dict[str, float] = {}
+        #: The pool last applied per proxy: applying again is only needed when it changes,
+        #: or when checks are due (to place again what died).
+        self._applied: dict[str, Pool] = {}
 
     async def step(self) -> float | None:
         """Tend every proxy once, if this replica leads the fleet."""
         if self._leader is not None and not await self._leader.hold():
-            self._next_check.clear()  # another replica tends them; start afresh on taking over
+            # Another replica tends them; start afresh on taking over.
+            self._next_check.clear()
+            self._applied.clear()
             return None
         proxies = await self._upkeep.active()
-        for stale in set(self._next_check) - {p.id for p in proxies}:
+        live = {p.id for p in proxies}
+        for stale in set(self._next_check) - live:
             del self._next_check[stale]
+        for stale in set(self._applied) - live:
+            del self._applied[stale]
         await asyncio.gather(*(self._guarded(p) for p in proxies))
         return None
 
@@ -91,16 +101,19 @@ class ProxyFleetLoop:
         """One round for one proxy."""
         if proxy.state is ProxyState.STOPPING:
             await self._provisioner.remove(proxy.id)
+            self._applied.pop(proxy.id, None)
             await self._upkeep.stopped(proxy.id)
             return
         pool = Pool(
             proxy.id, proxy.user_id, proxy.desired_instances, proxy.config, proxy.config_version
         )
+        due = self._clock() >= self._next_check.get(proxy.id, 0.0)
+        if not due and self._applied.get(proxy.id) == pool:
+            return  # nothing asked of the provisioner has changed, and no check is due
         placed = await self._provisioner.apply(pool, self._token(proxy.id))
+        self._applied[proxy.id] = pool
         current = await self._upkeep.placed(proxy.id, placed)
-        if current is None or not await self._alive(current):
-            return
-        if self._clock() < self._next_check.get(proxy.id, 0.0):
+        if current is None or not await self._alive(current) or not due:
             return
         checks = await self._check_all(current)
         current = await self._upkeep.checked(proxy.id, checks)
@@ -122,6 +135,7 @@ class ProxyFleetLoop:
         """Whether the proxy still runs; a failed one has its instances removed."""
         if proxy.state is ProxyState.FAILED:
             await self._provisioner.remove(proxy.id)
+            self._applied.pop(proxy.id, None)
             return False
         return proxy.active
 

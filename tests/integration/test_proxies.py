@@ -14,9 +14,11 @@ from google.protobuf import duration_pb2, field_mask_pb2
 from tunnelplane.v1 import proxies_pb2
 
 from server.domain.proxies.fleet import ProxyDraft
-from server.domain.proxies.model import Instance, ProxyState
+from server.domain.proxies.model import Instance, Pool, ProxyState
 from server.domain.proxies.upkeep import Check
+from server.provision.admin import InstanceAdminClient
 from server.storage.leader import Leadership
+from server.workers.proxy_fleet import ProxyFleetLoop
 from tests.conftest import Backend, own_server
 from tests.helpers import (
     PASSWORD,
@@ -344,3 +346,62 @@ async def test_one_replica_at_a_time_leads_the_fleet(client: Client) -> None:
     finally:
         await first.release()
         await second.release()
+
+
+class RecordingProvisioner:
+    """Places instances without running them (their admin sides do not answer), and
+    records what it was asked to run: the loop's calls are under test, not processes."""
+
+    kind = "recording"
+
+    def __init__(self) -> None:
+        self.applied: list[Pool] = []
+
+    async def apply(self, pool: Pool, admin_token: str) -> list[Instance]:  # noqa: ARG002
+        self.applied.append(pool)
+        return [
+            Instance(f"{pool.proxy_id}-{n}", "http://127.0.0.1:9", "127.0.0.1:9",
+                     "http://127.0.0.1:9")
+            for n in range(pool.replicas)
+        ]  # fmt: skip
+
+    async def restart(self, proxy_id: str, instance_id: str) -> Instance | None:  # noqa: ARG002
+        return None
+
+    async def remove(self, proxy_id: str) -> None:
+        pass
+
+    async def instances(self, proxy_id: str) -> list[Instance]:  # noqa: ARG002
+        return []
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_the_fleet_loop_asks_the_provisioner_only_when_something_changed(
+    client: Client,
+) -> None:
+    app = client.app
+    user = await client.new_user(tag="loop")
+    made = await app.proxies.fleet.start(user.id, ProxyDraft("loop"), request_id="", actor="")
+    now = [0.0]
+    provisioner = RecordingProvisioner()
+    loop = ProxyFleetLoop(
+        app.proxies.upkeep, provisioner, InstanceAdminClient(lambda _: "t" * 32),
+        lambda _: "t" * 32, clock=lambda: now[0],
+    )  # fmt: skip
+    try:
+        proxy = await app.proxies.fleet.get(user.id, made.id)
+        await loop.tend(proxy)
+        assert len(provisioner.applied) == 1
+        await loop.tend(await app.proxies.fleet.get(user.id, made.id))
+        assert len(provisioner.applied) == 1  # nothing changed, no check due: no call
+        await app.proxies.fleet.scale(user.id, made.id, 2, validate_only=False, actor="")
+        await loop.tend(await app.proxies.fleet.get(user.id, made.id))
+        assert [p.replicas for p in provisioner.applied] == [1, 2]  # a new count: at once
+        now[0] += 1.5  # a check is due (every second while instances come up)
+        await loop.tend(await app.proxies.fleet.get(user.id, made.id))
+        assert len(provisioner.applied) == 3  # placed again with the check (what died)
+    finally:
+        await app.proxies.fleet.stop(user.id, made.id, actor="")
+        await loop.close()

@@ -118,6 +118,15 @@ class Asked:
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceTraffic:
+    """One instance's traffic, or why it is not known."""
+
+    instance: Instance
+    traffic: Traffic | None
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Diagnostics:
     """The bundle."""
 
@@ -139,20 +148,12 @@ class ProxyInsight:
         self._admin = admin
         self._clock = clock
 
-    async def traffic(self, owner_id: str, proxy_id: str) -> tuple[list[Asked], Traffic]:
+    async def traffic(self, owner_id: str, proxy_id: str) -> tuple[list[InstanceTraffic], Traffic]:
         """Each instance's traffic (asked now) and the total of those that answered."""
         async with self._uow(readonly=True) as uow:
             proxy = await load(uow, owner_id, proxy_id)
-        asked = await self._ask(proxy, "/_proxy/stats")
-        parsed: list[Traffic] = []
-        for i, a in enumerate(asked):
-            if a.answer is None:
-                continue
-            try:
-                parsed.append(Traffic.from_json(a.answer))
-            except ValueError as exc:
-                asked[i] = Asked(a.instance, None, str(exc))
-        return asked, merged(parsed)
+        read = [_read(a) for a in await self._ask(proxy, "/_proxy/stats")]
+        return read, merged(r.traffic for r in read if r.traffic is not None)
 
     async def diagnostics(self, owner_id: str, proxy_id: str) -> Diagnostics:
         """The proxy with its recent scaling and config history, and what each instance
@@ -177,3 +178,13 @@ class ProxyInsight:
                 return Asked(instance, None, str(exc))
 
         return list(await asyncio.gather(*(one(i) for i in proxy.instances)))
+
+
+def _read(asked: Asked) -> InstanceTraffic:
+    """An instance's stats, parsed; an answer that does not parse counts as none."""
+    if asked.answer is None:
+        return InstanceTraffic(asked.instance, None, asked.error)
+    try:
+        return InstanceTraffic(asked.instance, Traffic.from_json(asked.answer))
+    except ValueError as exc:
+        return InstanceTraffic(asked.instance, None, str(exc))
