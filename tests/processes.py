@@ -27,6 +27,8 @@ def child_env(data_dir: Path, **extra: str) -> dict[str, str]:
         TP_METRICS_PORT="0",
         TP_LOG_LEVEL="INFO",
         TP_PROXY_PORT="0",
+        # No fleet loop in children (a round a second): the fleet's own tests turn it on.
+        TP_PROXY_PROVISIONER="off",
         **{f"TP_{k.upper()}": str(v) for k, v in FAST_HASHING.items()},
     )
     env.update(extra)
