@@ -1,13 +1,14 @@
 """The reverse path: web requests from streaming proxies to the local HTTP service.
 
-For each proxy the control plane names (``DesiredState.proxy_links``) the agent keeps
-``spare`` Exchange calls open (ProxyLinkService), each waiting for one web request; as
-soon as one is taken, another is opened, so a request never waits for a call to be set
-up. A taken exchange becomes one local HTTP request to the tunnel's target, both bodies
-streamed piece by piece as they come: nothing is buffered beyond gRPC's flow-control
-window. When the proxy cancels the exchange (its web client went away, or a timeout),
-the local request is dropped at once, which closes its connection: an abandoned LLM
-generation stops.
+For each proxy the control plane names (``DesiredState.proxy_links``) the agent keeps one
+link open: a WebSocket it dials out to the proxy's link port (``wss://`` with the proxy's
+certificate verified when TLS is on), its agent key as a bearer credential. The proxy
+opens a lane on that link for each web request (:mod:`tplink.mux`), and each lane becomes
+one local HTTP request to the tunnel's target, both bodies streamed piece by piece as they
+come: nothing is buffered beyond a lane's window. When the proxy resets a lane (its web
+client went away, or a timeout), the local request is dropped at once, which closes its
+connection: an abandoned LLM generation stops. A link that drops is dialled again with
+back-off.
 """
 
 from __future__ import annotations
@@ -15,44 +16,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+import ssl
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
-import grpc
-from tunnelplane.v1 import proxy_link_pb2, proxy_link_pb2_grpc
+from tunnelplane.v1 import proxy_link_pb2
 
 from agent import websocket
 from agent.backoff import Backoff, BackoffPolicy
 from agent.counters import Counters
+from tplink import mux
 
 log = logging.getLogger("tunnelplane.agent.exchange")
 
 Request = proxy_link_pb2.ExchangeRequest
 Failure = proxy_link_pb2.LinkFailure
-Call = grpc.aio.StreamStreamCall[proxy_link_pb2.ExchangeRequest, proxy_link_pb2.ExchangeResponse]
-#: Largest response piece per message (gRPC's default message limit is 4 MiB).
+#: One exchange: the agent receives the proxy's messages and sends its own.
+Lane = mux.Lane[proxy_link_pb2.ExchangeResponse, proxy_link_pb2.ExchangeRequest]
+#: Largest response piece per message (a quarter of a lane's window).
 PIECE = 256 * 1024
-#: The link's channel: no BDP probing, so each exchange keeps gRPC's initial 64 KiB window
-#: (probing grew windows to megabytes per stream, which a slow web client would then
-#: hold in buffers, and measured no faster on loopback).
-LINK_OPTIONS = (
-    ("grpc.primary_user_agent", "tunnelplane-agent-link"),
-    ("grpc.http2.bdp_probe", 0),
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    # Exchanges wait for the link to be up (wait_for_ready): a proxy that restarts is
-    # linked to again within 5 s of being back.
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.min_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 5_000),
-)
 #: Responses with a Content-Length up to this travel whole in the head's message.
 INLINE = 64 * 1024
 #: Request fields the agent sets itself.
 _REPLACED = frozenset({"host"})
+#: The link's header fields (the proxy's side reads them: proxy/links.py).
+TUNNEL_HEADER = "X-Tunnelplane-Tunnel"
+AGENT_HEADER = "X-Tunnelplane-Agent"
 
 
 @dataclass(frozen=True)
@@ -64,7 +56,6 @@ class LinkSettings:
     key: str = field(repr=False)
     tls: bool = False
     root_certificates: bytes | None = field(default=None, repr=False)
-    spare: int = 4
     backoff: BackoffPolicy = field(default_factory=BackoffPolicy)
 
 
@@ -101,10 +92,10 @@ class ReversePath:
         self._base: str | None = None
         self._session: aiohttp.ClientSession | None = None
 
-    def spare(self, proxy: str) -> int:
-        """Exchanges open and waiting at ``proxy``."""
+    def linked(self, proxy: str) -> bool:
+        """Whether the link to ``proxy`` is up."""
         link = self._links.get(proxy)
-        return 0 if link is None else link.idle
+        return link is not None and link.up
 
     async def configure(self, proxies: Sequence[str], target_url: str) -> None:
         """Link to ``proxies`` (and only them) and carry requests to ``target_url``."""
@@ -133,14 +124,12 @@ class ReversePath:
             await self._session.close()
             self._session = None
 
-    async def _carry(
-        self, call: Call, head: proxy_link_pb2.HttpHead, body_ended: Callable[[], None]
-    ) -> bool:
-        """Carry one request, counted; whether the exchange may take the next one."""
+    async def _carry(self, lane: Lane, head: proxy_link_pb2.HttpHead) -> None:
+        """Carry one request, counted."""
         tally = _Tally(started=asyncio.get_running_loop().time())
         self._counters.opened()
         try:
-            return await self._carry_request(call, head, body_ended, tally)
+            await self._carry_request(lane, head, tally)
         finally:
             self._counters.bytes_in += tally.bytes_in
             self._counters.bytes_out += tally.bytes_out
@@ -150,35 +139,29 @@ class ReversePath:
             )
 
     async def _carry_request(
-        self,
-        call: Call,
-        head: proxy_link_pb2.HttpHead,
-        body_ended: Callable[[], None],
-        tally: _Tally,
-    ) -> bool:
+        self, lane: Lane, head: proxy_link_pb2.HttpHead, tally: _Tally
+    ) -> None:
         base, session = self._base, self._session
         if base is None or session is None:
-            await _fail(call, Failure.CAUSE_UNAVAILABLE, "not carrying HTTP for this tunnel")
-            return False
+            await _fail(lane, Failure.CAUSE_UNAVAILABLE, "not carrying HTTP for this tunnel")
+            return
         netloc = urlsplit(base).netloc
         headers = [(h.name, h.value.decode("latin-1")) for h in head.headers
                    if h.name.lower() not in _REPLACED]  # fmt: skip
         headers.append(("Host", netloc))
         if head.websocket:
             try:
-                await websocket.carry(call, session, websocket.ws_url(base, head.target), headers)
+                await websocket.carry(lane, session, websocket.ws_url(base, head.target), headers)
                 tally.ok = True
             except aiohttp.ClientConnectorError as exc:
-                await _fail(call, Failure.CAUSE_REFUSED, type(exc).__name__)
-            return False
+                await _fail(lane, Failure.CAUSE_REFUSED, type(exc).__name__)
+            return
         reader: asyncio.Task[None] | None = None
         body: AsyncIterator[bytes] | None = None
         if head.has_body:
             pieces: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue(maxsize=1)
-            reader = asyncio.create_task(_read_request(call, pieces, body_ended, tally))
+            reader = asyncio.create_task(_read_request(lane, pieces, tally))
             body = _body(pieces)
-        else:
-            body_ended()
         try:
             async with session.request(
                 head.method,
@@ -189,23 +172,22 @@ class ReversePath:
                 compress=None,
             ) as response:
                 tally.head_seconds = asyncio.get_running_loop().time() - tally.started
-                await _send_response(call, response, tally)
+                await _send_response(lane, response, tally)
                 tally.ok = response.status < 500
             if reader is not None:  # aiohttp stops at Content-Length: the end may be due
                 await reader
         except aiohttp.ClientConnectorError as exc:
-            await _fail(call, Failure.CAUSE_REFUSED, type(exc).__name__)
-            return False
+            await _fail(lane, Failure.CAUSE_REFUSED, type(exc).__name__)
+        except mux.LaneClosedError:
+            raise  # the proxy is gone: nobody to tell
         except (aiohttp.ClientError, ConnectionError) as exc:
-            await _fail(call, Failure.CAUSE_RESET, type(exc).__name__)
-            return False
+            await _fail(lane, Failure.CAUSE_RESET, type(exc).__name__)
         finally:
             if reader is not None and not reader.done():
-                reader.cancel()  # the exchange is over: cancelling its read cancels it
-        return True
+                reader.cancel()
 
 
-async def _send_response(call: Call, response: aiohttp.ClientResponse, tally: _Tally) -> None:
+async def _send_response(lane: Lane, response: aiohttp.ClientResponse, tally: _Tally) -> None:
     """The local service's response to the proxy: one message when it is small and whole,
     else the head at once and each piece of the body as it comes."""
     reply = _response_head(response)
@@ -216,14 +198,14 @@ async def _send_response(call: Call, response: aiohttp.ClientResponse, tally: _T
         tally.bytes_out += len(reply.body)
     elif not reply.has_body:
         reply.complete = True
-    await call.write(Request(head=reply))
+    await lane.send(Request(head=reply))
     if reply.complete:
         return
     async for chunk in response.content.iter_any():
         tally.bytes_out += len(chunk)
         for offset in range(0, len(chunk), PIECE):
-            await call.write(Request(data=chunk[offset : offset + PIECE]))
-    await call.write(Request(end=proxy_link_pb2.HttpEnd()))
+            await lane.send(Request(data=chunk[offset : offset + PIECE]))
+    await lane.send(Request(end=proxy_link_pb2.HttpEnd()))
 
 
 def _response_head(response: aiohttp.ClientResponse) -> proxy_link_pb2.HttpHead:
@@ -234,24 +216,17 @@ def _response_head(response: aiohttp.ClientResponse) -> proxy_link_pb2.HttpHead:
 
 
 async def _read_request(
-    call: Call,
-    pieces: asyncio.Queue[bytes | BaseException | None],
-    ended: Callable[[], None],
-    tally: _Tally,
+    lane: Lane, pieces: asyncio.Queue[bytes | BaseException | None], tally: _Tally
 ) -> None:
     """The one reader of a request's body: its pieces into ``pieces`` (one at a time, so
-    the exchange's window holds the rest back), None at its end, or the error."""
-    try:
-        while isinstance(message := await call.read(), proxy_link_pb2.ExchangeResponse):
-            if message.HasField("end"):
-                await pieces.put(None)
-                ended()
-                return
-            tally.bytes_in += len(message.data)
-            await pieces.put(message.data)
-        failure: BaseException = ConnectionResetError("the proxy ended the request early")
-    except grpc.aio.AioRpcError as exc:
-        failure = exc
+    the lane's window holds the rest back), None at its end, or the error."""
+    while (message := await lane.receive()) is not None:
+        if message.HasField("end"):
+            await pieces.put(None)
+            return
+        tally.bytes_in += len(message.data)
+        await pieces.put(message.data)
+    failure = ConnectionResetError("the proxy ended the request early")
     with contextlib.suppress(asyncio.QueueFull):
         pieces.put_nowait(failure)
     raise failure
@@ -264,33 +239,36 @@ async def _body(pieces: asyncio.Queue[bytes | BaseException | None]) -> AsyncIte
         yield piece
 
 
-async def _fail(call: Call, cause: int, message: str) -> None:
-    with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-        await call.write(Request(failure=Failure(cause=cause, message=message)))  # type: ignore[arg-type]
-        await call.done_writing()
+async def _fail(lane: Lane, cause: int, message: str) -> None:
+    with contextlib.suppress(mux.LaneClosedError):
+        await lane.send(Request(failure=Failure(cause=cause, message=message)))  # type: ignore[arg-type]
 
 
 class _Link:
-    """Exchanges with one proxy: keeps ``spare`` of them waiting, carries the taken ones."""
+    """The link to one proxy: one WebSocket, dialled again with back-off whenever it
+    drops; each lane the proxy opens on it is carried by a task of its own, which a reset
+    of the lane cancels."""
 
     def __init__(self, address: str, settings: LinkSettings, carry: _Carry) -> None:
         self.address = address
         self._settings = settings
         self._carry = carry
         self._backoff = Backoff(settings.backoff)
-        self._channel = self._open_channel()
-        self._stub = proxy_link_pb2_grpc.ProxyLinkServiceStub(self._channel)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._wanted = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
-        self.idle = 0
+        #: Whether the link is up now.
+        self.up = False
 
-    def _open_channel(self) -> grpc.aio.Channel:
-        options = LINK_OPTIONS
+    @property
+    def url(self) -> str:
+        scheme = "wss" if self._settings.tls else "ws"
+        return f"{scheme}://{self.address}{mux.PATH}"
+
+    def _tls(self) -> ssl.SSLContext | bool:
         if not self._settings.tls:
-            return grpc.aio.insecure_channel(self.address, options=options)
-        credentials = grpc.ssl_channel_credentials(self._settings.root_certificates)
-        return grpc.aio.secure_channel(self.address, credentials, options=options)
+            return True  # unused: ws:// has no TLS
+        roots = self._settings.root_certificates
+        return ssl.create_default_context(cadata=roots.decode("ascii") if roots else None)
 
     def start(self) -> None:
         self._keeper = asyncio.create_task(self._keep(), name=f"link {self.address}")
@@ -300,98 +278,76 @@ class _Link:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._channel.close()
 
     async def _keep(self) -> None:
-        """Open exchanges whenever fewer than ``spare`` wait; back off when they fail."""
-        while True:
-            while self.idle < self._settings.spare:
-                self.idle += 1
-                task = asyncio.create_task(self._exchange())
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            self._wanted.clear()
-            await self._wanted.wait()
-
-    def _taken(self) -> None:
-        self.idle -= 1
-        self._wanted.set()
-
-    async def _exchange(self) -> None:
-        """One lane: wait for a request, carry it, wait for the next, until the lane ends
-        (the proxy cancelled a request or went away, or the link was stopped)."""
-        settings, idle, used = self._settings, True, False
-        metadata = (("authorization", f"Bearer {settings.key}"),)
-        call: Call = self._stub.Exchange(metadata=metadata, wait_for_ready=True)
-        try:
-            hello = proxy_link_pb2.LinkHello(tunnel=settings.tunnel, agent_id=settings.agent_id)
-            await call.write(Request(hello=hello))
-            message = await call.read()
-            while isinstance(message, proxy_link_pb2.ExchangeResponse) and message.HasField("head"):
-                idle, used = False, True
-                self._taken()
+        """Dial, carry lanes until the link drops, dial again."""
+        settings = self._settings
+        headers = {"Authorization": f"Bearer {settings.key}", TUNNEL_HEADER: settings.tunnel,
+                   AGENT_HEADER: settings.agent_id}  # fmt: skip
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                try:
+                    socket = await session.ws_connect(
+                        self.url, headers=headers, ssl=self._tls(), max_msg_size=mux.MAX_FRAME,
+                        heartbeat=mux.HEARTBEAT, compress=0,
+                    )  # fmt: skip
+                except aiohttp.WSServerHandshakeError as exc:
+                    await self._after_error(f"refused with {exc.status}")
+                    continue
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    await self._after_error(type(exc).__name__)
+                    continue
                 self._backoff.failures = 0
-                upcoming = await self._carry_cancellable(call, message.head)
-                if upcoming is None:
-                    return
-                idle = True
-                self.idle += 1
-                message = await upcoming
-        except grpc.aio.AioRpcError as exc:
-            if not used:
-                await self._after_error(exc)
-        except asyncio.InvalidStateError:
-            pass  # the proxy ended the exchange while the response was being written
-        finally:
-            if idle:
-                self._taken()
-            if not call.done():
-                call.cancel()
+                link: mux.Link[proxy_link_pb2.ExchangeResponse, Request] = mux.Link(
+                    socket, proxy_link_pb2.ExchangeResponse, self._lane
+                )
+                self.up = True
+                try:
+                    await link.run()
+                finally:
+                    self.up = False
+                    await socket.close()
+                await self._after_error(link.closed)
 
-    async def _carry_cancellable(
-        self, call: Call, head: proxy_link_pb2.HttpHead
-    ) -> asyncio.Task[object] | None:
-        """Carry one request, dropping it as soon as the proxy cancels the exchange; the
-        read of the lane's next message, or None when the lane is over.
+    def _lane(self, lane: Lane) -> None:
+        task = asyncio.create_task(self._carry_lane(lane))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        lane.on_reset = lambda _: _cancel(task)
 
-        Once the request has been read whole, the next read begins at once: what comes is
-        the next request once this one is answered, or, earlier, the end of the call
-        (cancelled: gRPC delivers a call's status only to someone reading it).
-        """
-        task = asyncio.current_task()
-        assert task is not None
-        upcoming: list[asyncio.Task[object]] = []
-        carrying = True
-
-        def body_ended() -> None:
-            read = asyncio.create_task(call.read())
-            read.add_done_callback(lambda _: task.cancel() if carrying else None)
-            upcoming.append(read)
-
+    async def _carry_lane(self, lane: Lane) -> None:
+        """One request: carried, then the lane is finished (or reset if carrying broke)."""
+        first = await lane.receive()
+        if first is None or not first.HasField("head"):
+            lane.reset("a lane must begin with a request head")
+            return
         try:
-            reusable = await self._carry(call, head, body_ended)
+            await self._carry(lane, first.head)
         except asyncio.CancelledError:
-            if upcoming and upcoming[0].done():
-                log.info("exchange cancelled by the proxy", extra={"target": head.target[:200]})
-                return None
+            if lane.over:  # reset by the proxy: the local request is dropped
+                dropped = {"target": first.head.target[:200], "reason": lane.reason}
+                log.info("exchange cancelled by the proxy", extra=dropped)
+                return
             raise
-        finally:
-            carrying = False  # from here on, the next read's end is the lane's business
-        # A lane that is over keeps its read: cancelling a pending read cancels the call,
-        # which would lose what the proxy has not read yet.
-        return upcoming[0] if upcoming and reusable else None
+        except mux.LaneClosedError:
+            return
+        except Exception:
+            log.exception("carrying a request failed")
+            lane.reset("the agent failed to carry the request")
+            return
+        lane.finish()
 
-    async def _after_error(self, exc: grpc.aio.AioRpcError) -> None:
+    async def _after_error(self, reason: str) -> None:
         delay = self._backoff.next_delay(0.0)
-        log.warning(
-            "proxy link failed",
-            extra={"proxy": self.address, "code": exc.code().name, "details": exc.details(),
-                   "retry_in": round(delay, 3)},
-        )  # fmt: skip
+        down = {"proxy": self.address, "reason": reason, "retry_in": round(delay, 3)}
+        log.warning("proxy link down", extra=down)
         await asyncio.sleep(delay)
 
 
+def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+
+
 class _Carry(Protocol):  # ReversePath._carry's shape
-    async def __call__(
-        self, call: Call, head: proxy_link_pb2.HttpHead, body_ended: Callable[[], None]
-    ) -> bool: ...
+    async def __call__(self, lane: Lane, head: proxy_link_pb2.HttpHead) -> None: ...

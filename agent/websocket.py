@@ -11,15 +11,16 @@ import contextlib
 from typing import TYPE_CHECKING
 
 import aiohttp
-import grpc
 from tunnelplane.v1 import proxy_link_pb2
 
+from tplink import mux
+
 if TYPE_CHECKING:
-    from agent.exchange import Call
+    from agent.exchange import Lane
 
 Request = proxy_link_pb2.ExchangeRequest
 Message = proxy_link_pb2.WebSocketMessage
-#: Largest message carried (the exchange's messages stay under gRPC's 4 MiB).
+#: Largest message carried (a link's frames stay under tplink.mux.MAX_FRAME).
 MAX_MESSAGE = 3 * 1024 * 1024
 CLOSING = 5.0
 
@@ -30,7 +31,7 @@ def ws_url(base: str, target: str) -> str:
 
 
 async def carry(
-    call: Call,
+    lane: Lane,
     session: aiohttp.ClientSession,
     url: str,
     headers: list[tuple[str, str]],
@@ -50,18 +51,17 @@ async def carry(
         )
     except aiohttp.WSServerHandshakeError as exc:
         head = proxy_link_pb2.HttpHead(status=exc.status or 502)
-        await call.write(Request(head=head))
-        await call.write(Request(end=proxy_link_pb2.HttpEnd()))
-        await call.done_writing()
+        await lane.send(Request(head=head))
+        await lane.send(Request(end=proxy_link_pb2.HttpEnd()))
         return
     accepted = [proxy_link_pb2.HttpHeader(name="Sec-WebSocket-Protocol", value=ws.protocol.encode())
                 ] if ws.protocol else []  # fmt: skip
-    await call.write(Request(head=proxy_link_pb2.HttpHead(status=101, websocket=True,
-                                                          headers=accepted)))  # fmt: skip
-    await _bridge(call, ws)
+    await lane.send(Request(head=proxy_link_pb2.HttpHead(status=101, websocket=True,
+                                                         headers=accepted)))  # fmt: skip
+    await _bridge(lane, ws)
 
 
-async def _bridge(call: Call, ws: aiohttp.ClientWebSocketResponse) -> None:
+async def _bridge(lane: Lane, ws: aiohttp.ClientWebSocketResponse) -> None:
     async def local_to_proxy() -> None:
         async for message in ws:
             if message.type == aiohttp.WSMsgType.TEXT:
@@ -70,15 +70,14 @@ async def _bridge(call: Call, ws: aiohttp.ClientWebSocketResponse) -> None:
                 carried = Message(data=message.data)
             else:
                 break
-            await call.write(Request(websocket=carried))
-        await call.write(Request(websocket=Message(close_code=ws.close_code or 1000)))
-        await call.done_writing()
+            await lane.send(Request(websocket=carried))
+        await lane.send(Request(websocket=Message(close_code=ws.close_code or 1000)))
 
     async def proxy_to_local() -> None:
         while True:
-            message = await call.read()
-            if not isinstance(message, proxy_link_pb2.ExchangeResponse):
-                break  # the proxy ended the call
+            message = await lane.receive()
+            if message is None:
+                break  # the proxy ended the lane
             if not message.HasField("websocket"):
                 continue
             carried = message.websocket
@@ -98,5 +97,5 @@ async def _bridge(call: Call, ws: aiohttp.ClientWebSocketResponse) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(ConnectionError, grpc.aio.AioRpcError):
+        with contextlib.suppress(ConnectionError, mux.LaneClosedError):
             await ws.close()

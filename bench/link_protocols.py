@@ -95,9 +95,57 @@ async def websocket_lanes() -> tuple[float, float]:
     return result
 
 
+async def aiohttp_lanes() -> tuple[float, float]:
+    import aiohttp
+    from aiohttp import web
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=False, autoping=True)
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_bytes(message.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/", echo)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    session = aiohttp.ClientSession()
+    client = await session.ws_connect(f"http://127.0.0.1:{port}/", compress=0, autoping=True)
+    waiting: dict[int, asyncio.Future[bytes]] = {}
+
+    async def reader() -> None:
+        async for message in client:
+            lane_id = struct.unpack_from("!IB", message.data)[0]
+            waiting.pop(lane_id).set_result(message.data)
+
+    read = asyncio.create_task(reader())
+
+    async def lane(lane_id: int) -> None:
+        header = struct.pack("!IB", lane_id, 2)
+        for _ in range(ROUNDS):
+            future = asyncio.get_running_loop().create_future()
+            waiting[lane_id] = future
+            await client.send_bytes(header + b"x" * SIZE)
+            await future
+
+    started, used = time.perf_counter(), cpu()
+    await asyncio.gather(*(lane(i) for i in range(LANES)))
+    result = time.perf_counter() - started, cpu() - used
+    read.cancel()
+    await client.close()
+    await session.close()
+    await runner.cleanup()
+    return result
+
+
 def main() -> int:
     trips = LANES * ROUNDS
-    for name, run in (("grpc", grpc_lanes), ("websocket", websocket_lanes)):
+    runs = (("grpc", grpc_lanes), ("websockets", websocket_lanes), ("aiohttp", aiohttp_lanes))
+    for name, run in runs:
         wall, used = asyncio.run(run())
         rate, each = trips / wall, used / trips * 1e6
         print(f"{name:<10} {rate:>8.0f} round trips/s  {each:>5.0f} µs CPU each")

@@ -118,7 +118,7 @@ async def serve(settings: ProxySettings) -> int:
         await app.start()
     except OSError as exc:
         log.error("cannot listen", extra={"error": str(exc)})  # noqa: TRY400 - no traceback
-        await app.stop(0)
+        await app.stop()
         return 1
     ports = f"port={app.port} link_port={app.link_port} admin_port={app.admin_port}"
     print(f"proxy ready {ports}", flush=True)

@@ -147,7 +147,7 @@ class AdminApi:
             "config_version": self.config_version,
             "cpu_percent": self._cpu.sample(),
             "streams": self._web.active,
-            "agents_linked": self._registry.spare_total(),
+            "agents_linked": self._registry.links_total(),
             "last_request_time": last or None,
         }
 

@@ -1,4 +1,4 @@
-"""The proxy's composition: the link server (gRPC, agents dial in), the public server
+"""The proxy's composition: the link server (WebSocket, agents dial in), the public server
 (aiohttp, web clients), the control-plane client and the metrics endpoint."""
 
 from __future__ import annotations
@@ -15,27 +15,15 @@ import grpc
 import redis.asyncio as redis
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from tunnelplane.v1 import proxy_link_pb2_grpc
 
 from proxy.admin import AdminApi, Recent, configured
 from proxy.control import ControlPlane
-from proxy.links import LinkService, Registry
+from proxy.links import LinkEndpoint, Registry
 from proxy.metrics import ProxyMetrics
 from proxy.peers import RENEW, Peers, RedisPeers
 from proxy.web import WebProxy, WebSettings
 
 log = logging.getLogger("tunnelplane.proxy")
-
-#: gRPC options of the link server: agents keep calls open for long, idle, so keepalive
-#: pings from them are welcome; no BDP probing, so one exchange's window stays gRPC's
-#: initial 64 KiB, which bounds what a slow web client makes either side hold.
-LINK_OPTIONS = (
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.max_concurrent_streams", 10_000),
-    ("grpc.http2.bdp_probe", 0),
-)
 
 
 @dataclass(frozen=True)
@@ -101,10 +89,7 @@ class ProxyApp:
             settings.config or {},
             settings.config_version,
         )
-        self._links = grpc.aio.server(options=LINK_OPTIONS)
-        proxy_link_pb2_grpc.add_ProxyLinkServiceServicer_to_server(
-            LinkService(self.registry, self.control), self._links
-        )
+        self.links = LinkEndpoint(self.registry, self.control)
         self._runners: list[web.BaseRunner] = []
         self.port = self.link_port = self.metrics_port = self.admin_port = 0
 
@@ -122,23 +107,24 @@ class ProxyApp:
         context.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
         return context
 
-    def _link_credentials(self) -> grpc.ServerCredentials | None:
+    def _link_tls(self) -> ssl.SSLContext | None:
         cert, key = self.settings.link_tls_cert, self.settings.link_tls_key
         if cert is None or key is None:
             return None
-        pair = (key.read_bytes(), cert.read_bytes())
-        return grpc.ssl_server_credentials([pair])
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        return context
 
     async def start(self) -> None:
         """Listen on the link, public and metrics ports (0 picks a free one)."""
         s = self.settings
-        address = f"{s.link_host}:{s.link_port}"
-        credentials = self._link_credentials()
-        if credentials is None:
-            self.link_port = self._links.add_insecure_port(address)
-        else:
-            self.link_port = self._links.add_secure_port(address, credentials)
-        await self._links.start()
+        links = web.Server(self.links.handle, access_log=None)
+        self.link_port = await self._serve(
+            web.ServerRunner(links, shutdown_timeout=1.0),
+            s.link_host,
+            s.link_port,
+            self._link_tls(),
+        )
         # No access log: the proxy's metrics count every request (it cost 5 % of a request).
         server = web.Server(self.web.handle, handler_cancellation=True, access_log=None)
         runner = web.ServerRunner(server, shutdown_timeout=1.0)
@@ -173,7 +159,7 @@ class ProxyApp:
         return int(server.sockets[0].getsockname()[1])
 
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
-        self.metrics.spare.set(self.registry.spare_total())
+        self.metrics.links.set(self.registry.links_total())
         if request.path != "/metrics":
             return web.Response(status=404)
         return web.Response(body=generate_latest(self.prometheus), content_type="text/plain")
@@ -202,8 +188,9 @@ class ProxyApp:
                 log.warning("cannot publish to the peers' registry", extra={"error": repr(exc)})
             await asyncio.sleep(RENEW)
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Stop taking requests, let those in flight end within ``grace``, close."""
+    async def stop(self) -> None:
+        """Stop taking requests, give those in flight a second to end, then close the
+        agents' links."""
         if self._publishing is not None:
             self._publishing.cancel()
             await asyncio.gather(self._publishing, return_exceptions=True)
@@ -212,7 +199,6 @@ class ProxyApp:
                 await self.peers.close()
         await self.web.close()
         logging.getLogger().removeHandler(self.recent)
-        for runner in self._runners:
+        for runner in reversed(self._runners):  # the public side before the links
             await runner.cleanup()
-        await self._links.stop(grace)
         await self._channel.close()

@@ -1,190 +1,180 @@
-"""Agents' exchanges: the link side of the proxy (ProxyLinkService, served on the link port).
+"""Agents' links: the link side of the proxy (a WebSocket on the link port, ``/_link``).
 
-An agent keeps a few Exchange calls open per tunnel, each waiting for a web request (its
-``hello`` says for which tunnel; the agent key in its metadata is checked with the
-control plane). :class:`Registry` holds the waiting ones per tunnel and hands one to each
-web request; the web side then writes the request and reads the response on that call
-directly, and :meth:`Exchange.finish` ends the call — normally, or cancelled, which the
-agent sees at once and turns into dropping the local request.
+An agent dials in once per proxy, its agent key as a bearer credential and its tunnel in
+``X-Tunnelplane-Tunnel``; the control plane checks the key (AuthorizeAgentLink) before the
+upgrade is accepted, so a refused agent gets a plain HTTP answer (401, 403, 404, 503).
+:class:`Registry` holds the links per tunnel and opens a lane (:mod:`tplink.mux`) on one
+of them for each web request; the web side writes the request and reads the response on
+that :class:`Exchange`, and :meth:`Exchange.finish` ends it — cleanly, or cancelled,
+which the agent sees at once and turns into dropping the local request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import itertools
 import logging
-from collections.abc import AsyncIterator, Iterable
 
-import grpc
-from tunnelplane.v1 import proxy_link_pb2, proxy_link_pb2_grpc
+from aiohttp import web
+from tunnelplane.v1 import proxy_link_pb2
 
 from proxy.control import ControlPlane, RefusedError, UnreachableError
+from tplink import mux
 
 log = logging.getLogger("tunnelplane.proxy.links")
 
 Request = proxy_link_pb2.ExchangeRequest
 Response = proxy_link_pb2.ExchangeResponse
-Context = grpc.aio.ServicerContext[Request, Response]
+TUNNEL_HEADER = "X-Tunnelplane-Tunnel"
+AGENT_HEADER = "X-Tunnelplane-Agent"
+#: Lanes one link carries at once; a request that finds every link of its tunnel full
+#: waits (the config's retries times its retry delay) for one to free.
+MAX_LANES = 1000
+_STATUS = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+           "FAILED_PRECONDITION": 409, "RESOURCE_EXHAUSTED": 429}  # fmt: skip
+
+
+class AgentLink:
+    """One agent's connection, carrying lanes for one tunnel."""
+
+    def __init__(self, socket: web.WebSocketResponse, tunnel: str, agent_id: str) -> None:
+        self.tunnel = tunnel
+        self.agent_id = agent_id
+        self.mux: mux.Link[Request, Response] = mux.Link(socket, Request)
 
 
 class Exchange:
-    """One agent's call, parked until a web request takes it."""
+    """One web request's lane to an agent."""
 
-    def __init__(self, context: Context, tunnel: str, agent_id: str) -> None:
-        self._context = context
-        self.tunnel = tunnel
-        self.agent_id = agent_id
-        self._outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    __slots__ = ("_lane", "agent_id", "tunnel")
+
+    def __init__(self, link: AgentLink, lane: mux.Lane[Request, Response]) -> None:
+        self.tunnel = link.tunnel
+        self.agent_id = link.agent_id
+        self._lane = lane
 
     @property
     def finished(self) -> bool:
-        """Whether the exchange is over (taken and done, or its call ended)."""
-        return self._outcome.done()
+        """Whether the exchange is over (finished here, reset, or its link closed)."""
+        return self._lane.over
 
     async def send(self, message: Response) -> None:
-        """Write to the agent (waits while the stream's flow-control window is full)."""
-        await self._context.write(message)
+        """Write to the agent (waits while the lane's window is spent); raises
+        :class:`tplink.mux.LaneClosedError` when the lane is over."""
+        await self._lane.send(message)
 
     async def receive(self) -> Request | None:
-        """The agent's next message; None when the agent ended the call."""
-        message = await self._context.read()
-        return message if isinstance(message, Request) else None  # else EOF
+        """The agent's next message; None when the lane is over."""
+        return await self._lane.receive()
 
     def finish(self, cancel: str = "") -> None:
-        """End the call: normally, or cancelled with ``cancel`` as the reason."""
-        if not self._outcome.done():
-            self._outcome.set_result(cancel)
-
-    async def outcome(self) -> str:
-        """Wait until :meth:`finish`; the cancel reason, if any."""
-        return await self._outcome
+        """End the exchange: cleanly (both messages whole), or cancelled with ``cancel``
+        as the reason, which the agent gets at once."""
+        if cancel:
+            self._lane.reset(cancel)
+        else:
+            self._lane.finish()
 
 
 class Registry:
-    """Agents' waiting exchanges per tunnel, and how many calls each tunnel has open."""
+    """Agents' links per tunnel."""
 
     def __init__(self) -> None:
-        self._spare: dict[str, collections.deque[Exchange]] = {}
-        self._waiters: dict[str, collections.deque[asyncio.Future[Exchange]]] = {}
-        self._open: collections.Counter[str] = collections.Counter()
+        self._links: dict[str, list[AgentLink]] = {}
+        self._turn = itertools.count()
+        self._freed: dict[str, collections.deque[asyncio.Future[None]]] = {}
 
     def linked(self, tunnel: str) -> bool:
-        """Whether any agent has an exchange open for ``tunnel`` (waiting or busy)."""
-        return self._open[tunnel] > 0
+        """Whether any agent is linked for ``tunnel``."""
+        return tunnel in self._links
 
     def tunnels(self) -> list[str]:
-        """The tunnels agents hold lanes for here."""
-        return list(self._open)
+        """The tunnels agents are linked for here."""
+        return list(self._links)
 
-    def spare(self, tunnel: str) -> int:
-        """Exchanges waiting for a request."""
-        return len(self._spare.get(tunnel, ()))
+    def links(self, tunnel: str) -> int:
+        """Agents' links for ``tunnel``."""
+        return len(self._links.get(tunnel, ()))
 
-    def spare_total(self) -> int:
-        """Exchanges waiting, all tunnels."""
-        return sum(len(spare) for spare in self._spare.values())
+    def links_total(self) -> int:
+        """Agents' links, all tunnels."""
+        return sum(len(links) for links in self._links.values())
 
-    def release(self, exchange: Exchange) -> None:
-        """A request on ``exchange`` is over and both sides are whole: the next may come."""
-        if not exchange.finished:
-            self._offer(exchange)
+    def opened(self, link: AgentLink) -> None:
+        """An agent linked."""
+        self._links.setdefault(link.tunnel, []).append(link)
+        self._wake(link.tunnel)
 
-    def opened(self, exchange: Exchange) -> None:
-        """An agent opened ``exchange``: give it to a waiting request, or keep it."""
-        self._open[exchange.tunnel] += 1
-        self._offer(exchange)
+    def closed(self, link: AgentLink) -> None:
+        """``link`` ended."""
+        links = self._links.get(link.tunnel, [])
+        if link in links:
+            links.remove(link)
+        if not links:
+            self._links.pop(link.tunnel, None)
 
-    def closed(self, exchange: Exchange) -> None:
-        """``exchange``'s call ended."""
-        self._open[exchange.tunnel] -= 1
-        if self._open[exchange.tunnel] <= 0:
-            del self._open[exchange.tunnel]
-        spare = self._spare.get(exchange.tunnel)
-        if spare is not None and exchange in spare:
-            spare.remove(exchange)
-            if not spare:
-                del self._spare[exchange.tunnel]
+    def release(self, exchange: Exchange, cancel: str = "") -> None:
+        """``exchange`` is over: cleanly (both sides whole), or cancelled for ``cancel``."""
+        exchange.finish(cancel)
+        self._wake(exchange.tunnel)
 
     async def claim(self, tunnel: str, wait: float) -> Exchange | None:
-        """A waiting exchange of ``tunnel``, waiting up to ``wait`` s for one; None if none."""
-        spare = self._spare.get(tunnel)
-        while spare:
-            exchange = spare.popleft()
-            if not spare:
-                del self._spare[tunnel]
-            if not exchange.finished:
-                return exchange
-            spare = self._spare.get(tunnel)
-        if not self.linked(tunnel):
-            return None
-        future: asyncio.Future[Exchange] = asyncio.get_running_loop().create_future()
-        waiters = self._waiters.setdefault(tunnel, collections.deque())
-        waiters.append(future)
-        try:
-            return await asyncio.wait_for(future, wait)
-        except (TimeoutError, asyncio.CancelledError) as exc:
-            if future.done() and not future.cancelled():
-                self._offer(future.result())  # handed over just as the claimer gave up
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return None
-        finally:
-            if future in waiters:
-                waiters.remove(future)
-            if not waiters and self._waiters.get(tunnel) is waiters:
-                del self._waiters[tunnel]
+        """A new exchange with one of ``tunnel``'s agents; None if none is linked, or if
+        every link stays full for ``wait`` s."""
+        deadline = asyncio.get_running_loop().time() + wait
+        while links := self._links.get(tunnel):
+            start = next(self._turn)
+            for offset in range(len(links)):  # round robin over the links that have room
+                link = links[(start + offset) % len(links)]
+                if link.mux.lanes < MAX_LANES and not link.mux.closed:
+                    return Exchange(link, link.mux.open())
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return None
+            freed = asyncio.get_running_loop().create_future()
+            self._freed.setdefault(tunnel, collections.deque()).append(freed)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(freed, left)
+        return None
 
-    def _offer(self, exchange: Exchange) -> None:
-        waiters = self._waiters.get(exchange.tunnel)
-        while waiters:
-            future = waiters.popleft()
-            if not future.done():
-                future.set_result(exchange)
-                return
-        # Last in, first out: the lane used last is the warmest, and the others can idle.
-        self._spare.setdefault(exchange.tunnel, collections.deque()).appendleft(exchange)
+    def _wake(self, tunnel: str) -> None:
+        waiters = self._freed.pop(tunnel, None)
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
 
 
-def bearer(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-    """The bearer credential in ``authorization`` metadata, or ""."""
-    for name, value in metadata or ():
-        if name == "authorization" and isinstance(value, str):
-            scheme, _, credential = value.partition(" ")
-            return credential.strip() if scheme.lower() == "bearer" else ""
-    return ""
-
-
-class LinkService(proxy_link_pb2_grpc.ProxyLinkServiceServicer):
-    """Authenticates each exchange an agent opens and parks it in the registry."""
+class LinkEndpoint:
+    """Accepts agents' links: checks the key with the control plane, then upgrades."""
 
     def __init__(self, registry: Registry, control: ControlPlane) -> None:
         self._registry = registry
         self._control = control
 
-    async def Exchange(  # type: ignore[override]  # noqa: N802 - writes through the context
-        self,
-        request_iterator: AsyncIterator[Request],  # noqa: ARG002 - read through the context
-        context: Context,
-    ) -> None:
-        first = await context.read()
-        if not isinstance(first, Request) or not first.HasField("hello"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "send hello first")
-        hello = first.hello
-        key = bearer(context.invocation_metadata())
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.path != mux.PATH:
+            return web.json_response({"error": "not found"}, status=404)
+        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+        key = key.strip() if scheme.lower() == "bearer" else ""
         if not key:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "an agent key is required")
+            return web.json_response({"error": "an agent key is required"}, status=401)
         try:
-            tunnel = await self._control.authorize_link(key, hello.tunnel)
+            tunnel = await self._control.authorize_link(key, request.headers.get(TUNNEL_HEADER, ""))
         except RefusedError as exc:
-            await context.abort(exc.code, str(exc))
+            status = _STATUS.get(exc.code.name, 403)
+            return web.json_response({"error": str(exc)[:200]}, status=status)
         except UnreachableError:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the control plane is unreachable")
-        exchange = Exchange(context, tunnel, hello.agent_id[:64])
-        self._registry.opened(exchange)
+            return web.json_response({"error": "the control plane is unreachable"}, status=503)
+        socket = web.WebSocketResponse(
+            max_msg_size=mux.MAX_FRAME, heartbeat=mux.HEARTBEAT, compress=False
+        )
+        await socket.prepare(request)
+        link = AgentLink(socket, tunnel, request.headers.get(AGENT_HEADER, "")[:64])
+        self._registry.opened(link)
         try:
-            cancel = await exchange.outcome()
+            await link.mux.run()
         finally:
-            exchange.finish()
-            self._registry.closed(exchange)
-        if cancel:
-            await context.abort(grpc.StatusCode.CANCELLED, cancel)
+            self._registry.closed(link)
+        return socket

@@ -40,9 +40,9 @@ class ProxyMetrics:
             buckets=_TIMES,
             registry=registry,
         )
-        self.spare = Gauge(
-            "tunnelplane_proxy_spare_exchanges",
-            "Exchanges agents hold open, waiting for a request.",
+        self.links = Gauge(
+            "tunnelplane_proxy_agent_links",
+            "Agents' links (WebSocket connections) open to this instance.",
             registry=registry,
         )
 

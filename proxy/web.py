@@ -1,7 +1,7 @@
 """The public side: web requests in, through an agent's exchange, and the response back.
 
 Per request: route it (:mod:`proxy.routing`), ask the control plane whether it may go in
-(cached), take one of the agent's waiting exchanges, send the head and stream the body
+(cached), open an exchange on the agent's link, send the head and stream the body
 while the response comes back; every piece of the response is written to the client as
 soon as it arrives, whatever its content type. Timeouts are idle timeouts: the first
 body byte (or the end of an empty response) has ``first_byte_timeout`` from the
@@ -33,13 +33,14 @@ from proxy.links import Exchange, Registry
 from proxy.metrics import ProxyMetrics
 from proxy.replies import Refusal
 from proxy.routing import Route, route
+from tplink.mux import LaneClosedError
 
 log = logging.getLogger("tunnelplane.proxy.web")
 
 Response = proxy_link_pb2.ExchangeResponse
 Failure = proxy_link_pb2.LinkFailure
 Decision = proxies_pb2.TunnelAccessDecision
-#: Largest piece of a request body per message (gRPC's default message limit is 4 MiB).
+#: Largest piece of a request body per message (a quarter of a lane's window).
 PIECE = 256 * 1024
 #: How long a request body may go on being sent once the response is whole.
 PUMP_GRACE = 1.0
@@ -245,11 +246,8 @@ class WebProxy:
             raise
         else:
             return response
-        finally:
-            if reusable:  # both messages were whole: the lane takes the next request
-                self._registry.release(exchange)
-            else:
-                exchange.finish(cancel)
+        finally:  # cleanly when both messages were whole, else the agent drops its side
+            self._registry.release(exchange, "" if reusable else cancel)
 
     async def _relay(self, request: web.BaseRequest, tunnel: str) -> web.StreamResponse | None:
         """The answer of another instance that holds the tunnel's agent, if one does (a
@@ -317,7 +315,10 @@ class WebProxy:
         """The response, and whether the exchange is clean for the next request (the
         request went out whole and the response came back whole)."""
         head = self._head(request, found, strip_credential)
-        await exchange.send(Response(head=head))
+        try:
+            await exchange.send(Response(head=head))
+        except LaneClosedError:
+            raise Refusal(502, "AGENT_GONE", "the agent's link closed") from None
         prepared: list[bool] = []  # set once the response's head went to the client
         if not head.has_body:
             return await self._respond(request, exchange, started, prepared), True
@@ -381,8 +382,6 @@ class WebProxy:
                 message = await exchange.receive()
         except TimeoutError:
             raise Refusal(504, what, "the local service did not answer in time") from None
-        except grpc.aio.AioRpcError:
-            message = None
         if message is None:
             raise Refusal(502, "AGENT_GONE", "the agent's link closed during the request")
         if message.HasField("failure"):

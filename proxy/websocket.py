@@ -18,7 +18,7 @@ Response = proxy_link_pb2.ExchangeResponse
 Message = proxy_link_pb2.WebSocketMessage
 #: Header fields of the client's handshake that the agent's own handshake replaces.
 HANDSHAKE = frozenset({"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"})
-#: Largest message carried (the exchange's messages stay under gRPC's 4 MiB).
+#: Largest message carried (a link's frames stay under tplink.mux.MAX_FRAME).
 MAX_MESSAGE = 3 * 1024 * 1024
 #: How long one side may take to close after the other did.
 CLOSING = 5.0

@@ -44,7 +44,6 @@ class Stack:
 
 async def open_stack(
     web: WebSettings | None = None,
-    spare: int = 4,
     link_tls: tuple[Path, Path] | None = None,
     metrics_port: int = 0,
     admin_token: str = "",
@@ -65,11 +64,11 @@ async def open_stack(
     await proxy.start()
     roots = cert.read_bytes() if cert else None
     agent = ReversePath(
-        LinkSettings(tunnel=TUNNEL, agent_id="a1", key=KEY, spare=spare, tls=bool(roots),
+        LinkSettings(tunnel=TUNNEL, agent_id="a1", key=KEY, tls=bool(roots),
                      root_certificates=roots)
     )  # fmt: skip
     await agent.configure([f"127.0.0.1:{proxy.link_port}"], local.url)
-    await eventually(lambda: proxy.registry.spare(TUNNEL) == spare)
+    await eventually(lambda: proxy.registry.links(TUNNEL) == 1)
     client = httpx.AsyncClient(timeout=30)
     return Stack(local, plane, proxy, agent, client)
 
@@ -77,7 +76,7 @@ async def open_stack(
 async def close_stack(stack: Stack) -> None:
     await stack.client.aclose()
     await stack.agent.stop()
-    await stack.proxy.stop(0)
+    await stack.proxy.stop()
     await stack.plane.stop()
     await stack.local.close()
 

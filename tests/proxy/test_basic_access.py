@@ -128,12 +128,12 @@ async def real(app: App, client: Client) -> AsyncIterator[tuple[str, LocalServic
                                    link_port=0, metrics_port=0))  # fmt: skip
     await proxy.start()
     agent = ReversePath(LinkSettings(tunnel=tunnel.name, agent_id="a1",
-                                     key=await agent_key(client, owner), spare=1))  # fmt: skip
+                                     key=await agent_key(client, owner)))  # fmt: skip
     await agent.configure([f"127.0.0.1:{proxy.link_port}"], local.url)
-    await eventually(lambda: proxy.registry.spare(tunnel.name) == 1)
+    await eventually(lambda: proxy.registry.links(tunnel.name) == 1)
     yield f"http://127.0.0.1:{proxy.port}/t/{tunnel.name.rsplit('/', 1)[1]}", local
     await agent.stop()
-    await proxy.stop(0)
+    await proxy.stop()
     await local.close()
 
 

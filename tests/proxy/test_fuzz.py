@@ -56,9 +56,9 @@ def world() -> Iterator[tuple[Loop, Stack, ReversePath, LocalService]]:
         stack = await open_stack()
         secret = await SecretService().start()
         stack.plane.tunnels[SECRET_ID] = (SECRET_TUNNEL, "private")
-        agent = ReversePath(LinkSettings(tunnel=SECRET_TUNNEL, agent_id="b", key=KEY, spare=2))
+        agent = ReversePath(LinkSettings(tunnel=SECRET_TUNNEL, agent_id="b", key=KEY))
         await agent.configure([stack.link], secret.url)
-        await eventually(lambda: stack.proxy.registry.spare(SECRET_TUNNEL) == 2)
+        await eventually(lambda: stack.proxy.registry.links(SECRET_TUNNEL) == 1)
         return stack, agent, secret
 
     stack, agent, secret = loop.run(up())

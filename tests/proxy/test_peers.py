@@ -48,7 +48,7 @@ async def pair() -> AsyncIterator[Pair]:
     )  # fmt: skip
     await a.start()
     yield Pair(a, b)
-    await a.stop(0)
+    await a.stop()
     await close_stack(b)
 
 

@@ -188,7 +188,7 @@ async def test_many_concurrent_streams_share_one_link(stack: Stack) -> None:
 
     counts = await asyncio.gather(*(one(i) for i in range(200)))
     assert counts == [6] * 200
-    await eventually(lambda: stack.proxy.registry.spare(TUNNEL) >= 4)
+    await eventually(lambda: stack.proxy.registry.links(TUNNEL) == 1)
 
 
 async def test_a_slow_reader_holds_back_the_local_service(stack: Stack) -> None:
@@ -223,13 +223,13 @@ async def test_the_link_runs_over_tls_and_an_agent_that_cannot_verify_it_stays_o
         (tmp_path / "other").mkdir()
         other_cert, _ = self_signed(tmp_path / "other")
         doubtful = ReversePath(
-            LinkSettings(tunnel=TUNNEL, agent_id="a2", key=KEY, spare=1, tls=True,
+            LinkSettings(tunnel=TUNNEL, agent_id="a2", key=KEY, tls=True,
                          root_certificates=other_cert.read_bytes())
         )  # fmt: skip
-        lanes = stack.proxy.registry.spare(TUNNEL)
+        lanes = stack.proxy.registry.links(TUNNEL)
         await doubtful.configure([stack.link], stack.local.url)
         await asyncio.sleep(0.5)
-        assert stack.proxy.registry.spare(TUNNEL) == lanes  # the first agent's only
+        assert stack.proxy.registry.links(TUNNEL) == lanes  # the first agent's only
         await doubtful.stop()
     finally:
         await close_stack(stack)
@@ -265,7 +265,7 @@ async def test_a_state_without_a_target_keeps_the_last_one(stack: Stack) -> None
     await stack.agent.configure([stack.link], "")
     assert (await stack.client.get(stack.base + "/echo")).status_code == 200
     await stack.agent.configure([], "")
-    await eventually(lambda: stack.proxy.registry.spare(TUNNEL) == 0)
+    await eventually(lambda: stack.proxy.registry.links(TUNNEL) == 0)
     assert (await stack.client.get(stack.base + "/echo")).status_code == 503
 
 

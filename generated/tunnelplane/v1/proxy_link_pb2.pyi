@@ -35,7 +35,9 @@ class ExchangeRequest(_message.Message):
     """A piece of the response body, as the local service produced it."""
     @_builtins.property
     def hello(self) -> Global___LinkHello:
-        """First message: ready to carry a request for this tunnel."""
+        """Unused on the WebSocket link (the handshake's header fields say who and
+        for which tunnel).
+        """
 
     @_builtins.property
     def head(self) -> Global___HttpHead:
@@ -117,7 +119,7 @@ Global___ExchangeResponse: _TypeAlias = ExchangeResponse  # noqa: Y015
 
 @_typing.final
 class LinkHello(_message.Message):
-    """The first message of an exchange."""
+    """Unused on the WebSocket link (was the first message of a gRPC exchange)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 

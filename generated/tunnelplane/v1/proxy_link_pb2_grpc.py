@@ -26,16 +26,22 @@ if _version_not_supported:
 
 
 class ProxyLinkServiceStub:
-    """The data link between an agent and a streaming proxy. Served by proxy
-    instances (`python -m proxy`, its link port), not by the control plane.
+    """The data link between an agent and a streaming proxy. Its messages are the
+    frames of the link; the link itself is no longer this service.
 
-    The agent dials out (TLS in production) and authenticates with its agent key
-    (`authorization: Bearer tp_…`), which the proxy checks with
-    ProxyService.AuthorizeAgentLink. An Exchange carries HTTP requests one after
-    another, each with its response; the agent keeps a few exchanges waiting, so
-    that a web request never waits for one to be opened. gRPC's HTTP/2 streams give every
-    exchange its own flow-control window (a slow web client holds back only its
-    own stream, within a bounded window) and cancellation both ways.
+    The agent dials out to the proxy's link port (TLS in production) with a
+    WebSocket (`wss://{address}/_link`), its agent key as
+    `Authorization: Bearer tp_…` and its tunnel in `X-Tunnelplane-Tunnel`; the
+    proxy checks the key with ProxyService.AuthorizeAgentLink before it accepts
+    the upgrade. The proxy opens a lane on that one connection for each web
+    request; each lane carries ExchangeResponse messages to the agent and
+    ExchangeRequest messages back, with its own flow-control window and reset
+    (the framing: tplink/mux.py; the choice, measured: bench/README.md).
+
+    Deprecated: no proxy serves this gRPC service any more (a gRPC stream per
+    lane cost about nine times the CPU of a lane on one WebSocket). It stays in
+    the contract until the next major version, which the breaking-change check
+    requires; its messages are current.
     """
 
     def __init__(self, channel):
@@ -52,26 +58,30 @@ class ProxyLinkServiceStub:
 
 
 class ProxyLinkServiceServicer:
-    """The data link between an agent and a streaming proxy. Served by proxy
-    instances (`python -m proxy`, its link port), not by the control plane.
+    """The data link between an agent and a streaming proxy. Its messages are the
+    frames of the link; the link itself is no longer this service.
 
-    The agent dials out (TLS in production) and authenticates with its agent key
-    (`authorization: Bearer tp_…`), which the proxy checks with
-    ProxyService.AuthorizeAgentLink. An Exchange carries HTTP requests one after
-    another, each with its response; the agent keeps a few exchanges waiting, so
-    that a web request never waits for one to be opened. gRPC's HTTP/2 streams give every
-    exchange its own flow-control window (a slow web client holds back only its
-    own stream, within a bounded window) and cancellation both ways.
+    The agent dials out to the proxy's link port (TLS in production) with a
+    WebSocket (`wss://{address}/_link`), its agent key as
+    `Authorization: Bearer tp_…` and its tunnel in `X-Tunnelplane-Tunnel`; the
+    proxy checks the key with ProxyService.AuthorizeAgentLink before it accepts
+    the upgrade. The proxy opens a lane on that one connection for each web
+    request; each lane carries ExchangeResponse messages to the agent and
+    ExchangeRequest messages back, with its own flow-control window and reset
+    (the framing: tplink/mux.py; the choice, measured: bench/README.md).
+
+    Deprecated: no proxy serves this gRPC service any more (a gRPC stream per
+    lane cost about nine times the CPU of a lane on one WebSocket). It stays in
+    the contract until the next major version, which the breaking-change check
+    requires; its messages are current.
     """
 
     def Exchange(self, request_iterator, context):
-        """A lane of HTTP exchanges. The agent sends `hello` and waits. When a web
-        request for the tunnel arrives, the proxy sends its `head`, then its body
-        as `data` messages, then `end` (or only a `complete` head); the agent
-        answers with the local service's response the same way, or with `failure`.
-        Once both are whole the exchange waits for the next request. A web client
-        that goes away cancels the exchange (and the lane), and the agent drops the
-        local request at once.
+        """Deprecated: see the service. A lane of one HTTP exchange: the proxy sends
+        the request's `head`, then its body as `data` messages, then `end` (or only
+        a `complete` head); the agent answers with the local service's response the
+        same way, or with `failure`. A web client that goes away resets the lane,
+        and the agent drops the local request at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,16 +104,22 @@ def add_ProxyLinkServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ProxyLinkService:
-    """The data link between an agent and a streaming proxy. Served by proxy
-    instances (`python -m proxy`, its link port), not by the control plane.
+    """The data link between an agent and a streaming proxy. Its messages are the
+    frames of the link; the link itself is no longer this service.
 
-    The agent dials out (TLS in production) and authenticates with its agent key
-    (`authorization: Bearer tp_…`), which the proxy checks with
-    ProxyService.AuthorizeAgentLink. An Exchange carries HTTP requests one after
-    another, each with its response; the agent keeps a few exchanges waiting, so
-    that a web request never waits for one to be opened. gRPC's HTTP/2 streams give every
-    exchange its own flow-control window (a slow web client holds back only its
-    own stream, within a bounded window) and cancellation both ways.
+    The agent dials out to the proxy's link port (TLS in production) with a
+    WebSocket (`wss://{address}/_link`), its agent key as
+    `Authorization: Bearer tp_…` and its tunnel in `X-Tunnelplane-Tunnel`; the
+    proxy checks the key with ProxyService.AuthorizeAgentLink before it accepts
+    the upgrade. The proxy opens a lane on that one connection for each web
+    request; each lane carries ExchangeResponse messages to the agent and
+    ExchangeRequest messages back, with its own flow-control window and reset
+    (the framing: tplink/mux.py; the choice, measured: bench/README.md).
+
+    Deprecated: no proxy serves this gRPC service any more (a gRPC stream per
+    lane cost about nine times the CPU of a lane on one WebSocket). It stays in
+    the contract until the next major version, which the breaking-change check
+    requires; its messages are current.
     """
 
     @staticmethod

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from grpc import aio as _aio
 from tunnelplane.v1 import proxy_link_pb2 as _proxy_link_pb2
 import abc as _abc_1
+import builtins as _builtins
 import grpc as _grpc
 import sys
 import typing as _typing
@@ -15,6 +16,11 @@ if sys.version_info >= (3, 11):
     from typing import Self as _Self
 else:
     from typing_extensions import Self as _Self
+
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
 
 _T = _typing.TypeVar("_T")
 
@@ -27,83 +33,100 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ProxyLinkServiceStub:
-    """The data link between an agent and a streaming proxy. Served by proxy
-    instances (`python -m proxy`, its link port), not by the control plane.
+    """The data link between an agent and a streaming proxy. Its messages are the
+    frames of the link; the link itself is no longer this service.
 
-    The agent dials out (TLS in production) and authenticates with its agent key
-    (`authorization: Bearer tp_…`), which the proxy checks with
-    ProxyService.AuthorizeAgentLink. An Exchange carries HTTP requests one after
-    another, each with its response; the agent keeps a few exchanges waiting, so
-    that a web request never waits for one to be opened. gRPC's HTTP/2 streams give every
-    exchange its own flow-control window (a slow web client holds back only its
-    own stream, within a bounded window) and cancellation both ways.
+    The agent dials out to the proxy's link port (TLS in production) with a
+    WebSocket (`wss://{address}/_link`), its agent key as
+    `Authorization: Bearer tp_…` and its tunnel in `X-Tunnelplane-Tunnel`; the
+    proxy checks the key with ProxyService.AuthorizeAgentLink before it accepts
+    the upgrade. The proxy opens a lane on that one connection for each web
+    request; each lane carries ExchangeResponse messages to the agent and
+    ExchangeRequest messages back, with its own flow-control window and reset
+    (the framing: tplink/mux.py; the choice, measured: bench/README.md).
+
+    Deprecated: no proxy serves this gRPC service any more (a gRPC stream per
+    lane cost about nine times the CPU of a lane on one WebSocket). It stays in
+    the contract until the next major version, which the breaking-change check
+    requires; its messages are current.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ProxyLinkServiceAsyncStub: ...
-    Exchange: _grpc.StreamStreamMultiCallable[_proxy_link_pb2.ExchangeRequest, _proxy_link_pb2.ExchangeResponse]
-    """A lane of HTTP exchanges. The agent sends `hello` and waits. When a web
-    request for the tunnel arrives, the proxy sends its `head`, then its body
-    as `data` messages, then `end` (or only a `complete` head); the agent
-    answers with the local service's response the same way, or with `failure`.
-    Once both are whole the exchange waits for the next request. A web client
-    that goes away cancels the exchange (and the lane), and the agent drops the
-    local request at once.
-    """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def Exchange(self) -> _grpc.StreamStreamMultiCallable[_proxy_link_pb2.ExchangeRequest, _proxy_link_pb2.ExchangeResponse]:
+        """Deprecated: see the service. A lane of one HTTP exchange: the proxy sends
+        the request's `head`, then its body as `data` messages, then `end` (or only
+        a `complete` head); the agent answers with the local service's response the
+        same way, or with `failure`. A web client that goes away resets the lane,
+        and the agent drops the local request at once.
+        """
 
 @_typing.type_check_only
 class ProxyLinkServiceAsyncStub(ProxyLinkServiceStub):
-    """The data link between an agent and a streaming proxy. Served by proxy
-    instances (`python -m proxy`, its link port), not by the control plane.
+    """The data link between an agent and a streaming proxy. Its messages are the
+    frames of the link; the link itself is no longer this service.
 
-    The agent dials out (TLS in production) and authenticates with its agent key
-    (`authorization: Bearer tp_…`), which the proxy checks with
-    ProxyService.AuthorizeAgentLink. An Exchange carries HTTP requests one after
-    another, each with its response; the agent keeps a few exchanges waiting, so
-    that a web request never waits for one to be opened. gRPC's HTTP/2 streams give every
-    exchange its own flow-control window (a slow web client holds back only its
-    own stream, within a bounded window) and cancellation both ways.
+    The agent dials out to the proxy's link port (TLS in production) with a
+    WebSocket (`wss://{address}/_link`), its agent key as
+    `Authorization: Bearer tp_…` and its tunnel in `X-Tunnelplane-Tunnel`; the
+    proxy checks the key with ProxyService.AuthorizeAgentLink before it accepts
+    the upgrade. The proxy opens a lane on that one connection for each web
+    request; each lane carries ExchangeResponse messages to the agent and
+    ExchangeRequest messages back, with its own flow-control window and reset
+    (the framing: tplink/mux.py; the choice, measured: bench/README.md).
+
+    Deprecated: no proxy serves this gRPC service any more (a gRPC stream per
+    lane cost about nine times the CPU of a lane on one WebSocket). It stays in
+    the contract until the next major version, which the breaking-change check
+    requires; its messages are current.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    Exchange: _aio.StreamStreamMultiCallable[_proxy_link_pb2.ExchangeRequest, _proxy_link_pb2.ExchangeResponse]  # type: ignore[assignment]
-    """A lane of HTTP exchanges. The agent sends `hello` and waits. When a web
-    request for the tunnel arrives, the proxy sends its `head`, then its body
-    as `data` messages, then `end` (or only a `complete` head); the agent
-    answers with the local service's response the same way, or with `failure`.
-    Once both are whole the exchange waits for the next request. A web client
-    that goes away cancels the exchange (and the lane), and the agent drops the
-    local request at once.
-    """
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def Exchange(self) -> _aio.StreamStreamMultiCallable[_proxy_link_pb2.ExchangeRequest, _proxy_link_pb2.ExchangeResponse]:  # type: ignore[override]
+        """Deprecated: see the service. A lane of one HTTP exchange: the proxy sends
+        the request's `head`, then its body as `data` messages, then `end` (or only
+        a `complete` head); the agent answers with the local service's response the
+        same way, or with `failure`. A web client that goes away resets the lane,
+        and the agent drops the local request at once.
+        """
 
 class ProxyLinkServiceServicer(metaclass=_abc_1.ABCMeta):
-    """The data link between an agent and a streaming proxy. Served by proxy
-    instances (`python -m proxy`, its link port), not by the control plane.
+    """The data link between an agent and a streaming proxy. Its messages are the
+    frames of the link; the link itself is no longer this service.
 
-    The agent dials out (TLS in production) and authenticates with its agent key
-    (`authorization: Bearer tp_…`), which the proxy checks with
-    ProxyService.AuthorizeAgentLink. An Exchange carries HTTP requests one after
-    another, each with its response; the agent keeps a few exchanges waiting, so
-    that a web request never waits for one to be opened. gRPC's HTTP/2 streams give every
-    exchange its own flow-control window (a slow web client holds back only its
-    own stream, within a bounded window) and cancellation both ways.
+    The agent dials out to the proxy's link port (TLS in production) with a
+    WebSocket (`wss://{address}/_link`), its agent key as
+    `Authorization: Bearer tp_…` and its tunnel in `X-Tunnelplane-Tunnel`; the
+    proxy checks the key with ProxyService.AuthorizeAgentLink before it accepts
+    the upgrade. The proxy opens a lane on that one connection for each web
+    request; each lane carries ExchangeResponse messages to the agent and
+    ExchangeRequest messages back, with its own flow-control window and reset
+    (the framing: tplink/mux.py; the choice, measured: bench/README.md).
+
+    Deprecated: no proxy serves this gRPC service any more (a gRPC stream per
+    lane cost about nine times the CPU of a lane on one WebSocket). It stays in
+    the contract until the next major version, which the breaking-change check
+    requires; its messages are current.
     """
 
+    @_deprecated("""Deprecated: see the service. A lane of one HTTP exchange: the proxy sends\nthe request's `head`, then its body as `data` messages, then `end` (or only\na `complete` head); the agent answers with the local service's response the\nsame way, or with `failure`. A web client that goes away resets the lane,\nand the agent drops the local request at once.""")
     @_abc_1.abstractmethod
     def Exchange(
         self,
         request_iterator: _MaybeAsyncIterator[_proxy_link_pb2.ExchangeRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_proxy_link_pb2.ExchangeResponse], _abc.AsyncIterator[_proxy_link_pb2.ExchangeResponse]]:
-        """A lane of HTTP exchanges. The agent sends `hello` and waits. When a web
-        request for the tunnel arrives, the proxy sends its `head`, then its body
-        as `data` messages, then `end` (or only a `complete` head); the agent
-        answers with the local service's response the same way, or with `failure`.
-        Once both are whole the exchange waits for the next request. A web client
-        that goes away cancels the exchange (and the lane), and the agent drops the
-        local request at once.
+        """Deprecated: see the service. A lane of one HTTP exchange: the proxy sends
+        the request's `head`, then its body as `data` messages, then `end` (or only
+        a `complete` head); the agent answers with the local service's response the
+        same way, or with `failure`. A web client that goes away resets the lane,
+        and the agent drops the local request at once.
         """
 
 def add_ProxyLinkServiceServicer_to_server(servicer: ProxyLinkServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
