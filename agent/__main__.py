@@ -23,6 +23,7 @@ from agent import __version__, logs, telemetry
 from agent.identity import resolve_agent_id
 from agent.relay import parse_address
 from agent.session import Session, SessionSettings
+from tplink.loop import run
 
 log = logging.getLogger("tunnelplane.agent")
 
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     provider = telemetry.tracer_provider(args.otel_exporter, args.otel_endpoint)
     try:
-        return asyncio.run(serve(settings, telemetry.client_interceptors(provider)))
+        return run(serve(settings, telemetry.client_interceptors(provider)))
     finally:
         if provider is not None:
             provider.shutdown()  # sends the spans still buffered

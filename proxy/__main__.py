@@ -19,6 +19,7 @@ from pathlib import Path
 from proxy.app import ProxyApp, ProxySettings
 from proxy.web import WebSettings
 from server import logs
+from tplink.loop import run
 
 log = logging.getLogger("tunnelplane.proxy")
 
@@ -150,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         log.error("cannot start: %s", exc)  # noqa: TRY400
         return 2
-    return asyncio.run(serve(settings))
+    return run(serve(settings))
 
 
 if __name__ == "__main__":
