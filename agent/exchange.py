@@ -109,6 +109,7 @@ class ReversePath:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0),
                 auto_decompress=False,
+                read_bufsize=PIECE,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             )
@@ -203,8 +204,8 @@ async def _send_response(lane: Lane, response: aiohttp.ClientResponse, tally: _T
         return
     async for chunk in response.content.iter_any():
         tally.bytes_out += len(chunk)
-        for offset in range(0, len(chunk), PIECE):
-            await lane.send(Request(data=chunk[offset : offset + PIECE]))
+        for piece in mux.pieces(chunk, PIECE):
+            await lane.send_data(piece)
     await lane.send(Request(end=proxy_link_pb2.HttpEnd()))
 
 
@@ -221,11 +222,15 @@ async def _read_request(
     """The one reader of a request's body: its pieces into ``pieces`` (one at a time, so
     the lane's window holds the rest back), None at its end, or the error."""
     while (message := await lane.receive()) is not None:
-        if message.HasField("end"):
+        if isinstance(message, bytes):
+            piece = message
+        elif message.HasField("end"):
             await pieces.put(None)
             return
-        tally.bytes_in += len(message.data)
-        await pieces.put(message.data)
+        else:
+            piece = message.data
+        tally.bytes_in += len(piece)
+        await pieces.put(piece)
     failure = ConnectionResetError("the proxy ended the request early")
     with contextlib.suppress(asyncio.QueueFull):
         pieces.put_nowait(failure)
@@ -319,7 +324,7 @@ class _Link:
     async def _carry_lane(self, lane: Lane) -> None:
         """One request: carried, then the lane is finished (or reset if carrying broke)."""
         first = await lane.receive()
-        if first is None or not first.HasField("head"):
+        if first is None or isinstance(first, bytes) or not first.HasField("head"):
             lane.reset("a lane must begin with a request head")
             return
         try:

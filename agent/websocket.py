@@ -78,7 +78,7 @@ async def _bridge(lane: Lane, ws: aiohttp.ClientWebSocketResponse) -> None:
             message = await lane.receive()
             if message is None:
                 break  # the proxy ended the lane
-            if not message.HasField("websocket"):
+            if isinstance(message, bytes) or not message.HasField("websocket"):
                 continue
             carried = message.websocket
             if carried.close_code:

@@ -65,8 +65,13 @@ class Exchange:
         :class:`tplink.mux.LaneClosedError` when the lane is over."""
         await self._lane.send(message)
 
-    async def receive(self) -> Request | None:
-        """The agent's next message; None when the lane is over."""
+    async def send_data(self, piece: bytes | memoryview) -> None:
+        """Write a piece of the request body as it is (like :meth:`send`)."""
+        await self._lane.send_data(piece)
+
+    async def receive(self) -> Request | bytes | None:
+        """The agent's next message (``bytes``: a piece of the response body); None when
+        the lane is over."""
         return await self._lane.receive()
 
     def finish(self, cancel: str = "") -> None:

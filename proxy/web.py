@@ -33,7 +33,7 @@ from proxy.links import Exchange, Registry
 from proxy.metrics import ProxyMetrics
 from proxy.replies import Refusal
 from proxy.routing import Route, route
-from tplink.mux import LaneClosedError
+from tplink.mux import LaneClosedError, pieces
 
 log = logging.getLogger("tunnelplane.proxy.web")
 
@@ -105,6 +105,13 @@ class WebSettings:
 
 def _wants_websocket(request: web.BaseRequest) -> bool:
     return request.headers.get("Upgrade", "").lower() == "websocket" and request.method == "GET"
+
+
+def _body_piece(message: proxy_link_pb2.ExchangeRequest | bytes) -> bytes | None:
+    """A piece of the response body, or None at its end."""
+    if isinstance(message, bytes):
+        return message
+    return None if message.HasField("end") else message.data
 
 
 class _TruncatedError(Exception):
@@ -369,14 +376,15 @@ class WebProxy:
             sent += len(chunk)
             if sent > limit:
                 raise Refusal(413, "BODY_TOO_LARGE", "the request body is too large")
-            for offset in range(0, len(chunk), PIECE):
-                await exchange.send(Response(data=chunk[offset : offset + PIECE]))
+            for piece in pieces(chunk, PIECE):
+                await exchange.send_data(piece)
         self._metrics.bytes.labels("in").inc(sent)
         await exchange.send(Response(end=proxy_link_pb2.HttpEnd()))
 
     async def _next(
         self, exchange: Exchange, within: float, what: str
-    ) -> proxy_link_pb2.ExchangeRequest:
+    ) -> proxy_link_pb2.ExchangeRequest | bytes:
+        """The agent's next message or piece of body, within ``within`` s."""
         try:
             async with asyncio.timeout(max(within, 0.0)):
                 message = await exchange.receive()
@@ -384,6 +392,8 @@ class WebProxy:
             raise Refusal(504, what, "the local service did not answer in time") from None
         if message is None:
             raise Refusal(502, "AGENT_GONE", "the agent's link closed during the request")
+        if isinstance(message, bytes):
+            return message
         if message.HasField("failure"):
             status, reason, text = _FAILURES.get(
                 message.failure.cause, (502, "UPSTREAM_FAILED", "the local service failed")
@@ -397,7 +407,9 @@ class WebProxy:
         settings = self._settings
         first_byte_by = started + settings.first_byte_timeout
         first = await self._next(exchange, first_byte_by - time.monotonic(), "FIRST_BYTE_TIMEOUT")
-        if not first.HasField("head") or not 100 <= first.head.status <= 599:
+        if isinstance(first, bytes) or not first.HasField("head"):
+            raise Refusal(502, "AGENT_PROTOCOL", "the agent sent no valid response head")
+        if not 100 <= first.head.status <= 599:
             raise Refusal(502, "AGENT_PROTOCOL", "the agent sent no valid response head")
         if first.head.status == 101:
             if not _wants_websocket(request):
@@ -422,13 +434,14 @@ class WebProxy:
             except Refusal as refusal:
                 self._truncate(request, refusal)
                 raise _TruncatedError(refusal.reason) from refusal
-            if message.HasField("end"):
+            piece = _body_piece(message)
+            if piece is None:
                 break
             if not flowing:
                 flowing = True
                 self._metrics.first_byte.observe(time.monotonic() - started)
-            out += len(message.data)
-            await response.write(gzip.piece(message.data) if gzip else message.data)
+            out += len(piece)
+            await response.write(gzip.piece(piece) if gzip else piece)
         self._metrics.bytes.labels("out").inc(out)
         await response.write_eof(gzip.finish() if gzip else b"")
         return response

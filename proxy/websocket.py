@@ -57,7 +57,7 @@ async def bridge(
 
     async def agent_to_client() -> None:
         while (message := await exchange.receive()) is not None:
-            if not message.HasField("websocket"):
+            if isinstance(message, bytes) or not message.HasField("websocket"):
                 break  # end or failure: the local side is gone
             carried = message.websocket
             if carried.close_code:

@@ -8,6 +8,8 @@ proxy_link.proto) in binary WebSocket messages, each behind a 5-byte header: the
 number (4 bytes, big-endian) and the frame's kind (1 byte).
 
 - ``MESSAGE``: one protobuf message of the lane.
+- ``DATA``: a piece of a body, the bytes themselves (what a ``data`` message would hold,
+  without wrapping it: a bulk download is mostly these, and each wrap is two more copies).
 - ``CREDIT``: the receiver's reader took this many more bytes of the lane's messages (a
   4-byte count), so the sender may send as many more. A sender starts a message only
   while its credit is positive, and each lane starts with ``WINDOW``: a lane whose reader
@@ -35,7 +37,7 @@ import collections
 import contextlib
 import logging
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Generic, Protocol, TypeVar
 
 import aiohttp
@@ -47,7 +49,7 @@ log = logging.getLogger("tunnelplane.link")
 PATH = "/_link"
 HEADER = struct.Struct("!IB")
 COUNT = struct.Struct("!I")
-MESSAGE, CREDIT, RESET = 1, 2, 3
+MESSAGE, CREDIT, RESET, DATA = 1, 2, 3, 4
 #: Bytes of messages a lane may have in flight towards its reader.
 WINDOW = 1024 * 1024
 #: Credit goes back once the reader has taken this much (fewer, fuller CREDIT frames).
@@ -60,6 +62,16 @@ HEARTBEAT = 20.0
 
 In = TypeVar("In", bound=Message)
 Out = TypeVar("Out", bound=Message)
+
+
+def pieces(chunk: bytes, size: int) -> Iterator[bytes | memoryview]:
+    """``chunk`` in pieces of at most ``size`` bytes, without copying it."""
+    if len(chunk) <= size:
+        yield chunk
+        return
+    view = memoryview(chunk)
+    for offset in range(0, len(chunk), size):
+        yield view[offset : offset + size]
 
 
 class LaneClosedError(ConnectionResetError):
@@ -85,7 +97,7 @@ class Lane(Generic[In, Out]):
     def __init__(self, link: Link[In, Out], number: int) -> None:
         self.number = number
         self._link = link
-        self._inbox: collections.deque[tuple[In, int]] = collections.deque()
+        self._inbox: collections.deque[tuple[In | bytes, int]] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._credit = WINDOW
         self._credit_waiter: asyncio.Future[None] | None = None
@@ -102,6 +114,13 @@ class Lane(Generic[In, Out]):
 
     async def send(self, message: Out) -> None:
         """Send ``message``, first waiting while the lane's credit is spent."""
+        await self._send(MESSAGE, message.SerializeToString())
+
+    async def send_data(self, piece: bytes | memoryview) -> None:
+        """Send a piece of a body as it is (the receiver gets ``bytes``)."""
+        await self._send(DATA, piece)
+
+    async def _send(self, kind: int, payload: bytes | memoryview) -> None:
         while self._credit <= 0 and not self.reason:
             self._credit_waiter = asyncio.get_running_loop().create_future()
             try:
@@ -110,12 +129,12 @@ class Lane(Generic[In, Out]):
                 self._credit_waiter = None
         if self.reason:
             raise LaneClosedError(self.reason)
-        payload = message.SerializeToString()
         self._credit -= len(payload)
-        await self._link.write(HEADER.pack(self.number, MESSAGE) + payload)
+        await self._link.write(HEADER.pack(self.number, kind) + payload)
 
-    async def receive(self) -> In | None:
-        """The next message, or None once the lane is over and nothing is left."""
+    async def receive(self) -> In | bytes | None:
+        """The next message (``bytes`` for a piece sent with :meth:`send_data`), or None
+        once the lane is over and nothing is left."""
         while not self._inbox:
             if self.reason:
                 return None
@@ -146,7 +165,7 @@ class Lane(Generic[In, Out]):
 
     # The link's side.
 
-    def _deliver(self, message: In, size: int) -> None:
+    def _deliver(self, message: In | bytes, size: int) -> None:
         self._inbox.append((message, size))
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
@@ -260,6 +279,10 @@ class Link(Generic[In, Out]):
         payload = data[HEADER.size :]
         if kind == MESSAGE:
             return self._message(number, payload)
+        if kind == DATA:
+            if (lane := self._lanes.get(number)) is not None:
+                lane._deliver(payload, len(payload))
+            return True
         if kind == CREDIT and len(payload) == COUNT.size:
             if (lane := self._lanes.get(number)) is not None:
                 lane._credited(COUNT.unpack(payload)[0])

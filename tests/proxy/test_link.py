@@ -185,25 +185,32 @@ async def test_frames_of_finished_lanes_are_ignored_and_a_bad_frame_closes_the_l
         assert await asyncio.wait_for(again.receive(), 5) is None
 
 
-async def _deliver_exactly(plan: list[tuple[int, int]]) -> None:
+async def _deliver_exactly(plan: list[tuple[int, int, bool]]) -> None:
     async with linked() as pair:
         pairs = [await open_lane(pair) for _ in range(3)]
-        wanted: list[list[int]] = [[] for _ in pairs]
-        for lane_index, size in plan:
-            wanted[lane_index].append(size)
+        wanted: list[list[tuple[int, bool]]] = [[] for _ in pairs]
+        for lane_index, size, raw in plan:
+            wanted[lane_index].append((size, raw))
 
         async def send(index: int) -> None:
-            for size in wanted[index]:
-                await pairs[index][1].send(piece(size))
+            for size, raw in wanted[index]:
+                if raw:  # a DATA frame: the bytes as they are
+                    await pairs[index][1].send_data(memoryview(b"x" * size))
+                else:
+                    await pairs[index][1].send(piece(size))
             await pairs[index][1].send(Request(end=proxy_link_pb2.HttpEnd()))
 
-        async def read(index: int) -> list[int]:
-            sizes = []
+        async def read(index: int) -> list[tuple[int, bool]]:
+            got = []
             while (message := await pairs[index][0].receive()) is not None:
-                if message.HasField("end"):
-                    return sizes
-                assert set(message.data) <= {ord("x")}
-                sizes.append(len(message.data))
+                if isinstance(message, bytes):
+                    data, raw = message, True
+                elif message.HasField("end"):
+                    return got
+                else:
+                    data, raw = message.data, False
+                assert set(data) <= {ord("x")}
+                got.append((len(data), raw))
             raise AssertionError("the lane ended early")
 
         results = await asyncio.wait_for(
@@ -213,11 +220,15 @@ async def _deliver_exactly(plan: list[tuple[int, int]]) -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 600 * 1024)), max_size=12))
-def test_every_lane_delivers_exactly_what_was_sent_in_order(plan: list[tuple[int, int]]) -> None:
-    """The law: whatever the sizes and however the lanes interleave on one connection
-    (messages larger than the window included), each lane's reader gets its sender's
-    messages, whole, in order, and nothing else."""
+@given(
+    st.lists(st.tuples(st.integers(0, 2), st.integers(0, 600 * 1024), st.booleans()), max_size=12)
+)
+def test_every_lane_delivers_exactly_what_was_sent_in_order(
+    plan: list[tuple[int, int, bool]],
+) -> None:
+    """The law: whatever the sizes, the kinds (messages, raw pieces) and however the lanes
+    interleave on one connection, each lane's reader gets its sender's messages and pieces,
+    whole, in order, each as the kind it was sent, and nothing else."""
     asyncio.run(_deliver_exactly(plan))
 
 
