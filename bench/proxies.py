@@ -64,6 +64,8 @@ class Plan:
     seconds: int = 8
     connections: int = 50
     bulk_bytes: int = 100 * 1000 * 1000
+    #: Downloads of ``/bulk`` per path and round (the median counts: one takes ~0.2 s).
+    bulk_downloads: int = 3
     stream_requests: int = 20
     stream_chunks: int = 25
     stream_every: float = 0.02
@@ -330,7 +332,9 @@ def measure(plan: Plan, tmp: Path) -> dict[str, Any]:
                 load_1k(web_url + "/1k", replace_seconds(plan, 2))  # warm-up
                 result[path] = {
                     **load_1k(web_url + "/1k", plan),
-                    "bulk_mb_s": bulk(web_url + "/bulk"),
+                    "bulk_mb_s": statistics.median(
+                        bulk(web_url + "/bulk") for _ in range(plan.bulk_downloads)
+                    ),
                     **asyncio.run(stream_latencies(stream_url, plan)),
                 }
             rounds.append(result)
@@ -348,7 +352,8 @@ def replace_seconds(plan: Plan, seconds: int) -> Plan:
 def commands(plan: Plan) -> dict[str, str]:
     return {
         "1k": f"wrk -t1 -c{plan.connections} -d{plan.seconds}s --latency URL/1k",
-        "bulk": "curl -s -o /dev/null -w %{speed_download} URL/bulk",
+        "bulk": f"curl -s -o /dev/null -w %{{speed_download}} URL/bulk, "
+        f"median of {plan.bulk_downloads} per round",
         "streaming": (
             f"{plan.stream_requests} GETs of URL/stream?n={plan.stream_chunks}"
             f"&every={plan.stream_every} (httpx, one at a time)"
