@@ -31,7 +31,7 @@ TUNNEL_HEADER = "X-Tunnelplane-Tunnel"
 AGENT_HEADER = "X-Tunnelplane-Agent"
 #: Lanes one link carries at once; a request that finds every link of its tunnel full
 #: waits (the config's retries times its retry delay) for one to free.
-MAX_LANES = 1000
+MAX_LANES = 10_000
 _STATUS = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
            "FAILED_PRECONDITION": 409, "RESOURCE_EXHAUSTED": 429}  # fmt: skip
 
@@ -59,6 +59,11 @@ class Exchange:
     def finished(self) -> bool:
         """Whether the exchange is over (finished here, reset, or its link closed)."""
         return self._lane.over
+
+    @property
+    def reason(self) -> str:
+        """Why the exchange is over ("" while it is open)."""
+        return self._lane.reason
 
     async def send(self, message: Response) -> None:
         """Write to the agent (waits while the lane's window is spent); raises

@@ -391,6 +391,7 @@ class WebProxy:
         except TimeoutError:
             raise Refusal(504, what, "the local service did not answer in time") from None
         if message is None:
+            log.info("the exchange ended early", extra={"lane": exchange.reason})
             raise Refusal(502, "AGENT_GONE", "the agent's link closed during the request")
         if isinstance(message, bytes):
             return message
