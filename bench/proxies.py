@@ -200,6 +200,10 @@ def tunnelplane(tmp: Path, procs: Processes, targets: Sequence[int]) -> Tunnelpl
         "TP_GRPC_PORT": str(grpc_port), "TP_HTTP_PORT": str(http_port),
         "TP_PROXY_PORT": "0", "TP_PROXY_LINKS": f"127.0.0.1:{link_port}",
         "TP_PROBE_INTERVAL": "1", "TP_PROBE_TIMEOUT": "0.5", "TP_LOG_LEVEL": "WARNING",
+        # A run carries over 1 GiB, the free tier's monthly transfer: without this, the
+        # control plane stops the tunnels mid-run, as it should.
+        "TP_TIER_FREE_TRANSFER_BYTES_PER_MONTH": "-1",
+        "TP_TIER_FREE_STREAM_SECONDS_PER_MONTH": "-1",
     })  # fmt: skip
     migrate(env, tmp / "server.log")
     procs.start([sys.executable, "-m", "server", "serve"], tmp / "server.log", env)
@@ -330,13 +334,16 @@ def measure(plan: Plan, tmp: Path) -> dict[str, Any]:
             for path in order:
                 web_url, stream_url = base[path]
                 load_1k(web_url + "/1k", replace_seconds(plan, 2))  # warm-up
-                result[path] = {
-                    **load_1k(web_url + "/1k", plan),
-                    "bulk_mb_s": statistics.median(
-                        bulk(web_url + "/bulk") for _ in range(plan.bulk_downloads)
-                    ),
-                    **asyncio.run(stream_latencies(stream_url, plan)),
-                }
+                try:
+                    result[path] = {
+                        **load_1k(web_url + "/1k", plan),
+                        "bulk_mb_s": statistics.median(
+                            bulk(web_url + "/bulk") for _ in range(plan.bulk_downloads)
+                        ),
+                        **asyncio.run(stream_latencies(stream_url, plan)),
+                    }
+                except Exception as exc:
+                    raise RuntimeError(f"round {number}, path {path}: {exc!r}") from exc
             rounds.append(result)
         pids = {"proxy": tp.proxy_pid, "agent": tp.agent_pids[1]}
         memory = asyncio.run(idle_streams(base["tunnelplane"][1], plan.idle_streams, pids))
