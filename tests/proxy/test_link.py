@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import struct
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 import pytest
@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tunnelplane.v1 import proxy_link_pb2
 
+from proxy import links
 from proxy.links import AGENT_HEADER, TUNNEL_HEADER
 from tests.helpers import eventually
 from tests.proxy.conftest import KEY, TUNNEL, Stack
@@ -249,3 +250,20 @@ async def test_the_link_endpoint_refuses_agents_the_control_plane_refuses(stack:
                                      headers={"Authorization": f"Bearer {KEY}"})  # fmt: skip
         assert refusal.value.status == 404
     assert stack.proxy.registry.links(TUNNEL) == 1  # only the stack's own agent
+
+
+async def test_a_request_waits_for_a_lane_when_every_link_is_full(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link carries at most MAX_LANES at once; one more request waits the config's
+    claim time for a lane to free, and gets 503 NO_AGENT if none does."""
+    monkeypatch.setattr(links, "MAX_LANES", 1)
+    stack.proxy.web.configure(replace(stack.proxy.web.settings, claim_wait=0.3))
+    slow = asyncio.create_task(stack.client.get(stack.base + "/api/generate?n=8&every=0.1"))
+    await eventually(lambda: stack.proxy.web.active == 1)
+    refused = await stack.client.get(stack.base + "/echo")
+    assert (refused.status_code, refused.json()["error"]["reason"]) == (503, "NO_AGENT")
+    stack.proxy.web.configure(replace(stack.proxy.web.settings, claim_wait=10.0))
+    waited = asyncio.create_task(stack.client.get(stack.base + "/echo"))
+    assert (await slow).status_code == 200
+    assert (await waited).status_code == 200  # it took the lane the first one freed
