@@ -4,10 +4,11 @@ trip costs both ends together. ``python -m bench.link_protocols`` (it needs ``we
 beside the project's packages: ``pip install websockets``; it is not a dependency).
 
 - **grpc**: one grpc.aio bidirectional stream per lane (what ``ProxyLinkService.Exchange``
-  is), protobuf messages.
-- **websocket**: one ``websockets`` connection with every lane multiplexed on it, a 5-byte
-  header (lane id, kind) per message: the framing a hand-written multiplexer would add,
-  without its flow control.
+  was, the link's first design), protobuf messages.
+- **websockets**: one ``websockets`` connection with every lane multiplexed on it, a 5-byte
+  header (lane id, kind) per message: the framing of the multiplexer, without its flow
+  control.
+- **aiohttp**: the same over one aiohttp WebSocket: what the link is now (tplink/mux.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import resource
 import struct
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 LANES, ROUNDS, SIZE = 50, 200, 1024
 
@@ -59,20 +61,15 @@ async def grpc_lanes() -> tuple[float, float]:
     return result
 
 
-async def websocket_lanes() -> tuple[float, float]:
-    import websockets
-
-    async def echo(ws) -> None:  # type: ignore[no-untyped-def]
-        async for message in ws:
-            await ws.send(message)
-
-    server = await websockets.serve(echo, "127.0.0.1", 0, compression=None)
-    port = next(iter(server.sockets)).getsockname()[1]
-    client = await websockets.connect(f"ws://127.0.0.1:{port}", compression=None)
+async def multiplexed(
+    send: Callable[[bytes], Awaitable[object]], messages: AsyncIterator[bytes]
+) -> tuple[float, float]:
+    """LANES lanes of ROUNDS round trips each over one connection (``send`` and the echoed
+    ``messages``), each behind a 5-byte lane header; wall time and CPU seconds."""
     waiting: dict[int, asyncio.Future[bytes]] = {}
 
     async def reader() -> None:
-        async for message in client:
+        async for message in messages:
             lane_id = struct.unpack_from("!IB", message)[0]
             waiting.pop(lane_id).set_result(message)
 
@@ -83,13 +80,27 @@ async def websocket_lanes() -> tuple[float, float]:
         for _ in range(ROUNDS):
             future = asyncio.get_running_loop().create_future()
             waiting[lane_id] = future
-            await client.send(header + b"x" * SIZE)
+            await send(header + b"x" * SIZE)
             await future
 
     started, used = time.perf_counter(), cpu()
     await asyncio.gather(*(lane(i) for i in range(LANES)))
     result = time.perf_counter() - started, cpu() - used
     read.cancel()
+    return result
+
+
+async def websocket_lanes() -> tuple[float, float]:
+    import websockets
+
+    async def echo(ws) -> None:  # type: ignore[no-untyped-def]
+        async for message in ws:
+            await ws.send(message)
+
+    server = await websockets.serve(echo, "127.0.0.1", 0, compression=None)
+    port = next(iter(server.sockets)).getsockname()[1]
+    client = await websockets.connect(f"ws://127.0.0.1:{port}", compression=None)
+    result = await multiplexed(client.send, aiter(client))
     await client.close()
     server.close()
     return result
@@ -115,27 +126,12 @@ async def aiohttp_lanes() -> tuple[float, float]:
     port = runner.addresses[0][1]
     session = aiohttp.ClientSession()
     client = await session.ws_connect(f"http://127.0.0.1:{port}/", compress=0, autoping=True)
-    waiting: dict[int, asyncio.Future[bytes]] = {}
 
-    async def reader() -> None:
+    async def payloads() -> AsyncIterator[bytes]:
         async for message in client:
-            lane_id = struct.unpack_from("!IB", message.data)[0]
-            waiting.pop(lane_id).set_result(message.data)
+            yield message.data
 
-    read = asyncio.create_task(reader())
-
-    async def lane(lane_id: int) -> None:
-        header = struct.pack("!IB", lane_id, 2)
-        for _ in range(ROUNDS):
-            future = asyncio.get_running_loop().create_future()
-            waiting[lane_id] = future
-            await client.send_bytes(header + b"x" * SIZE)
-            await future
-
-    started, used = time.perf_counter(), cpu()
-    await asyncio.gather(*(lane(i) for i in range(LANES)))
-    result = time.perf_counter() - started, cpu() - used
-    read.cancel()
+    result = await multiplexed(client.send_bytes, payloads())
     await client.close()
     await session.close()
     await runner.cleanup()
