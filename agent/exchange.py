@@ -42,9 +42,6 @@ PIECE = 256 * 1024
 INLINE = 64 * 1024
 #: Request fields the agent sets itself.
 _REPLACED = frozenset({"host"})
-#: The link's header fields (the proxy's side reads them: proxy/links.py).
-TUNNEL_HEADER = "X-Tunnelplane-Tunnel"
-AGENT_HEADER = "X-Tunnelplane-Agent"
 
 
 @dataclass(frozen=True)
@@ -91,11 +88,6 @@ class ReversePath:
         self._links: dict[str, _Link] = {}
         self._base: str | None = None
         self._session: aiohttp.ClientSession | None = None
-
-    def linked(self, proxy: str) -> bool:
-        """Whether the link to ``proxy`` is up."""
-        link = self._links.get(proxy)
-        return link is not None and link.up
 
     async def configure(self, proxies: Sequence[str], target_url: str) -> None:
         """Link to ``proxies`` (and only them) and carry requests to ``target_url``."""
@@ -261,8 +253,6 @@ class _Link:
         self._backoff = Backoff(settings.backoff)
         self._tasks: set[asyncio.Task[None]] = set()
         self._keeper: asyncio.Task[None] | None = None
-        #: Whether the link is up now.
-        self.up = False
 
     @property
     def url(self) -> str:
@@ -287,8 +277,8 @@ class _Link:
     async def _keep(self) -> None:
         """Dial, carry lanes until the link drops, dial again."""
         settings = self._settings
-        headers = {"Authorization": f"Bearer {settings.key}", TUNNEL_HEADER: settings.tunnel,
-                   AGENT_HEADER: settings.agent_id}  # fmt: skip
+        headers = {"Authorization": f"Bearer {settings.key}", mux.TUNNEL_HEADER: settings.tunnel,
+                   mux.AGENT_HEADER: settings.agent_id}  # fmt: skip
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             while True:
@@ -307,11 +297,9 @@ class _Link:
                 link: mux.Link[proxy_link_pb2.ExchangeResponse, Request] = mux.Link(
                     socket, proxy_link_pb2.ExchangeResponse, self._lane
                 )
-                self.up = True
                 try:
                     await link.run()
                 finally:
-                    self.up = False
                     await socket.close()
                 await self._after_error(link.closed)
 

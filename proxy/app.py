@@ -100,21 +100,6 @@ class ProxyApp:
         credentials = grpc.ssl_channel_credentials(self.settings.control_plane_roots)
         return grpc.aio.secure_channel(target, credentials)
 
-    def _tls(self) -> ssl.SSLContext | None:
-        if self.settings.tls_cert is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
-        return context
-
-    def _link_tls(self) -> ssl.SSLContext | None:
-        cert, key = self.settings.link_tls_cert, self.settings.link_tls_key
-        if cert is None or key is None:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cert, key)
-        return context
-
     async def start(self) -> None:
         """Listen on the link, public and metrics ports (0 picks a free one)."""
         s = self.settings
@@ -123,12 +108,12 @@ class ProxyApp:
             web.ServerRunner(links, shutdown_timeout=1.0),
             s.link_host,
             s.link_port,
-            self._link_tls(),
+            _server_tls(s.link_tls_cert, s.link_tls_key),
         )
         # No access log: the proxy's metrics count every request (it cost 5 % of a request).
         server = web.Server(self.web.handle, handler_cancellation=True, access_log=None)
         runner = web.ServerRunner(server, shutdown_timeout=1.0)
-        self.port = await self._serve(runner, s.host, s.port, self._tls())
+        self.port = await self._serve(runner, s.host, s.port, _server_tls(s.tls_cert, s.tls_key))
         if s.metrics_port:
             metrics = web.Server(self._metrics)
             self.metrics_port = await self._serve(
@@ -202,3 +187,12 @@ class ProxyApp:
         for runner in reversed(self._runners):  # the public side before the links
             await runner.cleanup()
         await self._channel.close()
+
+
+def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """A server-side TLS context for a certificate chain and its key (None without one)."""
+    if cert is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context

@@ -20,6 +20,7 @@ import logging
 from aiohttp import web
 from tunnelplane.v1 import proxy_link_pb2
 
+from proxy import credentials
 from proxy.control import ControlPlane, RefusedError, UnreachableError
 from tplink import mux
 
@@ -27,8 +28,6 @@ log = logging.getLogger("tunnelplane.proxy.links")
 
 Request = proxy_link_pb2.ExchangeRequest
 Response = proxy_link_pb2.ExchangeResponse
-TUNNEL_HEADER = "X-Tunnelplane-Tunnel"
-AGENT_HEADER = "X-Tunnelplane-Agent"
 #: Lanes one link carries at once; a request that finds every link of its tunnel full
 #: waits (the config's retries times its retry delay) for one to free.
 MAX_LANES = 10_000
@@ -166,12 +165,13 @@ class LinkEndpoint:
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if request.path != mux.PATH:
             return web.json_response({"error": "not found"}, status=404)
-        scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-        key = key.strip() if scheme.lower() == "bearer" else ""
+        key = credentials.offered(request.headers.get("Authorization", "")).bearer
         if not key:
             return web.json_response({"error": "an agent key is required"}, status=401)
         try:
-            tunnel = await self._control.authorize_link(key, request.headers.get(TUNNEL_HEADER, ""))
+            tunnel = await self._control.authorize_link(
+                key, request.headers.get(mux.TUNNEL_HEADER, "")
+            )
         except RefusedError as exc:
             status = _STATUS.get(exc.code.name, 403)
             return web.json_response({"error": str(exc)[:200]}, status=status)
@@ -181,7 +181,7 @@ class LinkEndpoint:
             max_msg_size=mux.MAX_FRAME, heartbeat=mux.HEARTBEAT, compress=False
         )
         await socket.prepare(request)
-        link = AgentLink(socket, tunnel, request.headers.get(AGENT_HEADER, "")[:64])
+        link = AgentLink(socket, tunnel, request.headers.get(mux.AGENT_HEADER, "")[:64])
         self._registry.opened(link)
         try:
             await link.mux.run()

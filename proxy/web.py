@@ -243,18 +243,16 @@ class WebProxy:
         if exchange is None:
             raise Refusal(503, "NO_AGENT", "no agent is connected for this tunnel",
                           Retry_After="5")  # fmt: skip
-        cancel, reusable = "the web client went away", False
+        cancel, clean = "the web client went away", False
         try:
-            response, reusable = await self._carry(
-                request, found, exchange, started, strip_credential
-            )
+            response, clean = await self._carry(request, found, exchange, started, strip_credential)
         except Refusal as refusal:
             cancel = refusal.reason
             raise
         else:
             return response
         finally:  # cleanly when both messages were whole, else the agent drops its side
-            self._registry.release(exchange, "" if reusable else cancel)
+            self._registry.release(exchange, "" if clean else cancel)
 
     async def _relay(self, request: web.BaseRequest, tunnel: str) -> web.StreamResponse | None:
         """The answer of another instance that holds the tunnel's agent, if one does (a
@@ -319,8 +317,8 @@ class WebProxy:
         started: float,
         strip_credential: bool,
     ) -> tuple[web.StreamResponse, bool]:
-        """The response, and whether the exchange is clean for the next request (the
-        request went out whole and the response came back whole)."""
+        """The response, and whether the exchange ended cleanly (the request went out
+        whole and the response came back whole), so the agent need not be told to drop it."""
         head = self._head(request, found, strip_credential)
         try:
             await exchange.send(Response(head=head))

@@ -45,8 +45,11 @@ from google.protobuf.message import DecodeError, Message
 
 log = logging.getLogger("tunnelplane.link")
 
-#: The link's path on the proxy's link port.
+#: The link's path on the proxy's link port, and the handshake's fields that say for which
+#: tunnel and from which agent (the agent key is the ``Authorization`` bearer credential).
 PATH = "/_link"
+TUNNEL_HEADER = "X-Tunnelplane-Tunnel"
+AGENT_HEADER = "X-Tunnelplane-Agent"
 HEADER = struct.Struct("!IB")
 COUNT = struct.Struct("!I")
 MESSAGE, CREDIT, RESET, DATA = 1, 2, 3, 4

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from tunnelplane.v1 import proxy_link_pb2
 
 from proxy import links
-from proxy.links import AGENT_HEADER, TUNNEL_HEADER
 from tests.helpers import eventually
 from tests.proxy.conftest import KEY, TUNNEL, Stack
 from tplink import mux
@@ -236,14 +235,14 @@ def test_every_lane_delivers_exactly_what_was_sent_in_order(
 async def test_the_link_endpoint_refuses_agents_the_control_plane_refuses(stack: Stack) -> None:
     url = f"http://{stack.link}{mux.PATH}"
     cases = [
-        ({TUNNEL_HEADER: TUNNEL}, 401),  # no key
-        ({"Authorization": "Bearer wrong", TUNNEL_HEADER: TUNNEL}, 401),
-        ({"Authorization": f"Bearer {KEY}", TUNNEL_HEADER: "users/u/tunnels/none"}, 404),
+        ({mux.TUNNEL_HEADER: TUNNEL}, 401),  # no key
+        ({"Authorization": "Bearer wrong", mux.TUNNEL_HEADER: TUNNEL}, 401),
+        ({"Authorization": f"Bearer {KEY}", mux.TUNNEL_HEADER: "users/u/tunnels/none"}, 404),
     ]
     async with aiohttp.ClientSession() as session:
         for headers, status in cases:
             with pytest.raises(aiohttp.WSServerHandshakeError) as refusal:
-                await session.ws_connect(url, headers={**headers, AGENT_HEADER: "x"})
+                await session.ws_connect(url, headers={**headers, mux.AGENT_HEADER: "x"})
             assert refusal.value.status == status, headers
         with pytest.raises(aiohttp.WSServerHandshakeError) as refusal:
             await session.ws_connect(f"http://{stack.link}/elsewhere",
