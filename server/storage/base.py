@@ -1,4 +1,5 @@
-"""What every repository shares: the connection and unique-violation translation."""
+"""What every repository shares: the connection, unique-violation translation and the
+optimistic update of a versioned row."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from server.domain.common.errors import AlreadyExists
+from server.domain.common.errors import Aborted, AlreadyExists, NotFound
 
 
 class Repository:
@@ -35,3 +36,26 @@ class Repository:
                 await self._conn.execute(table.insert().values(**values))
         except sa.exc.IntegrityError:
             raise AlreadyExists(resource, name) from None
+
+    async def _update_versioned(
+        self,
+        table: sa.Table,
+        row_id: str,
+        expected_version: int,
+        values: dict[str, Any],
+        resource: str,
+        name: str,
+    ) -> None:
+        """Write ``values`` to the row ``row_id`` if its ``version`` is still
+        ``expected_version`` (``values`` sets the next one): :class:`NotFound` if the row
+        is gone, :class:`Aborted` (``CONCURRENT_UPDATE``) if another write came first."""
+        result = await self._conn.execute(
+            sa.update(table)
+            .where(table.c.id == row_id, table.c.version == expected_version)
+            .values(**values)
+        )
+        if result.rowcount:
+            return
+        if await self._one(sa.select(table.c.id).where(table.c.id == row_id)) is None:
+            raise NotFound(resource, name)
+        raise Aborted(f"the {resource} was changed concurrently; retry", reason="CONCURRENT_UPDATE")

@@ -10,7 +10,6 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from server.domain.common.errors import Aborted, NotFound
 from server.domain.common.listing import ListQuery
 from server.domain.proxies.model import (
     ACTIVE_STATES,
@@ -198,16 +197,10 @@ class SqlProxyRepository(Repository):
 
     async def save(self, proxy: Proxy, expected_version: int) -> Proxy:
         """Write every mutable column; ``Aborted`` if the version moved."""
-        stmt = (
-            sa.update(proxies)
-            .where(_p.id == proxy.id, _p.version == expected_version)
-            .values(**_columns(proxy), version=expected_version + 1)
+        values = _columns(proxy) | {"version": expected_version + 1}
+        await self._update_versioned(
+            proxies, proxy.id, expected_version, values, "proxy", proxy.name
         )
-        result = await self._conn.execute(stmt)
-        if result.rowcount == 0:
-            if await self.get(proxy.id) is None:
-                raise NotFound("proxy", proxy.name)
-            raise Aborted("the proxy was changed concurrently; retry", reason="CONCURRENT_UPDATE")
         return replace(proxy, version=expected_version + 1)
 
     async def save_instances(

@@ -9,7 +9,6 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from server.domain.common.errors import Aborted, NotFound
 from server.domain.common.listing import ListQuery
 from server.domain.tunnels.model import (
     Endpoint,
@@ -166,16 +165,10 @@ class SqlTunnelRepository(Repository):
 
     async def save(self, tunnel: Tunnel, expected_version: int) -> Tunnel:
         """Write every mutable column and the endpoints; ``Aborted`` if the version moved."""
-        stmt = (
-            sa.update(tunnels)
-            .where(_t.id == tunnel.id, _t.version == expected_version)
-            .values(**_columns(tunnel), version=expected_version + 1)
+        values = _columns(tunnel) | {"version": expected_version + 1}
+        await self._update_versioned(
+            tunnels, tunnel.id, expected_version, values, "tunnel", tunnel.name
         )
-        result = await self._conn.execute(stmt)
-        if result.rowcount == 0:
-            if await self.get(tunnel.id) is None:
-                raise NotFound("tunnel", tunnel.name)
-            raise Aborted("the tunnel was changed concurrently; retry", reason="CONCURRENT_UPDATE")
         await self._conn.execute(sa.delete(tunnel_endpoints).where(_e.tunnel_id == tunnel.id))
         await self._put_endpoints(tunnel.id, tunnel.endpoints, tunnel.update_time)
         return replace(tunnel, version=expected_version + 1)  # what was written: no re-read

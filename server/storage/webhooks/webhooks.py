@@ -15,7 +15,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from server.domain.common.errors import Aborted, NotFound
 from server.domain.common.listing import ListQuery
 from server.domain.webhooks.model import DisabledReason, Receiver, Webhook
 from server.storage.query import apply_list_query
@@ -135,15 +134,10 @@ class SqlWebhookRepository(SqlDeliveryQueue):
 
     async def save(self, webhook: Webhook, expected_version: int) -> None:
         """Write every mutable column; ``Aborted`` if the version moved meanwhile."""
-        result = await self._conn.execute(
-            sa.update(webhooks)
-            .where(_w.id == webhook.id, _w.version == expected_version)
-            .values(**_mutable(webhook, self._sealer))
+        values = _mutable(webhook, self._sealer)
+        await self._update_versioned(
+            webhooks, webhook.id, expected_version, values, "webhook", webhook.name
         )
-        if result.rowcount == 0:
-            if await self.get(webhook.id) is None:
-                raise NotFound("webhook", webhook.name)
-            raise Aborted("the webhook was changed concurrently; retry", reason="CONCURRENT_UPDATE")
 
     async def delete(self, webhook_id: str) -> None:
         # Its deliveries and their attempts go with it (ON DELETE CASCADE; SQLite
