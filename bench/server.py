@@ -45,6 +45,7 @@ from server.app import App
 from server.domain.identity.model import CredentialKind, Principal
 from server.domain.identity.rules import permissions_for
 from server.pipeline import Call, MethodInfo
+from server.process_group import pin_to_cpu
 from server.runtime import tune_gc
 from server.settings import Settings
 from server.storage import database
@@ -54,12 +55,6 @@ GET_USER = f"/{SERVICE}/GetUser"
 HTTP_GET_ME = "/v1/users/me"
 ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTORS = ROOT / "generated" / "tunnelplane" / "descriptors.binpb"
-
-
-def pin(cpu: int) -> None:
-    """Run every thread of this process, and every thread it starts later, on ``cpu``."""
-    for task in Path("/proc/self/task").iterdir():
-        os.sched_setaffinity(int(task.name), {cpu})
 
 
 def announce(**ports: int) -> None:
@@ -222,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     if needed and not getattr(args, needed):
         parser.error(f"--mode {args.mode} needs --{needed.replace('_', '-')}")
     if args.cpu is not None:
-        pin(args.cpu)
+        pin_to_cpu(args.cpu)
     if args.mode == "gateway":
         return serve_gateway(args.upstream)
     settings = Settings.from_env()

@@ -17,7 +17,13 @@ from server.app import App
 from server.domain.audit.model import AuditTrail, RequestContext
 from server.domain.common.errors import DomainError, NotFound
 from server.domain.identity.model import Role
-from server.process_group import SupervisorLink, check_shared_backends, supervise
+from server.process_group import (
+    SupervisorLink,
+    check_shared_backends,
+    pin_to_cpu,
+    supervise,
+    worker_cpu,
+)
 from server.runtime import tune_gc
 from server.settings import Settings, SettingsError
 from server.storage.database import make_engine
@@ -94,6 +100,10 @@ def run_serve(settings: Settings, worker_index: int | None, control_fd: int | No
         logs.configure(
             settings.log_level, settings.log_format, {"worker": worker_index, "pid": os.getpid()}
         )
+        if settings.worker_cpu_affinity == "auto":
+            cpu = worker_cpu(worker_index, os.sched_getaffinity(0))
+            pin_to_cpu(cpu)
+            logging.getLogger("tunnelplane").info("pinned to a CPU", extra={"cpu": cpu})
         return asyncio.run(serve(settings, SupervisorLink(control_fd)))
     if settings.workers > 1:
         logs.configure(

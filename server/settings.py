@@ -19,6 +19,7 @@ from server.domain.identity.tiers import DEFAULT_TIERS
 from server.settings_checks import check
 from server.settings_env import (
     AddressPolicy,
+    CpuAffinity,
     LogFormat,
     Mode,
     OtelExporter,
@@ -146,6 +147,13 @@ class Settings:
         metadata=_doc(
             "Server processes sharing the gRPC and HTTP ports (SO_REUSEPORT); more than one "
             "needs PostgreSQL and Redis"
+        ),
+    )
+    worker_cpu_affinity: CpuAffinity = field(
+        default="off",
+        metadata=_doc(
+            "auto: with more than one worker, worker i runs on the i-th CPU this process may "
+            "use (wrapping around); off: the kernel places them"
         ),
     )
     default_deadline: float = field(

@@ -4,6 +4,7 @@ together, and the secrets production mode insists on (:meth:`server.settings.Set
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from typing import TYPE_CHECKING
 
@@ -67,6 +68,8 @@ def check(settings: Settings) -> None:  # noqa: PLR0912 - one flat list of check
     for name in POSITIVE:
         if getattr(settings, name) <= 0:
             raise SettingsError(f"{env_name_of(name)} must be greater than zero")
+    if settings.worker_cpu_affinity == "auto" and not hasattr(os, "sched_setaffinity"):
+        raise SettingsError("TP_WORKER_CPU_AFFINITY=auto needs Linux (sched_setaffinity)")
     if settings.shutdown_grace < 0:
         raise SettingsError("TP_SHUTDOWN_GRACE must not be negative")
     if settings.password_hash_concurrency < 0:

@@ -18,6 +18,7 @@ OtelExporter = Literal["none", "console", "otlp"]
 LogFormat = Literal["json", "text"]
 AddressPolicy = Literal["auto", "any", "public"]
 Provisioner = Literal["local", "kubernetes", "off"]
+CpuAffinity = Literal["off", "auto"]
 
 #: The literal kinds of value, by the name a field's annotation gives them.
 CHOICES: Mapping[str, Any] = {
@@ -26,6 +27,7 @@ CHOICES: Mapping[str, Any] = {
     "LogFormat": LogFormat,
     "AddressPolicy": AddressPolicy,
     "Provisioner": Provisioner,
+    "CpuAffinity": CpuAffinity,
 }
 
 

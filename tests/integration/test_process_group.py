@@ -38,6 +38,7 @@ from tests.conftest import (
     require_redis,
 )
 from tests.helpers import PASSWORD, Watch, eventually, fails, unique_email
+from server.process_group import worker_cpu
 from tests.processes import ROOT, ServerProcess, child_env, run_cli, serving
 
 pytestmark = pytest.mark.slow
@@ -226,6 +227,35 @@ async def test_a_worker_that_dies_is_replaced(database: str, tmp_path: Path) -> 
         group.process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(group.process.wait(), GRACE) == 0
         await following
+
+
+def thread_cpus(pid: int) -> set[frozenset[int]]:
+    """The distinct CPU sets of every thread of process ``pid``."""
+    tasks = Path(f"/proc/{pid}/task").iterdir()
+    return {frozenset(os.sched_getaffinity(int(task.name))) for task in tasks}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is Linux's")
+async def test_pinned_workers_run_every_thread_on_a_cpu_of_their_own(
+    database: str, tmp_path: Path
+) -> None:
+    env = group_env(tmp_path, database, TP_WORKER_CPU_AFFINITY="auto")
+    allowed = os.sched_getaffinity(0)
+    async with serving(env, "--workers", "2") as group:
+        worker_pids = group.serving["worker_pids"]
+        assert isinstance(worker_pids, list)
+        for index, pid in enumerate(worker_pids):
+            assert thread_cpus(pid) == {frozenset({worker_cpu(index, allowed)})}
+        assert thread_cpus(group.process.pid) == {frozenset(allowed)}  # the supervisor floats
+        user = await sign_up(group.grpc_port)  # and the pinned group serves
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{group.grpc_port}") as channel:
+            await users_pb2_grpc.UserServiceStub(channel).GetUser(ME, metadata=user)
+        group.process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(group.process.wait(), GRACE) == 0
+    pinned = [e for e in group.log if e.get("message") == "pinned to a CPU"]
+    assert sorted((e["worker"], e["cpu"]) for e in pinned) == [
+        (index, worker_cpu(index, allowed)) for index in range(2)
+    ]
 
 
 async def test_sigterm_while_the_workers_start_stops_the_group(

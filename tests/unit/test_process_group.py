@@ -8,8 +8,14 @@ import socket
 
 import pytest
 
-from server.process_group import Ports, missing_backends, reserve_port, worker_environment
-from server.settings import Settings
+from server.process_group import (
+    Ports,
+    missing_backends,
+    reserve_port,
+    worker_cpu,
+    worker_environment,
+)
+from server.settings import Settings, SettingsError
 
 POSTGRES = "postgresql+psycopg://u@db:5432/tp"
 
@@ -73,3 +79,18 @@ def test_a_port_left_in_time_wait_by_the_last_server_is_reserved_again() -> None
         accepted.close()  # the server side closes first: its end waits in TIME_WAIT
         client.close()
     reserve_port("127.0.0.1", port).close()
+
+
+@pytest.mark.parametrize(
+    ("cpus", "expected"),
+    [({0, 1}, [0, 1, 0, 1]), ({3, 1, 7}, [1, 3, 7, 1]), ({5}, [5, 5, 5, 5])],
+)
+def test_pinned_workers_take_the_allowed_cpus_in_turn(cpus: set[int], expected: list[int]) -> None:
+    assert [worker_cpu(index, cpus) for index in range(4)] == expected
+
+
+def test_cpu_affinity_is_off_by_default_and_refuses_unknown_values() -> None:
+    assert Settings.from_env({}).worker_cpu_affinity == "off"
+    assert Settings.from_env({"TP_WORKER_CPU_AFFINITY": "auto"}).worker_cpu_affinity == "auto"
+    with pytest.raises(SettingsError, match="TP_WORKER_CPU_AFFINITY"):
+        Settings.from_env({"TP_WORKER_CPU_AFFINITY": "all"})
