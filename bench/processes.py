@@ -35,6 +35,9 @@ SERVER_SETTINGS: Mapping[str, str] = {
     "TP_ARGON2_PARALLELISM": "1",
     "TP_ACCESS_TOKEN_TTL": "3600",
     "TP_RATE_LIMIT_ENABLED": "false",
+    # No embedded streaming proxy: the bench runs many servers at once, and each would
+    # start one on the same ports (the streaming proxy has a part of its own).
+    "TP_PROXY_PORT": "0",
 }
 
 
