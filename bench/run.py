@@ -73,6 +73,12 @@ class Plan:
     wrk_warmup_seconds: int = 2
     clients: int = 50
     rounds: int = 5
+    #: The limiter pair's runs of a round are cut into this many slices each, interleaved
+    #: (A B B A A B B A ...), of ``requests // limiter_slices`` each (a round's total is
+    #: every server's): their target holds in every round, and on this shared machine a
+    #: server's throughput drifts by more than the limiter's cost within seconds
+    #: (``bench/README.md``).
+    limiter_slices: int = 4
     #: CPUs for the servers and for the load tools (and this process); None: not pinned.
     server_cpu: int | None = None
     load_cpu: int | None = None
@@ -100,6 +106,8 @@ class Plan:
             "h2load_max_concurrent_streams": 1,
             "threads": 1,
             "rounds": self.rounds,
+            "limiter_slices": self.limiter_slices,
+            "limiter_slice_requests": self.requests // self.limiter_slices,
             "server_cpu": self.server_cpu,
             "load_cpu": self.load_cpu,
         }
@@ -154,6 +162,10 @@ class Bench:
             return self._h2load(subject, round_number)
         return self._wrk(subject, round_number)
 
+    def run_slice(self, subject: Subject, round_number: int, piece: int) -> Measurement:
+        """One checked h2load run, slice ``piece`` of a round (a share of its requests)."""
+        return self._h2load(subject, round_number, piece)
+
     @contextlib.contextmanager
     def _usage(self, subject: Subject) -> Iterator[list[Usage]]:
         """Measure the CPU time ``subject``'s processes use in the block."""
@@ -162,15 +174,17 @@ class Bench:
         yield found
         found.append(Usage(subject.cpu_seconds() - cpu, time.monotonic() - wall))
 
-    def _h2load(self, subject: Subject, round_number: int) -> Measurement:
+    def _h2load(self, subject: Subject, round_number: int, piece: int | None = None) -> Measurement:
         plan = self.plan
+        requests = plan.requests if round_number else plan.warmup_requests
+        suffix = "" if piece is None else f"-{piece}"
         load = h2load.Load(
             url=subject.url,
             token=self.caller.access_token,
             body_file=self.body_file,
-            requests=plan.requests if round_number else plan.warmup_requests,
+            requests=requests if piece is None else plan.requests // plan.limiter_slices,
             clients=plan.clients,
-            log_file=self.work_dir / f"{subject.name}-{round_number}.h2load.log",
+            log_file=self.work_dir / f"{subject.name}-{round_number}{suffix}.h2load.log",
             request_id=subject.request_id,
         )
         with self._usage(subject) as usage:
@@ -239,6 +253,57 @@ def _say(run: Measurement) -> None:
     )
 
 
+#: The pair whose rounds are interleaved slices (``Plan.limiter_slices``).
+SLICED = ("limiter_redis", "limiter_off")
+
+
+def interleaved(
+    bench: Bench, subjects: Mapping[str, Subject], round_number: int
+) -> list[Measurement]:
+    """The sliced pair's runs of one round: A B B A A B B A ..., each server's slices
+    merged into one measurement (requests, time, CPU and latencies of all of them)."""
+    first, second = SLICED if round_number % 2 else SLICED[::-1]
+    slices: dict[str, list[Measurement]] = {first: [], second: []}
+    for piece in range(bench.plan.limiter_slices):
+        for name in (first, second) if piece % 2 == 0 else (second, first):
+            slices[name].append(bench.run_slice(subjects[name], round_number, piece))
+    latencies = {
+        name: sorted(
+            value
+            for piece in range(bench.plan.limiter_slices)
+            for value in h2load.latencies_ms(
+                bench.work_dir / f"{name}-{round_number}-{piece}.h2load.log"
+            )
+        )
+        for name in slices
+    }
+    return [merged(slices[name], latencies[name]) for name in (first, second)]
+
+
+def merged(runs: Sequence[Measurement], latencies: Sequence[float]) -> Measurement:
+    """One measurement of several runs of one server: throughput over their summed time,
+    CPU over their summed CPU time, percentiles over every request's latency."""
+    requests = sum(r.requests for r in runs)
+    seconds = sum(r.seconds for r in runs)
+    cpu = sum(r.cpu_us_per_request * r.requests / 1e6 for r in runs)
+    wall = sum(r.cpu_us_per_request * r.requests / 1e4 / r.server_cpu_percent for r in runs)
+    return replace(
+        runs[0],
+        requests=requests,
+        seconds=round(seconds, 3),
+        requests_per_second=round(requests / seconds, 2),
+        mean_ms=round(sum(latencies) / len(latencies), 3),
+        p50_ms=h2load.percentile(latencies, 0.50),
+        p90_ms=h2load.percentile(latencies, 0.90),
+        p95_ms=h2load.percentile(latencies, 0.95),
+        p99_ms=h2load.percentile(latencies, 0.99),
+        max_ms=latencies[-1],
+        server_cpu_percent=round(100 * cpu / wall, 1),
+        cpu_us_per_request=round(1e6 * cpu / requests, 1),
+        output="\n\n".join(r.output for r in runs),
+    )
+
+
 def measure_all(
     bench: Bench, subjects: Mapping[str, Subject]
 ) -> tuple[list[Measurement], list[Measurement]]:
@@ -246,11 +311,19 @@ def measure_all(
     warmups = [bench.run(subjects[name], 0) for name in ORDER]
     for run in warmups:
         _say(run)
-    runs = []
+    runs: list[Measurement] = []
     for round_number in range(1, bench.plan.rounds + 1):
         for name in round_order(round_number):
-            runs.append(bench.run(subjects[name], round_number))
-            _say(runs[-1])
+            if name in SLICED and any(r.round == round_number and r.server == name for r in runs):
+                continue  # ran with its pair
+            done = (
+                interleaved(bench, subjects, round_number)
+                if name in SLICED
+                else [bench.run(subjects[name], round_number)]
+            )
+            for run in done:
+                runs.append(run)
+                _say(run)
     return warmups, runs
 
 

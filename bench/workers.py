@@ -1,19 +1,21 @@
 """Every core: the full server with two workers (``TP_WORKERS=2``) against one, on
 PostgreSQL and Redis (``make bench``; ``python -m bench.run --only workers``).
 
-Both servers are ``python -m server serve`` itself (with ``TP_WORKERS=1``, the plain single
+The servers are ``python -m server serve`` itself (with ``TP_WORKERS=1``, the plain single
 process; with 2, the supervisor and its two workers sharing one gRPC and one HTTP port),
 on one migrated PostgreSQL database of the run's own and the bench's Redis, with the same
-keys, so one bench user and one access token serve both. Each round loads GetUser over
-gRPC with h2load and ``GET /v1/users/me`` with wrk, the two servers back to back (the order
-reverses every round); the ratios are the medians of the per-round two/one ratios.
+keys, so one bench user and one access token serve all. Two servers have two workers: one
+with ``TP_WORKER_CPU_AFFINITY=auto`` (each worker pinned to a CPU of its own; the
+target's), one with ``off`` (the kernel places them; for comparison). Each round loads
+GetUser over gRPC with h2load and ``GET /v1/users/me`` with wrk, the servers back to back
+(the order reverses every round); the ratios are the medians of the per-round two/one
+ratios.
 
-Nothing is pinned here: with two workers the point is to let them use both CPUs, so the
-servers, the load tool and PostgreSQL all float over the machine in both cases (the bench
-process widens its own CPU set while this part runs; the bench's private Redis keeps the
-load CPU it was started on). *Server CPU %* is the serving processes' (for two workers,
-both and the supervisor), *other CPU %* everything else the machine did meanwhile: the
-load tool, PostgreSQL, Redis. See ``bench/README.md``.
+Nothing else is pinned here: the single worker, the load tool and PostgreSQL float over
+the machine in every case (the bench process widens its own CPU set while this part runs;
+the bench's private Redis keeps the load CPU it was started on). *Server CPU %* is the
+serving processes' (for two workers, both and the supervisor), *other CPU %* everything
+else the machine did meanwhile: the load tool, PostgreSQL, Redis. See ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from bench.errors import LoadError
 from bench.processes import ROOT, SERVER_SETTINGS, STARTUP_TIMEOUT, cpu_seconds, migrate, server_env
 from bench.server import GET_USER, HTTP_GET_ME
 from bench.webhooks import DEFAULT_POSTGRES_URL, Postgres
-from bench.workers_report import CASES, TRANSPORTS, Report, Run, render_table
+from bench.workers_report import AFFINITY, CASES, LABELS, TRANSPORTS, Report, Run, render_table
 from server.domain.identity.tokens import generate_private_key_pem
 from server.storage.sealing import new_key
 
@@ -294,8 +296,9 @@ def shared_env(work_dir: Path, database_url: str, redis_url: str, prefix: str) -
 def check_answers(groups: Mapping[str, Group], caller: probes.Caller) -> users_pb2.User:
     """One real call to each server over each transport: all return the bench user."""
     expected = probes.get_me(groups["one"].serving["grpc_port"], caller)
-    if probes.get_me(groups["two"].serving["grpc_port"], caller) != expected:
-        raise LoadError("the two-worker server answers GetUser differently")
+    for case in CASES.keys() - {"one"}:
+        if probes.get_me(groups[case].serving["grpc_port"], caller) != expected:
+            raise LoadError(f"the {LABELS[case]} worker(s) server answers GetUser differently")
     documents = {
         f"{case} worker(s)": probes.http_get_me(case, group.serving["http_port"], caller)
         for case, group in groups.items()
@@ -323,7 +326,7 @@ def check_logs(groups: Mapping[str, Group], runs: Sequence[Run], clients: int) -
         http_calls = probes.Expected(
             at_least=sum(r.requests for r in wrk_runs), in_flight=clients * len(wrk_runs)
         )
-        where = f"{CASES[case]} worker(s)"
+        where = f"{LABELS[case]} worker(s)"
         probes.check_codes(f"{where}, gRPC", codes["grpc"], "OK", grpc_calls, {})
         probes.check_codes(
             f"{where}, HTTP", codes["http"], "OK", http_calls + probe, {"UNAUTHENTICATED": 1}
@@ -361,7 +364,13 @@ def measure(
         migrate(env, work_dir / "workers-migrate.log")
         with every_cpu(plan.all_cpus), contextlib.ExitStack() as stack:
             groups = {
-                case: stack.enter_context(Group(n, env, work_dir / f"workers-{case}.log"))
+                case: stack.enter_context(
+                    Group(
+                        n,
+                        env | {"TP_WORKER_CPU_AFFINITY": AFFINITY[case]},
+                        work_dir / f"workers-{case}.log",
+                    )
+                )
                 for case, n in CASES.items()
             }
             caller = probes.sign_up(groups["one"].serving["grpc_port"])

@@ -13,8 +13,13 @@ from typing import Any
 
 from bench.report import Ratio, TargetResult, update_readme, write_json_and_text
 
-#: The two servers of a round, by their number of workers.
-CASES = {"one": 1, "two": 2}
+#: The servers of a round, by their number of workers: one; two pinned, one worker per
+#: CPU (``TP_WORKER_CPU_AFFINITY=auto``, the target's); two placed by the kernel (``off``,
+#: for comparison, no target).
+CASES = {"one": 1, "two": 2, "two_floating": 2}
+#: Each case's ``TP_WORKER_CPU_AFFINITY``.
+AFFINITY = {"one": "off", "two": "auto", "two_floating": "off"}
+LABELS = {"one": "1", "two": "2, pinned", "two_floating": "2, unpinned"}
 #: GetUser over gRPC (h2load), ``GET /v1/users/me`` over HTTP/JSON (wrk).
 TRANSPORTS = ("grpc", "json")
 #: Two workers' throughput over one's, on both transports (from the issue).
@@ -63,9 +68,9 @@ class Report:
         """The median of one number over the rounds."""
         return float(statistics.median(getattr(r, name) for r in self.runs_of(case, transport)))
 
-    def ratio(self, transport: str) -> Ratio:
-        """Two workers' throughput over one's, paired by round."""
-        pairs = zip(self.runs_of("two", transport), self.runs_of("one", transport), strict=True)
+    def ratio(self, transport: str, case: str = "two") -> Ratio:
+        """Two workers' (``case``) throughput over one's, paired by round."""
+        pairs = zip(self.runs_of(case, transport), self.runs_of("one", transport), strict=True)
         per_round = [a.requests_per_second / b.requests_per_second for a, b in pairs]
         return Ratio(statistics.median(per_round), per_round)
 
@@ -93,12 +98,16 @@ class Report:
 
         return {
             "benchmark": "the full server with 2 workers (TP_WORKERS=2) vs 1, PostgreSQL and "
-            "Redis: gRPC GetUser (h2load) and GET /v1/users/me (wrk)",
+            "Redis: gRPC GetUser (h2load) and GET /v1/users/me (wrk); two workers pinned "
+            "(TP_WORKER_CPU_AFFINITY=auto, the target's) and unpinned",
             "date": self.date,
             "machine": dict(self.machine),
             "server_settings": dict(self.server_settings),
             "plan": dict(self.plan),
             "ratios": {t: dataclasses.asdict(self.ratio(t)) for t in TRANSPORTS},
+            "ratios_unpinned": {
+                t: dataclasses.asdict(self.ratio(t, "two_floating")) for t in TRANSPORTS
+            },
             "target_results": [dataclasses.asdict(t) for t in self.targets()],
             "calls_per_worker": dict(self.calls_per_worker),
             "runs": [bare(r) for r in self.runs],
@@ -116,7 +125,7 @@ def render_table(report: Report) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for transport in TRANSPORTS:
-        for case, workers in CASES.items():
+        for case in CASES:
             runs = report.runs_of(case, transport)
 
             def m(name: str, case: str = case, transport: str = transport) -> float:
@@ -124,7 +133,7 @@ def render_table(report: Report) -> str:
 
             rounds = " / ".join(f"{r.requests_per_second:.0f}" for r in runs)
             lines.append(
-                f"| {'gRPC (h2load)' if transport == 'grpc' else 'JSON (wrk)'} | {workers} "
+                f"| {'gRPC (h2load)' if transport == 'grpc' else 'JSON (wrk)'} | {LABELS[case]} "
                 f"| {m('requests_per_second'):.0f} | {m('p50_ms'):.1f} | {m('p99_ms'):.1f} "
                 f"| {m('server_cpu_percent'):.0f} | {m('cpu_us_per_request'):.0f} "
                 f"| {m('other_cpu_percent'):.0f} | {rounds} |"
@@ -134,6 +143,11 @@ def render_table(report: Report) -> str:
         f"| {t.label} | {t.wanted} | {t.measured} | {'met' if t.met else '**missed**'} |"
         for t in report.targets()
     ]
+    unpinned = ", ".join(
+        f"{transport} {report.ratio(transport, 'two_floating').median:.3f}"
+        for transport in TRANSPORTS
+    )
+    lines += ["", f"No target: two unpinned workers / one: {unpinned}."]
     return "\n".join(lines)
 
 
@@ -154,7 +168,8 @@ def render_block(report: Report, json_name: str) -> str:
             (
                 f"Latest run: {report.date}, {machine.get('cpus')} CPUs "
                 f"({machine.get('cpu_model')}), Python {machine.get('python')}, "
-                f"{machine.get('postgres')}. {plan['rounds']} rounds, medians; nothing pinned. "
+                f"{machine.get('postgres')}. {plan['rounds']} rounds, medians; the load tool, "
+                "PostgreSQL and Redis unpinned. "
                 f"{plan['requests']} requests per h2load run, wrk {plan['wrk_seconds']} s per "
                 f"run, {plan['clients']} clients (connections) each. {code} "
                 f"Raw numbers: `results/{json_name}`."
@@ -173,7 +188,8 @@ def write_results(report: Report, directory: Path, stem: str) -> tuple[Path, Pat
     """``<stem>.json`` (the data) and ``<stem>.txt`` (the tables and the tools' output)."""
     sections = [render_table(report)]
     for run in report.runs:
-        sections += ["", f"--- round {run.round}, {run.case} worker(s), {run.transport} ---"]
+        what = f"{LABELS[run.case]} worker(s), {run.transport}"
+        sections += ["", f"--- round {run.round}, {what} ---"]
         sections += [run.command, run.output]
     return write_json_and_text(directory, stem, report.to_json(), sections)
 
