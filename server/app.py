@@ -84,7 +84,7 @@ class App:
             self._stopping.is_set,
         )
         self.methods, self.chains = self.api.methods, self.api.chains
-        self.supervisor = Supervisor(WorkerMetrics(self.registry))
+        self.supervisor = Supervisor(WorkerMetrics(self.registry), errors=self.infra.errors)
         self.server: grpc.aio.Server | None = None
         self.gateway: Gateway | None = None
         self.http: HttpServer | None = None

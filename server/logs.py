@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from server.redaction import redact
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 trace_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("trace_id", default="")
 #: Which process of a group (``TP_WORKERS``) writes: set once by :func:`configure`, before
@@ -69,8 +71,15 @@ class JsonFormatter(logging.Formatter):
             if not key.startswith("_"):
                 entry[key] = fields[key]
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = redact(self.formatException(record.exc_info))
         return orjson.dumps(entry, default=str).decode()
+
+
+class _TextFormatter(logging.Formatter):
+    """The text format, with tracebacks redacted as in JSON."""
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return redact(super().formatException(ei))
 
 
 class AccessLog:
@@ -117,9 +126,7 @@ def configure(level: str, fmt: str, process: Mapping[str, object] | None = None)
         handler.setFormatter(JsonFormatter())
     else:
         tag = "".join(f"{key}={value} " for key, value in fields)
-        handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s %(message)s")
-        )
+        handler.setFormatter(_TextFormatter(f"%(asctime)s %(levelname)s {tag}%(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -170,6 +170,21 @@ class Settings:
         default="none", metadata=_doc("Trace exporter: none, console or otlp")
     )
     otel_endpoint: str = field(default="", metadata=_doc("OTLP gRPC endpoint, host:port"))
+    slow_query_ms: float = field(
+        default=250.0,
+        metadata=_doc("Log a SQL statement that takes this long or longer, ms (0: never)"),
+    )
+    sentry_dsn: str = field(
+        default="",
+        metadata=_doc("Sentry DSN for unexpected errors (empty: no error tracking)"),
+    )
+    sentry_environment: str = field(
+        default="", metadata=_doc("Sentry environment (empty: TP_MODE)")
+    )
+    sentry_traces_sample_rate: float = field(
+        default=0.0,
+        metadata=_doc("Share of calls sent to Sentry as transactions, 0 to 1"),
+    )
     argon2_time_cost: int = field(default=3, metadata=_doc("Argon2id iterations"))
     argon2_memory_kib: int = field(default=65536, metadata=_doc("Argon2id memory, KiB"))
     argon2_parallelism: int = field(default=4, metadata=_doc("Argon2id lanes"))

@@ -70,6 +70,10 @@ def check(settings: Settings) -> None:  # noqa: PLR0912 - one flat list of check
             raise SettingsError(f"{env_name_of(name)} must be greater than zero")
     if settings.worker_cpu_affinity == "auto" and not hasattr(os, "sched_setaffinity"):
         raise SettingsError("TP_WORKER_CPU_AFFINITY=auto needs Linux (sched_setaffinity)")
+    if settings.slow_query_ms < 0:
+        raise SettingsError("TP_SLOW_QUERY_MS must not be negative")
+    if not 0.0 <= settings.sentry_traces_sample_rate <= 1.0:
+        raise SettingsError("TP_SENTRY_TRACES_SAMPLE_RATE must be between 0 and 1")
     if settings.shutdown_grace < 0:
         raise SettingsError("TP_SHUTDOWN_GRACE must not be negative")
     if settings.password_hash_concurrency < 0:

@@ -184,7 +184,7 @@ def _stages(infra: Infrastructure, areas: Areas, stream_limits: StreamLimitStage
             logging.getLogger("tunnelplane.streams"),
             infra.registry,
         ),
-        ErrorStage(log),
+        ErrorStage(log, infra.errors),
     ]
 
 

@@ -17,11 +17,13 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRat
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
-from server import keys
+from server import errortracking, keys
 from server.domain.common.clock import Clock
 from server.domain.common.listing import Lister, PageTokenCodec
+from server.errortracking import ErrorReporter
 from server.settings import Settings
 from server.storage.database import Database
+from server.storage.dbmetrics import DatabaseMetrics
 from server.storage.kv import MemoryStore, RedisStore, ResilientStore, redis_client
 from server.storage.sealing import Sealer
 from server.workers.supervisor import Loop
@@ -41,21 +43,25 @@ class Infrastructure:
     registry: CollectorRegistry
     lister: Lister
     tracer_provider: TracerProvider
+    #: Unexpected errors (Sentry when TP_SENTRY_DSN is set).
+    errors: ErrorReporter
 
     def loops(self) -> Sequence[Loop]:
         """None."""
         return ()
 
     async def aclose(self) -> None:
-        """Close the database's and Redis's connections; flush the spans."""
+        """Close the database's and Redis's connections; flush the spans and errors."""
         await self.db.dispose()
         await self.kv.close()
         self.tracer_provider.shutdown()
+        self.errors.close()
 
 
 def build(settings: Settings, clock: Clock) -> Infrastructure:
     """Connections are opened lazily, on first use."""
     material = keys.load(settings)
+    registry = CollectorRegistry()
     db = Database(
         settings.effective_database_url,
         replica_url=settings.database_replica_url,
@@ -63,6 +69,7 @@ def build(settings: Settings, clock: Clock) -> Infrastructure:
         statement_timeout=settings.database_statement_timeout,
         clock=clock,
         sealer=Sealer(material.secrets_keys),
+        metrics=DatabaseMetrics(registry, settings.slow_query_ms),
     )
     redis = redis_client(settings.redis_url) if settings.redis_url else None
     kv: ResilientStore | MemoryStore = MemoryStore()
@@ -80,9 +87,14 @@ def build(settings: Settings, clock: Clock) -> Infrastructure:
         db,
         redis,
         kv,
-        CollectorRegistry(),
+        registry,
         lister,
         tracer_provider(settings),
+        errortracking.start(
+            settings.sentry_dsn,
+            settings.sentry_environment or settings.mode,
+            settings.sentry_traces_sample_rate,
+        ),
     )
 
 

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +28,7 @@ from server.domain.common.clock import Clock
 from server.domain.common.errors import Unavailable
 from server.storage import sqlite_inline
 from server.storage.audit import SqlAuditRepository
+from server.storage.dbmetrics import DatabaseMetrics
 from server.storage.events import SqlEventRepository
 from server.storage.identity.api_keys import SqlApiKeyRepository
 from server.storage.identity.sessions import SqlSessionRepository
@@ -41,7 +43,7 @@ from server.storage.tunnels.sharing import SqlShareRepository
 from server.storage.tunnels.tunnels import SqlTunnelRepository
 from server.storage.webhooks.webhooks import SqlWebhookRepository
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tunnelplane.db")
 CONNECT_TIMEOUT = 5.0
 
 
@@ -151,6 +153,7 @@ class Database:
         statement_timeout: float = 10.0,
         clock: Clock,
         sealer: Sealer | None = None,
+        metrics: DatabaseMetrics | None = None,
     ) -> None:
         #: Seals secrets at rest. Without one (tools, tests) a key of this process alone
         #: seals: what it writes, only it can read.
@@ -163,19 +166,33 @@ class Database:
         )
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._clock = clock
+        self._waits: dict[bool, Any] = {}
+        if metrics is not None:
+            metrics.attach(self.engine, "primary")
+            self._waits[True] = self._waits[False] = metrics.wait.labels("primary")
+            if self.replica is not self.engine:
+                metrics.attach(self.replica, "replica")
+                self._waits[False] = metrics.wait.labels("replica")
         # SQLite runs on the loop thread and allows one writer: writers queue here.
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
     def __call__(self, *, readonly: bool = False) -> SqlUnitOfWork:
         """A unit of work; read-only ones go to the replica when there is one."""
         if readonly:
-            return SqlUnitOfWork(self.replica, write=False, clock=self._clock, sealer=self.sealer)
+            return SqlUnitOfWork(
+                self.replica,
+                write=False,
+                clock=self._clock,
+                sealer=self.sealer,
+                wait=self._waits.get(False),
+            )
         return SqlUnitOfWork(
             self.engine,
             write=True,
             clock=self._clock,
             write_lock=self._write_lock,
             sealer=self.sealer,
+            wait=self._waits.get(True),
         )
 
     async def ping(self) -> None:
@@ -219,8 +236,11 @@ class SqlUnitOfWork:
         clock: Clock,
         write_lock: asyncio.Lock | None = None,
         sealer: Sealer,
+        wait: Any = None,
     ) -> None:
         self._sealer = sealer
+        #: Observes how long the connection took to get (a histogram's child), if set.
+        self._wait = wait
         self._engine = engine
         self._write = write
         self._clock = clock
@@ -231,6 +251,7 @@ class SqlUnitOfWork:
     async def __aenter__(self) -> Self:
         if self._lock is not None:
             await self._lock.acquire()
+        started = time.perf_counter()
         try:
             conn = await self._engine.connect()
         except _UNAVAILABLE as exc:
@@ -239,6 +260,8 @@ class SqlUnitOfWork:
         except BaseException:
             self._release()
             raise
+        if self._wait is not None:
+            self._wait.observe(time.perf_counter() - started)
         self._conn = conn
         try:
             if self._write:

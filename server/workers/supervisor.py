@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from server.errortracking import ErrorReporter, NoReporter
+
 #: One round of a loop's work; returns the pause before the next round in seconds
 #: (``0``: at once), or ``None`` for the loop's interval.
 Step = Callable[[], Awaitable[float | None]]
@@ -115,9 +117,11 @@ class Supervisor:
         *,
         logger: logging.Logger = log,
         rng: random.Random | None = None,
+        errors: ErrorReporter | None = None,
     ) -> None:
         self._metrics = metrics
         self._log = logger
+        self._errors = errors or NoReporter()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self._loops: list[Loop] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -178,6 +182,8 @@ class Supervisor:
 
     async def _back_off(self, loop: Loop, failures: int, exc: Exception) -> None:
         self._metrics.errors.labels(loop.name).inc()
+        if failures == 1:  # once per run of failures, not once per retry
+            self._errors.capture(exc, {"loop": loop.name})
         delay = loop.backoff.delay(failures, self._rng)
         self._log.error(
             "background loop %s failed; restarting in %.3f s",

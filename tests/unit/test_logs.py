@@ -45,3 +45,16 @@ def test_ids_are_left_out_outside_a_call() -> None:
     entry = json.loads(stream.getvalue())
     assert "request_id" not in entry
     assert "trace_id" not in entry
+
+
+def test_a_logged_traceback_is_redacted() -> None:
+    token = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ1c3IifQ.c2ln"
+    error = RuntimeError(f"refused Bearer {token} for someone@example.com")
+    record = logging.LogRecord(
+        "tunnelplane.server", logging.ERROR, __file__, 1, "unhandled error", None,
+        (RuntimeError, error, None),
+    )  # fmt: skip
+    line = JsonFormatter().format(record)
+    assert token not in line
+    assert "someone@example.com" not in line
+    assert "Bearer [Filtered]" in json.loads(line)["exception"]
