@@ -21,7 +21,7 @@ LOCK := requirements.lock
 LOCK_COMPILE = $(BIN)/uv pip compile pyproject.toml --extra dev --universal --generate-hashes \
   --python-version 3.11 --custom-compile-command 'make lock'
 
-.PHONY: help install lock check-lock generate check-generated lint lint-deploy typecheck test run migrate bench clean
+.PHONY: help install lock check-lock generate check-generated lint lint-deploy lint-alerts typecheck test run migrate bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-17s %s\n", $$1, $$2}'
@@ -70,13 +70,14 @@ check-generated: generate ## Regenerate and fail if generated/ differs from what
 	  git diff --stat -- generated; echo "generated/ is stale: run 'make generate' and commit it"; exit 1; fi
 	@echo "generated/ is up to date"
 
-lint: $(STAMP) $(BUF) ## ruff (lint + format check); buf lint, format check and breaking check against main; deploy/ against the Kubernetes schema
+lint: $(STAMP) $(BUF) ## ruff (lint + format check); buf lint, format check and breaking check against main; deploy/ against the Kubernetes schema; the alert rules with promtool
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 	BUF=$(BUF) .ci/buf-breaking
 	$(MAKE) --no-print-directory lint-deploy
+	$(MAKE) --no-print-directory lint-alerts
 
 # kubernetes-validate ships the schemas (offline). --quiet prints only problems, and a kind
 # it has no schema for is only a warning to it, so any output at all fails the target.
@@ -85,6 +86,11 @@ lint-deploy: $(STAMP) ## Validate deploy/*.yaml (strict) against the Kubernetes 
 	@out=$$($(BIN)/kubernetes-validate --strict --quiet -k $(KUBERNETES_VERSION) $(MANIFESTS) 2>&1); \
 	  rc=$$?; if [ $$rc -ne 0 ] || [ -n "$$out" ]; then echo "$$out"; exit 1; fi
 	@echo "deploy/: $(words $(MANIFESTS)) files valid against Kubernetes $(KUBERNETES_VERSION) (strict)"
+
+lint-alerts: ## Check deploy/prometheus/alerts.yml with promtool and run its unit tests (Debian's prometheus package brings promtool)
+	@command -v promtool >/dev/null || (apt-get install -y -q prometheus >/dev/null || sudo apt-get install -y -q prometheus >/dev/null)
+	promtool check rules deploy/prometheus/alerts.yml
+	cd deploy/prometheus && promtool test rules alerts_test.yml
 
 typecheck: $(STAMP) ## mypy --strict on server/ and gateway/
 	$(BIN)/mypy
