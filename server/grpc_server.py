@@ -26,7 +26,7 @@ from server.domain.limits.rules import in_networks
 from server.interceptors.status import to_status
 from server.pipeline import Call, Handler, MethodInfo
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tunnelplane.grpc")
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"

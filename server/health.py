@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tunnelplane.health")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 Check = Callable[[], Awaitable[None]]

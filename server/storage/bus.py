@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from server.domain.events.bus import MemoryBus, QueueSubscription
 from server.domain.events.model import Event
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tunnelplane.bus")
 
 
 def encode(event: Event) -> bytes:

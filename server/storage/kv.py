@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tunnelplane.kv")
 
 
 class MemoryStore:

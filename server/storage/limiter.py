@@ -39,7 +39,7 @@ from server.storage.limiter_script import (
     keys_of,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("tunnelplane.limiter")
 #: A script run that takes longer fails, and the call is decided in process.
 REDIS_TIMEOUT = 0.25
 _REDIS_DOWN = (RedisError, OSError, TimeoutError)

@@ -28,6 +28,7 @@ from tunnelplane.v1 import (
     users_pb2_grpc,
 )
 
+from server.process_group import worker_cpu
 from tests.conftest import (
     REDIS_URL,
     create_postgres_database,
@@ -38,7 +39,6 @@ from tests.conftest import (
     require_redis,
 )
 from tests.helpers import PASSWORD, Watch, eventually, fails, unique_email
-from server.process_group import worker_cpu
 from tests.processes import ROOT, ServerProcess, child_env, run_cli, serving
 
 pytestmark = pytest.mark.slow
