@@ -11,8 +11,9 @@ import os
 import secrets
 import signal
 import sys
+from pathlib import Path
 
-from server import logs
+from server import backup, logs
 from server.app import App
 from server.domain.audit.model import AuditTrail, RequestContext
 from server.domain.common.errors import DomainError, NotFound
@@ -114,6 +115,27 @@ def run_serve(settings: Settings, worker_index: int | None, control_fd: int | No
     return asyncio.run(serve(settings))
 
 
+def run_backup(settings: Settings, args: argparse.Namespace) -> int:
+    """``backup``, ``restore`` or ``verify``: one line on stdout when done, the reason on
+    stderr (exit 1) when not."""
+    url = settings.effective_database_url
+    try:
+        if args.command == "backup":
+            directory = args.to or settings.backup_directory
+            made = backup.backup(url, directory, args.keep or settings.backup_keep)
+            print(f"backed up: {backup.describe(made)} in {directory}")
+        elif args.command == "restore":
+            restored = backup.restore(args.backup, url)
+            print(f"restored: {backup.describe(restored)}")
+        else:
+            counts = backup.verify(args.backup, url)
+            print(f"verified: {sum(counts.values())} rows in {len(counts)} tables match")
+    except backup.BackupError as exc:
+        print(f"{args.command} failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def serve_settings(workers: int | None) -> Settings:
     """The settings of ``serve``: ``--workers`` over ``TP_WORKERS``, checked for the shared
     backends that more than one worker needs."""
@@ -139,6 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     serving.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serving.add_argument("--control-fd", type=int, help=argparse.SUPPRESS)
     commands.add_parser("migrate", help="apply database migrations")
+    backing = commands.add_parser("backup", help="back the database up (see server/backup.py)")
+    backing.add_argument("--to", type=Path, help="directory (default: TP_BACKUP_DIR)")
+    backing.add_argument("--keep", type=int, help="backups kept (default: TP_BACKUP_KEEP)")
+    for name, what in (
+        ("restore", "restore a backup into the database (stop the server)"),
+        ("verify", "restore a backup into a scratch database and check it"),
+    ):
+        command = commands.add_parser(name, help=what)
+        command.add_argument("backup", type=Path, help="the backup file or its manifest")
     admin = commands.add_parser("create-admin", help="create or promote a super_admin")
     admin.add_argument("--email", required=True)
     admin.add_argument(
@@ -154,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return run_serve(settings, args.worker_index, args.control_fd)
+    if args.command in ("backup", "restore", "verify"):
+        return run_backup(settings, args)
     logs.configure(settings.log_level, settings.log_format)
     if args.command == "migrate":
         return asyncio.run(migrate(settings))

@@ -170,6 +170,14 @@ class Settings:
         default="none", metadata=_doc("Trace exporter: none, console or otlp")
     )
     otel_endpoint: str = field(default="", metadata=_doc("OTLP gRPC endpoint, host:port"))
+    backup_dir: str = field(
+        default="",
+        metadata=_doc(
+            "Where python -m server backup writes (empty: TP_DATA_DIR/backups); the server "
+            "reports the newest one's age from here"
+        ),
+    )
+    backup_keep: int = field(default=7, metadata=_doc("Backups kept; older ones are deleted"))
     slow_query_ms: float = field(
         default=250.0,
         metadata=_doc("Log a SQL statement that takes this long or longer, ms (0: never)"),
@@ -429,6 +437,11 @@ class Settings:
     def webhook_schedule(self) -> tuple[float, ...]:
         """The retry delays, s."""
         return tuple(float(part) for part in self.webhook_retry_schedule.split(","))
+
+    @property
+    def backup_directory(self) -> Path:
+        """Where backups go."""
+        return Path(self.backup_dir) if self.backup_dir else self.data_dir / "backups"
 
     @property
     def effective_database_url(self) -> str:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 #: Settings that must be greater than zero.
 POSITIVE = (
     "access_token_ttl",
+    "backup_keep",
     "refresh_token_ttl",
     "refresh_token_idle_ttl",
     "default_deadline",

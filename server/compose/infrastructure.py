@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from server import errortracking, keys
+from server.backup import BackupAge
 from server.domain.common.clock import Clock
 from server.domain.common.listing import Lister, PageTokenCodec
 from server.errortracking import ErrorReporter
@@ -62,6 +63,7 @@ def build(settings: Settings, clock: Clock) -> Infrastructure:
     """Connections are opened lazily, on first use."""
     material = keys.load(settings)
     registry = CollectorRegistry()
+    registry.register(BackupAge(settings.backup_directory))
     db = Database(
         settings.effective_database_url,
         replica_url=settings.database_replica_url,
