@@ -59,7 +59,10 @@ def error_tags(call: Call) -> dict[str, str]:
 
 
 def _retry_after(error: DomainError, call: Call) -> None:
+    """The error's own ``retry-after``, replacing any an earlier stage set: an error
+    response's header always says what its ``RetryInfo`` says."""
     seconds = getattr(error, "retry_after", None)
-    if seconds is None or any(key == "retry-after" for key, _ in call.trailers):
+    if seconds is None:
         return
+    call.trailers[:] = [(key, value) for key, value in call.trailers if key != "retry-after"]
     call.trailers.append(("retry-after", str(max(1, math.ceil(seconds)))))

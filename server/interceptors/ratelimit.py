@@ -242,7 +242,11 @@ class RateLimitStage:
         decision = await self._limiter.decide(check)
         if decision.quota_used > 0:
             self._usage.counted(check.quota_key, decision)
-        call.trailers.extend(rate_headers(decision, bucket))
+        call.trailers.extend(
+            rate_headers(decision, bucket, refused=False)
+            if exempt
+            else rate_headers(decision, bucket)
+        )
         if exempt:
             self._exempted(decision, subject, ip, method)
             return

@@ -443,6 +443,8 @@ async def test_exempt_role_is_never_limited_but_would_be_refusals_are_logged(
         (support.name, ip, "subject")
     }
     assert all(r[1]["x-ratelimit-limit"] == "120" for r in results)
+    # Answered, not refused: no Retry-After on any of them, over the limit or not.
+    assert all("retry-after" not in r[1] for r in results)
 
 
 async def test_exempt_method_is_never_limited(rc: Client, ip: str) -> None:

@@ -68,9 +68,12 @@ def _policy_headers(bucket: Bucket) -> tuple[tuple[str, str], tuple[str, str]]:
     )
 
 
-def rate_headers(decision: Decision, bucket: Bucket) -> list[tuple[str, str]]:
+def rate_headers(
+    decision: Decision, bucket: Bucket, *, refused: bool | None = None
+) -> list[tuple[str, str]]:
     """``X-RateLimit-*``, the IETF ``RateLimit-Policy``/``RateLimit`` fields and, on a
-    refusal, ``Retry-After``, all in seconds."""
+    refusal, ``Retry-After``, all in seconds. ``refused`` overrides the decision's verdict
+    (an exempt caller over its limit is answered, not refused: no ``Retry-After``)."""
     reset = max(0, math.ceil(decision.reset_ms / 1000))
     remaining = decision.remaining
     limit, policy = _policy_headers(bucket)
@@ -81,7 +84,7 @@ def rate_headers(decision: Decision, bucket: Bucket) -> list[tuple[str, str]]:
         policy,
         ("ratelimit", f'"default";r={remaining};t={reset}'),
     ]
-    if not decision.allowed:
+    if not decision.allowed if refused is None else refused:
         headers.append(("retry-after", str(max(1, math.ceil(decision.retry_after_ms / 1000)))))
     return headers
 
