@@ -30,7 +30,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 from tunnelplane.v1 import users_pb2
@@ -199,12 +199,7 @@ class Bench:
             requests=summary.total,
             seconds=summary.seconds,
             requests_per_second=summary.requests_per_second,
-            mean_ms=round(sum(latencies) / len(latencies), 3),
-            p50_ms=h2load.percentile(latencies, 0.50),
-            p90_ms=h2load.percentile(latencies, 0.90),
-            p95_ms=h2load.percentile(latencies, 0.95),
-            p99_ms=h2load.percentile(latencies, 0.99),
-            max_ms=latencies[-1],
+            **latency_fields(latencies),
             server_cpu_percent=usage[0].percent(),
             cpu_us_per_request=usage[0].per_request_us(summary.total),
             command=shlex.join(load.command(redact=True)),
@@ -280,6 +275,29 @@ def interleaved(
     return [merged(slices[name], latencies[name]) for name in (first, second)]
 
 
+class Latencies(TypedDict):
+    """A measurement's latency fields, ms."""
+
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+def latency_fields(latencies: Sequence[float]) -> Latencies:
+    """A measurement's latency fields from every request's latency, sorted, in ms."""
+    return {
+        "mean_ms": round(sum(latencies) / len(latencies), 3),
+        "p50_ms": h2load.percentile(latencies, 0.50),
+        "p90_ms": h2load.percentile(latencies, 0.90),
+        "p95_ms": h2load.percentile(latencies, 0.95),
+        "p99_ms": h2load.percentile(latencies, 0.99),
+        "max_ms": latencies[-1],
+    }
+
+
 def merged(runs: Sequence[Measurement], latencies: Sequence[float]) -> Measurement:
     """One measurement of several runs of one server: throughput over their summed time,
     CPU over their summed CPU time, percentiles over every request's latency."""
@@ -292,12 +310,7 @@ def merged(runs: Sequence[Measurement], latencies: Sequence[float]) -> Measureme
         requests=requests,
         seconds=round(seconds, 3),
         requests_per_second=round(requests / seconds, 2),
-        mean_ms=round(sum(latencies) / len(latencies), 3),
-        p50_ms=h2load.percentile(latencies, 0.50),
-        p90_ms=h2load.percentile(latencies, 0.90),
-        p95_ms=h2load.percentile(latencies, 0.95),
-        p99_ms=h2load.percentile(latencies, 0.99),
-        max_ms=latencies[-1],
+        **latency_fields(latencies),
         server_cpu_percent=round(100 * cpu / wall, 1),
         cpu_us_per_request=round(1e6 * cpu / requests, 1),
         output="\n\n".join(r.output for r in runs),
