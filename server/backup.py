@@ -71,6 +71,8 @@ class Manifest:
     def read(cls, path: Path) -> Manifest:
         """The manifest of backup ``path`` (the file, or its ``.json``)."""
         manifest = path if path.suffix == ".json" else path.with_name(path.name + ".json")
+        if not manifest.exists():
+            raise BackupError(f"{manifest}: no such manifest (a backup is a file and its .json)")
         try:
             data = json.loads(manifest.read_text())
             return cls(**data)
@@ -80,8 +82,8 @@ class Manifest:
     def write(self, directory: Path) -> Path:
         """Write the manifest beside its file; its path."""
         path = directory / f"{self.file}.json"
+        private_file(path)  # created 0600 before anything is in it
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
-        private_file(path)
         return path
 
 
@@ -120,19 +122,18 @@ def backup(url: str, directory: Path, keep: int) -> Manifest:
     """Back the database at ``url`` up into ``directory``; then keep the newest ``keep``."""
     if keep < 1:
         raise BackupError("keep at least one backup")
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     source = sqlite_path(url)
+    name = f"tunnelplane-{stamp}.{'sqlite' if source is not None else 'pgdump'}"
+    private_file(directory / name)  # created 0600 before anything is in it
     if source is not None:
-        name = f"tunnelplane-{stamp}.sqlite"
         rows, revision = _backup_sqlite(source, directory / name)
         backend = "sqlite"
     else:
-        name = f"tunnelplane-{stamp}.pgdump"
         rows, revision = _backup_postgres(url, directory / name)
         backend = "postgresql"
     target = directory / name
-    private_file(target)
     manifest = Manifest(
         file=name,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
@@ -269,8 +270,9 @@ def restore(path: Path, url: str) -> Manifest:
 def _restore_sqlite(file: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f".{target.name}.restoring")
+    staging.unlink(missing_ok=True)
+    private_file(staging)  # created 0600; the copy keeps the mode
     shutil.copyfile(file, staging)
-    private_file(staging)
     for suffix in ("-wal", "-shm"):  # the old database's journal must not be replayed
         target.with_name(target.name + suffix).unlink(missing_ok=True)
     staging.replace(target)

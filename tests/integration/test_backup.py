@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.request import urlopen
@@ -172,8 +173,12 @@ async def test_damaged_or_foreign_backups_are_refused_and_old_ones_pruned(
     for _ in range(3):
         ran = run_cli("backup", "--keep", "2", env=env)
         assert ran.returncode == 0, ran.stderr
+        assert ran.stderr == ""  # nothing to warn about: every file is made private
     manifests = sorted((tmp_path / "backups").glob("*.json"))
     assert len(manifests) == 2
+    # A backup holds what the database holds: this user's alone.
+    assert stat.S_IMODE((tmp_path / "backups").stat().st_mode) == 0o700
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "backups").iterdir()} == {0o600}
     assert len(list((tmp_path / "backups").glob("*.sqlite"))) == 2
 
     newest = Manifest.read(manifests[-1])
