@@ -27,6 +27,7 @@ from server.storage.database import Database
 from server.storage.dbmetrics import DatabaseMetrics
 from server.storage.kv import MemoryStore, RedisStore, ResilientStore, redis_client
 from server.storage.sealing import Sealer
+from server.storage.tracing import trace_engine, trace_redis
 from server.workers.supervisor import Loop
 
 
@@ -74,6 +75,12 @@ def build(settings: Settings, clock: Clock) -> Infrastructure:
         metrics=DatabaseMetrics(registry, settings.slow_query_ms),
     )
     redis = redis_client(settings.redis_url) if settings.redis_url else None
+    provider = tracer_provider(settings)
+    if settings.otel_exporter != "none":
+        for engine in {id(e): e for e in (db.engine, db.replica)}.values():
+            trace_engine(engine, provider)
+        if redis is not None:
+            trace_redis(redis, provider)
     kv: ResilientStore | MemoryStore = MemoryStore()
     if redis is not None:
         kv = ResilientStore(RedisStore(redis, settings.redis_prefix), MemoryStore())
@@ -91,7 +98,7 @@ def build(settings: Settings, clock: Clock) -> Infrastructure:
         kv,
         registry,
         lister,
-        tracer_provider(settings),
+        provider,
         errortracking.start(
             settings.sentry_dsn,
             settings.sentry_environment or settings.mode,
