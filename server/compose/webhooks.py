@@ -14,6 +14,7 @@ from server.domain.webhooks.endpoints import WebhookPolicy
 from server.domain.webhooks.service import WebhookService
 from server.settings import Settings
 from server.storage.database import Database
+from server.storage.tracing import http_trace_config
 from server.workers.supervisor import Loop
 from server.workers.webhook_http import WebhookSender
 from server.workers.webhook_metrics import DispatchMetrics
@@ -58,6 +59,9 @@ def build(
         # checked after DNS on every new connection (SSRF, DNS rebinding).
         allow=public_only if settings.webhook_public_only else None,
         max_connections=settings.webhook_concurrency,
+        trace_configs=[http_trace_config(infra.tracer_provider)]
+        if settings.otel_exporter != "none"
+        else (),
     )
     dispatcher = WebhookDispatcher(
         db,

@@ -21,7 +21,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -122,6 +122,7 @@ class WebhookSender:
         allow: AddressRule | None = None,
         max_connections: int = 200,
         user_agent: str = "Tunnelplane-Webhooks/1",
+        trace_configs: Sequence[aiohttp.TraceConfig] = (),
     ) -> None:
         if timeout <= 0 or max_connections < 1:
             raise ValueError("timeout must be positive and max_connections at least 1")
@@ -130,6 +131,8 @@ class WebhookSender:
         self._allow = allow
         self._max_connections = max_connections
         self._user_agent = user_agent
+        #: Client spans of each attempt, when spans are exported (server/storage/tracing.py).
+        self._trace_configs = list(trace_configs)
         self._session: aiohttp.ClientSession | None = None
 
     async def send(self, url: str, body: bytes, headers: Mapping[str, str]) -> AttemptResult:
@@ -188,6 +191,7 @@ class WebhookSender:
             # The whole attempt is bounded by asyncio.timeout in send.
             timeout=aiohttp.ClientTimeout(),
             trust_env=False,
+            trace_configs=self._trace_configs or None,
         )
         return self._session
 

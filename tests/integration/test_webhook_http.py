@@ -17,8 +17,13 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from server.domain.common.addresses import public_only
+from server.storage.tracing import http_trace_config
 from server.workers.webhook_http import EXCERPT_BYTES, AttemptResult, WebhookSender
 from tests.certs import self_signed
 
@@ -359,3 +364,24 @@ async def test_close_is_idempotent(receiver: Receiver) -> None:
     assert (await used.send(receiver.url("/ok"), PAYLOAD, {})).status == 200
     await used.close()
     await used.close()
+
+
+async def test_attempts_are_client_spans_without_the_urls_secrets(receiver: Receiver) -> None:
+    provider = TracerProvider()
+    exported = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    traced = WebhookSender(timeout=5.0, trace_configs=[http_trace_config(provider)])
+    try:
+        result = await traced.send(
+            receiver.url("/ok?token=s3cr3t-in-query"), b"{}", {"X-Test": "1"}
+        )
+    finally:
+        await traced.close()
+    assert result.status == 200
+    (span,) = exported.get_finished_spans()
+    assert span.kind == SpanKind.CLIENT
+    attributes = dict(span.attributes or {})
+    url = str(attributes.get("http.url") or attributes.get("url.full"))
+    assert url == receiver.url("/ok")
+    assert "s3cr3t" not in str(attributes)
+    assert attributes.get("http.status_code", attributes.get("http.response.status_code")) == 200
