@@ -30,7 +30,6 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -349,8 +348,3 @@ def describe(manifest: Manifest) -> str:
         f"{len(manifest.rows)} tables, schema {manifest.schema_revision}, "
         f"sha256 {manifest.sha256[:16]}…, made {manifest.created_at}"
     )
-
-
-def age_seconds(manifest: Manifest) -> float:
-    """How old a backup is."""
-    return time.time() - datetime.fromisoformat(manifest.created_at).timestamp()

@@ -48,11 +48,14 @@ _DROPPED = ("request", "user", "breadcrumbs", "extra")
 class ErrorReporter(Protocol):
     """Where unexpected errors go."""
 
+    #: Whether calls are sent as transactions too (only then is :meth:`transaction` used).
+    traces: bool
+
     def capture(self, error: BaseException, tags: Mapping[str, str]) -> None:
         """Report ``error`` with ``tags``."""
 
     def transaction(self, name: str) -> contextlib.AbstractContextManager[object]:
-        """A block timed as a transaction called ``name`` (when sampled)."""
+        """A block timed as a transaction called ``name`` (sampled by the SDK)."""
 
     def close(self) -> None:
         """Send what is queued (briefly) and stop."""
@@ -60,6 +63,8 @@ class ErrorReporter(Protocol):
 
 class NoReporter:
     """No error tracking (``TP_SENTRY_DSN`` unset)."""
+
+    traces = False
 
     def capture(self, error: BaseException, tags: Mapping[str, str]) -> None:
         """Nothing to do."""
@@ -76,7 +81,7 @@ class SentryReporter:
     """Sends unexpected errors to Sentry (:func:`start`)."""
 
     def __init__(self, traces: bool) -> None:
-        self._traces = traces
+        self.traces = traces
 
     def capture(self, error: BaseException, tags: Mapping[str, str]) -> None:
         """One event, with ``tags`` on a scope of its own."""
@@ -87,9 +92,7 @@ class SentryReporter:
             scope.capture_exception(error)
 
     def transaction(self, name: str) -> contextlib.AbstractContextManager[object]:
-        """A Sentry transaction for the call, when the sample rate is above 0."""
-        if not self._traces:
-            return contextlib.nullcontext()
+        """A Sentry transaction for the call."""
         return _transaction(name)
 
     def close(self) -> None:

@@ -32,8 +32,7 @@ class ErrorStage:
 
         async def handle(request: Message, call: Call) -> Message:
             try:
-                with reporter.transaction(name):
-                    return await handler(request, call)
+                return await handler(request, call)
             except DomainError as exc:
                 _retry_after(exc, call)
                 raise
@@ -42,7 +41,14 @@ class ErrorStage:
                 reporter.capture(exc, error_tags(call))
                 raise Internal() from None
 
-        return handle
+        if not reporter.traces:  # no per-call transaction unless calls are sampled
+            return handle
+
+        async def traced(request: Message, call: Call) -> Message:
+            with reporter.transaction(name):
+                return await handle(request, call)
+
+        return traced
 
 
 def error_tags(call: Call) -> dict[str, str]:

@@ -242,10 +242,9 @@ class RateLimitStage:
         decision = await self._limiter.decide(check)
         if decision.quota_used > 0:
             self._usage.counted(check.quota_key, decision)
+        # An exempt caller over its limit is answered, not refused: no Retry-After.
         call.trailers.extend(
-            rate_headers(decision, bucket, refused=False)
-            if exempt
-            else rate_headers(decision, bucket)
+            rate_headers(decision, bucket, refused=not (exempt or decision.allowed))
         )
         if exempt:
             self._exempted(decision, subject, ip, method)

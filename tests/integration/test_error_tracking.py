@@ -192,3 +192,23 @@ async def test_a_failing_background_loop_is_reported_once_per_run_of_failures(
     assert [event["tags"]["loop"] for event in events] == ["flaky"]
     assert events[0]["exception"]["values"][0]["type"] == "ValueError"
     assert SECRET_EMAIL.encode() not in b"".join(receiver.envelopes)
+
+
+async def test_sampled_calls_are_sent_as_transactions_named_after_the_method(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    dsn = f"http://publickey@127.0.0.1:{receiver.port}/9"
+    async with (
+        sqlite_server(tmp_path, sentry_dsn=dsn, sentry_traces_sample_rate=1.0) as app,
+        grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel,
+    ):
+        client = Client(app, channel)
+        user = await client.new_user()
+        await client.users.GetUser(
+            users_pb2.GetUserRequest(name="users/me"), metadata=user.metadata
+        )
+        await flush()
+    names = {item["transaction"] for item in receiver.items("transaction")}
+    assert "/tunnelplane.v1.UserService/GetUser" in names
+    assert receiver.items("event") == []
+    assert user.email.encode() not in b"".join(receiver.envelopes)
