@@ -42,9 +42,8 @@ HOP_BY_HOP = frozenset(
 #: Metadata keys that are also sent as plain HTTP headers.
 PLAIN_RESPONSE_HEADERS = frozenset(
     {
-        "x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "ratelimit-policy",
-        "ratelimit", "retry-after", "set-cookie", "location", "etag", "deprecation", "sunset",
-        "link", "x-request-id", "cache-control",
+        "ratelimit-policy", "ratelimit", "retry-after", "set-cookie", "location", "etag",
+        "deprecation", "sunset", "link", "x-request-id", "cache-control",
     }
 )  # fmt: skip
 #: Metadata keys only ever sent as their plain header, never mirrored as a readable
@@ -216,3 +215,27 @@ def _out(
     if key in PLAIN_RESPONSE_HEADERS and (key == "set-cookie" or key not in plain):
         plain.add(key)
         headers.append((key.encode(), encoded))
+        if key in _LEGACY_RATE_FIELDS:
+            _legacy_rate_headers(headers, plain, key, text)
+
+
+#: The IETF rate-limit fields and the ``X-RateLimit-*`` headers each one's parameters give.
+_LEGACY_RATE_FIELDS = {
+    "ratelimit-policy": (("q", "x-ratelimit-limit"),),
+    "ratelimit": (("r", "x-ratelimit-remaining"), ("t", "x-ratelimit-reset")),
+}
+_RATE_PARAMETER = re.compile(r";\s*([a-z]+)=([0-9]{1,15})(?=;|$)")
+
+
+def _legacy_rate_headers(
+    headers: list[tuple[bytes, bytes]], plain: set[str], key: str, value: str
+) -> None:
+    """HTTP clients also get the de-facto ``X-RateLimit-Limit``/``-Remaining``/``-Reset``.
+    The server sends only the IETF pair over gRPC (each metadata entry costs every call);
+    the trio is the same numbers: ``q`` of the policy, ``r`` and ``t`` of the current
+    window."""
+    parameters = dict(_RATE_PARAMETER.findall(value))
+    for name, header in _LEGACY_RATE_FIELDS[key]:
+        if name in parameters and header not in plain:
+            plain.add(header)
+            headers.append((header.encode(), parameters[name].encode()))

@@ -14,6 +14,8 @@ import orjson
 import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway import errors, headers
 from gateway.app import GatewayOptions
@@ -600,3 +602,41 @@ async def test_body_at_the_limit_is_accepted(strict_gw: Running) -> None:
     response = await strict_gw.http.post("/v1/echo", content=body)
     assert response.status_code == 200
     assert response.json()["stringValue"] == "z" * (1024 - len(prefix) - len(suffix))
+
+
+# --- rate-limit headers -----------------------------------------------------------------
+
+
+@given(
+    limit=st.integers(0, 10**12), remaining=st.integers(0, 10**12), reset=st.integers(0, 10**9),
+    refused=st.booleans(),
+)  # fmt: skip
+def test_http_gets_the_x_ratelimit_trio_from_the_ietf_pair(
+    limit: int, remaining: int, reset: int, refused: bool
+) -> None:
+    """gRPC carries only RateLimit-Policy/RateLimit; HTTP clients get the same numbers as
+    X-RateLimit-*, whether the metadata came as headers or as the trailers of an error."""
+    pair = [
+        ("ratelimit-policy", f'"default";q={limit};w=60;burst=3'),
+        ("ratelimit", f'"default";r={remaining};t={reset}'),
+    ]
+    sent = (
+        headers.outbound([], pair, trailers_wanted=False)
+        if refused
+        else (headers.outbound(pair, [], trailers_wanted=False))
+    )
+    plain = {k.decode(): v.decode() for k, v in sent if not k.startswith(b"Grpc-")}
+    assert plain == {
+        "ratelimit-policy": pair[0][1], "ratelimit": pair[1][1],
+        "x-ratelimit-limit": str(limit), "x-ratelimit-remaining": str(remaining),
+        "x-ratelimit-reset": str(reset),
+    }  # fmt: skip
+
+
+@given(value=st.text(max_size=60))
+def test_a_malformed_ratelimit_field_derives_nothing_it_cannot_read(value: str) -> None:
+    sent = headers.outbound([("ratelimit", value)], [], trailers_wanted=False)
+    for key, header in sent:
+        if key.startswith(b"x-ratelimit-"):
+            assert header.isdigit()
+            assert f"={header.decode()}" in value

@@ -141,18 +141,14 @@ async def test_headers_on_admission_and_refusal() -> None:
     bucket = Bucket(limit=60, burst=2)
     first = await limiter.decide(check(bucket, EPOCH))
     assert dict(rate_headers(first, bucket)) == {
-        "x-ratelimit-limit": "60",
-        "x-ratelimit-remaining": "1",
-        "x-ratelimit-reset": "1",
         "ratelimit-policy": '"default";q=60;w=60;burst=2',
         "ratelimit": '"default";r=1;t=1',
     }
     await limiter.decide(check(bucket, EPOCH))
     refused = await limiter.decide(check(bucket, EPOCH + 100))
     headers = dict(rate_headers(refused, bucket))
-    assert headers["x-ratelimit-remaining"] == "0"
     assert headers["retry-after"] == str(math.ceil(900 / 1000))
-    assert headers["x-ratelimit-reset"] == "2"  # 1.9 s until the bucket is empty again
+    assert headers["ratelimit"] == '"default";r=0;t=2'  # 1.9 s until the bucket is empty
 
 
 async def test_quota_counts_once_per_request_id() -> None:

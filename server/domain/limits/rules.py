@@ -61,29 +61,22 @@ def gcra(
 
 
 @functools.lru_cache(maxsize=256)
-def _policy_headers(bucket: Bucket) -> tuple[tuple[str, str], tuple[str, str]]:
-    return (
-        ("x-ratelimit-limit", str(bucket.limit)),
-        ("ratelimit-policy", f'"default";q={bucket.limit};w=60;burst={bucket.burst}'),
-    )
+def _policy_header(bucket: Bucket) -> tuple[str, str]:
+    return ("ratelimit-policy", f'"default";q={bucket.limit};w=60;burst={bucket.burst}')
 
 
 def rate_headers(
     decision: Decision, bucket: Bucket, *, refused: bool | None = None
 ) -> list[tuple[str, str]]:
-    """``X-RateLimit-*``, the IETF ``RateLimit-Policy``/``RateLimit`` fields and, on a
-    refusal, ``Retry-After``, all in seconds. ``refused`` overrides the decision's verdict
-    (an exempt caller over its limit is answered, not refused: no ``Retry-After``)."""
+    """The IETF ``RateLimit-Policy``/``RateLimit`` fields and, on a refusal,
+    ``Retry-After``, all in seconds. ``refused`` overrides the decision's verdict (an exempt
+    caller over its limit is answered, not refused: no ``Retry-After``).
+
+    Only the IETF pair travels as gRPC metadata: it carries limit, remaining and reset, and
+    every entry costs each call (see bench/README.md). The gateway derives the
+    ``X-RateLimit-*`` trio from it for HTTP (``gateway.headers``)."""
     reset = max(0, math.ceil(decision.reset_ms / 1000))
-    remaining = decision.remaining
-    limit, policy = _policy_headers(bucket)
-    headers = [
-        limit,
-        ("x-ratelimit-remaining", str(remaining)),
-        ("x-ratelimit-reset", str(reset)),
-        policy,
-        ("ratelimit", f'"default";r={remaining};t={reset}'),
-    ]
+    headers = [_policy_header(bucket), ("ratelimit", f'"default";r={decision.remaining};t={reset}')]
     if not decision.allowed if refused is None else refused:
         headers.append(("retry-after", str(max(1, math.ceil(decision.retry_after_ms / 1000)))))
     return headers
