@@ -65,7 +65,8 @@ local function gcra(key, interval, burst, cost, max_wait)
     local wait = 0
     local remaining = 0
     if diff >= -TOLERANCE then
-      remaining = math.floor((math.max(diff, 0) + TOLERANCE) / interval)
+      remaining = math.min(math.floor((math.max(diff, 0) + TOLERANCE) / interval), burst - cost)
+      if remaining < 0 then remaining = 0 end
     else
       wait = math.ceil(-diff)
     end

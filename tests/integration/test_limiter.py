@@ -768,3 +768,23 @@ async def test_the_redis_limiter_signs_in_selects_its_database_and_recovers() ->
     finally:
         for client in (good_client, bad_client):
             await client.aclose()
+
+
+async def test_a_very_fast_bucket_counts_no_more_than_its_burst_in_redis() -> None:
+    """The script clamps ``remaining`` as the in-process arithmetic does: with an interval
+    far below the tolerance, the tolerance alone would add calls to the count."""
+    require_redis()
+    client = await connected()
+    prefix = redis_prefix()
+    exact = RedisLimiter(client, prefix)
+    huge = Bucket(10**9, 10**9)
+    try:
+        check = Check(subject="users/fast", ip="10.0.0.9", subject_bucket=huge, ip_bucket=huge)
+        assert (await exact.decide(check)).remaining == 10**9 - 1
+        assert (await MemoryLimiter().decide(check)).remaining == 10**9 - 1
+    finally:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await exact.close()
+        await client.aclose()

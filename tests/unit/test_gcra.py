@@ -262,3 +262,13 @@ def test_only_a_genuine_retry_has_the_same_retry_key() -> None:
     # Parts cannot run into each other: "a" + "bc" is not "ab" + "c".
     assert retry_key("a", "bc", "r", b"") != retry_key("ab", "c", "r", b"")
     assert len(retry_key(*base[:3], b"x" * 100_000)) == len(retry_key(*base))
+
+
+@given(limit=st.integers(10**5, 10**12), burst=st.integers(1, 10**9), cost=st.integers(1, 3))
+def test_remaining_never_exceeds_what_the_burst_leaves(limit: int, burst: int, cost: int) -> None:
+    """A very fast bucket (an interval far below the tolerance) still counts exactly: a
+    fresh bucket has ``burst - cost`` left after the first call, never more."""
+    bucket = Bucket(limit=limit, burst=burst)
+    decision = asyncio.run(MemoryLimiter().decide(check(bucket, EPOCH, cost=cost)))
+    assert decision.allowed == (cost <= burst)
+    assert decision.remaining == max(0, burst - cost)

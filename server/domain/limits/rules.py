@@ -48,7 +48,13 @@ def gcra(
     diff = now - allow_at
     if diff >= -TOLERANCE_MS or -diff <= max_wait:
         wait = 0 if diff >= -TOLERANCE_MS else math.ceil(-diff)
-        remaining = math.floor((max(diff, 0) + TOLERANCE_MS) / interval) if not wait else 0
+        # Never more than the burst leaves: the tolerance alone would add TOLERANCE_MS /
+        # interval calls to a very fast bucket's count.
+        remaining = (
+            max(0, min(math.floor((max(diff, 0) + TOLERANCE_MS) / interval), bucket.burst - cost))
+            if not wait
+            else 0
+        )
         reset = math.ceil(new_tat - now)
         return GcraResult(
             allowed=True, tat=stored(new_tat), wait_ms=wait, retry_after_ms=0,
