@@ -54,6 +54,8 @@ class MethodPolicy:
     stream_limit: str = ""
     #: The access cookie may authenticate the call (a safe, read-only stream).
     cookie_auth: bool = False
+    #: Safe: every HTTP binding is a GET, so the method changes nothing and may run again.
+    safe: bool = False
 
 
 def policy_of(method: MethodDescriptor) -> MethodPolicy:
@@ -97,7 +99,13 @@ def policy_of(method: MethodDescriptor) -> MethodPolicy:
         require_tls=raw.require_tls,
         stream_limit=raw.stream_limit,
         cookie_auth=raw.cookie_auth,
+        safe=_safe(method),
     )
+
+
+def _safe(method: MethodDescriptor) -> bool:
+    rules = _http_rules(method)
+    return bool(rules) and all(rule.WhichOneof("pattern") == "get" for rule in rules)
 
 
 def _check_stream_limit(method: MethodDescriptor, limit: str) -> None:

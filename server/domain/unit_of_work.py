@@ -69,6 +69,11 @@ class UnitOfWork(Protocol):
 
 
 class UnitOfWorkFactory(Protocol):
-    """Makes units of work; ``readonly`` ones may be served by a read replica."""
+    """Makes units of work.
 
-    def __call__(self, *, readonly: bool = False) -> UnitOfWork: ...
+    ``readonly``: no writes, on the primary (what authentication, authorization, resumes
+    and read-before-write need). ``lag_tolerant``: no writes, and a read replica may serve
+    it, up to ``TP_REPLICA_MAX_LAG`` behind, except for a caller who has just written (the
+    API's own reads: gets and lists)."""
+
+    def __call__(self, *, readonly: bool = False, lag_tolerant: bool = False) -> UnitOfWork: ...

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from google.protobuf.message import Message
 
+from server.consistency import reader_var
 from server.cookies import ACCESS_COOKIE, read_cookie
 from server.domain.common.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from server.domain.common.names import owner_of
@@ -87,7 +88,13 @@ class AuthenticateStage:
             else:
                 if principal is not None:
                     call.principal = principal
-            return await handler(request, call)
+            # Whose reads these are (read-your-writes on a read replica), for this call
+            # only: an embedded gateway serves several calls in one task.
+            token = reader_var.set(call.principal.user_id if call.principal else "")
+            try:
+                return await handler(request, call)
+            finally:
+                reader_var.reset(token)
 
         return handle
 

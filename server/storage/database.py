@@ -1,4 +1,5 @@
-"""Engines (primary and optional read replica) and the unit of work.
+"""Engines (primary and optional read replica, routed by ``server.storage.replica``) and
+the unit of work.
 
 SQLite is the embedded default: WAL, foreign keys on, and write transactions opened
 with ``BEGIN IMMEDIATE`` so that two writers queue instead of failing half-way with
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +27,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from server.domain.common.clock import Clock
-from server.domain.common.errors import Unavailable
+from server.domain.common.errors import DatabaseUnavailable
 from server.storage import sqlite_inline
 from server.storage.audit import SqlAuditRepository
 from server.storage.dbmetrics import DatabaseMetrics
@@ -37,6 +39,7 @@ from server.storage.limits.usage import SqlRequestUsageRepository
 from server.storage.limits.violations import SqlViolationRepository
 from server.storage.operations import SqlOperationRepository
 from server.storage.proxies.proxies import SqlProxyRepository
+from server.storage.replica import ReplicaMetrics, ReplicaRouter
 from server.storage.sealing import Sealer
 from server.storage.tunnels.agents import SqlAgentRepository
 from server.storage.tunnels.sharing import SqlShareRepository
@@ -48,15 +51,30 @@ CONNECT_TIMEOUT = 5.0
 
 
 def normalize_url(url: str) -> str:
-    """Pick the async driver: ``postgresql://`` -> psycopg, ``sqlite://`` -> aiosqlite."""
+    """Pick the async driver: ``postgresql://`` -> psycopg, ``sqlite://`` -> aiosqlite.
+
+    A libpq multi-host URL (``postgresql://user@h1:5432,h2:5432/db?target_session_attrs=
+    read-write``) becomes SQLAlchemy's spelling of it (``...@/db?host=h1:5432&host=h2:5432
+    &...``): libpq then tries the hosts in order and keeps the first that matches
+    ``target_session_attrs``, which is how a failover reaches the promoted replica."""
     for plain, driver in (
         ("postgresql://", "postgresql+psycopg://"),
         ("postgres://", "postgresql+psycopg://"),
         ("sqlite://", "sqlite+aiosqlite://"),
     ):
         if url.startswith(plain):
-            return driver + url[len(plain) :]
-    return url
+            url = driver + url[len(plain) :]
+            break
+    match = _MULTI_HOST.match(url)
+    if match is None:
+        return url
+    scheme, user, hosts, path, query = match.groups()
+    listed = "&".join(f"host={host}" for host in hosts.split(",") if host)
+    rest = f"&{query[1:]}" if query else ""
+    return f"{scheme}{user or ''}{path or '/'}?{listed}{rest}"
+
+
+_MULTI_HOST = re.compile(r"^(postgresql\+psycopg://)([^@/?]*@)?([^/?@]*,[^/?@]*)(/[^?]*)?(\?.*)?$")
 
 
 def make_engine(
@@ -149,20 +167,30 @@ class Database:
         url: str,
         *,
         replica_url: str = "",
+        replica_max_lag: float = 5.0,
+        probe_interval: float = 5.0,
         pool_size: int = 10,
         statement_timeout: float = 10.0,
         clock: Clock,
         sealer: Sealer | None = None,
         metrics: DatabaseMetrics | None = None,
+        replica_metrics: ReplicaMetrics | None = None,
     ) -> None:
         #: Seals secrets at rest. Without one (tools, tests) a key of this process alone
         #: seals: what it writes, only it can read.
         self.sealer = sealer or Sealer([os.urandom(32)])
         self.engine = make_engine(url, pool_size=pool_size, statement_timeout=statement_timeout)
-        self.replica = (
-            make_engine(replica_url, pool_size=pool_size, statement_timeout=statement_timeout)
+        #: Where lag-tolerant reads go (``None``: no replica, every unit on the primary).
+        self.router = (
+            ReplicaRouter(
+                self.engine,
+                make_engine(replica_url, pool_size=pool_size, statement_timeout=statement_timeout),
+                max_lag=replica_max_lag,
+                probe_interval=probe_interval,
+                metrics=replica_metrics,
+            )
             if replica_url
-            else self.engine
+            else None
         )
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self._clock = clock
@@ -170,21 +198,38 @@ class Database:
         if metrics is not None:
             metrics.attach(self.engine, "primary")
             self._waits[True] = self._waits[False] = metrics.wait.labels("primary")
-            if self.replica is not self.engine:
-                metrics.attach(self.replica, "replica")
+            if self.router is not None:
+                metrics.attach(self.router.replica, "replica")
                 self._waits[False] = metrics.wait.labels("replica")
         # SQLite runs on the loop thread and allows one writer: writers queue here.
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
-    def __call__(self, *, readonly: bool = False) -> SqlUnitOfWork:
-        """A unit of work; read-only ones go to the replica when there is one."""
-        if readonly:
+    @property
+    def replica(self) -> AsyncEngine:
+        """The read replica's engine (the primary's when there is none)."""
+        return self.router.replica if self.router is not None else self.engine
+
+    def __call__(self, *, readonly: bool = False, lag_tolerant: bool = False) -> SqlUnitOfWork:
+        """A unit of work. Read-only ones run on the primary, in a transaction that writes
+        nothing; ``lag_tolerant`` ones on the replica while the router allows it."""
+        router = self.router
+        if lag_tolerant and router is not None:
+            engine, on_replica = router.engine_for_read()
             return SqlUnitOfWork(
-                self.replica,
+                engine,
                 write=False,
                 clock=self._clock,
                 sealer=self.sealer,
-                wait=self._waits.get(False),
+                wait=self._waits.get(not on_replica),
+                fallback=(self.engine, router.connect_failed) if on_replica else None,
+            )
+        if readonly or lag_tolerant:
+            return SqlUnitOfWork(
+                self.engine,
+                write=False,
+                clock=self._clock,
+                sealer=self.sealer,
+                wait=self._waits.get(True),
             )
         return SqlUnitOfWork(
             self.engine,
@@ -193,6 +238,7 @@ class Database:
             write_lock=self._write_lock,
             sealer=self.sealer,
             wait=self._waits.get(True),
+            committed=router.wrote if router is not None else None,
         )
 
     async def ping(self) -> None:
@@ -203,8 +249,8 @@ class Database:
     async def dispose(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
-        if self.replica is not self.engine:
-            await self.replica.dispose()
+        if self.router is not None:
+            await self.router.replica.dispose()
 
 
 _UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError, OSError, TimeoutError)
@@ -237,8 +283,14 @@ class SqlUnitOfWork:
         write_lock: asyncio.Lock | None = None,
         sealer: Sealer,
         wait: Any = None,
+        fallback: tuple[AsyncEngine, Callable[[], None]] | None = None,
+        committed: Callable[[], None] | None = None,
     ) -> None:
         self._sealer = sealer
+        #: Where to go, and whom to tell, when ``engine`` (a replica) cannot be reached.
+        self._fallback = fallback
+        #: Told after a write unit committed (read-your-writes on a replica).
+        self._committed = committed
         #: Observes how long the connection took to get (a histogram's child), if set.
         self._wait = wait
         self._engine = engine
@@ -251,28 +303,22 @@ class SqlUnitOfWork:
     async def __aenter__(self) -> Self:
         if self._lock is not None:
             await self._lock.acquire()
-        started = time.perf_counter()
         try:
-            conn = await self._engine.connect()
+            conn = await self._open(self._engine)
         except _UNAVAILABLE as exc:
-            self._release()
-            raise Unavailable("the database is unavailable", retry_after=1.0) from exc
+            if self._fallback is None:
+                self._release()
+                raise DatabaseUnavailable("the database is unavailable", retry_after=1.0) from exc
+            primary, tell = self._fallback
+            tell()  # the replica went away: this read, and the next ones, go to the primary
+            try:
+                conn = await self._open(primary)
+            except _UNAVAILABLE as again:
+                raise DatabaseUnavailable("the database is unavailable", retry_after=1.0) from again
         except BaseException:
             self._release()
             raise
-        if self._wait is not None:
-            self._wait.observe(time.perf_counter() - started)
         self._conn = conn
-        try:
-            if self._write:
-                await conn.execution_options(tp_write=True)
-            await conn.begin()
-        except BaseException as exc:
-            await conn.close()
-            self._release()
-            if isinstance(exc, _UNAVAILABLE):
-                raise Unavailable("the database is unavailable", retry_after=1.0) from exc
-            raise
         self.users = SqlUserRepository(conn)
         self.avatars = SqlAvatarRepository(conn)
         self.sessions = SqlSessionRepository(conn)
@@ -303,16 +349,33 @@ class SqlUnitOfWork:
             else:
                 await conn.rollback()
         except _UNAVAILABLE as failure:
-            raise Unavailable("the database is unavailable", retry_after=1.0) from failure
+            raise DatabaseUnavailable("the database is unavailable", retry_after=1.0) from failure
         finally:
             try:
                 await conn.close()
             finally:
                 self._release()
         if isinstance(exc, _UNAVAILABLE):
-            raise Unavailable("the database is unavailable", retry_after=1.0) from exc
+            raise DatabaseUnavailable("the database is unavailable", retry_after=1.0) from exc
         if exc is None:
+            if self._write and self._committed is not None:
+                self._committed()
             await self._run_callbacks()
+
+    async def _open(self, engine: AsyncEngine) -> AsyncConnection:
+        """A connection of ``engine`` in a begun transaction."""
+        started = time.perf_counter()
+        conn = await engine.connect()
+        if self._wait is not None:
+            self._wait.observe(time.perf_counter() - started)
+        try:
+            if self._write:
+                await conn.execution_options(tp_write=True)
+            await conn.begin()
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
 
     def _release(self) -> None:
         if self._lock is not None and self._lock.locked():

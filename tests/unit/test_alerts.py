@@ -16,8 +16,14 @@ SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
 
 
 def exported(tmp_path: Path) -> set[str]:
-    """Every series name the server's registry can produce."""
-    app = App(make_settings(tmp_path, database_url=f"sqlite+aiosqlite:///{tmp_path / 'db'}"))
+    """Every series name the server's registry can produce (with a read replica)."""
+    app = App(
+        make_settings(
+            tmp_path,
+            database_url=f"sqlite+aiosqlite:///{tmp_path / 'db'}",
+            database_replica_url=f"sqlite+aiosqlite:///{tmp_path / 'replica'}",
+        )
+    )
     names = set()
     for family in app.registry.collect():
         names.add(family.name)

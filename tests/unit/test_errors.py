@@ -17,6 +17,7 @@ from server.domain.common.errors import (
     AlreadyExists,
     Cancelled,
     Code,
+    DatabaseUnavailable,
     DeadlineExceeded,
     DomainError,
     FailedPrecondition,
@@ -188,6 +189,13 @@ CASES: dict[str, Case] = {
         [RetryInfo(retry_delay={})],
     ),
     "unavailable, bare": Case(Unavailable("x"), Code.UNAVAILABLE, "UNAVAILABLE", "x"),
+    "database unavailable: the same to callers": Case(
+        DatabaseUnavailable("the database is unavailable", retry_after=1.0),
+        Code.UNAVAILABLE,
+        "UNAVAILABLE",
+        "the database is unavailable",
+        [RetryInfo(retry_delay={"seconds": 1})],
+    ),
     "deadline exceeded": Case(
         DeadlineExceeded("too slow"), Code.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "too slow"
     ),

@@ -224,6 +224,11 @@ class Unavailable(DomainError):
         super().__init__(message)
 
 
+class DatabaseUnavailable(Unavailable):
+    """The database could not be reached, or the connection broke: nothing was written
+    unless the commit itself was lost. A read that fails so may be run again."""
+
+
 class DeadlineExceeded(DomainError):
     """The call ran past its deadline."""
 

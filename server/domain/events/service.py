@@ -83,13 +83,13 @@ class EventLog:
             order_by="",
             scope=f"user={user_id}",
         )
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             rows = await uow.events.list(user_id, query)
         return self._lister.page(query, rows, lambda e: (e.time, e.id))
 
     async def get(self, user_id: str, event_id: str) -> Event | None:
         """One of the owner's events (``None`` if it is not, or no longer, in the log)."""
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             event = await uow.events.get(event_id)
         return event if event is not None and event.user_id == user_id else None
 

@@ -134,7 +134,7 @@ class ApiKeyService:
 
     async def get(self, user_id: str, key_id: str) -> ApiKey:
         """One key of ``user_id``."""
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             return await self._load(uow.api_keys, user_id, key_id)
 
     async def list(
@@ -147,7 +147,7 @@ class ApiKeyService:
             page_token=page_token,
             scope=f"{user_id}|{show_inactive}",
         )
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             active_at = None if show_inactive else self._clock.now()
             rows = await uow.api_keys.list(user_id, query, active_at=active_at)
         return self._lister.page(query, rows, lambda k: (k.create_time, k.id))

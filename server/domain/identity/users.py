@@ -107,7 +107,7 @@ class UserService:
 
     async def get(self, user_id: str, *, show_deleted: bool = False) -> User:
         """A user; a soft-deleted one only with ``show_deleted``."""
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             return await _load(uow, user_id, show_deleted=show_deleted)
 
     async def list(
@@ -128,7 +128,7 @@ class UserService:
             order_by=order_by,
             scope=f"deleted={show_deleted}",
         )
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             rows = await uow.users.list(query, include_deleted=show_deleted)
         return self._lister.page(query, rows, lambda u: _sort_key(u, query.order))
 
@@ -337,7 +337,7 @@ class UserService:
             filter=filter,
             scope=user_id,
         )
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             await _load(uow, user_id, show_deleted=True)
             rows = await uow.audit.list_for_user(user_id, query)
         return self._lister.page(query, rows, lambda e: (e.time, e.id))
@@ -365,7 +365,7 @@ class UserService:
 
     async def get_avatar(self, user_id: str) -> Avatar:
         """The user's avatar."""
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             await _load(uow, user_id)
             avatar = await uow.avatars.get(user_id)
         if avatar is None:

@@ -55,7 +55,7 @@ class QuotaService:
         start, end = month_bounds(now)
         limits = self._tiers.get(f"tiers/{tier.value}").limits
         requests = await self._limiter.counter(quota_key(user_id, "requests", month_tag(now)))
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             requests = max(requests, await uow.request_usage.get(user_id, start.date()))
             tunnels = await uow.tunnels.count(user_id)
             last_day = (end - timedelta(days=1)).date()
@@ -263,14 +263,14 @@ class ViolationLog:
         query = self._lister.query(
             LIST_SPEC, page_size=page_size, page_token=page_token, filter=filter
         )
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             rows = await uow.violations.list(query)
         return self._lister.page(query, rows, lambda r: (r.window_start, r.id))
 
     async def summarize(self, window: timedelta, top: int) -> Summary:
         """Totals and the top keys since ``window`` ago."""
         since = self._clock.now() - window
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             return Summary(
                 await uow.violations.total(since),
                 await uow.violations.top("subject", since, top),

@@ -40,7 +40,7 @@ class OperationService:
 
     async def get(self, owner_id: str, operation_id: str) -> Operation:
         """An operation of ``owner_id``."""
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             found = await uow.operations.get(operation_id)
         if found is None or found.user_id != owner_id:
             raise NotFound("operation", f"users/{owner_id}/operations/{operation_id}")
@@ -87,6 +87,6 @@ class OperationService:
             order_by="",
             scope=f"owner={owner_id}",
         )
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             rows = await uow.operations.list(owner_id, query)
         return self._lister.page(query, rows, lambda o: (o.create_time, o.id))

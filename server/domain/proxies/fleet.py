@@ -102,7 +102,7 @@ class ProxyFleet:
 
     async def get(self, owner_id: str, proxy_id: str) -> Proxy:
         """A proxy of ``owner_id``."""
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             return await load(uow, owner_id, proxy_id)
 
     async def list(
@@ -123,14 +123,14 @@ class ProxyFleet:
             order_by=order_by,
             scope=f"proxies:{owner_id}",
         )
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             rows = await uow.proxies.list(owner_id, query)
         return self._lister.page(query, rows)
 
     async def links(self, owner_id: str) -> tuple[str, ...]:
         """Where the owner's agents link to the owner's own proxies: each placed instance
         of every proxy that serves (or is coming up)."""
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             found = await uow.proxies.active(owner_id)
         return tuple(i.link_address for p in found if p.active for i in p.instances)
 

@@ -150,7 +150,7 @@ class ProxyInsight:
 
     async def traffic(self, owner_id: str, proxy_id: str) -> tuple[list[InstanceTraffic], Traffic]:
         """Each instance's traffic (asked now) and the total of those that answered."""
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             proxy = await load(uow, owner_id, proxy_id)
         read = [_read(a) for a in await self._ask(proxy, "/_proxy/stats")]
         return read, merged(r.traffic for r in read if r.traffic is not None)
@@ -158,7 +158,7 @@ class ProxyInsight:
     async def diagnostics(self, owner_id: str, proxy_id: str) -> Diagnostics:
         """The proxy with its recent scaling and config history, and what each instance
         says of itself now."""
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             proxy = await load(uow, owner_id, proxy_id)
             events = await uow.proxies.scaling_events(proxy.id, self._query(20))
             revisions = await uow.proxies.revisions(proxy.id, self._query(5))

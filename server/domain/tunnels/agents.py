@@ -142,7 +142,7 @@ class AgentSessions:
 
     async def traffic(self, tunnel: Tunnel) -> TunnelTraffic:
         """Totals over the tunnel's life, and its agents' current connections."""
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             totals = await uow.agents.totals(tunnel.id)
             sessions = await uow.agents.sessions(tunnel.id)
         active = sum(s.active_connections for s in sessions if s.connected)
@@ -153,7 +153,7 @@ class AgentSessions:
         self, *, user_id: str | None, tunnel_id: str | None, days: DateRange
     ) -> list[UsageRow]:
         """Stored usage rows in ``days`` of a user, a tunnel, or everyone."""
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             return await uow.agents.usage(user_id, tunnel_id, days.start, days.end)
 
     async def _recount(self, tunnel_id: str, reason: str = "") -> Tunnel | None:

@@ -123,7 +123,7 @@ class TunnelService:
 
     async def get(self, owner_id: str, tunnel_id: str) -> Tunnel:
         """A tunnel of ``owner_id``."""
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             return await _load(uow, owner_id, tunnel_id)
 
     async def list(
@@ -144,7 +144,7 @@ class TunnelService:
             order_by=order_by,
             scope=f"owner={owner_id}",
         )
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             rows = await uow.tunnels.list(owner_id, query)
         return self._lister.page(query, rows)
 

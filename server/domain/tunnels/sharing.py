@@ -128,7 +128,7 @@ class ShareService:
     async def list(self, tunnel: Tunnel, *, page_size: int, page_token: str) -> Page[Share]:
         """The tunnel's shares, oldest first."""
         query = self._query(page_size, page_token, f"shares={tunnel.id}")
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             rows = await uow.shares.list(tunnel.id, query)
         return self._lister.page(query, rows, lambda s: (s.create_time, s.grantee_id))
 
@@ -239,7 +239,7 @@ class ShareService:
     ) -> Page[ShareLink]:
         """The tunnel's links, oldest first."""
         query = self._query(page_size, page_token, f"links={tunnel.id}")
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             rows = await uow.shares.list_links(tunnel.id, query)
         return self._lister.page(query, rows, lambda link: (link.create_time, link.id))
 
@@ -315,7 +315,7 @@ class ShareService:
         share they derive from too)."""
         query = self._query(page_size, page_token, f"grantee={user_id}")
         now = self._clock.now()
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             rows = await uow.shares.shared_with(user_id, now, query)
             page = self._lister.page(query, rows, lambda s: (s.create_time, s.tunnel.id))
             kept = [

@@ -123,7 +123,7 @@ class WebhookService:
 
     async def get(self, owner_id: str, webhook_id: str) -> Webhook:
         """An endpoint of ``owner_id``."""
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             return await _load(uow, owner_id, webhook_id)
 
     async def list(
@@ -144,7 +144,7 @@ class WebhookService:
             order_by=order_by,
             scope=f"owner={owner_id}",
         )
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             rows = await uow.webhooks.list(owner_id, query)
         return self._lister.page(query, rows)
 
@@ -305,14 +305,14 @@ class WebhookService:
             order_by="",
             scope=f"webhook={webhook_id}",
         )
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             await _load(uow, owner_id, webhook_id)
             rows = await uow.webhooks.deliveries(webhook_id, query)
         return self._lister.page(query, rows, lambda d: (d.create_time, d.id))
 
     async def delivery(self, owner_id: str, webhook_id: str, delivery_id: str) -> Delivery:
         """One delivery with every attempt."""
-        async with self._uow(readonly=True) as uow:
+        async with self._uow(lag_tolerant=True) as uow:
             await _load(uow, owner_id, webhook_id)
             found = await uow.webhooks.delivery(delivery_id)
         if found is None or found.webhook_id != webhook_id:
