@@ -91,10 +91,21 @@ class Settings:
         default=Path("var"), metadata=_doc("Local state: SQLite file, generated dev keys")
     )
     database_url: str = field(
-        default="", metadata=_doc("SQLAlchemy URL; default SQLite in TP_DATA_DIR")
+        default="",
+        metadata=_doc(
+            "SQLAlchemy URL; default SQLite in TP_DATA_DIR. Several hosts fail over: "
+            "`postgresql://u@a:5432,b:5432/db?target_session_attrs=read-write`"
+        ),
     )
     database_replica_url: str = field(
         default="", metadata=_doc("Read replica URL for lag-tolerant reads (optional)")
+    )
+    replica_max_lag: float = field(
+        default=5.0,
+        metadata=_doc(
+            "Seconds a read replica may be behind before lag-tolerant reads leave it for "
+            "the primary"
+        ),
     )
     database_pool_size: int = field(default=10, metadata=_doc("Connections per pool"))
     database_statement_timeout: float = field(
@@ -164,6 +175,17 @@ class Settings:
         metadata=_doc("How often a long stream's credential is verified again, s"),
     )
     health_interval: float = field(default=5.0, metadata=_doc("Dependency probe interval, s"))
+    breaker_threshold: int = field(
+        default=5,
+        metadata=_doc(
+            "Consecutive failures that open a circuit breaker (per webhook endpoint, per "
+            "proxy admin side)"
+        ),
+    )
+    breaker_open_time: float = field(
+        default=30.0,
+        metadata=_doc("Seconds an open circuit breaker waits before one trial call"),
+    )
     log_level: str = field(default="INFO", metadata=_doc("Python log level"))
     log_format: LogFormat = field(default="json", metadata=_doc("json or text"))
     otel_exporter: OtelExporter = field(

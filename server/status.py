@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from server.domain.audit.model import AuditTrail
+
 State = Literal["SERVING", "DEGRADED", "NOT_SERVING"]
 
 
@@ -34,6 +36,18 @@ class Load:
 
 
 @dataclass(frozen=True, slots=True)
+class Breaker:
+    """One circuit breaker that is not closed."""
+
+    name: str
+    kind: str
+    state: str
+    failures: int
+    #: When it opened (epoch seconds).
+    opened_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class SystemStatus:
     """This server now."""
 
@@ -45,6 +59,16 @@ class SystemStatus:
     load: Load
     #: (subject, calls waiting) of the longest rate-limit queues.
     queues: Sequence[tuple[str, int]]
+    #: Circuit breakers not closed, by name.
+    breakers: Sequence[Breaker] = ()
+
+
+class BreakerControl(Protocol):
+    """Closes a circuit breaker by hand."""
+
+    async def reset(self, name: str, reason: str, trail: AuditTrail | None) -> Breaker:
+        """Close breaker ``name`` (``kind.target``); ``LookupError`` if there is none."""
+        ...
 
 
 class StatusSource(Protocol):

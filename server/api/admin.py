@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf import empty_pb2
@@ -15,10 +16,26 @@ from server.domain.limits.blocks import IpBlocks
 from server.domain.limits.ports import Limiter
 from server.domain.limits.service import ViolationLog
 from server.pipeline import Call
-from server.status import StatusSource
+from server.status import Breaker, BreakerControl, StatusSource
 
 MAX_WINDOW = timedelta(days=30)
 BLOCKS_SPEC = ListSpec({}, frozenset({"create_time"}), (OrderKey("create_time", descending=True),))
+
+
+#: ``kind`` or ``kind.target``: lower-case kind, a target of id characters.
+_BREAKER_NAME = re.compile(r"[a-z][a-z-]{0,30}(\.[A-Za-z0-9_-]{1,100})?")
+MAX_REASON = 500
+
+
+def _breaker(b: Breaker) -> admin_pb2.CircuitBreaker:
+    breaker = admin_pb2.CircuitBreaker(
+        name=f"circuitBreakers/{b.name}", kind=b.kind, state=b.state, failures=b.failures
+    )
+    if b.opened_at is not None:
+        opened = convert.timestamp(datetime.fromtimestamp(b.opened_at, UTC))
+        if opened is not None:
+            breaker.open_time.CopyFrom(opened)
+    return breaker
 
 
 def _time(ms: float) -> datetime:
@@ -35,7 +52,9 @@ class AdminApi:
         violations: ViolationLog,
         lister: Lister,
         blocks: IpBlocks,
+        breakers: BreakerControl,
     ) -> None:
+        self._breakers = breakers
         self._status = status
         self._limiter = limiter
         self._violations = violations
@@ -63,7 +82,21 @@ class AdminApi:
             ),
             queued_calls=sum(n for _, n in now.queues),
             queues=[admin_pb2.QueueDepth(subject=s, waiting=n) for s, n in now.queues],
+            circuit_breakers=[_breaker(b) for b in now.breakers],
         )
+
+    async def ResetCircuitBreaker(
+        self, request: admin_pb2.ResetCircuitBreakerRequest, call: Call
+    ) -> admin_pb2.CircuitBreaker:
+        prefix, _, name = request.name.partition("/")
+        if prefix != "circuitBreakers" or not _BREAKER_NAME.fullmatch(name):
+            raise InvalidArgument.single("name", "must look like circuitBreakers/{kind}.{target}")
+        if len(request.reason) > MAX_REASON:
+            raise InvalidArgument.single("reason", f"must be at most {MAX_REASON} characters")
+        try:
+            return _breaker(await self._breakers.reset(name, request.reason, call.audit))
+        except LookupError:
+            raise NotFound("circuit breaker", request.name) from None
 
     async def ListRateLimitViolations(
         self, request: admin_pb2.ListRateLimitViolationsRequest, call: Call

@@ -49,11 +49,13 @@ from server.interceptors.deadline import DeadlineStage
 from server.interceptors.errors import ErrorStage
 from server.interceptors.logging import AccessLogStage
 from server.interceptors.metrics import GrpcMetrics, MetricsStage
+from server.interceptors.retry import RetryStage
 from server.interceptors.streams import StreamLimitStage, StreamRecheckStage
 from server.interceptors.tracing import TracingStage
 from server.logs import AccessLog
 from server.pipeline import Handler, MethodInfo, Pipeline, Stage
 from server.policy import load_policies
+from server.resilience.control import BreakerReset
 from server.settings import networks
 from server.workers.supervisor import Loop
 
@@ -151,7 +153,12 @@ def _servicers(infra: Infrastructure, areas: Areas, agents: AgentApi) -> dict[st
             identity.credentials.recheck,
         ),
         "tunnelplane.v1.AdminService": AdminApi(
-            areas.health.status, limits.limiter, limits.violations, infra.lister, limits.blocks
+            areas.health.status,
+            limits.limiter,
+            limits.violations,
+            infra.lister,
+            limits.blocks,
+            BreakerReset(infra.breakers, infra.db, infra.clock),
         ),
     }
 
@@ -184,6 +191,7 @@ def _stages(infra: Infrastructure, areas: Areas, stream_limits: StreamLimitStage
             logging.getLogger("tunnelplane.streams"),
             infra.registry,
         ),
+        RetryStage(infra.registry),
         ErrorStage(log, infra.errors),
     ]
 

@@ -14,7 +14,8 @@ from server.compose.infrastructure import Infrastructure
 from server.compose.limits import LimitsArea
 from server.health import Check, HealthMonitor, Listener
 from server.load import LoadMonitor
-from server.status import Dependency, Load, State, SystemStatus
+from server.resilience.breakers import Breakers
+from server.status import Breaker, Dependency, Load, State, SystemStatus
 from server.storage.kv import ResilientStore
 from server.storage.limiter import FallbackLimiter
 from server.workers.monitors import health_loop
@@ -28,8 +29,14 @@ class LiveStatus:
     """The status now, read from the health monitor, the limiter and the load signal."""
 
     def __init__(
-        self, health: HealthMonitor, limiter: FallbackLimiter, load: LoadMonitor, queues: Queues
+        self,
+        health: HealthMonitor,
+        limiter: FallbackLimiter,
+        load: LoadMonitor,
+        queues: Queues,
+        breakers: Breakers,
     ) -> None:
+        self._breakers = breakers
         self._health = health
         self._limiter = limiter
         self._load = load
@@ -59,6 +66,10 @@ class LiveStatus:
                 shedding=load.shedding,
             ),
             self._queues(),
+            [
+                Breaker(b.name, b.kind, b.state, b.failures, b.opened_at)
+                for b in self._breakers.states()
+            ],
         )
 
 
@@ -80,7 +91,8 @@ class HealthArea:
 
 def build(infra: Infrastructure, limits: LimitsArea, services: Sequence[str]) -> HealthArea:
     """Health of ``services``: each needs the database (Redis is optional: without it,
-    shared state and limits fall back in-process)."""
+    shared state and limits fall back in-process; so is a read replica: without it, reads
+    go to the primary)."""
     checks: dict[str, Check] = {"database": infra.db.ping}
     listeners: dict[str, list[Listener]] = {}
     if isinstance(infra.kv, ResilientStore):
@@ -90,18 +102,24 @@ def build(infra: Infrastructure, limits: LimitsArea, services: Sequence[str]) ->
             infra.kv.set_available,
             limits.limiter.set_available,
         ]
+    router = infra.db.router
+    if router is not None:
+        checks["database_replica"] = router.probe
+        listeners["database_replica"] = [router.set_available]
     servicer = HealthServicer()
     monitor = HealthMonitor(
         servicer,
         checks,
         {name: frozenset(checks) for name in services},
         interval=infra.settings.health_interval,
-        optional=frozenset({"redis"}),
+        optional=frozenset({"redis", "database_replica"}),
         listeners=listeners,
     )
     stage = limits.stage
     queues: Queues = stage.queues if stage is not None else list
-    return HealthArea(monitor, servicer, LiveStatus(monitor, limits.limiter, limits.load, queues))
+    return HealthArea(
+        monitor, servicer, LiveStatus(monitor, limits.limiter, limits.load, queues, infra.breakers)
+    )
 
 
 def _fresh_connections(

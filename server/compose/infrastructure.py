@@ -22,10 +22,12 @@ from server.backup import BackupAge
 from server.domain.common.clock import Clock
 from server.domain.common.listing import Lister, PageTokenCodec
 from server.errortracking import ErrorReporter
+from server.resilience.breakers import BreakerKind, Breakers
 from server.settings import Settings
 from server.storage.database import Database
 from server.storage.dbmetrics import DatabaseMetrics
 from server.storage.kv import MemoryStore, RedisStore, ResilientStore, redis_client
+from server.storage.replica import ReplicaMetrics
 from server.storage.sealing import Sealer
 from server.storage.tracing import trace_engine, trace_redis
 from server.workers.supervisor import Loop
@@ -47,6 +49,8 @@ class Infrastructure:
     tracer_provider: TracerProvider
     #: Unexpected errors (Sentry when TP_SENTRY_DSN is set).
     errors: ErrorReporter
+    #: The circuit breakers on outbound dependencies.
+    breakers: Breakers
 
     def loops(self) -> Sequence[Loop]:
         """None."""
@@ -68,11 +72,14 @@ def build(settings: Settings, clock: Clock) -> Infrastructure:
     db = Database(
         settings.effective_database_url,
         replica_url=settings.database_replica_url,
+        replica_max_lag=settings.replica_max_lag,
+        probe_interval=settings.health_interval,
         pool_size=settings.database_pool_size,
         statement_timeout=settings.database_statement_timeout,
         clock=clock,
         sealer=Sealer(material.secrets_keys),
         metrics=DatabaseMetrics(registry, settings.slow_query_ms),
+        replica_metrics=ReplicaMetrics(registry) if settings.database_replica_url else None,
     )
     redis = redis_client(settings.redis_url) if settings.redis_url else None
     provider = tracer_provider(settings)
@@ -103,6 +110,13 @@ def build(settings: Settings, clock: Clock) -> Infrastructure:
             settings.sentry_dsn,
             settings.sentry_environment or settings.mode,
             settings.sentry_traces_sample_rate,
+        ),
+        Breakers(
+            {
+                "webhook": BreakerKind(settings.breaker_threshold, settings.breaker_open_time),
+                "proxy-admin": BreakerKind(settings.breaker_threshold, settings.breaker_open_time),
+            },
+            registry,
         ),
     )
 

@@ -81,7 +81,7 @@ def build(
     keys = infra.keys
     tokens = admin_tokens(keys.secrets_keys[0] if keys.secrets_keys else keys.page_token_secret)
     control_plane = _control_plane(settings, grpc_port)
-    admin = InstanceAdminClient(tokens)
+    admin = InstanceAdminClient(tokens, breakers=infra.breakers)
     insight = ProxyInsight(infra.db, infra.lister, admin, infra.clock)
     provisioner = _provisioner(settings, control_plane)
     loop = None

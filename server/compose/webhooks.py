@@ -70,6 +70,7 @@ def build(
         infra.clock,
         _dispatch_settings(settings),
         DispatchMetrics(infra.registry),
+        breakers=infra.breakers,
     )
     events.local_bus.listen(dispatcher.wake)
     webhooks = WebhookService(

@@ -12,8 +12,9 @@ class DispatchMetrics:
         self.deliveries = Counter(
             "tunnelplane_webhook_deliveries",
             "Delivery attempts by result (succeeded, retrying, failed), deliveries "
-            "held back by an endpoint's rate limit (postponed) and deliveries whose "
-            "endpoint does not open with the configured secrets keys (unreadable).",
+            "held back by an endpoint's rate limit (postponed) or its open circuit "
+            "breaker (breaker_open), and deliveries whose endpoint does not open with the "
+            "configured secrets keys (unreadable).",
             ["result"],
             registry=registry,
         )

@@ -95,7 +95,9 @@ class ResultRecorder:
                 ]
             )
         for o in recorded:
-            self._counter.labels(_LABELS[o.settlement.state]).inc()
+            if o.attempt is not None or o.settlement.state is not DeliveryState.PENDING:
+                # (Unsent and still pending: put off by an open breaker, counted there.)
+                self._counter.labels(_LABELS[o.settlement.state]).inc()
 
     async def _judge_endpoint(
         self, uow: UnitOfWork, webhook: Webhook, settled: list[Settlement], now: datetime

@@ -52,6 +52,7 @@ from server.domain.webhooks.model import (
     Webhook,
 )
 from server.domain.webhooks.rules import DISABLE_AFTER, RETRY_SCHEDULE
+from server.resilience.breakers import BreakerOpenError, Breakers
 from server.workers.supervisor import Loop
 from server.workers.webhook_http import AttemptResult, WebhookSender
 from server.workers.webhook_metrics import DispatchMetrics
@@ -111,7 +112,10 @@ class WebhookDispatcher:
         settings: DispatchSettings,
         metrics: DispatchMetrics,
         rng: random.Random | None = None,
+        breakers: Breakers | None = None,
     ) -> None:
+        #: One breaker per endpoint: while open, its deliveries wait, unsent.
+        self._breakers = breakers
         self._uow = uow
         self._sender = sender
         self._clock = clock
@@ -330,7 +334,12 @@ class WebhookDispatcher:
             attempt = Attempt(number, now, 0, 0.0, "", str(exc)[:300], succeeded=False)
             failed = Settlement(DeliveryState.FAILED, None, endpoint_failed=not claimed.test)
             return Outcome(claimed, webhook, event, attempt, failed)
-        result = await self._send(request)
+        try:
+            result = await self._guarded_send(request, webhook.id, test=claimed.test)
+        except BreakerOpenError as opened:  # unsent: it waits for the breaker's trial time
+            self._metrics.deliveries.labels("breaker_open").inc()
+            later = self._clock.now() + timedelta(seconds=opened.retry_in)
+            return Outcome(claimed, webhook, event, None, Settlement(DeliveryState.PENDING, later))
         settlement = settle(
             number,
             result.status,
@@ -363,6 +372,21 @@ class WebhookDispatcher:
             },
         )
         return Outcome(claimed, webhook, event, attempt, settlement)
+
+    async def _guarded_send(
+        self, request: Request, webhook_id: str, *, test: bool
+    ) -> AttemptResult:
+        """Send under the endpoint's breaker: an unanswered attempt (no status, a timeout, a
+        5xx or a 429) counts against it, any other answer shows the endpoint is there. A
+        test send goes out whatever the breaker says, and does not move it."""
+        if self._breakers is None or test:
+            return await self._send(request)
+        try:
+            async with self._breakers.guard("webhook", webhook_id):
+                result = _answered(await self._send(request))
+        except _UnansweredError as unanswered:
+            return unanswered.result
+        return result
 
     async def _send(self, request: Request) -> AttemptResult:
         async with self._slots:
@@ -457,6 +481,21 @@ async def _load(
     hooks = await uow.webhooks.by_ids(sorted({c.webhook_id for c in claimed}))
     events = await uow.events.by_ids(sorted({c.event_id for c in claimed}))
     return {w.id: w for w in hooks}, {e.id: e for e in events}
+
+
+def _answered(result: AttemptResult) -> AttemptResult:
+    """``result``, unless it shows no live endpoint (raised: its breaker counts it)."""
+    if result.status is None or result.status >= 500 or result.status == 429:
+        raise _UnansweredError(result)
+    return result
+
+
+class _UnansweredError(Exception):
+    """The endpoint did not answer as a live one does (counted by its breaker)."""
+
+    def __init__(self, result: AttemptResult) -> None:
+        super().__init__(result.error or str(result.status))
+        self.result = result
 
 
 def _token() -> int:

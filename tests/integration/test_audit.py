@@ -6,6 +6,7 @@ or roll back together; a refused or failed call is recorded by the audit stage.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -335,6 +336,19 @@ async def delete_ip_block(w: World) -> Scene:
     return Scene(admin_pb2.DeleteIpBlockRequest(name=name), w.admin, resource=name)
 
 
+async def reset_breaker(w: World) -> Scene:
+    """A webhook endpoint's breaker opened by unanswered calls, then reset."""
+    app = w.client.app
+    breakers, target = app.infra.breakers, f"whk_{uuid.uuid4().hex[:12]}"
+    for _ in range(app.settings.breaker_threshold):
+        with contextlib.suppress(ConnectionError):
+            async with breakers.guard("webhook", target):
+                raise ConnectionError
+    name = f"circuitBreakers/webhook.{target}"
+    request = admin_pb2.ResetCircuitBreakerRequest(name=name, reason="receiver is back")
+    return Scene(request, w.admin, resource=name)
+
+
 async def create_webhook(w: World) -> Scene:
     request = W.CreateWebhookRequest(parent=w.owner.name, webhook=W.Webhook(url=w.rx.url()))
     return Scene(request, w.owner)
@@ -424,6 +438,7 @@ SCENES: dict[str, Setup] = {
     ),
     "ProxyService/ScaleProxy": on_proxy(lambda n: X.ScaleProxyRequest(name=n, instances=2)),
     "AdminService/DeleteIpBlock": delete_ip_block,
+    "AdminService/ResetCircuitBreaker": reset_breaker,
     "WebhookService/CreateWebhook": create_webhook,
     "WebhookService/UpdateWebhook": update_webhook,
     "WebhookService/DeleteWebhook": on_webhook(lambda n: W.DeleteWebhookRequest(name=n)),

@@ -181,6 +181,9 @@ BUILDERS: dict[str, Builder] = {
     "AdminService/DeleteIpBlock": lambda t: admin_pb2.DeleteIpBlockRequest(
         name="ipBlocks/10.9.9.9"
     ),
+    "AdminService/ResetCircuitBreaker": lambda t: admin_pb2.ResetCircuitBreakerRequest(
+        name="circuitBreakers/webhook.whk_matrix", reason="matrix"
+    ),
     "WebhookService/CreateWebhook": lambda t: webhooks_pb2.CreateWebhookRequest(
         parent=t.user.name, webhook=webhooks_pb2.Webhook(url="http://127.0.0.1:9/matrix")
     ),

@@ -852,6 +852,25 @@ BAD_REQUESTS = [
         extra=("name", named(admin_pb2.DeleteIpBlockRequest, "ipBlocks/10.0.0.1/x")),
     ),
     *rows(
+        f"{AD}.ResetCircuitBreaker",
+        "admin",
+        empty=("name", named(admin_pb2.ResetCircuitBreakerRequest, "")),
+        wrong_collection=("name", named(admin_pb2.ResetCircuitBreakerRequest, "breakers/otlp")),
+        nested=("name", named(admin_pb2.ResetCircuitBreakerRequest, "circuitBreakers/a/b")),
+        custom_verb=("name", named(admin_pb2.ResetCircuitBreakerRequest, "circuitBreakers/a:b")),
+        upper_kind=("name", named(admin_pb2.ResetCircuitBreakerRequest, "circuitBreakers/Web")),
+        long_target=(
+            "name",
+            named(admin_pb2.ResetCircuitBreakerRequest, "circuitBreakers/webhook." + "w" * 201),
+        ),
+        long_reason=(
+            "reason",
+            lambda c: admin_pb2.ResetCircuitBreakerRequest(
+                name="circuitBreakers/webhook.whk_x", reason="r" * 501
+            ),
+        ),
+    ),
+    *rows(
         f"{T}.CreateTunnel",
         bad_parent=("parent", lambda c: P.CreateTunnelRequest(parent="tunnels/x")),
         no_name=("tunnel.display_name", tunnel(display_name="  ")),

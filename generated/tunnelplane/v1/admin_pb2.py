@@ -31,7 +31,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tunnelplane.v1 import options_pb2 as tunnelplane_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atunnelplane/v1/admin.proto\x12\x0etunnelplane.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ctunnelplane/v1/options.proto\"\x18\n\x16GetSystemStatusRequest\"M\n\x10\x44\x65pendencyStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x12\x10\n\x08optional\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xcc\x01\n\nLoadStatus\x12\x11\n\tin_flight\x18\x01 \x01(\x03\x12\x13\n\x0bloop_lag_ms\x18\x02 \x01(\x01\x12\r\n\x05level\x18\x03 \x01(\x01\x12\x41\n\x0ctier_factors\x18\x04 \x03(\x0b\x32+.tunnelplane.v1.LoadStatus.TierFactorsEntry\x12\x10\n\x08shedding\x18\x05 \x01(\x08\x1a\x32\n\x10TierFactorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\".\n\nQueueDepth\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0f\n\x07waiting\x18\x02 \x01(\x03\"\xda\x01\n\x0cSystemStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x36\n\x0c\x64\x65pendencies\x18\x02 \x03(\x0b\x32 .tunnelplane.v1.DependencyStatus\x12\x17\n\x0flimiter_backend\x18\x03 \x01(\t\x12(\n\x04load\x18\x04 \x01(\x0b\x32\x1a.tunnelplane.v1.LoadStatus\x12\x14\n\x0cqueued_calls\x18\x05 \x01(\x03\x12*\n\x06queues\x18\x06 \x03(\x0b\x32\x1a.tunnelplane.v1.QueueDepth\"\x9a\x01\n\x12RateLimitViolation\x12\x30\n\x0cwindow_start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x12\n\nip_address\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\r\n\x05\x63ount\x18\x06 \x01(\x03\"W\n\x1eListRateLimitViolationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"r\n\x1fListRateLimitViolationsResponse\x12\x36\n\nviolations\x18\x01 \x03(\x0b\x32\".tunnelplane.v1.RateLimitViolation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"]\n#SummarizeRateLimitViolationsRequest\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03top\x18\x02 \x01(\x05\",\n\x0eViolationCount\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xd7\x01\n$SummarizeRateLimitViolationsResponse\x12\r\n\x05total\x18\x01 \x01(\x03\x12\x34\n\x0ctop_subjects\x18\x02 \x03(\x0b\x32\x1e.tunnelplane.v1.ViolationCount\x12\x33\n\x0btop_methods\x18\x03 \x03(\x0b\x32\x1e.tunnelplane.v1.ViolationCount\x12\x35\n\rtop_addresses\x18\x04 \x03(\x0b\x32\x1e.tunnelplane.v1.ViolationCount\"\x81\x02\n\x07IpBlock\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x18\n\nip_address\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06reason\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:D\xea\x41\x41\n\x17tunnelplane.dev/IpBlock\x12\x13ipBlocks/{ip_block}*\x08ipBlocks2\x07ipBlock\"<\n\x13ListIpBlocksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x14ListIpBlocksResponse\x12*\n\tip_blocks\x18\x01 \x03(\x0b\x32\x17.tunnelplane.v1.IpBlock\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x14\x44\x65leteIpBlockRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17tunnelplane.dev/IpBlock2\x9e\x06\n\x0c\x41\x64minService\x12\x87\x01\n\x0fGetSystemStatus\x12&.tunnelplane.v1.GetSystemStatusRequest\x1a\x1c.tunnelplane.v1.SystemStatus\".\x92\x82\x19\x11\x08\x02\x12\x0bsystem.readH\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/system/status\x12\xad\x01\n\x17ListRateLimitViolations\x12..tunnelplane.v1.ListRateLimitViolationsRequest\x1a/.tunnelplane.v1.ListRateLimitViolationsResponse\"1\x92\x82\x19\x0e\x08\x02\x12\naudit.read\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/rateLimitViolations\x12\xc6\x01\n\x1cSummarizeRateLimitViolations\x12\x33.tunnelplane.v1.SummarizeRateLimitViolationsRequest\x1a\x34.tunnelplane.v1.SummarizeRateLimitViolationsResponse\";\x92\x82\x19\x0e\x08\x02\x12\naudit.read\x82\xd3\xe4\x93\x02#\x12!/v1/rateLimitViolations:summarize\x12\x83\x01\n\x0cListIpBlocks\x12#.tunnelplane.v1.ListIpBlocksRequest\x1a$.tunnelplane.v1.ListIpBlocksResponse\"(\x92\x82\x19\x10\x08\x02\x12\naudit.readH\x01\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/ipBlocks\x12\x84\x01\n\rDeleteIpBlock\x12$.tunnelplane.v1.DeleteIpBlockRequest\x1a\x16.google.protobuf.Empty\"5\x92\x82\x19\x14\x08\x02\x12\x0c\x63onfig.write@\x01H\x01\x82\xd3\xe4\x93\x02\x17*\x15/v1/{name=ipBlocks/*}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atunnelplane/v1/admin.proto\x12\x0etunnelplane.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ctunnelplane/v1/options.proto\"\x18\n\x16GetSystemStatusRequest\"M\n\x10\x44\x65pendencyStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x12\x10\n\x08optional\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xcc\x01\n\nLoadStatus\x12\x11\n\tin_flight\x18\x01 \x01(\x03\x12\x13\n\x0bloop_lag_ms\x18\x02 \x01(\x01\x12\r\n\x05level\x18\x03 \x01(\x01\x12\x41\n\x0ctier_factors\x18\x04 \x03(\x0b\x32+.tunnelplane.v1.LoadStatus.TierFactorsEntry\x12\x10\n\x08shedding\x18\x05 \x01(\x08\x1a\x32\n\x10TierFactorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\".\n\nQueueDepth\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0f\n\x07waiting\x18\x02 \x01(\x03\"\x94\x02\n\x0cSystemStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x36\n\x0c\x64\x65pendencies\x18\x02 \x03(\x0b\x32 .tunnelplane.v1.DependencyStatus\x12\x17\n\x0flimiter_backend\x18\x03 \x01(\t\x12(\n\x04load\x18\x04 \x01(\x0b\x32\x1a.tunnelplane.v1.LoadStatus\x12\x14\n\x0cqueued_calls\x18\x05 \x01(\x03\x12*\n\x06queues\x18\x06 \x03(\x0b\x32\x1a.tunnelplane.v1.QueueDepth\x12\x38\n\x10\x63ircuit_breakers\x18\x07 \x03(\x0b\x32\x1e.tunnelplane.v1.CircuitBreaker\"\x82\x02\n\x0e\x43ircuitBreaker\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x12\n\x04kind\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05state\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x66\x61ilures\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x33\n\topen_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:f\xea\x41\x63\n\x1dtunnelplane.v1/CircuitBreaker\x12!circuitBreakers/{circuit_breaker}*\x0f\x63ircuitBreakers2\x0e\x63ircuitBreaker\"b\n\x1aResetCircuitBreakerRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dtunnelplane.v1/CircuitBreaker\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9a\x01\n\x12RateLimitViolation\x12\x30\n\x0cwindow_start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x12\n\nip_address\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\r\n\x05\x63ount\x18\x06 \x01(\x03\"W\n\x1eListRateLimitViolationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"r\n\x1fListRateLimitViolationsResponse\x12\x36\n\nviolations\x18\x01 \x03(\x0b\x32\".tunnelplane.v1.RateLimitViolation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"]\n#SummarizeRateLimitViolationsRequest\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03top\x18\x02 \x01(\x05\",\n\x0eViolationCount\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xd7\x01\n$SummarizeRateLimitViolationsResponse\x12\r\n\x05total\x18\x01 \x01(\x03\x12\x34\n\x0ctop_subjects\x18\x02 \x03(\x0b\x32\x1e.tunnelplane.v1.ViolationCount\x12\x33\n\x0btop_methods\x18\x03 \x03(\x0b\x32\x1e.tunnelplane.v1.ViolationCount\x12\x35\n\rtop_addresses\x18\x04 \x03(\x0b\x32\x1e.tunnelplane.v1.ViolationCount\"\x81\x02\n\x07IpBlock\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x18\n\nip_address\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06reason\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:D\xea\x41\x41\n\x17tunnelplane.dev/IpBlock\x12\x13ipBlocks/{ip_block}*\x08ipBlocks2\x07ipBlock\"<\n\x13ListIpBlocksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x14ListIpBlocksResponse\x12*\n\tip_blocks\x18\x01 \x03(\x0b\x32\x17.tunnelplane.v1.IpBlock\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x14\x44\x65leteIpBlockRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17tunnelplane.dev/IpBlock2\xc9\x07\n\x0c\x41\x64minService\x12\x87\x01\n\x0fGetSystemStatus\x12&.tunnelplane.v1.GetSystemStatusRequest\x1a\x1c.tunnelplane.v1.SystemStatus\".\x92\x82\x19\x11\x08\x02\x12\x0bsystem.readH\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/system/status\x12\xad\x01\n\x17ListRateLimitViolations\x12..tunnelplane.v1.ListRateLimitViolationsRequest\x1a/.tunnelplane.v1.ListRateLimitViolationsResponse\"1\x92\x82\x19\x0e\x08\x02\x12\naudit.read\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/rateLimitViolations\x12\xc6\x01\n\x1cSummarizeRateLimitViolations\x12\x33.tunnelplane.v1.SummarizeRateLimitViolationsRequest\x1a\x34.tunnelplane.v1.SummarizeRateLimitViolationsResponse\";\x92\x82\x19\x0e\x08\x02\x12\naudit.read\x82\xd3\xe4\x93\x02#\x12!/v1/rateLimitViolations:summarize\x12\x83\x01\n\x0cListIpBlocks\x12#.tunnelplane.v1.ListIpBlocksRequest\x1a$.tunnelplane.v1.ListIpBlocksResponse\"(\x92\x82\x19\x10\x08\x02\x12\naudit.readH\x01\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/ipBlocks\x12\xa8\x01\n\x13ResetCircuitBreaker\x12*.tunnelplane.v1.ResetCircuitBreakerRequest\x1a\x1e.tunnelplane.v1.CircuitBreaker\"E\x92\x82\x19\x14\x08\x02\x12\x0c\x63onfig.write@\x01H\x01\x82\xd3\xe4\x93\x02\'\"\"/v1/{name=circuitBreakers/*}:reset:\x01*\x12\x84\x01\n\rDeleteIpBlock\x12$.tunnelplane.v1.DeleteIpBlockRequest\x1a\x16.google.protobuf.Empty\"5\x92\x82\x19\x14\x08\x02\x12\x0c\x63onfig.write@\x01H\x01\x82\xd3\xe4\x93\x02\x17*\x15/v1/{name=ipBlocks/*}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_LOADSTATUS_TIERFACTORSENTRY']._loaded_options = None
   _globals['_LOADSTATUS_TIERFACTORSENTRY']._serialized_options = b'8\001'
+  _globals['_CIRCUITBREAKER'].fields_by_name['name']._loaded_options = None
+  _globals['_CIRCUITBREAKER'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_CIRCUITBREAKER'].fields_by_name['kind']._loaded_options = None
+  _globals['_CIRCUITBREAKER'].fields_by_name['kind']._serialized_options = b'\342A\001\003'
+  _globals['_CIRCUITBREAKER'].fields_by_name['state']._loaded_options = None
+  _globals['_CIRCUITBREAKER'].fields_by_name['state']._serialized_options = b'\342A\001\003'
+  _globals['_CIRCUITBREAKER'].fields_by_name['failures']._loaded_options = None
+  _globals['_CIRCUITBREAKER'].fields_by_name['failures']._serialized_options = b'\342A\001\003'
+  _globals['_CIRCUITBREAKER'].fields_by_name['open_time']._loaded_options = None
+  _globals['_CIRCUITBREAKER'].fields_by_name['open_time']._serialized_options = b'\342A\001\003'
+  _globals['_CIRCUITBREAKER']._loaded_options = None
+  _globals['_CIRCUITBREAKER']._serialized_options = b'\352Ac\n\035tunnelplane.v1/CircuitBreaker\022!circuitBreakers/{circuit_breaker}*\017circuitBreakers2\016circuitBreaker'
+  _globals['_RESETCIRCUITBREAKERREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_RESETCIRCUITBREAKERREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\037\n\035tunnelplane.v1/CircuitBreaker'
   _globals['_IPBLOCK'].fields_by_name['name']._loaded_options = None
   _globals['_IPBLOCK'].fields_by_name['name']._serialized_options = b'\342A\001\010'
   _globals['_IPBLOCK'].fields_by_name['ip_address']._loaded_options = None
@@ -62,6 +76,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMINSERVICE'].methods_by_name['SummarizeRateLimitViolations']._serialized_options = b'\222\202\031\016\010\002\022\naudit.read\202\323\344\223\002#\022!/v1/rateLimitViolations:summarize'
   _globals['_ADMINSERVICE'].methods_by_name['ListIpBlocks']._loaded_options = None
   _globals['_ADMINSERVICE'].methods_by_name['ListIpBlocks']._serialized_options = b'\222\202\031\020\010\002\022\naudit.readH\001\202\323\344\223\002\016\022\014/v1/ipBlocks'
+  _globals['_ADMINSERVICE'].methods_by_name['ResetCircuitBreaker']._loaded_options = None
+  _globals['_ADMINSERVICE'].methods_by_name['ResetCircuitBreaker']._serialized_options = b'\222\202\031\024\010\002\022\014config.write@\001H\001\202\323\344\223\002\'\"\"/v1/{name=circuitBreakers/*}:reset:\001*'
   _globals['_ADMINSERVICE'].methods_by_name['DeleteIpBlock']._loaded_options = None
   _globals['_ADMINSERVICE'].methods_by_name['DeleteIpBlock']._serialized_options = b'\222\202\031\024\010\002\022\014config.write@\001H\001\202\323\344\223\002\027*\025/v1/{name=ipBlocks/*}'
   _globals['_GETSYSTEMSTATUSREQUEST']._serialized_start=260
@@ -75,27 +91,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_QUEUEDEPTH']._serialized_start=572
   _globals['_QUEUEDEPTH']._serialized_end=618
   _globals['_SYSTEMSTATUS']._serialized_start=621
-  _globals['_SYSTEMSTATUS']._serialized_end=839
-  _globals['_RATELIMITVIOLATION']._serialized_start=842
-  _globals['_RATELIMITVIOLATION']._serialized_end=996
-  _globals['_LISTRATELIMITVIOLATIONSREQUEST']._serialized_start=998
-  _globals['_LISTRATELIMITVIOLATIONSREQUEST']._serialized_end=1085
-  _globals['_LISTRATELIMITVIOLATIONSRESPONSE']._serialized_start=1087
-  _globals['_LISTRATELIMITVIOLATIONSRESPONSE']._serialized_end=1201
-  _globals['_SUMMARIZERATELIMITVIOLATIONSREQUEST']._serialized_start=1203
-  _globals['_SUMMARIZERATELIMITVIOLATIONSREQUEST']._serialized_end=1296
-  _globals['_VIOLATIONCOUNT']._serialized_start=1298
-  _globals['_VIOLATIONCOUNT']._serialized_end=1342
-  _globals['_SUMMARIZERATELIMITVIOLATIONSRESPONSE']._serialized_start=1345
-  _globals['_SUMMARIZERATELIMITVIOLATIONSRESPONSE']._serialized_end=1560
-  _globals['_IPBLOCK']._serialized_start=1563
-  _globals['_IPBLOCK']._serialized_end=1820
-  _globals['_LISTIPBLOCKSREQUEST']._serialized_start=1822
-  _globals['_LISTIPBLOCKSREQUEST']._serialized_end=1882
-  _globals['_LISTIPBLOCKSRESPONSE']._serialized_start=1884
-  _globals['_LISTIPBLOCKSRESPONSE']._serialized_end=1975
-  _globals['_DELETEIPBLOCKREQUEST']._serialized_start=1977
-  _globals['_DELETEIPBLOCKREQUEST']._serialized_end=2047
-  _globals['_ADMINSERVICE']._serialized_start=2050
-  _globals['_ADMINSERVICE']._serialized_end=2848
+  _globals['_SYSTEMSTATUS']._serialized_end=897
+  _globals['_CIRCUITBREAKER']._serialized_start=900
+  _globals['_CIRCUITBREAKER']._serialized_end=1158
+  _globals['_RESETCIRCUITBREAKERREQUEST']._serialized_start=1160
+  _globals['_RESETCIRCUITBREAKERREQUEST']._serialized_end=1258
+  _globals['_RATELIMITVIOLATION']._serialized_start=1261
+  _globals['_RATELIMITVIOLATION']._serialized_end=1415
+  _globals['_LISTRATELIMITVIOLATIONSREQUEST']._serialized_start=1417
+  _globals['_LISTRATELIMITVIOLATIONSREQUEST']._serialized_end=1504
+  _globals['_LISTRATELIMITVIOLATIONSRESPONSE']._serialized_start=1506
+  _globals['_LISTRATELIMITVIOLATIONSRESPONSE']._serialized_end=1620
+  _globals['_SUMMARIZERATELIMITVIOLATIONSREQUEST']._serialized_start=1622
+  _globals['_SUMMARIZERATELIMITVIOLATIONSREQUEST']._serialized_end=1715
+  _globals['_VIOLATIONCOUNT']._serialized_start=1717
+  _globals['_VIOLATIONCOUNT']._serialized_end=1761
+  _globals['_SUMMARIZERATELIMITVIOLATIONSRESPONSE']._serialized_start=1764
+  _globals['_SUMMARIZERATELIMITVIOLATIONSRESPONSE']._serialized_end=1979
+  _globals['_IPBLOCK']._serialized_start=1982
+  _globals['_IPBLOCK']._serialized_end=2239
+  _globals['_LISTIPBLOCKSREQUEST']._serialized_start=2241
+  _globals['_LISTIPBLOCKSREQUEST']._serialized_end=2301
+  _globals['_LISTIPBLOCKSRESPONSE']._serialized_start=2303
+  _globals['_LISTIPBLOCKSRESPONSE']._serialized_end=2394
+  _globals['_DELETEIPBLOCKREQUEST']._serialized_start=2396
+  _globals['_DELETEIPBLOCKREQUEST']._serialized_end=2466
+  _globals['_ADMINSERVICE']._serialized_start=2469
+  _globals['_ADMINSERVICE']._serialized_end=3438
 # @@protoc_insertion_point(module_scope)

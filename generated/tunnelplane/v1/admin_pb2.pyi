@@ -169,6 +169,7 @@ class SystemStatus(_message.Message):
     LOAD_FIELD_NUMBER: _builtins.int
     QUEUED_CALLS_FIELD_NUMBER: _builtins.int
     QUEUES_FIELD_NUMBER: _builtins.int
+    CIRCUIT_BREAKERS_FIELD_NUMBER: _builtins.int
     state: _builtins.str
     """`SERVING`, `DEGRADED` (an optional dependency is down) or `NOT_SERVING`."""
     limiter_backend: _builtins.str
@@ -187,6 +188,10 @@ class SystemStatus(_message.Message):
     def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueDepth]:
         """The longest queues."""
 
+    @_builtins.property
+    def circuit_breakers(self) -> _containers.RepeatedCompositeFieldContainer[Global___CircuitBreaker]:
+        """Every circuit breaker of this server that is not closed."""
+
     def __init__(
         self,
         *,
@@ -196,14 +201,84 @@ class SystemStatus(_message.Message):
         load: Global___LoadStatus | None = ...,
         queued_calls: _builtins.int = ...,
         queues: _abc.Iterable[Global___QueueDepth] | None = ...,
+        circuit_breakers: _abc.Iterable[Global___CircuitBreaker] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dependencies", b"dependencies", "limiter_backend", b"limiter_backend", "load", b"load", "queued_calls", b"queued_calls", "queues", b"queues", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["circuit_breakers", b"circuit_breakers", "dependencies", b"dependencies", "limiter_backend", b"limiter_backend", "load", b"load", "queued_calls", b"queued_calls", "queues", b"queues", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SystemStatus: _TypeAlias = SystemStatus  # noqa: Y015
+
+@_typing.final
+class CircuitBreaker(_message.Message):
+    """A circuit breaker on an outbound dependency: after `threshold` consecutive failures
+    it opens and calls are not made; after its open time one trial call goes through
+    (half-opened), and its success closes it again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    OPEN_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`circuitBreakers/{kind}.{target}`, for example `circuitBreakers/webhook.whk_...`."""
+    kind: _builtins.str
+    """What it guards: `webhook` (one endpoint) or `proxy-admin` (one proxy's admin side)."""
+    state: _builtins.str
+    """`closed`, `opened` or `half-opened`."""
+    failures: _builtins.int
+    """Consecutive failures counted."""
+    @_builtins.property
+    def open_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last opened, while it is not closed."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        state: _builtins.str = ...,
+        failures: _builtins.int = ...,
+        open_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["open_time", b"open_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures", b"failures", "kind", b"kind", "name", b"name", "open_time", b"open_time", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CircuitBreaker: _TypeAlias = CircuitBreaker  # noqa: Y015
+
+@_typing.final
+class ResetCircuitBreakerRequest(_message.Message):
+    """Request for ResetCircuitBreaker."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The breaker, `circuitBreakers/{kind}.{target}`."""
+    reason: _builtins.str
+    """Why, for the audit trail."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetCircuitBreakerRequest: _TypeAlias = ResetCircuitBreakerRequest  # noqa: Y015
 
 @_typing.final
 class RateLimitViolation(_message.Message):

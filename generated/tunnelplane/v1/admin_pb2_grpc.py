@@ -56,6 +56,11 @@ class AdminServiceStub:
                 request_serializer=tunnelplane_dot_v1_dot_admin__pb2.ListIpBlocksRequest.SerializeToString,
                 response_deserializer=tunnelplane_dot_v1_dot_admin__pb2.ListIpBlocksResponse.FromString,
                 _registered_method=True)
+        self.ResetCircuitBreaker = channel.unary_unary(
+                '/tunnelplane.v1.AdminService/ResetCircuitBreaker',
+                request_serializer=tunnelplane_dot_v1_dot_admin__pb2.ResetCircuitBreakerRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_admin__pb2.CircuitBreaker.FromString,
+                _registered_method=True)
         self.DeleteIpBlock = channel.unary_unary(
                 '/tunnelplane.v1.AdminService/DeleteIpBlock',
                 request_serializer=tunnelplane_dot_v1_dot_admin__pb2.DeleteIpBlockRequest.SerializeToString,
@@ -101,6 +106,15 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetCircuitBreaker(self, request, context):
+        """Closes a circuit breaker of the server this call reached, now: an operator's
+        decision that the dependency behind it is back. Names are those
+        `GetSystemStatus` lists, for example `circuitBreakers/webhook.whk_...`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteIpBlock(self, request, context):
         """Lifts a block before it expires.
         """
@@ -130,6 +144,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListIpBlocks,
                     request_deserializer=tunnelplane_dot_v1_dot_admin__pb2.ListIpBlocksRequest.FromString,
                     response_serializer=tunnelplane_dot_v1_dot_admin__pb2.ListIpBlocksResponse.SerializeToString,
+            ),
+            'ResetCircuitBreaker': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetCircuitBreaker,
+                    request_deserializer=tunnelplane_dot_v1_dot_admin__pb2.ResetCircuitBreakerRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_admin__pb2.CircuitBreaker.SerializeToString,
             ),
             'DeleteIpBlock': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteIpBlock,
@@ -246,6 +265,33 @@ class AdminService:
             '/tunnelplane.v1.AdminService/ListIpBlocks',
             tunnelplane_dot_v1_dot_admin__pb2.ListIpBlocksRequest.SerializeToString,
             tunnelplane_dot_v1_dot_admin__pb2.ListIpBlocksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetCircuitBreaker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.AdminService/ResetCircuitBreaker',
+            tunnelplane_dot_v1_dot_admin__pb2.ResetCircuitBreakerRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_admin__pb2.CircuitBreaker.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,11 @@ class AdminServiceStub:
     callers there are held to their own limits, so an administrator can always list
     and lift blocks, from a blocked address too.
     """
+    ResetCircuitBreaker: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResetCircuitBreakerRequest, _admin_pb2.CircuitBreaker]
+    """Closes a circuit breaker of the server this call reached, now: an operator's
+    decision that the dependency behind it is back. Names are those
+    `GetSystemStatus` lists, for example `circuitBreakers/webhook.whk_...`.
+    """
     DeleteIpBlock: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteIpBlockRequest, _empty_pb2.Empty]
     """Lifts a block before it expires."""
 
@@ -75,6 +80,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     anonymous calls (and calls with bad credentials) from its address; authenticated
     callers there are held to their own limits, so an administrator can always list
     and lift blocks, from a blocked address too.
+    """
+    ResetCircuitBreaker: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResetCircuitBreakerRequest, _admin_pb2.CircuitBreaker]  # type: ignore[assignment]
+    """Closes a circuit breaker of the server this call reached, now: an operator's
+    decision that the dependency behind it is back. Names are those
+    `GetSystemStatus` lists, for example `circuitBreakers/webhook.whk_...`.
     """
     DeleteIpBlock: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteIpBlockRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Lifts a block before it expires."""
@@ -121,6 +131,17 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         anonymous calls (and calls with bad credentials) from its address; authenticated
         callers there are held to their own limits, so an administrator can always list
         and lift blocks, from a blocked address too.
+        """
+
+    @_abc_1.abstractmethod
+    def ResetCircuitBreaker(
+        self,
+        request: _admin_pb2.ResetCircuitBreakerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CircuitBreaker, _abc.Awaitable[_admin_pb2.CircuitBreaker]]:
+        """Closes a circuit breaker of the server this call reached, now: an operator's
+        decision that the dependency behind it is back. Names are those
+        `GetSystemStatus` lists, for example `circuitBreakers/webhook.whk_...`.
         """
 
     @_abc_1.abstractmethod
