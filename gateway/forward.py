@@ -67,8 +67,9 @@ class Dispatcher(Protocol):
         """Start a server-streaming call (a :class:`Reply` if it failed before starting)."""
         ...
 
-    async def health(self, service: str) -> bool:
-        """Whether ``service`` ("" for the whole server) is serving."""
+    async def health(self, service: str) -> bool | None:
+        """Whether ``service`` ("" for the whole server) is serving; None if the server
+        does not know that service."""
         ...
 
 
@@ -156,12 +157,12 @@ class ChannelDispatcher:
         reply.messages = _rest(rpc, first, reply)
         return reply
 
-    async def health(self, service: str) -> bool:
+    async def health(self, service: str) -> bool | None:
         """Ask the upstream's ``grpc.health.v1.Health/Check``."""
         try:
             response = await self._health(health_pb2.HealthCheckRequest(service=service), timeout=3)
-        except grpc.aio.AioRpcError:
-            return False
+        except grpc.aio.AioRpcError as error:
+            return None if error.code() == grpc.StatusCode.NOT_FOUND else False
         return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
 

@@ -21,6 +21,11 @@ from gateway.bindings import Catalog
 from gateway.errors import GatewayError
 from gateway.forward import Dispatcher
 
+#: The server's dependencies, each published as its own health service
+#: ``tunnelplane.dependency.<name>`` (``/readyz`` reports those the server has; one that is
+#: down while the server serves makes it DEGRADED).
+DEPENDENCY = "tunnelplane.dependency."
+DEPENDENCIES = ("database", "database_replica", "redis")
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 Page = Callable[[], Awaitable[Response]]
 
@@ -121,11 +126,20 @@ class Pages:
     async def _readyz(self) -> Response:
         services = sorted({b.method.containing_service.full_name for b in self._catalog.bindings})
         states = {service: await self._dispatcher.health(service) for service in services}
-        ready = await self._dispatcher.health("") and all(states.values())
+        ready = bool(await self._dispatcher.health("")) and all(states.values())
+        # The dependencies the server publishes (those it does not have are left out).
+        found = {d: await self._dispatcher.health(DEPENDENCY + d) for d in DEPENDENCIES}
+        dependencies = {d: up for d, up in found.items() if up is not None}
+        status = "NOT_SERVING"
+        if ready:
+            status = "SERVING" if all(dependencies.values()) else "DEGRADED"
         body = orjson.dumps(
             {
-                "status": "SERVING" if ready else "NOT_SERVING",
+                "status": status,
                 "services": {s: "SERVING" if up else "NOT_SERVING" for s, up in states.items()},
+                "dependencies": {
+                    d: "SERVING" if up else "NOT_SERVING" for d, up in dependencies.items()
+                },
             }
         )
         return Response(200 if ready else 503, body)

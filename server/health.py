@@ -1,7 +1,10 @@
 """Health: probe each dependency on an interval and publish it through ``grpc.health.v1``.
 
 A service is SERVING only while every dependency it needs answers; the overall status
-(service name "") is SERVING only while every dependency answers. During shutdown every
+(service name "") is SERVING only while every dependency answers, optional ones aside.
+Each dependency is also published on its own, as ``tunnelplane.dependency.<name>``
+(``database``, ``redis``, ``database_replica``), so that a probe (the gateway's
+``/readyz``) can tell a degraded server from a healthy one. During shutdown every
 status is NOT_SERVING for good. :func:`evaluate` is the pure rule; :class:`HealthMonitor`
 applies it, a probe of every dependency per :meth:`~HealthMonitor.check_once` (the loop
 around it is :func:`server.workers.monitors.health_loop`).
@@ -22,6 +25,8 @@ log = logging.getLogger("tunnelplane.health")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 Check = Callable[[], Awaitable[None]]
+#: Each dependency's own health service name is this prefix and its name.
+DEPENDENCY_PREFIX = "tunnelplane.dependency."
 #: Told after each probe whether a dependency is up, and when (``time.monotonic()``) the
 #: probe started: a fallback that saw a failure after that ignores an older "up".
 Listener = Callable[[bool, float], Awaitable[None] | None]
@@ -91,9 +96,11 @@ class HealthMonitor:
         """The last known state of each dependency."""
         return dict(self._status)
 
-    def serving(self, service: str = "") -> bool:
-        """Whether ``service`` (or the whole server) is serving now."""
-        return self._statuses().get(service, False)
+    def serving(self, service: str = "") -> bool | None:
+        """Whether ``service`` (or the whole server, or a dependency as
+        ``tunnelplane.dependency.<name>``) is serving now; None for a name it does not
+        know."""
+        return self._statuses().get(service)
 
     async def wait_for(self, dependency: str, up: bool) -> None:
         """Return once ``dependency`` was last seen ``up`` (or down)."""
@@ -131,7 +138,13 @@ class HealthMonitor:
 
     def _statuses(self) -> dict[str, bool]:
         up = {name: status.up for name, status in self._status.items()}
-        return evaluate(up, self._needs, shutting_down=self._shutting_down, optional=self.optional)
+        statuses = evaluate(
+            up, self._needs, shutting_down=self._shutting_down, optional=self.optional
+        )
+        # Each dependency on its own, for probes that want to tell DEGRADED from SERVING.
+        for name, is_up in up.items():
+            statuses[DEPENDENCY_PREFIX + name] = is_up and not self._shutting_down
+        return statuses
 
     async def _publish(self) -> None:
         for service, serving in self._statuses().items():

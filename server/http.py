@@ -48,7 +48,7 @@ class InProcessDispatcher:
         self,
         methods: Mapping[str, MethodInfo],
         chains: Mapping[str, Handler],
-        health: Callable[[str], bool],
+        health: Callable[[str], bool | None],
     ) -> None:
         self._methods = methods
         self._chains = chains
@@ -100,8 +100,8 @@ class InProcessDispatcher:
         reply.messages = _drain(queue, task, first, call, reply)
         return reply
 
-    async def health(self, service: str) -> bool:
-        """The health monitor's view."""
+    async def health(self, service: str) -> bool | None:
+        """The health monitor's view (None: a service it does not know)."""
         return self._health(service)
 
 
@@ -242,7 +242,7 @@ def build_gateway(
     settings: Settings,
     methods: list[MethodInfo],
     chains: Mapping[str, Handler],
-    health: Callable[[str], bool],
+    health: Callable[[str], bool | None],
     registry: Any,
 ) -> Gateway:
     """The embedded gateway over every served service."""

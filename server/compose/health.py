@@ -50,7 +50,7 @@ class LiveStatus:
             for name, s in sorted(health.dependencies.items())
         ]
         state: State = "SERVING"
-        if not health.serving():
+        if not health.serving():  # (None: unknown; "" is always known)
             state = "NOT_SERVING"
         elif any(not d.up for d in dependencies):
             state = "DEGRADED"

@@ -114,7 +114,13 @@ async def test_reads_follow_the_replica_while_it_is_close_and_up(
                     "/v1/system/status", headers={"authorization": admin.metadata[0][1]}
                 )
                 assert over_http.json()["state"] == "DEGRADED"
-                assert (await http.get("/readyz")).status_code == 200  # still serving
+                ready = await http.get("/readyz")
+                assert ready.status_code == 200  # still serving
+                assert ready.json()["status"] == "DEGRADED"
+                assert ready.json()["dependencies"] == {
+                    "database": "SERVING",
+                    "database_replica": "NOT_SERVING",
+                }
 
             # Replay resumes: the replica is used again.
             cluster.replica.execute("SELECT pg_wal_replay_resume()")

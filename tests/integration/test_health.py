@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tunnelplane.v1 import admin_pb2, users_pb2
@@ -150,6 +151,18 @@ async def test_redis_outage_degrades_without_refusing_calls(
             ]
             for service in SERVICES:
                 assert await status(channel, service) == SERVING
+            # Each dependency has its own health entry; one the server lacks is unknown.
+            assert await status(channel, "tunnelplane.dependency.redis") == NOT_SERVING
+            assert await status(channel, "tunnelplane.dependency.database") == SERVING
+            await fails(
+                status(channel, "tunnelplane.dependency.database_replica"),
+                grpc.StatusCode.NOT_FOUND,
+            )
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.http_port}") as http:
+                ready = await http.get("/readyz")
+            assert ready.status_code == 200
+            assert ready.json()["status"] == "DEGRADED"
+            assert ready.json()["dependencies"] == {"database": "SERVING", "redis": "NOT_SERVING"}
             assert (await client.register()).name.startswith("users/")
 
             await proxy.start()

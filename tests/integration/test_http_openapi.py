@@ -190,6 +190,9 @@ async def test_health_and_readiness_follow_the_grpc_health_service(
         "tunnelplane.v1.OperationService": "SERVING",
         "tunnelplane.v1.ProxyService": "SERVING",
     }
+    assert ready["status"] == "SERVING"
+    assert ready["dependencies"]["database"] == "SERVING"
+    assert set(ready["dependencies"]) <= {"database", "redis"}  # no replica configured
 
 
 async def test_the_proxies_questions_are_documented(http: httpx.AsyncClient) -> None:
