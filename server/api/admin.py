@@ -10,6 +10,9 @@ from google.protobuf import empty_pb2
 from tunnelplane.v1 import admin_pb2
 
 from server.api import convert
+from server.domain.analytics.model import Tally
+from server.domain.analytics.rules import change
+from server.domain.analytics.service import CallOutcomes
 from server.domain.common.errors import InvalidArgument, NotFound
 from server.domain.common.listing import Lister, ListSpec, OrderKey
 from server.domain.limits.blocks import IpBlocks
@@ -19,12 +22,25 @@ from server.pipeline import Call
 from server.status import Breaker, BreakerControl, StatusSource
 
 MAX_WINDOW = timedelta(days=30)
+ERRORS_WINDOW = timedelta(days=7)
 BLOCKS_SPEC = ListSpec({}, frozenset({"create_time"}), (OrderKey("create_time", descending=True),))
 
 
 #: ``kind`` or ``kind.target``: lower-case kind, a target of id characters.
 _BREAKER_NAME = re.compile(r"[a-z][a-z-]{0,30}(\.[A-Za-z0-9_-]{1,100})?")
 MAX_REASON = 500
+
+
+def _counted(tally: Tally) -> admin_pb2.WindowCount:
+    counted = admin_pb2.WindowCount(count=tally.count, previous_count=tally.previous)
+    moved = change(tally.count, tally.previous)
+    if moved is not None:
+        counted.change = moved
+    return counted
+
+
+def _rate(errors: int, calls: int) -> float:
+    return errors / calls if calls else 0.0
 
 
 def _breaker(b: Breaker) -> admin_pb2.CircuitBreaker:
@@ -53,7 +69,9 @@ class AdminApi:
         lister: Lister,
         blocks: IpBlocks,
         breakers: BreakerControl,
+        outcomes: CallOutcomes,
     ) -> None:
+        self._outcomes = outcomes
         self._breakers = breakers
         self._status = status
         self._limiter = limiter
@@ -83,6 +101,37 @@ class AdminApi:
             queued_calls=sum(n for _, n in now.queues),
             queues=[admin_pb2.QueueDepth(subject=s, waiting=n) for s, n in now.queues],
             circuit_breakers=[_breaker(b) for b in now.breakers],
+        )
+
+    async def SummarizeErrors(
+        self, request: admin_pb2.SummarizeErrorsRequest, call: Call
+    ) -> admin_pb2.ErrorSummary:
+        window = timedelta(hours=1)
+        if request.HasField("window"):
+            window = convert.from_duration(request.window, "window")
+            if not timedelta(minutes=1) <= window <= ERRORS_WINDOW:
+                raise InvalidArgument.single("window", "must be between 1 minute and 7 days")
+        if not 0 <= request.top <= 100:
+            raise InvalidArgument.single("top", "must be between 0 and 100")
+        found = await self._outcomes.summarize(window, request.top or 10)
+        return admin_pb2.ErrorSummary(
+            start_time=convert.timestamp(found.start),
+            end_time=convert.timestamp(found.end),
+            calls=_counted(found.calls),
+            errors=_counted(found.errors),
+            error_rate=_rate(found.errors.count, found.calls.count),
+            previous_error_rate=_rate(found.errors.previous, found.calls.previous),
+            by_category={c.value: _counted(t) for c, t in found.by_category.items()},
+            top_errors=[
+                admin_pb2.ErrorCount(
+                    method=e.method,
+                    code=e.code,
+                    reason=e.reason,
+                    category=e.category.value,
+                    count=_counted(e.tally),
+                )
+                for e in found.top
+            ],
         )
 
     async def ResetCircuitBreaker(

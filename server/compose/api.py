@@ -42,6 +42,7 @@ from server.compose.operations import OperationsArea
 from server.compose.proxies import ProxiesArea
 from server.compose.tunnels import TunnelsArea
 from server.compose.webhooks import WebhooksArea
+from server.domain.analytics.service import CallOutcomes
 from server.interceptors.audit import AuditStage
 from server.interceptors.auth import AuthenticateStage, AuthorizeStage
 from server.interceptors.context import RequestContextStage
@@ -57,6 +58,7 @@ from server.pipeline import Handler, MethodInfo, Pipeline, Stage
 from server.policy import load_policies
 from server.resilience.control import BreakerReset
 from server.settings import networks
+from server.workers.outcomes import outcome_loops
 from server.workers.supervisor import Loop
 
 log = logging.getLogger("tunnelplane.server")
@@ -97,10 +99,13 @@ class ApiArea:
     chains: dict[str, Handler]
     agents: AgentApi
     stream_limits: StreamLimitStage
+    #: Every call's outcome, for error analytics.
+    outcomes: CallOutcomes
+    flush_interval: float
 
     def loops(self) -> Sequence[Loop]:
-        """None."""
-        return ()
+        """The outcome counts' flushes and pruning."""
+        return outcome_loops(self.outcomes, self.flush_interval)
 
     async def aclose(self) -> None:
         """Nothing to release."""
@@ -118,14 +123,18 @@ def build(infra: Infrastructure, areas: Areas, stopping: Callable[[], bool]) -> 
         areas.proxies.fleet.links,
     )
     stream_limits = StreamLimitStage(areas.identity.tiers, infra.registry)
-    pipeline = Pipeline(_stages(infra, areas, stream_limits))
-    servicers = _servicers(infra, areas, agents)
+    outcomes = CallOutcomes(infra.db, infra.clock)
+    pipeline = Pipeline(_stages(infra, areas, stream_limits, outcomes))
+    servicers = _servicers(infra, areas, agents, outcomes)
     methods = method_table(SERVICES)
     chains = {m.full_name: pipeline.build(m, _endpoint(servicers, m)) for m in methods}
-    return ApiArea(methods, chains, agents, stream_limits)
+    interval = infra.settings.violation_flush_interval
+    return ApiArea(methods, chains, agents, stream_limits, outcomes, interval)
 
 
-def _servicers(infra: Infrastructure, areas: Areas, agents: AgentApi) -> dict[str, object]:
+def _servicers(
+    infra: Infrastructure, areas: Areas, agents: AgentApi, outcomes: CallOutcomes
+) -> dict[str, object]:
     identity, tunnels, limits, clock = areas.identity, areas.tunnels, areas.limits, infra.clock
     return {
         "tunnelplane.v1.AuthService": AuthApi(
@@ -159,11 +168,17 @@ def _servicers(infra: Infrastructure, areas: Areas, agents: AgentApi) -> dict[st
             infra.lister,
             limits.blocks,
             BreakerReset(infra.breakers, infra.db, infra.clock),
+            outcomes,
         ),
     }
 
 
-def _stages(infra: Infrastructure, areas: Areas, stream_limits: StreamLimitStage) -> list[Stage]:
+def _stages(
+    infra: Infrastructure,
+    areas: Areas,
+    stream_limits: StreamLimitStage,
+    outcomes: CallOutcomes,
+) -> list[Stage]:
     """Every stage, in the order a call passes them (DESIGN.md, "Request flow")."""
     settings, credentials = infra.settings, areas.identity.credentials
     rate_limit = areas.limits.stage
@@ -174,7 +189,7 @@ def _stages(infra: Infrastructure, areas: Areas, stream_limits: StreamLimitStage
                 logging.getLogger("tunnelplane.access"), json_lines=settings.log_format == "json"
             )
         ),
-        MetricsStage(GrpcMetrics(infra.registry)),
+        MetricsStage(GrpcMetrics(infra.registry), outcomes),
         TracingStage(
             infra.tracer_provider.get_tracer("tunnelplane.server"),
             enabled=settings.otel_exporter != "none",

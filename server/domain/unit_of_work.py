@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Protocol, Self
 
+from server.domain.analytics.ports import OutcomeRepository
 from server.domain.audit.ports import AuditRepository
 from server.domain.events.ports import EventRepository
 from server.domain.identity.ports import (
@@ -56,6 +57,8 @@ class UnitOfWork(Protocol):
     def operations(self) -> OperationRepository: ...
     @property
     def proxies(self) -> ProxyRepository: ...
+    @property
+    def call_outcomes(self) -> OutcomeRepository: ...
 
     async def __aenter__(self) -> Self: ...
     async def __aexit__(

@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from server.domain.common.clock import Clock
 from server.domain.common.errors import DatabaseUnavailable
 from server.storage import sqlite_inline
+from server.storage.analytics import SqlOutcomeRepository
 from server.storage.audit import SqlAuditRepository
 from server.storage.dbmetrics import DatabaseMetrics
 from server.storage.events import SqlEventRepository
@@ -273,6 +274,7 @@ class SqlUnitOfWork:
     webhooks: SqlWebhookRepository
     operations: SqlOperationRepository
     proxies: SqlProxyRepository
+    call_outcomes: SqlOutcomeRepository
 
     def __init__(
         self,
@@ -333,6 +335,7 @@ class SqlUnitOfWork:
         self.webhooks = SqlWebhookRepository(conn, self._sealer)
         self.operations = SqlOperationRepository(conn)
         self.proxies = SqlProxyRepository(conn)
+        self.call_outcomes = SqlOutcomeRepository(conn)
         return self
 
     async def __aexit__(

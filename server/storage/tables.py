@@ -190,6 +190,21 @@ rate_limit_violations = sa.Table(
     sa.Index(None, "window_start", "id"),
 )
 
+#: Calls per minute by method, code and reason (server/domain/analytics): error rates and
+#: the top errors. Rows are keyed by a hash of the four, so replicas add to one row.
+call_outcomes = sa.Table(
+    "call_outcomes",
+    metadata,
+    _id(),
+    sa.Column("window_start", UTCDateTime(), nullable=False),
+    sa.Column("method", sa.String(200), nullable=False),
+    sa.Column("code", sa.String(40), nullable=False),
+    sa.Column("reason", sa.String(100), nullable=False),
+    sa.Column("category", sa.String(20), nullable=False),
+    sa.Column("count", sa.BigInteger(), nullable=False),
+    sa.Index(None, "window_start"),
+)
+
 #: The event log (outbox): written in the transaction of the change it describes.
 events = sa.Table(
     "events",

@@ -229,3 +229,18 @@ async def _read_head(content: aiohttp.StreamReader, head: bytearray) -> None:
             return
         read += len(chunk)
         head += chunk[: EXCERPT_BYTES - len(head)]
+
+
+def answered(result: AttemptResult) -> AttemptResult:
+    """``result``, unless it shows no live endpoint (raised: its breaker counts it)."""
+    if result.status is None or result.status >= 500 or result.status == 429:
+        raise UnansweredError(result)
+    return result
+
+
+class UnansweredError(Exception):
+    """The endpoint did not answer as a live one does (counted by its breaker)."""
+
+    def __init__(self, result: AttemptResult) -> None:
+        super().__init__(result.error or str(result.status))
+        self.result = result

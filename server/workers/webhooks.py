@@ -54,7 +54,7 @@ from server.domain.webhooks.model import (
 from server.domain.webhooks.rules import DISABLE_AFTER, RETRY_SCHEDULE
 from server.resilience.breakers import BreakerOpenError, Breakers
 from server.workers.supervisor import Loop
-from server.workers.webhook_http import AttemptResult, WebhookSender
+from server.workers.webhook_http import AttemptResult, UnansweredError, WebhookSender, answered
 from server.workers.webhook_metrics import DispatchMetrics
 from server.workers.webhook_records import Outcome, ResultRecorder
 
@@ -383,8 +383,8 @@ class WebhookDispatcher:
             return await self._send(request)
         try:
             async with self._breakers.guard("webhook", webhook_id):
-                result = _answered(await self._send(request))
-        except _UnansweredError as unanswered:
+                result = answered(await self._send(request))
+        except UnansweredError as unanswered:
             return unanswered.result
         return result
 
@@ -481,21 +481,6 @@ async def _load(
     hooks = await uow.webhooks.by_ids(sorted({c.webhook_id for c in claimed}))
     events = await uow.events.by_ids(sorted({c.event_id for c in claimed}))
     return {w.id: w for w in hooks}, {e.id: e for e in events}
-
-
-def _answered(result: AttemptResult) -> AttemptResult:
-    """``result``, unless it shows no live endpoint (raised: its breaker counts it)."""
-    if result.status is None or result.status >= 500 or result.status == 429:
-        raise _UnansweredError(result)
-    return result
-
-
-class _UnansweredError(Exception):
-    """The endpoint did not answer as a live one does (counted by its breaker)."""
-
-    def __init__(self, result: AttemptResult) -> None:
-        super().__init__(result.error or str(result.status))
-        self.result = result
 
 
 def _token() -> int:

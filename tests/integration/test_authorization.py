@@ -181,6 +181,7 @@ BUILDERS: dict[str, Builder] = {
     "AdminService/DeleteIpBlock": lambda t: admin_pb2.DeleteIpBlockRequest(
         name="ipBlocks/10.9.9.9"
     ),
+    "AdminService/SummarizeErrors": lambda t: admin_pb2.SummarizeErrorsRequest(),
     "AdminService/ResetCircuitBreaker": lambda t: admin_pb2.ResetCircuitBreakerRequest(
         name="circuitBreakers/webhook.whk_matrix", reason="matrix"
     ),

@@ -852,6 +852,26 @@ BAD_REQUESTS = [
         extra=("name", named(admin_pb2.DeleteIpBlockRequest, "ipBlocks/10.0.0.1/x")),
     ),
     *rows(
+        f"{AD}.SummarizeErrors",
+        "admin",
+        short_window=(
+            "window",
+            lambda c: admin_pb2.SummarizeErrorsRequest(window=duration_pb2.Duration(seconds=59)),
+        ),
+        long_window=(
+            "window",
+            lambda c: admin_pb2.SummarizeErrorsRequest(
+                window=duration_pb2.Duration(seconds=8 * 86400)
+            ),
+        ),
+        negative_window=(
+            "window",
+            lambda c: admin_pb2.SummarizeErrorsRequest(window=duration_pb2.Duration(seconds=-60)),
+        ),
+        top_too_big=("top", lambda c: admin_pb2.SummarizeErrorsRequest(top=101)),
+        top_negative=("top", lambda c: admin_pb2.SummarizeErrorsRequest(top=-1)),
+    ),
+    *rows(
         f"{AD}.ResetCircuitBreaker",
         "admin",
         empty=("name", named(admin_pb2.ResetCircuitBreakerRequest, "")),

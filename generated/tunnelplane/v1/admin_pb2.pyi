@@ -255,6 +255,189 @@ class CircuitBreaker(_message.Message):
 Global___CircuitBreaker: _TypeAlias = CircuitBreaker  # noqa: Y015
 
 @_typing.final
+class SummarizeErrorsRequest(_message.Message):
+    """Request for SummarizeErrors."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    TOP_FIELD_NUMBER: _builtins.int
+    top: _builtins.int
+    """How many top failures to list. Default 10, at most 100."""
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """The window, ending now. Default 1 hour, at most 7 days."""
+
+    def __init__(
+        self,
+        *,
+        window: _duration_pb2.Duration | None = ...,
+        top: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["top", b"top", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SummarizeErrorsRequest: _TypeAlias = SummarizeErrorsRequest  # noqa: Y015
+
+@_typing.final
+class WindowCount(_message.Message):
+    """A count in the window and in the window before it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    PREVIOUS_COUNT_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """In the window."""
+    previous_count: _builtins.int
+    """In the window before it, as long."""
+    change: _builtins.float
+    """The relative change, (count - previous) / previous; unset when previous is 0."""
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        previous_count: _builtins.int = ...,
+        change: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_change", b"_change", "change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_change", b"_change", "change", b"change", "count", b"count", "previous_count", b"previous_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__change: _TypeAlias = _typing.Literal["change"]  # noqa: Y015
+    _WhichOneofArgType__change: _TypeAlias = _typing.Literal["_change", b"_change"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__change) -> _WhichOneofReturnType__change | None: ...
+
+Global___WindowCount: _TypeAlias = WindowCount  # noqa: Y015
+
+@_typing.final
+class ErrorCount(_message.Message):
+    """One kind of failure and how often it happened."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    """The method, for example `/tunnelplane.v1.UserService/GetUser`."""
+    code: _builtins.str
+    """The status code's name, for example `NOT_FOUND`."""
+    reason: _builtins.str
+    """The `ErrorInfo.reason`, for example `USER_NOT_FOUND` (or the code's name)."""
+    category: _builtins.str
+    """`client`, `auth`, `quota`, `dependency` or `internal`."""
+    @_builtins.property
+    def count(self) -> Global___WindowCount:
+        """How often."""
+
+    def __init__(
+        self,
+        *,
+        method: _builtins.str = ...,
+        code: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        category: _builtins.str = ...,
+        count: Global___WindowCount | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["count", b"count"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "code", b"code", "count", b"count", "method", b"method", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ErrorCount: _TypeAlias = ErrorCount  # noqa: Y015
+
+@_typing.final
+class ErrorSummary(_message.Message):
+    """Calls and failures over a window, beside the window before it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ByCategoryEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___WindowCount: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___WindowCount | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    PREVIOUS_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    BY_CATEGORY_FIELD_NUMBER: _builtins.int
+    TOP_ERRORS_FIELD_NUMBER: _builtins.int
+    error_rate: _builtins.float
+    """Failed calls per call in the window (0 when there were none)."""
+    previous_error_rate: _builtins.float
+    """The same in the window before it."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The window."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Now."""
+
+    @_builtins.property
+    def calls(self) -> Global___WindowCount:
+        """Every call."""
+
+    @_builtins.property
+    def errors(self) -> Global___WindowCount:
+        """Every call that failed."""
+
+    @_builtins.property
+    def by_category(self) -> _containers.MessageMap[_builtins.str, Global___WindowCount]:
+        """Failed calls by category: `client`, `auth`, `quota`, `dependency`, `internal`."""
+
+    @_builtins.property
+    def top_errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ErrorCount]:
+        """The most frequent failures in the window, most first."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        calls: Global___WindowCount | None = ...,
+        errors: Global___WindowCount | None = ...,
+        error_rate: _builtins.float = ...,
+        previous_error_rate: _builtins.float = ...,
+        by_category: _abc.Mapping[_builtins.str, Global___WindowCount] | None = ...,
+        top_errors: _abc.Iterable[Global___ErrorCount] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "end_time", b"end_time", "errors", b"errors", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_category", b"by_category", "calls", b"calls", "end_time", b"end_time", "error_rate", b"error_rate", "errors", b"errors", "previous_error_rate", b"previous_error_rate", "start_time", b"start_time", "top_errors", b"top_errors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ErrorSummary: _TypeAlias = ErrorSummary  # noqa: Y015
+
+@_typing.final
 class ResetCircuitBreakerRequest(_message.Message):
     """Request for ResetCircuitBreaker."""
 

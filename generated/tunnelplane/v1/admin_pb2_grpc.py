@@ -51,6 +51,11 @@ class AdminServiceStub:
                 request_serializer=tunnelplane_dot_v1_dot_admin__pb2.SummarizeRateLimitViolationsRequest.SerializeToString,
                 response_deserializer=tunnelplane_dot_v1_dot_admin__pb2.SummarizeRateLimitViolationsResponse.FromString,
                 _registered_method=True)
+        self.SummarizeErrors = channel.unary_unary(
+                '/tunnelplane.v1.AdminService/SummarizeErrors',
+                request_serializer=tunnelplane_dot_v1_dot_admin__pb2.SummarizeErrorsRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_admin__pb2.ErrorSummary.FromString,
+                _registered_method=True)
         self.ListIpBlocks = channel.unary_unary(
                 '/tunnelplane.v1.AdminService/ListIpBlocks',
                 request_serializer=tunnelplane_dot_v1_dot_admin__pb2.ListIpBlocksRequest.SerializeToString,
@@ -91,6 +96,16 @@ class AdminServiceServicer:
 
     def SummarizeRateLimitViolations(self, request, context):
         """The subjects, methods and addresses refused most over a recent window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SummarizeErrors(self, request, context):
+        """Calls and failures over a recent window, beside the window before it: the error
+        rate, failures by category (`client`, `auth`, `quota`, `dependency`, `internal`) and
+        the most frequent failures by method, code and reason. Counted by every replica and
+        written each `TP_VIOLATION_FLUSH_INTERVAL`, so the last seconds may be missing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,6 +154,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.SummarizeRateLimitViolations,
                     request_deserializer=tunnelplane_dot_v1_dot_admin__pb2.SummarizeRateLimitViolationsRequest.FromString,
                     response_serializer=tunnelplane_dot_v1_dot_admin__pb2.SummarizeRateLimitViolationsResponse.SerializeToString,
+            ),
+            'SummarizeErrors': grpc.unary_unary_rpc_method_handler(
+                    servicer.SummarizeErrors,
+                    request_deserializer=tunnelplane_dot_v1_dot_admin__pb2.SummarizeErrorsRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_admin__pb2.ErrorSummary.SerializeToString,
             ),
             'ListIpBlocks': grpc.unary_unary_rpc_method_handler(
                     servicer.ListIpBlocks,
@@ -238,6 +258,33 @@ class AdminService:
             '/tunnelplane.v1.AdminService/SummarizeRateLimitViolations',
             tunnelplane_dot_v1_dot_admin__pb2.SummarizeRateLimitViolationsRequest.SerializeToString,
             tunnelplane_dot_v1_dot_admin__pb2.SummarizeRateLimitViolationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SummarizeErrors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.AdminService/SummarizeErrors',
+            tunnelplane_dot_v1_dot_admin__pb2.SummarizeErrorsRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_admin__pb2.ErrorSummary.FromString,
             options,
             channel_credentials,
             insecure,

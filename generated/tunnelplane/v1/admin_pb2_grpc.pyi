@@ -45,6 +45,12 @@ class AdminServiceStub:
     """
     SummarizeRateLimitViolations: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SummarizeRateLimitViolationsRequest, _admin_pb2.SummarizeRateLimitViolationsResponse]
     """The subjects, methods and addresses refused most over a recent window."""
+    SummarizeErrors: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SummarizeErrorsRequest, _admin_pb2.ErrorSummary]
+    """Calls and failures over a recent window, beside the window before it: the error
+    rate, failures by category (`client`, `auth`, `quota`, `dependency`, `internal`) and
+    the most frequent failures by method, code and reason. Counted by every replica and
+    written each `TP_VIOLATION_FLUSH_INTERVAL`, so the last seconds may be missing.
+    """
     ListIpBlocks: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListIpBlocksRequest, _admin_pb2.ListIpBlocksResponse]
     """Lists the client addresses blocked for repeated violations. A block refuses
     anonymous calls (and calls with bad credentials) from its address; authenticated
@@ -75,6 +81,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """
     SummarizeRateLimitViolations: _aio.UnaryUnaryMultiCallable[_admin_pb2.SummarizeRateLimitViolationsRequest, _admin_pb2.SummarizeRateLimitViolationsResponse]  # type: ignore[assignment]
     """The subjects, methods and addresses refused most over a recent window."""
+    SummarizeErrors: _aio.UnaryUnaryMultiCallable[_admin_pb2.SummarizeErrorsRequest, _admin_pb2.ErrorSummary]  # type: ignore[assignment]
+    """Calls and failures over a recent window, beside the window before it: the error
+    rate, failures by category (`client`, `auth`, `quota`, `dependency`, `internal`) and
+    the most frequent failures by method, code and reason. Counted by every replica and
+    written each `TP_VIOLATION_FLUSH_INTERVAL`, so the last seconds may be missing.
+    """
     ListIpBlocks: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListIpBlocksRequest, _admin_pb2.ListIpBlocksResponse]  # type: ignore[assignment]
     """Lists the client addresses blocked for repeated violations. A block refuses
     anonymous calls (and calls with bad credentials) from its address; authenticated
@@ -120,6 +132,18 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.SummarizeRateLimitViolationsResponse, _abc.Awaitable[_admin_pb2.SummarizeRateLimitViolationsResponse]]:
         """The subjects, methods and addresses refused most over a recent window."""
+
+    @_abc_1.abstractmethod
+    def SummarizeErrors(
+        self,
+        request: _admin_pb2.SummarizeErrorsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ErrorSummary, _abc.Awaitable[_admin_pb2.ErrorSummary]]:
+        """Calls and failures over a recent window, beside the window before it: the error
+        rate, failures by category (`client`, `auth`, `quota`, `dependency`, `internal`) and
+        the most frequent failures by method, code and reason. Counted by every replica and
+        written each `TP_VIOLATION_FLUSH_INTERVAL`, so the last seconds may be missing.
+        """
 
     @_abc_1.abstractmethod
     def ListIpBlocks(
