@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf import empty_pb2
-from tunnelplane.v1 import admin_pb2
+from tunnelplane.v1 import admin_pb2, operations_pb2
 
 from server.api import convert
+from server.api.operations import operation
+from server.api.users import caller_id
 from server.domain.analytics.model import Tally
 from server.domain.analytics.rules import change
 from server.domain.analytics.service import CallOutcomes
+from server.domain.common.clock import Clock
 from server.domain.common.errors import InvalidArgument, NotFound
 from server.domain.common.listing import Lister, ListSpec, OrderKey
 from server.domain.limits.blocks import IpBlocks
 from server.domain.limits.ports import Limiter
 from server.domain.limits.service import ViolationLog
+from server.domain.operations.rules import operation_parts
+from server.domain.operations.service import OperationService
+from server.domain.tunnels.agents import AgentSessions
+from server.domain.tunnels.rules import tunnel_parts
 from server.pipeline import Call
 from server.status import Breaker, BreakerControl, StatusSource
 
@@ -29,6 +37,20 @@ BLOCKS_SPEC = ListSpec({}, frozenset({"create_time"}), (OrderKey("create_time", 
 #: ``kind`` or ``kind.target``: lower-case kind, a target of id characters.
 _BREAKER_NAME = re.compile(r"[a-z][a-z-]{0,30}(\.[A-Za-z0-9_-]{1,100})?")
 MAX_REASON = 500
+
+
+def _reason(reason: str) -> None:
+    if len(reason) > MAX_REASON:
+        raise InvalidArgument.single("reason", f"must be at most {MAX_REASON} characters")
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What the recovery RPCs act on."""
+
+    operations: OperationService
+    agents: AgentSessions
+    clock: Clock
 
 
 def _counted(tally: Tally) -> admin_pb2.WindowCount:
@@ -70,7 +92,9 @@ class AdminApi:
         blocks: IpBlocks,
         breakers: BreakerControl,
         outcomes: CallOutcomes,
+        recovery: Recovery,
     ) -> None:
+        self._recovery = recovery
         self._outcomes = outcomes
         self._breakers = breakers
         self._status = status
@@ -134,14 +158,41 @@ class AdminApi:
             ],
         )
 
+    async def RerunOperation(
+        self, request: admin_pb2.RerunOperationRequest, call: Call
+    ) -> operations_pb2.Operation:
+        _reason(request.reason)
+        owner, operation_id = operation_parts(request.name, "name", caller_id(call))
+        again = await self._recovery.operations.rerun(
+            owner, operation_id, self._recovery.clock.now(), request.reason, call.audit
+        )
+        return operation(again)
+
+    async def ReleaseOperationLease(
+        self, request: admin_pb2.ReleaseOperationLeaseRequest, call: Call
+    ) -> operations_pb2.Operation:
+        _reason(request.reason)
+        owner, operation_id = operation_parts(request.name, "name", caller_id(call))
+        released = await self._recovery.operations.release_lease(
+            owner, operation_id, self._recovery.clock.now(), request.reason, call.audit
+        )
+        return operation(released)
+
+    async def ResetAgentSessions(
+        self, request: admin_pb2.ResetAgentSessionsRequest, call: Call
+    ) -> admin_pb2.ResetAgentSessionsResponse:
+        _reason(request.reason)
+        owner, tunnel_id = tunnel_parts(request.name, "name", caller_id(call))
+        closed = await self._recovery.agents.reset(owner, tunnel_id, request.reason, call.audit)
+        return admin_pb2.ResetAgentSessionsResponse(closed_sessions=closed)
+
     async def ResetCircuitBreaker(
         self, request: admin_pb2.ResetCircuitBreakerRequest, call: Call
     ) -> admin_pb2.CircuitBreaker:
         prefix, _, name = request.name.partition("/")
         if prefix != "circuitBreakers" or not _BREAKER_NAME.fullmatch(name):
             raise InvalidArgument.single("name", "must look like circuitBreakers/{kind}.{target}")
-        if len(request.reason) > MAX_REASON:
-            raise InvalidArgument.single("reason", f"must be at most {MAX_REASON} characters")
+        _reason(request.reason)
         try:
             return _breaker(await self._breakers.reset(name, request.reason, call.audit))
         except LookupError:

@@ -20,7 +20,7 @@ from server.api import tunnel_convert as tc
 from server.domain.common.errors import DomainError, InvalidArgument, clip
 from server.domain.events.model import Event
 from server.domain.identity.model import Principal
-from server.domain.tunnels.agents import LEFT, SILENT, AgentSessions
+from server.domain.tunnels.agents import AGENTS_RESET, LEFT, SILENT, AgentSessions
 from server.domain.tunnels.endpoints import parse_endpoint_url
 from server.domain.tunnels.model import Tunnel
 from server.domain.tunnels.rules import carrying
@@ -88,6 +88,8 @@ class AgentStream:
         self._version = -1
         self._sent: A.DesiredState | None = None
         self._links: tuple[str, ...] = ()
+        #: Set when an administrator reset the tunnel's agent sessions: the stream ends.
+        self._reset = asyncio.Event()
 
     async def send(self, message: A.ConnectResponse) -> None:
         """Send one message (the two halves must not write at once)."""
@@ -115,7 +117,9 @@ class AgentStream:
             watching = asyncio.create_task(self._watch(subscription))
             try:
                 ended = await _first_of(
-                    self._read(settings.heartbeat_timeout), self._until_going_away()
+                    self._read(settings.heartbeat_timeout),
+                    self._until_going_away(),
+                    self._until_reset(),
                 )
             finally:
                 watching.cancel()
@@ -129,6 +133,11 @@ class AgentStream:
 
     async def _until_going_away(self) -> str | None:
         await self._parts.going_away.wait()
+        return None
+
+    async def _until_reset(self) -> str | None:
+        """Its session was closed already: the agent is told to go away and reconnects."""
+        await self._reset.wait()
         return None
 
     async def desired(self, tunnel: Tunnel, *, links_changed: bool = False) -> None:
@@ -235,6 +244,9 @@ class AgentStream:
                 continue
             if not isinstance(event, Event) or event.subject != self._tunnel.name:
                 continue
+            if event.type == AGENTS_RESET:
+                self._reset.set()
+                return
             if event.type == "tunnel.deleted":
                 stopped = self._stopped(version=self._version + 1)
                 await self.send(A.ConnectResponse(desired_state=stopped))

@@ -23,7 +23,7 @@ from tunnelplane.v1 import (
     webhooks_pb2,
 )
 
-from server.api.admin import AdminApi
+from server.api.admin import AdminApi, Recovery
 from server.api.agent_stream import AgentMetrics
 from server.api.agents import AgentApi
 from server.api.auth import AuthApi
@@ -169,6 +169,7 @@ def _servicers(
             limits.blocks,
             BreakerReset(infra.breakers, infra.db, infra.clock),
             outcomes,
+            Recovery(areas.operations.operations, tunnels.agents, infra.clock),
         ),
     }
 

@@ -44,6 +44,7 @@ from server.domain.identity.model import Role, Tier
 from server.interceptors.audit import AuditStage
 from server.pipeline import Call
 from server.storage.tables import audit_log, users
+from server.storage.tables import operations as operations_table
 from tests.conftest import Backend, started
 from tests.helpers import (
     BEHIND_PROXY,
@@ -336,6 +337,38 @@ async def delete_ip_block(w: World) -> Scene:
     return Scene(admin_pb2.DeleteIpBlockRequest(name=name), w.admin, resource=name)
 
 
+async def stored_operation(w: World, **values: Any) -> str:
+    """An operation of the owner, then ``values`` written to its row (a failure, a lease)."""
+    name = await an_operation(w)
+    async with w.client.app.db.engine.begin() as conn:
+        await conn.execute(
+            sa.update(operations_table)
+            .where(operations_table.c.id == name.rsplit("/", 1)[1])
+            .values(**values)
+        )
+    return name
+
+
+async def rerun_operation(w: World) -> Scene:
+    name = await stored_operation(w, done=True, error_code=13, error_message="boom")
+    request = admin_pb2.RerunOperationRequest(name=name, reason="the cause is fixed")
+    return Scene(request, w.admin, w.owner, name)
+
+
+async def release_lease(w: World) -> Scene:
+    name = await stored_operation(
+        w, done=False, error_code=0, lease_until=datetime.now(UTC) + timedelta(hours=1)
+    )
+    request = admin_pb2.ReleaseOperationLeaseRequest(name=name, reason="its holder is stuck")
+    return Scene(request, w.admin, w.owner, name)
+
+
+async def reset_agents(w: World) -> Scene:
+    tunnel = await w.tunnel()
+    request = admin_pb2.ResetAgentSessionsRequest(name=tunnel.name, reason="stuck agent")
+    return Scene(request, w.admin, w.owner, tunnel.name)
+
+
 async def reset_breaker(w: World) -> Scene:
     """A webhook endpoint's breaker opened by unanswered calls, then reset."""
     app = w.client.app
@@ -439,6 +472,9 @@ SCENES: dict[str, Setup] = {
     "ProxyService/ScaleProxy": on_proxy(lambda n: X.ScaleProxyRequest(name=n, instances=2)),
     "AdminService/DeleteIpBlock": delete_ip_block,
     "AdminService/ResetCircuitBreaker": reset_breaker,
+    "AdminService/RerunOperation": rerun_operation,
+    "AdminService/ReleaseOperationLease": release_lease,
+    "AdminService/ResetAgentSessions": reset_agents,
     "WebhookService/CreateWebhook": create_webhook,
     "WebhookService/UpdateWebhook": update_webhook,
     "WebhookService/DeleteWebhook": on_webhook(lambda n: W.DeleteWebhookRequest(name=n)),

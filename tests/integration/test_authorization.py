@@ -182,6 +182,13 @@ BUILDERS: dict[str, Builder] = {
         name="ipBlocks/10.9.9.9"
     ),
     "AdminService/SummarizeErrors": lambda t: admin_pb2.SummarizeErrorsRequest(),
+    "AdminService/RerunOperation": lambda t: admin_pb2.RerunOperationRequest(
+        name=f"{t.user.name}/operations/op_matrix"
+    ),
+    "AdminService/ReleaseOperationLease": lambda t: admin_pb2.ReleaseOperationLeaseRequest(
+        name=f"{t.user.name}/operations/op_matrix"
+    ),
+    "AdminService/ResetAgentSessions": lambda t: admin_pb2.ResetAgentSessionsRequest(name=t.tunnel),
     "AdminService/ResetCircuitBreaker": lambda t: admin_pb2.ResetCircuitBreakerRequest(
         name="circuitBreakers/webhook.whk_matrix", reason="matrix"
     ),

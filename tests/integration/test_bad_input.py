@@ -852,6 +852,36 @@ BAD_REQUESTS = [
         extra=("name", named(admin_pb2.DeleteIpBlockRequest, "ipBlocks/10.0.0.1/x")),
     ),
     *rows(
+        f"{AD}.RerunOperation",
+        "admin",
+        empty=("name", named(admin_pb2.RerunOperationRequest, "")),
+        wrong_collection=("name", named(admin_pb2.RerunOperationRequest, "users/me/tunnels/t")),
+        long_reason=(
+            "reason",
+            lambda c: admin_pb2.RerunOperationRequest(
+                name="users/me/operations/op_x", reason="r" * 501
+            ),
+        ),
+    ),
+    *rows(
+        f"{AD}.ReleaseOperationLease",
+        "admin",
+        empty=("name", named(admin_pb2.ReleaseOperationLeaseRequest, "")),
+        nested=("name", named(admin_pb2.ReleaseOperationLeaseRequest, "users/me/operations/a/b")),
+    ),
+    *rows(
+        f"{AD}.ResetAgentSessions",
+        "admin",
+        empty=("name", named(admin_pb2.ResetAgentSessionsRequest, "")),
+        wrong_collection=("name", named(admin_pb2.ResetAgentSessionsRequest, "users/me/hooks/x")),
+        long_reason=(
+            "reason",
+            lambda c: admin_pb2.ResetAgentSessionsRequest(
+                name="users/me/tunnels/tnl_x", reason="r" * 501
+            ),
+        ),
+    ),
+    *rows(
         f"{AD}.SummarizeErrors",
         "admin",
         short_window=(

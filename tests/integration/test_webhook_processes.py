@@ -203,6 +203,9 @@ async def test_a_killed_dispatcher_loses_no_delivery(tmp_path: Path) -> None:
             # Attempts that time out while the receiver holds them must not use up the
             # retries before the kill.
             TP_WEBHOOK_RETRY_SCHEDULE=",".join(["0.5"] * 10),
+            # The held attempts time out: the endpoint's breaker would put the rest off
+            # for its open time (tests/integration/test_webhook_breaker.py covers that).
+            TP_BREAKER_THRESHOLD="1000",
         )
         rx.hold()
         try:

@@ -28,10 +28,11 @@ from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from tunnelplane.v1 import operations_pb2 as tunnelplane_dot_v1_dot_operations__pb2
 from tunnelplane.v1 import options_pb2 as tunnelplane_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atunnelplane/v1/admin.proto\x12\x0etunnelplane.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ctunnelplane/v1/options.proto\"\x18\n\x16GetSystemStatusRequest\"M\n\x10\x44\x65pendencyStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x12\x10\n\x08optional\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xcc\x01\n\nLoadStatus\x12\x11\n\tin_flight\x18\x01 \x01(\x03\x12\x13\n\x0bloop_lag_ms\x18\x02 \x01(\x01\x12\r\n\x05level\x18\x03 \x01(\x01\x12\x41\n\x0ctier_factors\x18\x04 \x03(\x0b\x32+.tunnelplane.v1.LoadStatus.TierFactorsEntry\x12\x10\n\x08shedding\x18\x05 \x01(\x08\x1a\x32\n\x10TierFactorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\".\n\nQueueDepth\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0f\n\x07waiting\x18\x02 \x01(\x03\"\x94\x02\n\x0cSystemStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x36\n\x0c\x64\x65pendencies\x18\x02 \x03(\x0b\x32 .tunnelplane.v1.DependencyStatus\x12\x17\n\x0flimiter_backend\x18\x03 \x01(\t\x12(\n\x04load\x18\x04 \x01(\x0b\x32\x1a.tunnelplane.v1.LoadStatus\x12\x14\n\x0cqueued_calls\x18\x05 \x01(\x03\x12*\n\x06queues\x18\x06 \x03(\x0b\x32\x1a.tunnelplane.v1.QueueDepth\x12\x38\n\x10\x63ircuit_breakers\x18\x07 \x03(\x0b\x32\x1e.tunnelplane.v1.CircuitBreaker\"\x82\x02\n\x0e\x43ircuitBreaker\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x12\n\x04kind\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05state\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x66\x61ilures\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x33\n\topen_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:f\xea\x41\x63\n\x1dtunnelplane.v1/CircuitBreaker\x12!circuitBreakers/{circuit_breaker}*\x0f\x63ircuitBreakers2\x0e\x63ircuitBreaker\"P\n\x16SummarizeErrorsRequest\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03top\x18\x02 \x01(\x05\"T\n\x0bWindowCount\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x16\n\x0eprevious_count\x18\x02 \x01(\x03\x12\x13\n\x06\x63hange\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_change\"x\n\nErrorCount\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12*\n\x05\x63ount\x18\x05 \x01(\x0b\x32\x1b.tunnelplane.v1.WindowCount\"\xb9\x03\n\x0c\x45rrorSummary\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x05\x63\x61lls\x18\x03 \x01(\x0b\x32\x1b.tunnelplane.v1.WindowCount\x12+\n\x06\x65rrors\x18\x04 \x01(\x0b\x32\x1b.tunnelplane.v1.WindowCount\x12\x12\n\nerror_rate\x18\x05 \x01(\x01\x12\x1b\n\x13previous_error_rate\x18\x06 \x01(\x01\x12\x41\n\x0b\x62y_category\x18\x07 \x03(\x0b\x32,.tunnelplane.v1.ErrorSummary.ByCategoryEntry\x12.\n\ntop_errors\x18\x08 \x03(\x0b\x32\x1a.tunnelplane.v1.ErrorCount\x1aN\n\x0f\x42yCategoryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.tunnelplane.v1.WindowCount:\x02\x38\x01\"b\n\x1aResetCircuitBreakerRequest\x12\x34\n\x04name\x18\x01 \x01(\tB&\xe2\x41\x01\x02\xfa\x41\x1f\n\x1dtunnelplane.v1/CircuitBreaker\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9a\x01\n\x12RateLimitViolation\x12\x30\n\x0cwindow_start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x12\n\nip_address\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\r\n\x05\x63ount\x18\x06 \x01(\x03\"W\n\x1eListRateLimitViolationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"r\n\x1fListRateLimitViolationsResponse\x12\x36\n\nviolations\x18\x01 \x03(\x0b\x32\".tunnelplane.v1.RateLimitViolation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"]\n#SummarizeRateLimitViolationsRequest\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03top\x18\x02 \x01(\x05\",\n\x0eViolationCount\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xd7\x01\n$SummarizeRateLimitViolationsResponse\x12\r\n\x05total\x18\x01 \x01(\x03\x12\x34\n\x0ctop_subjects\x18\x02 \x03(\x0b\x32\x1e.tunnelplane.v1.ViolationCount\x12\x33\n\x0btop_methods\x18\x03 \x03(\x0b\x32\x1e.tunnelplane.v1.ViolationCount\x12\x35\n\rtop_addresses\x18\x04 \x03(\x0b\x32\x1e.tunnelplane.v1.ViolationCount\"\x81\x02\n\x07IpBlock\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x18\n\nip_address\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06reason\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:D\xea\x41\x41\n\x17tunnelplane.dev/IpBlock\x12\x13ipBlocks/{ip_block}*\x08ipBlocks2\x07ipBlock\"<\n\x13ListIpBlocksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x14ListIpBlocksResponse\x12*\n\tip_blocks\x18\x01 \x03(\x0b\x32\x17.tunnelplane.v1.IpBlock\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x14\x44\x65leteIpBlockRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17tunnelplane.dev/IpBlock2\xd4\x08\n\x0c\x41\x64minService\x12\x87\x01\n\x0fGetSystemStatus\x12&.tunnelplane.v1.GetSystemStatusRequest\x1a\x1c.tunnelplane.v1.SystemStatus\".\x92\x82\x19\x11\x08\x02\x12\x0bsystem.readH\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/system/status\x12\xad\x01\n\x17ListRateLimitViolations\x12..tunnelplane.v1.ListRateLimitViolationsRequest\x1a/.tunnelplane.v1.ListRateLimitViolationsResponse\"1\x92\x82\x19\x0e\x08\x02\x12\naudit.read\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/rateLimitViolations\x12\xc6\x01\n\x1cSummarizeRateLimitViolations\x12\x33.tunnelplane.v1.SummarizeRateLimitViolationsRequest\x1a\x34.tunnelplane.v1.SummarizeRateLimitViolationsResponse\";\x92\x82\x19\x0e\x08\x02\x12\naudit.read\x82\xd3\xe4\x93\x02#\x12!/v1/rateLimitViolations:summarize\x12\x88\x01\n\x0fSummarizeErrors\x12&.tunnelplane.v1.SummarizeErrorsRequest\x1a\x1c.tunnelplane.v1.ErrorSummary\"/\x92\x82\x19\x0f\x08\x02\x12\x0bsystem.read\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/errors:summarize\x12\x83\x01\n\x0cListIpBlocks\x12#.tunnelplane.v1.ListIpBlocksRequest\x1a$.tunnelplane.v1.ListIpBlocksResponse\"(\x92\x82\x19\x10\x08\x02\x12\naudit.readH\x01\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/ipBlocks\x12\xa8\x01\n\x13ResetCircuitBreaker\x12*.tunnelplane.v1.ResetCircuitBreakerRequest\x1a\x1e.tunnelplane.v1.CircuitBreaker\"E\x92\x82\x19\x14\x08\x02\x12\x0c\x63onfig.write@\x01H\x01\x82\xd3\xe4\x93\x02\'\"\"/v1/{name=circuitBreakers/*}:reset:\x01*\x12\x84\x01\n\rDeleteIpBlock\x12$.tunnelplane.v1.DeleteIpBlockRequest\x1a\x16.google.protobuf.Empty\"5\x92\x82\x19\x14\x08\x02\x12\x0c\x63onfig.write@\x01H\x01\x82\xd3\xe4\x93\x02\x17*\x15/v1/{name=ipBlocks/*}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atunnelplane/v1/admin.proto\x12\x0etunnelplane.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ftunnelplane/v1/operations.proto\x1a\x1ctunnelplane/v1/options.proto\"\x18\n\x16GetSystemStatusRequest\"M\n\x10\x44\x65pendencyStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02up\x18\x02 \x01(\x08\x12\x10\n\x08optional\x18\x03 \x01(\x08\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"\xcc\x01\n\nLoadStatus\x12\x11\n\tin_flight\x18\x01 \x01(\x03\x12\x13\n\x0bloop_lag_ms\x18\x02 \x01(\x01\x12\r\n\x05level\x18\x03 \x01(\x01\x12\x41\n\x0ctier_factors\x18\x04 \x03(\x0b\x32+.tunnelplane.v1.LoadStatus.TierFactorsEntry\x12\x10\n\x08shedding\x18\x05 \x01(\x08\x1a\x32\n\x10TierFactorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\".\n\nQueueDepth\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0f\n\x07waiting\x18\x02 \x01(\x03\"\x94\x02\n\x0cSystemStatus\x12\r\n\x05state\x18\x01 \x01(\t\x12\x36\n\x0c\x64\x65pendencies\x18\x02 \x03(\x0b\x32 .tunnelplane.v1.DependencyStatus\x12\x17\n\x0flimiter_backend\x18\x03 \x01(\t\x12(\n\x04load\x18\x04 \x01(\x0b\x32\x1a.tunnelplane.v1.LoadStatus\x12\x14\n\x0cqueued_calls\x18\x05 \x01(\x03\x12*\n\x06queues\x18\x06 \x03(\x0b\x32\x1a.tunnelplane.v1.QueueDepth\x12\x38\n\x10\x63ircuit_breakers\x18\x07 \x03(\x0b\x32\x1e.tunnelplane.v1.CircuitBreaker\"\x83\x02\n\x0e\x43ircuitBreaker\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x12\n\x04kind\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05state\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x16\n\x08\x66\x61ilures\x18\x04 \x01(\x03\x42\x04\xe2\x41\x01\x03\x12\x33\n\topen_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:g\xea\x41\x64\n\x1etunnelplane.dev/CircuitBreaker\x12!circuitBreakers/{circuit_breaker}*\x0f\x63ircuitBreakers2\x0e\x63ircuitBreaker\"P\n\x16SummarizeErrorsRequest\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03top\x18\x02 \x01(\x05\"T\n\x0bWindowCount\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x16\n\x0eprevious_count\x18\x02 \x01(\x03\x12\x13\n\x06\x63hange\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_change\"x\n\nErrorCount\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12*\n\x05\x63ount\x18\x05 \x01(\x0b\x32\x1b.tunnelplane.v1.WindowCount\"\xb9\x03\n\x0c\x45rrorSummary\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x05\x63\x61lls\x18\x03 \x01(\x0b\x32\x1b.tunnelplane.v1.WindowCount\x12+\n\x06\x65rrors\x18\x04 \x01(\x0b\x32\x1b.tunnelplane.v1.WindowCount\x12\x12\n\nerror_rate\x18\x05 \x01(\x01\x12\x1b\n\x13previous_error_rate\x18\x06 \x01(\x01\x12\x41\n\x0b\x62y_category\x18\x07 \x03(\x0b\x32,.tunnelplane.v1.ErrorSummary.ByCategoryEntry\x12.\n\ntop_errors\x18\x08 \x03(\x0b\x32\x1a.tunnelplane.v1.ErrorCount\x1aN\n\x0f\x42yCategoryEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12*\n\x05value\x18\x02 \x01(\x0b\x32\x1b.tunnelplane.v1.WindowCount:\x02\x38\x01\"Y\n\x15RerunOperationRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19tunnelplane.dev/Operation\x12\x0e\n\x06reason\x18\x02 \x01(\t\"`\n\x1cReleaseOperationLeaseRequest\x12\x30\n\x04name\x18\x01 \x01(\tB\"\xe2\x41\x01\x02\xfa\x41\x1b\n\x19tunnelplane.dev/Operation\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Z\n\x19ResetAgentSessionsRequest\x12-\n\x04name\x18\x01 \x01(\tB\x1f\xe2\x41\x01\x02\xfa\x41\x18\n\x16tunnelplane.dev/Tunnel\x12\x0e\n\x06reason\x18\x02 \x01(\t\"5\n\x1aResetAgentSessionsResponse\x12\x17\n\x0f\x63losed_sessions\x18\x01 \x01(\x05\"c\n\x1aResetCircuitBreakerRequest\x12\x35\n\x04name\x18\x01 \x01(\tB\'\xe2\x41\x01\x02\xfa\x41 \n\x1etunnelplane.dev/CircuitBreaker\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9a\x01\n\x12RateLimitViolation\x12\x30\n\x0cwindow_start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\x12\n\nip_address\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\r\n\x05\x63ount\x18\x06 \x01(\x03\"W\n\x1eListRateLimitViolationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"r\n\x1fListRateLimitViolationsResponse\x12\x36\n\nviolations\x18\x01 \x03(\x0b\x32\".tunnelplane.v1.RateLimitViolation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"]\n#SummarizeRateLimitViolationsRequest\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0b\n\x03top\x18\x02 \x01(\x05\",\n\x0eViolationCount\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"\xd7\x01\n$SummarizeRateLimitViolationsResponse\x12\r\n\x05total\x18\x01 \x01(\x03\x12\x34\n\x0ctop_subjects\x18\x02 \x03(\x0b\x32\x1e.tunnelplane.v1.ViolationCount\x12\x33\n\x0btop_methods\x18\x03 \x03(\x0b\x32\x1e.tunnelplane.v1.ViolationCount\x12\x35\n\rtop_addresses\x18\x04 \x03(\x0b\x32\x1e.tunnelplane.v1.ViolationCount\"\x81\x02\n\x07IpBlock\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12\x18\n\nip_address\x18\x02 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x06reason\x18\x03 \x01(\tB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x65xpire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03:D\xea\x41\x41\n\x17tunnelplane.dev/IpBlock\x12\x13ipBlocks/{ip_block}*\x08ipBlocks2\x07ipBlock\"<\n\x13ListIpBlocksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x14ListIpBlocksResponse\x12*\n\tip_blocks\x18\x01 \x03(\x0b\x32\x17.tunnelplane.v1.IpBlock\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"F\n\x14\x44\x65leteIpBlockRequest\x12.\n\x04name\x18\x01 \x01(\tB \xe2\x41\x01\x02\xfa\x41\x19\n\x17tunnelplane.dev/IpBlock2\xe3\x0c\n\x0c\x41\x64minService\x12\x87\x01\n\x0fGetSystemStatus\x12&.tunnelplane.v1.GetSystemStatusRequest\x1a\x1c.tunnelplane.v1.SystemStatus\".\x92\x82\x19\x11\x08\x02\x12\x0bsystem.readH\x01\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/system/status\x12\xad\x01\n\x17ListRateLimitViolations\x12..tunnelplane.v1.ListRateLimitViolationsRequest\x1a/.tunnelplane.v1.ListRateLimitViolationsResponse\"1\x92\x82\x19\x0e\x08\x02\x12\naudit.read\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/rateLimitViolations\x12\xc6\x01\n\x1cSummarizeRateLimitViolations\x12\x33.tunnelplane.v1.SummarizeRateLimitViolationsRequest\x1a\x34.tunnelplane.v1.SummarizeRateLimitViolationsResponse\";\x92\x82\x19\x0e\x08\x02\x12\naudit.read\x82\xd3\xe4\x93\x02#\x12!/v1/rateLimitViolations:summarize\x12\x88\x01\n\x0fSummarizeErrors\x12&.tunnelplane.v1.SummarizeErrorsRequest\x1a\x1c.tunnelplane.v1.ErrorSummary\"/\x92\x82\x19\x0f\x08\x02\x12\x0bsystem.read\x82\xd3\xe4\x93\x02\x16\x12\x14/v1/errors:summarize\x12\x83\x01\n\x0cListIpBlocks\x12#.tunnelplane.v1.ListIpBlocksRequest\x1a$.tunnelplane.v1.ListIpBlocksResponse\"(\x92\x82\x19\x10\x08\x02\x12\naudit.readH\x01\x82\xd3\xe4\x93\x02\x0e\x12\x0c/v1/ipBlocks\x12\xa8\x01\n\x13ResetCircuitBreaker\x12*.tunnelplane.v1.ResetCircuitBreakerRequest\x1a\x1e.tunnelplane.v1.CircuitBreaker\"E\x92\x82\x19\x14\x08\x02\x12\x0c\x63onfig.write@\x01H\x01\x82\xd3\xe4\x93\x02\'\"\"/v1/{name=circuitBreakers/*}:reset:\x01*\x12\x9a\x01\n\x0eRerunOperation\x12%.tunnelplane.v1.RerunOperationRequest\x1a\x19.tunnelplane.v1.Operation\"F\x92\x82\x19\x12\x08\x02\x12\x0c\x63onfig.write@\x01\x82\xd3\xe4\x93\x02*\"%/v1/{name=users/*/operations/*}:rerun:\x01*\x12\xaf\x01\n\x15ReleaseOperationLease\x12,.tunnelplane.v1.ReleaseOperationLeaseRequest\x1a\x19.tunnelplane.v1.Operation\"M\x92\x82\x19\x12\x08\x02\x12\x0c\x63onfig.write@\x01\x82\xd3\xe4\x93\x02\x31\",/v1/{name=users/*/operations/*}:releaseLease:\x01*\x12\xbd\x01\n\x12ResetAgentSessions\x12).tunnelplane.v1.ResetAgentSessionsRequest\x1a*.tunnelplane.v1.ResetAgentSessionsResponse\"P\x92\x82\x19\x12\x08\x02\x12\x0c\x63onfig.write@\x01\x82\xd3\xe4\x93\x02\x34\"//v1/{name=users/*/tunnels/*}:resetAgentSessions:\x01*\x12\x84\x01\n\rDeleteIpBlock\x12$.tunnelplane.v1.DeleteIpBlockRequest\x1a\x16.google.protobuf.Empty\"5\x92\x82\x19\x14\x08\x02\x12\x0c\x63onfig.write@\x01H\x01\x82\xd3\xe4\x93\x02\x17*\x15/v1/{name=ipBlocks/*}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,11 +52,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CIRCUITBREAKER'].fields_by_name['open_time']._loaded_options = None
   _globals['_CIRCUITBREAKER'].fields_by_name['open_time']._serialized_options = b'\342A\001\003'
   _globals['_CIRCUITBREAKER']._loaded_options = None
-  _globals['_CIRCUITBREAKER']._serialized_options = b'\352Ac\n\035tunnelplane.v1/CircuitBreaker\022!circuitBreakers/{circuit_breaker}*\017circuitBreakers2\016circuitBreaker'
+  _globals['_CIRCUITBREAKER']._serialized_options = b'\352Ad\n\036tunnelplane.dev/CircuitBreaker\022!circuitBreakers/{circuit_breaker}*\017circuitBreakers2\016circuitBreaker'
   _globals['_ERRORSUMMARY_BYCATEGORYENTRY']._loaded_options = None
   _globals['_ERRORSUMMARY_BYCATEGORYENTRY']._serialized_options = b'8\001'
+  _globals['_RERUNOPERATIONREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_RERUNOPERATIONREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031tunnelplane.dev/Operation'
+  _globals['_RELEASEOPERATIONLEASEREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_RELEASEOPERATIONLEASEREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\033\n\031tunnelplane.dev/Operation'
+  _globals['_RESETAGENTSESSIONSREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_RESETAGENTSESSIONSREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\030\n\026tunnelplane.dev/Tunnel'
   _globals['_RESETCIRCUITBREAKERREQUEST'].fields_by_name['name']._loaded_options = None
-  _globals['_RESETCIRCUITBREAKERREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\037\n\035tunnelplane.v1/CircuitBreaker'
+  _globals['_RESETCIRCUITBREAKERREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A \n\036tunnelplane.dev/CircuitBreaker'
   _globals['_IPBLOCK'].fields_by_name['name']._loaded_options = None
   _globals['_IPBLOCK'].fields_by_name['name']._serialized_options = b'\342A\001\010'
   _globals['_IPBLOCK'].fields_by_name['ip_address']._loaded_options = None
@@ -82,54 +89,68 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMINSERVICE'].methods_by_name['ListIpBlocks']._serialized_options = b'\222\202\031\020\010\002\022\naudit.readH\001\202\323\344\223\002\016\022\014/v1/ipBlocks'
   _globals['_ADMINSERVICE'].methods_by_name['ResetCircuitBreaker']._loaded_options = None
   _globals['_ADMINSERVICE'].methods_by_name['ResetCircuitBreaker']._serialized_options = b'\222\202\031\024\010\002\022\014config.write@\001H\001\202\323\344\223\002\'\"\"/v1/{name=circuitBreakers/*}:reset:\001*'
+  _globals['_ADMINSERVICE'].methods_by_name['RerunOperation']._loaded_options = None
+  _globals['_ADMINSERVICE'].methods_by_name['RerunOperation']._serialized_options = b'\222\202\031\022\010\002\022\014config.write@\001\202\323\344\223\002*\"%/v1/{name=users/*/operations/*}:rerun:\001*'
+  _globals['_ADMINSERVICE'].methods_by_name['ReleaseOperationLease']._loaded_options = None
+  _globals['_ADMINSERVICE'].methods_by_name['ReleaseOperationLease']._serialized_options = b'\222\202\031\022\010\002\022\014config.write@\001\202\323\344\223\0021\",/v1/{name=users/*/operations/*}:releaseLease:\001*'
+  _globals['_ADMINSERVICE'].methods_by_name['ResetAgentSessions']._loaded_options = None
+  _globals['_ADMINSERVICE'].methods_by_name['ResetAgentSessions']._serialized_options = b'\222\202\031\022\010\002\022\014config.write@\001\202\323\344\223\0024\"//v1/{name=users/*/tunnels/*}:resetAgentSessions:\001*'
   _globals['_ADMINSERVICE'].methods_by_name['DeleteIpBlock']._loaded_options = None
   _globals['_ADMINSERVICE'].methods_by_name['DeleteIpBlock']._serialized_options = b'\222\202\031\024\010\002\022\014config.write@\001H\001\202\323\344\223\002\027*\025/v1/{name=ipBlocks/*}'
-  _globals['_GETSYSTEMSTATUSREQUEST']._serialized_start=260
-  _globals['_GETSYSTEMSTATUSREQUEST']._serialized_end=284
-  _globals['_DEPENDENCYSTATUS']._serialized_start=286
-  _globals['_DEPENDENCYSTATUS']._serialized_end=363
-  _globals['_LOADSTATUS']._serialized_start=366
-  _globals['_LOADSTATUS']._serialized_end=570
-  _globals['_LOADSTATUS_TIERFACTORSENTRY']._serialized_start=520
-  _globals['_LOADSTATUS_TIERFACTORSENTRY']._serialized_end=570
-  _globals['_QUEUEDEPTH']._serialized_start=572
-  _globals['_QUEUEDEPTH']._serialized_end=618
-  _globals['_SYSTEMSTATUS']._serialized_start=621
-  _globals['_SYSTEMSTATUS']._serialized_end=897
-  _globals['_CIRCUITBREAKER']._serialized_start=900
-  _globals['_CIRCUITBREAKER']._serialized_end=1158
-  _globals['_SUMMARIZEERRORSREQUEST']._serialized_start=1160
-  _globals['_SUMMARIZEERRORSREQUEST']._serialized_end=1240
-  _globals['_WINDOWCOUNT']._serialized_start=1242
-  _globals['_WINDOWCOUNT']._serialized_end=1326
-  _globals['_ERRORCOUNT']._serialized_start=1328
-  _globals['_ERRORCOUNT']._serialized_end=1448
-  _globals['_ERRORSUMMARY']._serialized_start=1451
-  _globals['_ERRORSUMMARY']._serialized_end=1892
-  _globals['_ERRORSUMMARY_BYCATEGORYENTRY']._serialized_start=1814
-  _globals['_ERRORSUMMARY_BYCATEGORYENTRY']._serialized_end=1892
-  _globals['_RESETCIRCUITBREAKERREQUEST']._serialized_start=1894
-  _globals['_RESETCIRCUITBREAKERREQUEST']._serialized_end=1992
-  _globals['_RATELIMITVIOLATION']._serialized_start=1995
-  _globals['_RATELIMITVIOLATION']._serialized_end=2149
-  _globals['_LISTRATELIMITVIOLATIONSREQUEST']._serialized_start=2151
-  _globals['_LISTRATELIMITVIOLATIONSREQUEST']._serialized_end=2238
-  _globals['_LISTRATELIMITVIOLATIONSRESPONSE']._serialized_start=2240
-  _globals['_LISTRATELIMITVIOLATIONSRESPONSE']._serialized_end=2354
-  _globals['_SUMMARIZERATELIMITVIOLATIONSREQUEST']._serialized_start=2356
-  _globals['_SUMMARIZERATELIMITVIOLATIONSREQUEST']._serialized_end=2449
-  _globals['_VIOLATIONCOUNT']._serialized_start=2451
-  _globals['_VIOLATIONCOUNT']._serialized_end=2495
-  _globals['_SUMMARIZERATELIMITVIOLATIONSRESPONSE']._serialized_start=2498
-  _globals['_SUMMARIZERATELIMITVIOLATIONSRESPONSE']._serialized_end=2713
-  _globals['_IPBLOCK']._serialized_start=2716
-  _globals['_IPBLOCK']._serialized_end=2973
-  _globals['_LISTIPBLOCKSREQUEST']._serialized_start=2975
-  _globals['_LISTIPBLOCKSREQUEST']._serialized_end=3035
-  _globals['_LISTIPBLOCKSRESPONSE']._serialized_start=3037
-  _globals['_LISTIPBLOCKSRESPONSE']._serialized_end=3128
-  _globals['_DELETEIPBLOCKREQUEST']._serialized_start=3130
-  _globals['_DELETEIPBLOCKREQUEST']._serialized_end=3200
-  _globals['_ADMINSERVICE']._serialized_start=3203
-  _globals['_ADMINSERVICE']._serialized_end=4311
+  _globals['_GETSYSTEMSTATUSREQUEST']._serialized_start=293
+  _globals['_GETSYSTEMSTATUSREQUEST']._serialized_end=317
+  _globals['_DEPENDENCYSTATUS']._serialized_start=319
+  _globals['_DEPENDENCYSTATUS']._serialized_end=396
+  _globals['_LOADSTATUS']._serialized_start=399
+  _globals['_LOADSTATUS']._serialized_end=603
+  _globals['_LOADSTATUS_TIERFACTORSENTRY']._serialized_start=553
+  _globals['_LOADSTATUS_TIERFACTORSENTRY']._serialized_end=603
+  _globals['_QUEUEDEPTH']._serialized_start=605
+  _globals['_QUEUEDEPTH']._serialized_end=651
+  _globals['_SYSTEMSTATUS']._serialized_start=654
+  _globals['_SYSTEMSTATUS']._serialized_end=930
+  _globals['_CIRCUITBREAKER']._serialized_start=933
+  _globals['_CIRCUITBREAKER']._serialized_end=1192
+  _globals['_SUMMARIZEERRORSREQUEST']._serialized_start=1194
+  _globals['_SUMMARIZEERRORSREQUEST']._serialized_end=1274
+  _globals['_WINDOWCOUNT']._serialized_start=1276
+  _globals['_WINDOWCOUNT']._serialized_end=1360
+  _globals['_ERRORCOUNT']._serialized_start=1362
+  _globals['_ERRORCOUNT']._serialized_end=1482
+  _globals['_ERRORSUMMARY']._serialized_start=1485
+  _globals['_ERRORSUMMARY']._serialized_end=1926
+  _globals['_ERRORSUMMARY_BYCATEGORYENTRY']._serialized_start=1848
+  _globals['_ERRORSUMMARY_BYCATEGORYENTRY']._serialized_end=1926
+  _globals['_RERUNOPERATIONREQUEST']._serialized_start=1928
+  _globals['_RERUNOPERATIONREQUEST']._serialized_end=2017
+  _globals['_RELEASEOPERATIONLEASEREQUEST']._serialized_start=2019
+  _globals['_RELEASEOPERATIONLEASEREQUEST']._serialized_end=2115
+  _globals['_RESETAGENTSESSIONSREQUEST']._serialized_start=2117
+  _globals['_RESETAGENTSESSIONSREQUEST']._serialized_end=2207
+  _globals['_RESETAGENTSESSIONSRESPONSE']._serialized_start=2209
+  _globals['_RESETAGENTSESSIONSRESPONSE']._serialized_end=2262
+  _globals['_RESETCIRCUITBREAKERREQUEST']._serialized_start=2264
+  _globals['_RESETCIRCUITBREAKERREQUEST']._serialized_end=2363
+  _globals['_RATELIMITVIOLATION']._serialized_start=2366
+  _globals['_RATELIMITVIOLATION']._serialized_end=2520
+  _globals['_LISTRATELIMITVIOLATIONSREQUEST']._serialized_start=2522
+  _globals['_LISTRATELIMITVIOLATIONSREQUEST']._serialized_end=2609
+  _globals['_LISTRATELIMITVIOLATIONSRESPONSE']._serialized_start=2611
+  _globals['_LISTRATELIMITVIOLATIONSRESPONSE']._serialized_end=2725
+  _globals['_SUMMARIZERATELIMITVIOLATIONSREQUEST']._serialized_start=2727
+  _globals['_SUMMARIZERATELIMITVIOLATIONSREQUEST']._serialized_end=2820
+  _globals['_VIOLATIONCOUNT']._serialized_start=2822
+  _globals['_VIOLATIONCOUNT']._serialized_end=2866
+  _globals['_SUMMARIZERATELIMITVIOLATIONSRESPONSE']._serialized_start=2869
+  _globals['_SUMMARIZERATELIMITVIOLATIONSRESPONSE']._serialized_end=3084
+  _globals['_IPBLOCK']._serialized_start=3087
+  _globals['_IPBLOCK']._serialized_end=3344
+  _globals['_LISTIPBLOCKSREQUEST']._serialized_start=3346
+  _globals['_LISTIPBLOCKSREQUEST']._serialized_end=3406
+  _globals['_LISTIPBLOCKSRESPONSE']._serialized_start=3408
+  _globals['_LISTIPBLOCKSRESPONSE']._serialized_end=3499
+  _globals['_DELETEIPBLOCKREQUEST']._serialized_start=3501
+  _globals['_DELETEIPBLOCKREQUEST']._serialized_end=3571
+  _globals['_ADMINSERVICE']._serialized_start=3574
+  _globals['_ADMINSERVICE']._serialized_end=5209
 # @@protoc_insertion_point(module_scope)

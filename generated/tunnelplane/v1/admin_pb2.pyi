@@ -438,6 +438,106 @@ class ErrorSummary(_message.Message):
 Global___ErrorSummary: _TypeAlias = ErrorSummary  # noqa: Y015
 
 @_typing.final
+class RerunOperationRequest(_message.Message):
+    """Request for RerunOperation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The operation, `users/{user}/operations/{operation}`."""
+    reason: _builtins.str
+    """Why, for the audit trail."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RerunOperationRequest: _TypeAlias = RerunOperationRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseOperationLeaseRequest(_message.Message):
+    """Request for ReleaseOperationLease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The operation, `users/{user}/operations/{operation}`."""
+    reason: _builtins.str
+    """Why, for the audit trail."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseOperationLeaseRequest: _TypeAlias = ReleaseOperationLeaseRequest  # noqa: Y015
+
+@_typing.final
+class ResetAgentSessionsRequest(_message.Message):
+    """Request for ResetAgentSessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The tunnel, `users/{user}/tunnels/{tunnel}`."""
+    reason: _builtins.str
+    """Why, for the audit trail."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetAgentSessionsRequest: _TypeAlias = ResetAgentSessionsRequest  # noqa: Y015
+
+@_typing.final
+class ResetAgentSessionsResponse(_message.Message):
+    """Response of ResetAgentSessions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLOSED_SESSIONS_FIELD_NUMBER: _builtins.int
+    closed_sessions: _builtins.int
+    """Sessions that were open and are closed now."""
+    def __init__(
+        self,
+        *,
+        closed_sessions: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed_sessions", b"closed_sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetAgentSessionsResponse: _TypeAlias = ResetAgentSessionsResponse  # noqa: Y015
+
+@_typing.final
 class ResetCircuitBreakerRequest(_message.Message):
     """Request for ResetCircuitBreaker."""
 

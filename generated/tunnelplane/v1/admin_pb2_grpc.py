@@ -5,6 +5,7 @@ import warnings
 
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from tunnelplane.v1 import admin_pb2 as tunnelplane_dot_v1_dot_admin__pb2
+from tunnelplane.v1 import operations_pb2 as tunnelplane_dot_v1_dot_operations__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -65,6 +66,21 @@ class AdminServiceStub:
                 '/tunnelplane.v1.AdminService/ResetCircuitBreaker',
                 request_serializer=tunnelplane_dot_v1_dot_admin__pb2.ResetCircuitBreakerRequest.SerializeToString,
                 response_deserializer=tunnelplane_dot_v1_dot_admin__pb2.CircuitBreaker.FromString,
+                _registered_method=True)
+        self.RerunOperation = channel.unary_unary(
+                '/tunnelplane.v1.AdminService/RerunOperation',
+                request_serializer=tunnelplane_dot_v1_dot_admin__pb2.RerunOperationRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
+        self.ReleaseOperationLease = channel.unary_unary(
+                '/tunnelplane.v1.AdminService/ReleaseOperationLease',
+                request_serializer=tunnelplane_dot_v1_dot_admin__pb2.ReleaseOperationLeaseRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_operations__pb2.Operation.FromString,
+                _registered_method=True)
+        self.ResetAgentSessions = channel.unary_unary(
+                '/tunnelplane.v1.AdminService/ResetAgentSessions',
+                request_serializer=tunnelplane_dot_v1_dot_admin__pb2.ResetAgentSessionsRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_admin__pb2.ResetAgentSessionsResponse.FromString,
                 _registered_method=True)
         self.DeleteIpBlock = channel.unary_unary(
                 '/tunnelplane.v1.AdminService/DeleteIpBlock',
@@ -130,6 +146,33 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RerunOperation(self, request, context):
+        """Runs a failed long-running operation again, from where it stopped (its cursor):
+        for a job that failed on a cause since removed. A cancelled one is not run again
+        (its owner decided). Audited with the reason and the error it had.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseOperationLease(self, request, context):
+        """Lets go of the lease a replica holds on an unfinished operation, so that another
+        replica (or the same) takes it from its cursor at its next round: for a holder that
+        is alive but stuck. The stuck holder's next step finds the lease gone and drops it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetAgentSessions(self, request, context):
+        """Ends every agent session of a tunnel now: the sessions are closed, the tunnel counts
+        no agent, and the agents' streams end on whichever replica holds them (the agents
+        reconnect). For sessions a lost replica left open, or an agent that is stuck.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteIpBlock(self, request, context):
         """Lifts a block before it expires.
         """
@@ -169,6 +212,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ResetCircuitBreaker,
                     request_deserializer=tunnelplane_dot_v1_dot_admin__pb2.ResetCircuitBreakerRequest.FromString,
                     response_serializer=tunnelplane_dot_v1_dot_admin__pb2.CircuitBreaker.SerializeToString,
+            ),
+            'RerunOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerunOperation,
+                    request_deserializer=tunnelplane_dot_v1_dot_admin__pb2.RerunOperationRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'ReleaseOperationLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseOperationLease,
+                    request_deserializer=tunnelplane_dot_v1_dot_admin__pb2.ReleaseOperationLeaseRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_operations__pb2.Operation.SerializeToString,
+            ),
+            'ResetAgentSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetAgentSessions,
+                    request_deserializer=tunnelplane_dot_v1_dot_admin__pb2.ResetAgentSessionsRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_admin__pb2.ResetAgentSessionsResponse.SerializeToString,
             ),
             'DeleteIpBlock': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteIpBlock,
@@ -339,6 +397,87 @@ class AdminService:
             '/tunnelplane.v1.AdminService/ResetCircuitBreaker',
             tunnelplane_dot_v1_dot_admin__pb2.ResetCircuitBreakerRequest.SerializeToString,
             tunnelplane_dot_v1_dot_admin__pb2.CircuitBreaker.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerunOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.AdminService/RerunOperation',
+            tunnelplane_dot_v1_dot_admin__pb2.RerunOperationRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseOperationLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.AdminService/ReleaseOperationLease',
+            tunnelplane_dot_v1_dot_admin__pb2.ReleaseOperationLeaseRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_operations__pb2.Operation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetAgentSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.AdminService/ResetAgentSessions',
+            tunnelplane_dot_v1_dot_admin__pb2.ResetAgentSessionsRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_admin__pb2.ResetAgentSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

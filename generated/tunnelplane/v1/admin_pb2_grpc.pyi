@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
 from tunnelplane.v1 import admin_pb2 as _admin_pb2
+from tunnelplane.v1 import operations_pb2 as _operations_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -62,6 +63,21 @@ class AdminServiceStub:
     decision that the dependency behind it is back. Names are those
     `GetSystemStatus` lists, for example `circuitBreakers/webhook.whk_...`.
     """
+    RerunOperation: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RerunOperationRequest, _operations_pb2.Operation]
+    """Runs a failed long-running operation again, from where it stopped (its cursor):
+    for a job that failed on a cause since removed. A cancelled one is not run again
+    (its owner decided). Audited with the reason and the error it had.
+    """
+    ReleaseOperationLease: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ReleaseOperationLeaseRequest, _operations_pb2.Operation]
+    """Lets go of the lease a replica holds on an unfinished operation, so that another
+    replica (or the same) takes it from its cursor at its next round: for a holder that
+    is alive but stuck. The stuck holder's next step finds the lease gone and drops it.
+    """
+    ResetAgentSessions: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ResetAgentSessionsRequest, _admin_pb2.ResetAgentSessionsResponse]
+    """Ends every agent session of a tunnel now: the sessions are closed, the tunnel counts
+    no agent, and the agents' streams end on whichever replica holds them (the agents
+    reconnect). For sessions a lost replica left open, or an agent that is stuck.
+    """
     DeleteIpBlock: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteIpBlockRequest, _empty_pb2.Empty]
     """Lifts a block before it expires."""
 
@@ -97,6 +113,21 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Closes a circuit breaker of the server this call reached, now: an operator's
     decision that the dependency behind it is back. Names are those
     `GetSystemStatus` lists, for example `circuitBreakers/webhook.whk_...`.
+    """
+    RerunOperation: _aio.UnaryUnaryMultiCallable[_admin_pb2.RerunOperationRequest, _operations_pb2.Operation]  # type: ignore[assignment]
+    """Runs a failed long-running operation again, from where it stopped (its cursor):
+    for a job that failed on a cause since removed. A cancelled one is not run again
+    (its owner decided). Audited with the reason and the error it had.
+    """
+    ReleaseOperationLease: _aio.UnaryUnaryMultiCallable[_admin_pb2.ReleaseOperationLeaseRequest, _operations_pb2.Operation]  # type: ignore[assignment]
+    """Lets go of the lease a replica holds on an unfinished operation, so that another
+    replica (or the same) takes it from its cursor at its next round: for a holder that
+    is alive but stuck. The stuck holder's next step finds the lease gone and drops it.
+    """
+    ResetAgentSessions: _aio.UnaryUnaryMultiCallable[_admin_pb2.ResetAgentSessionsRequest, _admin_pb2.ResetAgentSessionsResponse]  # type: ignore[assignment]
+    """Ends every agent session of a tunnel now: the sessions are closed, the tunnel counts
+    no agent, and the agents' streams end on whichever replica holds them (the agents
+    reconnect). For sessions a lost replica left open, or an agent that is stuck.
     """
     DeleteIpBlock: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteIpBlockRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Lifts a block before it expires."""
@@ -166,6 +197,39 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Closes a circuit breaker of the server this call reached, now: an operator's
         decision that the dependency behind it is back. Names are those
         `GetSystemStatus` lists, for example `circuitBreakers/webhook.whk_...`.
+        """
+
+    @_abc_1.abstractmethod
+    def RerunOperation(
+        self,
+        request: _admin_pb2.RerunOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operations_pb2.Operation, _abc.Awaitable[_operations_pb2.Operation]]:
+        """Runs a failed long-running operation again, from where it stopped (its cursor):
+        for a job that failed on a cause since removed. A cancelled one is not run again
+        (its owner decided). Audited with the reason and the error it had.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseOperationLease(
+        self,
+        request: _admin_pb2.ReleaseOperationLeaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_operations_pb2.Operation, _abc.Awaitable[_operations_pb2.Operation]]:
+        """Lets go of the lease a replica holds on an unfinished operation, so that another
+        replica (or the same) takes it from its cursor at its next round: for a holder that
+        is alive but stuck. The stuck holder's next step finds the lease gone and drops it.
+        """
+
+    @_abc_1.abstractmethod
+    def ResetAgentSessions(
+        self,
+        request: _admin_pb2.ResetAgentSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ResetAgentSessionsResponse, _abc.Awaitable[_admin_pb2.ResetAgentSessionsResponse]]:
+        """Ends every agent session of a tunnel now: the sessions are closed, the tunnel counts
+        no agent, and the agents' streams end on whichever replica holds them (the agents
+        reconnect). For sessions a lost replica left open, or an agent that is stuck.
         """
 
     @_abc_1.abstractmethod

@@ -20,6 +20,7 @@ EVENT_TYPES = frozenset(
         "tunnel.health_changed",
         "tunnel.failover",
         "tunnel.deleted",
+        "tunnel.agents_reset",
         "endpoint.disabled",
         "webhook.test",
         "proxy.started",

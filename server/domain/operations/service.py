@@ -15,10 +15,10 @@ from datetime import datetime
 
 from server.domain.audit import service as audit
 from server.domain.audit.model import AuditTrail
-from server.domain.common.errors import Code, NotFound
+from server.domain.common.errors import Code, FailedPrecondition, NotFound
 from server.domain.common.listing import FilterField, Lister, ListSpec, OrderKey, Page
 from server.domain.operations.model import Operation
-from server.domain.unit_of_work import UnitOfWorkFactory
+from server.domain.unit_of_work import UnitOfWork, UnitOfWorkFactory
 
 OPERATION_LIST_SPEC = ListSpec(
     filter_fields={
@@ -69,6 +69,66 @@ class OperationService:
             )
             await uow.operations.save(cancelled)
         return cancelled
+
+    async def rerun(
+        self,
+        owner_id: str,
+        operation_id: str,
+        now: datetime,
+        reason: str,
+        trail: AuditTrail | None = None,
+    ) -> Operation:
+        """Run a failed operation again from its cursor (an administrator's recovery).
+        FAILED_PRECONDITION unless it ended with an error other than CANCELLED."""
+        async with self._uow() as uow:
+            found = await self._locked(uow, owner_id, operation_id)
+            if not found.done or found.error_code in (0, Code.CANCELLED):
+                raise FailedPrecondition(
+                    "only an operation that failed can run again", reason="OPERATION_NOT_FAILED"
+                )
+            again = replace(
+                found, done=False, error_code=0, error_message="", end_time=None,
+                lease_until=None, update_time=now,
+            )  # fmt: skip
+            await uow.operations.save(again)
+            await audit.record(
+                uow, trail, now, subject_user_id=owner_id, resource=found.name, reason=reason,
+                error=f"{Code(found.error_code).name}: {found.error_message}"[:300],
+                cursor=found.cursor, processed=found.processed,
+            )  # fmt: skip
+        return again
+
+    async def release_lease(
+        self,
+        owner_id: str,
+        operation_id: str,
+        now: datetime,
+        reason: str,
+        trail: AuditTrail | None = None,
+    ) -> Operation:
+        """Let go of the lease on an unfinished operation: another round takes it from its
+        cursor, and the holder's next step, finding its lease gone, drops it.
+        FAILED_PRECONDITION unless it is unfinished and leased."""
+        async with self._uow() as uow:
+            found = await self._locked(uow, owner_id, operation_id)
+            if found.done or found.lease_until is None:
+                raise FailedPrecondition(
+                    "only an unfinished operation that a replica holds has a lease to release",
+                    reason="OPERATION_NOT_LEASED",
+                )
+            released = replace(found, lease_until=None, update_time=now)
+            await uow.operations.save(released)
+            await audit.record(
+                uow, trail, now, subject_user_id=owner_id, resource=found.name, reason=reason,
+                lease_until=found.lease_until.isoformat(), processed=found.processed,
+            )  # fmt: skip
+        return released
+
+    async def _locked(self, uow: UnitOfWork, owner_id: str, operation_id: str) -> Operation:
+        found = await uow.operations.get(operation_id, lock=True)
+        if found is None or found.user_id != owner_id:
+            raise NotFound("operation", f"users/{owner_id}/operations/{operation_id}")
+        return found
 
     async def list(
         self,

@@ -13,8 +13,11 @@ import re
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
+from server.domain.audit import service as audit
+from server.domain.audit.model import AuditTrail
 from server.domain.common.clock import Clock
 from server.domain.common.errors import ResourceExhausted, Violations
+from server.domain.events.service import record
 from server.domain.identity.model import Principal, Tier
 from server.domain.tunnels.model import (
     AgentSession,
@@ -34,6 +37,9 @@ AGENT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 #: stream ended, or its last agent fell silent.
 LEFT = "the last agent disconnected"
 SILENT = "the last agent went silent"
+RESET = "an administrator reset the agent sessions"
+#: The event on which every replica ends the tunnel's agent streams.
+AGENTS_RESET = "tunnel.agents_reset"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +134,30 @@ class AgentSessions:
         async with self._uow() as uow:
             await uow.agents.close(tunnel_id, agent_id)
         await self._recount(tunnel_id, reason)
+
+    async def reset(
+        self, owner_id: str, tunnel_id: str, reason: str, trail: AuditTrail | None = None
+    ) -> int:
+        """End every agent session of the tunnel now (an administrator's recovery): close
+        the open ones, and record ``tunnel.agents_reset``, on which each replica ends the
+        tunnel's agent streams it holds (the agents reconnect). How many were open."""
+        now = self._clock.now()
+        async with self._uow() as uow:
+            tunnel = owned(await uow.tunnels.get(tunnel_id), owner_id, tunnel_id)
+            sessions = await uow.agents.sessions(tunnel_id)
+            open_ones = [s for s in sessions if s.connected]
+            for session in open_ones:
+                await uow.agents.close(tunnel_id, session.agent_id)
+            await audit.record(
+                uow, trail, now, subject_user_id=owner_id, resource=tunnel.name, reason=reason,
+                closed=[s.agent_id for s in open_ones],
+            )  # fmt: skip
+            await record(
+                uow, self._tunnels.bus, self._clock, AGENTS_RESET, subject=tunnel.name,
+                user_id=owner_id, actor=audit.actor(trail), payload={"closed": len(open_ones)},
+            )  # fmt: skip
+        await self._recount(tunnel_id, RESET)
+        return len(open_ones)
 
     async def sweep(self) -> int:
         """Mark silent agents disconnected and forget old ones; returns tunnels changed."""
