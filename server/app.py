@@ -29,6 +29,7 @@ from server.compose import (
     identity,
     infrastructure,
     limits,
+    notifications,
     operations,
     proxies,
     tunnels,
@@ -84,6 +85,9 @@ class App:
             self._stopping.is_set,
         )
         self.methods, self.chains = self.api.methods, self.api.chains
+        self.notifications = notifications.build(
+            self.infra, self.events, self.health, self.api.outcomes
+        )
         self.supervisor = Supervisor(WorkerMetrics(self.registry), errors=self.infra.errors)
         self.server: grpc.aio.Server | None = None
         self.gateway: Gateway | None = None
@@ -105,6 +109,7 @@ class App:
             self.health,
             self.api,
             self.proxies,
+            self.notifications,
         ]
 
     async def start(self) -> None:

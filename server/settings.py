@@ -29,6 +29,7 @@ from server.settings_env import (
     networks,
     read_env,
 )
+from server.settings_notify import NotificationSettings
 
 __all__ = ["Settings", "SettingsError", "documented_settings", "env_name", "networks"]
 
@@ -39,8 +40,9 @@ def _doc(text: str, env: str = "") -> dict[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
-class Settings:
-    """All configuration. Build it with :meth:`from_env`; never mutate it."""
+class Settings(NotificationSettings):
+    """All configuration. Build it with :meth:`from_env`; never mutate it. (The
+    notification settings come first, from :class:`NotificationSettings`.)"""
 
     mode: Mode = field(default="development", metadata=_doc("development, sandbox or production"))
     grpc_host: str = field(default="127.0.0.1", metadata=_doc("Address the gRPC server binds"))

@@ -8,6 +8,7 @@ import os
 import re
 from typing import TYPE_CHECKING
 
+from server.domain.webhooks.rules import parse_secret
 from server.settings_env import SettingsError, env_name_of, networks
 
 if TYPE_CHECKING:
@@ -26,6 +27,9 @@ POSITIVE = (
     "http_sse_keepalive",
     "health_interval",
     "breaker_threshold",
+    "notify_per_hour",
+    "notify_down_after",
+    "smtp_port",
     "breaker_open_time",
     "argon2_time_cost",
     "argon2_memory_kib",
@@ -109,6 +113,7 @@ def check(settings: Settings) -> None:  # noqa: PLR0912 - one flat list of check
         except ValueError as exc:
             raise SettingsError(f"{env_name_of(name)}: {exc}") from None
     check_proxies(settings)
+    check_notifications(settings)
     if settings.otel_exporter == "otlp" and not settings.otel_endpoint:
         raise SettingsError("TP_OTEL_ENDPOINT is required when TP_OTEL_EXPORTER=otlp")
     if settings.mode == "production":
@@ -158,6 +163,34 @@ def is_host_port(text: str) -> bool:
     if host.startswith("[") and host.endswith("]"):
         return ":" in host and is_host(host[1:-1])
     return ":" not in host and is_host(host)
+
+
+def check_notifications(settings: Settings) -> None:
+    """Channels that can be used: URLs with a signing secret, addresses with a relay."""
+    for url in split_list(settings.notify_webhook_urls):
+        if not url.startswith(("http://", "https://")) or len(url) > 2048:
+            raise SettingsError("TP_NOTIFY_WEBHOOK_URLS must be http(s) URLs")
+    if settings.notify_webhook_urls:
+        try:
+            parse_secret(settings.notify_webhook_secret)
+        except ValueError:
+            raise SettingsError(
+                "TP_NOTIFY_WEBHOOK_SECRET must be a whsec_ secret when TP_NOTIFY_WEBHOOK_URLS "
+                "is set"
+            ) from None
+    addresses = split_list(settings.notify_email_to)
+    if addresses and not settings.smtp_host:
+        raise SettingsError("TP_NOTIFY_EMAIL_TO needs TP_SMTP_HOST")
+    for address in addresses:
+        if address.count("@") != 1 or len(address) > 254 or any(c in address for c in " <>,;"):
+            raise SettingsError(f"TP_NOTIFY_EMAIL_TO: {address!r} is not an address")
+    if not 0 < settings.notify_error_rate <= 1:
+        raise SettingsError("TP_NOTIFY_ERROR_RATE must be more than 0 and at most 1")
+
+
+def split_list(value: str) -> list[str]:
+    """The non-empty, stripped parts of a comma-separated setting."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def check_production(settings: Settings) -> None:

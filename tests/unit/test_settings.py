@@ -105,6 +105,20 @@ def test_every_setting_reads_back_its_own_default(f: dataclasses.Field[Any]) -> 
         ({"TP_PUBLIC_DOMAIN": "-bad.example.com"}, "TP_PUBLIC_DOMAIN"),
         ({"TP_PUBLIC_DOMAIN": "*.example.com"}, "TP_PUBLIC_DOMAIN"),
         ({"TP_PUBLIC_DOMAIN": "https://example.com"}, "TP_PUBLIC_DOMAIN"),
+        ({"TP_NOTIFY_EMAIL_TO": "ops@example.com"}, "TP_NOTIFY_EMAIL_TO needs TP_SMTP_HOST"),
+        (
+            {"TP_NOTIFY_EMAIL_TO": "ops@example.com, not an address", "TP_SMTP_HOST": "mx"},
+            "TP_NOTIFY_EMAIL_TO: 'not an address' is not an address",
+        ),
+        ({"TP_NOTIFY_WEBHOOK_URLS": "https://h.example"}, "TP_NOTIFY_WEBHOOK_SECRET must be"),
+        (
+            {"TP_NOTIFY_WEBHOOK_URLS": "ftp://h", "TP_NOTIFY_WEBHOOK_SECRET": "whsec_AA=="},
+            "TP_NOTIFY_WEBHOOK_URLS must be http(s) URLs",
+        ),
+        ({"TP_NOTIFY_ERROR_RATE": "1.5"}, "TP_NOTIFY_ERROR_RATE must be"),
+        ({"TP_NOTIFY_PER_HOUR": "0"}, "TP_NOTIFY_PER_HOUR must be greater than zero"),
+        ({"TP_BREAKER_THRESHOLD": "0"}, "TP_BREAKER_THRESHOLD must be greater than zero"),
+        ({"TP_REPLICA_MAX_LAG": "-1"}, "TP_REPLICA_MAX_LAG must be greater than zero"),
     ],
 )
 def test_bad_values_are_refused_naming_the_variable(env: dict[str, str], message: str) -> None:

@@ -1,0 +1,1 @@
+"""Where notices go: operators' webhook URLs and email addresses, users' email."""
