@@ -177,6 +177,13 @@ class Settings(NotificationSettings):
         metadata=_doc("How often a long stream's credential is verified again, s"),
     )
     health_interval: float = field(default=5.0, metadata=_doc("Dependency probe interval, s"))
+    cache_ttl: float = field(
+        default=5.0,
+        metadata=_doc(
+            "Seconds a cached tunnel may be served (changes invalidate it at once through "
+            "the event bus; this bounds a missed invalidation)"
+        ),
+    )
     breaker_threshold: int = field(
         default=5,
         metadata=_doc(

@@ -27,6 +27,7 @@ POSITIVE = (
     "http_sse_keepalive",
     "health_interval",
     "breaker_threshold",
+    "cache_ttl",
     "notify_per_hour",
     "notify_down_after",
     "smtp_port",

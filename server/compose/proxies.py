@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from prometheus_client import Counter
+
 from server.compose.events import EventsArea
 from server.compose.identity import IdentityArea
 from server.compose.infrastructure import Infrastructure
@@ -27,6 +29,7 @@ from server.domain.proxies.insight import ProxyInsight
 from server.domain.proxies.ports import Provisioner
 from server.domain.proxies.service import ProxyAccess
 from server.domain.proxies.upkeep import ProxyUpkeep
+from server.domain.tunnels.cache import TunnelCache
 from server.provision.admin import InstanceAdminClient, admin_tokens
 from server.provision.kubernetes import KubernetesProvisioner
 from server.provision.local import LocalProvisioner, LocalSettings
@@ -88,8 +91,20 @@ def build(
     if provisioner is not None:
         leader = Leadership(infra.db.engine, "proxy-fleet")
         loop = ProxyFleetLoop(upkeep, provisioner, admin, tokens, leader=leader)
+    lookups = Counter(
+        "tunnelplane_cache_requests",
+        "Cache lookups by cache and result (hit, miss).",
+        ["cache", "result"],
+        registry=infra.registry,
+    )
+    tunnel_cache = TunnelCache(
+        infra.db, settings.cache_ttl, lambda result: lookups.labels("tunnels", result).inc()
+    )
+    events.local_bus.listen(tunnel_cache.hear)
     return ProxiesArea(
-        ProxyAccess(infra.db, tunnels.shares, BasicCheck(identity.hasher, identity.basic_throttle)),
+        ProxyAccess(
+            tunnel_cache, tunnels.shares, BasicCheck(identity.hasher, identity.basic_throttle)
+        ),
         fleet,
         upkeep,
         insight,

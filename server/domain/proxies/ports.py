@@ -19,6 +19,16 @@ from server.domain.proxies.model import (
     Proxy,
     ScalingEvent,
 )
+from server.domain.tunnels.model import Tunnel
+
+
+class TunnelLookup(Protocol):
+    """Tunnels by id (the tunnels' ``TunnelCache`` provides it: cached, invalidated by the
+    tunnels' events)."""
+
+    async def get(self, tunnel_id: str) -> Tunnel | None:
+        """The tunnel, or None when there is none."""
+        ...
 
 
 class ShareLookup(Protocol):

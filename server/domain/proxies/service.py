@@ -7,7 +7,7 @@ from server.domain.common.ids import is_id
 from server.domain.identity.model import Principal, ShareRole
 from server.domain.proxies.basic import BasicCheck
 from server.domain.proxies.model import AccessDecision, BasicCredentials, LinkGrant
-from server.domain.proxies.ports import ShareLookup
+from server.domain.proxies.ports import ShareLookup, TunnelLookup
 from server.domain.proxies.rules import (
     LINK_GRANT_FOR,
     client_address,
@@ -17,14 +17,13 @@ from server.domain.proxies.rules import (
 )
 from server.domain.tunnels.model import Tunnel
 from server.domain.tunnels.rules import carried_tunnel, owned
-from server.domain.unit_of_work import UnitOfWorkFactory
 
 
 class ProxyAccess:
     """The proxies' questions about tunnels, after authorization has allowed the call."""
 
-    def __init__(self, uow: UnitOfWorkFactory, shares: ShareLookup, basic: BasicCheck) -> None:
-        self._uow = uow
+    def __init__(self, tunnels: TunnelLookup, shares: ShareLookup, basic: BasicCheck) -> None:
+        self._tunnels = tunnels
         self._shares = shares
         self._basic = basic
 
@@ -53,12 +52,10 @@ class ProxyAccess:
         """Whether the agent key of ``principal`` may link to proxies for the tunnel
         ``name``: as it may carry it on its Connect stream (the same rules)."""
         owner_id, tunnel_id = carried_tunnel(principal, name, "tunnel")
-        async with self._uow(readonly=True) as uow:
-            tunnel = owned(await uow.tunnels.get(tunnel_id), owner_id, tunnel_id)
+        tunnel = owned(await self._tunnels.get(tunnel_id), owner_id, tunnel_id)
         return LinkGrant(tunnel.name, LINK_GRANT_FOR)
 
     async def _find(self, tunnel_id: str) -> Tunnel | None:
         if not is_id(tunnel_id, "tun"):
             return None
-        async with self._uow(readonly=True) as uow:
-            return await uow.tunnels.get(tunnel_id)
+        return await self._tunnels.get(tunnel_id)
