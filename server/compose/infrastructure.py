@@ -23,6 +23,7 @@ from server.domain.common.clock import Clock
 from server.domain.common.listing import Lister, PageTokenCodec
 from server.errortracking import ErrorReporter
 from server.resilience.breakers import BreakerKind, Breakers
+from server.resilience.otlp import GuardedSpanExporter
 from server.settings import Settings
 from server.storage.database import Database
 from server.storage.dbmetrics import DatabaseMetrics
@@ -69,6 +70,14 @@ def build(settings: Settings, clock: Clock) -> Infrastructure:
     material = keys.load(settings)
     registry = CollectorRegistry()
     registry.register(BackupAge(settings.backup_directory))
+    breakers = Breakers(
+        {
+            "webhook": BreakerKind(settings.breaker_threshold, settings.breaker_open_time),
+            "proxy-admin": BreakerKind(settings.breaker_threshold, settings.breaker_open_time),
+            "otlp": BreakerKind(settings.breaker_threshold, settings.breaker_open_time),
+        },
+        registry,
+    )
     db = Database(
         settings.effective_database_url,
         replica_url=settings.database_replica_url,
@@ -82,7 +91,7 @@ def build(settings: Settings, clock: Clock) -> Infrastructure:
         replica_metrics=ReplicaMetrics(registry) if settings.database_replica_url else None,
     )
     redis = redis_client(settings.redis_url) if settings.redis_url else None
-    provider = tracer_provider(settings)
+    provider = tracer_provider(settings, breakers, registry)
     if settings.otel_exporter != "none":
         for engine in {id(e): e for e in (db.engine, db.replica)}.values():
             trace_engine(engine, provider)
@@ -121,7 +130,9 @@ def build(settings: Settings, clock: Clock) -> Infrastructure:
     )
 
 
-def tracer_provider(settings: Settings) -> TracerProvider:
+def tracer_provider(
+    settings: Settings, breakers: Breakers, registry: CollectorRegistry
+) -> TracerProvider:
     """Spans are always made (their trace ids reach the logs); exported only by setting."""
     resource = Resource.create({"service.name": "tunnelplane"})
     if settings.otel_exporter == "none":
@@ -133,5 +144,6 @@ def tracer_provider(settings: Settings) -> TracerProvider:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
         exporter = OTLPSpanExporter(endpoint=settings.otel_endpoint, insecure=True)
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        guarded = GuardedSpanExporter(exporter, breakers, registry)
+        provider.add_span_processor(BatchSpanProcessor(guarded))
     return provider

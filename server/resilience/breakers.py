@@ -24,8 +24,8 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,12 @@ from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from purgatory import AsyncCircuitBreakerFactory, AsyncInMemoryUnitOfWork
+from purgatory import (
+    AsyncCircuitBreakerFactory,
+    AsyncInMemoryUnitOfWork,
+    SyncCircuitBreakerFactory,
+    SyncInMemoryUnitOfWork,
+)
 from purgatory.domain.model import ClosedState, Context, OpenedState
 
 log = logging.getLogger("tunnelplane.breakers")
@@ -87,6 +92,10 @@ class Breakers:
         # A cancelled call says nothing of the dependency.
         self._factory = AsyncCircuitBreakerFactory(uow=self._uow, exclude=[asyncio.CancelledError])
         self._factory.add_listener(self._changed)
+        # Calls made from threads (the span exporter's) use purgatory's sync breakers.
+        self._sync_uow = SyncInMemoryUnitOfWork()
+        self._sync = SyncCircuitBreakerFactory(uow=self._sync_uow)
+        self._sync.add_listener(self._changed)
         #: Consecutive failures per breaker (purgatory's open state does not keep them).
         self._failures: dict[str, int] = {}
         self._transitions = PromCounter(
@@ -106,6 +115,19 @@ class Breakers:
         breaker = await self._factory.get_breaker(name, rules.threshold, rules.open_for)
         try:
             async with breaker:
+                yield
+        except OpenedState as opened:
+            left = opened.opened_at + rules.open_for - time.time()
+            raise BreakerOpenError(name, max(0.0, left)) from None
+
+    @contextmanager
+    def guard_sync(self, kind: str, target: str = "") -> Iterator[None]:
+        """:meth:`guard` for code that runs in a thread of its own."""
+        rules = self._kinds[kind]
+        name = f"{kind}.{target}" if target else kind
+        breaker = self._sync.get_breaker(name, rules.threshold, rules.open_for)
+        try:
+            with breaker:
                 yield
         except OpenedState as opened:
             left = opened.opened_at + rules.open_for - time.time()
@@ -150,17 +172,24 @@ class Breakers:
         if context.state != "closed":
             context.set_state(ClosedState())
         context.recover_failure()
+        threaded = name in self._sync_uow.contexts.breakers  # type: ignore[attr-defined]
         while context.messages:
-            await self._factory.messagebus.handle(context.messages.pop(0), self._uow)
+            message = context.messages.pop(0)
+            if threaded:
+                self._sync.messagebus.handle(message, self._sync_uow)
+            else:
+                await self._factory.messagebus.handle(message, self._uow)
         self._failures.pop(name, None)
         return BreakerState(name, _kind(name), context.state, 0, None)
 
     def _forget(self, name: str) -> None:
-        self._contexts().pop(name, None)
+        self._uow.contexts.breakers.pop(name, None)  # type: ignore[attr-defined]
+        self._sync_uow.contexts.breakers.pop(name, None)  # type: ignore[attr-defined]
         self._failures.pop(name, None)
 
     def _contexts(self) -> dict[str, Context]:
-        return self._uow.contexts.breakers  # type: ignore[attr-defined, no-any-return]
+        threaded: dict[str, Context] = dict(self._sync_uow.contexts.breakers)  # type: ignore[attr-defined]
+        return {**threaded, **self._uow.contexts.breakers}  # type: ignore[attr-defined]
 
     def _changed(self, name: str, what: str, event: Any) -> None:
         if what == "failed":

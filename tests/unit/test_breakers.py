@@ -119,3 +119,18 @@ async def test_a_cancelled_call_is_not_a_failure() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
     assert b.states() == []
+
+
+async def test_threads_breakers_show_and_reset_with_the_others() -> None:
+    registry = CollectorRegistry()
+    b = Breakers({"otlp": BreakerKind(2, 60.0)}, registry)
+    for _ in range(2):
+        with pytest.raises(DownError), b.guard_sync("otlp"):
+            raise DownError
+    with pytest.raises(BreakerOpenError), b.guard_sync("otlp"):
+        pass
+    assert [(s.name, s.state, s.failures) for s in b.states()] == [("otlp", "opened", 2)]
+    await b.reset("otlp")
+    assert b.states() == []
+    with b.guard_sync("otlp"):
+        pass

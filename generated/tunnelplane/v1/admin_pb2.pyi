@@ -226,9 +226,13 @@ class CircuitBreaker(_message.Message):
     FAILURES_FIELD_NUMBER: _builtins.int
     OPEN_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """`circuitBreakers/{kind}.{target}`, for example `circuitBreakers/webhook.whk_...`."""
+    """`circuitBreakers/{kind}.{target}` (or `circuitBreakers/{kind}` for one of its kind),
+    for example `circuitBreakers/webhook.whk_...` or `circuitBreakers/otlp`.
+    """
     kind: _builtins.str
-    """What it guards: `webhook` (one endpoint) or `proxy-admin` (one proxy's admin side)."""
+    """What it guards: `webhook` (one endpoint), `proxy-admin` (one proxy instance's admin
+    side) or `otlp` (the span exporter).
+    """
     state: _builtins.str
     """`closed`, `opened` or `half-opened`."""
     failures: _builtins.int
