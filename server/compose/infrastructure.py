@@ -120,13 +120,7 @@ def build(settings: Settings, clock: Clock) -> Infrastructure:
             settings.sentry_environment or settings.mode,
             settings.sentry_traces_sample_rate,
         ),
-        Breakers(
-            {
-                "webhook": BreakerKind(settings.breaker_threshold, settings.breaker_open_time),
-                "proxy-admin": BreakerKind(settings.breaker_threshold, settings.breaker_open_time),
-            },
-            registry,
-        ),
+        breakers,
     )
 
 
