@@ -45,7 +45,7 @@ from server.interceptors.audit import AuditStage
 from server.pipeline import Call
 from server.storage.tables import audit_log, users
 from server.storage.tables import operations as operations_table
-from tests.conftest import Backend, started
+from tests.conftest import Backend, own_database, started
 from tests.helpers import (
     BEHIND_PROXY,
     PASSWORD,
@@ -79,15 +79,15 @@ AUDITED = [
 async def server(backend: Backend, tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A server behind a trusted proxy whose addresses are blocked after a few refusals, so
     that a test can make a block to lift."""
-    settings = backend.settings(
-        tmp_path_factory.mktemp("audit"),
-        **BEHIND_PROXY,
-        ip_rate_per_minute=60,
-        ip_burst=2,
-        ip_block_after=2,
-    )
-    async with started(settings) as app:
-        yield app
+    directory = tmp_path_factory.mktemp("audit")
+    # A database of its own: its scenes leave operations that its runner must take, and a
+    # server on the same database would find webhooks sealed with another key.
+    async with own_database(backend, directory) as isolated:
+        settings = isolated.settings(
+            directory, **BEHIND_PROXY, ip_rate_per_minute=60, ip_burst=2, ip_block_after=2
+        )
+        async with started(settings) as app:
+            yield app
 
 
 @pytest_asyncio.fixture

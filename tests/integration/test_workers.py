@@ -29,6 +29,9 @@ LOOPS = [
     "webhooks",
     "operations",
     "health",
+    "call-outcomes",
+    "call-outcomes-prune",
+    "notifications",
 ]
 
 
