@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -16,12 +17,14 @@ from server.api.users import caller_id
 from server.domain.analytics.model import Tally
 from server.domain.analytics.rules import change
 from server.domain.analytics.service import CallOutcomes
+from server.domain.audit.model import AuditTrail
 from server.domain.common.clock import Clock
 from server.domain.common.errors import InvalidArgument, NotFound
 from server.domain.common.listing import Lister, ListSpec, OrderKey
 from server.domain.limits.blocks import IpBlocks
 from server.domain.limits.ports import Limiter
 from server.domain.limits.service import ViolationLog
+from server.domain.operations.model import Operation
 from server.domain.operations.rules import operation_parts
 from server.domain.operations.service import OperationService
 from server.domain.tunnels.agents import AgentSessions
@@ -42,6 +45,10 @@ MAX_REASON = 500
 def _reason(reason: str) -> None:
     if len(reason) > MAX_REASON:
         raise InvalidArgument.single("reason", f"must be at most {MAX_REASON} characters")
+
+
+#: ``OperationService.rerun`` or ``.release_lease``.
+OperationAction = Callable[[str, str, datetime, str, AuditTrail | None], Awaitable[Operation]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,22 +168,23 @@ class AdminApi:
     async def RerunOperation(
         self, request: admin_pb2.RerunOperationRequest, call: Call
     ) -> operations_pb2.Operation:
-        _reason(request.reason)
-        owner, operation_id = operation_parts(request.name, "name", caller_id(call))
-        again = await self._recovery.operations.rerun(
-            owner, operation_id, self._recovery.clock.now(), request.reason, call.audit
-        )
-        return operation(again)
+        return await self._recover(request, call, self._recovery.operations.rerun)
 
     async def ReleaseOperationLease(
         self, request: admin_pb2.ReleaseOperationLeaseRequest, call: Call
     ) -> operations_pb2.Operation:
+        return await self._recover(request, call, self._recovery.operations.release_lease)
+
+    async def _recover(
+        self,
+        request: admin_pb2.RerunOperationRequest | admin_pb2.ReleaseOperationLeaseRequest,
+        call: Call,
+        action: OperationAction,
+    ) -> operations_pb2.Operation:
         _reason(request.reason)
         owner, operation_id = operation_parts(request.name, "name", caller_id(call))
-        released = await self._recovery.operations.release_lease(
-            owner, operation_id, self._recovery.clock.now(), request.reason, call.audit
-        )
-        return operation(released)
+        now = self._recovery.clock.now()
+        return operation(await action(owner, operation_id, now, request.reason, call.audit))
 
     async def ResetAgentSessions(
         self, request: admin_pb2.ResetAgentSessionsRequest, call: Call

@@ -58,7 +58,7 @@ from server.pipeline import Handler, MethodInfo, Pipeline, Stage
 from server.policy import load_policies
 from server.resilience.control import BreakerReset
 from server.settings import networks
-from server.workers.outcomes import outcome_loops
+from server.workers.aggregates import aggregate_loops
 from server.workers.supervisor import Loop
 
 log = logging.getLogger("tunnelplane.server")
@@ -105,7 +105,8 @@ class ApiArea:
 
     def loops(self) -> Sequence[Loop]:
         """The outcome counts' flushes and pruning."""
-        return outcome_loops(self.outcomes, self.flush_interval)
+        outcomes = self.outcomes
+        return aggregate_loops("call-outcomes", outcomes.flush, outcomes.prune, self.flush_interval)
 
     async def aclose(self) -> None:
         """Nothing to release."""

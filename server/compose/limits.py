@@ -19,10 +19,10 @@ from server.interceptors.ratelimit import LimiterMetrics, RateLimitStage, RatePo
 from server.load import LoadMonitor
 from server.settings import Settings, networks
 from server.storage.limiter import FallbackLimiter, MemoryLimiter, RedisLimiter
+from server.workers.aggregates import aggregate_loops
 from server.workers.monitors import load_loop
 from server.workers.supervisor import Loop
 from server.workers.usage import RollupMetrics, UsageRollup, rollup_loop
-from server.workers.violations import violation_loops
 
 
 @dataclass
@@ -45,7 +45,12 @@ class LimitsArea:
         """Load sampling, the violations' flushes, the usage roll-up."""
         return [
             load_loop(self.load),
-            *violation_loops(self.violations, self.settings.violation_flush_interval),
+            *aggregate_loops(
+                "violations",
+                self.violations.flush,
+                self.violations.prune,
+                self.settings.violation_flush_interval,
+            ),
             rollup_loop(self.usage_rollup, self.settings.usage_flush_interval),
         ]
 

@@ -6,7 +6,6 @@ import builtins
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from server.domain.analytics.model import OutcomeCount
 from server.storage.base import Repository
@@ -19,10 +18,10 @@ class SqlOutcomeRepository(Repository):
     """Per-minute outcome counts in SQL."""
 
     async def add_counts(self, counts: builtins.list[OutcomeCount]) -> None:
-        if not counts:
-            return
-        dialect = postgresql if self._conn.dialect.name == "postgresql" else sqlite
-        stmt = dialect.insert(call_outcomes).values(
+        # One statement may not touch a row twice (PostgreSQL): ids are distinct per
+        # flush, as the service's keys are.
+        await self._add_counts(
+            call_outcomes,
             [
                 {
                     "id": c.id,
@@ -33,15 +32,9 @@ class SqlOutcomeRepository(Repository):
                     "category": c.category.value,
                     "count": c.count,
                 }
-                # One statement may not touch a row twice (PostgreSQL): ids are distinct
-                # per flush, as the service's keys are.
                 for c in counts
-            ]
+            ],
         )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[_o.id], set_={"count": _o.count + stmt.excluded.count}
-        )
-        await self._conn.execute(stmt)
 
     async def totals(
         self, start: datetime, end: datetime

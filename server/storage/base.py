@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.domain.common.errors import Aborted, AlreadyExists, NotFound
@@ -26,6 +27,18 @@ class Repository:
     async def _all(self, stmt: sa.Executable) -> list[sa.RowMapping]:
         result = await self._conn.execute(stmt)
         return list(result.mappings().all())
+
+    async def _add_counts(self, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows`` of an aggregate table (keyed by ``id``), adding each one's
+        ``count`` to the row already there: replicas add to one row per key."""
+        if not rows:
+            return
+        dialect = postgresql if self._conn.dialect.name == "postgresql" else sqlite
+        stmt = dialect.insert(table).values(rows)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[table.c.id], set_={"count": table.c.count + stmt.excluded.count}
+        )
+        await self._conn.execute(stmt)
 
     async def _insert(
         self, table: sa.Table, values: dict[str, Any], resource: str, name: str

@@ -6,7 +6,6 @@ import builtins
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from server.domain.common.listing import ListQuery
 from server.domain.limits.model import ViolationRecord
@@ -42,10 +41,8 @@ class SqlViolationRepository(Repository):
 
     async def add_counts(self, records: builtins.list[ViolationRecord]) -> None:
         """Add each record's count to its row (created when missing)."""
-        if not records:
-            return
-        dialect = postgresql if self._conn.dialect.name == "postgresql" else sqlite
-        stmt = dialect.insert(rate_limit_violations).values(
+        await self._add_counts(
+            rate_limit_violations,
             [
                 {
                     "id": r.id,
@@ -57,12 +54,8 @@ class SqlViolationRepository(Repository):
                     "count": r.count,
                 }
                 for r in records
-            ]
+            ],
         )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[_v.id], set_={"count": _v.count + stmt.excluded.count}
-        )
-        await self._conn.execute(stmt)
 
     async def list(self, query: ListQuery) -> builtins.list[ViolationRecord]:
         stmt = apply_list_query(sa.select(rate_limit_violations), query, COLUMNS, _v.id)
