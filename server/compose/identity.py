@@ -13,7 +13,13 @@ from server.compose.events import EventsArea
 from server.compose.infrastructure import Infrastructure
 from server.domain.identity.accounts import AccountService, SessionPolicy
 from server.domain.identity.api_keys import ApiKeyService
-from server.domain.identity.authentication import Authenticator, Revocations, SubjectDirectory
+from server.domain.identity.authentication import (
+    LOCAL_SUBJECT_CACHE_TTL,
+    SUBJECT_CACHE_TTL,
+    Authenticator,
+    Revocations,
+    SubjectDirectory,
+)
 from server.domain.identity.passwords import PasswordHasher
 from server.domain.identity.throttle import LoginThrottle, ThrottlePolicy
 from server.domain.identity.tiers import TierCatalog
@@ -21,6 +27,7 @@ from server.domain.identity.tokens import TokenService
 from server.domain.identity.users import UserPolicy, UserService
 from server.interceptors.auth import CallCredentials
 from server.settings import Settings
+from server.storage.kv import ResilientStore
 from server.workers.purge import purge_loop
 from server.workers.supervisor import Loop
 
@@ -60,7 +67,11 @@ def build(infra: Infrastructure, events: EventsArea) -> IdentityArea:
         clock=clock,
     )
     revocations = Revocations(kv, clock, settings.access_token_ttl)
-    subjects = SubjectDirectory(db, kv)
+    # In-process state (no Redis): other processes cannot invalidate it; keep it short.
+    shared = isinstance(kv, ResilientStore)
+    subjects = SubjectDirectory(
+        db, kv, ttl=SUBJECT_CACHE_TTL if shared else LOCAL_SUBJECT_CACHE_TTL
+    )
     api_keys = ApiKeyService(
         db,
         kv,

@@ -4,6 +4,7 @@ shutdown on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import signal
 from collections.abc import AsyncIterator
@@ -133,3 +134,45 @@ async def test_create_admin_bootstraps_a_super_admin(migrated_dir: Path) -> None
     again = run_cli("create-admin", "--email", email, "--password-stdin", env=env, stdin="x\n")
     assert again.returncode == 0, again.stderr
     assert "is now super_admin" in again.stdout
+
+
+async def test_promoting_from_the_command_line_reaches_a_running_embedded_server(
+    migrated_dir: Path,
+) -> None:
+    """Found by `make run`: a user signed in on a running server without Redis and then made
+    super_admin with `create-admin` stayed a plain user there for the subject cache's five
+    minutes (the command cannot reach the server's memory). The in-process cache now lives
+    five seconds."""
+    from tunnelplane.v1 import admin_pb2, admin_pb2_grpc
+
+    from server.app import App
+    from server.settings import Settings
+    from tests.helpers import Client, eventually
+
+    env = child_env(migrated_dir)
+    app = App(Settings.from_env(env))
+    try:
+        await app.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            user = await Client(app, channel).new_user()
+            status = admin_pb2_grpc.AdminServiceStub(channel).GetSystemStatus
+            request = admin_pb2.GetSystemStatusRequest()
+            refused = status(request, metadata=user.metadata)
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await refused  # PERMISSION_DENIED, and the user's state is cached now
+            promoted = await asyncio.to_thread(
+                run_cli, "create-admin", "--email", user.email, env=env
+            )
+            assert promoted.returncode == 0, promoted.stderr
+
+            async def allowed() -> bool:
+                try:
+                    await status(request, metadata=user.metadata)
+                except grpc.aio.AioRpcError as error:
+                    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+                    return False
+                return True
+
+            await eventually(allowed, within=15, every=0.25)
+    finally:
+        await app.stop(grace=0)

@@ -34,6 +34,9 @@ from server.domain.identity.tokens import LEEWAY_SECONDS, TokenService
 from server.domain.unit_of_work import UnitOfWorkFactory
 
 SUBJECT_CACHE_TTL = 300.0
+#: The same, when the cache is in this process's memory (no Redis): a change made by
+#: another process (``python -m server create-admin``) cannot reach it to invalidate it.
+LOCAL_SUBJECT_CACHE_TTL = 5.0
 #: Sessions remembered as live at once, per process (the least recently seen go first).
 SESSION_CACHE_SIZE = 10_000
 
@@ -50,12 +53,14 @@ class SubjectState:
 class SubjectDirectory:
     """Cached role, tier and state of users."""
 
-    def __init__(self, uow: UnitOfWorkFactory, kv: KeyValueStore) -> None:
+    def __init__(
+        self, uow: UnitOfWorkFactory, kv: KeyValueStore, *, ttl: float = SUBJECT_CACHE_TTL
+    ) -> None:
         self._uow = uow
         self._lookup: CachedLookup[SubjectState] = CachedLookup(
             kv,
             "subject",
-            ttl=SUBJECT_CACHE_TTL,
+            ttl=ttl,
             encode=lambda s: json.dumps([s.role.value, s.tier.value, s.active]).encode(),
             decode=_decode_state,
         )
