@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import inspect
 import itertools
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -90,6 +91,13 @@ async def fails(awaitable: Awaitable[Any], code: grpc.StatusCode) -> grpc.aio.Ai
         assert error.code() == code, f"expected {code}, got {error.code()}: {error.details()}"
         return error
     raise AssertionError(f"expected {code}, call succeeded with {result}")
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for a server to take, or to find closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def unique_email(tag: str = "user") -> str:

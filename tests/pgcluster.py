@@ -11,7 +11,6 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -21,18 +20,13 @@ from pathlib import Path
 import psycopg
 
 from tests.conftest import require
+from tests.helpers import free_port
 
 
 def bin_dir() -> Path | None:
     """The newest installed PostgreSQL server's binaries (Debian's layout), if any."""
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
     return found[-1].parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -77,8 +71,8 @@ class Cluster:
         self.root = root
         self._bin = binaries
         self._user = "postgres" if os.geteuid() == 0 else ""
-        self.primary = Instance(root / "primary", _free_port(), self)
-        self.replica = Instance(root / "replica", _free_port(), self)
+        self.primary = Instance(root / "primary", free_port(), self)
+        self.replica = Instance(root / "replica", free_port(), self)
 
     def run(self, tool: str, *args: str) -> None:
         command = [str(self._bin / tool), *args]

@@ -15,7 +15,7 @@ from server.compose.limits import LimitsArea
 from server.health import Check, HealthMonitor, Listener
 from server.load import LoadMonitor
 from server.resilience.breakers import Breakers
-from server.status import Breaker, Dependency, Load, State, SystemStatus
+from server.status import Dependency, Load, State, SystemStatus
 from server.storage.kv import ResilientStore
 from server.storage.limiter import FallbackLimiter
 from server.workers.monitors import health_loop
@@ -66,10 +66,7 @@ class LiveStatus:
                 shedding=load.shedding,
             ),
             self._queues(),
-            [
-                Breaker(b.name, b.kind, b.state, b.failures, b.opened_at)
-                for b in self._breakers.states()
-            ],
+            self._breakers.states(),
         )
 
 

@@ -41,6 +41,8 @@ from purgatory import (
 )
 from purgatory.domain.model import ClosedState, Context, OpenedState
 
+from server.status import Breaker
+
 log = logging.getLogger("tunnelplane.breakers")
 STATES = ("closed", "opened", "half-opened")
 #: A breaker ready for its trial this long, and never called since, is forgotten.
@@ -69,18 +71,6 @@ class BreakerKind:
     threshold: int
     #: Seconds it stays open before it lets a trial call through (half-opened).
     open_for: float
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerState:
-    """One breaker as ``GetSystemStatus`` shows it."""
-
-    name: str
-    kind: str
-    state: str
-    failures: int
-    #: When it opened (epoch seconds), if it is open or half-opened.
-    opened_at: float | None
 
 
 class Breakers:
@@ -133,16 +123,7 @@ class Breakers:
             left = opened.opened_at + rules.open_for - time.time()
             raise BreakerOpenError(name, max(0.0, left)) from None
 
-    def open_until(self, kind: str, target: str = "") -> float | None:
-        """When the breaker ``kind.target`` lets a trial through, if it is open now."""
-        name = f"{kind}.{target}" if target else kind
-        context = self._contexts().get(name)
-        if context is None or context.state != "opened" or context.opened_at is None:
-            return None
-        until = context.opened_at + context.ttl
-        return until if until > time.time() else None
-
-    def states(self) -> list[BreakerState]:
+    def states(self) -> list[Breaker]:
         """Every breaker not closed, by name. One whose open time has passed shows as
         half-opened (its next call is the trial); one left so for an hour, whose target
         has not been called since (a deleted endpoint, say), is forgotten."""
@@ -156,7 +137,7 @@ class Breakers:
                 state = "half-opened"
             if state != "closed":
                 found.append(
-                    BreakerState(name, _kind(name), state, self._failures.get(name, 0), c.opened_at)
+                    Breaker(name, _kind(name), state, self._failures.get(name, 0), c.opened_at)
                 )
         return found
 
@@ -164,7 +145,7 @@ class Breakers:
         """How many breakers of each kind are in each state."""
         return Counter((_kind(name), c.state) for name, c in self._contexts().items())
 
-    async def reset(self, name: str) -> BreakerState:
+    async def reset(self, name: str) -> Breaker:
         """Close the breaker ``name`` now (an operator's decision: the dependency is back)."""
         context = self._contexts().get(name)
         if context is None:
@@ -180,7 +161,7 @@ class Breakers:
             else:
                 await self._factory.messagebus.handle(message, self._uow)
         self._failures.pop(name, None)
-        return BreakerState(name, _kind(name), context.state, 0, None)
+        return Breaker(name, _kind(name), context.state, 0, None)
 
     def _forget(self, name: str) -> None:
         self._uow.contexts.breakers.pop(name, None)  # type: ignore[attr-defined]

@@ -7,7 +7,7 @@ from server.domain.audit import service as audit
 from server.domain.audit.model import AuditTrail
 from server.domain.common.clock import Clock
 from server.domain.unit_of_work import UnitOfWorkFactory
-from server.resilience.breakers import Breakers, BreakerState, BreakerUnknownError
+from server.resilience.breakers import Breakers, BreakerUnknownError
 from server.status import Breaker
 
 
@@ -18,10 +18,6 @@ class BreakerReset:
         self._breakers = breakers
         self._uow = uow
         self._clock = clock
-
-    def states(self) -> list[Breaker]:
-        """Every breaker not closed."""
-        return [_plain(b) for b in self._breakers.states()]
 
     async def reset(self, name: str, reason: str, trail: AuditTrail | None) -> Breaker:
         """Close breaker ``name``; ``LookupError`` if this process has none of that name."""
@@ -41,8 +37,4 @@ class BreakerReset:
                 after=after.state,
                 failures_before=before.failures if before is not None else 0,
             )
-        return _plain(after)
-
-
-def _plain(state: BreakerState) -> Breaker:
-    return Breaker(state.name, state.kind, state.state, state.failures, state.opened_at)
+        return after

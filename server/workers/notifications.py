@@ -115,7 +115,7 @@ class ConditionWatch:
                 )  # fmt: skip
 
     async def _error_rate_round(self) -> None:
-        summary = await self._outcomes.summarize(WINDOW, 5)
+        summary = await self._outcomes.summarize(WINDOW, 5, compare=False)
         failing = (
             summary.by_category[Category.INTERNAL].count
             + summary.by_category[Category.DEPENDENCY].count

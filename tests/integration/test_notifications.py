@@ -6,7 +6,6 @@ their preferences allow."""
 from __future__ import annotations
 
 import email
-import socket
 from collections.abc import Iterator
 from email.message import Message
 from pathlib import Path
@@ -19,7 +18,7 @@ from tunnelplane.v1 import users_pb2
 
 from server.domain.webhooks.rules import new_secret
 from tests.conftest import sqlite_server
-from tests.helpers import client_of, eventually
+from tests.helpers import client_of, eventually, free_port
 from tests.webhook_receiver import Receiver
 
 
@@ -34,12 +33,6 @@ class Sink:
         message["X-Rcpt"] = ",".join(envelope.rcpt_tos)
         self.messages.append(message)
         return "250 OK"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

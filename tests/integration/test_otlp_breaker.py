@@ -4,7 +4,6 @@ breaker opens they are dropped at once, each counted."""
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from server.resilience.breakers import BreakerKind, Breakers
 from server.resilience.otlp import GuardedSpanExporter
+from tests.helpers import free_port
 from tests.integration.test_otlp_traces import Collector, collector  # noqa: F401 - fixture
 
 
@@ -25,12 +25,6 @@ def spans(count: int) -> list[ReadableSpan]:
         with tracer.start_as_current_span(f"span-{i}") as span:
             made.append(span)
     return made  # type: ignore[return-value]
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def counted(registry: CollectorRegistry, result: str) -> float:
@@ -55,7 +49,7 @@ def test_a_live_collector_gets_the_spans(collector: tuple[Collector, int]) -> No
 def test_a_dead_collector_opens_the_breaker_and_spans_are_dropped_at_once(
     tmp_path: Path,
 ) -> None:
-    exporter, breakers, registry = guarded(f"127.0.0.1:{closed_port()}")
+    exporter, breakers, registry = guarded(f"127.0.0.1:{free_port()}")
     for _ in range(2):
         assert exporter.export(spans(2)) is SpanExportResult.FAILURE
     assert counted(registry, "failed") == 4

@@ -63,17 +63,18 @@ class CallOutcomes:
         async with self._uow() as uow:
             await uow.call_outcomes.delete_before(self._clock.now() - RETENTION)
 
-    async def summarize(self, window: timedelta, top: int) -> ErrorSummary:
+    async def summarize(self, window: timedelta, top: int, *, compare: bool = True) -> ErrorSummary:
         """Calls, failures by category and the ``top`` failures over the last ``window``,
         each beside the ``window`` before it, both starting at a minute's start. Counts
         reach storage at each flush, so the last few seconds may be missing; a flush puts
-        the successful calls since the one before in its own minute."""
+        the successful calls since the one before in its own minute. Without ``compare``
+        the window before is not read (its counts are 0)."""
         end = self._clock.now()
         # Counts are per minute: each window starts on a minute's start.
         start, before = _minute_of(end - window), _minute_of(end - 2 * window)
         async with self._uow(lag_tolerant=True) as uow:
             now_rows = await uow.call_outcomes.totals(start, end)
-            then_rows = await uow.call_outcomes.totals(before, start)
+            then_rows = await uow.call_outcomes.totals(before, start) if compare else []
         now_by, then_by = _by_kind(now_rows), _by_kind(then_rows)
         calls = Tally(sum(now_by.values()), sum(then_by.values()))
         failures = {k for k in now_by.keys() | then_by.keys() if k[1] != "OK"}
