@@ -17,7 +17,8 @@ from tunnelplane.v1 import agents_pb2
 
 from server.api import convert
 from server.api import tunnel_convert as tc
-from server.domain.common.errors import DomainError, InvalidArgument, clip
+from server.domain.common.errors import DomainError, InvalidArgument, NotFound, clip
+from server.domain.events.bus import SubscriptionLostError
 from server.domain.events.model import Event
 from server.domain.identity.model import Principal
 from server.domain.tunnels.agents import AGENTS_RESET, LEFT, SILENT, AgentSessions
@@ -237,6 +238,29 @@ class AgentStream:
         await self.send(A.ConnectResponse(ack=ack))
 
     async def _watch(self, subscription: object) -> None:
+        """Follow the owner's events; when some may have passed the subscription by, read
+        the tunnel and the owner's proxies again and go on."""
+        while True:
+            try:
+                await self._follow(subscription)
+            except SubscriptionLostError:
+                await self._catch_up()
+            else:
+                return
+
+    async def _catch_up(self) -> None:
+        await self._relink()
+        try:
+            fresh = await self._parts.tunnels.get(self._tunnel.user_id, self._tunnel.id)
+        except NotFound:
+            stopped = self._stopped(version=self._version + 1)
+            await self.send(A.ConnectResponse(desired_state=stopped))
+            return
+        except DomainError:
+            return  # the database is away for now; the next event reads it again
+        await self.desired(fresh)
+
+    async def _follow(self, subscription: object) -> None:
         proxies = f"users/{self._tunnel.user_id}/proxies/"
         async for event in subscription:  # type: ignore[attr-defined]
             if isinstance(event, Event) and event.subject.startswith(proxies):

@@ -12,6 +12,7 @@ from google.protobuf.message import Message
 from tunnelplane.v1 import proxies_pb2
 
 from server.api import proxy_convert as pc
+from server.api.log_feed import LogFeed
 from server.api.watch import LAST_EVENT_ID
 from server.domain.common.errors import Aborted, InvalidArgument
 from server.domain.common.ids import is_id
@@ -73,10 +74,11 @@ class ProxyWatch:
                 "resume_after", "must be an event id, evt_... (also when sent as Last-Event-ID)"
             )
         subscription = self._fleet.bus.subscribe(scope.owner)  # before reading: miss nothing
+        feed = LogFeed(self._events, subscription, scope.owner, scope.covers)
         try:
-            sent = await self._start(call, scope, resume)
-            async for event in subscription:
-                if scope.covers(event) and event.id not in sent:
+            await self._start(call, scope, feed, resume)
+            while await feed.wait():
+                async for event in feed.new():
                     await self._recheck(call)  # a revoked credential ends the watch
                     await self._send_change(call, scope, event)
         except SubscriptionOverflowError:
@@ -85,18 +87,20 @@ class ProxyWatch:
             await subscription.close()
         return Kind()
 
-    async def _start(self, call: Call, scope: _Scope, resume: str) -> set[str]:
-        seen = await self._events.get(scope.owner, resume) if resume else None
-        sent: set[str] = set()
+    async def _start(self, call: Call, scope: _Scope, feed: LogFeed, resume: str) -> None:
+        seen = await self._events.get(scope.owner, resume, fresh=True) if resume else None
         if seen is not None:
-            async for event in self._events.after(seen):
-                if scope.covers(event):
-                    sent.add(event.id)
-                    await self._send_change(call, scope, event)
+            feed.cursor = seen
+            async for event in feed.new():
+                await self._send_change(call, scope, event)
+            if scope.proxy_id:
+                await self._fleet.get(scope.owner, scope.proxy_id)  # NOT_FOUND if not there
         elif scope.proxy_id:
+            await feed.start_at_newest()
             found = await self._fleet.get(scope.owner, scope.proxy_id)
             await call.send(Kind(kind=Kind.KIND_CURRENT, proxy=pc.proxy(found)))
         else:
+            await feed.start_at_newest()
             token = ""
             while True:
                 page = await self._fleet.list(
@@ -107,10 +111,7 @@ class ProxyWatch:
                 token = page.next_page_token
                 if not token:
                     break
-        if scope.proxy_id and seen is not None:
-            await self._fleet.get(scope.owner, scope.proxy_id)  # NOT_FOUND if not there
         await call.send(Kind(kind=Kind.KIND_SYNCED))
-        return sent
 
     async def _send_change(self, call: Call, scope: _Scope, event: Event) -> None:
         proxy_id = event.subject.rsplit("/", 1)[1]

@@ -16,7 +16,13 @@ from google.protobuf.message import Message
 from tunnelplane.v1 import tunnels_pb2
 
 from server.api import tunnel_convert as tc
-from server.domain.common.errors import Aborted, InvalidArgument, NotFound, PermissionDenied
+from server.api.log_feed import LogFeed
+from server.domain.common.errors import (
+    Aborted,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from server.domain.common.ids import is_id
 from server.domain.common.names import user_id_of
 from server.domain.events.bus import SubscriptionOverflowError
@@ -92,45 +98,41 @@ class TunnelWatch:
         # Someone watching through a share keeps seeing changes only while the share lasts.
         by_share = needs_share_lookup(call.method.policy.rule, principal, scope.owner)
         subscription = self._tunnels.bus.subscribe(scope.owner)  # before reading: miss nothing
+        feed = LogFeed(self._events, subscription, scope.owner, scope.covers)
         try:
-            sent = await self._start(call, scope, resume)
-            if sent is None:
+            if not await self._start(call, scope, feed, resume):
                 return P.WatchTunnelsResponse()
-            async for event in subscription:
-                if not scope.covers(event) or event.id in sent:
-                    continue
-                await self._recheck(call)
-                if by_share and not await self._shares.share_role(scope.name, principal.user_id):
-                    raise PermissionDenied("the share has ended", reason="SHARE_ENDED")
-                if not await self._send_change(call, scope.owner, event) and scope.tunnel_id:
-                    break
+            while await feed.wait():
+                async for event in feed.new():
+                    await self._recheck(call)
+                    if by_share and not await self._shares.share_role(
+                        scope.name, principal.user_id
+                    ):
+                        raise PermissionDenied("the share has ended", reason="SHARE_ENDED")
+                    if not await self._send_change(call, scope.owner, event) and scope.tunnel_id:
+                        return P.WatchTunnelsResponse()
         except SubscriptionOverflowError:
             raise Aborted("the watcher fell behind; watch again", reason="WATCH_OVERFLOW") from None
         finally:
             await subscription.close()
         return P.WatchTunnelsResponse()
 
-    async def _start(self, call: Call, scope: _Scope, resume: str) -> set[str] | None:
-        """Send the current state, or the changes since ``resume``; the ids of the events
-        sent (``None`` if the watched tunnel's deletion was among them)."""
-        seen = await self._events.get(scope.owner, resume) if resume else None
-        if seen is not None:
-            return await self._replay(call, scope, seen)
-        await self._send_current(call, scope)
-        return set()
-
-    async def _replay(self, call: Call, scope: _Scope, seen: Event) -> set[str] | None:
-        sent: set[str] = set()
-        async for event in self._events.after(seen):
-            if not scope.covers(event):
-                continue
-            sent.add(event.id)
-            if not await self._send_change(call, scope.owner, event) and scope.tunnel_id:
-                return None
-        if scope.tunnel_id:
-            await self._tunnels.get(scope.owner, scope.tunnel_id)  # NOT_FOUND if gone
+    async def _start(self, call: Call, scope: _Scope, feed: LogFeed, resume: str) -> bool:
+        """Send the current state, or the changes since ``resume``, then ``SYNCED``; False
+        if the watched tunnel's deletion was among the changes."""
+        seen = await self._events.get(scope.owner, resume, fresh=True) if resume else None
+        if seen is None:
+            await feed.start_at_newest()
+            await self._send_current(call, scope)
+        else:
+            feed.cursor = seen
+            async for event in feed.new():
+                if not await self._send_change(call, scope.owner, event) and scope.tunnel_id:
+                    return False
+            if scope.tunnel_id:
+                await self._tunnels.get(scope.owner, scope.tunnel_id)  # NOT_FOUND if gone
         await call.send(Kind(kind=Kind.KIND_SYNCED))
-        return sent
+        return True
 
     async def _send_current(self, call: Call, scope: _Scope) -> None:
         if scope.tunnel_id:
@@ -147,7 +149,6 @@ class TunnelWatch:
                 token = page.next_page_token
                 if not token:
                     break
-        await call.send(Kind(kind=Kind.KIND_SYNCED))
 
     async def _send_change(self, call: Call, owner: str, event: Event) -> bool:
         """Send one change; False once the tunnel is gone."""

@@ -4,7 +4,10 @@ Every replica publishes committed events on one Redis channel and reads that cha
 one subscription, handing each event to its own watchers (:class:`MemoryBus`). A replica
 therefore sees its own events through Redis too, in the same order as everyone else. While
 Redis is unreachable, events still reach this replica's watchers directly, and the reader
-subscribes again with back-off.
+subscribes again with back-off. Pub/sub keeps nothing for a reader that is away, so once
+subscribed again the reader interrupts every local subscription: each catches up from the
+event log (a watch stream ends with ``UNAVAILABLE``, and its client resumes with
+``resume_after``; an agent's stream reads its tunnel again).
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class RedisBus:
         self.channel = f"{prefix}events"
         self._local = local
         self._connected = asyncio.Event()
+        #: Whether a subscription was in place before (and has been lost since).
+        self._lost = False
 
     async def publish(self, event: Event) -> None:
         try:
@@ -92,6 +97,14 @@ class RedisBus:
         pubsub = self._reader.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.channel)
+            if self._lost:
+                # What other replicas published while this one was not subscribed passed
+                # it by: its subscribers catch up from the event log.
+                self._local.interrupt_all()
+            self._lost = True  # until this subscription ends, as they all do
+            connection: Any = pubsub.connection  # typed None until subscribed
+            if connection is not None:  # redis-py may reconnect and subscribe again itself
+                connection.register_connect_callback(self._reconnected)
             self._connected.set()
             async for message in pubsub.listen():
                 if message.get("type") == "message":
@@ -100,6 +113,10 @@ class RedisBus:
             self._connected.clear()
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
+
+    def _reconnected(self, _connection: object) -> None:
+        log.warning("event bus reconnected; watchers catch up from the event log")
+        self._local.interrupt_all()
 
     async def close(self) -> None:
         """Release the reader's connections."""

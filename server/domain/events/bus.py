@@ -53,25 +53,45 @@ class MemoryBus:
             for subscription in list(subscriptions):
                 subscription.end()
 
+    def interrupt_all(self) -> None:
+        """Tell every subscription that events may have passed it by (the feed between
+        replicas was lost for a while): each raises :class:`SubscriptionInterruptedError`
+        once, so that its reader catches up from the event log."""
+        for subscriptions in list(self._subscribers.values()):
+            for subscription in list(subscriptions):
+                subscription.interrupt()
+
     @property
     def subscriber_count(self) -> int:
         """Live subscriptions in this process."""
         return sum(len(s) for s in self._subscribers.values())
 
 
-class SubscriptionOverflowError(Exception):
-    """A subscriber fell too far behind; it must resynchronise (watch again)."""
+class SubscriptionLostError(Exception):
+    """Events may have passed a subscription by; its reader must catch up from the event
+    log (a watcher watches again with ``resume_after``). The subscription stays open:
+    iterating it again goes on with the events that follow."""
+
+
+class SubscriptionOverflowError(SubscriptionLostError):
+    """A subscriber fell too far behind."""
+
+
+class SubscriptionInterruptedError(SubscriptionLostError):
+    """The feed between replicas (Redis) was lost for a while: events written on other
+    replicas in between did not reach this one."""
 
 
 class QueueSubscription:
     """A subscriber's bounded queue. If the consumer falls more than ``buffer`` events
-    behind, the subscription ends with :class:`SubscriptionOverflowError` rather than grow
-    without bound."""
+    behind, iterating raises :class:`SubscriptionOverflowError` rather than the queue
+    growing without bound; if the bus lost events, :class:`SubscriptionInterruptedError`."""
 
     def __init__(self, buffer: int, on_close: Any) -> None:
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue(buffer)
         self._on_close = on_close
         self._overflowed = False
+        self._interrupted = False
 
     def put(self, event: Event) -> None:
         """Queue ``event`` (called by the bus)."""
@@ -79,21 +99,37 @@ class QueueSubscription:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
             self._overflowed = True
-            with contextlib.suppress(asyncio.QueueEmpty):
-                self._queue.get_nowait()
-            self._queue.put_nowait(None)
+            self._mark()
 
     def end(self) -> None:
         """End the feed (the server is stopping)."""
         with contextlib.suppress(asyncio.QueueFull):
             self._queue.put_nowait(None)
+            return
+        self._mark()
+
+    def interrupt(self) -> None:
+        """Events may have been lost before the ones queued from now on."""
+        self._interrupted = True
+        self._mark()
+
+    def _mark(self) -> None:
+        """Replace what is queued with the marker that makes the reader catch up: the
+        events queued are older than what it will read from the log."""
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         while True:
             event = await self._queue.get()
             if event is None:
                 if self._overflowed:
+                    self._overflowed = False
                     raise SubscriptionOverflowError
+                if self._interrupted:
+                    self._interrupted = False
+                    raise SubscriptionInterruptedError
                 return
             yield event
 

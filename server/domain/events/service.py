@@ -87,20 +87,33 @@ class EventLog:
             rows = await uow.events.list(user_id, query)
         return self._lister.page(query, rows, lambda e: (e.time, e.id))
 
-    async def get(self, user_id: str, event_id: str) -> Event | None:
-        """One of the owner's events (``None`` if it is not, or no longer, in the log)."""
-        async with self._uow(lag_tolerant=True) as uow:
+    async def get(self, user_id: str, event_id: str, *, fresh: bool = False) -> Event | None:
+        """One of the owner's events (``None`` if it is not, or no longer, in the log).
+        ``fresh``: from the primary (a watcher resuming after an event it has just been
+        sent, which a replica may not have yet)."""
+        async with self._uow(lag_tolerant=not fresh) as uow:
             event = await uow.events.get(event_id)
         return event if event is not None and event.user_id == user_id else None
 
-    async def after(self, event: Event, batch: int = 500) -> AsyncIterator[Event]:
-        """Its owner's events after ``event`` in the log's order (time, then id), read a
-        batch at a time."""
-        cursor: tuple[Any, ...] = (event.time, event.id)
+    async def latest(self, user_id: str) -> Event | None:
+        """The owner's newest event, where a watch that sends the current state starts
+        following the log. Read as the current state is (a replica, if close enough), and
+        before it: a change in between is sent again, never missed."""
+        query = ListQuery(1, (OrderKey("create_time", descending=True),), None, None, "")
+        async with self._uow(lag_tolerant=True) as uow:
+            rows = await uow.events.list(user_id, query)
+        return rows[0] if rows else None
+
+    async def after(
+        self, user_id: str, event: Event | None, batch: int = 500
+    ) -> AsyncIterator[Event]:
+        """The owner's events after ``event`` (from the first if ``None``) in the log's
+        order (time, then id), read from the primary a batch at a time."""
+        cursor: tuple[Any, ...] | None = None if event is None else (event.time, event.id)
         while True:
             query = ListQuery(batch, LOG_ORDER, None, cursor, fingerprint="")
             async with self._uow(readonly=True) as uow:
-                rows = await uow.events.list(event.user_id, query)  # up to batch + 1
+                rows = await uow.events.list(user_id, query)  # up to batch + 1
             for found in rows[:batch]:
                 yield found
             if len(rows) <= batch:
