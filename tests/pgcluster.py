@@ -80,7 +80,9 @@ class Cluster:
             command = ["runuser", "-u", self._user, "--", *command]
         subprocess.run(command, check=True, capture_output=True, timeout=60, cwd=self.root)
 
-    def create(self) -> None:
+    def create(self, *, synchronous: bool = False) -> None:
+        """``synchronous``: the primary acknowledges a commit once the replica has it too
+        (what a failover without losing acknowledged writes needs)."""
         self.run(
             "initdb", "-D", str(self.primary.data), "-U", "postgres", "-A", "trust",
             "--no-sync", "--no-instructions",
@@ -89,11 +91,16 @@ class Cluster:
             # Speed over durability (a test's throwaway data); replication as in production.
             conf.write("fsync = off\nfull_page_writes = off\n")
             conf.write("wal_level = replica\nmax_wal_senders = 4\nhot_standby = on\n")
+            if synchronous:
+                conf.write("synchronous_standby_names = '*'\nsynchronous_commit = on\n")
         self.primary.start()
         self.run(
             "pg_basebackup", "-h", "127.0.0.1", "-p", str(self.primary.port), "-U", "postgres",
             "-D", str(self.replica.data), "-R", "-X", "stream", "--no-sync",
         )  # fmt: skip
+        if synchronous:  # promoted, it has no standby to wait for
+            with (self.replica.data / "postgresql.conf").open("a") as conf:
+                conf.write("synchronous_standby_names = ''\n")
         self.replica.start()
 
     def replayed(self) -> bool:
@@ -109,8 +116,9 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def primary_and_replica() -> Iterator[Cluster]:
-    """A running primary and streaming replica, removed afterwards."""
+def primary_and_replica(*, synchronous: bool = False) -> Iterator[Cluster]:
+    """A running primary and streaming replica, removed afterwards (``synchronous``: see
+    :meth:`Cluster.create`)."""
     binaries = bin_dir()
     require("the PostgreSQL server binaries (initdb, pg_basebackup)", binaries is not None)
     assert binaries is not None
@@ -121,7 +129,7 @@ def primary_and_replica() -> Iterator[Cluster]:
     root.chmod(0o700)
     cluster = Cluster(root, binaries)
     try:
-        cluster.create()
+        cluster.create(synchronous=synchronous)
         yield cluster
     finally:
         cluster.stop()

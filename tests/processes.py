@@ -35,8 +35,11 @@ def child_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def replica_envs(database_url: str, redis_url: str, tmp_path: Path) -> tuple[dict[str, str], ...]:
-    """Environments of two replicas sharing one database, one Redis and the same keys."""
+def replica_envs(
+    database_url: str, redis_url: str, tmp_path: Path, names: tuple[str, ...] = ("a", "b")
+) -> tuple[dict[str, str], ...]:
+    """Environments of replicas (two unless ``names`` says otherwise) sharing one database,
+    one Redis and the same keys."""
     from server.domain.identity.tokens import generate_private_key_pem
     from server.storage.sealing import new_key
 
@@ -51,7 +54,7 @@ def replica_envs(database_url: str, redis_url: str, tmp_path: Path) -> tuple[dic
         "TP_SECRETS_KEY": new_key(),
     }
     envs = []
-    for name in ("a", "b"):
+    for name in names:
         (tmp_path / name).mkdir()
         envs.append(child_env(tmp_path / name, **shared))
     return tuple(envs)
@@ -183,3 +186,25 @@ async def gateway_serving(
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(process.wait(), 30)
+
+
+@asynccontextmanager
+async def redis_server(port: int, *extra: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A throwaway ``redis-server`` on ``port``, ready when entered."""
+    process = await asyncio.create_subprocess_exec(
+        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        "--appendonly", "no", "--loglevel", "notice", *extra,
+        stdout=asyncio.subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(15):
+            while b"Ready to accept connections" not in await process.stdout.readline():
+                pass
+        drain = asyncio.create_task(process.stdout.read())
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        drain.cancel()

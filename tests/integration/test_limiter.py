@@ -9,11 +9,8 @@ by the test for the outage.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import socket
-import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,8 +34,8 @@ from server.storage.kv import redis_client
 from server.storage.limiter import MemoryLimiter, RedisLimiter
 from server.storage.limiter_lease import slice_cap
 from tests.conftest import REDIS_URL, make_settings, migrate, redis_prefix, require_redis
-from tests.helpers import Client, eventually
-from tests.processes import ServerProcess, child_env, replica_envs, run_cli, serving
+from tests.helpers import Client, eventually, free_port
+from tests.processes import ServerProcess, child_env, redis_server, replica_envs, run_cli, serving
 
 EPOCH = 1_764_000_000_000.0
 DAY_MS = 86_400_000.0
@@ -617,39 +614,11 @@ async def test_replicas_spending_leased_slices_hold_one_limit(
 # --- Redis dies and comes back ----------------------------------------------------------
 
 
-def _spare_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.asynccontextmanager
-async def redis_server(port: int, *extra: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A throwaway ``redis-server`` on ``port``, ready when entered."""
-    process = await asyncio.create_subprocess_exec(
-        "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-        "--appendonly", "no", "--loglevel", "notice", *extra,
-        stdout=asyncio.subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    assert process.stdout is not None
-    try:
-        async with asyncio.timeout(15):
-            while b"Ready to accept connections" not in await process.stdout.readline():
-                pass
-        drain = asyncio.create_task(process.stdout.read())
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        drain.cancel()
-
-
 async def test_redis_killed_mid_run_falls_back_without_errors_and_returns(
     tmp_path: Path,
 ) -> None:
     require_redis()  # the redis-server binary comes with it
-    port = _spare_port()
+    port = free_port()
     tiers = {**DEFAULT_TIERS, "free": replace(DEFAULT_TIERS["free"], burst=10_000)}
     database = f"sqlite+aiosqlite:///{tmp_path / 'tunnelplane.db'}"
     await migrate(database)
@@ -743,7 +712,7 @@ async def test_the_redis_limiter_signs_in_selects_its_database_and_recovers() ->
     password and a dead Redis are errors that the fallback handles; a restarted Redis
     (holding no script) decides the next call."""
     require_redis()
-    port = _spare_port()
+    port = free_port()
     check = Check("users/u", "10.0.0.1", Bucket(60, 5), Bucket(60, 5), by_address=False)
     url = f"redis://:s3cret@127.0.0.1:{port}/2"
     good_client = redis_client(url)
