@@ -21,6 +21,7 @@ from server.domain.common.errors import DomainError, InvalidArgument, NotFound, 
 from server.domain.events.bus import SubscriptionLostError
 from server.domain.events.model import Event
 from server.domain.identity.model import Principal
+from server.domain.identity.suspension import ACCESS_EVENTS
 from server.domain.tunnels.agents import AGENTS_RESET, LEFT, SILENT, AgentSessions
 from server.domain.tunnels.endpoints import parse_endpoint_url
 from server.domain.tunnels.model import Tunnel
@@ -262,10 +263,14 @@ class AgentStream:
 
     async def _follow(self, subscription: object) -> None:
         proxies = f"users/{self._tunnel.user_id}/proxies/"
+        owner = f"users/{self._tunnel.user_id}"
         async for event in subscription:  # type: ignore[attr-defined]
             if isinstance(event, Event) and event.subject.startswith(proxies):
                 await self._relink()
                 continue
+            if isinstance(event, Event) and event.type in ACCESS_EVENTS and event.subject == owner:
+                self._reset.set()  # the owner was suspended or deleted: its agents go
+                return
             if not isinstance(event, Event) or event.subject != self._tunnel.name:
                 continue
             if event.type == AGENTS_RESET:

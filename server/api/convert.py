@@ -61,6 +61,7 @@ THEMES: Mapping[int, Theme] = {
 USER_STATES: Mapping[UserState, int] = {
     UserState.ACTIVE: users_pb2.User.STATE_ACTIVE,
     UserState.DELETED: users_pb2.User.STATE_DELETED,
+    UserState.SUSPENDED: users_pb2.User.STATE_SUSPENDED,
 }
 COOKIE_DELIVERY: Mapping[int, bool] = {
     auth_pb2.REFRESH_TOKEN_DELIVERY_UNSPECIFIED: False,

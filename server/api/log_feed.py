@@ -23,6 +23,7 @@ from server.domain.events.bus import SubscriptionInterruptedError
 from server.domain.events.model import Event
 from server.domain.events.ports import Subscription
 from server.domain.events.service import EventLog
+from server.domain.identity.suspension import ACCESS_EVENTS
 
 
 class LogFeed:
@@ -57,7 +58,9 @@ class LogFeed:
 
     async def wait(self) -> bool:
         """Until there may be new events (a covered event the bus carried, or the bus was
-        interrupted); False once the subscription has ended (the server is stopping).
+        interrupted), or the owner's access changed (suspended, deleted: the caller must
+        check the watcher's credential again); False once the subscription has ended (the
+        server is stopping).
         Raises :class:`~server.domain.events.bus.SubscriptionOverflowError` if the
         watcher fell too far behind."""
         while True:
@@ -70,6 +73,8 @@ class LogFeed:
             except SubscriptionInterruptedError:
                 self._wakes = None  # the subscription goes on; iterate it afresh
                 return True
+            if event.type in ACCESS_EVENTS and event.subject == f"users/{self._owner}":
+                return True  # the caller is checked again: a suspended owner's watch ends
             if self._covers(event) and not self._handed_out(event):
                 return True
 

@@ -78,8 +78,8 @@ class ProxyWatch:
         try:
             await self._start(call, scope, feed, resume)
             while await feed.wait():
+                await self._recheck(call)  # a revoked credential or suspended user ends it
                 async for event in feed.new():
-                    await self._recheck(call)  # a revoked credential ends the watch
                     await self._send_change(call, scope, event)
         except SubscriptionOverflowError:
             raise Aborted("the watcher fell behind; watch again", reason="WATCH_OVERFLOW") from None

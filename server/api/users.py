@@ -9,6 +9,7 @@ from tunnelplane.v1 import users_pb2
 from server.api import convert
 from server.domain.common.clock import Clock
 from server.domain.common.names import user_id_of
+from server.domain.identity.suspension import Suspensions
 from server.domain.identity.tiers import TierCatalog
 from server.domain.identity.users import UPDATABLE_PATHS, UserService
 from server.domain.limits.service import QuotaService
@@ -24,9 +25,15 @@ class UserApi:
     """Serves ``tunnelplane.v1.UserService``."""
 
     def __init__(
-        self, users: UserService, tiers: TierCatalog, quotas: QuotaService, clock: Clock
+        self,
+        users: UserService,
+        suspensions: Suspensions,
+        tiers: TierCatalog,
+        quotas: QuotaService,
+        clock: Clock,
     ) -> None:
         self._users = users
+        self._suspensions = suspensions
         self._tiers = tiers
         self._quotas = quotas
         self._clock = clock
@@ -83,6 +90,26 @@ class UserApi:
             call.principal, user_id, role, etag=request.etag, trail=call.audit
         )
         return convert.user(changed)
+
+    async def SuspendUser(
+        self, request: users_pb2.SuspendUserRequest, call: Call
+    ) -> users_pb2.User:
+        user_id = user_id_of(request.name, "name", caller_id(call))
+        assert call.principal is not None
+        suspended = await self._suspensions.suspend(
+            call.principal, user_id, request.reason, etag=request.etag, trail=call.audit
+        )
+        return convert.user(suspended)
+
+    async def ReactivateUser(
+        self, request: users_pb2.ReactivateUserRequest, call: Call
+    ) -> users_pb2.User:
+        user_id = user_id_of(request.name, "name", caller_id(call))
+        assert call.principal is not None
+        reactivated = await self._suspensions.reactivate(
+            call.principal, user_id, request.reason, etag=request.etag, trail=call.audit
+        )
+        return convert.user(reactivated)
 
     async def ListTiers(
         self, request: users_pb2.ListTiersRequest, call: Call

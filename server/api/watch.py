@@ -103,8 +103,8 @@ class TunnelWatch:
             if not await self._start(call, scope, feed, resume):
                 return P.WatchTunnelsResponse()
             while await feed.wait():
+                await self._recheck(call)  # a revoked credential or suspended user ends it
                 async for event in feed.new():
-                    await self._recheck(call)
                     if by_share and not await self._shares.share_role(
                         scope.name, principal.user_id
                     ):

@@ -141,7 +141,9 @@ def _servicers(
         "tunnelplane.v1.AuthService": AuthApi(
             identity.accounts, identity.api_keys, identity.tokens, clock
         ),
-        "tunnelplane.v1.UserService": UserApi(identity.users, identity.tiers, limits.quotas, clock),
+        "tunnelplane.v1.UserService": UserApi(
+            identity.users, identity.suspensions, identity.tiers, limits.quotas, clock
+        ),
         "tunnelplane.v1.TunnelService": TunnelApi(
             tunnels.tunnels,
             tunnels.shares,

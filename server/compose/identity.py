@@ -21,6 +21,7 @@ from server.domain.identity.authentication import (
     SubjectDirectory,
 )
 from server.domain.identity.passwords import PasswordHasher
+from server.domain.identity.suspension import Suspensions
 from server.domain.identity.throttle import LoginThrottle, ThrottlePolicy
 from server.domain.identity.tiers import TierCatalog
 from server.domain.identity.tokens import TokenService
@@ -43,6 +44,7 @@ class IdentityArea:
     credentials: CallCredentials
     accounts: AccountService
     users: UserService
+    suspensions: Suspensions
     tiers: TierCatalog
     #: The sign-in throttle's rules, under keys of their own, for tunnels' basic passwords.
     basic_throttle: LoginThrottle
@@ -124,6 +126,7 @@ def build(infra: Infrastructure, events: EventsArea) -> IdentityArea:
         CallCredentials(authenticator),
         accounts,
         users,
+        Suspensions(db, subjects, revocations, clock, events.bus),
         TierCatalog(settings.tiers),
         _throttle(infra, prefix="basic"),
     )

@@ -201,6 +201,20 @@ async def set_role(w: World) -> Scene:
     return Scene(request, w.admin, w.owner, w.owner.name)
 
 
+async def suspend_user(w: World) -> Scene:
+    request = users_pb2.SuspendUserRequest(name=w.owner.name, reason="abuse report 42")
+    return Scene(request, w.admin, w.owner, w.owner.name)
+
+
+async def reactivate_user(w: World) -> Scene:
+    await w.client.users.SuspendUser(
+        users_pb2.SuspendUserRequest(name=w.owner.name, reason="abuse report 42"),
+        metadata=SETUP + w.admin.metadata,
+    )
+    request = users_pb2.ReactivateUserRequest(name=w.owner.name, reason="appeal upheld")
+    return Scene(request, w.admin, w.owner, w.owner.name)
+
+
 async def change_tier(w: World) -> Scene:
     request = users_pb2.ChangeTierRequest(name=w.owner.name, tier=common_pb2.TIER_FREE)
     return Scene(request, w.owner, resource=w.owner.name)
@@ -443,6 +457,8 @@ SCENES: dict[str, Setup] = {
     "UserService/DeleteUser": delete_user,
     "UserService/UndeleteUser": undelete_user,
     "UserService/SetUserRole": set_role,
+    "UserService/SuspendUser": suspend_user,
+    "UserService/ReactivateUser": reactivate_user,
     "UserService/ChangeTier": change_tier,
     "UserService/UploadAvatar": upload_avatar,
     "UserService/DeleteAvatar": delete_avatar,

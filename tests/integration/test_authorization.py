@@ -105,6 +105,12 @@ BUILDERS: dict[str, Builder] = {
     "UserService/SetUserRole": lambda t: users_pb2.SetUserRoleRequest(
         name=t.user.name, role=common_pb2.ROLE_SUPPORT_ADMIN
     ),
+    "UserService/SuspendUser": lambda t: users_pb2.SuspendUserRequest(
+        name=t.user.name, reason="matrix"
+    ),
+    "UserService/ReactivateUser": lambda t: users_pb2.ReactivateUserRequest(
+        name=t.user.name, reason="matrix"
+    ),
     "UserService/ListTiers": lambda t: users_pb2.ListTiersRequest(),
     "UserService/GetTier": lambda t: users_pb2.GetTierRequest(name="tiers/free"),
     "UserService/ChangeTier": lambda t: users_pb2.ChangeTierRequest(

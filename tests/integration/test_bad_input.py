@@ -724,6 +724,38 @@ BAD_REQUESTS = [
         ),
     ),
     *rows(
+        f"{U}.SuspendUser",
+        "admin",
+        no_reason=("reason", lambda c: users_pb2.SuspendUserRequest(name=c.user.name)),
+        blank_reason=(
+            "reason",
+            lambda c: users_pb2.SuspendUserRequest(name=c.user.name, reason="  \t "),
+        ),
+        long_reason=(
+            "reason",
+            lambda c: users_pb2.SuspendUserRequest(name=c.user.name, reason="x" * 501),
+        ),
+        control_reason=(
+            "reason",
+            lambda c: users_pb2.SuspendUserRequest(name=c.user.name, reason="a\x00b"),
+        ),
+        empty_name=("name", lambda c: users_pb2.SuspendUserRequest(reason="why")),
+        extra=(
+            "name",
+            lambda c: users_pb2.SuspendUserRequest(name=c.user.name + "/x", reason="why"),
+        ),
+    ),
+    *rows(
+        f"{U}.ReactivateUser",
+        "admin",
+        no_reason=("reason", lambda c: users_pb2.ReactivateUserRequest(name=c.user.name)),
+        long_reason=(
+            "reason",
+            lambda c: users_pb2.ReactivateUserRequest(name=c.user.name, reason="x" * 501),
+        ),
+        dot_dot=("name", lambda c: users_pb2.ReactivateUserRequest(name="users/../x", reason="y")),
+    ),
+    *rows(
         f"{U}.GetTier",
         "anon",
         empty=("name", named(users_pb2.GetTierRequest, "")),

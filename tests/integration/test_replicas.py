@@ -1,18 +1,21 @@
 """Two server processes on one PostgreSQL and one Redis behave as one service: what one
-replica revokes or changes, the other honours at once."""
+replica revokes, changes or suspends, the other honours at once."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
-from tunnelplane.v1 import auth_pb2, common_pb2, users_pb2
+from tunnelplane.v1 import auth_pb2, common_pb2, tunnels_pb2, users_pb2
 
 from server.app import App
+from server.domain.identity.model import Role
 from server.settings import Settings
 from tests.conftest import REDIS_URL, migrate, require_redis
-from tests.helpers import Client, bearer, fails, unique_email
+from tests.helpers import Client, bearer, fails, unique_email, watch_synced
 from tests.processes import replica_envs, serving
 
 pytestmark = pytest.mark.slow
@@ -78,3 +81,50 @@ async def test_revocation_and_changes_cross_replicas(
             await channel_a.close()
             await channel_b.close()
             await app.close()
+
+
+async def test_a_suspension_on_one_replica_stops_the_user_on_the_other_at_once(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    require_redis()
+    await migrate(postgres_database)
+    env_a, env_b = replica_envs(postgres_database, REDIS_URL, tmp_path)
+    async with serving(env_a) as a, serving(env_b) as b:
+        channel_a = grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}")
+        channel_b = grpc.aio.insecure_channel(f"127.0.0.1:{b.grpc_port}")
+        app = App(Settings.from_env(env_a))  # for the role helper only; not started
+        try:
+            on_a, on_b = Client(app, channel_a), Client(app, channel_b)
+            support = await on_a.new_user(role=Role.SUPPORT_ADMIN, tag="support")
+            user = await on_a.new_user()
+            await on_b.users.GetUser(ME, metadata=user.metadata)  # B has it cached
+            watch = on_b.tunnels.WatchTunnels(
+                tunnels_pb2.WatchTunnelsRequest(name="users/me"), metadata=user.metadata
+            )
+            await watch_synced(watch)
+
+            await on_a.users.SuspendUser(
+                users_pb2.SuspendUserRequest(name=user.name, reason="abuse"),
+                metadata=support.metadata,
+            )
+            # B's watch ends without any other change to wake it, and B refuses the token.
+            await fails(_drain(watch), grpc.StatusCode.UNAUTHENTICATED)
+            await fails(
+                on_b.users.GetUser(ME, metadata=user.metadata), grpc.StatusCode.UNAUTHENTICATED
+            )
+
+            await on_b.users.ReactivateUser(
+                users_pb2.ReactivateUserRequest(name=user.name, reason="appeal"),
+                metadata=support.metadata,
+            )
+            login = await on_a.login(user.email)
+            await on_a.users.GetUser(ME, metadata=bearer(login.tokens.access_token))
+        finally:
+            await channel_a.close()
+            await channel_b.close()
+            await app.close()
+
+
+async def _drain(stream: Any) -> None:
+    while await asyncio.wait_for(stream.read(), 10) is not grpc.aio.EOF:
+        pass

@@ -41,6 +41,8 @@ class User(_message.Message):
         """The user can sign in and use the service."""
         STATE_DELETED: User._State.ValueType  # 2
         """Soft deleted: no credential works; restorable until `purge_time`."""
+        STATE_SUSPENDED: User._State.ValueType  # 3
+        """Suspended by an administrator: no credential works until ReactivateUser."""
 
     class State(_State, metaclass=_StateEnumTypeWrapper):
         """The life-cycle state of a user."""
@@ -51,6 +53,8 @@ class User(_message.Message):
     """The user can sign in and use the service."""
     STATE_DELETED: User.State.ValueType  # 2
     """Soft deleted: no credential works; restorable until `purge_time`."""
+    STATE_SUSPENDED: User.State.ValueType  # 3
+    """Suspended by an administrator: no credential works until ReactivateUser."""
 
     NAME_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
@@ -442,6 +446,70 @@ class SetUserRoleRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetUserRoleRequest: _TypeAlias = SetUserRoleRequest  # noqa: Y015
+
+@_typing.final
+class SuspendUserRequest(_message.Message):
+    """Request for SuspendUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The user to suspend."""
+    reason: _builtins.str
+    """Why, for the audit trail and the `user.suspended` event: 1 to 500
+    characters.
+    """
+    etag: _builtins.str
+    """When set, must match the user's current etag."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuspendUserRequest: _TypeAlias = SuspendUserRequest  # noqa: Y015
+
+@_typing.final
+class ReactivateUserRequest(_message.Message):
+    """Request for ReactivateUser."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The user to reactivate."""
+    reason: _builtins.str
+    """Why, for the audit trail and the `user.reactivated` event: 1 to 500
+    characters.
+    """
+    etag: _builtins.str
+    """When set, must match the user's current etag."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        etag: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReactivateUserRequest: _TypeAlias = ReactivateUserRequest  # noqa: Y015
 
 @_typing.final
 class TierDetails(_message.Message):

@@ -71,6 +71,16 @@ class UserServiceStub:
                 request_serializer=tunnelplane_dot_v1_dot_users__pb2.SetUserRoleRequest.SerializeToString,
                 response_deserializer=tunnelplane_dot_v1_dot_users__pb2.User.FromString,
                 _registered_method=True)
+        self.SuspendUser = channel.unary_unary(
+                '/tunnelplane.v1.UserService/SuspendUser',
+                request_serializer=tunnelplane_dot_v1_dot_users__pb2.SuspendUserRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_users__pb2.User.FromString,
+                _registered_method=True)
+        self.ReactivateUser = channel.unary_unary(
+                '/tunnelplane.v1.UserService/ReactivateUser',
+                request_serializer=tunnelplane_dot_v1_dot_users__pb2.ReactivateUserRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_users__pb2.User.FromString,
+                _registered_method=True)
         self.ListTiers = channel.unary_unary(
                 '/tunnelplane.v1.UserService/ListTiers',
                 request_serializer=tunnelplane_dot_v1_dot_users__pb2.ListTiersRequest.SerializeToString,
@@ -170,6 +180,25 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SuspendUser(self, request, context):
+        """Suspends a user, with a reason: at once, on every replica, their access
+        tokens, API keys and agent keys stop working, their sessions end (they
+        sign in again once reactivated), and their watch streams and agents'
+        streams end. Emits `user.suspended`. Suspending a suspended user changes
+        nothing. Nobody suspends themselves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReactivateUser(self, request, context):
+        """Reactivates a suspended user, with a reason. Emits `user.reactivated`.
+        Reactivating an active user changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTiers(self, request, context):
         """Lists the tiers and their limits.
         """
@@ -262,6 +291,16 @@ def add_UserServiceServicer_to_server(servicer, server):
             'SetUserRole': grpc.unary_unary_rpc_method_handler(
                     servicer.SetUserRole,
                     request_deserializer=tunnelplane_dot_v1_dot_users__pb2.SetUserRoleRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_users__pb2.User.SerializeToString,
+            ),
+            'SuspendUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuspendUser,
+                    request_deserializer=tunnelplane_dot_v1_dot_users__pb2.SuspendUserRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_users__pb2.User.SerializeToString,
+            ),
+            'ReactivateUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReactivateUser,
+                    request_deserializer=tunnelplane_dot_v1_dot_users__pb2.ReactivateUserRequest.FromString,
                     response_serializer=tunnelplane_dot_v1_dot_users__pb2.User.SerializeToString,
             ),
             'ListTiers': grpc.unary_unary_rpc_method_handler(
@@ -471,6 +510,60 @@ class UserService:
             target,
             '/tunnelplane.v1.UserService/SetUserRole',
             tunnelplane_dot_v1_dot_users__pb2.SetUserRoleRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_users__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SuspendUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.UserService/SuspendUser',
+            tunnelplane_dot_v1_dot_users__pb2.SuspendUserRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_users__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReactivateUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.UserService/ReactivateUser',
+            tunnelplane_dot_v1_dot_users__pb2.ReactivateUserRequest.SerializeToString,
             tunnelplane_dot_v1_dot_users__pb2.User.FromString,
             options,
             channel_credentials,

@@ -62,6 +62,17 @@ class UserServiceStub:
     """Restores a soft-deleted user."""
     SetUserRole: _grpc.UnaryUnaryMultiCallable[_users_pb2.SetUserRoleRequest, _users_pb2.User]
     """Sets a user's role. The caller cannot change their own role."""
+    SuspendUser: _grpc.UnaryUnaryMultiCallable[_users_pb2.SuspendUserRequest, _users_pb2.User]
+    """Suspends a user, with a reason: at once, on every replica, their access
+    tokens, API keys and agent keys stop working, their sessions end (they
+    sign in again once reactivated), and their watch streams and agents'
+    streams end. Emits `user.suspended`. Suspending a suspended user changes
+    nothing. Nobody suspends themselves.
+    """
+    ReactivateUser: _grpc.UnaryUnaryMultiCallable[_users_pb2.ReactivateUserRequest, _users_pb2.User]
+    """Reactivates a suspended user, with a reason. Emits `user.reactivated`.
+    Reactivating an active user changes nothing.
+    """
     ListTiers: _grpc.UnaryUnaryMultiCallable[_users_pb2.ListTiersRequest, _users_pb2.ListTiersResponse]
     """Lists the tiers and their limits."""
     GetTier: _grpc.UnaryUnaryMultiCallable[_users_pb2.GetTierRequest, _users_pb2.TierDetails]
@@ -119,6 +130,17 @@ class UserServiceAsyncStub(UserServiceStub):
     """Restores a soft-deleted user."""
     SetUserRole: _aio.UnaryUnaryMultiCallable[_users_pb2.SetUserRoleRequest, _users_pb2.User]  # type: ignore[assignment]
     """Sets a user's role. The caller cannot change their own role."""
+    SuspendUser: _aio.UnaryUnaryMultiCallable[_users_pb2.SuspendUserRequest, _users_pb2.User]  # type: ignore[assignment]
+    """Suspends a user, with a reason: at once, on every replica, their access
+    tokens, API keys and agent keys stop working, their sessions end (they
+    sign in again once reactivated), and their watch streams and agents'
+    streams end. Emits `user.suspended`. Suspending a suspended user changes
+    nothing. Nobody suspends themselves.
+    """
+    ReactivateUser: _aio.UnaryUnaryMultiCallable[_users_pb2.ReactivateUserRequest, _users_pb2.User]  # type: ignore[assignment]
+    """Reactivates a suspended user, with a reason. Emits `user.reactivated`.
+    Reactivating an active user changes nothing.
+    """
     ListTiers: _aio.UnaryUnaryMultiCallable[_users_pb2.ListTiersRequest, _users_pb2.ListTiersResponse]  # type: ignore[assignment]
     """Lists the tiers and their limits."""
     GetTier: _aio.UnaryUnaryMultiCallable[_users_pb2.GetTierRequest, _users_pb2.TierDetails]  # type: ignore[assignment]
@@ -209,6 +231,29 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_users_pb2.User, _abc.Awaitable[_users_pb2.User]]:
         """Sets a user's role. The caller cannot change their own role."""
+
+    @_abc_1.abstractmethod
+    def SuspendUser(
+        self,
+        request: _users_pb2.SuspendUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_users_pb2.User, _abc.Awaitable[_users_pb2.User]]:
+        """Suspends a user, with a reason: at once, on every replica, their access
+        tokens, API keys and agent keys stop working, their sessions end (they
+        sign in again once reactivated), and their watch streams and agents'
+        streams end. Emits `user.suspended`. Suspending a suspended user changes
+        nothing. Nobody suspends themselves.
+        """
+
+    @_abc_1.abstractmethod
+    def ReactivateUser(
+        self,
+        request: _users_pb2.ReactivateUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_users_pb2.User, _abc.Awaitable[_users_pb2.User]]:
+        """Reactivates a suspended user, with a reason. Emits `user.reactivated`.
+        Reactivating an active user changes nothing.
+        """
 
     @_abc_1.abstractmethod
     def ListTiers(

@@ -14,6 +14,8 @@ EVENT_TYPES = frozenset(
         "user.created",
         "user.tier_changed",
         "user.deleted",
+        "user.suspended",
+        "user.reactivated",
         "tunnel.created",
         "tunnel.updated",
         "tunnel.status_changed",

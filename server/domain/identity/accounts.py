@@ -18,7 +18,12 @@ from server.domain.audit import service as audit
 from server.domain.audit.model import AuditTrail
 from server.domain.common import validation
 from server.domain.common.clock import Clock
-from server.domain.common.errors import AlreadyExists, Unauthenticated, Violations
+from server.domain.common.errors import (
+    AlreadyExists,
+    PermissionDenied,
+    Unauthenticated,
+    Violations,
+)
 from server.domain.common.ids import new_id
 from server.domain.events import service as events
 from server.domain.events.ports import EventBus
@@ -43,6 +48,9 @@ from server.domain.unit_of_work import UnitOfWork, UnitOfWorkFactory
 
 _INVALID_REFRESH = "REFRESH_TOKEN_INVALID"
 _EXPIRED_REFRESH = "REFRESH_TOKEN_EXPIRED"
+
+#: States whose password is checked at sign-in (a suspended user is told so, then refused).
+SIGN_IN_STATES = frozenset({UserState.ACTIVE, UserState.SUSPENDED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +155,7 @@ class AccountService:
         await self._throttle.check(normalized, client.ip_address)
         async with self._uow(readonly=True) as uow:
             credentials = await uow.users.get_credentials(normalized)
-        usable = credentials is not None and credentials.user.state == UserState.ACTIVE
+        usable = credentials is not None and credentials.user.state in SIGN_IN_STATES
         stored = credentials.password_hash if credentials is not None and usable else None
         if not await self._hasher.verify(stored, password):
             await self._throttle.failed(normalized, client.ip_address)
@@ -155,6 +163,11 @@ class AccountService:
                 audit.note(trail, subject_user_id=credentials.user.id)
             raise Unauthenticated("email or password is incorrect", reason="INVALID_CREDENTIALS")
         assert credentials is not None
+        if credentials.user.state == UserState.SUSPENDED:  # told only with the right password
+            audit.note(trail, subject_user_id=credentials.user.id)
+            raise PermissionDenied(
+                "this account is suspended; contact support", reason="ACCOUNT_SUSPENDED"
+            )
         await self._throttle.succeeded(normalized, client.ip_address)
         user = credentials.user
         assert stored is not None

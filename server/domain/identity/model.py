@@ -119,6 +119,8 @@ class UserState(enum.StrEnum):
 
     ACTIVE = "active"
     DELETED = "deleted"
+    #: Stopped by an administrator until reactivated.
+    SUSPENDED = "suspended"
 
 
 class Theme(enum.StrEnum):

@@ -53,6 +53,7 @@ ADMIN_PERMISSIONS = frozenset(
         "users.read",
         "users.write",
         "users.admin",
+        "users.suspend",
         "tunnels.admin",
         "webhooks.admin",
         "billing.read",
@@ -70,7 +71,15 @@ ALL_PERMISSIONS = SELF_PERMISSIONS | ADMIN_PERMISSIONS | AGENT_PERMISSIONS
 ROLE_PERMISSIONS: Mapping[Role, frozenset[str]] = {
     Role.USER: SELF_PERMISSIONS,
     Role.SUPPORT_ADMIN: SELF_PERMISSIONS
-    | {"users.read", "users.write", "tunnels.admin", "webhooks.admin", "audit.read", "system.read"},
+    | {
+        "users.read",
+        "users.write",
+        "users.suspend",
+        "tunnels.admin",
+        "webhooks.admin",
+        "audit.read",
+        "system.read",
+    },
     Role.FINANCE_ADMIN: SELF_PERMISSIONS | {"users.read", "billing.read", "billing.write"},
     Role.SUPER_ADMIN: ALL_PERMISSIONS,
     Role.SERVICE: SELF_PERMISSIONS | {"users.read", "billing.read"},
