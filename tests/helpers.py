@@ -226,7 +226,9 @@ class Client:
         if role is not None:
             await self.app.identity.users.promote(email, role)
         if tier is not None:
-            await self.app.identity.users.change_tier(_billing_admin(), user_id, tier, etag="")
+            await self.app.identity.users.change_tier(
+                _billing_admin(), user_id, tier, etag="", reason="test set-up"
+            )
         login = await self.login(email)
         return TestUser(
             user_id, email, PASSWORD, login.tokens.access_token, login.tokens.refresh_token

@@ -87,7 +87,12 @@ class UserApi:
         role = convert.enum_in(convert.ROLES, request.role, "role")
         assert call.principal is not None
         changed = await self._users.set_role(
-            call.principal, user_id, role, etag=request.etag, trail=call.audit
+            call.principal,
+            user_id,
+            role,
+            reason=request.reason,
+            etag=request.etag,
+            trail=call.audit,
         )
         return convert.user(changed)
 
@@ -126,7 +131,12 @@ class UserApi:
         tier = convert.enum_in(convert.TIERS, request.tier, "tier")
         assert call.principal is not None
         changed = await self._users.change_tier(
-            call.principal, user_id, tier, etag=request.etag, trail=call.audit
+            call.principal,
+            user_id,
+            tier,
+            etag=request.etag,
+            reason=request.reason,
+            trail=call.audit,
         )
         return convert.user(changed)
 

@@ -197,7 +197,9 @@ async def undelete_user(w: World) -> Scene:
 
 
 async def set_role(w: World) -> Scene:
-    request = users_pb2.SetUserRoleRequest(name=w.owner.name, role=common_pb2.ROLE_SUPPORT_ADMIN)
+    request = users_pb2.SetUserRoleRequest(
+        name=w.owner.name, role=common_pb2.ROLE_SUPPORT_ADMIN, reason="a test"
+    )
     return Scene(request, w.admin, w.owner, w.owner.name)
 
 

@@ -103,7 +103,7 @@ BUILDERS: dict[str, Builder] = {
     "UserService/DeleteUser": lambda t: users_pb2.DeleteUserRequest(name=t.user.name),
     "UserService/UndeleteUser": lambda t: users_pb2.UndeleteUserRequest(name=t.user.name),
     "UserService/SetUserRole": lambda t: users_pb2.SetUserRoleRequest(
-        name=t.user.name, role=common_pb2.ROLE_SUPPORT_ADMIN
+        name=t.user.name, role=common_pb2.ROLE_SUPPORT_ADMIN, reason="a test"
     ),
     "UserService/SuspendUser": lambda t: users_pb2.SuspendUserRequest(
         name=t.user.name, reason="matrix"
@@ -114,7 +114,7 @@ BUILDERS: dict[str, Builder] = {
     "UserService/ListTiers": lambda t: users_pb2.ListTiersRequest(),
     "UserService/GetTier": lambda t: users_pb2.GetTierRequest(name="tiers/free"),
     "UserService/ChangeTier": lambda t: users_pb2.ChangeTierRequest(
-        name=t.user.name, tier=common_pb2.TIER_PREMIUM
+        name=t.user.name, tier=common_pb2.TIER_PREMIUM, reason="matrix"
     ),
     "UserService/ListActivity": lambda t: users_pb2.ListActivityRequest(parent=t.user.name),
     "UserService/UploadAvatar": lambda t: users_pb2.UploadAvatarRequest(

@@ -716,6 +716,16 @@ BAD_REQUESTS = [
         undefined=("role", lambda c: users_pb2.SetUserRoleRequest(name=c.user.name, role=99)),
         negative=("role", lambda c: users_pb2.SetUserRoleRequest(name=c.user.name, role=-5)),
         empty_name=("name", lambda c: users_pb2.SetUserRoleRequest(role=common_pb2.ROLE_USER)),
+        no_reason=(
+            "reason",
+            lambda c: users_pb2.SetUserRoleRequest(name=c.user.name, role=common_pb2.ROLE_USER),
+        ),
+        long_reason=(
+            "reason",
+            lambda c: users_pb2.SetUserRoleRequest(
+                name=c.user.name, role=common_pb2.ROLE_USER, reason="y" * 501
+            ),
+        ),
         extra=(
             "name",
             lambda c: users_pb2.SetUserRoleRequest(
@@ -775,6 +785,20 @@ BAD_REQUESTS = [
             lambda c: users_pb2.ChangeTierRequest(
                 name="users/me/tier", tier=common_pb2.TIER_PREMIUM
             ),
+        ),
+        long_reason=(
+            "reason",
+            lambda c: users_pb2.ChangeTierRequest(
+                name="users/me", tier=common_pb2.TIER_PREMIUM, reason="z" * 501
+            ),
+        ),
+    ),
+    *rows(
+        f"{U}.ChangeTier",
+        "admin",
+        no_reason=(
+            "reason",
+            lambda c: users_pb2.ChangeTierRequest(name=c.user.name, tier=common_pb2.TIER_PREMIUM),
         ),
     ),
     *rows(

@@ -200,7 +200,9 @@ async def test_tier_change_takes_effect_at_once(rc: Client, ip: str) -> None:
     admin = await rc.new_user(role=Role.SUPER_ADMIN, tag="admin")
     assert any(r[0] != grpc.StatusCode.OK for r in await burst(rc, user, ip, 8))
     await rc.users.ChangeTier(
-        users_pb2.ChangeTierRequest(name=user.name, tier=common_pb2.TIER_ENTERPRISE),
+        users_pb2.ChangeTierRequest(
+            name=user.name, tier=common_pb2.TIER_ENTERPRISE, reason="a test"
+        ),
         metadata=SETUP + admin.metadata,
     )
     # The same caller at the same address (its refusals never blocked the address).

@@ -12,8 +12,8 @@ import grpc
 import httpx
 import sqlalchemy as sa
 from google.api import httpbody_pb2
-from google.protobuf import field_mask_pb2
-from tunnelplane.v1 import auth_pb2, common_pb2, users_pb2
+from google.protobuf import field_mask_pb2, json_format
+from tunnelplane.v1 import auth_pb2, common_pb2, events_pb2, users_pb2
 
 from server.domain.identity.model import Role, Tier
 from server.domain.identity.tiers import DEFAULT_TIERS
@@ -410,10 +410,19 @@ async def test_super_admin_sets_roles_but_not_their_own(client: Client) -> None:
         grpc.StatusCode.PERMISSION_DENIED,
     )
     promoted = await client.users.SetUserRole(
-        users_pb2.SetUserRoleRequest(name=target.name, role=common_pb2.ROLE_SUPPORT_ADMIN),
+        users_pb2.SetUserRoleRequest(
+            name=target.name, role=common_pb2.ROLE_SUPPORT_ADMIN, reason="a test"
+        ),
         metadata=admin.metadata,
     )
     assert promoted.role == common_pb2.ROLE_SUPPORT_ADMIN
+    changes = await client.events.ListEvents(
+        events_pb2.ListEventsRequest(parent=target.name, filter='type = "user.role_changed"'),
+        metadata=admin.metadata,
+    )
+    assert [json_format.MessageToDict(e.payload) for e in changes.events] == [
+        {"name": target.name, "from": "user", "to": "support_admin", "reason": "a test"}
+    ]
     # The new role applies to the access token the target already holds.
     listed = await client.users.ListUsers(
         users_pb2.ListUsersRequest(filter=f'email = "{target.email}"'), metadata=target.metadata
@@ -422,7 +431,9 @@ async def test_super_admin_sets_roles_but_not_their_own(client: Client) -> None:
 
     error = await fails(
         client.users.SetUserRole(
-            users_pb2.SetUserRoleRequest(name="users/me", role=common_pb2.ROLE_USER),
+            users_pb2.SetUserRoleRequest(
+                name="users/me", role=common_pb2.ROLE_USER, reason="a test"
+            ),
             metadata=admin.metadata,
         ),
         grpc.StatusCode.PERMISSION_DENIED,
@@ -430,7 +441,9 @@ async def test_super_admin_sets_roles_but_not_their_own(client: Client) -> None:
     assert reason(error) == "SELF_ROLE_CHANGE"
     error = await fails(
         client.users.SetUserRole(
-            users_pb2.SetUserRoleRequest(name=target.name, role=common_pb2.ROLE_UNSPECIFIED),
+            users_pb2.SetUserRoleRequest(
+                name=target.name, role=common_pb2.ROLE_UNSPECIFIED, reason="a test"
+            ),
             metadata=admin.metadata,
         ),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -439,7 +452,9 @@ async def test_super_admin_sets_roles_but_not_their_own(client: Client) -> None:
     # The promoted support admin lacks users.admin: it cannot hand out roles.
     await fails(
         client.users.SetUserRole(
-            users_pb2.SetUserRoleRequest(name=admin.name, role=common_pb2.ROLE_USER),
+            users_pb2.SetUserRoleRequest(
+                name=admin.name, role=common_pb2.ROLE_USER, reason="a test"
+            ),
             metadata=target.metadata,
         ),
         grpc.StatusCode.PERMISSION_DENIED,
@@ -554,7 +569,9 @@ async def test_finance_admin_assigns_enterprise_to_another_user(client: Client) 
         grpc.StatusCode.PERMISSION_DENIED,
     )
     changed = await client.users.ChangeTier(
-        users_pb2.ChangeTierRequest(name=customer.name, tier=common_pb2.TIER_ENTERPRISE),
+        users_pb2.ChangeTierRequest(
+            name=customer.name, tier=common_pb2.TIER_ENTERPRISE, reason="contract signed"
+        ),
         metadata=finance.metadata,
     )
     assert changed.tier == common_pb2.TIER_ENTERPRISE
@@ -591,7 +608,9 @@ async def test_list_users_filters(client: Client) -> None:
     made = await make_users(client, marker, 4)
     names = [u.name for u in made]
     ids = [n.split("/")[1] for n in names]
-    await client.app.identity.users.change_tier(_root(), ids[1], Tier.PREMIUM, etag="")
+    await client.app.identity.users.change_tier(
+        _root(), ids[1], Tier.PREMIUM, etag="", reason="test set-up"
+    )
     await client.app.identity.users.promote(made[2].email, Role.FINANCE_ADMIN)
 
     async def matching(flt: str, **fields: Any) -> list[str]:

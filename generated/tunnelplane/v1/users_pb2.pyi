@@ -426,22 +426,28 @@ class SetUserRoleRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     ROLE_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The user whose role changes."""
     role: _common_pb2.Role.ValueType
     """The new role."""
     etag: _builtins.str
     """When set, must match the user's current etag."""
+    reason: _builtins.str
+    """Why, for the audit trail and the `user.role_changed` event: 1 to 500
+    characters.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         role: _common_pb2.Role.ValueType = ...,
         etag: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name", "reason", b"reason", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -666,22 +672,28 @@ class ChangeTierRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The user, `users/{user}` or `users/me`."""
     tier: _common_pb2.Tier.ValueType
     """The new tier."""
     etag: _builtins.str
     """When set, must match the user's current etag."""
+    reason: _builtins.str
+    """Why, for the audit trail and the `user.tier_changed` event: at most 500
+    characters; required when an administrator changes another user's tier.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         tier: _common_pb2.Tier.ValueType = ...,
         etag: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name", "tier", b"tier"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name", "reason", b"reason", "tier", b"tier"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

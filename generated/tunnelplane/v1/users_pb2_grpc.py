@@ -174,7 +174,8 @@ class UserServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetUserRole(self, request, context):
-        """Sets a user's role. The caller cannot change their own role.
+        """Sets a user's role, with a reason. The caller cannot change their own
+        role. Emits `user.role_changed`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -216,7 +217,8 @@ class UserServiceServicer:
     def ChangeTier(self, request, context):
         """Changes a user's tier. Users may move themselves between free and
         premium; enterprise, and any change to another user, needs
-        `billing.write`. Takes effect at once.
+        `billing.write`, and a reason. Takes effect at once. Emits
+        `user.tier_changed`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

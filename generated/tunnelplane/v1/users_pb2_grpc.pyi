@@ -61,7 +61,9 @@ class UserServiceStub:
     UndeleteUser: _grpc.UnaryUnaryMultiCallable[_users_pb2.UndeleteUserRequest, _users_pb2.User]
     """Restores a soft-deleted user."""
     SetUserRole: _grpc.UnaryUnaryMultiCallable[_users_pb2.SetUserRoleRequest, _users_pb2.User]
-    """Sets a user's role. The caller cannot change their own role."""
+    """Sets a user's role, with a reason. The caller cannot change their own
+    role. Emits `user.role_changed`.
+    """
     SuspendUser: _grpc.UnaryUnaryMultiCallable[_users_pb2.SuspendUserRequest, _users_pb2.User]
     """Suspends a user, with a reason: at once, on every replica, their access
     tokens, API keys and agent keys stop working, their sessions end (they
@@ -80,7 +82,8 @@ class UserServiceStub:
     ChangeTier: _grpc.UnaryUnaryMultiCallable[_users_pb2.ChangeTierRequest, _users_pb2.User]
     """Changes a user's tier. Users may move themselves between free and
     premium; enterprise, and any change to another user, needs
-    `billing.write`. Takes effect at once.
+    `billing.write`, and a reason. Takes effect at once. Emits
+    `user.tier_changed`.
     """
     ListActivity: _grpc.UnaryUnaryMultiCallable[_users_pb2.ListActivityRequest, _users_pb2.ListActivityResponse]
     """Lists a user's activity: sign-ins, credential changes and profile
@@ -129,7 +132,9 @@ class UserServiceAsyncStub(UserServiceStub):
     UndeleteUser: _aio.UnaryUnaryMultiCallable[_users_pb2.UndeleteUserRequest, _users_pb2.User]  # type: ignore[assignment]
     """Restores a soft-deleted user."""
     SetUserRole: _aio.UnaryUnaryMultiCallable[_users_pb2.SetUserRoleRequest, _users_pb2.User]  # type: ignore[assignment]
-    """Sets a user's role. The caller cannot change their own role."""
+    """Sets a user's role, with a reason. The caller cannot change their own
+    role. Emits `user.role_changed`.
+    """
     SuspendUser: _aio.UnaryUnaryMultiCallable[_users_pb2.SuspendUserRequest, _users_pb2.User]  # type: ignore[assignment]
     """Suspends a user, with a reason: at once, on every replica, their access
     tokens, API keys and agent keys stop working, their sessions end (they
@@ -148,7 +153,8 @@ class UserServiceAsyncStub(UserServiceStub):
     ChangeTier: _aio.UnaryUnaryMultiCallable[_users_pb2.ChangeTierRequest, _users_pb2.User]  # type: ignore[assignment]
     """Changes a user's tier. Users may move themselves between free and
     premium; enterprise, and any change to another user, needs
-    `billing.write`. Takes effect at once.
+    `billing.write`, and a reason. Takes effect at once. Emits
+    `user.tier_changed`.
     """
     ListActivity: _aio.UnaryUnaryMultiCallable[_users_pb2.ListActivityRequest, _users_pb2.ListActivityResponse]  # type: ignore[assignment]
     """Lists a user's activity: sign-ins, credential changes and profile
@@ -230,7 +236,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _users_pb2.SetUserRoleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_users_pb2.User, _abc.Awaitable[_users_pb2.User]]:
-        """Sets a user's role. The caller cannot change their own role."""
+        """Sets a user's role, with a reason. The caller cannot change their own
+        role. Emits `user.role_changed`.
+        """
 
     @_abc_1.abstractmethod
     def SuspendUser(
@@ -279,7 +287,8 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_users_pb2.User, _abc.Awaitable[_users_pb2.User]]:
         """Changes a user's tier. Users may move themselves between free and
         premium; enterprise, and any change to another user, needs
-        `billing.write`. Takes effect at once.
+        `billing.write`, and a reason. Takes effect at once. Emits
+        `user.tier_changed`.
         """
 
     @_abc_1.abstractmethod

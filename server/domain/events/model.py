@@ -13,6 +13,7 @@ EVENT_TYPES = frozenset(
     {
         "user.created",
         "user.tier_changed",
+        "user.role_changed",
         "user.deleted",
         "user.suspended",
         "user.reactivated",

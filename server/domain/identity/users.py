@@ -24,6 +24,7 @@ from server.domain.events.ports import EventBus
 from server.domain.identity.authentication import Revocations, SubjectDirectory
 from server.domain.identity.model import Avatar, Principal, Profile, Role, Tier, User, UserState
 from server.domain.identity.rules import etag_of, profile_of
+from server.domain.identity.suspension import checked_reason
 from server.domain.identity.tiers import SELF_SERVICE
 from server.domain.unit_of_work import UnitOfWork, UnitOfWorkFactory
 
@@ -235,10 +236,12 @@ class UserService:
         user_id: str,
         role: Role,
         *,
+        reason: str,
         etag: str,
         trail: AuditTrail | None = None,
     ) -> User:
-        """Give a user another role. Nobody changes their own role."""
+        """Give a user another role, with a reason. Nobody changes their own role."""
+        why = checked_reason(reason)
         if user_id == actor.user_id:
             raise PermissionDenied("you cannot change your own role", reason="SELF_ROLE_CHANGE")
         async with self._uow() as uow:
@@ -253,11 +256,27 @@ class UserService:
                 resource=user.name,
                 role_from=user.role.value,
                 role_to=role.value,
+                reason=why,
             )
             if user.role == role:
                 return user
             updated = await uow.users.update(user_id, user.version, role=role, update_time=now)
             self._after_identity_change(uow, user_id)
+            await events.record(
+                uow,
+                self._bus,
+                self._clock,
+                "user.role_changed",
+                subject=user.name,
+                user_id=user_id,
+                actor=f"users/{actor.user_id}",
+                payload={
+                    "name": user.name,
+                    "from": user.role.value,
+                    "to": role.value,
+                    "reason": why,
+                },
+            )
         return updated
 
     async def promote(self, email: str, role: Role, trail: AuditTrail | None = None) -> User:
@@ -284,9 +303,12 @@ class UserService:
         tier: Tier,
         *,
         etag: str,
+        reason: str = "",
         trail: AuditTrail | None = None,
     ) -> User:
-        """Move a user to ``tier``. Self-service covers free and premium for oneself only."""
+        """Move a user to ``tier``. Self-service covers free and premium for oneself only;
+        an administrator moving someone else gives a reason."""
+        why = checked_reason(reason) if reason or user_id != actor.user_id else ""
         as_billing_admin = actor.has("billing.write")
         if not as_billing_admin and (user_id != actor.user_id or tier not in SELF_SERVICE):
             raise PermissionDenied(
@@ -304,6 +326,7 @@ class UserService:
                 resource=user.name,
                 tier_from=user.tier.value,
                 tier_to=tier.value,
+                reason=why,
             )
             if user.tier == tier:
                 return user
@@ -317,7 +340,12 @@ class UserService:
                 subject=user.name,
                 user_id=user_id,
                 actor=f"users/{actor.user_id}",
-                payload={"name": user.name, "from": user.tier.value, "to": tier.value},
+                payload={
+                    "name": user.name,
+                    "from": user.tier.value,
+                    "to": tier.value,
+                    "reason": why,
+                },
             )
         return updated
 
