@@ -77,6 +77,16 @@ async def test_a_suspended_user_is_stopped_at_once_and_reactivation_lets_them_ba
             metadata=support.metadata,
         )
         assert suspended.state == SUSPENDED
+        # Admins still find a suspended user, by name and by state.
+        found = await client.users.ListUsers(
+            U.ListUsersRequest(filter=f'email = "{user.email}" AND state = "suspended"'),
+            metadata=support.metadata,
+        )
+        assert [u.name for u in found.users] == [user.name]
+        got = await client.users.GetUser(
+            U.GetUserRequest(name=user.name), metadata=support.metadata
+        )
+        assert got.state == SUSPENDED
 
         # Open streams end at once: the watch over gRPC and SSE, and the agent's.
         await fails(_drain(watch), UNAUTHENTICATED)  # its session revoked, its user suspended

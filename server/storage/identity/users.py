@@ -154,7 +154,7 @@ class SqlUserRepository(Repository):
     async def list(self, query: ListQuery, *, include_deleted: bool) -> builtins.list[User]:
         stmt = sa.select(*_PUBLIC)
         if not include_deleted:
-            stmt = stmt.where(_c.state == UserState.ACTIVE.value)
+            stmt = stmt.where(_c.state != UserState.DELETED.value)
         stmt = apply_list_query(stmt, query, USER_COLUMNS, _c.id)
         return [_user(row) for row in await self._all(stmt)]
 
