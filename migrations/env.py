@@ -12,7 +12,7 @@ from sqlalchemy.pool import NullPool
 
 from server.settings import Settings
 from server.storage.database import normalize_url
-from server.storage.tables import metadata
+from server.storage.tables import in_dialect, metadata
 
 config = context.config
 
@@ -24,6 +24,7 @@ def _run(connection: Any) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
         compare_server_default=True,
+        include_object=lambda _obj, name, kind, *_: in_dialect(name, kind, connection.dialect.name),
     )
     with context.begin_transaction():
         context.run_migrations()

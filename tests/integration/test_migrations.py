@@ -11,14 +11,19 @@ from sqlalchemy import inspect
 
 from server.storage.database import make_engine
 from server.storage.migrate import upgrade
-from server.storage.tables import metadata
+from server.storage.tables import in_dialect, metadata
 from tests.conftest import create_postgres_database, drop_postgres_database, require_postgres
 
 
 def differences(connection: object) -> list[object]:
+    dialect = connection.dialect.name  # type: ignore[attr-defined]
     context = MigrationContext.configure(
         connection,  # type: ignore[arg-type]
-        opts={"compare_type": True, "compare_server_default": True},
+        opts={
+            "compare_type": True,
+            "compare_server_default": True,
+            "include_object": lambda obj, name, kind, *_: in_dialect(name, kind, dialect),
+        },
     )
     return list(compare_metadata(context, metadata))
 

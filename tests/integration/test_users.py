@@ -632,6 +632,11 @@ async def test_list_users_filters(client: Client) -> None:
     assert await matching(f'create_time < "{stamp}"') == names[:2]
     assert await matching(f'create_time > "{stamp}" OR tier = "premium"') == [names[1], names[3]]
     assert await matching('NOT role = "user"') == [names[2]]
+    # Only made[3] has signed in: a user who never did matches no comparison.
+    signed_in = await client.login(made[3].email)
+    seen = signed_in.user.last_login_time.ToJsonString()
+    assert await matching(f'last_login_time >= "{seen}"') == [names[3]]
+    assert await matching(f'last_login_time < "{seen}"') == []
     # Something that looks like SQL is just a value that matches nobody.
     assert await matching('email = "x\' OR 1=1 --"') == []
 

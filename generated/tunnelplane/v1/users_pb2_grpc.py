@@ -140,8 +140,9 @@ class UserServiceServicer:
 
     def ListUsers(self, request, context):
         """Lists and searches users, for administrators. Filter fields: `email`,
-        `display_name`, `tier`, `role`, `state`, `create_time`; order by `email`,
-        `display_name`, `create_time` or `update_time`.
+        `display_name`, `tier`, `role`, `state`, `create_time`, `update_time`,
+        `last_login_time` (a user who never signed in matches no comparison);
+        order by `email`, `display_name`, `create_time` or `update_time`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

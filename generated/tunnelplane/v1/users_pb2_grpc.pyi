@@ -44,8 +44,9 @@ class UserServiceStub:
     """Returns a user. `users/me` is the caller."""
     ListUsers: _grpc.UnaryUnaryMultiCallable[_users_pb2.ListUsersRequest, _users_pb2.ListUsersResponse]
     """Lists and searches users, for administrators. Filter fields: `email`,
-    `display_name`, `tier`, `role`, `state`, `create_time`; order by `email`,
-    `display_name`, `create_time` or `update_time`.
+    `display_name`, `tier`, `role`, `state`, `create_time`, `update_time`,
+    `last_login_time` (a user who never signed in matches no comparison);
+    order by `email`, `display_name`, `create_time` or `update_time`.
     """
     UpdateUser: _grpc.UnaryUnaryMultiCallable[_users_pb2.UpdateUserRequest, _users_pb2.User]
     """Updates a user's profile and preferences. Updatable paths:
@@ -115,8 +116,9 @@ class UserServiceAsyncStub(UserServiceStub):
     """Returns a user. `users/me` is the caller."""
     ListUsers: _aio.UnaryUnaryMultiCallable[_users_pb2.ListUsersRequest, _users_pb2.ListUsersResponse]  # type: ignore[assignment]
     """Lists and searches users, for administrators. Filter fields: `email`,
-    `display_name`, `tier`, `role`, `state`, `create_time`; order by `email`,
-    `display_name`, `create_time` or `update_time`.
+    `display_name`, `tier`, `role`, `state`, `create_time`, `update_time`,
+    `last_login_time` (a user who never signed in matches no comparison);
+    order by `email`, `display_name`, `create_time` or `update_time`.
     """
     UpdateUser: _aio.UnaryUnaryMultiCallable[_users_pb2.UpdateUserRequest, _users_pb2.User]  # type: ignore[assignment]
     """Updates a user's profile and preferences. Updatable paths:
@@ -195,8 +197,9 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_users_pb2.ListUsersResponse, _abc.Awaitable[_users_pb2.ListUsersResponse]]:
         """Lists and searches users, for administrators. Filter fields: `email`,
-        `display_name`, `tier`, `role`, `state`, `create_time`; order by `email`,
-        `display_name`, `create_time` or `update_time`.
+        `display_name`, `tier`, `role`, `state`, `create_time`, `update_time`,
+        `last_login_time` (a user who never signed in matches no comparison);
+        order by `email`, `display_name`, `create_time` or `update_time`.
         """
 
     @_abc_1.abstractmethod

@@ -53,6 +53,7 @@ USER_LIST_SPEC = ListSpec(
         "state": FilterField("enum", frozenset(s.value for s in UserState)),
         "create_time": FilterField("timestamp"),
         "update_time": FilterField("timestamp"),
+        "last_login_time": FilterField("timestamp"),
     },
     order_fields=frozenset({"email", "display_name", "create_time", "update_time"}),
     default_order=(OrderKey("create_time"),),

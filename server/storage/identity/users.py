@@ -34,6 +34,7 @@ USER_COLUMNS = {
     "state": _c.state,
     "create_time": _c.create_time,
     "update_time": _c.update_time,
+    "last_login_time": _c.last_login_time,
 }
 _PUBLIC = [c for c in users.c if c.name != "password_hash"]
 #: Built once: the hottest read (every GetUser) skips statement construction.
