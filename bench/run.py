@@ -9,8 +9,9 @@ in alternating order, and the medians of the measured rounds are compared. Then 
 delivery throughput on PostgreSQL, one server process dispatching against two
 (``bench/webhooks.py``), and the full server with two workers against one on PostgreSQL and
 Redis (``bench/workers.py``), and the streaming proxy against ``ssh -R``
-(``bench/proxies.py``). ``--only getuser|webhooks|workers|sqlite|proxy`` runs one part
-alone. See
+(``bench/proxies.py``), and the admin's user search at 100,000 users on PostgreSQL
+(``bench/user_search.py``). ``--only getuser|webhooks|workers|sqlite|search|proxy`` runs
+one part alone. See
 ``bench/README.md``.
 """
 
@@ -600,10 +601,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
         "--only",
-        choices=("getuser", "webhooks", "workers", "sqlite", "proxy"),
+        choices=("getuser", "webhooks", "workers", "sqlite", "search", "proxy"),
         help="run one part only: the GetUser servers, webhook delivery, two workers "
-        "against one, the SQLite drivers, or the streaming proxy against ssh -R "
-        "(default: all five)",
+        "against one, the SQLite drivers, the admin's user search at 100,000 users, or the "
+        "streaming proxy against ssh -R (default: all six)",
     )
     hooks = webhooks.Plan()
     parser.add_argument("--webhook-deliveries", type=int, default=hooks.deliveries)
@@ -726,6 +727,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench failed: {exc}\n(work directory kept: {work_dir})", file=sys.stderr)
         return 1
     publish_parts(result, hooks, scaled, drivers, args)
+    if args.only in (None, "search"):
+        from bench import user_search
+
+        searched = user_search.measure(args.postgres_url, work_dir)
+        print(f"\n{user_search.render(searched)}")
+        if not args.no_publish:
+            written = user_search.publish(searched, RESULTS_DIR, README)
+            print(f"\nwrote {', '.join(str(p.relative_to(ROOT)) for p in written)}")
     if args.only in (None, "proxy"):
         from bench import proxies
 

@@ -103,7 +103,10 @@ async def principal_of(app: App, user_id: str) -> Principal:
 def bare_handler(app: App, principal: Principal) -> grpc.GenericRpcHandler:
     """GetUser served by the servicer method alone, with the caller already known."""
     method: MethodInfo = next(m for m in app.methods if m.full_name == GET_USER)
-    api = UserApi(app.identity.users, app.identity.tiers, app.limits.quotas, app.clock)
+    identity = app.identity
+    api = UserApi(
+        identity.users, identity.suspensions, identity.tiers, app.limits.quotas, app.clock
+    )
 
     async def get_user(
         request: users_pb2.GetUserRequest, _context: grpc.aio.ServicerContext[Any, Any]
