@@ -22,6 +22,7 @@ from tunnelplane.v1 import (
     admin_pb2_grpc,
     agents_pb2,
     agents_pb2_grpc,
+    audit_pb2_grpc,
     auth_pb2,
     auth_pb2_grpc,
     events_pb2_grpc,
@@ -195,6 +196,7 @@ class Client:
         self.auth = auth_pb2_grpc.AuthServiceStub(channel)
         self.users = users_pb2_grpc.UserServiceStub(channel)
         self.admin = admin_pb2_grpc.AdminServiceStub(channel)
+        self.audit = audit_pb2_grpc.AuditServiceStub(channel)
         self.tunnels = tunnels_pb2_grpc.TunnelServiceStub(channel)
         self.agents = agents_pb2_grpc.AgentServiceStub(channel)
         self.events = events_pb2_grpc.EventServiceStub(channel)

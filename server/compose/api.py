@@ -14,6 +14,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from tunnelplane.v1 import (
     admin_pb2,
     agents_pb2,
+    audit_pb2,
     auth_pb2,
     events_pb2,
     operations_pb2,
@@ -26,6 +27,7 @@ from tunnelplane.v1 import (
 from server.api.admin import AdminApi, Recovery
 from server.api.agent_stream import AgentMetrics
 from server.api.agents import AgentApi
+from server.api.audit import AuditApi
 from server.api.auth import AuthApi
 from server.api.events import EventApi
 from server.api.operations import OperationApi
@@ -43,6 +45,7 @@ from server.compose.proxies import ProxiesArea
 from server.compose.tunnels import TunnelsArea
 from server.compose.webhooks import WebhooksArea
 from server.domain.analytics.service import CallOutcomes
+from server.domain.audit.verification import AuditVerifier
 from server.interceptors.audit import AuditStage
 from server.interceptors.auth import AuthenticateStage, AuthorizeStage
 from server.interceptors.context import RequestContextStage
@@ -68,6 +71,7 @@ SERVICES: Sequence[ServiceDescriptor] = (
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
     users_pb2.DESCRIPTOR.services_by_name["UserService"],
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
     tunnels_pb2.DESCRIPTOR.services_by_name["TunnelService"],
     agents_pb2.DESCRIPTOR.services_by_name["AgentService"],
     events_pb2.DESCRIPTOR.services_by_name["EventService"],
@@ -174,6 +178,7 @@ def _servicers(
             outcomes,
             Recovery(areas.operations.operations, tunnels.agents, infra.clock),
         ),
+        "tunnelplane.v1.AuditService": AuditApi(AuditVerifier(infra.db, infra.clock)),
     }
 
 

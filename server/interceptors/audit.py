@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 
 from google.protobuf.message import Message
 
@@ -22,6 +23,7 @@ from server.domain.audit.model import AuditTrail, RequestContext
 from server.domain.audit.rules import action_name
 from server.domain.common.clock import Clock
 from server.domain.common.errors import DomainError, Unauthenticated
+from server.domain.common.ids import new_id
 from server.domain.unit_of_work import UnitOfWorkFactory
 from server.pipeline import Call, Handler, MethodInfo, outcome_of
 
@@ -66,8 +68,14 @@ class AuditStage:
         reason = exc.reason if isinstance(exc, DomainError) else ""
         try:
             async with self._uow() as uow:
-                if not (trail.added and await uow.audit.set_outcome(trail.id, outcome, reason)):
-                    await uow.audit.add(trail.entry(self._clock.now(), outcome, reason))
+                entry = trail.entry(self._clock.now(), outcome, reason)
+                if trail.added and await uow.audit.exists(trail.id):
+                    # The use case's entry committed, then the call failed: the log is
+                    # append-only, so a second entry corrects the first.
+                    entry = replace(
+                        entry, id=new_id("aud"), details={**entry.details, "corrects": trail.id}
+                    )
+                await uow.audit.add(entry)
         except (asyncio.CancelledError, Exception):  # noqa: BLE001 - see below
             # The call's own error is what the caller must see; a lost audit line is logged.
             method = trail.context.method

@@ -5,66 +5,19 @@ Alembic migrations must agree with this metadata; a test compares them.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
-
 import sqlalchemy as sa
-from sqlalchemy.engine import Dialect
 
-NAMING = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-metadata = sa.MetaData(naming_convention=NAMING)
+from server.storage.schema import (
+    POSTGRES_ONLY_INDEXES,
+    UTCDateTime,
+    _id,
+    _tunnel_fk,
+    _user_fk,
+    in_dialect,
+    metadata,
+)
 
-
-class UTCDateTime(sa.TypeDecorator[datetime]):
-    """Timezone-aware UTC datetimes on every backend (SQLite stores them naive)."""
-
-    impl = sa.DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime")
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:  # noqa: ARG002
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)  # type: ignore[no-any-return]
-        return value.astimezone(UTC)  # type: ignore[no-any-return]
-
-
-def _id(name: str = "id") -> sa.Column[str]:
-    return sa.Column(name, sa.String(40), primary_key=True)
-
-
-def _user_fk(nullable: bool = False) -> sa.Column[str]:
-    return sa.Column(
-        "user_id",
-        sa.String(40),
-        sa.ForeignKey("users.id", ondelete="CASCADE"),
-        nullable=nullable,
-    )
-
-
-def _tunnel_fk(*, primary_key: bool = False) -> sa.Column[str]:
-    return sa.Column(
-        "tunnel_id",
-        sa.String(40),
-        sa.ForeignKey("tunnels.id", ondelete="CASCADE"),
-        primary_key=primary_key,
-        nullable=False,
-    )
-
+__all__ = ["POSTGRES_ONLY_INDEXES", "UTCDateTime", "in_dialect", "metadata"]
 
 users = sa.Table(
     "users",
@@ -95,16 +48,6 @@ users = sa.Table(
     ),
     sa.Index("ix_users_last_login_time", "last_login_time"),
 )
-#: Indexes PostgreSQL alone has (autogenerate and the schema test skip them elsewhere).
-POSTGRES_ONLY_INDEXES = frozenset({"ix_users_email_trgm", "ix_users_display_name_trgm"})
-
-
-def in_dialect(name: str | None, kind: str, dialect: str) -> bool:
-    """Whether a schema object of the models exists in a ``dialect`` database (for
-    Alembic's ``include_object``)."""
-    return not (kind == "index" and name in POSTGRES_ONLY_INDEXES and dialect != "postgresql")
-
-
 for _field in ("email", "display_name"):  # ILIKE searches through trigrams: PostgreSQL only
     sa.Index(
         f"ix_users_{_field}_trgm",
@@ -196,8 +139,25 @@ audit_log = sa.Table(
     sa.Column("ip_address", sa.String(64), nullable=False, default=""),
     sa.Column("user_agent", sa.String(512), nullable=False, default=""),
     sa.Column("details", sa.JSON(), nullable=False),
+    # The hash chain (migration 0013): one chain per UTC day; older entries have none.
+    sa.Column("chain_day", sa.String(10), nullable=True),
+    sa.Column("chain_seq", sa.BigInteger(), nullable=True),
+    sa.Column("prev_hash", sa.String(64), nullable=True),
+    sa.Column("content_hash", sa.String(64), nullable=True),
+    sa.Column("hash", sa.String(64), nullable=True),
+    #: Personal data erased (a purged user): only the stored content hash remains.
+    sa.Column("erased", sa.Boolean(), nullable=False, server_default=sa.false()),
     sa.Index(None, "subject_user_id", "time"),
     sa.Index(None, "time"),
+    sa.Index("ix_audit_log_chain", "chain_day", "chain_seq", unique=True),
+)
+#: The newest link of each day's audit chain.
+audit_chain_heads = sa.Table(
+    "audit_chain_heads",
+    metadata,
+    sa.Column("day", sa.String(10), primary_key=True),
+    sa.Column("seq", sa.BigInteger(), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
 )
 
 #: Rate-limit refusals, aggregated per minute, subject, address, method and policy.

@@ -515,6 +515,7 @@ def rpc(client: Client, service: str, method: Any) -> Any:
         "AuthService": client.auth,
         "UserService": client.users,
         "AdminService": client.admin,
+        "AuditService": client.audit,
         "TunnelService": client.tunnels,
         "WebhookService": client.webhooks,
         "OperationService": client.operations,
@@ -526,7 +527,11 @@ def rpc(client: Client, service: str, method: Any) -> Any:
 async def entries(app: App, request_id: str) -> list[Any]:
     """The audit entries of the call with ``request_id``."""
     async with app.db.engine.connect() as conn:
-        found = await conn.execute(sa.select(audit_log).where(audit_log.c.request_id == request_id))
+        found = await conn.execute(
+            sa.select(audit_log)
+            .where(audit_log.c.request_id == request_id)
+            .order_by(audit_log.c.chain_day, audit_log.c.chain_seq)
+        )
         return list(found.mappings().all())
 
 
@@ -670,8 +675,9 @@ def a_call(server: App, name: str) -> Call:
 async def test_a_failed_call_keeps_one_entry_with_what_the_use_case_noted(
     server: App, committed: bool
 ) -> None:
-    """The stage records the failure: by correcting the entry the use case committed, or
-    with the use case's notes when its unit of work rolled back."""
+    """The stage records the failure: with a second entry that corrects the one the use
+    case committed (the log is append-only), or, when its unit of work rolled back, with
+    the use case's notes in the call's one entry."""
     call = a_call(server, "TunnelService/StartTunnel")
 
     async def use_case(request: Message, call: Call) -> Message:
@@ -685,7 +691,13 @@ async def test_a_failed_call_keeps_one_entry_with_what_the_use_case_noted(
     with pytest.raises(FailedPrecondition):
         await stage.wrap(call.method, use_case)(P.StartTunnelRequest(), call)
 
-    (entry,) = await entries(server, call.request_id)
+    found = await entries(server, call.request_id)
+    if committed:
+        first, entry = found
+        assert first["outcome"] == "OK"
+        assert entry["details"]["corrects"] == first["id"]
+    else:
+        (entry,) = found
     assert (entry["outcome"], entry["reason"]) == ("FAILED_PRECONDITION", "TEST_FAILURE")
     assert (entry["resource"], entry["ip_address"], entry["user_agent"]) == (
         "users/u/t",

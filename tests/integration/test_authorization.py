@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 from tunnelplane.v1 import (
     admin_pb2,
     agents_pb2,
+    audit_pb2,
     auth_pb2,
     common_pb2,
     events_pb2,
@@ -127,6 +128,7 @@ BUILDERS: dict[str, Builder] = {
     ),
     "UserService/GetUsage": lambda t: users_pb2.GetUsageRequest(name=f"{t.user.name}/usage"),
     "AdminService/GetSystemStatus": lambda t: admin_pb2.GetSystemStatusRequest(),
+    "AuditService/VerifyAuditLog": lambda t: audit_pb2.VerifyAuditLogRequest(),
     "AdminService/ListRateLimitViolations": lambda t: admin_pb2.ListRateLimitViolationsRequest(),
     "AdminService/SummarizeRateLimitViolations": lambda t: (
         admin_pb2.SummarizeRateLimitViolationsRequest()
@@ -464,6 +466,7 @@ async def call_rpc(
         "AuthService": client.auth,
         "UserService": client.users,
         "AdminService": client.admin,
+        "AuditService": client.audit,
         "TunnelService": client.tunnels,
         "AgentService": client.agents,
         "EventService": client.events,

@@ -26,6 +26,7 @@ from google.protobuf.message import Message
 from google.type import date_pb2
 from tunnelplane.v1 import (
     admin_pb2,
+    audit_pb2,
     auth_pb2,
     common_pb2,
     events_pb2,
@@ -391,6 +392,7 @@ def flip_last(token: str) -> str:
 A = "AuthService"
 U = "UserService"
 AD = "AdminService"
+AU = "AuditService"
 T = "TunnelService"
 EV = "EventService"
 WH = "WebhookService"
@@ -850,6 +852,25 @@ BAD_REQUESTS = [
         user_name=("name", named(users_pb2.GetUsageRequest, "users/me")),
         wrong_leaf=("name", named(users_pb2.GetUsageRequest, "users/me/usages")),
         empty=("name", named(users_pb2.GetUsageRequest, "")),
+    ),
+    *rows(
+        f"{AU}.VerifyAuditLog",
+        "admin",
+        not_a_day=("start_day", lambda c: audit_pb2.VerifyAuditLogRequest(start_day="yesterday")),
+        bad_month=("end_day", lambda c: audit_pb2.VerifyAuditLogRequest(end_day="2026-13-01")),
+        long_form=(
+            "start_day",
+            lambda c: audit_pb2.VerifyAuditLogRequest(start_day="2026-12-01T00:00:00Z"),
+        ),
+        backwards=(
+            "start_day",
+            lambda c: audit_pb2.VerifyAuditLogRequest(start_day="2026-12-05", end_day="2026-12-01"),
+        ),
+        too_long=(
+            "start_day",
+            lambda c: audit_pb2.VerifyAuditLogRequest(start_day="2020-01-01", end_day="2026-12-01"),
+        ),
+        nul=("end_day", lambda c: audit_pb2.VerifyAuditLogRequest(end_day="2026-12-0\x00")),
     ),
     *rows(
         f"{AD}.ListRateLimitViolations",
@@ -1726,6 +1747,7 @@ def stub_method(client: Client, method: str) -> Callable[..., Any]:
         A: client.auth,
         U: client.users,
         AD: client.admin,
+        AU: client.audit,
         T: client.tunnels,
         EV: client.events,
         WH: client.webhooks,

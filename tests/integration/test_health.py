@@ -26,6 +26,7 @@ SERVICES = [
     "tunnelplane.v1.AuthService",
     "tunnelplane.v1.UserService",
     "tunnelplane.v1.AdminService",
+    "tunnelplane.v1.AuditService",
     "tunnelplane.v1.ProxyService",
 ]
 

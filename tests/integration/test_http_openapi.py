@@ -184,6 +184,7 @@ async def test_health_and_readiness_follow_the_grpc_health_service(
         "tunnelplane.v1.AuthService": "SERVING",
         "tunnelplane.v1.UserService": "SERVING",
         "tunnelplane.v1.AdminService": "SERVING",
+        "tunnelplane.v1.AuditService": "SERVING",
         "tunnelplane.v1.TunnelService": "SERVING",
         "tunnelplane.v1.EventService": "SERVING",  # AgentService has no HTTP binding
         "tunnelplane.v1.WebhookService": "SERVING",

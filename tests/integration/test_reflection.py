@@ -13,6 +13,7 @@ EXPECTED = {
     "tunnelplane.v1.AuthService",
     "tunnelplane.v1.UserService",
     "tunnelplane.v1.AdminService",
+    "tunnelplane.v1.AuditService",
     "tunnelplane.v1.TunnelService",
     "tunnelplane.v1.AgentService",
     "tunnelplane.v1.EventService",

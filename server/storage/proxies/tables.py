@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-from server.storage.tables import UTCDateTime, _id, _user_fk, metadata
+from server.storage.schema import UTCDateTime, _id, _user_fk
+from server.storage.tables import metadata
 
 
 def _proxy_fk(*, primary_key: bool = False) -> sa.Column[str]:
