@@ -45,6 +45,7 @@ from server.compose.proxies import ProxiesArea
 from server.compose.tunnels import TunnelsArea
 from server.compose.webhooks import WebhooksArea
 from server.domain.analytics.service import CallOutcomes
+from server.domain.audit.search import AuditSearch
 from server.domain.audit.verification import AuditVerifier
 from server.interceptors.audit import AuditStage
 from server.interceptors.auth import AuthenticateStage, AuthorizeStage
@@ -178,7 +179,9 @@ def _servicers(
             outcomes,
             Recovery(areas.operations.operations, tunnels.agents, infra.clock),
         ),
-        "tunnelplane.v1.AuditService": AuditApi(AuditVerifier(infra.db, infra.clock)),
+        "tunnelplane.v1.AuditService": AuditApi(
+            AuditSearch(infra.db, infra.lister, infra.clock), AuditVerifier(infra.db, infra.clock)
+        ),
     }
 
 

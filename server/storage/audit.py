@@ -19,6 +19,16 @@ from server.storage.tables import audit_chain_heads, audit_log
 
 _a = audit_log.c
 ACTIVITY_COLUMNS = {"action": _a.action, "outcome": _a.outcome, "create_time": _a.time}
+SEARCH_COLUMNS = {
+    **ACTIVITY_COLUMNS,
+    "actor": _a.actor_user_id,
+    "subject": _a.subject_user_id,
+    "method": _a.method,
+    "reason": _a.reason,
+    "request_id": _a.request_id,
+    "resource": _a.resource,
+    "ip_address": _a.ip_address,
+}
 
 
 def _entry(row: sa.RowMapping) -> AuditEntry:
@@ -37,6 +47,10 @@ def _entry(row: sa.RowMapping) -> AuditEntry:
         ip_address=row["ip_address"],
         user_agent=row["user_agent"],
         details=dict(row["details"] or {}),
+        chain_day=row["chain_day"] or "",
+        chain_seq=int(row["chain_seq"] or 0),
+        hash=row["hash"] or "",
+        erased=bool(row["erased"]),
     )
 
 
@@ -155,6 +169,11 @@ class SqlAuditRepository(Repository):
             _a.chain_seq.is_(None), _a.time >= start, _a.time < end
         )
         return int((await self._conn.execute(stmt)).scalar_one())
+
+    async def search(self, query: ListQuery) -> builtins.list[AuditEntry]:
+        """Entries matching ``query``, across the whole log."""
+        stmt = apply_list_query(sa.select(audit_log), query, SEARCH_COLUMNS, _a.id)
+        return [_entry(row) for row in await self._all(stmt)]
 
     async def list_for_user(self, user_id: str, query: ListQuery) -> builtins.list[AuditEntry]:
         stmt = sa.select(audit_log).where(_a.subject_user_id == user_id)

@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from tunnelplane.v1 import (
     admin_pb2,
+    audit_pb2,
     auth_pb2,
     common_pb2,
     operations_pb2,
@@ -437,6 +438,13 @@ def on_proxy(make: Callable[[str], Message]) -> Setup:
     return setup
 
 
+async def export_audit(w: World) -> Scene:
+    request = audit_pb2.ExportAuditEntriesRequest(
+        filter=f'create_time >= "2026-01-01T00:00:00Z" AND actor = "{w.admin.id}"'
+    )
+    return Scene(request, w.admin)
+
+
 async def start_proxy(w: World) -> Scene:
     return Scene(X.StartProxyRequest(parent=w.owner.name), w.owner)
 
@@ -460,6 +468,7 @@ SCENES: dict[str, Setup] = {
     "UserService/UndeleteUser": undelete_user,
     "UserService/SetUserRole": set_role,
     "UserService/SuspendUser": suspend_user,
+    "AuditService/ExportAuditEntries": export_audit,
     "UserService/ReactivateUser": reactivate_user,
     "UserService/ChangeTier": change_tier,
     "UserService/UploadAvatar": upload_avatar,
@@ -521,7 +530,15 @@ def rpc(client: Client, service: str, method: Any) -> Any:
         "OperationService": client.operations,
         "ProxyService": client.proxies,
     }[service]
-    return getattr(stub, method.name)
+    call = getattr(stub, method.name)
+    if not method.server_streaming:
+        return call
+
+    async def drained(request: Message, **kwargs: Any) -> list[Message]:
+        """A server stream, read to its end (its failure raised as a unary call's)."""
+        return [message async for message in call(request, **kwargs)]
+
+    return drained
 
 
 async def entries(app: App, request_id: str) -> list[Any]:

@@ -129,6 +129,10 @@ BUILDERS: dict[str, Builder] = {
     "UserService/GetUsage": lambda t: users_pb2.GetUsageRequest(name=f"{t.user.name}/usage"),
     "AdminService/GetSystemStatus": lambda t: admin_pb2.GetSystemStatusRequest(),
     "AuditService/VerifyAuditLog": lambda t: audit_pb2.VerifyAuditLogRequest(),
+    "AuditService/ListAuditEntries": lambda t: audit_pb2.ListAuditEntriesRequest(),
+    "AuditService/ExportAuditEntries": lambda t: audit_pb2.ExportAuditEntriesRequest(
+        filter='create_time >= "2026-01-01T00:00:00Z"'
+    ),
     "AdminService/ListRateLimitViolations": lambda t: admin_pb2.ListRateLimitViolationsRequest(),
     "AdminService/SummarizeRateLimitViolations": lambda t: (
         admin_pb2.SummarizeRateLimitViolationsRequest()

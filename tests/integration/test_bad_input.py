@@ -873,6 +873,34 @@ BAD_REQUESTS = [
         nul=("end_day", lambda c: audit_pb2.VerifyAuditLogRequest(end_day="2026-12-0\x00")),
     ),
     *rows(
+        f"{AU}.ListAuditEntries",
+        "admin",
+        negative_size=("page_size", lambda c: audit_pb2.ListAuditEntriesRequest(page_size=-1)),
+        bad_token=("page_token", lambda c: audit_pb2.ListAuditEntriesRequest(page_token="nope")),
+        unknown_field=(
+            "filter",
+            lambda c: audit_pb2.ListAuditEntriesRequest(filter='details = "x"'),
+        ),
+        bad_time=(
+            "filter",
+            lambda c: audit_pb2.ListAuditEntriesRequest(filter='create_time > "x"'),
+        ),
+        injection=(
+            "filter",
+            lambda c: audit_pb2.ListAuditEntriesRequest(filter="actor = '; DROP TABLE audit_log"),
+        ),
+    ),
+    *rows(
+        f"{AU}.ExportAuditEntries",
+        "admin",
+        empty=("filter", lambda c: audit_pb2.ExportAuditEntriesRequest()),
+        unbounded=(
+            "filter",
+            lambda c: audit_pb2.ExportAuditEntriesRequest(filter='action = "auth.login"'),
+        ),
+        garbage=("filter", lambda c: audit_pb2.ExportAuditEntriesRequest(filter="((")),
+    ),
+    *rows(
         f"{AD}.ListRateLimitViolations",
         "admin",
         negative_size=(
@@ -1755,7 +1783,7 @@ def stub_method(client: Client, method: str) -> Callable[..., Any]:
         PX: client.proxies,
     }[service]
     rpc = getattr(stub, name)
-    if name not in {"WatchTunnels", "WatchProxies"}:
+    if name not in {"WatchTunnels", "WatchProxies", "ExportAuditEntries"}:
         return rpc  # type: ignore[no-any-return]
 
     async def first_message(request: Message, **kwargs: Any) -> Any:

@@ -23,24 +23,46 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from tunnelplane.v1 import options_pb2 as tunnelplane_dot_v1_dot_options__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atunnelplane/v1/audit.proto\x12\x0etunnelplane.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1ctunnelplane/v1/options.proto\";\n\x15VerifyAuditLogRequest\x12\x11\n\tstart_day\x18\x01 \x01(\t\x12\x0f\n\x07\x65nd_day\x18\x02 \x01(\t\"\xc7\x01\n\x11\x41uditVerification\x12\x11\n\tstart_day\x18\x01 \x01(\t\x12\x0f\n\x07\x65nd_day\x18\x02 \x01(\t\x12\x0e\n\x06intact\x18\x03 \x01(\x08\x12\x14\n\x0c\x64\x61ys_checked\x18\x04 \x01(\x05\x12\x17\n\x0f\x65ntries_checked\x18\x05 \x01(\x03\x12\x19\n\x11unchained_entries\x18\x06 \x01(\x03\x12\x34\n\x0b\x66irst_break\x18\x07 \x01(\x0b\x32\x1f.tunnelplane.v1.AuditChainBreak\"S\n\x0f\x41uditChainBreak\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x0f\n\x07problem\x18\x04 \x01(\t2\x9a\x01\n\x0c\x41uditService\x12\x89\x01\n\x0eVerifyAuditLog\x12%.tunnelplane.v1.VerifyAuditLogRequest\x1a!.tunnelplane.v1.AuditVerification\"-\x92\x82\x19\x0e\x08\x02\x12\naudit.read\x82\xd3\xe4\x93\x02\x15\"\x10/v1/audit:verify:\x01*b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atunnelplane/v1/audit.proto\x12\x0etunnelplane.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ctunnelplane/v1/options.proto\";\n\x15VerifyAuditLogRequest\x12\x11\n\tstart_day\x18\x01 \x01(\t\x12\x0f\n\x07\x65nd_day\x18\x02 \x01(\t\"\xc7\x01\n\x11\x41uditVerification\x12\x11\n\tstart_day\x18\x01 \x01(\t\x12\x0f\n\x07\x65nd_day\x18\x02 \x01(\t\x12\x0e\n\x06intact\x18\x03 \x01(\x08\x12\x14\n\x0c\x64\x61ys_checked\x18\x04 \x01(\x05\x12\x17\n\x0f\x65ntries_checked\x18\x05 \x01(\x03\x12\x19\n\x11unchained_entries\x18\x06 \x01(\x03\x12\x34\n\x0b\x66irst_break\x18\x07 \x01(\x0b\x32\x1f.tunnelplane.v1.AuditChainBreak\"S\n\x0f\x41uditChainBreak\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0b\n\x03\x64\x61y\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x0f\n\x07problem\x18\x04 \x01(\t\"\xbc\x03\n\nAuditEntry\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12/\n\x0b\x63reate_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x07 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x08 \x01(\t\x12\x0f\n\x07subject\x18\t \x01(\t\x12\x10\n\x08resource\x18\n \x01(\t\x12\x12\n\nip_address\x18\x0b \x01(\t\x12\x12\n\nuser_agent\x18\x0c \x01(\t\x12\x12\n\nrequest_id\x18\r \x01(\t\x12(\n\x07\x64\x65tails\x18\x0e \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\tchain_day\x18\x0f \x01(\t\x12\x16\n\x0e\x63hain_sequence\x18\x10 \x01(\x03\x12\x0c\n\x04hash\x18\x11 \x01(\t\x12\x0e\n\x06\x65rased\x18\x12 \x01(\x08:6\xea\x41\x33\n\x1atunnelplane.dev/AuditEntry\x12\x15\x61udit/entries/{entry}\"P\n\x17ListAuditEntriesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\"`\n\x18ListAuditEntriesResponse\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.tunnelplane.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"1\n\x19\x45xportAuditEntriesRequest\x12\x14\n\x06\x66ilter\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x32\xc5\x03\n\x0c\x41uditService\x12\x92\x01\n\x10ListAuditEntries\x12\'.tunnelplane.v1.ListAuditEntriesRequest\x1a(.tunnelplane.v1.ListAuditEntriesResponse\"+\x92\x82\x19\x0e\x08\x02\x12\naudit.read\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/audit/entries\x12\x93\x01\n\x12\x45xportAuditEntries\x12).tunnelplane.v1.ExportAuditEntriesRequest\x1a\x1a.tunnelplane.v1.AuditEntry\"4\x92\x82\x19\x10\x08\x02\x12\naudit.read@\x01\x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/audit/entries:export0\x01\x12\x89\x01\n\x0eVerifyAuditLog\x12%.tunnelplane.v1.VerifyAuditLogRequest\x1a!.tunnelplane.v1.AuditVerification\"-\x92\x82\x19\x0e\x08\x02\x12\naudit.read\x82\xd3\xe4\x93\x02\x15\"\x10/v1/audit:verify:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tunnelplane.v1.audit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_AUDITENTRY'].fields_by_name['name']._loaded_options = None
+  _globals['_AUDITENTRY'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_AUDITENTRY']._loaded_options = None
+  _globals['_AUDITENTRY']._serialized_options = b'\352A3\n\032tunnelplane.dev/AuditEntry\022\025audit/entries/{entry}'
+  _globals['_EXPORTAUDITENTRIESREQUEST'].fields_by_name['filter']._loaded_options = None
+  _globals['_EXPORTAUDITENTRIESREQUEST'].fields_by_name['filter']._serialized_options = b'\342A\001\002'
+  _globals['_AUDITSERVICE'].methods_by_name['ListAuditEntries']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['ListAuditEntries']._serialized_options = b'\222\202\031\016\010\002\022\naudit.read\202\323\344\223\002\023\022\021/v1/audit/entries'
+  _globals['_AUDITSERVICE'].methods_by_name['ExportAuditEntries']._loaded_options = None
+  _globals['_AUDITSERVICE'].methods_by_name['ExportAuditEntries']._serialized_options = b'\222\202\031\020\010\002\022\naudit.read@\001\202\323\344\223\002\032\022\030/v1/audit/entries:export'
   _globals['_AUDITSERVICE'].methods_by_name['VerifyAuditLog']._loaded_options = None
   _globals['_AUDITSERVICE'].methods_by_name['VerifyAuditLog']._serialized_options = b'\222\202\031\016\010\002\022\naudit.read\202\323\344\223\002\025\"\020/v1/audit:verify:\001*'
-  _globals['_VERIFYAUDITLOGREQUEST']._serialized_start=106
-  _globals['_VERIFYAUDITLOGREQUEST']._serialized_end=165
-  _globals['_AUDITVERIFICATION']._serialized_start=168
-  _globals['_AUDITVERIFICATION']._serialized_end=367
-  _globals['_AUDITCHAINBREAK']._serialized_start=369
-  _globals['_AUDITCHAINBREAK']._serialized_end=452
-  _globals['_AUDITSERVICE']._serialized_start=455
-  _globals['_AUDITSERVICE']._serialized_end=609
+  _globals['_VERIFYAUDITLOGREQUEST']._serialized_start=229
+  _globals['_VERIFYAUDITLOGREQUEST']._serialized_end=288
+  _globals['_AUDITVERIFICATION']._serialized_start=291
+  _globals['_AUDITVERIFICATION']._serialized_end=490
+  _globals['_AUDITCHAINBREAK']._serialized_start=492
+  _globals['_AUDITCHAINBREAK']._serialized_end=575
+  _globals['_AUDITENTRY']._serialized_start=578
+  _globals['_AUDITENTRY']._serialized_end=1022
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_start=1024
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_end=1104
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_start=1106
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_end=1202
+  _globals['_EXPORTAUDITENTRIESREQUEST']._serialized_start=1204
+  _globals['_EXPORTAUDITENTRIESREQUEST']._serialized_end=1253
+  _globals['_AUDITSERVICE']._serialized_start=1256
+  _globals['_AUDITSERVICE']._serialized_end=1709
 # @@protoc_insertion_point(module_scope)

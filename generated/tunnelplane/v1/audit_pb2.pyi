@@ -3,8 +3,12 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -129,3 +133,181 @@ class AuditChainBreak(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AuditChainBreak: _TypeAlias = AuditChainBreak  # noqa: Y015
+
+@_typing.final
+class AuditEntry(_message.Message):
+    """One entry of the audit log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    API_KEY_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    RESOURCE_FIELD_NUMBER: _builtins.int
+    IP_ADDRESS_FIELD_NUMBER: _builtins.int
+    USER_AGENT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    CHAIN_DAY_FIELD_NUMBER: _builtins.int
+    CHAIN_SEQUENCE_FIELD_NUMBER: _builtins.int
+    HASH_FIELD_NUMBER: _builtins.int
+    ERASED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name, `audit/entries/{entry}`."""
+    action: _builtins.str
+    """What happened, for example `auth.login` or `users.suspend_user`."""
+    method: _builtins.str
+    """The RPC called, for example `/tunnelplane.v1.AuthService/Login`."""
+    outcome: _builtins.str
+    """`OK` or the gRPC status code name of the failure."""
+    reason: _builtins.str
+    """Machine-readable reason of a failure."""
+    actor: _builtins.str
+    """Who acted: `users/{user}`, or empty for an anonymous caller."""
+    api_key: _builtins.str
+    """The API key used, `users/{user}/apiKeys/{key}`, if any."""
+    subject: _builtins.str
+    """Whose resource it was: `users/{user}`, if any."""
+    resource: _builtins.str
+    """The resource acted on, if any."""
+    ip_address: _builtins.str
+    """Client IP address."""
+    user_agent: _builtins.str
+    """Client user agent."""
+    request_id: _builtins.str
+    """The call's request id."""
+    chain_day: _builtins.str
+    """Its day's chain, `YYYY-MM-DD` (empty for entries older than the chain)."""
+    chain_sequence: _builtins.int
+    """Its place in the day's chain, from 1."""
+    hash: _builtins.str
+    """Its hash in the chain (hex SHA-256)."""
+    erased: _builtins.bool
+    """Whether its personal data was erased (its user was purged)."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    @_builtins.property
+    def details(self) -> _struct_pb2.Struct:
+        """What the call noted: reasons, states before and after, and so on."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        action: _builtins.str = ...,
+        method: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        api_key: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        resource: _builtins.str = ...,
+        ip_address: _builtins.str = ...,
+        user_agent: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        details: _struct_pb2.Struct | None = ...,
+        chain_day: _builtins.str = ...,
+        chain_sequence: _builtins.int = ...,
+        hash: _builtins.str = ...,
+        erased: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "details", b"details"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "api_key", b"api_key", "chain_day", b"chain_day", "chain_sequence", b"chain_sequence", "create_time", b"create_time", "details", b"details", "erased", b"erased", "hash", b"hash", "ip_address", b"ip_address", "method", b"method", "name", b"name", "outcome", b"outcome", "reason", b"reason", "request_id", b"request_id", "resource", b"resource", "subject", b"subject", "user_agent", b"user_agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEntry: _TypeAlias = AuditEntry  # noqa: Y015
+
+@_typing.final
+class ListAuditEntriesRequest(_message.Message):
+    """Request for ListAuditEntries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum entries to return. Default 50, coerced to at most 1000."""
+    page_token: _builtins.str
+    """`next_page_token` of a previous call with the same filter."""
+    filter: _builtins.str
+    """AIP-160 filter, for example
+    `action = "users.suspend_user" AND create_time > "2026-12-01T00:00:00Z"`.
+    """
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        filter: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEntriesRequest: _TypeAlias = ListAuditEntriesRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditEntriesResponse(_message.Message):
+    """Response for ListAuditEntries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty on the last page."""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]:
+        """The page of entries, newest first."""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___AuditEntry] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEntriesResponse: _TypeAlias = ListAuditEntriesResponse  # noqa: Y015
+
+@_typing.final
+class ExportAuditEntriesRequest(_message.Message):
+    """Request for ExportAuditEntries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    filter: _builtins.str
+    """AIP-160 filter, as for ListAuditEntries. Required: an export names what it
+    exports, at least a time range (`create_time >= "..."`).
+    """
+    def __init__(
+        self,
+        *,
+        filter: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportAuditEntriesRequest: _TypeAlias = ExportAuditEntriesRequest  # noqa: Y015

@@ -36,6 +36,16 @@ class AuditServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.ListAuditEntries = channel.unary_unary(
+                '/tunnelplane.v1.AuditService/ListAuditEntries',
+                request_serializer=tunnelplane_dot_v1_dot_audit__pb2.ListAuditEntriesRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_audit__pb2.ListAuditEntriesResponse.FromString,
+                _registered_method=True)
+        self.ExportAuditEntries = channel.unary_stream(
+                '/tunnelplane.v1.AuditService/ExportAuditEntries',
+                request_serializer=tunnelplane_dot_v1_dot_audit__pb2.ExportAuditEntriesRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_audit__pb2.AuditEntry.FromString,
+                _registered_method=True)
         self.VerifyAuditLog = channel.unary_unary(
                 '/tunnelplane.v1.AuditService/VerifyAuditLog',
                 request_serializer=tunnelplane_dot_v1_dot_audit__pb2.VerifyAuditLogRequest.SerializeToString,
@@ -47,6 +57,24 @@ class AuditServiceServicer:
     """The system-wide audit log: each entry is chained to the one before it by a
     SHA-256 hash (one chain per UTC day), and the log is append-only.
     """
+
+    def ListAuditEntries(self, request, context):
+        """Searches the whole audit log, newest first. Filter fields: `actor`,
+        `subject` (user ids, `usr_...`), `action`, `method`, `outcome`, `reason`,
+        `request_id`, `resource`, `ip_address`, `create_time`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportAuditEntries(self, request, context):
+        """Streams every entry matching a filter, oldest first, for export: over HTTP
+        as newline-delimited JSON (`Accept: application/x-ndjson`, one
+        `{"result": entry}` per line). Audited: who exported what.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def VerifyAuditLog(self, request, context):
         """Walks the hash chain of each day in a span and reports the first link that
@@ -62,6 +90,16 @@ class AuditServiceServicer:
 
 def add_AuditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEntries,
+                    request_deserializer=tunnelplane_dot_v1_dot_audit__pb2.ListAuditEntriesRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_audit__pb2.ListAuditEntriesResponse.SerializeToString,
+            ),
+            'ExportAuditEntries': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportAuditEntries,
+                    request_deserializer=tunnelplane_dot_v1_dot_audit__pb2.ExportAuditEntriesRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_audit__pb2.AuditEntry.SerializeToString,
+            ),
             'VerifyAuditLog': grpc.unary_unary_rpc_method_handler(
                     servicer.VerifyAuditLog,
                     request_deserializer=tunnelplane_dot_v1_dot_audit__pb2.VerifyAuditLogRequest.FromString,
@@ -79,6 +117,60 @@ class AuditService:
     """The system-wide audit log: each entry is chained to the one before it by a
     SHA-256 hash (one chain per UTC day), and the log is append-only.
     """
+
+    @staticmethod
+    def ListAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunnelplane.v1.AuditService/ListAuditEntries',
+            tunnelplane_dot_v1_dot_audit__pb2.ListAuditEntriesRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_audit__pb2.ListAuditEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tunnelplane.v1.AuditService/ExportAuditEntries',
+            tunnelplane_dot_v1_dot_audit__pb2.ExportAuditEntriesRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_audit__pb2.AuditEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def VerifyAuditLog(request,

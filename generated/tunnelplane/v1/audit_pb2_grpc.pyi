@@ -35,6 +35,16 @@ class AuditServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AuditServiceAsyncStub: ...
+    ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_audit_pb2.ListAuditEntriesRequest, _audit_pb2.ListAuditEntriesResponse]
+    """Searches the whole audit log, newest first. Filter fields: `actor`,
+    `subject` (user ids, `usr_...`), `action`, `method`, `outcome`, `reason`,
+    `request_id`, `resource`, `ip_address`, `create_time`.
+    """
+    ExportAuditEntries: _grpc.UnaryStreamMultiCallable[_audit_pb2.ExportAuditEntriesRequest, _audit_pb2.AuditEntry]
+    """Streams every entry matching a filter, oldest first, for export: over HTTP
+    as newline-delimited JSON (`Accept: application/x-ndjson`, one
+    `{"result": entry}` per line). Audited: who exported what.
+    """
     VerifyAuditLog: _grpc.UnaryUnaryMultiCallable[_audit_pb2.VerifyAuditLogRequest, _audit_pb2.AuditVerification]
     """Walks the hash chain of each day in a span and reports the first link that
     does not hold: an entry changed, removed or inserted, or a day whose chain
@@ -50,6 +60,16 @@ class AuditServiceAsyncStub(AuditServiceStub):
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    ListAuditEntries: _aio.UnaryUnaryMultiCallable[_audit_pb2.ListAuditEntriesRequest, _audit_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
+    """Searches the whole audit log, newest first. Filter fields: `actor`,
+    `subject` (user ids, `usr_...`), `action`, `method`, `outcome`, `reason`,
+    `request_id`, `resource`, `ip_address`, `create_time`.
+    """
+    ExportAuditEntries: _aio.UnaryStreamMultiCallable[_audit_pb2.ExportAuditEntriesRequest, _audit_pb2.AuditEntry]  # type: ignore[assignment]
+    """Streams every entry matching a filter, oldest first, for export: over HTTP
+    as newline-delimited JSON (`Accept: application/x-ndjson`, one
+    `{"result": entry}` per line). Audited: who exported what.
+    """
     VerifyAuditLog: _aio.UnaryUnaryMultiCallable[_audit_pb2.VerifyAuditLogRequest, _audit_pb2.AuditVerification]  # type: ignore[assignment]
     """Walks the hash chain of each day in a span and reports the first link that
     does not hold: an entry changed, removed or inserted, or a day whose chain
@@ -62,6 +82,28 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     """The system-wide audit log: each entry is chained to the one before it by a
     SHA-256 hash (one chain per UTC day), and the log is append-only.
     """
+
+    @_abc_1.abstractmethod
+    def ListAuditEntries(
+        self,
+        request: _audit_pb2.ListAuditEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_pb2.ListAuditEntriesResponse, _abc.Awaitable[_audit_pb2.ListAuditEntriesResponse]]:
+        """Searches the whole audit log, newest first. Filter fields: `actor`,
+        `subject` (user ids, `usr_...`), `action`, `method`, `outcome`, `reason`,
+        `request_id`, `resource`, `ip_address`, `create_time`.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportAuditEntries(
+        self,
+        request: _audit_pb2.ExportAuditEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_audit_pb2.AuditEntry], _abc.AsyncIterator[_audit_pb2.AuditEntry]]:
+        """Streams every entry matching a filter, oldest first, for export: over HTTP
+        as newline-delimited JSON (`Accept: application/x-ndjson`, one
+        `{"result": entry}` per line). Audited: who exported what.
+        """
 
     @_abc_1.abstractmethod
     def VerifyAuditLog(

@@ -28,6 +28,11 @@ class AuditEntry:
     ip_address: str = ""
     user_agent: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    #: Where the entry sits in its day's chain (read back from storage; empty before).
+    chain_day: str = ""
+    chain_seq: int = 0
+    hash: str = ""
+    erased: bool = False
 
 
 @dataclass(frozen=True, slots=True)
