@@ -14,6 +14,7 @@ from server.pipeline import Call
 
 def entry(found: AuditEntry) -> audit_pb2.AuditEntry:
     """The API form of an audit entry."""
+    actor, api_key = convert.acted_by(found)
     answer = audit_pb2.AuditEntry(
         name=f"audit/entries/{found.id}",
         create_time=convert.timestamp(found.time),
@@ -21,10 +22,8 @@ def entry(found: AuditEntry) -> audit_pb2.AuditEntry:
         method=found.method,
         outcome=found.outcome,
         reason=found.reason,
-        actor=f"users/{found.actor_user_id}" if found.actor_user_id else "",
-        api_key=(
-            f"users/{found.actor_user_id}/apiKeys/{found.api_key_id}" if found.api_key_id else ""
-        ),
+        actor=actor,
+        api_key=api_key,
         subject=f"users/{found.subject_user_id}" if found.subject_user_id else "",
         resource=found.resource,
         ip_address=found.ip_address,

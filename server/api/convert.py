@@ -266,18 +266,23 @@ def api_key(key: ApiKey, now: datetime) -> auth_pb2.ApiKey:
     )
 
 
+def acted_by(entry: AuditEntry) -> tuple[str, str]:
+    """An audit entry's actor and API key as resource names ("" when none)."""
+    user, key = entry.actor_user_id, entry.api_key_id
+    return (f"users/{user}" if user else "", f"users/{user}/apiKeys/{key}" if key else "")
+
+
 def activity(entry: AuditEntry, user_id: str) -> users_pb2.ActivityEntry:
     """The API form of an audit entry in a user's activity log."""
+    actor, api_key = acted_by(entry)
     return users_pb2.ActivityEntry(
         name=f"users/{user_id}/activity/{entry.id}",
         action=entry.action,
         method=entry.method,
         outcome=entry.outcome,
         reason=entry.reason,
-        actor=f"users/{entry.actor_user_id}" if entry.actor_user_id else "",
-        api_key=(
-            f"users/{entry.actor_user_id}/apiKeys/{entry.api_key_id}" if entry.api_key_id else ""
-        ),
+        actor=actor,
+        api_key=api_key,
         resource=entry.resource,
         ip_address=entry.ip_address,
         user_agent=entry.user_agent,

@@ -263,21 +263,7 @@ class UserService:
                 return user
             updated = await uow.users.update(user_id, user.version, role=role, update_time=now)
             self._after_identity_change(uow, user_id)
-            await events.record(
-                uow,
-                self._bus,
-                self._clock,
-                "user.role_changed",
-                subject=user.name,
-                user_id=user_id,
-                actor=f"users/{actor.user_id}",
-                payload={
-                    "name": user.name,
-                    "from": user.role.value,
-                    "to": role.value,
-                    "reason": why,
-                },
-            )
+            await self._changed(uow, "user.role_changed", actor, user, user.role, role, why)
         return updated
 
     async def promote(self, email: str, role: Role, trail: AuditTrail | None = None) -> User:
@@ -333,21 +319,7 @@ class UserService:
                 return user
             updated = await uow.users.update(user_id, user.version, tier=tier, update_time=now)
             self._after_identity_change(uow, user_id)
-            await events.record(
-                uow,
-                self._bus,
-                self._clock,
-                "user.tier_changed",
-                subject=user.name,
-                user_id=user_id,
-                actor=f"users/{actor.user_id}",
-                payload={
-                    "name": user.name,
-                    "from": user.tier.value,
-                    "to": tier.value,
-                    "reason": why,
-                },
-            )
+            await self._changed(uow, "user.tier_changed", actor, user, user.tier, tier, why)
         return updated
 
     async def list_activity(
@@ -422,6 +394,28 @@ class UserService:
                 await uow.users.delete(user_id)
                 self._after_identity_change(uow, user_id)
         return len(due)
+
+    async def _changed(
+        self,
+        uow: UnitOfWork,
+        type_: str,
+        actor: Principal,
+        user: User,
+        before: Role | Tier,
+        after: Role | Tier,
+        reason: str,
+    ) -> None:
+        """The event of a role or tier change: from, to and why."""
+        await events.record(
+            uow,
+            self._bus,
+            self._clock,
+            type_,
+            subject=user.name,
+            user_id=user.id,
+            actor=f"users/{actor.user_id}",
+            payload={"name": user.name, "from": before.value, "to": after.value, "reason": reason},
+        )
 
     def _after_identity_change(self, uow: UnitOfWork, user_id: str) -> None:
         uow.after_commit(lambda: self._subjects.invalidate(user_id))
