@@ -42,6 +42,7 @@ from gateway import __main__ as gateway_cli
 from server import grpc_server, logs
 from server.api.users import UserApi
 from server.app import App
+from server.domain.audit.search import AuditSearch
 from server.domain.identity.model import CredentialKind, Principal
 from server.domain.identity.rules import permissions_for
 from server.pipeline import Call, MethodInfo
@@ -105,7 +106,12 @@ def bare_handler(app: App, principal: Principal) -> grpc.GenericRpcHandler:
     method: MethodInfo = next(m for m in app.methods if m.full_name == GET_USER)
     identity = app.identity
     api = UserApi(
-        identity.users, identity.suspensions, identity.tiers, app.limits.quotas, app.clock
+        identity.users,
+        identity.suspensions,
+        identity.tiers,
+        app.limits.quotas,
+        app.clock,
+        AuditSearch(app.db, app.infra.lister, app.clock),
     )
 
     async def get_user(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from google.api import httpbody_pb2
 from google.protobuf import empty_pb2
+from google.protobuf.message import Message
 from tunnelplane.v1 import users_pb2
 
 from server.api import convert
+from server.domain.audit.search import AuditSearch
 from server.domain.common.clock import Clock
 from server.domain.common.names import user_id_of
 from server.domain.identity.suspension import Suspensions
@@ -31,7 +33,9 @@ class UserApi:
         tiers: TierCatalog,
         quotas: QuotaService,
         clock: Clock,
+        audit: AuditSearch,
     ) -> None:
+        self._audit = audit
         self._users = users
         self._suspensions = suspensions
         self._tiers = tiers
@@ -154,6 +158,12 @@ class UserApi:
             entries=[convert.activity(e, user_id) for e in page.items],
             next_page_token=page.next_page_token,
         )
+
+    async def ExportActivity(self, request: users_pb2.ExportActivityRequest, call: Call) -> Message:
+        user_id = user_id_of(request.parent, "parent", caller_id(call))
+        async for entry in await self._audit.export_activity(user_id, request.filter, call.audit):
+            await call.send(convert.activity(entry, user_id))
+        return users_pb2.ActivityEntry()
 
     async def UploadAvatar(
         self, request: users_pb2.UploadAvatarRequest, call: Call

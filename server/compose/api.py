@@ -142,12 +142,13 @@ def _servicers(
     infra: Infrastructure, areas: Areas, agents: AgentApi, outcomes: CallOutcomes
 ) -> dict[str, object]:
     identity, tunnels, limits, clock = areas.identity, areas.tunnels, areas.limits, infra.clock
+    audit = AuditSearch(infra.db, infra.lister, clock)
     return {
         "tunnelplane.v1.AuthService": AuthApi(
             identity.accounts, identity.api_keys, identity.tokens, clock
         ),
         "tunnelplane.v1.UserService": UserApi(
-            identity.users, identity.suspensions, identity.tiers, limits.quotas, clock
+            identity.users, identity.suspensions, identity.tiers, limits.quotas, clock, audit
         ),
         "tunnelplane.v1.TunnelService": TunnelApi(
             tunnels.tunnels,
@@ -179,9 +180,7 @@ def _servicers(
             outcomes,
             Recovery(areas.operations.operations, tunnels.agents, infra.clock),
         ),
-        "tunnelplane.v1.AuditService": AuditApi(
-            AuditSearch(infra.db, infra.lister, infra.clock), AuditVerifier(infra.db, infra.clock)
-        ),
+        "tunnelplane.v1.AuditService": AuditApi(audit, AuditVerifier(infra.db, infra.clock)),
     }
 
 

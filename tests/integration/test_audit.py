@@ -445,6 +445,13 @@ async def export_audit(w: World) -> Scene:
     return Scene(request, w.admin)
 
 
+async def export_activity(w: World) -> Scene:
+    request = users_pb2.ExportActivityRequest(
+        parent=w.owner.name, filter='create_time >= "2026-01-01T00:00:00Z"'
+    )
+    return Scene(request, w.admin, w.owner)
+
+
 async def start_proxy(w: World) -> Scene:
     return Scene(X.StartProxyRequest(parent=w.owner.name), w.owner)
 
@@ -469,6 +476,7 @@ SCENES: dict[str, Setup] = {
     "UserService/SetUserRole": set_role,
     "UserService/SuspendUser": suspend_user,
     "AuditService/ExportAuditEntries": export_audit,
+    "UserService/ExportActivity": export_activity,
     "UserService/ReactivateUser": reactivate_user,
     "UserService/ChangeTier": change_tier,
     "UserService/UploadAvatar": upload_avatar,

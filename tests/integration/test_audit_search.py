@@ -11,10 +11,11 @@ import grpc
 import httpx
 from tunnelplane.v1 import audit_pb2, users_pb2
 
-from server.domain.identity.model import Role
-from tests.helpers import Client, fails, violations
+from server.domain.identity.model import Role, Tier
+from tests.helpers import Client, fails, reason, violations
 
 A = audit_pb2
+U = users_pb2
 
 
 async def test_an_auditor_finds_pages_and_exports_admin_actions(
@@ -100,3 +101,46 @@ async def _first(stream: object) -> object:
     async for message in stream:  # type: ignore[attr-defined]
         return message
     return None
+
+
+async def test_an_enterprise_user_exports_their_own_activity(
+    client: Client, http: httpx.AsyncClient
+) -> None:
+    since = (datetime.now(UTC) - timedelta(seconds=5)).isoformat().replace("+00:00", "Z")
+    customer = await client.new_user(tier=Tier.ENTERPRISE)
+    await client.login(customer.email)
+    bounded = f'create_time >= "{since}"'
+    request = U.ExportActivityRequest(parent="users/me", filter=bounded)
+    streamed = [e async for e in client.users.ExportActivity(request, metadata=customer.metadata)]
+    # Oldest first, this export's own entry last (it is written before the first goes out).
+    assert [e.action for e in streamed] == [
+        "auth.register",
+        "auth.login",
+        "auth.login",
+        "users.export_activity",
+    ]
+    assert all(e.name.startswith(f"{customer.name}/activity/") for e in streamed)
+    headers = {"authorization": f"Bearer {customer.access_token}", "accept": "application/x-ndjson"}
+    answer = await http.get(
+        "/v1/users/me/activity:export", params={"filter": bounded}, headers=headers
+    )
+    assert answer.status_code == 200, answer.text
+    lines = [json.loads(line)["result"] for line in answer.text.splitlines()]
+    assert [line["name"] for line in lines][: len(streamed)] == [e.name for e in streamed]
+
+    # The feature is the enterprise tier's; the filter must bound the time.
+    free = await client.new_user()
+    refused = await fails(
+        _first(
+            client.users.ExportActivity(
+                U.ExportActivityRequest(parent="users/me", filter=bounded), metadata=free.metadata
+            )
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+    )
+    assert reason(refused) == "TIER_TOO_LOW"
+    unbounded = client.users.ExportActivity(
+        U.ExportActivityRequest(parent="users/me", filter='action = "auth.login"'),
+        metadata=customer.metadata,
+    )
+    assert "filter" in violations(await fails(_first(unbounded), grpc.StatusCode.INVALID_ARGUMENT))

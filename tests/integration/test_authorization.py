@@ -118,6 +118,9 @@ BUILDERS: dict[str, Builder] = {
         name=t.user.name, tier=common_pb2.TIER_PREMIUM, reason="matrix"
     ),
     "UserService/ListActivity": lambda t: users_pb2.ListActivityRequest(parent=t.user.name),
+    "UserService/ExportActivity": lambda t: users_pb2.ExportActivityRequest(
+        parent=t.user.name, filter='create_time >= "2026-01-01T00:00:00Z"'
+    ),
     "UserService/UploadAvatar": lambda t: users_pb2.UploadAvatarRequest(
         name=f"{t.user.name}/avatar",
         avatar=httpbody_pb2.HttpBody(content_type="image/png", data=tiny_png()),

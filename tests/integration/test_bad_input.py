@@ -873,6 +873,27 @@ BAD_REQUESTS = [
         nul=("end_day", lambda c: audit_pb2.VerifyAuditLogRequest(end_day="2026-12-0\x00")),
     ),
     *rows(
+        f"{U}.ExportActivity",
+        "admin",
+        empty=("filter", lambda c: users_pb2.ExportActivityRequest(parent=c.user.name)),
+        unbounded=(
+            "filter",
+            lambda c: users_pb2.ExportActivityRequest(
+                parent=c.user.name, filter='action = "auth.login"'
+            ),
+        ),
+        unknown_field=(
+            "filter",
+            lambda c: users_pb2.ExportActivityRequest(parent=c.user.name, filter='actor = "x"'),
+        ),
+        no_parent=(
+            "parent",
+            lambda c: users_pb2.ExportActivityRequest(
+                filter='create_time > "2026-01-01T00:00:00Z"'
+            ),
+        ),
+    ),
+    *rows(
         f"{AU}.ListAuditEntries",
         "admin",
         negative_size=("page_size", lambda c: audit_pb2.ListAuditEntriesRequest(page_size=-1)),
@@ -1783,7 +1804,7 @@ def stub_method(client: Client, method: str) -> Callable[..., Any]:
         PX: client.proxies,
     }[service]
     rpc = getattr(stub, name)
-    if name not in {"WatchTunnels", "WatchProxies", "ExportAuditEntries"}:
+    if name not in {"WatchTunnels", "WatchProxies", "ExportAuditEntries", "ExportActivity"}:
         return rpc  # type: ignore[no-any-return]
 
     async def first_message(request: Message, **kwargs: Any) -> Any:

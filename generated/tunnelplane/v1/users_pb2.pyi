@@ -768,6 +768,34 @@ class ActivityEntry(_message.Message):
 Global___ActivityEntry: _TypeAlias = ActivityEntry  # noqa: Y015
 
 @_typing.final
+class ExportActivityRequest(_message.Message):
+    """Request for ExportActivity."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARENT_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    parent: _builtins.str
+    """The user, `users/{user}` or `users/me`."""
+    filter: _builtins.str
+    """AIP-160 filter on `action`, `outcome` and `create_time`; it must bound
+    `create_time`, for example `create_time >= "2026-12-01T00:00:00Z"`.
+    """
+    def __init__(
+        self,
+        *,
+        parent: _builtins.str = ...,
+        filter: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "parent", b"parent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportActivityRequest: _TypeAlias = ExportActivityRequest  # noqa: Y015
+
+@_typing.final
 class ListActivityRequest(_message.Message):
     """Request for ListActivity."""
 

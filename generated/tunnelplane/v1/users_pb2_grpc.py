@@ -101,6 +101,11 @@ class UserServiceStub:
                 request_serializer=tunnelplane_dot_v1_dot_users__pb2.ListActivityRequest.SerializeToString,
                 response_deserializer=tunnelplane_dot_v1_dot_users__pb2.ListActivityResponse.FromString,
                 _registered_method=True)
+        self.ExportActivity = channel.unary_stream(
+                '/tunnelplane.v1.UserService/ExportActivity',
+                request_serializer=tunnelplane_dot_v1_dot_users__pb2.ExportActivityRequest.SerializeToString,
+                response_deserializer=tunnelplane_dot_v1_dot_users__pb2.ActivityEntry.FromString,
+                _registered_method=True)
         self.UploadAvatar = channel.unary_unary(
                 '/tunnelplane.v1.UserService/UploadAvatar',
                 request_serializer=tunnelplane_dot_v1_dot_users__pb2.UploadAvatarRequest.SerializeToString,
@@ -234,6 +239,15 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportActivity(self, request, context):
+        """Streams a user's activity log over a time range, oldest first, for export
+        (the `audit_export` feature of the enterprise tier): over HTTP as
+        newline-delimited JSON (`Accept: application/x-ndjson`). Audited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadAvatar(self, request, context):
         """Uploads a user's avatar: PNG, JPEG, GIF or WebP, at most 1 MiB. Over
         HTTP the request body is the raw image with its `Content-Type`.
@@ -325,6 +339,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.ListActivity,
                     request_deserializer=tunnelplane_dot_v1_dot_users__pb2.ListActivityRequest.FromString,
                     response_serializer=tunnelplane_dot_v1_dot_users__pb2.ListActivityResponse.SerializeToString,
+            ),
+            'ExportActivity': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportActivity,
+                    request_deserializer=tunnelplane_dot_v1_dot_users__pb2.ExportActivityRequest.FromString,
+                    response_serializer=tunnelplane_dot_v1_dot_users__pb2.ActivityEntry.SerializeToString,
             ),
             'UploadAvatar': grpc.unary_unary_rpc_method_handler(
                     servicer.UploadAvatar,
@@ -676,6 +695,33 @@ class UserService:
             '/tunnelplane.v1.UserService/ListActivity',
             tunnelplane_dot_v1_dot_users__pb2.ListActivityRequest.SerializeToString,
             tunnelplane_dot_v1_dot_users__pb2.ListActivityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportActivity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tunnelplane.v1.UserService/ExportActivity',
+            tunnelplane_dot_v1_dot_users__pb2.ExportActivityRequest.SerializeToString,
+            tunnelplane_dot_v1_dot_users__pb2.ActivityEntry.FromString,
             options,
             channel_credentials,
             insecure,

@@ -91,6 +91,11 @@ class UserServiceStub:
     operations, newest first. Filter fields: `action`, `outcome`,
     `create_time`.
     """
+    ExportActivity: _grpc.UnaryStreamMultiCallable[_users_pb2.ExportActivityRequest, _users_pb2.ActivityEntry]
+    """Streams a user's activity log over a time range, oldest first, for export
+    (the `audit_export` feature of the enterprise tier): over HTTP as
+    newline-delimited JSON (`Accept: application/x-ndjson`). Audited.
+    """
     UploadAvatar: _grpc.UnaryUnaryMultiCallable[_users_pb2.UploadAvatarRequest, _users_pb2.User]
     """Uploads a user's avatar: PNG, JPEG, GIF or WebP, at most 1 MiB. Over
     HTTP the request body is the raw image with its `Content-Type`.
@@ -162,6 +167,11 @@ class UserServiceAsyncStub(UserServiceStub):
     """Lists a user's activity: sign-ins, credential changes and profile
     operations, newest first. Filter fields: `action`, `outcome`,
     `create_time`.
+    """
+    ExportActivity: _aio.UnaryStreamMultiCallable[_users_pb2.ExportActivityRequest, _users_pb2.ActivityEntry]  # type: ignore[assignment]
+    """Streams a user's activity log over a time range, oldest first, for export
+    (the `audit_export` feature of the enterprise tier): over HTTP as
+    newline-delimited JSON (`Accept: application/x-ndjson`). Audited.
     """
     UploadAvatar: _aio.UnaryUnaryMultiCallable[_users_pb2.UploadAvatarRequest, _users_pb2.User]  # type: ignore[assignment]
     """Uploads a user's avatar: PNG, JPEG, GIF or WebP, at most 1 MiB. Over
@@ -303,6 +313,17 @@ class UserServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists a user's activity: sign-ins, credential changes and profile
         operations, newest first. Filter fields: `action`, `outcome`,
         `create_time`.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportActivity(
+        self,
+        request: _users_pb2.ExportActivityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_users_pb2.ActivityEntry], _abc.AsyncIterator[_users_pb2.ActivityEntry]]:
+        """Streams a user's activity log over a time range, oldest first, for export
+        (the `audit_export` feature of the enterprise tier): over HTTP as
+        newline-delimited JSON (`Accept: application/x-ndjson`). Audited.
         """
 
     @_abc_1.abstractmethod

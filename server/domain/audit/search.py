@@ -3,7 +3,7 @@ filters, a page at a time or streamed for export."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 
 from server.domain.audit import service as audit
@@ -23,7 +23,7 @@ from server.domain.common.listing import (
     OrderKey,
     Page,
 )
-from server.domain.unit_of_work import UnitOfWorkFactory
+from server.domain.unit_of_work import UnitOfWork, UnitOfWorkFactory
 
 _STRING = FilterField("string")
 AUDIT_LIST_SPEC = ListSpec(
@@ -42,8 +42,18 @@ AUDIT_LIST_SPEC = ListSpec(
     order_fields=frozenset({"create_time"}),
     default_order=(OrderKey("create_time", descending=True),),
 )
-#: An export runs oldest first.
-EXPORT_SPEC = replace(AUDIT_LIST_SPEC, default_order=(OrderKey("create_time"),))
+#: A user's own activity log.
+ACTIVITY_LIST_SPEC = ListSpec(
+    filter_fields={
+        "action": _STRING,
+        "outcome": _STRING,
+        "create_time": FilterField("timestamp"),
+    },
+    order_fields=frozenset({"create_time"}),
+    default_order=(OrderKey("create_time", descending=True),),
+)
+#: Exports run oldest first.
+OLDEST_FIRST = (OrderKey("create_time"),)
 EXPORT_BATCH = 500
 
 
@@ -72,26 +82,60 @@ class AuditSearch:
 
     async def export(
         self,
+        filter: str,  # noqa: A002 - the AIP field is called filter
+        trail: AuditTrail | None = None,
+    ) -> AsyncIterator[AuditEntry]:
+        """Every matching entry of the whole log, oldest first (see :meth:`_export`)."""
+        return await self._export(
+            AUDIT_LIST_SPEC, filter, trail, lambda uow, q: uow.audit.search(q)
+        )
+
+    async def export_activity(
+        self,
+        user_id: str,
         filter: str,  # noqa: A002
         trail: AuditTrail | None = None,
     ) -> AsyncIterator[AuditEntry]:
-        """Every matching entry, oldest first, read a batch at a time. The filter must bound
-        the time (``create_time``): an export names what it exports, and is audited before
-        the first entry goes out."""
+        """Every matching entry of a user's activity, oldest first."""
+        return await self._export(
+            ACTIVITY_LIST_SPEC,
+            filter,
+            trail,
+            lambda uow, q: uow.audit.list_for_user(user_id, q),
+            subject_user_id=user_id,
+        )
+
+    async def _export(
+        self,
+        spec: ListSpec,
+        filter: str,  # noqa: A002
+        trail: AuditTrail | None,
+        read: Callable[[UnitOfWork, ListQuery], Awaitable[Sequence[AuditEntry]]],
+        subject_user_id: str = "",
+    ) -> AsyncIterator[AuditEntry]:
+        """Matching entries read a batch at a time. The filter must bound the time
+        (``create_time``): an export names what it exports, and is audited before the first
+        entry goes out."""
+        oldest_first = replace(spec, default_order=OLDEST_FIRST)
         query = self._lister.query(
-            EXPORT_SPEC, page_size=EXPORT_BATCH, page_token="", filter=filter
+            oldest_first, page_size=EXPORT_BATCH, page_token="", filter=filter
         )
         if query.filter is None or not _names(query.filter, "create_time"):
             example = 'create_time >= "2026-12-01T00:00:00Z"'
             raise InvalidArgument.single("filter", f"must bound create_time, for example {example}")
         async with self._uow() as uow:
-            await audit.record(uow, trail, self._clock.now(), filter=filter.strip())
-        return self._batches(query)
+            now = self._clock.now()
+            await audit.record(uow, trail, now, subject_user_id=subject_user_id, filter=filter)
+        return self._batches(query, read)
 
-    async def _batches(self, query: ListQuery) -> AsyncIterator[AuditEntry]:
+    async def _batches(
+        self,
+        query: ListQuery,
+        read: Callable[[UnitOfWork, ListQuery], Awaitable[Sequence[AuditEntry]]],
+    ) -> AsyncIterator[AuditEntry]:
         while True:
             async with self._uow(lag_tolerant=True) as uow:
-                rows = await uow.audit.search(query)
+                rows = await read(uow, query)
             for entry in rows[:EXPORT_BATCH]:
                 yield entry
             if len(rows) <= EXPORT_BATCH:

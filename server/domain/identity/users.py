@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from server.domain.audit import service as audit
 from server.domain.audit.model import AuditEntry, AuditTrail
+from server.domain.audit.search import ACTIVITY_LIST_SPEC
 from server.domain.common import fieldmask, validation
 from server.domain.common.clock import Clock
 from server.domain.common.errors import (
@@ -57,16 +58,6 @@ USER_LIST_SPEC = ListSpec(
     },
     order_fields=frozenset({"email", "display_name", "create_time", "update_time"}),
     default_order=(OrderKey("create_time"),),
-)
-
-ACTIVITY_LIST_SPEC = ListSpec(
-    filter_fields={
-        "action": FilterField("string"),
-        "outcome": FilterField("string"),
-        "create_time": FilterField("timestamp"),
-    },
-    order_fields=frozenset({"create_time"}),
-    default_order=(OrderKey("create_time", descending=True),),
 )
 
 #: Image types accepted as avatars, with the bytes each must start with.
