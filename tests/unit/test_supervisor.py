@@ -76,9 +76,12 @@ async def test_a_step_that_raises_is_restarted_with_backoff_and_counted(
     await sup.stop()
     # Doubling from the base, capped; a success in between starts again from the base.
     assert rng.ceilings == [0.01, 0.02, 0.03, 0.01]
-    assert [getattr(r, "retry_in", None) for r in caplog.records] == [0.01, 0.02, 0.03, 0.01]
-    assert [getattr(r, "failures", None) for r in caplog.records] == [1, 2, 3, 1]
-    assert all(r.exc_info is not None for r in caplog.records)  # with the traceback
+    # Only the supervisor's lines: a shared test server in the same loop may log too (a slow
+    # query on a busy machine).
+    records = [r for r in caplog.records if r.name == "tunnelplane.workers"]
+    assert [getattr(r, "retry_in", None) for r in records] == [0.01, 0.02, 0.03, 0.01]
+    assert [getattr(r, "failures", None) for r in records] == [1, 2, 3, 1]
+    assert all(r.exc_info is not None for r in records)  # with the traceback
     assert sample(registry, "tunnelplane_worker_errors_total", "flaky") == 4
     assert sample(registry, "tunnelplane_worker_restarts_total", "flaky") == 4
     assert sample(registry, "tunnelplane_worker_step_seconds_count", "flaky") == 2
@@ -167,7 +170,8 @@ async def test_shutdown_stops_every_loop_then_drains_each_last_started_first(
         "drained b",
         "drained a",  # after a drain that failed
     ]
-    assert [getattr(r, "loop", None) for r in caplog.records] == ["b"]
+    workers = [r for r in caplog.records if r.name == "tunnelplane.workers"]
+    assert [getattr(r, "loop", None) for r in workers] == ["b"]
     assert sup.names == []
 
 
