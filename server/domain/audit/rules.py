@@ -10,6 +10,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from server.domain.common.listing import FilterField, ListSpec, OrderKey
+
+#: A user's own activity log.
+ACTIVITY_LIST_SPEC = ListSpec(
+    filter_fields={
+        "action": FilterField("string"),
+        "outcome": FilterField("string"),
+        "create_time": FilterField("timestamp"),
+    },
+    order_fields=frozenset({"create_time"}),
+    default_order=(OrderKey("create_time", descending=True),),
+)
+
 _WORD_START = re.compile(r"(?<!^)(?=[A-Z])")
 
 

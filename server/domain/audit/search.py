@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from server.domain.audit import service as audit
 from server.domain.audit.model import AuditEntry, AuditTrail
+from server.domain.audit.rules import ACTIVITY_LIST_SPEC
 from server.domain.common.clock import Clock
 from server.domain.common.errors import InvalidArgument
 from server.domain.common.listing import (
@@ -37,16 +38,6 @@ AUDIT_LIST_SPEC = ListSpec(
         "request_id": _STRING,
         "resource": _STRING,
         "ip_address": _STRING,
-        "create_time": FilterField("timestamp"),
-    },
-    order_fields=frozenset({"create_time"}),
-    default_order=(OrderKey("create_time", descending=True),),
-)
-#: A user's own activity log.
-ACTIVITY_LIST_SPEC = ListSpec(
-    filter_fields={
-        "action": _STRING,
-        "outcome": _STRING,
         "create_time": FilterField("timestamp"),
     },
     order_fields=frozenset({"create_time"}),

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from server.domain.audit import service as audit
 from server.domain.audit.model import AuditEntry, AuditTrail
-from server.domain.audit.search import ACTIVITY_LIST_SPEC
+from server.domain.audit.rules import ACTIVITY_LIST_SPEC
 from server.domain.common import fieldmask, validation
 from server.domain.common.clock import Clock
 from server.domain.common.errors import (
