@@ -8,7 +8,6 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from server.domain.audit.model import AuditEntry
 from server.domain.audit.rules import ChainedRow, chain_day, content_hash, genesis, link
@@ -112,17 +111,20 @@ class SqlAuditRepository(Repository):
         return await self._one(sa.select(_a.id).where(_a.id == entry_id)) is not None
 
     async def _head(self, day: str) -> tuple[int, str]:
-        dialect = postgresql if self._conn.dialect.name == "postgresql" else sqlite
-        await self._conn.execute(
-            dialect.insert(audit_chain_heads)
-            .values(day=day, seq=0, hash=genesis(day))
-            .on_conflict_do_nothing(index_elements=[audit_chain_heads.c.day])
-        )
-        row = await self._one(
+        """The day's head, locked; made at the day's first entry (one statement otherwise)."""
+        locked = (
             sa.select(audit_chain_heads.c.seq, audit_chain_heads.c.hash)
             .where(audit_chain_heads.c.day == day)
             .with_for_update()
         )
+        row = await self._one(locked)
+        if row is None:
+            await self._conn.execute(
+                self._insert_stmt(audit_chain_heads)
+                .values(day=day, seq=0, hash=genesis(day))
+                .on_conflict_do_nothing(index_elements=[audit_chain_heads.c.day])
+            )
+            row = await self._one(locked)
         assert row is not None
         return int(row["seq"]), str(row["hash"])
 

@@ -28,13 +28,18 @@ class Repository:
         result = await self._conn.execute(stmt)
         return list(result.mappings().all())
 
+    def _insert_stmt(self, table: sa.Table) -> postgresql.Insert | sqlite.Insert:
+        """An INSERT of this connection's dialect, which can say what to do on conflict."""
+        if self._conn.dialect.name == "postgresql":
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
     async def _add_counts(self, table: sa.Table, rows: list[dict[str, Any]]) -> None:
         """Insert ``rows`` of an aggregate table (keyed by ``id``), adding each one's
         ``count`` to the row already there: replicas add to one row per key."""
         if not rows:
             return
-        dialect = postgresql if self._conn.dialect.name == "postgresql" else sqlite
-        stmt = dialect.insert(table).values(rows)
+        stmt = self._insert_stmt(table).values(rows)
         stmt = stmt.on_conflict_do_update(
             index_elements=[table.c.id], set_={"count": table.c.count + stmt.excluded.count}
         )

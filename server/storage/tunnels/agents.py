@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import builtins
 from datetime import date, datetime
-from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from server.domain.identity.model import Tier
 from server.domain.tunnels.model import AgentSession, Tunnel, UsageRow
@@ -47,10 +45,6 @@ def _session(row: sa.RowMapping) -> AgentSession:
 class SqlAgentRepository(Repository):
     """Agents and usage in SQL."""
 
-    def _upsert(self, table: sa.Table) -> Any:
-        dialect = self._conn.dialect.name
-        return (postgresql if dialect == "postgresql" else sqlite).insert(table)
-
     async def open(self, session: AgentSession) -> None:
         """Insert the session, or mark the existing one connected again."""
         values = {
@@ -65,7 +59,7 @@ class SqlAgentRepository(Repository):
             "connect_time": session.connect_time,
             "last_seen_time": session.last_seen_time,
         }
-        stmt = self._upsert(agent_sessions).values(**values)
+        stmt = self._insert_stmt(agent_sessions).values(**values)
         kept = {k: v for k, v in values.items() if k not in {"tunnel_id", "agent_id"}}
         await self._conn.execute(
             stmt.on_conflict_do_update(index_elements=["tunnel_id", "agent_id"], set_=kept)
@@ -119,7 +113,7 @@ class SqlAgentRepository(Repository):
     ) -> bool:
         """Record the report's key and add its usage; False if it was recorded before."""
         inserted = await self._conn.execute(
-            self._upsert(agent_reports)
+            self._insert_stmt(agent_reports)
             .values(
                 tunnel_id=tunnel.id, agent_id=agent_id, sequence=report.sequence, receive_time=now
             )
@@ -147,7 +141,7 @@ class SqlAgentRepository(Repository):
             "stream_milliseconds": report.stream_milliseconds,
         }
         added |= dict(zip(LATENCY_COLUMNS, report.latency_buckets, strict=True))
-        stmt = self._upsert(tunnel_usage).values(
+        stmt = self._insert_stmt(tunnel_usage).values(
             tunnel_id=tunnel.id, day=report.time.date(), user_id=tunnel.user_id,
             tunnel_name=tunnel.name, tier=tier.value, peak_concurrency=report.peak_concurrency,
             **added,
